@@ -1,0 +1,47 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   start a local 4-engine cluster, train the MNIST CNN, show the runs, stop
+#   make test   pass the whole test suite
+# Both create .venv when missing; `make test` also installs the Debian packages the tests need.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# real MNIST beside the checkout when it is there (no download then); else the user's cache
+CLUSTER_DATA_DIR ?= $(if $(wildcard ../shared/data/MNIST/raw/train-images-idx3-ubyte),$(abspath ../shared/data),$(HOME)/.cache/cluster/data)
+export CLUSTER_DATA_DIR
+DEMO_SLAVES ?= 4
+PYTEST_ARGS ?=
+
+.PHONY: demo test install system-deps clean bench
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+# openssh-server and iproute2: the ssh/aws tests run real sshd's in network namespaces
+system-deps:
+	@if ! command -v sshd >/dev/null 2>&1 && ! test -x /usr/sbin/sshd || ! command -v ip >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server iproute2 >/dev/null; \
+	  else echo "install openssh-server and iproute2 (as root) for the ssh/aws tests" >&2; fi; \
+	fi
+
+demo: install
+	@set -e; trap '$(BIN)/cluster stop' EXIT; \
+	$(BIN)/cluster start --slaves $(DEMO_SLAVES); \
+	$(BIN)/cluster train --epochs 1; \
+	$(BIN)/cluster runs --limit 5
+
+test: install system-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/time_to_accuracy.py
+
+clean:
+	rm -rf $(VENV) .cluster build *.egg-info

@@ -1,0 +1,17 @@
+"""`python -m controller` is the `cluster` command."""
+import sys
+
+
+def main() -> int:
+    try:
+        from .cli import main as cli_main
+
+        return cli_main()
+    except KeyboardInterrupt:
+        from .errors import ExitStatus
+
+        return ExitStatus.INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

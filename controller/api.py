@@ -1,0 +1,369 @@
+"""The Python API that the CLI and the notebooks share.
+
+    from controller import Cluster
+    cluster = Cluster()                 # reads cluster.ini as the CLI does
+    cluster.start(slaves=2)
+    run = cluster.train(epochs=1)       # a RunResult: the stored run and its epochs
+    cluster.stop()
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from . import ipp as ipp_side
+from .config import Config, load_config, override
+from .errors import AlreadyRunningError, ClusterStateError, NotRunningError, ProviderError, TaskError, UsageError
+from .providers import Provider, provider_class
+from .runs import SingleRun
+from .scheduler import Job, ProgressSink, Scheduler
+from .store import ClusterRecord, EngineRecord, EpochRecord, NodeRecord, RunRecord, Store, new_id
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class EngineStatus:
+    id: int
+    host: str
+    pid: int
+    device: str
+    threads: int
+    state: str  # idle, busy, dead, unregistered
+    uptime_s: float
+    queued: int = 0
+    node_id: str = ""
+
+
+@dataclass
+class ClusterStatus:
+    name: str
+    state: str  # running, degraded, stopped, failed, none
+    provider: str = ""
+    cluster_id: Optional[int] = None
+    profile_dir: str = ""
+    url_file: str = ""
+    controller: dict = field(default_factory=dict)
+    engines: list[EngineStatus] = field(default_factory=list)
+    nodes: list[NodeRecord] = field(default_factory=list)
+    created_at: Optional[float] = None
+    uptime_s: float = 0.0
+    price_per_hour: float = 0.0
+    cost_so_far: float = 0.0
+    error: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunResult:
+    run: RunRecord
+    epochs: list[EpochRecord]
+
+    def to_dict(self) -> dict:
+        record = dataclasses.asdict(self.run)
+        record["epochs"] = [dataclasses.asdict(e) for e in self.epochs]
+        return record
+
+
+class Cluster:
+    """One named cluster under one state_dir: start, status, train, runs, stop."""
+
+    def __init__(self, config: Optional[Config] = None, *, config_file: Optional[str | os.PathLike] = None):
+        self.config = config if config is not None else load_config(config_file)
+        self.store = Store(self.config.state_dir)
+        self._client = None
+        self._client_cluster_id: Optional[int] = None
+
+    @classmethod
+    def connect(cls, config: Optional[Config] = None, *, config_file: Optional[str | os.PathLike] = None) -> "Cluster":
+        """The running cluster (raises NotRunningError if there is none), with its client connected."""
+        cluster = cls(config, config_file=config_file)
+        cluster.client  # noqa: B018 - connects, or raises with a clear message
+        return cluster
+
+    @property
+    def name(self) -> str:
+        return self.config.cluster.name
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self.store.close()
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # lifecycle ----------------------------------------------------------------
+    def provider(self, name: Optional[str] = None) -> Provider:
+        return provider_class(name or self.config.cluster.provider)(self.config, self.store)
+
+    def threads_per_engine(self, slaves: int, provider: str) -> int:
+        if self.config.cluster.threads_per_engine:
+            return self.config.cluster.threads_per_engine
+        if provider != "local":
+            return 0  # the slave's own cores; GPU engines need few
+        return max(1, (os.cpu_count() or 1) // slaves)
+
+    def start(self, slaves: Optional[int] = None, provider: Optional[str] = None) -> ClusterStatus:
+        """Start the controller and ``slaves`` slaves; returns once every engine registered.
+
+        On any failure, Ctrl-C included, everything started so far is stopped again.
+        """
+        cfg = override(self.config.cluster, "cluster start", slaves=slaves, provider=provider)
+        self._refuse_second_cluster()
+        chosen = self.provider(cfg.provider)
+        threads = self.threads_per_engine(cfg.slaves, cfg.provider)
+        profile = ipp_side.profile_dir(self.config.state_dir)
+        record = self.store.create_cluster(
+            name=self.name, provider=cfg.provider, slaves=cfg.slaves, threads_per_engine=threads,
+            profile_dir=str(profile), ipp_cluster_id="", price_per_hour=cfg.price_per_hour)
+        ipp_cluster_id = f"{self.name}-{record.id}"
+        self.store.update_cluster(record.id, ipp_cluster_id=ipp_cluster_id)
+        record = self.store.cluster(record.id)
+        engine_env = {
+            "OMP_NUM_THREADS": str(threads or ""), "MKL_NUM_THREADS": str(threads or ""),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
+        }
+        engine_env = {k: v for k, v in engine_env.items() if v}
+        ipp_cluster = ipp_side.new_cluster(
+            profile, ipp_cluster_id, engine_env=engine_env, controller_ip=chosen.controller_ip,
+            engine_timeout=cfg.engine_timeout)
+        try:
+            ipp_cluster.start_controller_sync()
+            self.store.update_cluster(record.id, controller_pid=ipp_side.controller_pid(ipp_cluster))
+            ipp_side.secure_files(profile)
+            nodes = chosen.start(record, ipp_cluster, cfg.slaves)
+            expected = chosen.expected_engines(nodes)
+            client = ipp_cluster.connect_client_sync(timeout=cfg.engine_timeout)
+            try:
+                client.wait_for_engines(expected, timeout=cfg.engine_timeout)
+            except TimeoutError:
+                raise ProviderError(
+                    f"only {len(client.ids)} of {expected} engines registered within {cfg.engine_timeout} s; "
+                    f"their logs are in {profile / 'log'} (raise [cluster] engine_timeout if slaves are slow)"
+                ) from None
+            self._record_engines(record, client, threads, nodes)
+            client.close()
+            ipp_side.secure_files(profile)
+            self.store.set_cluster_state(record.id, "running")
+        except BaseException as error:
+            log.warning("start failed (%s); stopping what was started", error)
+            self._teardown(record, chosen, ipp_cluster)
+            self.store.set_cluster_state(record.id, "stopped", error=f"start failed: {error}")
+            raise
+        return self.status()
+
+    def _refuse_second_cluster(self) -> None:
+        existing = self.store.active_cluster(self.name)
+        if existing is None:
+            return
+        if existing.state in ("starting", "running", "stopping") and ipp_side.pid_alive(existing.controller_pid):
+            raise AlreadyRunningError(
+                f"cluster {self.name!r} is already running (started {time.ctime(existing.created_at)}, "
+                f"state_dir {self.config.state_dir}); run `cluster stop` first, or use another "
+                f"[cluster] name or state_dir")
+        log.info("cleaning up what is left of cluster %s (%s, controller gone)", existing.id, existing.state)
+        self._stop_record(existing)
+
+    def _record_engines(self, record: ClusterRecord, client, threads: int, nodes: list[NodeRecord]) -> None:
+        from engines.tasks import engine_info
+
+        infos = client[:].apply_async(engine_info, threads).get(timeout=60)
+        host_to_node = {n.host: n.node_id for n in nodes}
+        host_to_node.update({n.private_ip: n.node_id for n in nodes if n.private_ip})
+        now = time.time()
+        self.store.record_engines(record.id, [
+            EngineRecord(engine_id=engine_id, host=info["host"], pid=info["pid"], device=info["device"],
+                         threads=info["threads"], node_id=host_to_node.get(info["host"], nodes[0].node_id if len(nodes) == 1 else ""),
+                         registered_at=now)
+            for engine_id, info in zip(client.ids, infos)
+        ])
+
+    def stop(self) -> Optional[ClusterRecord]:
+        """Stop every engine, slave and the controller; history stays. Safe to run twice."""
+        record = self.store.active_cluster(self.name)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if record is None:
+            return None
+        self._stop_record(record)
+        return self.store.cluster(record.id)
+
+    def _stop_record(self, record: ClusterRecord) -> None:
+        self.store.set_cluster_state(record.id, "stopping")
+        provider = self.provider(record.provider)
+        ipp_cluster = ipp_side.load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
+        self._teardown(record, provider, ipp_cluster)
+        self.store.set_cluster_state(record.id, "stopped")
+
+    def _teardown(self, record: ClusterRecord, provider: Provider, ipp_cluster) -> None:
+        """Engines and slaves first (they may need the controller to say goodbye), then the controller."""
+        try:
+            provider.stop(record, ipp_cluster)
+        finally:
+            if ipp_cluster is not None:
+                try:
+                    ipp_cluster.stop_controller_sync()
+                except Exception:
+                    log.warning("ipyparallel could not stop the controller cleanly", exc_info=True)
+                ipp_cluster.remove_cluster_file()
+            leftovers = [record.controller_pid] + [e.pid for e in self.store.engines(record.id)]
+            if record.provider != "local":
+                leftovers = leftovers[:1]  # remote engine pids are not ours to signal
+            if record.provider == "local":
+                leftovers += ipp_side.marked_processes(Path(record.profile_dir))
+            for pid in leftovers:
+                if ipp_side.pid_alive(pid):
+                    ipp_side.kill_process_group(pid)
+
+    # status -------------------------------------------------------------------
+    def status(self) -> ClusterStatus:
+        record = self.store.active_cluster(self.name)
+        if record is None:
+            last = self.store.latest_cluster(self.name)
+            return ClusterStatus(name=self.name, state="stopped" if last else "none",
+                                 error=last.error if last else None)
+        profile = Path(record.profile_dir)
+        url = ipp_side.url_file(profile, record.ipp_cluster_id)
+        controller_alive = ipp_side.pid_alive(record.controller_pid)
+        registered, queues = self._registered_engines(url) if controller_alive else (set(), {})
+        now = time.time()
+        engines = []
+        for engine in self.store.engines(record.id):
+            if record.provider == "local" and not ipp_side.pid_alive(engine.pid):
+                state = "dead"
+            elif engine.engine_id not in registered:
+                state = "unregistered"
+            else:
+                queue = queues.get(engine.engine_id, {})
+                state = "busy" if queue.get("tasks", 0) or queue.get("queue", 0) else "idle"
+            engines.append(EngineStatus(
+                id=engine.engine_id, host=engine.host, pid=engine.pid, device=engine.device,
+                threads=engine.threads, state=state, uptime_s=now - (engine.registered_at or now),
+                queued=queues.get(engine.engine_id, {}).get("queue", 0), node_id=engine.node_id or ""))
+        nodes = self.provider(record.provider).list(record)
+        alive = [e for e in engines if e.state in ("idle", "busy")]
+        if not controller_alive:
+            state = "failed"
+        elif record.state != "running" or len(alive) == len(engines):
+            state = record.state
+        else:
+            state = "degraded"
+        uptime = now - record.created_at
+        price = sum(n.price_per_hour for n in nodes if n.state not in ("terminated", "stopped"))
+        return ClusterStatus(
+            name=self.name, state=state, provider=record.provider, cluster_id=record.id,
+            profile_dir=str(profile), url_file=str(url),
+            controller={"pid": record.controller_pid, "state": "running" if controller_alive else "dead"},
+            engines=engines, nodes=nodes, created_at=record.created_at, uptime_s=uptime,
+            price_per_hour=price, cost_so_far=price * uptime / 3600, error=record.error)
+
+    @staticmethod
+    def _registered_engines(url: Path) -> tuple[set[int], dict]:
+        try:
+            client = ipp_side.connect(url, timeout=5)
+        except Exception:
+            return set(), {}
+        try:
+            queues = client.queue_status()
+            return set(client.ids), {k: v for k, v in queues.items() if isinstance(k, int)}
+        finally:
+            client.close()
+
+    # the client -----------------------------------------------------------------
+    @property
+    def record(self) -> ClusterRecord:
+        record = self.store.active_cluster(self.name)
+        if record is None or record.state != "running":
+            raise NotRunningError(
+                f"no cluster {self.name!r} is running under {self.config.state_dir}; start one with "
+                f"`cluster start --slaves N`")
+        return record
+
+    @property
+    def client(self):
+        record = self.record
+        if self._client is None or self._client_cluster_id != record.id:
+            if not ipp_side.pid_alive(record.controller_pid) and record.provider == "local":
+                raise ClusterStateError(
+                    f"the controller of cluster {self.name!r} (pid {record.controller_pid}) is gone; "
+                    f"run `cluster stop` to clean up, then `cluster start`")
+            url = ipp_side.url_file(Path(record.profile_dir), record.ipp_cluster_id)
+            self._client = ipp_side.connect(url, timeout=15)
+            self._client_cluster_id = record.id
+        return self._client
+
+    @property
+    def url_file(self) -> Path:
+        record = self.record
+        return ipp_side.url_file(Path(record.profile_dir), record.ipp_cluster_id)
+
+    # training -------------------------------------------------------------------
+    def run_spec(self, **overrides: Any) -> dict:
+        """The training section with overrides applied and validated, as an engine RunSpec dict."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self.config.training)}
+        if unknown:
+            raise UsageError(f"unknown training parameter(s): {', '.join(sorted(unknown))}")
+        training = override(self.config.training, "train", **overrides)
+        record = self.record
+        spec = dataclasses.asdict(training)
+        spec.update(data_dir=str(self.config.data_dir), download=self.config.cluster.download,
+                    threads=record.threads_per_engine)
+        return spec
+
+    def train(self, progress: Optional[ProgressSink] = None, **overrides: Any) -> RunResult:
+        """One training run on a free engine; returns when it ends (Ctrl-C leaves it resumable)."""
+        spec = self.run_spec(**overrides)
+        run_id = new_id("r-")
+        spec["run_id"] = run_id
+        self.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=self.record.id))
+        return self._execute(Job(run_id=run_id, spec=spec), progress)
+
+    def resume(self, run_id: str, progress: Optional[ProgressSink] = None) -> RunResult:
+        """Continue a run from its last checkpoint to the end of its epoch budget."""
+        run = self.store.run(run_id)
+        if run is None:
+            raise UsageError(f"--resume {run_id}: no such run; `cluster runs` lists them")
+        if run.state == "completed":
+            raise UsageError(f"--resume {run_id}: the run already completed all {run.epochs_done} epochs")
+        stored = self.store.load_checkpoint(run_id)
+        epoch, checkpoint = stored if stored else (0, None)
+        self.store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=self.record.id)
+        job = Job(run_id=run_id, spec=run.params, checkpoint=checkpoint, epochs_done=epoch)
+        return self._execute(job, progress)
+
+    def _execute(self, job: Job, progress: Optional[ProgressSink]) -> RunResult:
+        source = SingleRun(self.store, job)
+        try:
+            Scheduler(self.client).run(source, progress)
+        except BaseException:
+            run = self.store.run(job.run_id)
+            if run is not None and run.state == "running":
+                self.store.update_run(job.run_id, state="interrupted", finished_at=time.time())
+            raise
+        if source.error is not None:
+            raise TaskError(f"run {job.run_id} failed on its engine: {source.error}", source.traceback)
+        return self.run_result(job.run_id)
+
+    def run_result(self, run_id: str) -> RunResult:
+        run = self.store.run(run_id)
+        if run is None:
+            raise UsageError(f"no run {run_id!r}; `cluster runs` lists them")
+        return RunResult(run=run, epochs=self.store.epochs(run_id))
+
+    def runs(self, limit: Optional[int] = None, sweep_id: Optional[str] = None) -> list[RunRecord]:
+        return self.store.runs(limit=limit, sweep_id=sweep_id)

@@ -1,0 +1,66 @@
+"""`cluster`: the argument spec and the command table. No logic lives here.
+
+Each module in ``controller.commands`` registers its subcommands; a handler
+takes (args, ctx) and calls the Python API.  Exceptions become exit codes in
+one place, ``main``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+from typing import Optional, Sequence, TextIO
+
+from . import __version__, commands
+from .context import Context
+from .errors import ClusterError, ExitStatus, TaskError
+
+
+def command_modules() -> list:
+    names = sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
+    return [importlib.import_module(f"{commands.__name__}.{name}") for name in names]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cluster",
+        description="Start GPU slaves, train on them, stop them; a master-slave controller over ipyparallel.")
+    parser.add_argument("--config", metavar="FILE",
+                        help="configuration file (default: $CLUSTER_CONFIG, ./cluster.ini, built-in defaults)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in command_modules():
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = None,
+         stderr: Optional[TextIO] = None) -> int:
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed the usage error
+        return int(exit_.code or 0)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s", stream=stderr)
+    ctx = Context(args=args, stdout=stdout, stderr=stderr)
+    try:
+        return int(args.handler(args, ctx) or ExitStatus.OK)
+    except ClusterError as error:
+        if isinstance(error, TaskError) and error.traceback:
+            print(error.traceback, file=stderr)
+        print(f"cluster {args.command}: error: {error}", file=stderr)
+        return int(error.exit_status)
+    except KeyboardInterrupt:
+        print(f"cluster {args.command}: interrupted", file=stderr)
+        return int(ExitStatus.INTERRUPTED)
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of `cluster`: every module here has ``register(subparsers)``; cli.py finds them."""

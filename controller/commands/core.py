@@ -1,0 +1,158 @@
+"""start, status, train, runs, stop: the local-cluster commands."""
+from __future__ import annotations
+
+import time
+
+from ..context import Context
+from ..errors import UsageError
+
+TRAIN_FLAGS = ("epochs", "lr", "l1", "batch_size", "optimizer", "momentum", "seed", "device",
+               "conv1", "conv2", "hidden", "subset", "schedule")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("start", help="start the controller and the slaves' engines in the background")
+    p.add_argument("--slaves", type=int, help="number of slaves (default: [cluster] slaves)")
+    p.add_argument("--provider", help="local, ssh or aws (default: [cluster] provider)")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(handler=cmd_start)
+
+    p = sub.add_parser("status", help="the controller and every engine: id, host, pid, device, state, uptime")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("stop", help="stop every engine, slave and the controller; history is kept")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_stop)
+
+    p = sub.add_parser("train", help="one training run on a free engine, with live progress")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float, help="learning rate (peak of the one-cycle schedule)")
+    p.add_argument("--l1", type=float, help="L1 penalty lambda")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer", help="adam or sgd")
+    p.add_argument("--momentum", type=float, help="SGD momentum")
+    p.add_argument("--schedule", help="onecycle or constant")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--conv1", type=int, help="filters of the first convolution")
+    p.add_argument("--conv2", type=int, help="filters of the second convolution")
+    p.add_argument("--hidden", type=int, help="units of the hidden layer")
+    p.add_argument("--subset", type=int, help="train on the first N images only (0 = all)")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--json", action="store_true", help="print the run record as JSON")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("runs", help="past runs from the store: id, params, accuracy, time")
+    p.add_argument("--limit", type=int, default=20, help="newest N runs (0 = all)")
+    p.add_argument("--sweep", metavar="SWEEP_ID", help="only the trials of this sweep")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_runs)
+
+
+def cmd_start(args, ctx: Context) -> int:
+    cluster = ctx.cluster()
+    ctx.err_console.print(f"starting cluster {cluster.name!r} ({args.provider or ctx.config.cluster.provider}) ...")
+    status = cluster.start(slaves=args.slaves, provider=args.provider)
+    if args.json:
+        ctx.emit_json(status)
+    else:
+        show_status(ctx, status)
+    return 0
+
+
+def cmd_status(args, ctx: Context) -> int:
+    status = ctx.cluster().status()
+    if args.json:
+        ctx.emit_json(status)
+    else:
+        show_status(ctx, status)
+    return 0
+
+
+def show_status(ctx: Context, status) -> None:
+    if status.state in ("none", "stopped"):
+        ctx.say(f"cluster {status.name!r}: not running" + (f" (last error: {status.error})" if status.error else ""))
+        return
+    ctx.say(f"cluster {status.name!r} ({status.provider}): {status.state}, up {duration(status.uptime_s)}, "
+            f"controller pid {status.controller.get('pid')} {status.controller.get('state')}")
+    ctx.say(f"connection file: {status.url_file}")
+    if status.price_per_hour:
+        ctx.say(f"cost: ${status.price_per_hour:.3f}/h, ${status.cost_so_far:.3f} so far")
+    ctx.emit_table("engines", ["id", "host", "pid", "device", "threads", "state", "uptime"], [
+        [e.id, e.host, e.pid, e.device, e.threads, e.state, duration(e.uptime_s)] for e in status.engines])
+    if status.provider != "local" and status.nodes:
+        ctx.emit_table("nodes", ["node", "instance", "type", "zone", "market", "$/h", "state", "public ip"], [
+            [n.node_id, n.instance_id, n.instance_type, n.zone, n.market, f"{n.price_per_hour:.3f}", n.state,
+             n.public_ip] for n in status.nodes])
+
+
+def cmd_stop(args, ctx: Context) -> int:
+    record = ctx.cluster().stop()
+    if args.json:
+        ctx.emit_json({"stopped": record is not None, "cluster": record})
+    elif record is None:
+        ctx.say(f"no cluster {ctx.config.cluster.name!r} is running; nothing to stop")
+    else:
+        ctx.say(f"cluster {record.name!r} stopped; its runs stay in {ctx.config.state_dir}")
+    return 0
+
+
+def cmd_train(args, ctx: Context) -> int:
+    from ..progress import RunProgress
+
+    cluster = ctx.cluster()
+    overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    if args.resume and overrides:
+        raise UsageError(f"--resume continues a run with its own parameters; drop "
+                         f"{', '.join('--' + k.replace('_', '-') for k in overrides)}")
+    with RunProgress(ctx.err_console) as progress:
+        try:
+            if args.resume:
+                result = cluster.resume(args.resume, progress=progress)
+            else:
+                result = cluster.train(progress=progress, **overrides)
+        except KeyboardInterrupt:
+            latest = cluster.runs(limit=1)
+            if latest and latest[0].state == "interrupted":
+                ctx.err_console.print(f"run {latest[0].id} interrupted after epoch {latest[0].epochs_done}; "
+                                      f"continue it with `cluster train --resume {latest[0].id}`")
+            raise
+    run = result.run
+    if args.json:
+        ctx.emit_json(result)
+    else:
+        ctx.say(f"run {run.id} {run.state}: test accuracy {percent(run.test_accuracy)}, "
+                f"validation {percent(run.val_accuracy)}, {run.images_per_s or 0:,.0f} images/s, "
+                f"{run.seconds:.1f} s on engine {run.engine_id} ({run.device})")
+    return 0
+
+
+def cmd_runs(args, ctx: Context) -> int:
+    runs = ctx.cluster().runs(limit=args.limit or None, sweep_id=args.sweep)
+    if args.json:
+        ctx.emit_json({"runs": runs})
+        return 0
+    rows = []
+    for run in runs:
+        p = run.params
+        params = (f"epochs={p.get('epochs')} lr={p.get('lr')} l1={p.get('l1')} bs={p.get('batch_size')} "
+                  f"{p.get('optimizer')} {p.get('conv1')}/{p.get('conv2')}/{p.get('hidden')}")
+        rows.append([run.id, time.strftime("%Y-%m-%d %H:%M", time.localtime(run.created_at)), run.state,
+                     f"{run.epochs_done}/{p.get('epochs')}", params, percent(run.val_accuracy),
+                     percent(run.test_accuracy), f"{run.seconds:.1f}"])
+    ctx.emit_table("runs", ["id", "started", "state", "epochs", "params", "val acc", "test acc", "seconds"], rows)
+    return 0

@@ -1,0 +1,289 @@
+"""cluster.ini -> frozen dataclasses, validated on load.
+
+Lookup order: ``--config``, ``$CLUSTER_CONFIG``, ``./cluster.ini``, built-in
+defaults.  ``$CLUSTER_DATA_DIR`` and ``$CLUSTER_STATE_DIR`` override the two
+directories.  Every problem is reported as one :class:`ConfigError` naming the
+file, section, key, value and what is allowed.
+"""
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+CONFIG_ENV = "CLUSTER_CONFIG"
+DATA_DIR_ENV = "CLUSTER_DATA_DIR"
+STATE_DIR_ENV = "CLUSTER_STATE_DIR"
+BUILTIN = "<built-in defaults>"
+
+
+def _opt(default, help: str, *, choices=None, min=None, max=None, factory=None):
+    """A config field: its default, its help line and what values are allowed."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+PROVIDERS = ("local", "ssh", "aws")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("onecycle", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str = _opt("default", "name of the cluster; tags its nodes and rows in the store")
+    provider: str = _opt("local", "where slaves run", choices=PROVIDERS)
+    slaves: int = _opt(4, "number of slaves (local: engines) that `cluster start` brings up", min=1, max=256)
+    data_dir: Path = _opt(Path("~/.cache/cluster/data"), "where MNIST lives (torchvision layout: DATA_DIR/MNIST/raw)")
+    state_dir: Path = _opt(Path(".cluster"), "the SQLite store, checkpoints, the ipyparallel profile, keys")
+    threads_per_engine: int = _opt(0, "torch threads per engine; 0 = cores / engines (never oversubscribe)", min=0, max=512)
+    download: bool = _opt(True, "download MNIST into data_dir when it is missing (needs internet)")
+    engine_timeout: int = _opt(120, "seconds to wait for engines to register", min=5, max=3600)
+    price_per_hour: float = _opt(0.0, "$/hour of the whole local or ssh cluster, for cost reports", min=0.0)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    epochs: int = _opt(1, "epochs per run", min=1, max=10000)
+    lr: float = _opt(0.01, "learning rate (the peak rate of the one-cycle schedule)", min=0.0, max=100.0)
+    l1: float = _opt(0.0, "L1 penalty lambda: loss += lambda * sum(|w|)", min=0.0)
+    batch_size: int = _opt(128, "mini-batch size", min=1, max=65536)
+    optimizer: str = _opt("adam", "optimizer", choices=OPTIMIZERS)
+    momentum: float = _opt(0.9, "SGD momentum (ignored by adam)", min=0.0, max=1.0)
+    schedule: str = _opt("onecycle", "learning-rate schedule", choices=SCHEDULES)
+    seed: int = _opt(0, "random seed: same seed, same device -> same result", min=0)
+    device: str = _opt("auto", "torch device on the engine; auto = cuda when there is one", choices=DEVICES)
+    conv1: int = _opt(20, "filters of the first convolution", min=1, max=1024)
+    conv2: int = _opt(40, "filters of the second convolution", min=1, max=1024)
+    hidden: int = _opt(100, "units of the fully connected hidden layer", min=1, max=65536)
+    subset: int = _opt(0, "train on the first N training images only; 0 = all 50,000", min=0, max=50000)
+
+
+@dataclass(frozen=True)
+class SshConfig:
+    hosts: tuple = _opt((), "slaves you already own: host or host:port, comma separated", factory=tuple)
+    user: str = _opt("", "SSH user on the slaves; empty = the current user")
+    key_file: str = _opt("", "private key for the slaves; empty = SSH agent / default keys")
+    known_hosts: str = _opt("", "known_hosts file; empty = STATE_DIR/known_hosts (recorded on first contact)")
+    engines_per_host: int = _opt(1, "engines started on every host", min=1, max=64)
+    python: str = _opt("python3", "Python on the slaves used to create the engine environment")
+    remote_dir: str = _opt("~/.cluster-engine", "directory on the slaves for the engine environment")
+
+
+@dataclass(frozen=True)
+class AwsConfig:
+    region: str = _opt("us-east-1", "AWS region")
+    instance_types: tuple = _opt(("g4dn.xlarge",), "instance types, in order of preference", factory=lambda: ("g4dn.xlarge",))
+    max_spot_price: float = _opt(0.0, "highest $/hour per instance; 0 = up to the on-demand price", min=0.0)
+    ami: str = _opt("auto", "AMI id, or auto = a current GPU deep-learning AMI")
+    key_name: str = _opt("", "EC2 key pair; empty = create one per cluster")
+    key_file: str = _opt("", "private key of key_name; empty = STATE_DIR/keys when created")
+    subnet: str = _opt("", "subnet id; empty = the default VPC's subnets")
+    security_group: str = _opt("", "security group id; empty = create one per cluster")
+    min_slaves: int = _opt(0, "accept partial capacity down to this many; 0 = all requested", min=0, max=256)
+    on_demand_fallback: bool = _opt(False, "fall back to on-demand when spot capacity is short")
+    engines_per_gpu: int = _opt(1, "engines per GPU (the paper ran up to 16)", min=1, max=64)
+    endpoint_url: str = _opt("", "EC2 endpoint; empty = AWS (tests point this at moto)")
+    tunnel: str = _opt("auto", "reach the controller through SSH reverse tunnels", choices=("auto", "always", "never"))
+    ssh_user: str = _opt("ubuntu", "login user of the AMI")
+
+
+@dataclass(frozen=True)
+class Config:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    ssh: SshConfig = field(default_factory=SshConfig)
+    aws: AwsConfig = field(default_factory=AwsConfig)
+    source: str = BUILTIN
+
+    @property
+    def state_dir(self) -> Path:
+        return self.cluster.state_dir
+
+    @property
+    def data_dir(self) -> Path:
+        return self.cluster.data_dir
+
+
+SECTIONS: dict[str, type] = {
+    "cluster": ClusterConfig,
+    "training": TrainingConfig,
+    "ssh": SshConfig,
+    "aws": AwsConfig,
+}
+
+
+def describe_allowed(f: dataclasses.Field, kind: type) -> str:
+    m = f.metadata
+    if m.get("choices"):
+        return "one of " + ", ".join(m["choices"])
+    if kind is bool:
+        return "true or false"
+    name = {int: "an integer", float: "a number", tuple: "a comma-separated list", Path: "a path", str: "text"}[kind]
+    lo, hi = m.get("min"), m.get("max")
+    if lo is not None and hi is not None:
+        return f"{name} from {lo} to {hi}"
+    if lo is not None:
+        return f"{name} >= {lo}"
+    return name
+
+
+def parse_value(raw: str, f: dataclasses.Field, kind: type, where: str):
+    """Turn one raw string into a typed, checked value; ``where`` prefixes errors."""
+    text = raw.strip()
+
+    def bad(reason: str = "") -> ConfigError:
+        extra = f" ({reason})" if reason else ""
+        return ConfigError(f"{where} = {raw!r}: expected {describe_allowed(f, kind)}{extra}")
+
+    if kind is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise bad()
+    if kind is int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise bad() from None
+    elif kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise bad() from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise bad("not a finite number")
+    elif kind is tuple:
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+    elif kind is Path:
+        return Path(text).expanduser() if text else Path("")
+    else:
+        value = text
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise bad()
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise bad("out of range")
+    return value
+
+
+def field_kinds(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _section_from(cls: type, items: dict[str, str], source: str, section: str, base: Path):
+    kinds = field_kinds(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, raw in items.items():
+        if key not in fields:
+            allowed = ", ".join(fields)
+            raise ConfigError(f"{source}: [{section}] unknown key {key!r}; allowed keys: {allowed}")
+        value = parse_value(raw, fields[key], kinds[key], f"{source}: [{section}] {key}")
+        if kinds[key] is Path and value != Path("") and not value.is_absolute():
+            value = base / value
+        values[key] = value
+    return cls(**values)
+
+
+def find_config_file(explicit: str | os.PathLike | None = None, cwd: Path | None = None) -> Path | None:
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--config {explicit}: no such file; give the path of an existing cluster.ini")
+        return path
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"${CONFIG_ENV}={env}: no such file; unset it or point it at a cluster.ini")
+        return path
+    local = (cwd or Path.cwd()) / "cluster.ini"
+    return local if local.is_file() else None
+
+
+def load_config(explicit: str | os.PathLike | None = None, *, environ: dict | None = None) -> Config:
+    """Find, read and validate the configuration; raise ConfigError on any problem."""
+    environ = os.environ if environ is None else environ
+    path = find_config_file(explicit)
+    sections: dict[str, object] = {}
+    source = BUILTIN
+    base = Path.cwd()
+    if path is not None:
+        source = str(path)
+        base = path.resolve().parent
+        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
+        parser.optionxform = str  # keys are case-sensitive, like the dataclass fields
+        try:
+            parser.read(path, encoding="utf-8")
+        except configparser.Error as exc:
+            raise ConfigError(f"{source}: not a valid INI file: {exc}") from None
+        for name in parser.sections():
+            if name not in SECTIONS:
+                raise ConfigError(f"{source}: unknown section [{name}]; allowed sections: {', '.join(SECTIONS)}")
+            sections[name] = _section_from(SECTIONS[name], dict(parser[name]), source, name, base)
+    config = Config(**sections, source=source)
+    return apply_environment(config, environ, base)
+
+
+def apply_environment(config: Config, environ, base: Path) -> Config:
+    """Environment overrides (relative to the cwd); other relative paths are relative to ``base``."""
+    cluster = config.cluster
+    data_dir = (base / cluster.data_dir.expanduser()).resolve()
+    state_dir = (base / cluster.state_dir.expanduser()).resolve()
+    if environ.get(DATA_DIR_ENV):
+        data_dir = Path(environ[DATA_DIR_ENV]).expanduser().resolve()
+    if environ.get(STATE_DIR_ENV):
+        state_dir = Path(environ[STATE_DIR_ENV]).expanduser().resolve()
+    cluster = dataclasses.replace(cluster, data_dir=data_dir, state_dir=state_dir)
+    return dataclasses.replace(config, cluster=cluster)
+
+
+def override(section, source: str, **values):
+    """Apply command-line overrides to a section, validated like the file."""
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    kinds = field_kinds(type(section))
+    checked = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        raw = ",".join(value) if isinstance(value, (list, tuple)) else str(value)
+        checked[key] = parse_value(raw, fields[key], kinds[key], f"{source} --{key.replace('_', '-')}")
+    return dataclasses.replace(section, **checked)
+
+
+def render_default_ini() -> str:
+    """The documented default cluster.ini, generated from the dataclasses."""
+    lines = ["; Default configuration of `cluster`. Every key is shown with its default.",
+             "; Lookup order: --config, $CLUSTER_CONFIG, ./cluster.ini, built-in defaults.",
+             "; $CLUSTER_DATA_DIR and $CLUSTER_STATE_DIR override data_dir and state_dir.",
+             "; Relative paths are relative to this file."]
+    for name, cls in SECTIONS.items():
+        lines.append("")
+        lines.append(f"[{name}]")
+        kinds = field_kinds(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            allowed = describe_allowed(f, kinds[f.name])
+            lines.append(f"; {f.metadata['help']} ({allowed})")
+            if isinstance(default, tuple):
+                text = ", ".join(default)
+            elif isinstance(default, bool):
+                text = str(default).lower()
+            elif isinstance(default, Path):
+                text = "" if default == Path("") else str(default)
+            else:
+                text = str(default)
+            lines.append(f"{f.name} = {text}".rstrip())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,80 @@
+"""What a CLI handler gets besides its arguments: streams, the configuration, output helpers."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+from .config import Config, load_config
+
+
+def to_jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    stdout: TextIO
+    stderr: TextIO
+    _config: Optional[Config] = None
+    _cluster: Any = None
+    _console: Optional[Console] = field(default=None, repr=False)
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.args.config)
+        return self._config
+
+    def cluster(self):
+        """The API object for the configured cluster (imported lazily: it pulls in ipyparallel)."""
+        if self._cluster is None:
+            from .api import Cluster
+
+            self._cluster = Cluster(self.config)
+        return self._cluster
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            self._console = Console(file=self.stdout, highlight=False, soft_wrap=True)
+        return self._console
+
+    @property
+    def err_console(self) -> Console:
+        return Console(file=self.stderr, highlight=False, stderr=True)
+
+    def emit_json(self, value: Any) -> None:
+        json.dump(to_jsonable(value), self.stdout, indent=2, sort_keys=True)
+        self.stdout.write("\n")
+
+    def emit_table(self, title: str, columns: list[str], rows: list[list[Any]], caption: str = "") -> None:
+        table = Table(title=title, caption=caption or None, title_justify="left")
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*("" if cell is None else str(cell) for cell in row))
+        self.console.print(table)
+
+    def say(self, message: str) -> None:
+        self.console.print(message)
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            self._cluster.close()

@@ -1,0 +1,73 @@
+"""The exception tree, and the one place that maps exceptions to exit codes.
+
+Everything below the CLI raises one of these; only ``controller.cli`` turns
+them into a message and an exit status.
+"""
+from __future__ import annotations
+
+import enum
+
+
+class ExitStatus(enum.IntEnum):
+    OK = 0
+    ERROR = 1
+    USAGE = 2  # bad configuration, bad arguments: nothing was started
+    CLUSTER_STATE = 3  # "already running", "not running"
+    PROVIDER = 4  # the cloud or a slave said no
+    INTERRUPTED = 130
+
+
+class ClusterError(Exception):
+    """Base of every error this tool raises on purpose."""
+
+    exit_status = ExitStatus.ERROR
+
+
+class ConfigError(ClusterError):
+    """A configuration file, key, value or command-line argument is wrong."""
+
+    exit_status = ExitStatus.USAGE
+
+
+class UsageError(ConfigError):
+    """A command-line argument is wrong."""
+
+
+class DataError(ClusterError):
+    """A data set is missing or malformed."""
+
+
+class ClusterStateError(ClusterError):
+    """The cluster is not in the state the command needs."""
+
+    exit_status = ExitStatus.CLUSTER_STATE
+
+
+class NotRunningError(ClusterStateError):
+    pass
+
+
+class AlreadyRunningError(ClusterStateError):
+    pass
+
+
+class ProviderError(ClusterError):
+    """A provider failed to start, reach or stop nodes."""
+
+    exit_status = ExitStatus.PROVIDER
+
+
+class CapacityError(ProviderError):
+    """Not enough capacity: try another zone or instance type."""
+
+
+class CredentialsError(ProviderError):
+    """Missing or insufficient credentials: stop at once."""
+
+
+class TaskError(ClusterError):
+    """A task raised on an engine; carries the remote traceback."""
+
+    def __init__(self, message: str, traceback: str = ""):
+        super().__init__(message)
+        self.traceback = traceback

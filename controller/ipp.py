@@ -1,0 +1,148 @@
+"""The ipyparallel side of a cluster on the master: profile, controller, client.
+
+ipyparallel's own ``Cluster`` starts and stops the controller and the engine
+launchers and writes its state to a cluster file after every change; we keep
+that file (and the connection files, which carry the HMAC key) in a profile
+under state_dir, so clusters with different state_dirs never see each other.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import ipyparallel as ipp
+
+log = logging.getLogger(__name__)
+
+# set in the environment of every local process of a cluster, so none can be orphaned unseen
+PROCESS_MARKER = "CLUSTER_PROFILE_DIR"
+
+
+def profile_dir(state_dir: Path) -> Path:
+    return Path(state_dir) / "profile"
+
+
+def url_file(profile: Path, cluster_id: str) -> Path:
+    """The client connection file: a plain ``ipyparallel.Client(url_file=...)`` can use it."""
+    return Path(profile) / "security" / f"ipcontroller-{cluster_id}-client.json"
+
+
+def engine_file(profile: Path, cluster_id: str) -> Path:
+    return Path(profile) / "security" / f"ipcontroller-{cluster_id}-engine.json"
+
+
+def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], controller_ip: str = "127.0.0.1",
+                engines: str | type = "local", engine_timeout: int = 120) -> ipp.Cluster:
+    """An ipyparallel Cluster that outlives this process (shutdown_atexit=False)."""
+    from traitlets.config import Config
+
+    config = Config()
+    marker = {PROCESS_MARKER: str(profile)}
+    config.LocalControllerLauncher.environment = marker
+    config.LocalEngineSetLauncher.environment = {**engine_env, **marker}
+    config.LocalEngineLauncher.environment = {**engine_env, **marker}
+    profile.mkdir(parents=True, exist_ok=True)
+    os.chmod(profile, 0o700)
+    return ipp.Cluster(
+        profile_dir=str(profile),
+        cluster_id=cluster_id,
+        shutdown_atexit=False,
+        controller_ip=controller_ip,
+        engines=engines,
+        engine_timeout=engine_timeout,
+        config=config,
+        log_level=logging.WARNING,
+        load_profile=False,
+    )
+
+
+def load_cluster(profile: Path, cluster_id: str) -> Optional[ipp.Cluster]:
+    """Rebuild the Cluster from its file; None when the file is gone."""
+    try:
+        return ipp.Cluster.from_file(profile_dir=str(profile), cluster_id=cluster_id, log_level=logging.WARNING)
+    except FileNotFoundError:
+        return None
+
+
+def secure_files(profile: Path) -> None:
+    """Connection and cluster files are 0600: the connection files carry the HMAC key."""
+    security = Path(profile) / "security"
+    if security.is_dir():
+        os.chmod(security, 0o700)
+        for path in security.iterdir():
+            os.chmod(path, 0o600)
+
+
+def controller_pid(cluster: ipp.Cluster) -> Optional[int]:
+    launcher = cluster.controller
+    return getattr(launcher, "pid", None) if launcher is not None else None
+
+
+def engine_pids(cluster: ipp.Cluster) -> list[int]:
+    pids = []
+    for engine_set in cluster.engines.values():
+        for launcher in getattr(engine_set, "launchers", {}).values():
+            if getattr(launcher, "pid", None):
+                pids.append(launcher.pid)
+    return pids
+
+
+def pid_alive(pid: Optional[int]) -> bool:
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def kill_process_group(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM a launcher's process group (it started it as a new session), then SIGKILL."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                return
+            time.sleep(0.05)
+
+
+def marked_processes(profile: Path) -> list[int]:
+    """Pids of live processes started for the cluster whose profile this is (via PROCESS_MARKER)."""
+    needle = f"{PROCESS_MARKER}={profile}".encode() + b"\0"
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes() + b"\0"
+        except OSError:
+            continue
+        if needle in environ and pid_alive(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids
+
+
+def connect(url: Path, timeout: float = 10) -> ipp.Client:
+    if not Path(url).is_file():
+        raise FileNotFoundError(f"connection file {url} is missing: the controller is not running")
+    # positional: ipyparallel 9 ignores the url_file= keyword and falls back to the default profile
+    return ipp.Client(str(url), timeout=timeout)

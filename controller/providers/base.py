@@ -1,0 +1,72 @@
+"""The provider interface: a few verbs, records in and out.
+
+A provider brings up slaves for a cluster whose controller already runs on
+the master, starts engines on them that register with that controller, lists
+the slaves, names an SSH target for each, and releases them all again.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Optional
+
+from ..errors import ProviderError
+
+if TYPE_CHECKING:
+    import ipyparallel as ipp
+
+    from ..config import Config
+    from ..store import ClusterRecord, NodeRecord, Store
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    host: str
+    port: int = 22
+    user: str = ""
+    key_file: str = ""
+    known_hosts: str = ""
+
+    def command(self) -> list[str]:
+        """An ``ssh`` command line that reaches the node, host keys checked."""
+        cmd = ["ssh", "-p", str(self.port)]
+        if self.key_file:
+            cmd += ["-i", self.key_file]
+        if self.known_hosts:
+            cmd += ["-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes"]
+        cmd.append(f"{self.user}@{self.host}" if self.user else self.host)
+        return cmd
+
+
+class Provider(abc.ABC):
+    """Base of every provider. Subclasses set ``name`` and implement the verbs."""
+
+    name: ClassVar[str]
+    # where the controller listens: engines on other machines need more than loopback
+    controller_ip: ClassVar[str] = "127.0.0.1"
+
+    def __init__(self, config: "Config", store: "Store"):
+        self.config = config
+        self.store = store
+
+    @abc.abstractmethod
+    def start(self, cluster: "ClusterRecord", ipp_cluster: "ipp.Cluster", slaves: int) -> list["NodeRecord"]:
+        """Bring up ``slaves`` slaves and start their engines; return the nodes (also stored).
+
+        If it raises (Ctrl-C included), whatever it created is already released.
+        """
+
+    @abc.abstractmethod
+    def stop(self, cluster: "ClusterRecord", ipp_cluster: Optional["ipp.Cluster"]) -> None:
+        """Stop the engines and release every node; safe twice, and with ``ipp_cluster`` lost."""
+
+    @abc.abstractmethod
+    def list(self, cluster: "ClusterRecord") -> list["NodeRecord"]:
+        """The cluster's nodes as the provider sees them now (the cloud's tags are the truth)."""
+
+    def expected_engines(self, nodes: list["NodeRecord"]) -> int:
+        """How many engines should register once ``start`` returned these nodes."""
+        return sum(node.engines for node in nodes)
+
+    def ssh_target(self, node: "NodeRecord") -> SshTarget:
+        raise ProviderError(f"provider {self.name!r} has no SSH access to its nodes")

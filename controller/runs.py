@@ -1,0 +1,75 @@
+"""Recording training runs in the store as their tasks come back from the engines."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+from .scheduler import Job
+from .store import EpochRecord, RunRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+class RunRecorder:
+    """Stores each task's epochs and checkpoint, and keeps the run's row up to date."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def record_result(self, job: Job, result: dict, engine_id: Optional[int]) -> RunRecord:
+        run = self.store.run(job.run_id)
+        seconds = run.seconds or 0.0
+        for epoch in result["epochs"]:
+            self.store.add_epoch(EpochRecord(run_id=job.run_id, engine_id=engine_id, **epoch))
+            seconds += epoch["seconds"]
+        self.store.save_checkpoint(job.run_id, result["completed_epochs"], result["checkpoint"])
+        values = dict(
+            epochs_done=result["completed_epochs"], seconds=seconds,
+            engine_id=engine_id, host=result["host"], device=result["device"],
+        )
+        if result["epochs"]:
+            last = result["epochs"][-1]
+            values.update(train_loss=last["train_loss"], val_accuracy=last["val_accuracy"],
+                          test_accuracy=last["test_accuracy"], images_per_s=self._mean_rate(job.run_id))
+        if result.get("diverged"):
+            values.update(state="failed", finished_at=time.time(),
+                          error="training diverged (loss is NaN or infinite); lower the learning rate")
+        elif result["completed_epochs"] >= job.spec["epochs"]:
+            values.update(state="completed", finished_at=time.time())
+        self.store.update_run(job.run_id, **values)
+        return self.store.run(job.run_id)
+
+    def record_failure(self, job: Job, traceback: str, state: str = "failed") -> None:
+        self.store.update_run(job.run_id, state=state, error=traceback, finished_at=time.time())
+
+    def _mean_rate(self, run_id: str) -> float:
+        epochs = self.store.epochs(run_id)
+        seconds = sum(e.train_seconds for e in epochs)
+        images = sum(e.images_per_s * e.train_seconds for e in epochs)
+        return images / seconds if seconds else 0.0
+
+
+class SingleRun:
+    """The JobSource of ``cluster train``: one job, stored as it goes."""
+
+    def __init__(self, store: Store, job: Job):
+        self.recorder = RunRecorder(store)
+        self.job: Optional[Job] = job
+        self.error: Optional[BaseException] = None
+        self.traceback = ""
+
+    def next_job(self) -> Optional[Job]:
+        job, self.job = self.job, None
+        return job
+
+    def on_result(self, job: Job, result: dict, engine_id: Optional[int]) -> bool:
+        self.recorder.record_result(job, result, engine_id)
+        return True
+
+    def on_error(self, job: Job, error: BaseException, traceback: str) -> None:
+        self.error, self.traceback = error, traceback
+        self.recorder.record_failure(job, traceback)
+
+    def exhausted(self) -> bool:
+        return self.job is None

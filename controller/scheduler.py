@@ -1,0 +1,195 @@
+"""Tasks onto engines: every run is a chain of short tasks, load-balanced over all engines.
+
+A *job* is one training run (a single ``cluster train``, or one trial of a
+sweep).  The scheduler keeps every engine busy with one task each, takes the
+next job from a :class:`JobSource` as soon as an engine is free, and after each
+task hands the result to the source, which stores it and says whether the job
+goes on (Optuna's pruning lives there, not here).  A task lost with its engine
+is sent again, from the job's last checkpoint, to another engine.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+import ipyparallel as ipp
+
+from engines.tasks import train_task
+
+log = logging.getLogger(__name__)
+
+MAX_ENGINE_LOSSES = 3  # per job: a task that kills its engine three times is the task's fault
+
+
+@dataclass
+class Job:
+    run_id: str
+    spec: dict  # RunSpec as a dict
+    checkpoint: Optional[bytes] = None
+    epochs_done: int = 0
+    epochs_per_task: int = 1
+    engine_losses: int = 0
+    tag: Any = None  # the source's own handle (an Optuna trial, ...)
+
+    @property
+    def finished(self) -> bool:
+        return self.epochs_done >= self.spec["epochs"]
+
+
+class JobSource(Protocol):
+    def next_job(self) -> Optional[Job]:
+        """A new job to start now, or None when there is none at the moment."""
+
+    def on_result(self, job: Job, result: dict, engine_id: Optional[int]) -> bool:
+        """Store a task's result; True when the job should go on (more epochs)."""
+
+    def on_error(self, job: Job, error: BaseException, traceback: str) -> None:
+        """The task raised (not an engine loss): record the failure; the job ends."""
+
+    def exhausted(self) -> bool:
+        """True when ``next_job`` will never return a job again."""
+
+
+class ProgressSink:
+    """What the scheduler tells a display; every hook is optional (a no-op here)."""
+
+    def task_submitted(self, job: Job) -> None: ...
+
+    def task_progress(self, job: Job, update: dict) -> None: ...
+
+    def task_done(self, job: Job, result: dict, engine_id: Optional[int]) -> None: ...
+
+    def engine_lost(self, job: Job, error: BaseException) -> None: ...
+
+    def job_failed(self, job: Job, error: BaseException) -> None: ...
+
+    def tick(self) -> None: ...
+
+
+@dataclass
+class _InFlight:
+    job: Job
+    result: ipp.AsyncResult
+    submitted: float
+    last_update: Optional[dict] = None
+
+
+@dataclass
+class SchedulerStats:
+    tasks: int = 0
+    engine_losses: int = 0
+    dispatch_overheads: list[float] = field(default_factory=list)  # engine-idle seconds per task
+
+
+def is_engine_loss(error: BaseException) -> bool:
+    if isinstance(error, ipp.error.EngineError):
+        return True
+    return isinstance(error, ipp.error.RemoteError) and error.ename in ("EngineError", "DependencyTimeout")
+
+
+class Scheduler:
+    def __init__(self, client: ipp.Client, poll_s: float = 0.2):
+        self.client = client
+        self.view = client.load_balanced_view()
+        self.poll_s = poll_s
+        self.stats = SchedulerStats()
+
+    def capacity(self) -> int:
+        return max(1, len(self.client.ids))
+
+    def submit(self, job: Job) -> _InFlight:
+        result = self.view.apply_async(train_task, job.spec, job.checkpoint, job.epochs_per_task)
+        self.stats.tasks += 1
+        return _InFlight(job, result, time.perf_counter())
+
+    def run(self, source: JobSource, sink: Optional[ProgressSink] = None) -> SchedulerStats:
+        sink = sink or ProgressSink()
+        ready: collections.deque[Job] = collections.deque()
+        in_flight: dict[str, _InFlight] = {}
+        try:
+            while True:
+                while len(in_flight) < self.capacity():
+                    job = ready.popleft() if ready else source.next_job()
+                    if job is None:
+                        break
+                    task = self.submit(job)
+                    in_flight[task.result.msg_ids[0]] = task
+                    sink.task_submitted(job)
+                if not in_flight:
+                    if not ready and source.exhausted():
+                        return self.stats
+                    time.sleep(self.poll_s)  # the source has nothing now but may later
+                    continue
+                done, _ = concurrent.futures.wait(
+                    [t.result for t in in_flight.values()], timeout=self.poll_s,
+                    return_when=concurrent.futures.FIRST_COMPLETED)
+                for task in list(in_flight.values()):
+                    if task.result in done:
+                        del in_flight[task.result.msg_ids[0]]
+                        follow_up = self._finish(task, source, sink)
+                        if follow_up is not None:
+                            ready.appendleft(follow_up)  # keep the chain on the freed engine's turn
+                    else:
+                        self._report_progress(task, sink)
+                sink.tick()
+        except BaseException:
+            # Ctrl-C or a bug: queued tasks are withdrawn; tasks already running finish on
+            # their engines and are ignored (their runs resume from the last stored checkpoint)
+            pending = [t.result for t in in_flight.values() if not t.result.done()]
+            if pending:
+                try:
+                    self.client.abort(pending)
+                except Exception:  # the controller may be gone as well
+                    log.debug("abort of %d pending tasks failed", len(pending), exc_info=True)
+            raise
+
+    def _report_progress(self, task: _InFlight, sink: ProgressSink) -> None:
+        data = task.result.data
+        update = data.get("progress") if isinstance(data, dict) else None
+        if update and update != task.last_update:
+            task.last_update = dict(update)
+            sink.task_progress(task.job, update)
+
+    def _finish(self, task: _InFlight, source: JobSource, sink: ProgressSink) -> Optional[Job]:
+        job = task.job
+        try:
+            result = task.result.get()
+        except BaseException as error:  # noqa: BLE001 - every remote failure is sorted here
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
+            if is_engine_loss(error) and job.engine_losses + 1 < MAX_ENGINE_LOSSES:
+                job.engine_losses += 1
+                self.stats.engine_losses += 1
+                log.warning("run %s lost its engine (%s); sending the task to another engine", job.run_id, error)
+                sink.engine_lost(job, error)
+                return job
+            traceback = getattr(error, "traceback", None) or _format(error)
+            source.on_error(job, error, traceback)
+            sink.job_failed(job, error)
+            return None
+        engine_id = task.result.engine_id
+        started = _timestamp(task.result, "started")
+        if started is not None:
+            submitted = _timestamp(task.result, "submitted")
+            if submitted is not None:
+                self.stats.dispatch_overheads.append(max(0.0, started - submitted))
+        job.checkpoint = result["checkpoint"]
+        job.epochs_done = result["completed_epochs"]
+        sink.task_done(job, result, engine_id)
+        go_on = source.on_result(job, result, engine_id)
+        return job if go_on and not job.finished and not result.get("diverged") else None
+
+
+def _timestamp(result: ipp.AsyncResult, name: str) -> Optional[float]:
+    value = result._client.metadata[result.msg_ids[0]].get(name)
+    return value.timestamp() if value is not None else None
+
+
+def _format(error: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(type(error), error, error.__traceback__))

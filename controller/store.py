@@ -1,0 +1,353 @@
+"""The embedded store: one SQLite file under state_dir, plus checkpoint files beside it.
+
+Contract:
+- It is the single source for ``status``, ``runs`` and reports; every write is
+  committed before the method returns.
+- One ``Store`` object is used from one thread.  Several processes may open the
+  same file (WAL mode, a busy timeout), e.g. ``cluster runs`` while a sweep writes.
+- Checkpoint files are written to a temporary name and renamed, so a reader
+  never sees half a checkpoint; only a run's newest checkpoint is kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS clusters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    state TEXT NOT NULL,            -- starting, running, stopping, stopped, failed
+    slaves INTEGER NOT NULL,
+    threads_per_engine INTEGER NOT NULL DEFAULT 0,
+    profile_dir TEXT NOT NULL,
+    ipp_cluster_id TEXT NOT NULL,
+    controller_pid INTEGER,
+    created_at REAL NOT NULL,
+    stopped_at REAL,
+    price_per_hour REAL NOT NULL DEFAULT 0,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS engines (
+    cluster_id INTEGER NOT NULL REFERENCES clusters(id),
+    engine_id INTEGER NOT NULL,
+    host TEXT, pid INTEGER, device TEXT, threads INTEGER, node_id TEXT,
+    registered_at REAL,
+    PRIMARY KEY (cluster_id, engine_id)
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    cluster_id INTEGER NOT NULL REFERENCES clusters(id),
+    node_id TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    host TEXT, state TEXT,
+    instance_id TEXT, instance_type TEXT, zone TEXT, market TEXT,
+    price_per_hour REAL DEFAULT 0,
+    public_ip TEXT, private_ip TEXT, image TEXT,
+    engines INTEGER DEFAULT 0,      -- engines started on this node
+    launched_at REAL, terminated_at REAL,
+    PRIMARY KEY (cluster_id, node_id)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    cluster_id INTEGER REFERENCES clusters(id),
+    sweep_id TEXT, trial_number INTEGER,
+    params TEXT NOT NULL,           -- JSON of the RunSpec
+    state TEXT NOT NULL,            -- running, completed, failed, interrupted, pruned
+    engine_id INTEGER, host TEXT, device TEXT,
+    created_at REAL NOT NULL, finished_at REAL,
+    seconds REAL DEFAULT 0,         -- wall seconds spent on the engines, summed over tasks
+    epochs_done INTEGER DEFAULT 0,
+    train_loss REAL, val_accuracy REAL, test_accuracy REAL, images_per_s REAL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs(sweep_id);
+CREATE TABLE IF NOT EXISTS epochs (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    epoch INTEGER NOT NULL,
+    train_loss REAL, val_accuracy REAL, test_accuracy REAL,
+    seconds REAL, train_seconds REAL, images_per_s REAL, lr REAL,
+    engine_id INTEGER, finished_at REAL,
+    PRIMARY KEY (run_id, epoch)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_id TEXT PRIMARY KEY REFERENCES runs(id),
+    epoch INTEGER NOT NULL,
+    path TEXT NOT NULL, sha256 TEXT NOT NULL, bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+RUN_STATES = ("running", "completed", "failed", "interrupted", "pruned")
+
+
+@dataclass
+class ClusterRecord:
+    id: int
+    name: str
+    provider: str
+    state: str
+    slaves: int
+    threads_per_engine: int
+    profile_dir: str
+    ipp_cluster_id: str
+    created_at: float
+    controller_pid: Optional[int] = None
+    stopped_at: Optional[float] = None
+    price_per_hour: float = 0.0
+    error: Optional[str] = None
+
+
+@dataclass
+class EngineRecord:
+    engine_id: int
+    host: str
+    pid: int
+    device: str
+    threads: int
+    node_id: str = ""
+    registered_at: float = 0.0
+
+
+@dataclass
+class NodeRecord:
+    node_id: str
+    provider: str
+    host: str = ""
+    state: str = ""
+    instance_id: str = ""
+    instance_type: str = ""
+    zone: str = ""
+    market: str = ""
+    price_per_hour: float = 0.0
+    public_ip: str = ""
+    private_ip: str = ""
+    image: str = ""
+    engines: int = 0
+    launched_at: float = 0.0
+    terminated_at: Optional[float] = None
+
+
+@dataclass
+class RunRecord:
+    id: str
+    params: dict
+    state: str = "running"
+    cluster_id: Optional[int] = None
+    sweep_id: Optional[str] = None
+    trial_number: Optional[int] = None
+    engine_id: Optional[int] = None
+    host: Optional[str] = None
+    device: Optional[str] = None
+    created_at: float = field(default_factory=time.time)
+    finished_at: Optional[float] = None
+    seconds: float = 0.0
+    epochs_done: int = 0
+    train_loss: Optional[float] = None
+    val_accuracy: Optional[float] = None
+    test_accuracy: Optional[float] = None
+    images_per_s: Optional[float] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class EpochRecord:
+    run_id: str
+    epoch: int
+    train_loss: float
+    val_accuracy: float
+    test_accuracy: float
+    seconds: float
+    train_seconds: float
+    images_per_s: float
+    lr: float
+    engine_id: Optional[int] = None
+    finished_at: float = field(default_factory=time.time)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def _row_to(cls, row: sqlite3.Row):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: row[k] for k in row.keys() if k in names})
+
+
+class Store:
+    """SQLite under ``state_dir``: clusters, engines, nodes, runs, epochs, checkpoints."""
+
+    def __init__(self, state_dir: Path):
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)  # keys and connection files live below
+        self.path = self.state_dir / "cluster.db"
+        self.checkpoint_dir = self.state_dir / "checkpoints"
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
+        """Run one statement (modules with tables of their own use this too)."""
+        return self.db.execute(sql, tuple(params))
+
+    def _insert(self, table: str, values: dict, replace: bool = False) -> sqlite3.Cursor:
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        columns = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        return self.db.execute(f"{verb} INTO {table} ({columns}) VALUES ({marks})", tuple(values.values()))
+
+    def _update(self, table: str, key: dict, values: dict) -> None:
+        if not values:
+            return
+        sets = ", ".join(f"{k} = ?" for k in values)
+        where = " AND ".join(f"{k} = ?" for k in key)
+        self.db.execute(f"UPDATE {table} SET {sets} WHERE {where}", (*values.values(), *key.values()))
+
+    # clusters ---------------------------------------------------------------
+    def create_cluster(self, *, name: str, provider: str, slaves: int, threads_per_engine: int,
+                       profile_dir: str, ipp_cluster_id: str, price_per_hour: float = 0.0) -> ClusterRecord:
+        now = time.time()
+        cursor = self._insert("clusters", dict(
+            name=name, provider=provider, state="starting", slaves=slaves,
+            threads_per_engine=threads_per_engine, profile_dir=profile_dir,
+            ipp_cluster_id=ipp_cluster_id, created_at=now, price_per_hour=price_per_hour))
+        return self.cluster(cursor.lastrowid)
+
+    def cluster(self, cluster_id: int) -> ClusterRecord:
+        row = self.db.execute("SELECT * FROM clusters WHERE id = ?", (cluster_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no cluster {cluster_id} in {self.path}")
+        return _row_to(ClusterRecord, row)
+
+    def active_cluster(self, name: str) -> Optional[ClusterRecord]:
+        """The newest cluster of this name that is not stopped (starting, running, stopping, failed)."""
+        row = self.db.execute(
+            "SELECT * FROM clusters WHERE name = ? AND state != 'stopped' ORDER BY id DESC LIMIT 1", (name,)
+        ).fetchone()
+        return _row_to(ClusterRecord, row) if row else None
+
+    def latest_cluster(self, name: str) -> Optional[ClusterRecord]:
+        row = self.db.execute("SELECT * FROM clusters WHERE name = ? ORDER BY id DESC LIMIT 1", (name,)).fetchone()
+        return _row_to(ClusterRecord, row) if row else None
+
+    def clusters(self) -> list[ClusterRecord]:
+        return [_row_to(ClusterRecord, r) for r in self.db.execute("SELECT * FROM clusters ORDER BY id")]
+
+    def update_cluster(self, cluster_id: int, **values: Any) -> None:
+        self._update("clusters", {"id": cluster_id}, values)
+
+    def set_cluster_state(self, cluster_id: int, state: str, error: Optional[str] = None) -> None:
+        values: dict[str, Any] = {"state": state}
+        if state == "stopped":
+            values["stopped_at"] = time.time()
+        if error is not None:
+            values["error"] = error
+        self._update("clusters", {"id": cluster_id}, values)
+
+    # engines and nodes --------------------------------------------------------
+    def record_engines(self, cluster_id: int, engines: list[EngineRecord]) -> None:
+        for engine in engines:
+            self._insert("engines", {"cluster_id": cluster_id, **dataclasses.asdict(engine)}, replace=True)
+
+    def engines(self, cluster_id: int) -> list[EngineRecord]:
+        rows = self.db.execute("SELECT * FROM engines WHERE cluster_id = ? ORDER BY engine_id", (cluster_id,))
+        return [_row_to(EngineRecord, r) for r in rows]
+
+    def record_node(self, cluster_id: int, node: NodeRecord) -> None:
+        self._insert("nodes", {"cluster_id": cluster_id, **dataclasses.asdict(node)}, replace=True)
+
+    def nodes(self, cluster_id: int) -> list[NodeRecord]:
+        rows = self.db.execute("SELECT * FROM nodes WHERE cluster_id = ? ORDER BY node_id", (cluster_id,))
+        return [_row_to(NodeRecord, r) for r in rows]
+
+    # runs -------------------------------------------------------------------
+    def create_run(self, run: RunRecord) -> RunRecord:
+        values = dataclasses.asdict(run)
+        values["params"] = json.dumps(run.params, sort_keys=True)
+        self._insert("runs", values)
+        return run
+
+    def update_run(self, run_id: str, **values: Any) -> None:
+        if "state" in values and values["state"] not in RUN_STATES:
+            raise ValueError(f"run state {values['state']!r}: expected one of {RUN_STATES}")
+        if "params" in values:
+            values["params"] = json.dumps(values["params"], sort_keys=True)
+        self._update("runs", {"id": run_id}, values)
+
+    def run(self, run_id: str) -> Optional[RunRecord]:
+        row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return self._run(row) if row else None
+
+    def runs(self, *, sweep_id: Optional[str] = None, limit: Optional[int] = None) -> list[RunRecord]:
+        sql, params = "SELECT * FROM runs", []
+        if sweep_id is not None:
+            sql += " WHERE sweep_id = ?"
+            params.append(sweep_id)
+        sql += " ORDER BY created_at DESC, id"
+        if limit:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [self._run(r) for r in self.db.execute(sql, params)]
+
+    @staticmethod
+    def _run(row: sqlite3.Row) -> RunRecord:
+        run = _row_to(RunRecord, row)
+        run.params = json.loads(row["params"])
+        return run
+
+    def add_epoch(self, record: EpochRecord) -> None:
+        self._insert("epochs", dataclasses.asdict(record), replace=True)
+
+    def epochs(self, run_id: str) -> list[EpochRecord]:
+        rows = self.db.execute("SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", (run_id,))
+        return [_row_to(EpochRecord, r) for r in rows]
+
+    # checkpoints --------------------------------------------------------------
+    def save_checkpoint(self, run_id: str, epoch: int, data: bytes) -> Path:
+        """Write atomically (temp file + rename), record it, then drop older files of the run."""
+        folder = self.checkpoint_dir / run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"epoch-{epoch:04d}.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        self._insert("checkpoints", dict(
+            run_id=run_id, epoch=epoch, path=str(path), sha256=hashlib.sha256(data).hexdigest(),
+            bytes=len(data), created_at=time.time()), replace=True)
+        for old in folder.glob("epoch-*.pt"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        return path
+
+    def load_checkpoint(self, run_id: str) -> Optional[tuple[int, bytes]]:
+        """(epoch, bytes) of the run's newest checkpoint, verified against its hash; None if none."""
+        row = self.db.execute("SELECT * FROM checkpoints WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            return None
+        data = Path(row["path"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != row["sha256"]:
+            raise ValueError(f"checkpoint {row['path']} of run {run_id} is corrupt (hash mismatch)")
+        return row["epoch"], data

@@ -1,0 +1,56 @@
+"""The functions the master sends to engines (by reference: engines import this package).
+
+They return plain data (dicts, bytes) so results cross ZeroMQ without pickling
+classes, and import torch only when they run, so the master can name them
+without paying for torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import socket
+from typing import Optional
+
+
+def _publish(update: dict) -> None:
+    """Stream progress to the master (ipyparallel's datapub); a no-op outside an engine."""
+    try:
+        from ipyparallel.datapub import publish_data
+    except ImportError:
+        return
+    # every key every time: the client merges publications into one dict
+    update = {"epoch": None, "epochs": None, "batch": None, "batches": None, "loss": None, "done": None, **update}
+    update["pid"] = os.getpid()
+    try:
+        publish_data({"progress": update})
+    except (AttributeError, RuntimeError):  # not running inside an engine kernel
+        pass
+
+
+def train_task(spec: dict, checkpoint: Optional[bytes], n_epochs: Optional[int]) -> dict:
+    """Train ``n_epochs`` of a run from ``checkpoint``; returns TaskResult as a dict."""
+    from .train import train_epochs
+
+    result = train_epochs(spec, checkpoint, n_epochs, progress=_publish)
+    return dataclasses.asdict(result)
+
+
+def engine_info(threads: int = 0) -> dict:
+    """Who this engine is: host, pid, device, threads, versions (also sets the thread count)."""
+    import torch
+
+    from .train import pick_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = pick_device("auto")
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "",
+        "cpu": platform.processor() or platform.machine(),
+    }

@@ -1,0 +1,257 @@
+"""Training on an engine: a run is a chain of short tasks, each a few epochs long.
+
+A task starts from the run's last checkpoint (or from scratch), trains, and
+returns its per-epoch metrics and a new checkpoint.  Shuffling is seeded by
+(seed, epoch), so a run resumed from any checkpoint gives the same weights as an
+uninterrupted one (same seed, same device, same thread count).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .data import Mnist, Split, load_mnist, normalise
+from .model import MnistCNN, l1_penalty
+
+EVAL_BATCH = 1000
+PROGRESS_EVERY_S = 0.5
+
+
+@dataclass
+class RunSpec:
+    """Everything an engine needs to train one run; sent from the master as a dict."""
+
+    run_id: str = "run"
+    data_dir: str = ""
+    download: bool = False
+    epochs: int = 1  # the run's total budget: the schedule spans all of it
+    lr: float = 0.01
+    l1: float = 0.0
+    batch_size: int = 128
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    schedule: str = "onecycle"
+    seed: int = 0
+    device: str = "auto"
+    conv1: int = 20
+    conv2: int = 40
+    hidden: int = 100
+    subset: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = leave as the process has it
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int  # 1-based
+    train_loss: float
+    val_accuracy: float
+    test_accuracy: float
+    seconds: float  # training and evaluation
+    train_seconds: float  # training alone: what images/s is computed from
+    images_per_s: float
+    lr: float
+
+
+@dataclass
+class TaskResult:
+    """What one task returns to the master."""
+
+    run_id: str
+    epochs: list[dict]
+    checkpoint: bytes
+    completed_epochs: int
+    host: str
+    pid: int
+    device: str
+    threads: int
+    diverged: bool = False
+
+
+ProgressFn = Callable[[dict], None]
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but this engine has no CUDA device; use device=auto or cpu")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def build(spec: RunSpec, steps_per_epoch: int, device: torch.device):
+    torch.manual_seed(spec.seed)
+    model = MnistCNN(spec.conv1, spec.conv2, spec.hidden).to(device, memory_format=torch.channels_last)
+    if spec.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    elif spec.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum)
+    else:
+        raise ValueError(f"optimizer {spec.optimizer!r}: expected adam or sgd")
+    if spec.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=spec.lr, total_steps=spec.epochs * steps_per_epoch,
+            # pct_start 0.25: a short warm-up matters most when the whole budget is one epoch
+            pct_start=0.25, cycle_momentum=spec.optimizer == "sgd",
+        )
+    elif spec.schedule == "constant":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    else:
+        raise ValueError(f"schedule {spec.schedule!r}: expected onecycle or constant")
+    return model, optimizer, scheduler
+
+
+def save_checkpoint(epoch: int, model, optimizer, scheduler, spec: RunSpec) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "epoch": epoch,
+            "spec": spec.to_dict(),
+            "model": {k: v.cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        },
+        buffer,
+    )
+    return buffer.getvalue()
+
+
+def load_checkpoint(data: bytes) -> dict:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+@torch.inference_mode()
+def accuracy(model: MnistCNN, split: Split) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(split), EVAL_BATCH):
+        images = normalise(split.images[start:start + EVAL_BATCH])
+        correct += (model(images).argmax(1) == split.labels[start:start + EVAL_BATCH]).sum().item()
+    return correct / max(1, len(split))
+
+
+def train_epochs(
+    spec: RunSpec | dict,
+    checkpoint: Optional[bytes] = None,
+    n_epochs: Optional[int] = None,
+    progress: Optional[ProgressFn] = None,
+    data: Optional[Mnist] = None,
+) -> TaskResult:
+    """Train ``n_epochs`` (default: to the end of the budget) from ``checkpoint``."""
+    spec = RunSpec.from_dict(spec) if isinstance(spec, dict) else spec
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device = pick_device(spec.device)
+    if data is None:
+        data = load_mnist(Path(spec.data_dir), spec.download)
+    data = _on_device(data, device)
+    train = data.train if not spec.subset else Split(data.train.images[:spec.subset], data.train.labels[:spec.subset])
+    steps_per_epoch = -(-len(train) // spec.batch_size)
+    model, optimizer, scheduler = build(spec, steps_per_epoch, device)
+    done = 0
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        done = state["epoch"]
+    last = spec.epochs if n_epochs is None else min(spec.epochs, done + n_epochs)
+    metrics: list[dict] = []
+    diverged = False
+    for epoch in range(done + 1, last + 1):
+        m = _train_one_epoch(spec, model, optimizer, scheduler, train, data, epoch, device, progress)
+        metrics.append(dataclasses.asdict(m))
+        done = epoch
+        if m.train_loss != m.train_loss or m.train_loss == float("inf"):
+            diverged = True  # NaN/inf: further epochs cannot recover
+            break
+    return TaskResult(
+        run_id=spec.run_id,
+        epochs=metrics,
+        checkpoint=save_checkpoint(done, model, optimizer, scheduler, spec),
+        completed_epochs=done,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        device=_device_name(device),
+        threads=torch.get_num_threads(),
+        diverged=diverged,
+    )
+
+
+def _train_one_epoch(spec, model, optimizer, scheduler, train: Split, data: Mnist, epoch: int,
+                     device: torch.device, progress: Optional[ProgressFn]) -> EpochMetrics:
+    model.train()
+    generator = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
+    order = torch.randperm(len(train), generator=generator).to(device)
+    batches = -(-len(train) // spec.batch_size)
+    total_loss = torch.zeros((), device=device)
+    started = last_report = time.perf_counter()
+    for step in range(batches):
+        index = order[step * spec.batch_size:(step + 1) * spec.batch_size]
+        images, labels = normalise(train.images[index]), train.labels[index]
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.nll_loss(model(images), labels)
+        if spec.l1:
+            loss = loss + spec.l1 * l1_penalty(model)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.detach()
+        if progress is not None and time.perf_counter() - last_report >= PROGRESS_EVERY_S:
+            last_report = time.perf_counter()
+            progress({"run_id": spec.run_id, "epoch": epoch, "epochs": spec.epochs, "batch": step + 1,
+                      "batches": batches, "loss": float(loss.detach())})
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - started
+    val, test = accuracy(model, data.val), accuracy(model, data.test)
+    seconds = time.perf_counter() - started
+    metrics = EpochMetrics(
+        epoch=epoch,
+        train_loss=float(total_loss) / batches,
+        val_accuracy=val,
+        test_accuracy=test,
+        seconds=seconds,
+        train_seconds=train_seconds,
+        images_per_s=len(train) / train_seconds,
+        lr=optimizer.param_groups[0]["lr"],
+    )
+    if progress is not None:
+        progress({"run_id": spec.run_id, "epoch": epoch, "epochs": spec.epochs, "batch": batches,
+                  "batches": batches, "done": dataclasses.asdict(metrics)})
+    return metrics
+
+
+_DEVICE_DATA: dict[tuple[int, str], Mnist] = {}
+
+
+def _on_device(data: Mnist, device: torch.device) -> Mnist:
+    """Keep one copy of the data per device (a GPU engine uploads the set once)."""
+    if device.type == "cpu":
+        return data
+    key = (id(data), str(device))
+    if key not in _DEVICE_DATA:
+        _DEVICE_DATA[key] = data.to(device)
+    return _DEVICE_DATA[key]
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return "cpu"

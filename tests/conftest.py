@@ -1,0 +1,89 @@
+"""Fixtures that start real components (ipyparallel controller and engines) and always tear them down."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from controller import ipp as ipp_side
+from controller.config import load_config
+from engines.data import write_synthetic_mnist
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def real_mnist_dir() -> Path | None:
+    """../shared/data when it holds real MNIST (tests that need real data skip without it)."""
+    return SHARED_DATA if (SHARED_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").exists() else None
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """A small learnable MNIST-shaped data set (600 train images) in torchvision's layout."""
+    return write_synthetic_mnist(tmp_path_factory.mktemp("tiny-mnist"), n_train=600, n_test=100)
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch, tiny_data_dir) -> Path:
+    """A fresh cwd and state_dir, tiny data, and no cluster.ini from anywhere else."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CLUSTER_CONFIG", raising=False)
+    monkeypatch.setenv("CLUSTER_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CLUSTER_DATA_DIR", str(tiny_data_dir))
+    return tmp_path
+
+
+def write_ini(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def cluster_pids(state_dir: Path) -> list[int]:
+    """Every live process started for the cluster under ``state_dir``."""
+    return ipp_side.marked_processes(ipp_side.profile_dir(Path(state_dir)))
+
+
+def wait_until(predicate, timeout: float = 30, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def make_config(tmp_path: Path, data_dir: Path, slaves: int = 2, extra: str = "", threads: int = 1):
+    ini = write_ini(tmp_path / "cluster.ini", f"""
+[cluster]
+name = test
+slaves = {slaves}
+state_dir = {tmp_path / 'state'}
+data_dir = {data_dir}
+threads_per_engine = {threads}
+download = false
+engine_timeout = 90
+{extra}
+""")
+    return load_config(ini, environ={})
+
+
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory, tiny_data_dir):
+    """A real 2-engine local cluster on tiny data, shared by a module's tests; stopped afterwards."""
+    from controller.api import Cluster
+
+    tmp = tmp_path_factory.mktemp("cluster")
+    cluster = Cluster(make_config(tmp, tiny_data_dir))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        state_dir = cluster.config.state_dir
+        cluster.close()
+        leftover = wait_until(lambda: not cluster_pids(state_dir), timeout=20)
+        assert leftover, f"processes left after stop: {cluster_pids(state_dir)}"
