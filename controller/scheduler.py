@@ -14,7 +14,7 @@ import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import ipyparallel as ipp
 
@@ -34,6 +34,8 @@ class Job:
     epochs_per_task: int = 1
     engine_losses: int = 0
     tag: Any = None  # the source's own handle (an Optuna trial, ...)
+    # the engine function: (spec, checkpoint, n_epochs) -> TaskResult dict (engines.train.TaskResult)
+    task: Callable[..., dict] = train_task
 
     @property
     def finished(self) -> bool:
@@ -102,7 +104,7 @@ class Scheduler:
         return max(1, len(self.client.ids))
 
     def submit(self, job: Job) -> _InFlight:
-        result = self.view.apply_async(train_task, job.spec, job.checkpoint, job.epochs_per_task)
+        result = self.view.apply_async(job.task, job.spec, job.checkpoint, job.epochs_per_task)
         self.stats.tasks += 1
         return _InFlight(job, result, time.perf_counter())
 
