@@ -75,6 +75,8 @@ class SshConfig:
     engines_per_host: int = _opt(1, "engines started on every host", min=1, max=64)
     python: str = _opt("python3", "Python on the slaves used to create the engine environment")
     remote_dir: str = _opt("~/.cluster-engine", "directory on the slaves for the engine environment")
+    tunnel: str = _opt("never", "engines reach the controller through SSH reverse tunnels (always) or directly (never)",
+                       choices=("always", "never"))
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,9 @@ class AwsConfig:
     endpoint_url: str = _opt("", "EC2 endpoint; empty = AWS (tests point this at moto)")
     tunnel: str = _opt("auto", "reach the controller through SSH reverse tunnels", choices=("auto", "always", "never"))
     ssh_user: str = _opt("ubuntu", "login user of the AMI")
+    ssh_from: str = _opt("auto", "CIDR allowed to SSH to the slaves; auto = this master's public address/32")
+    remote_dir: str = _opt("~/.cluster-engine", "directory on the slaves for the engine environment")
+    python: str = _opt("python3", "Python on the AMI that runs the engines")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,12 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
+def make_console(stream: TextIO) -> Console:
+    """Rich output that never wraps lines mid-word and, in pipes and logs, is wide enough for tables."""
+    interactive = hasattr(stream, "isatty") and stream.isatty()
+    return Console(file=stream, highlight=False, soft_wrap=True, width=None if interactive else 200)
+
+
 @dataclass
 class Context:
     args: argparse.Namespace
@@ -53,12 +59,12 @@ class Context:
     @property
     def console(self) -> Console:
         if self._console is None:
-            self._console = Console(file=self.stdout, highlight=False, soft_wrap=True)
+            self._console = make_console(self.stdout)
         return self._console
 
     @property
     def err_console(self) -> Console:
-        return Console(file=self.stderr, highlight=False, stderr=True)
+        return make_console(self.stderr)
 
     def emit_json(self, value: Any) -> None:
         json.dump(to_jsonable(value), self.stdout, indent=2, sort_keys=True)

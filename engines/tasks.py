@@ -54,3 +54,24 @@ def engine_info(threads: int = 0) -> dict:
         "cuda": torch.version.cuda or "",
         "cpu": platform.processor() or platform.machine(),
     }
+
+
+def cifar_task(spec: dict, checkpoint: Optional[bytes], n_epochs: Optional[int]) -> dict:
+    """A CIFAR-10 run (VGG16 or ResNet18, ``spec["model"]``); the contract of ``train_task``."""
+    from .cifar import train_cifar
+
+    return dataclasses.asdict(train_cifar(spec, checkpoint, n_epochs, progress=_publish))
+
+
+def hardware_info(threads: int = 0) -> dict:
+    """``engine_info`` plus what a benchmark names: the GPU, or else the CPU's model name."""
+    info = engine_info(threads)
+    info["gpu"] = info["device"].split(":", 1)[1] if info["device"].startswith("cuda:") else ""
+    try:  # platform.processor() is often empty on Linux; /proc/cpuinfo has the marketing name
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        if names:
+            info["cpu"] = names[0]
+    except OSError:
+        pass
+    return info

@@ -104,13 +104,14 @@ def build(spec: RunSpec, steps_per_epoch: int, device: torch.device):
         optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum)
     else:
         raise ValueError(f"optimizer {spec.optimizer!r}: expected adam or sgd")
-    if spec.schedule == "onecycle":
+    total_steps = spec.epochs * steps_per_epoch
+    if spec.schedule == "onecycle" and total_steps >= 8:
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=spec.lr, total_steps=spec.epochs * steps_per_epoch,
-            # pct_start 0.25: a short warm-up matters most when the whole budget is one epoch
+            optimizer, max_lr=spec.lr, total_steps=total_steps,
+            # a short warm-up matters most when the whole budget is one epoch
             pct_start=0.25, cycle_momentum=spec.optimizer == "sgd",
         )
-    elif spec.schedule == "constant":
+    elif spec.schedule in ("constant", "onecycle"):  # a one-cycle of < 8 steps has no room for its phases
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     else:
         raise ValueError(f"schedule {spec.schedule!r}: expected onecycle or constant")

@@ -1,0 +1,265 @@
+"""Slaves the user already owns (a lab's GPU boxes, gaming PCs), reached over SSH; no cloud API.
+
+``[ssh] hosts = gpu1, gpu2:2222`` with ``user`` and ``key_file``.  Every host
+is bootstrapped over SSH (``controller.remote``): engine code uploaded, the
+environment verified, the connection file uploaded 0600, engines started in
+the background.  ``RemoteEngines`` is the part the aws provider shares.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import ipaddress
+import json
+import logging
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from .. import ipp as ipp_side
+from .. import remote as rm
+from .. import tunnels
+from ..errors import ConfigError, ProviderError
+from ..store import ClusterRecord, NodeRecord, Store
+from .base import Provider, SshTarget
+
+log = logging.getLogger(__name__)
+
+REMOTE_TABLE = """
+CREATE TABLE IF NOT EXISTS remote_engines (
+    cluster_id INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    pid INTEGER NOT NULL,          -- the engine's pid (and process group) on the slave
+    remote_dir TEXT NOT NULL,
+    PRIMARY KEY (cluster_id, node_id, pid)
+)"""
+
+
+def local_addresses() -> list[ipaddress.IPv4Interface]:
+    """The master's IPv4 interface addresses (empty when ``ip`` is not there: then nothing is 'local')."""
+    try:
+        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    found = []
+    for line in out.splitlines():
+        parts = line.split()
+        if "inet" in parts:
+            found.append(ipaddress.IPv4Interface(parts[parts.index("inet") + 1]))
+    return found
+
+
+@dataclass
+class Target:
+    """One node to bootstrap and how to reach it."""
+
+    node: NodeRecord
+    host: rm.Host
+
+
+class RemoteEngines:
+    """Engines on SSH-reachable nodes of one cluster: bootstrap, tunnels, stop.
+
+    ``tag`` (the cluster name) names the run directory on every slave, so engines
+    are found again by pid file even when the local store is gone.
+    """
+
+    def __init__(self, store: Store, state_dir: Path, tag: str, known_hosts: Path, *, python: str,
+                 remote_dir: str, engines_per_gpu: int = 1, engines_per_host: int = 0, threads: int = 0,
+                 on_step: Callable[[str], None] = lambda step: None):
+        self.store = store
+        self.tag = tag
+        self.known_hosts = Path(known_hosts)
+        self.tunnel_dir = Path(state_dir) / "tunnels" / tag
+        self.python = python
+        self.remote_dir = remote_dir
+        self.engines_per_gpu = engines_per_gpu
+        self.engines_per_host = engines_per_host
+        self.threads = threads
+        self.on_step = on_step
+        store.execute(REMOTE_TABLE)
+
+    # start ------------------------------------------------------------------------
+    def start(self, cluster: ClusterRecord, targets: list[Target], tunnel: bool, timeout: float = 300) -> list[NodeRecord]:
+        """Bootstrap every target in parallel; on any failure (Ctrl-C too) stop what was started, re-raise."""
+        if not targets:
+            raise ProviderError("no slaves to bootstrap")
+        connection = json.loads(ipp_side.engine_file(Path(cluster.profile_dir), cluster.ipp_cluster_id).read_text())
+        cancelled = threading.Event()
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets)))
+        try:
+            remotes = list(pool.map(lambda t: rm.Remote.connect(t.host, self.known_hosts, timeout=timeout), targets))
+            self.on_step("ssh")
+            try:
+                if tunnel:
+                    self._open_tunnels(targets, connection)
+                    self.on_step("tunnels")
+                futures = [pool.submit(self._bootstrap_one, cluster, t, r, connection, tunnel, cancelled)
+                           for t, r in zip(targets, remotes)]
+                nodes = []
+                for future in futures:  # the first failure raises here, the others are cancelled
+                    nodes.append(future.result())
+                    self.on_step("bootstrap")
+            finally:
+                for r in remotes:
+                    r.close()
+            return nodes
+        except BaseException:
+            cancelled.set()
+            # let running bootstraps finish or notice the cancel before cleaning up after them
+            pool.shutdown(wait=True, cancel_futures=True)
+            self.stop(cluster.id, [t.host for t in targets], quiet=True)
+            raise
+        finally:
+            pool.shutdown(wait=True)
+
+    def _bootstrap_one(self, cluster: ClusterRecord, target: Target, remote: rm.Remote, connection: dict,
+                       tunnel: bool, cancelled: threading.Event) -> NodeRecord:
+        address = "127.0.0.1" if tunnel else remote.local_address
+        env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)} if self.threads else {}
+        spec = rm.EngineSpec(tag=self.tag, connection=rm.connection_for(connection, address), python=self.python,
+                             remote_dir=self.remote_dir, engines_per_gpu=self.engines_per_gpu,
+                             engines=self.engines_per_host, env=env)
+        # record the node before engines start, so a failure right after still finds it
+        node = target.node
+        node.state = "bootstrapping"
+        self.store.record_node(cluster.id, node)
+        result = rm.bootstrap(remote, spec, cancelled)
+        for pid in result.pids:
+            self.store.execute("INSERT OR REPLACE INTO remote_engines VALUES (?, ?, ?, ?)",
+                               (cluster.id, node.node_id, pid, result.remote_dir))
+        node.host, node.engines, node.state = result.hostname, len(result.pids), "running"
+        self.store.record_node(cluster.id, node)
+        return node
+
+    def _open_tunnels(self, targets: list[Target], connection: dict) -> None:
+        from dataclasses import asdict
+
+        spec = tunnels.TunnelSpec(hosts=[asdict(t.host) for t in targets], known_hosts=str(self.known_hosts),
+                                  ports=rm.engine_ports(connection))
+        pid = tunnels.spawn(spec, self.tunnel_dir)
+        (self.tunnel_dir / "tunnels.pid").write_text(str(pid))
+        log.info("SSH reverse tunnels up (pid %s) for %d slave(s)", pid, len(targets))
+
+    # stop -------------------------------------------------------------------------
+    def stop(self, cluster_id: Optional[int], hosts: list[rm.Host], quiet: bool = False) -> list[str]:
+        """Stop the engines of this cluster on every host, then the tunnels. Returns the problems met."""
+        problems = []
+        known: dict[str, list[int]] = {}
+        if cluster_id is not None:
+            for row in self.store.execute("SELECT node_id, pid FROM remote_engines WHERE cluster_id = ?", (cluster_id,)):
+                known.setdefault(row[0], []).append(row[1])
+
+        def stop_one(host: rm.Host) -> None:
+            # a host never contacted has no recorded key: nothing of ours can run there
+            if not self._key_recorded(host):
+                return
+            with rm.Remote.connect(host, self.known_hosts, timeout=20, record_new=False) as remote:
+                pids = tuple(p for node_id, ps in known.items() if node_id in (str(host), host.address) for p in ps)
+                rm.stop_engines(remote, self.remote_dir, self.tag, pids)
+
+        if hosts:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(hosts))) as pool:
+                for host, future in [(h, pool.submit(stop_one, h)) for h in hosts]:
+                    try:
+                        future.result()
+                    except Exception as error:  # one unreachable slave must not stop the clean-up of the others
+                        problems.append(f"{host}: {error}")
+                        (log.info if quiet else log.warning)("could not stop the engines on %s: %s", host, error)
+        self.stop_tunnels()
+        if cluster_id is not None:
+            self.store.execute("DELETE FROM remote_engines WHERE cluster_id = ?", (cluster_id,))
+        return problems
+
+    def stop_tunnels(self) -> None:
+        pid_file = self.tunnel_dir / "tunnels.pid"
+        (self.tunnel_dir / "tunnels.ready").unlink(missing_ok=True)  # the holder exits on its own too
+        if pid_file.exists():
+            tunnels.kill(int(pid_file.read_text() or 0))
+            pid_file.unlink(missing_ok=True)
+
+    def _key_recorded(self, host: rm.Host) -> bool:
+        import paramiko
+
+        if not self.known_hosts.exists():
+            return False
+        keys = paramiko.HostKeys(str(self.known_hosts))
+        name = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
+        return keys.lookup(name) is not None
+
+
+class SshProvider(Provider):
+    name = "ssh"
+
+    @property
+    def controller_ip(self) -> str:  # type: ignore[override]
+        # tunnels: engines come through SSH to loopback; else they connect to the master directly
+        return "127.0.0.1" if self.config.ssh.tunnel == "always" else "0.0.0.0"
+
+    # test hook: called after each step of start ("ssh", "tunnels", "bootstrap"); a no-op otherwise
+    on_step: Callable[[str], None] = staticmethod(lambda step: None)
+
+    def hosts(self) -> list[rm.Host]:
+        cfg = self.config.ssh
+        if not cfg.hosts:
+            raise ConfigError(f"{self.config.source}: [ssh] hosts is empty; list the slaves, e.g. hosts = gpu1, gpu2:2222")
+        hosts = []
+        for text in cfg.hosts:
+            try:
+                hosts.append(rm.Host.parse(text, cfg.user, str(Path(cfg.key_file).expanduser()) if cfg.key_file else ""))
+            except ValueError:
+                raise ConfigError(f"{self.config.source}: [ssh] hosts: {text!r} is not host or host:port") from None
+        return hosts
+
+    def known_hosts(self) -> Path:
+        cfg = self.config.ssh
+        return Path(cfg.known_hosts).expanduser() if cfg.known_hosts else self.config.state_dir / "known_hosts"
+
+    def engines(self) -> RemoteEngines:
+        cfg = self.config.ssh
+        return RemoteEngines(self.store, self.config.state_dir, self.config.cluster.name, self.known_hosts(),
+                             python=cfg.python, remote_dir=cfg.remote_dir, engines_per_host=cfg.engines_per_host,
+                             threads=self.config.cluster.threads_per_engine, on_step=type(self).on_step)
+
+    def start(self, cluster: ClusterRecord, ipp_cluster, slaves: int) -> list[NodeRecord]:
+        hosts = self.hosts()
+        if slaves > len(hosts):
+            raise ConfigError(f"--slaves {slaves}: [ssh] hosts lists only {len(hosts)} machine(s)")
+        hosts = hosts[:slaves]
+        price = self.config.cluster.price_per_hour / len(hosts)
+        now = time.time()
+        targets = [Target(NodeRecord(node_id=str(h), provider=self.name, host=h.address, state="starting",
+                                     market="owned", price_per_hour=price, public_ip=h.address, launched_at=now), h)
+                   for h in hosts]
+        return self.engines().start(cluster, targets, tunnel=self.config.ssh.tunnel == "always",
+                                    timeout=self.config.cluster.engine_timeout)
+
+    def stop(self, cluster: ClusterRecord, ipp_cluster) -> None:
+        stored = {n.node_id for n in self.store.nodes(cluster.id)}
+        # the configured hosts too: engines of this cluster may run where the store does not know
+        hosts = {str(h): h for h in self.hosts()} if self.config.ssh.hosts else {}
+        for node_id in stored - set(hosts):
+            hosts[node_id] = rm.Host.parse(node_id, self.config.ssh.user, self.config.ssh.key_file)
+        self.engines().stop(cluster.id, list(hosts.values()))
+        for node in self.store.nodes(cluster.id):
+            if node.state != "stopped":
+                node.state, node.terminated_at = "stopped", time.time()
+                self.store.record_node(cluster.id, node)
+
+    def release_orphans(self, name: str, everything: bool = False) -> list[str]:
+        """With the local state lost: stop this cluster's engines on every configured host."""
+        if not self.config.ssh.hosts:
+            return []
+        self.engines().stop(None, self.hosts())
+        return [str(h) for h in self.hosts()]
+
+    def list(self, cluster: ClusterRecord) -> list[NodeRecord]:
+        return self.store.nodes(cluster.id)
+
+    def ssh_target(self, node: NodeRecord) -> SshTarget:
+        host = rm.Host.parse(node.node_id, self.config.ssh.user, self.config.ssh.key_file)
+        return SshTarget(host=host.address, port=host.port, user=host.user,
+                         key_file=str(Path(host.key_file).expanduser()) if host.key_file else "",
+                         known_hosts=str(self.known_hosts()))

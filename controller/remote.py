@@ -1,0 +1,351 @@
+"""Slaves over SSH (paramiko): connect with checked host keys, upload, bootstrap engines, stop them.
+
+Shared by every provider whose slaves are machines reached over SSH (``ssh``
+and ``aws``).  What it guarantees:
+
+- Host keys are recorded on first contact in a per-cluster known_hosts file and
+  enforced after that (a changed key is an error, never silently accepted).
+- The engine connection file carries the controller's HMAC key: it travels only
+  by SFTP, lands 0600 in a 0700 directory, and never appears in a command line
+  or a log.
+- Engines run in their own session (``setsid nohup``), so they outlive the SSH
+  session; their pids are written to pid files on the slave, so ``stop`` finds
+  them even when the master lost its local state.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shlex
+import socket
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import paramiko
+
+from .errors import CredentialsError, ProviderError
+
+log = logging.getLogger(__name__)
+
+ENGINES_PACKAGE = Path(__file__).resolve().parent.parent / "engines"
+# what an engine imports; checked on every slave before engines start
+VERIFY_IMPORTS = "import engines, ipyparallel, torch, numpy; print(torch.__version__, torch.cuda.device_count())"
+# installed with the slave's own pip when the check fails (a DL AMI already has torch)
+ENGINE_REQUIREMENTS = ("ipyparallel>=8.6", "numpy", "torch")
+# the controller's engine-facing ports in an ipyparallel engine connection file
+ENGINE_PORT_KEYS = ("registration", "control", "mux", "task", "iopub", "hb_ping", "hb_pong", "broadcast")
+
+
+@dataclass(frozen=True)
+class Host:
+    """How to reach one slave over SSH."""
+
+    address: str
+    port: int = 22
+    user: str = ""
+    key_file: str = ""
+
+    @classmethod
+    def parse(cls, text: str, user: str = "", key_file: str = "") -> "Host":
+        """``host`` or ``host:port`` (an IPv6 address in brackets: ``[::1]:2222``)."""
+        text = text.strip()
+        address, port = text, 22
+        if text.startswith("["):
+            address, _, rest = text[1:].partition("]")
+            if rest.startswith(":"):
+                port = int(rest[1:])
+        elif text.count(":") == 1:
+            address, port_text = text.split(":")
+            port = int(port_text)
+        return cls(address=address, port=port, user=user, key_file=key_file)
+
+    def __str__(self) -> str:
+        return self.address if self.port == 22 else f"{self.address}:{self.port}"
+
+
+class RecordFirstContact(paramiko.MissingHostKeyPolicy):
+    """Trust on first use, per cluster: an unknown host's key is recorded, then enforced.
+
+    paramiko itself raises ``BadHostKeyException`` when a recorded key changes;
+    this policy only runs for hosts not in the file yet.
+    """
+
+    _lock = threading.Lock()  # several slaves are bootstrapped at once; one file
+
+    def __init__(self, known_hosts: Path):
+        self.known_hosts = Path(known_hosts)
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        with self._lock:
+            keys = paramiko.HostKeys()
+            if self.known_hosts.exists():
+                keys.load(str(self.known_hosts))
+            keys.add(hostname, key.get_name(), key)
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+            keys.save(str(self.known_hosts))
+            self.known_hosts.chmod(0o600)
+        log.info("recorded the host key of %s (%s) in %s", hostname, key.get_name(), self.known_hosts)
+
+
+def _load_key(key_file: str) -> Optional[paramiko.PKey]:
+    if not key_file:
+        return None
+    path = Path(key_file).expanduser()
+    if not path.is_file():
+        raise CredentialsError(f"SSH key file {path} does not exist")
+    for kind in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return kind.from_private_key_file(str(path))
+        except (paramiko.SSHException, ValueError):
+            continue
+    raise CredentialsError(f"SSH key file {path}: not a private key paramiko can read (ed25519, ecdsa or rsa)")
+
+
+class Remote:
+    """One SSH connection to a slave: run commands, upload files."""
+
+    def __init__(self, host: Host, client: paramiko.SSHClient):
+        self.host = host
+        self.client = client
+
+    @classmethod
+    def connect(cls, host: Host, known_hosts: Path, *, timeout: float = 60, record_new: bool = True) -> "Remote":
+        """Connect, retrying with backoff until ``timeout`` (a booting slave refuses at first).
+
+        ``record_new=False`` refuses hosts whose key is not recorded yet (for
+        anything that runs after bootstrap: stop, tunnels).
+        """
+        pkey = _load_key(host.key_file)
+        deadline = time.monotonic() + timeout
+        delay = 0.5
+        last: Exception | None = None
+        while True:
+            client = paramiko.SSHClient()
+            if Path(known_hosts).exists():
+                client.load_host_keys(str(known_hosts))
+            client.set_missing_host_key_policy(RecordFirstContact(known_hosts) if record_new else paramiko.RejectPolicy())
+            try:
+                client.connect(
+                    host.address, port=host.port, username=host.user or None, pkey=pkey,
+                    timeout=10, banner_timeout=10, auth_timeout=10,
+                    allow_agent=pkey is None, look_for_keys=pkey is None)
+                transport = client.get_transport()
+                if transport is not None:
+                    transport.set_keepalive(15)
+                return cls(host, client)
+            except paramiko.BadHostKeyException as error:
+                client.close()
+                raise ProviderError(
+                    f"{host}: its SSH host key changed since it was recorded in {known_hosts} "
+                    f"(expected {error.expected_key.get_base64()[:16]}..., got {error.key.get_base64()[:16]}...); "
+                    f"refusing to connect. If the machine was really reinstalled, remove its line from that file"
+                ) from None
+            except paramiko.AuthenticationException as error:
+                # a fresh cloud instance may accept connections before its key is installed
+                last = error
+            except (OSError, paramiko.SSHException, EOFError) as error:
+                last = error
+            client.close()
+            if time.monotonic() + delay > deadline:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        if isinstance(last, paramiko.AuthenticationException):
+            raise CredentialsError(f"{host}: SSH authentication failed for user {host.user or '(current)'} "
+                                   f"with {host.key_file or 'the agent/default keys'}: {last}")
+        raise ProviderError(f"{host}: no SSH connection within {timeout:.0f} s: {last}")
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "Remote":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def local_address(self) -> str:
+        """The master's address as this slave sees it: where it can reach the controller directly."""
+        transport = self.client.get_transport()
+        return transport.sock.getsockname()[0] if transport is not None else ""
+
+    def run(self, command: str, *, check: bool = True, timeout: float = 600) -> tuple[int, str, str]:
+        """Run a shell command; returns (status, stdout, stderr). Never pass secrets in ``command``."""
+        log.debug("%s$ %s", self.host, command)
+        _, stdout, stderr = self.client.exec_command(command, timeout=timeout)
+        out = stdout.read().decode(errors="replace")
+        err = stderr.read().decode(errors="replace")
+        status = stdout.channel.recv_exit_status()
+        if check and status != 0:
+            raise ProviderError(f"{self.host}: `{command}` exited {status}: {err.strip()[-2000:] or out.strip()[-2000:]}")
+        return status, out, err
+
+    def put(self, data: bytes, remote_path: str, mode: int = 0o600) -> None:
+        """Upload by SFTP; the mode is set before the content is written (secrets never sit world-readable)."""
+        with self.client.open_sftp() as sftp:
+            with sftp.open(remote_path, "wb") as handle:
+                sftp.chmod(remote_path, mode)
+                handle.write(data)
+
+
+@dataclass
+class EngineSpec:
+    """What to start on one slave."""
+
+    tag: str  # names the slave's run directory: engines of one cluster, findable without local state
+    connection: dict  # the engine connection file as the slave must see it
+    python: str = "python3"
+    remote_dir: str = "~/.cluster-engine"
+    engines_per_gpu: int = 1
+    engines: int = 0  # fixed count; 0 = engines_per_gpu per GPU (1 on a machine without GPU)
+    env: dict = field(default_factory=dict)
+    install: bool = True  # pip-install the engine requirements when the check fails
+
+
+@dataclass
+class Bootstrapped:
+    hostname: str
+    gpus: int
+    pids: list[int]
+    remote_dir: str
+    torch: str = ""
+
+
+def engines_tarball() -> bytes:
+    """The master's own ``engines`` package: every slave runs exactly the code the master sends tasks for."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(ENGINES_PACKAGE.glob("*.py")):
+            tar.add(str(path), arcname=f"engines/{path.name}")
+    return buffer.getvalue()
+
+
+def resolve_dir(remote: Remote, remote_dir: str) -> str:
+    """An absolute remote directory (``~`` expanded on the slave), created 0700."""
+    _, home, _ = remote.run("cd && pwd")
+    home = home.strip()
+    path = home + remote_dir[1:] if remote_dir.startswith("~") else remote_dir
+    remote.run(f"mkdir -p {shlex.quote(path)} && chmod 700 {shlex.quote(path)}")
+    return path
+
+
+def run_dir(base: str, tag: str) -> str:
+    return f"{base}/run/{tag}"
+
+
+def bootstrap(remote: Remote, spec: EngineSpec, cancelled: Optional[threading.Event] = None) -> Bootstrapped:
+    """Install/verify the engine environment, upload the connection file, start the engines.
+
+    ``cancelled`` is checked before anything is started, so a failing or
+    interrupted ``cluster start`` never leaves engines behind on a slave that
+    was still bootstrapping.
+    """
+    base = resolve_dir(remote, spec.remote_dir)
+    q = shlex.quote
+    src = f"{base}/src"
+    remote.run(f"mkdir -p {q(src)}")
+    remote.put(engines_tarball(), f"{base}/engines.tar.gz", mode=0o600)
+    remote.run(f"rm -rf {q(src)}/engines && tar -xzf {q(base)}/engines.tar.gz -C {q(src)}")
+    python = spec.python
+    verify = f"cd {q(base)} && PYTHONPATH={q(src)} {python} -c {q(VERIFY_IMPORTS)}"
+    status, out, err = remote.run(verify, check=False)
+    if status != 0 and spec.install:
+        log.info("%s: engine environment incomplete (%s); installing %s", remote.host,
+                 err.strip().splitlines()[-1:] or "?", ", ".join(ENGINE_REQUIREMENTS))
+        remote.run(f"{python} -m pip install -q --user " + " ".join(q(r) for r in ENGINE_REQUIREMENTS), timeout=1800)
+        status, out, err = remote.run(verify, check=False)
+    if status != 0:
+        raise ProviderError(f"{remote.host}: the engine environment does not work with {python}: "
+                            f"{(err.strip() or out.strip())[-1500:]}")
+    torch_version, _, gpu_text = out.strip().splitlines()[-1].partition(" ")
+    gpus = int(gpu_text or 0)
+    _, hostname, _ = remote.run("hostname")
+    count = spec.engines or spec.engines_per_gpu * max(gpus, 1)
+    if cancelled is not None and cancelled.is_set():
+        raise ProviderError(f"{remote.host}: start cancelled before engines were started")
+    pids = start_engines(remote, base, spec, count, gpus, src)
+    return Bootstrapped(hostname=hostname.strip(), gpus=gpus, pids=pids, remote_dir=base, torch=torch_version)
+
+
+def start_engines(remote: Remote, base: str, spec: EngineSpec, count: int, gpus: int, src: str) -> list[int]:
+    q = shlex.quote
+    rundir = run_dir(base, spec.tag)
+    remote.run(f"mkdir -p {q(rundir)} && chmod 700 {q(base)}/run {q(rundir)}")
+    connection = f"{rundir}/engine.json"
+    # by SFTP, 0600 from the first byte: it carries the controller's HMAC key
+    remote.put(json.dumps(spec.connection).encode(), connection, mode=0o600)
+    pids = []
+    for index in range(count):
+        env = {"PYTHONPATH": src, **spec.env}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+        assignments = " ".join(f"{k}={q(str(v))}" for k, v in env.items())
+        engine = (f"{spec.python} -m ipyparallel.engine --file={q(connection)} "
+                  f"--profile-dir={q(base)}/profile")
+        # setsid: its own session and process group, so it survives this SSH session and
+        # stop can signal the whole group; the pid file lets stop find it without local state
+        command = (f"cd {q(base)} && {assignments} setsid nohup {engine} "
+                   f"> {q(rundir)}/engine-{index}.log 2>&1 < /dev/null & "
+                   f"echo $! > {q(rundir)}/engine-{index}.pid; echo $!")
+        _, out, _ = remote.run(command)
+        pids.append(int(out.strip().splitlines()[-1]))
+    log.info("%s: started %d engine(s), pids %s", remote.host, count, pids)
+    return pids
+
+
+STOP_SCRIPT = r"""
+dir={rundir}
+[ -d "$dir" ] || exit 0
+pids=$(cat "$dir"/engine-*.pid 2>/dev/null) {extra}
+for pid in $pids; do kill -TERM -- -$pid 2>/dev/null || kill -TERM $pid 2>/dev/null; done
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  alive=; for pid in $pids; do kill -0 $pid 2>/dev/null && alive=1; done
+  [ -z "$alive" ] && break; sleep 0.5
+done
+for pid in $pids; do kill -KILL -- -$pid 2>/dev/null; kill -KILL $pid 2>/dev/null; done
+rm -rf "$dir"
+"""
+
+
+def stop_engines(remote: Remote, remote_dir: str, tag: str, pids: tuple[int, ...] = ()) -> None:
+    """Stop the engines of ``tag`` on this slave (pid files, plus pids the store knows), remove its run dir."""
+    base = resolve_dir(remote, remote_dir)
+    extra = " ".join(str(int(p)) for p in pids)
+    script = STOP_SCRIPT.format(rundir=shlex.quote(run_dir(base, tag)),
+                                extra=f"; pids=\"$pids {extra}\"" if extra else "")
+    remote.run(f"sh -c {shlex.quote(script)}", timeout=60)
+
+
+def engine_ports(connection: dict) -> list[int]:
+    ports: list[int] = []
+    for key in ENGINE_PORT_KEYS:
+        value = connection.get(key)
+        if isinstance(value, int):
+            ports.append(value)
+        elif isinstance(value, list):
+            ports.extend(int(v) for v in value)
+    return ports
+
+
+def connection_for(connection: dict, controller_address: str) -> dict:
+    """The engine connection file as one slave must see it: the controller at ``controller_address``."""
+    copy = dict(connection)
+    copy["interface"] = f"tcp://{controller_address}"
+    copy["location"] = controller_address
+    copy.pop("ssh", None)
+    return copy
+
+
+def port_open(address: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,139 @@
+"""A real local cluster driven through the `cluster` command: start, status, train, runs, stop."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ipyparallel as ipp
+import pytest
+import torch
+
+from controller.api import Cluster
+from controller.store import Store
+from engines.train import load_checkpoint
+from tests.conftest import cluster_pids, make_config, wait_until
+
+
+def cli(*argv, env=None, cwd=None, check=True, timeout=240) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "controller", *argv], env=env, cwd=cwd,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"cluster {' '.join(argv)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def env(isolated) -> dict:
+    return dict(os.environ)
+
+
+def test_start_train_stop_end_to_end_leaves_no_process(env, isolated):
+    state_dir = Path(env["CLUSTER_STATE_DIR"])
+    try:
+        started = json.loads(cli("start", "--slaves", "2", "--json", env=env, cwd=isolated).stdout)
+        assert started["state"] == "running" and len(started["engines"]) == 2
+
+        status = json.loads(cli("status", "--json", env=env, cwd=isolated).stdout)
+        assert {e["state"] for e in status["engines"]} == {"idle"}
+        for engine in status["engines"]:
+            assert set(engine) >= {"id", "pid", "host", "device", "state", "threads", "uptime_s"}
+            assert engine["device"] == "cpu" and engine["threads"] == max(1, os.cpu_count() // 2)
+        url_file = Path(status["url_file"])
+        assert url_file.is_relative_to(state_dir) and url_file.stat().st_mode & 0o777 == 0o600
+
+        second = cli("start", "--slaves", "2", env=env, cwd=isolated, check=False)
+        assert second.returncode == 3 and "already running" in second.stderr
+
+        other = dict(env, CLUSTER_STATE_DIR=str(isolated / "elsewhere"))
+        assert "not running" in cli("status", env=other, cwd=isolated).stdout
+
+        trained = cli("train", "--epochs", "2", "--subset", "300", "--json", env=env, cwd=isolated)
+        run = json.loads(trained.stdout)
+        assert run["state"] == "completed" and 0 <= run["test_accuracy"] <= 1
+        assert run["images_per_s"] > 0 and run["seconds"] > 0
+        assert [e["epoch"] for e in run["epochs"]] == [1, 2]
+        assert f"{run['id']} epoch 1/2" in trained.stderr and f"{run['id']} epoch 2/2" in trained.stderr
+
+        runs = json.loads(cli("runs", "--json", env=env, cwd=isolated).stdout)["runs"]
+        assert [r["id"] for r in runs] == [run["id"]]
+        assert "epochs" in cli("runs", env=env, cwd=isolated).stdout
+
+        # a plain ipyparallel client reaches the engines through the connection file
+        client = ipp.Client(str(url_file), timeout=15)
+        try:
+            assert sorted(client[:].apply_sync(os.getpid)) == sorted(e["pid"] for e in status["engines"])
+        finally:
+            client.close()
+        assert cluster_pids(state_dir)
+    finally:
+        stopped = cli("stop", env=env, cwd=isolated, check=False)
+    assert stopped.returncode == 0, stopped.stderr
+    assert wait_until(lambda: not cluster_pids(state_dir), timeout=20), cluster_pids(state_dir)
+    assert "nothing to stop" in cli("stop", env=env, cwd=isolated).stdout
+    assert "not running" in cli("status", env=env, cwd=isolated).stdout
+    assert Store(state_dir).runs()[0].state == "completed", "history is kept"
+
+
+def test_a_crashed_engine_shows_in_status_and_stop_still_cleans_up(tmp_path, tiny_data_dir):
+    cluster = Cluster(make_config(tmp_path, tiny_data_dir, slaves=2))
+    try:
+        cluster.start()
+        victim = cluster.status().engines[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        status = wait_until(lambda: (s := cluster.status()).state == "degraded" and s, timeout=10)
+        assert status, cluster.status()
+        assert {e.id: e.state for e in status.engines}[victim.id] == "dead"
+    finally:
+        cluster.stop()
+    assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=20)
+
+
+def test_training_needs_a_running_cluster_and_valid_parameters(env, isolated):
+    result = cli("train", env=env, cwd=isolated, check=False)
+    assert result.returncode == 3 and "no cluster 'default' is running" in result.stderr
+    result = cli("train", "--resume", "r-x", "--lr", "0.1", env=env, cwd=isolated, check=False)
+    assert result.returncode in (2, 3)
+
+
+class TestOnARunningCluster:
+    def test_bad_training_parameters_are_refused_before_anything_runs(self, local_cluster):
+        config = local_cluster.config.source
+        result = cli("--config", config, "train", "--optimizer", "rmsprop", check=False)
+        assert result.returncode == 2 and "train --optimizer = 'rmsprop': expected one of adam, sgd" in result.stderr
+        result = cli("--config", config, "train", "--resume", "r-nope", check=False)
+        assert result.returncode == 2 and "--resume r-nope: no such run" in result.stderr
+
+    def test_an_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(self, local_cluster):
+        config = local_cluster.config.source
+        store = local_cluster.store
+        whole = local_cluster.train(epochs=12, seed=5)
+        assert whole.run.state == "completed"
+
+        process = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "train",
+                                    "--epochs", "12", "--seed", "5"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            interrupted = wait_until(
+                lambda: next((r for r in store.runs(limit=1) if r.id != whole.run.id and r.epochs_done >= 1), None),
+                timeout=60, interval=0.05)
+            assert interrupted is not None
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=60)
+        finally:
+            process.kill()
+        assert process.returncode == 130, err
+        run = store.run(interrupted.id)
+        assert run.state == "interrupted" and 1 <= run.epochs_done < 12
+        assert f"cluster train --resume {run.id}" in err
+
+        resumed = json.loads(cli("--config", config, "train", "--resume", run.id, "--json").stdout)
+        assert resumed["state"] == "completed" and resumed["epochs_done"] == 12
+        assert [e["epoch"] for e in resumed["epochs"]] == list(range(1, 13))
+        final = load_checkpoint(store.load_checkpoint(run.id)[1])["model"]
+        reference = load_checkpoint(store.load_checkpoint(whole.run.id)[1])["model"]
+        assert all(torch.equal(final[k], reference[k]) for k in reference)

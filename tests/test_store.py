@@ -1,0 +1,45 @@
+"""The SQLite store: runs, epochs and atomic, verified checkpoints."""
+from __future__ import annotations
+
+import pytest
+
+from controller.store import EpochRecord, RunRecord, Store
+
+
+def test_runs_and_their_epochs_round_trip(tmp_path):
+    store = Store(tmp_path)
+    store.create_run(RunRecord(id="r-1", params={"lr": 0.1, "epochs": 2}))
+    store.add_epoch(EpochRecord(run_id="r-1", epoch=1, train_loss=0.5, val_accuracy=0.9, test_accuracy=0.91,
+                                seconds=2.0, train_seconds=1.5, images_per_s=100.0, lr=0.1))
+    store.update_run("r-1", state="completed", test_accuracy=0.91)
+    again = Store(tmp_path)  # a second process sees committed writes
+    run = again.run("r-1")
+    assert run.params == {"lr": 0.1, "epochs": 2} and run.state == "completed"
+    assert [e.epoch for e in again.epochs("r-1")] == [1]
+    with pytest.raises(ValueError, match="run state 'done'"):
+        store.update_run("r-1", state="done")
+
+
+def test_state_dir_is_private(tmp_path):
+    Store(tmp_path / "state")
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+
+
+def test_checkpoints_are_atomic_and_only_the_newest_is_kept(tmp_path):
+    store = Store(tmp_path)
+    store.create_run(RunRecord(id="r-1", params={}))
+    first = store.save_checkpoint("r-1", 1, b"one")
+    second = store.save_checkpoint("r-1", 2, b"two")
+    assert not first.exists() and second.read_bytes() == b"two"
+    assert not list(second.parent.glob("*.tmp"))
+    assert store.load_checkpoint("r-1") == (2, b"two")
+    assert store.load_checkpoint("r-unknown") is None
+
+
+def test_a_corrupt_checkpoint_is_detected(tmp_path):
+    store = Store(tmp_path)
+    store.create_run(RunRecord(id="r-1", params={}))
+    path = store.save_checkpoint("r-1", 1, b"good bytes")
+    path.write_bytes(b"bad bytes!")
+    with pytest.raises(ValueError, match="corrupt"):
+        store.load_checkpoint("r-1")
