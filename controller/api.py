@@ -192,16 +192,26 @@ class Cluster:
             for engine_id, info in zip(client.ids, infos)
         ])
 
-    def stop(self) -> Optional[ClusterRecord]:
-        """Stop every engine, slave and the controller; history stays. Safe to run twice."""
+    def stop(self, all_clusters: bool = False) -> Optional[ClusterRecord]:
+        """Stop every engine, slave and the controller; history stays. Safe to run twice.
+
+        Without a record (local state lost), or with ``all_clusters``, the provider
+        also looks for nodes by its own tags (the cloud's truth) and releases them.
+        """
         record = self.store.active_cluster(self.name)
         if self._client is not None:
             self._client.close()
             self._client = None
+        # what the provider released by its tags: shown by `cluster stop`
+        self.released = self._release_orphans(all_clusters) if record is None or all_clusters else []
         if record is None:
             return None
         self._stop_record(record)
         return self.store.cluster(record.id)
+
+    def _release_orphans(self, all_clusters: bool) -> list[str]:
+        release = getattr(self.provider(), "release_orphans", None)
+        return release(self.name, all_clusters) if release is not None else []
 
     def _stop_record(self, record: ClusterRecord) -> None:
         self.store.set_cluster_state(record.id, "stopping")
@@ -367,3 +377,53 @@ class Cluster:
 
     def runs(self, limit: Optional[int] = None, sweep_id: Optional[str] = None) -> list[RunRecord]:
         return self.store.runs(limit=limit, sweep_id=sweep_id)
+
+    # benchmarks and reports ------------------------------------------------------
+    def bench(self, workload: str = "paper", engines: Optional[list[int]] = None, epochs: Optional[int] = None,
+              subset: Optional[int] = None, progress=None, data_dir: Optional[str] = None):
+        """Run a standard workload on each engine count in ``engines`` (default: all); a BenchResult."""
+        from .bench import run_bench
+
+        return run_bench(self, workload=workload, engines=engines, epochs=epochs, subset=subset,
+                         progress=progress, data_dir=data_dir)
+
+    def report(self, fmt: str = "md", bench_ids: Optional[list[str]] = None, workload: Optional[str] = None) -> str:
+        """The stored bench records as md, csv, json or html text; needs no running cluster."""
+        from .report import report
+
+        return report(self.store, fmt, bench_ids=bench_ids, workload=workload)
+
+    # sweeps ----------------------------------------------------------------------
+    def sweep(self, params: Any = None, *, preset: Optional[str] = None, trials: Optional[int] = None,
+              sampler: Optional[str] = None, pruner: str = "none", seed: int = 0, resume: Optional[str] = None,
+              progress: Any = None, task: Any = None, **overrides: Any) -> "SweepResult":
+        """Train many settings at once, one trial per free engine, until the sweep ends.
+
+        ``params``: ``{"lr": [0.01, 0.05], "hidden": "int:50:500"}`` or ``["lr=log:1e-3:1e-1", ...]``;
+        ``preset="paper"``: the paper's lambda grid.  ``sampler``: grid (default for lists), random or
+        tpe (default for ranges); ``pruner``: none, median or asha.  ``overrides``: [training] values
+        every trial shares (epochs, subset, ...).  ``resume=SWEEP_ID`` continues a stopped sweep.
+        ``progress``: a callable (SweepSource) -> ProgressSink, e.g. ``controller.sweep.view.SweepProgress``.
+        ``task``: the engine function (defaults to engines.tasks.train_task).
+        Ctrl-C leaves the sweep resumable; returns the ranked results.
+        """
+        from .sweep import runner
+
+        if resume is not None:
+            if params or preset or trials or sampler or pruner != "none" or overrides:
+                raise UsageError(f"--resume {resume} continues a sweep with its own settings; give nothing else")
+            return runner.resume_sweep(self, resume, progress=progress, task=task)
+        return runner.run_sweep(self, params, preset=preset, trials=trials, sampler=sampler, pruner=pruner,
+                                seed=seed, progress=progress, task=task, **overrides)
+
+    def sweeps(self, limit: Optional[int] = None) -> "list[SweepResult]":
+        """Past sweeps, newest first (the cluster need not be running)."""
+        from .sweep import runner
+
+        return runner.sweeps(self, limit)
+
+    def results(self, sweep_id: str) -> "SweepResult":
+        """A sweep's trials ranked by validation accuracy, and its best configuration."""
+        from .sweep import runner
+
+        return runner.results(self, sweep_id)

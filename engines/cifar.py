@@ -209,11 +209,13 @@ def _build(spec: CifarSpec, steps_per_epoch: int, device: torch.device):
         optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     else:
         raise ValueError(f"optimizer {spec.optimizer!r}: expected sgd or adam")
-    if spec.schedule == "onecycle":
+    total = spec.epochs * steps_per_epoch
+    if spec.schedule == "onecycle" and total >= 3:
+        # a warm-up of at least 2 steps: OneCycleLR divides by zero on shorter phases (tiny data sets)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=spec.lr, total_steps=spec.epochs * steps_per_epoch, pct_start=0.25,
+            optimizer, max_lr=spec.lr, total_steps=total, pct_start=max(0.25, 2 / total),
             cycle_momentum=spec.optimizer == "sgd")
-    elif spec.schedule == "constant":
+    elif spec.schedule in ("onecycle", "constant"):  # fewer than 3 steps in all: no cycle to speak of
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     else:
         raise ValueError(f"schedule {spec.schedule!r}: expected onecycle or constant")

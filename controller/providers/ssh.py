@@ -86,7 +86,7 @@ class RemoteEngines:
         """Bootstrap every target in parallel; on any failure (Ctrl-C too) stop what was started, re-raise."""
         if not targets:
             raise ProviderError("no slaves to bootstrap")
-        connection = json.loads(ipp_side.engine_file(Path(cluster.profile_dir), cluster.ipp_cluster_id).read_text())
+        connection = self._connection(cluster, timeout)
         cancelled = threading.Event()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets)))
         try:
@@ -96,11 +96,14 @@ class RemoteEngines:
                 if tunnel:
                     self._open_tunnels(targets, connection)
                     self.on_step("tunnels")
-                futures = [pool.submit(self._bootstrap_one, cluster, t, r, connection, tunnel, cancelled)
+                for target in targets:  # recorded before engines start (the store is used from this thread only)
+                    target.node.state = "bootstrapping"
+                    self.store.record_node(cluster.id, target.node)
+                futures = [pool.submit(self._bootstrap_one, t, r, connection, tunnel, cancelled)
                            for t, r in zip(targets, remotes)]
                 nodes = []
-                for future in futures:  # the first failure raises here, the others are cancelled
-                    nodes.append(future.result())
+                for target, future in zip(targets, futures):  # the first failure raises here
+                    nodes.append(self._record(cluster, target.node, future.result()))
                     self.on_step("bootstrap")
             finally:
                 for r in remotes:
@@ -115,18 +118,30 @@ class RemoteEngines:
         finally:
             pool.shutdown(wait=True)
 
-    def _bootstrap_one(self, cluster: ClusterRecord, target: Target, remote: rm.Remote, connection: dict,
-                       tunnel: bool, cancelled: threading.Event) -> NodeRecord:
+    @staticmethod
+    def _connection(cluster: ClusterRecord, timeout: float) -> dict:
+        """The controller's engine connection file, once it has written it (it does so after starting)."""
+        path = ipp_side.engine_file(Path(cluster.profile_dir), cluster.ipp_cluster_id)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return json.loads(path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                if time.monotonic() > deadline:
+                    raise ProviderError(f"the controller wrote no engine connection file {path} within {timeout:.0f} s") from None
+                time.sleep(0.1)
+
+    def _bootstrap_one(self, target: Target, remote: rm.Remote, connection: dict, tunnel: bool,
+                       cancelled: threading.Event) -> rm.Bootstrapped:
+        """In a worker thread: remote work only (the store belongs to the calling thread)."""
         address = "127.0.0.1" if tunnel else remote.local_address
         env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)} if self.threads else {}
         spec = rm.EngineSpec(tag=self.tag, connection=rm.connection_for(connection, address), python=self.python,
                              remote_dir=self.remote_dir, engines_per_gpu=self.engines_per_gpu,
                              engines=self.engines_per_host, env=env)
-        # record the node before engines start, so a failure right after still finds it
-        node = target.node
-        node.state = "bootstrapping"
-        self.store.record_node(cluster.id, node)
-        result = rm.bootstrap(remote, spec, cancelled)
+        return rm.bootstrap(remote, spec, cancelled)
+
+    def _record(self, cluster: ClusterRecord, node: NodeRecord, result: rm.Bootstrapped) -> NodeRecord:
         for pid in result.pids:
             self.store.execute("INSERT OR REPLACE INTO remote_engines VALUES (?, ?, ?, ?)",
                                (cluster.id, node.node_id, pid, result.remote_dir))

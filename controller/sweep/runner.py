@@ -1,0 +1,177 @@
+"""Running a sweep on a cluster: create or reload its study, then let the scheduler drive it.
+
+``Cluster.sweep``, ``Cluster.sweeps`` and ``Cluster.results`` delegate here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from ..errors import UsageError
+from ..scheduler import Job, ProgressSink, Scheduler
+from ..store import new_id
+from . import study as studies
+from .records import SweepRecord, SweepResult, SweepTable, collect
+from .source import SweepSource, job_for
+from .space import SWEEPABLE, ParamsLike, SearchSpace, build_space, preset as get_preset
+
+if TYPE_CHECKING:
+    from ..api import Cluster
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEARCH_TRIALS = 20
+# [training] keys every trial of a sweep may share (the swept ones come from the space)
+SHARED_OVERRIDES = set(SWEEPABLE) | {"subset", "schedule", "seed", "device"}
+
+ProgressFactory = Callable[[SweepSource], ProgressSink]
+
+
+def plan(params: ParamsLike = None, *, preset: Optional[str] = None, trials: Optional[int] = None,
+         sampler: Optional[str] = None, pruner: str = "none", overrides: Optional[dict] = None
+         ) -> tuple[SearchSpace, str, int]:
+    """Check everything about a new sweep before anything starts: (space, sampler, trials)."""
+    space = SearchSpace()
+    if preset:
+        chosen = get_preset(preset)
+        space, sampler = chosen.space, sampler or chosen.sampler
+    space = space.merged(build_space(params))
+    if not space.params:
+        raise UsageError("a sweep needs something to vary: --param NAME=FORM (e.g. --param lr=0.01,0.05) "
+                         "or --preset paper")
+    unknown = set(overrides or {}) - SHARED_OVERRIDES
+    if unknown:
+        raise UsageError(f"unknown training parameter(s) for a sweep: {', '.join(sorted(unknown))}; "
+                         f"allowed: {', '.join(sorted(SHARED_OVERRIDES))}")
+    both = set(overrides or {}) & set(space.names)
+    if both:
+        raise UsageError(f"{', '.join(sorted(both))} is both swept (--param) and fixed; give it one way")
+    sampler = sampler or ("grid" if space.is_grid else "tpe")
+    if sampler not in studies.SAMPLERS:
+        raise UsageError(f"--sampler {sampler!r}: expected one of {', '.join(studies.SAMPLERS)}")
+    if pruner not in studies.PRUNERS:
+        raise UsageError(f"--pruner {pruner!r}: expected one of {', '.join(studies.PRUNERS)}")
+    if trials is not None and trials < 1:
+        raise UsageError(f"--trials {trials}: expected an integer >= 1")
+    if sampler == "grid":
+        space.grid()  # raises, naming the ranges, when a parameter is not a list
+        trials = min(trials, space.grid_size()) if trials else space.grid_size()
+    elif trials is None:
+        trials = DEFAULT_SEARCH_TRIALS
+    return space, sampler, trials
+
+
+def run_sweep(cluster: "Cluster", params: ParamsLike = None, *, preset: Optional[str] = None,
+              trials: Optional[int] = None, sampler: Optional[str] = None, pruner: str = "none", seed: int = 0,
+              progress: Optional[ProgressFactory] = None, task: Optional[Callable[..., dict]] = None,
+              **overrides: Any) -> SweepResult:
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    space, sampler, n_trials = plan(params, preset=preset, trials=trials, sampler=sampler, pruner=pruner,
+                                    overrides=overrides)
+    base_spec = cluster.run_spec(**overrides)  # validates the shared overrides; needs a running cluster
+    record = cluster.record
+    sweep_id = new_id("s-")
+    table = SweepTable(cluster.store)
+    sweep = table.create(SweepRecord(
+        id=sweep_id, space=space.to_list(), sampler=sampler, pruner=pruner, n_trials=n_trials, seed=seed,
+        overrides=overrides, preset=preset, cluster_id=record.id, master_host=socket.gethostname(),
+        master_pid=os.getpid()))
+    study = studies.create_study(cluster.config.state_dir, sweep_id, studies.make_sampler(sampler, space, seed),
+                                 studies.make_pruner(pruner, n_trials))
+    source = SweepSource(study, cluster.store, sweep_id, space, base_spec, n_trials, record.id, task=task)
+    return _drive(cluster, table, sweep, source, progress)
+
+
+def resume_sweep(cluster: "Cluster", sweep_id: str, progress: Optional[ProgressFactory] = None,
+                 task: Optional[Callable[..., dict]] = None) -> SweepResult:
+    """Go on with a sweep whose master stopped: running trials from their checkpoints, then new ones."""
+    table = SweepTable(cluster.store)
+    sweep = table.get(sweep_id)
+    if sweep is None:
+        raise UsageError(f"--resume {sweep_id}: no such sweep; `cluster sweeps` lists them")
+    if sweep.state == "completed":
+        raise UsageError(f"--resume {sweep_id}: the sweep already completed; `cluster results {sweep_id}` shows it")
+    if sweep.master_alive:
+        raise UsageError(f"--resume {sweep_id}: the sweep is still running (process {sweep.master_pid}); "
+                         f"stop that process first")
+    space = sweep.search_space
+    base_spec = cluster.run_spec(**sweep.overrides)
+    record = cluster.record
+    study = studies.load_study(cluster.config.state_dir, sweep_id,
+                               studies.make_sampler(sweep.sampler, space, sweep.seed),
+                               studies.make_pruner(sweep.pruner, sweep.n_trials))
+    table.update(sweep_id, state="running", master_host=socket.gethostname(), master_pid=os.getpid(),
+                 cluster_id=record.id, finished_at=None, error=None)
+    sweep = table.get(sweep_id)
+    resumed, settled = [], []
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        trial = optuna.trial.Trial(study, frozen._trial_id)
+        job = job_for(trial, cluster.store, sweep_id, space, base_spec, record.id)
+        # epochs the store has but Optuna never heard of (the master died in between)
+        for epoch in cluster.store.epochs(job.run_id):
+            if epoch.epoch <= job.epochs_done and epoch.epoch not in frozen.intermediate_values:
+                trial.report(epoch.val_accuracy, epoch.epoch)
+        (settled if job.finished else resumed).append(job)
+    source = SweepSource(study, cluster.store, sweep_id, space, base_spec, sweep.n_trials, record.id,
+                         resumed=resumed, task=task)
+    for job in settled:  # trained to the end, but never told
+        run = cluster.store.run(job.run_id)
+        cluster.store.update_run(job.run_id, state="completed", finished_at=time.time())
+        source._finish(job, TrialState.COMPLETE, run)
+    log.info("resuming sweep %s: %d trials from checkpoints, %d told now, %d of %d asked before",
+             sweep_id, len(resumed), len(settled), source.asked, sweep.n_trials)
+    return _drive(cluster, table, sweep, source, progress)
+
+
+def _drive(cluster: "Cluster", table: SweepTable, sweep: SweepRecord, source: SweepSource,
+           progress: Optional[ProgressFactory]) -> SweepResult:
+    sink = progress(source) if progress is not None else None
+    scheduler = Scheduler(cluster.client)
+    started = time.time()
+    try:
+        if sink is not None and hasattr(sink, "__enter__"):
+            with sink:
+                scheduler.run(source, sink)
+        else:
+            scheduler.run(source, sink)
+    except BaseException as error:
+        # in-flight trials stay RUNNING in Optuna: `--resume` continues them from their checkpoints
+        for job in source.tally.running.values():
+            run = cluster.store.run(job.run_id)
+            if run is not None and run.state == "running":
+                cluster.store.update_run(job.run_id, state="interrupted", finished_at=time.time())
+        interrupted = isinstance(error, KeyboardInterrupt)
+        table.update(sweep.id, state="interrupted" if interrupted else "failed",
+                     seconds=sweep.seconds + time.time() - started, error=None if interrupted else repr(error))
+        raise
+    makespan = time.time() - started
+    table.update(sweep.id, state="completed", finished_at=time.time(), seconds=sweep.seconds + makespan)
+    result = results(cluster, sweep.id)
+    result.makespan_s = makespan
+    result.dispatch_overheads = list(scheduler.stats.dispatch_overheads)
+    return result
+
+
+def sweeps(cluster: "Cluster", limit: Optional[int] = None) -> list[SweepResult]:
+    """Past sweeps, newest first, each with its ranked trials."""
+    return [results(cluster, record.id) for record in SweepTable(cluster.store).all(limit)]
+
+
+def results(cluster: "Cluster", sweep_id: str) -> SweepResult:
+    """A sweep's ranked trials and best configuration; works with the cluster stopped."""
+    sweep = SweepTable(cluster.store).get(sweep_id)
+    if sweep is None:
+        raise UsageError(f"no sweep {sweep_id!r}; `cluster sweeps` lists them")
+    try:
+        study = studies.load_study(cluster.config.state_dir, sweep_id,
+                                   sampler=optuna.samplers.RandomSampler())
+    except KeyError:
+        raise UsageError(f"sweep {sweep_id}: its Optuna study is missing from "
+                         f"{studies.storage_path(cluster.config.state_dir)}") from None
+    return collect(cluster.store, sweep, study)

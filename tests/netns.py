@@ -1,0 +1,231 @@
+"""Slaves for tests: network namespaces joined to the master by veth pairs, each running a real sshd.
+
+Every host gets its own namespace ``gclt-<run>-<i>`` and UTS namespace (its own
+hostname), a veth pair on 10.213.<n>.0/24 (master .1, slave .2), a loopback,
+and Debian's OpenSSH server on port 22 with its own host key.  The slaves share
+this machine's filesystem, so this checkout's venv is their installed engine
+environment.  ``NetnsHosts.close`` kills every process in each namespace
+(sshd, engines), then deletes namespaces and veths; ``clean_stale`` removes what
+a crashed earlier run left (by name prefix).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paramiko
+
+PREFIX = "gclt"
+SUBNET = "10.213"
+SSHD = "/usr/sbin/sshd"
+
+
+def unavailable() -> str:
+    """Why these hosts cannot run here ('' when they can)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if not Path(SSHD).exists():
+        return "openssh-server is not installed (make system-deps / apt-get install openssh-server)"
+    if shutil.which("ip") is None or shutil.which("unshare") is None:
+        return "iproute2/util-linux missing"
+    probe = subprocess.run(["ip", "netns", "add", f"{PREFIX}-probe-{os.getpid()}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create network namespaces: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", f"{PREFIX}-probe-{os.getpid()}"], capture_output=True)
+    return ""
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, check=check)
+
+
+def kill_namespace(ns: str) -> None:
+    for _ in range(3):
+        pids = [int(p) for p in sh("ip", "netns", "pids", ns, check=False).stdout.split()]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    sh("ip", "netns", "del", ns, check=False)
+
+
+def clean_stale() -> None:
+    """Namespaces and veths of earlier runs whose process is gone."""
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+        ns = line.split()[0] if line.split() else ""
+        if ns.startswith(PREFIX + "-"):
+            owner = ns.split("-")[1]
+            if not owner.isdigit() or not Path(f"/proc/{owner}").exists():
+                kill_namespace(ns)
+    for line in sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
+        name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
+        if name.startswith(PREFIX):
+            owner = name[len(PREFIX):].split("x")[0]
+            if not owner.isdigit() or not Path(f"/proc/{owner}").exists():
+                sh("ip", "link", "del", name, check=False)
+
+
+@dataclass
+class NetnsHost:
+    index: int
+    ns: str
+    veth: str
+    address: str  # the slave's address
+    master_address: str
+    hostname: str
+    dir: Path
+    sshd: subprocess.Popen | None = None
+    authorized_keys: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.authorized_keys = self.dir / "authorized_keys"
+
+    def authorize(self, key_file: str | Path) -> None:
+        """Add the public half of a private key (what cloud-init does with an EC2 key pair)."""
+        key = None
+        for kind in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+            try:
+                key = kind.from_private_key_file(str(key_file))
+                break
+            except (paramiko.SSHException, ValueError):
+                continue
+        assert key is not None, f"cannot read {key_file}"
+        with open(self.authorized_keys, "a") as handle:
+            handle.write(f"{key.get_name()} {key.get_base64()}\n")
+        self.authorized_keys.chmod(0o600)
+
+    def host_key_line(self) -> str:
+        return (self.dir / "host_key.pub").read_text().strip()
+
+    def processes(self) -> list[int]:
+        return [int(p) for p in sh("ip", "netns", "pids", self.ns, check=False).stdout.split()]
+
+    def engine_processes(self) -> list[int]:
+        """Pids of ipyparallel engines running inside this namespace."""
+        found = []
+        for pid in self.processes():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"ipyparallel.engine" in cmdline:
+                found.append(pid)
+        return found
+
+
+class NetnsHosts:
+    """N namespace hosts; use as a context manager (``close`` always runs)."""
+
+    def __init__(self, count: int, workdir: Path, first_subnet: int = 1):
+        self.workdir = Path(workdir)
+        self.hosts: list[NetnsHost] = []
+        self.count = count
+        self.first_subnet = first_subnet
+
+    def __enter__(self) -> "NetnsHosts":
+        clean_stale()
+        try:
+            for i in range(self.count):
+                self._make(i)
+            for host in self.hosts:
+                self._wait_sshd(host)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _make(self, i: int) -> NetnsHost:
+        run = os.getpid()
+        n = self.first_subnet + i
+        ns = f"{PREFIX}-{run}-{n}"
+        veth = f"{PREFIX}{run}x{n}"[:15]
+        peer = f"{PREFIX}p{run}x{n}"[:15]
+        folder = self.workdir / f"host{n}"
+        folder.mkdir(parents=True, exist_ok=True)
+        host = NetnsHost(index=i, ns=ns, veth=veth, address=f"{SUBNET}.{n}.2", master_address=f"{SUBNET}.{n}.1",
+                         hostname=f"slave{n}", dir=folder)
+        self.hosts.append(host)  # registered first: close() removes even a half-made host
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", veth, "type", "veth", "peer", "name", peer)
+        sh("ip", "link", "set", peer, "netns", ns)
+        sh("ip", "addr", "add", f"{host.master_address}/24", "dev", veth)
+        sh("ip", "link", "set", veth, "up")
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{host.address}/24", "dev", peer)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", peer, "up")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host_key"))
+        host.authorized_keys.touch(mode=0o600)
+        (folder / "home").mkdir(exist_ok=True)  # each slave its own home: they share one filesystem
+        config = folder / "sshd_config"
+        config.write_text(f"""
+Port 22
+ListenAddress {host.address}
+HostKey {folder / 'host_key'}
+PidFile {folder / 'sshd.pid'}
+AuthorizedKeysFile {host.authorized_keys}
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AllowTcpForwarding yes
+GatewayPorts no
+Subsystem sftp internal-sftp
+LogLevel INFO
+SetEnv HOME={folder / 'home'}
+""")
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        # its own UTS namespace: the slave has its own hostname, as engines report it
+        host.sshd = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c",
+             f"hostname {host.hostname} && exec {SSHD} -D -f {config} -E {folder / 'sshd.log'}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return host
+
+    def _wait_sshd(self, host: NetnsHost, timeout: float = 20) -> None:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((host.address, 22), timeout=1) as conn:
+                    if conn.recv(4).startswith(b"SSH-"):
+                        return
+            except OSError:
+                pass
+            if host.sshd is not None and host.sshd.poll() is not None:
+                break
+            time.sleep(0.1)
+        log = (host.dir / "sshd.log").read_text() if (host.dir / "sshd.log").exists() else ""
+        raise RuntimeError(f"sshd in {host.ns} did not come up: {log[-1000:]}")
+
+    def close(self) -> None:
+        for host in self.hosts:
+            kill_namespace(host.ns)  # sshd and every engine started through it
+            if host.sshd is not None:
+                try:
+                    host.sshd.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    host.sshd.kill()
+            sh("ip", "link", "del", host.veth, check=False)
+        self.hosts = []
+
+
+def client_key(folder: Path) -> Path:
+    """A fresh ed25519 key for the master's user."""
+    path = Path(folder) / "id_ed25519"
+    if not path.exists():
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path))
+    path.chmod(0o600)
+    return path

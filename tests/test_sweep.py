@@ -1,0 +1,212 @@
+"""Sweeps: --param parsing, and real sweeps with real Optuna on a real 2-engine local cluster."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ipyparallel as ipp
+import optuna
+import pytest
+
+from controller import cli
+from controller.store import Store
+from controller.sweep import SearchSpace, build_space, parse_param
+from controller.sweep.runner import plan
+from controller.sweep.space import ACCEPTED_FORMS
+from controller.errors import UsageError
+
+from conftest import REPO, cluster_pids, wait_until
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+# --param specs: no cluster needed ------------------------------------------------------
+
+def test_param_forms():
+    assert parse_param("lr=0.01,0.05").values == (0.01, 0.05)
+    assert parse_param("optimizer=adam,sgd").values == ("adam", "sgd")
+    lr = parse_param("lr=log:1e-3:1e-1")
+    assert (lr.low, lr.high, lr.log, lr.integer) == (1e-3, 1e-1, True, False)
+    hidden = parse_param("hidden=int:50:500")
+    assert (hidden.low, hidden.high, hidden.integer) == (50, 500, True)
+    assert parse_param("momentum=uniform:0.5:0.99").is_range
+    assert parse_param("batch-size=64,128").name == "batch_size"
+    space = build_space({"lr": [0.01, 0.05], "hidden": "int:50:500"})
+    assert space.names == ["lr", "hidden"] and not space.is_grid
+    assert build_space(["l1=0,1e-5", "conv1=10,20"]).grid_size() == 4
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("lr=log:1e-3", "two bounds"),
+    ("lr=int:1:5", "real-valued"),
+    ("bogus=1,2", "cannot be swept"),
+    ("lr", "expected NAME=FORM"),
+    ("l1=log:0:1", "LO > 0"),
+    ("optimizer=adam,rmsprop", "expected one of adam, sgd"),
+    ("lr=0.1,abc", "expected a number"),
+    ("hidden=int:500:50", "LO must be below HI"),
+    ("batch_size=0,64", "out of range"),
+    ("lr=0.1,0.1", "listed twice"),
+])
+def test_bad_param_is_named_with_the_accepted_forms(spec, reason):
+    with pytest.raises(UsageError) as caught:
+        parse_param(spec)
+    message = str(caught.value)
+    assert f"--param {spec!r}" in message and reason in message and ACCEPTED_FORMS in message
+
+
+def test_plan_checks_sampler_and_defaults():
+    space, sampler, trials = plan(["l1=0,1e-5,1e-4", "lr=0.01,0.05"])
+    assert (sampler, trials) == ("grid", 6)
+    assert plan(["lr=log:1e-3:1e-1"])[1:] == ("tpe", 20)
+    space, sampler, trials = plan(preset="paper")
+    assert sampler == "grid" and trials == 9 and space.grid()["l1"][-1] == 100.0
+    with pytest.raises(UsageError, match="lr=log:0.001:0.1 is a range"):
+        plan(["lr=log:1e-3:1e-1"], sampler="grid")
+    with pytest.raises(UsageError, match="needs something to vary"):
+        plan([])
+    with pytest.raises(UsageError, match="both swept"):
+        plan(["epochs=1,2"], overrides={"epochs": 3})
+
+
+def test_bad_param_on_the_cli_exits_2_and_starts_nothing(isolated):
+    code, out, err = run_cli("sweep", "--param", "lr=log:1e-3", "--epochs", "1")
+    assert code == 2
+    assert "--param 'lr=log:1e-3'" in err and "NAME=log:LO:HI" in err and "NAME=V1,V2" in err
+    assert out == ""
+    assert not cluster_pids(isolated / "state")
+    with Store(isolated / "state") as store:
+        assert store.clusters() == [] and store.runs() == []
+    assert not (isolated / "state" / "sweeps.db").exists()
+
+
+# real sweeps on the module's 2-engine cluster ----------------------------------------------
+
+def grid_order(values: list, seed: int) -> list:
+    """The order in which Optuna's GridSampler hands out a one-parameter grid (public API only)."""
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler({"lr": values}, seed=seed))
+    return [study.ask().suggest_categorical("lr", values) for _ in values]
+
+
+def test_grid_4_trials_2_epochs_on_2_engines(local_cluster):
+    result = local_cluster.sweep({"lr": [0.005, 0.01], "hidden": [32, 64]}, epochs=2)
+    assert [t.state for t in result.trials] == ["COMPLETE"] * 4
+    assert sorted((t.params["lr"], t.params["hidden"]) for t in result.trials) == [
+        (0.005, 32), (0.005, 64), (0.01, 32), (0.01, 64)]
+    runs = local_cluster.runs(sweep_id=result.sweep_id)
+    assert len(runs) == 4 and all(r.state == "completed" and r.epochs_done == 2 for r in runs)
+    for run in runs:
+        epochs = local_cluster.store.epochs(run.id)
+        assert [e.epoch for e in epochs] == [1, 2] and all(e.engine_id is not None for e in epochs)
+        assert run.seconds > 0 and run.trial_number is not None
+    # load-balanced: both engines trained
+    assert len({e for t in result.trials for e in t.engines}) == 2
+    vals = [t.val_accuracy for t in result.trials]
+    assert vals == sorted(vals, reverse=True)
+    assert result.best.number == result.trials[0].number and result.best.test_accuracy is not None
+    assert result.dispatch_overheads and result.makespan_s > 0
+
+    config = str(local_cluster.config.source)
+    code, out, err = run_cli("--config", config, "results", result.sweep_id, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["sweep_id"] == result.sweep_id and len(data["trials"]) == 4
+    assert {t["state"] for t in data["trials"]} == {"COMPLETE"}
+    assert set(data["trials"][0]) >= {"number", "params", "state", "value", "val_accuracy", "test_accuracy",
+                                      "epochs", "engine_id", "seconds"}
+    assert data["best"]["number"] == data["trials"][0]["number"]
+    assert data["best"]["value"] == pytest.approx(data["best"]["val_accuracy"])
+    code, out, err = run_cli("--config", config, "sweeps", "--json")
+    assert code == 0 and result.sweep_id in [s["sweep_id"] for s in json.loads(out)["sweeps"]]
+    code, out, err = run_cli("--config", config, "results", result.sweep_id)
+    assert code == 0 and "best: trial" in out
+
+
+def test_median_pruner_prunes_a_diverging_trial(local_cluster):
+    values = [0.005, 0.01, 0.02, 10.0]
+    # the diverging trial must start after the first ones, so the pruner has completed trials to compare
+    seed = next(s for s in range(100) if grid_order(values, s).index(10.0) >= 2)
+    result = local_cluster.sweep({"lr": values}, epochs=3, pruner="median", seed=seed)
+    by_lr = {t.params["lr"]: t for t in result.trials}
+    assert by_lr[10.0].state == "PRUNED", [(t.params, t.state, t.epochs) for t in result.trials]
+    assert by_lr[10.0].epochs_done < 3 or by_lr[10.0].val_accuracy < 0.5
+    assert local_cluster.store.run(by_lr[10.0].run_id).state == "pruned"
+    assert result.counts()["COMPLETE"] >= 1 and result.counts()["FAIL"] == 0
+
+
+@ipp.interactive  # shipped by value: the engines cannot import this test module
+def cursed_task(spec, checkpoint, n_epochs):
+    if spec["hidden"] == 13:
+        raise RuntimeError("hidden=13 is cursed")
+    from engines.tasks import train_task
+
+    return train_task(spec, checkpoint, n_epochs)
+
+
+def test_a_trial_that_raises_is_failed_with_its_traceback_and_the_sweep_goes_on(local_cluster):
+    result = local_cluster.sweep({"hidden": [13, 32, 64]}, epochs=1, task=cursed_task)
+    states = {t.params["hidden"]: t.state for t in result.trials}
+    assert states == {13: "FAIL", 32: "COMPLETE", 64: "COMPLETE"}
+    failed = next(t for t in result.trials if t.state == "FAIL")
+    assert "hidden=13 is cursed" in failed.error and "RuntimeError" in failed.error
+    assert "hidden=13 is cursed" in local_cluster.store.run(failed.run_id).error
+    assert result.trials[-1] is failed  # failed trials rank last
+
+
+def test_kill_the_master_mid_sweep_then_resume(local_cluster):
+    config = str(local_cluster.config.source)
+    store = local_cluster.store
+    cmd = [sys.executable, "-m", "controller", "--config", config, "sweep", "--param", "lr=0.003,0.005,0.01",
+           "--param", "hidden=32,64", "--epochs", "5", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    before = {r.id for r in store.runs()}
+    master = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        def sweep_runs():
+            return [r for r in store.runs() if r.id not in before and r.sweep_id]
+
+        # SIGKILL once two trials completed and others are still under way
+        assert wait_until(lambda: sum(r.state == "completed" for r in sweep_runs()) >= 2, timeout=120,
+                          interval=0.05), master.stderr.read1().decode() if master.poll() is not None else "slow"
+        master.send_signal(signal.SIGKILL)
+        master.wait(timeout=10)
+    finally:
+        if master.poll() is None:
+            master.kill()
+            master.wait()
+    runs = sweep_runs()
+    sweep_id = runs[0].sweep_id
+    finished = {r.id: (r.finished_at, r.seconds) for r in runs if r.state == "completed"}
+    assert 2 <= len(finished) < 6, "the sweep ended before it could be killed"
+    epochs_before = {rid: [(e.epoch, e.finished_at) for e in store.epochs(rid)] for rid in finished}
+
+    code, out, err = run_cli("--config", config, "sweeps", "--json")
+    shown = next(s for s in json.loads(out)["sweeps"] if s["sweep_id"] == sweep_id)
+    assert shown["state"] == "interrupted"
+
+    resumed = subprocess.run([sys.executable, "-m", "controller", "--config", config, "sweep", "--resume",
+                              sweep_id, "--json"], capture_output=True, text=True, env=env, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    data = json.loads(resumed.stdout)
+    assert data["sweep_id"] == sweep_id and data["state"] == "completed"
+    assert len(data["trials"]) == 6 and {t["state"] for t in data["trials"]} == {"COMPLETE"}
+    assert sorted((t["params"]["lr"], t["params"]["hidden"]) for t in data["trials"]) == sorted(
+        (lr, h) for lr in (0.003, 0.005, 0.01) for h in (32, 64))
+    runs = [r for r in store.runs(sweep_id=sweep_id)]
+    assert len(runs) == 6 and all(r.state == "completed" and r.epochs_done == 5 for r in runs)
+    for rid, (finished_at, seconds) in finished.items():  # finished trials were not trained again
+        run = store.run(rid)
+        assert (run.finished_at, run.seconds) == (finished_at, seconds)
+        assert [(e.epoch, e.finished_at) for e in store.epochs(rid)] == epochs_before[rid]
+    code, out, err = run_cli("--config", config, "sweep", "--resume", sweep_id)
+    assert code == 2 and "already completed" in err
