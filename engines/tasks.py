@@ -13,26 +13,31 @@ import socket
 from typing import Optional
 
 
-def _publish(update: dict) -> None:
-    """Stream progress to the master (ipyparallel's datapub); a no-op outside an engine."""
+def _in_engine() -> bool:
+    """True inside an ipyparallel engine, where datapub can reach the master."""
     try:
-        from ipyparallel.datapub import publish_data
+        from IPython import get_ipython
     except ImportError:
-        return
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "data_pub_class", None) is not None
+
+
+def _publish(update: dict) -> None:
+    """Stream progress to the master (ipyparallel's datapub)."""
+    from ipyparallel.datapub import publish_data
+
     # every key every time: the client merges publications into one dict
     update = {"epoch": None, "epochs": None, "batch": None, "batches": None, "loss": None, "done": None, **update}
     update["pid"] = os.getpid()
-    try:
-        publish_data({"progress": update})
-    except (AttributeError, RuntimeError):  # not running inside an engine kernel
-        pass
+    publish_data({"progress": update})
 
 
 def train_task(spec: dict, checkpoint: Optional[bytes], n_epochs: Optional[int]) -> dict:
     """Train ``n_epochs`` of a run from ``checkpoint``; returns TaskResult as a dict."""
     from .train import train_epochs
 
-    result = train_epochs(spec, checkpoint, n_epochs, progress=_publish)
+    result = train_epochs(spec, checkpoint, n_epochs, progress=_publish if _in_engine() else None)
     return dataclasses.asdict(result)
 
 
@@ -75,3 +80,25 @@ def hardware_info(threads: int = 0) -> dict:
     except OSError:
         pass
     return info
+
+
+def warm_up(spec: dict, kind: str = "mnist") -> float:
+    """Load a run's data set into this engine's cache and import the training code; returns seconds.
+
+    A benchmark calls this on every engine before its clock starts, so an engine that
+    joins at a larger engine count does not pay for loading what the others already hold.
+    """
+    import time
+    from pathlib import Path
+
+    started = time.perf_counter()
+    if kind == "cifar":
+        from .cifar import load_cifar10
+
+        load_cifar10(Path(spec["data_dir"]))
+    else:
+        from .data import load_mnist
+        from .train import train_epochs  # noqa: F401 - the import is part of the warm-up
+
+        load_mnist(Path(spec["data_dir"]), bool(spec.get("download", False)))
+    return time.perf_counter() - started

@@ -93,6 +93,19 @@ def test_a_crashed_engine_shows_in_status_and_stop_still_cleans_up(tmp_path, tin
     assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=20)
 
 
+def test_a_crashed_controller_shows_in_status_and_stop_still_cleans_up(tmp_path, tiny_data_dir):
+    cluster = Cluster(make_config(tmp_path, tiny_data_dir, slaves=1))
+    try:
+        cluster.start()
+        os.kill(cluster.status().controller["pid"], signal.SIGKILL)
+        status = wait_until(lambda: (s := cluster.status()).state == "failed" and s, timeout=10)
+        assert status and status.controller["state"] == "dead"
+    finally:
+        cluster.stop()
+    assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=20), cluster_pids(cluster.config.state_dir)
+    assert cluster.status().state == "stopped"
+
+
 def test_training_needs_a_running_cluster_and_valid_parameters(env, isolated):
     result = cli("train", env=env, cwd=isolated, check=False)
     assert result.returncode == 3 and "no cluster 'default' is running" in result.stderr
