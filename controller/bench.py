@@ -25,7 +25,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from .errors import TaskError, UsageError
 from .runs import RunRecorder
@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS bench_runs (
     cluster_id INTEGER,
     provider TEXT, region TEXT, zone TEXT, instance_type TEXT, gpu TEXT, image TEXT, market TEXT,
     threads INTEGER,                -- torch threads per engine
-    wall_s REAL, runs INTEGER, epochs INTEGER, images INTEGER,
+    wall_s REAL, warmup_s REAL, dispatch_s REAL, runs INTEGER, epochs INTEGER, images INTEGER,
     images_per_s REAL, epochs_per_min REAL, accuracy REAL,
     price_per_hour REAL, cost REAL,
     torch TEXT, cuda TEXT,
@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS bench_engines (
     engine_id INTEGER NOT NULL,
     host TEXT, node_id TEXT, device TEXT, gpu TEXT, cpu TEXT, threads INTEGER,
     instance_type TEXT, zone TEXT, price_per_hour REAL,
-    tasks INTEGER, epochs INTEGER, images INTEGER, train_s REAL, images_per_s REAL,
+    tasks INTEGER, epochs INTEGER, images INTEGER, train_s REAL, busy_s REAL, images_per_s REAL,
     torch TEXT, cuda TEXT,
     PRIMARY KEY (bench_run_id, engine_id)
 );
@@ -96,7 +96,9 @@ class BenchRecord:
     image: str = ""  # AMI or image; empty for local
     market: str = ""  # spot, on-demand, local, ssh
     threads: int = 0
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # the workload alone: from the first task sent to the last result stored
+    warmup_s: float = 0.0  # loading the data on every engine first (slowest engine), not in wall_s
+    dispatch_s: float = 0.0  # mean seconds from a task's submission to its start on an engine
     runs: int = 0
     epochs: int = 0  # epochs trained, summed over runs
     images: int = 0  # images trained, summed over runs and epochs
@@ -134,6 +136,7 @@ class BenchEngine:
     epochs: int = 0
     images: int = 0
     train_s: float = 0.0
+    busy_s: float = 0.0  # training and evaluating; wall_s × engines minus this is dispatch, I/O, idling
     images_per_s: float = 0.0  # while training: images / train_s
     torch: str = ""
     cuda: str = ""
@@ -270,6 +273,7 @@ class _EngineTally:
     epochs: int = 0
     images: int = 0
     train_s: float = 0.0
+    busy_s: float = 0.0
 
 
 class BenchSource:
@@ -293,6 +297,7 @@ class BenchSource:
             # images_per_s was computed as len(train) / train_seconds on the engine
             tally.images += round(epoch["images_per_s"] * epoch["train_seconds"])
             tally.train_s += epoch["train_seconds"]
+            tally.busy_s += epoch["seconds"]
         return True
 
     def on_error(self, job: Job, error: BaseException, traceback: str) -> None:
@@ -321,7 +326,7 @@ def run_bench(cluster: "Cluster", workload: str = "paper", engines: Optional[Seq
               epochs: Optional[int] = None, subset: Optional[int] = None,
               progress: Optional[BenchSink] = None, data_dir: Optional[str] = None) -> BenchResult:
     """Run ``workload`` once per engine count on the running cluster; store and return the records."""
-    from engines.tasks import cifar_task, hardware_info, train_task
+    from engines.tasks import cifar_task, hardware_info, train_task, warm_up
 
     if workload not in WORKLOADS:
         raise UsageError(f"--workload {workload!r}: expected one of {', '.join(WORKLOADS)}")
@@ -349,16 +354,23 @@ def run_bench(cluster: "Cluster", workload: str = "paper", engines: Optional[Seq
 
     bench_id = new_id("b-")
     bench_store = BenchStore(cluster.store)
+    specs = _specs(cluster, chosen, epochs, subset, data_dir)
+    used = alive[:max(counts)]
+    try:
+        warmup_s = max(client[used].apply_async(warm_up, specs[0][1], chosen.kind).get(timeout=600))
+    except Exception as error:  # noqa: BLE001 - a remote error names the engine's exception
+        raise TaskError(f"bench {bench_id}: the engines could not load the {chosen.name} data "
+                        f"({type(error).__name__}: {error}); nothing was run",
+                        getattr(error, "traceback", "") or "") from None
     records: list[BenchRecord] = []
     for count in counts:
         targets = alive[:count]
-        jobs, labels = _jobs(cluster, chosen, epochs, subset, data_dir,
-                             task=cifar_task if chosen.kind == "cifar" else train_task)
+        jobs, labels = _jobs(cluster, specs, task=cifar_task if chosen.kind == "cifar" else train_task)
         sink.bench_started(chosen, targets, len(jobs))
         source = BenchSource(cluster.store, jobs)
         started = time.perf_counter()
         try:
-            Scheduler(client, targets=targets).run(source, sink)
+            stats = Scheduler(client, targets=targets).run(source, sink)
         except BaseException:
             for job in jobs:  # what was cut short stays resumable, as `cluster train` leaves it
                 run = cluster.store.run(job.run_id)
@@ -368,6 +380,9 @@ def run_bench(cluster: "Cluster", workload: str = "paper", engines: Optional[Seq
         wall = time.perf_counter() - started
         bench_record, engine_rows, trials = _summarise(
             cluster, bench_id, chosen, targets, jobs, labels, source, wall, infos, nodes, engine_nodes, shares)
+        bench_record.warmup_s = warmup_s
+        overheads = stats.dispatch_overheads
+        bench_record.dispatch_s = sum(overheads) / len(overheads) if overheads else 0.0
         bench_store.save(bench_record, engine_rows, trials)
         records.append(bench_record)
         sink.bench_finished(bench_record)
@@ -386,9 +401,10 @@ def _price_share(node: Optional[NodeRecord], cluster_price: float, slaves: int) 
     return cluster_price / max(1, slaves)
 
 
-def _jobs(cluster: "Cluster", workload: Workload, epochs: Optional[int], subset: Optional[int],
-          data_dir: Optional[str], task: Callable[..., dict]) -> tuple[list[Job], list[str]]:
-    jobs, labels = [], []
+def _specs(cluster: "Cluster", workload: Workload, epochs: Optional[int], subset: Optional[int],
+           data_dir: Optional[str]) -> list[tuple[str, dict]]:
+    """(label, engine spec) per run of the workload, validated, not yet stored."""
+    specs = []
     for label, overrides in workload.runs(epochs):
         if workload.kind == "mnist":
             if subset is not None:
@@ -404,6 +420,15 @@ def _jobs(cluster: "Cluster", workload: Workload, epochs: Optional[int], subset:
                              threads=cluster.record.threads_per_engine).to_dict()
         if data_dir is not None:
             spec["data_dir"] = str(data_dir)
+        specs.append((label, spec))
+    return specs
+
+
+def _jobs(cluster: "Cluster", specs: list[tuple[str, dict]], task: Callable[..., dict]) -> tuple[list[Job], list[str]]:
+    """A stored run and a job per spec: every engine count gets runs of its own."""
+    jobs, labels = [], []
+    for label, spec in specs:
+        spec = dict(spec)
         run_id = new_id("r-")
         spec["run_id"] = run_id
         cluster.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=cluster.record.id))
@@ -426,7 +451,7 @@ def _summarise(cluster: "Cluster", bench_id: str, workload: Workload, targets: l
             device=info["device"], gpu=info["gpu"], cpu=info["cpu"], threads=info["threads"],
             instance_type=node.instance_type if node else "", zone=node.zone if node else "",
             price_per_hour=shares[eid], tasks=tally.tasks, epochs=tally.epochs, images=tally.images,
-            train_s=tally.train_s, images_per_s=tally.images / tally.train_s if tally.train_s else 0.0,
+            train_s=tally.train_s, busy_s=tally.busy_s, images_per_s=tally.images / tally.train_s if tally.train_s else 0.0,
             torch=info["torch"], cuda=info["cuda"]))
     trials = []
     for number, (job, label) in enumerate(zip(jobs, labels)):

@@ -31,9 +31,9 @@ FORMATS = ("md", "csv", "json", "html")
 COST_COLUMNS = ["Cloud Provider", "Region", "GPU", "Image", "Run time (secs)", "Cost ($/hr)", "Cost / run"]
 CSV_FIELDS = [
     "id", "bench_id", "workload", "engines", "provider", "region", "zone", "instance_type", "gpu", "image",
-    "market", "threads", "wall_s", "runs", "epochs", "images", "images_per_s", "epochs_per_min", "accuracy",
-    "price_per_hour", "cost", "speedup", "efficiency", "baseline_engines", "torch", "cuda", "state",
-    "created_at",
+    "market", "threads", "wall_s", "warmup_s", "dispatch_s", "runs", "epochs", "images", "images_per_s",
+    "epochs_per_min", "accuracy", "price_per_hour", "cost", "speedup", "efficiency", "baseline_engines", "torch",
+    "cuda", "state", "created_at",
 ]
 PROVIDER_NAMES = {"aws": "AWS", "local": "local", "ssh": "ssh"}
 
@@ -49,7 +49,7 @@ class Scaling:
 @dataclass
 class ReportData:
     records: list[BenchRecord]
-    scaling: dict[str, Scaling]  # by bench run id
+    scaling: dict[str, Scaling]  # by bench run id; failed bench runs have none
     engines: dict[str, list[BenchEngine]] = field(default_factory=dict)
     trials: dict[str, list[BenchTrial]] = field(default_factory=dict)
 
@@ -73,11 +73,14 @@ def scaling(records: Sequence[BenchRecord]) -> dict[str, Scaling]:
         groups.setdefault((record.bench_id, record.workload), []).append(record)
     result = {}
     for group in groups.values():
-        base = min(group, key=lambda r: (r.engines, r.id))
-        for record in group:
-            speedup = record.epochs_per_min / base.epochs_per_min if base.epochs_per_min else 0.0
+        completed = [r for r in group if r.state == "completed" and r.epochs_per_min > 0]
+        if not completed:
+            continue
+        base = min(completed, key=lambda r: (r.engines, r.id))
+        for record in completed:
+            speedup = record.epochs_per_min / base.epochs_per_min
             ideal = record.engines / base.engines
-            result[record.id] = Scaling(record.id, base.engines, speedup, speedup / ideal if ideal else 0.0)
+            result[record.id] = Scaling(record.id, base.engines, speedup, speedup / ideal)
     return result
 
 
@@ -127,18 +130,19 @@ def throughput_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
                "Efficiency", "Accuracy", "Runs", "Epochs", "State"]
     rows = []
     for r in data.records:
-        s = data.scaling[r.id]
+        s = data.scaling.get(r.id)
         rows.append([r.bench_id, r.workload, str(r.engines), f"{r.wall_s:.1f}", f"{r.images_per_s:,.0f}",
-                     f"{r.epochs_per_min:.2f}", f"{s.speedup:.2f}x", f"{s.efficiency:.0%}",
+                     f"{r.epochs_per_min:.2f}", f"{s.speedup:.2f}x" if s else "-", f"{s.efficiency:.0%}" if s else "-",
                      _percent(r.accuracy), str(r.runs), str(r.epochs), r.state])
     return columns, rows
 
 
 def engine_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
-    columns = ["Bench run", "Engine", "Host", "Device", "CPU", "Threads", "Tasks", "Images/s (training)",
-               "$/hr share", "torch", "CUDA"]
+    columns = ["Bench run", "Engine", "Host", "Device", "CPU", "Threads", "Tasks", "Busy (secs)",
+               "Images/s (training)", "$/hr share", "torch", "CUDA"]
     rows = [[r.id, str(e.engine_id), e.host, e.device, _text(e.cpu), str(e.threads), str(e.tasks),
-             f"{e.images_per_s:,.0f}", _money(e.price_per_hour, 3), _text(e.torch), _text(e.cuda)]
+             f"{e.busy_s:.1f}", f"{e.images_per_s:,.0f}", _money(e.price_per_hour, 3), _text(e.torch),
+             _text(e.cuda)]
             for r in data.records for e in data.engines[r.id]]
     return columns, rows
 
@@ -192,8 +196,9 @@ def to_markdown(data: ReportData) -> str:
 # CSV and JSON -------------------------------------------------------------------------
 def _flat(data: ReportData, record: BenchRecord) -> dict[str, Any]:
     values = dataclasses.asdict(record)
-    s = data.scaling[record.id]
-    values.update(speedup=s.speedup, efficiency=s.efficiency, baseline_engines=s.baseline_engines)
+    s = data.scaling.get(record.id)
+    values.update(speedup=s.speedup if s else None, efficiency=s.efficiency if s else None,
+                  baseline_engines=s.baseline_engines if s else None)
     return values
 
 
@@ -262,7 +267,9 @@ def plots(data: ReportData) -> list[tuple[str, str]]:
     speed, eff = fig.subplots(1, 2)
     top = 1
     for (bench_id, workload), group in groups.items():
-        group = sorted(group, key=lambda r: r.engines)
+        group = sorted((r for r in group if r.id in data.scaling), key=lambda r: r.engines)
+        if not group:
+            continue
         xs = [r.engines for r in group]
         top = max(top, *xs)
         label = f"{workload} ({bench_id})"
@@ -273,7 +280,7 @@ def plots(data: ReportData) -> list[tuple[str, str]]:
     eff.axhline(100, linestyle="--", color="grey")
     eff.set(xlabel="engines", ylabel="efficiency (%)", title="Efficiency against engine count", ylim=(0, 110))
     for axes in (speed, eff):
-        axes.set_xticks(sorted({r.engines for r in data.records}))
+        axes.set_xticks(sorted({r.engines for r in data.records if r.id in data.scaling}) or [1])
         axes.grid(alpha=0.3)
     speed.legend(fontsize=7)
     fig.tight_layout()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import datetime
 import logging
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ class SchedulerStats:
     tasks: int = 0
     engine_losses: int = 0
     dispatch_overheads: list[float] = field(default_factory=list)  # engine-idle seconds per task
+    # per finished task: engine id and the epoch seconds of submit, start (on the engine), completion
+    timings: list[tuple[Optional[int], float, float, float]] = field(default_factory=list)
 
 
 def is_engine_loss(error: BaseException) -> bool:
@@ -94,16 +97,21 @@ def is_engine_loss(error: BaseException) -> bool:
 
 
 class Scheduler:
-    def __init__(self, client: ipp.Client, poll_s: float = 0.2, targets: Optional[list[int]] = None):
+    def __init__(self, client: ipp.Client, poll_s: float = 0.2, targets: Optional[list[int]] = None,
+                 prefetch: int = 0):
         self.client = client
+        # prefetch: tasks queued beyond one per engine; ipyparallel's scheduler (hwm=1) holds them until an
+        # engine frees up, so engines start the next task while the master still books the last one
+        self.prefetch = prefetch
         # targets: only these engine ids (a benchmark on 1 of 4 engines); None = every engine
         self.targets = list(targets) if targets else None
         self.view = client.load_balanced_view(self.targets)
         self.poll_s = poll_s
         self.stats = SchedulerStats()
+        self._timed: list[ipp.AsyncResult] = []  # finished tasks whose dispatch overhead is not yet counted
 
     def capacity(self) -> int:
-        return max(1, len(self.targets) if self.targets else len(self.client.ids))
+        return max(1, len(self.targets) if self.targets else len(self.client.ids)) + self.prefetch
 
     def submit(self, job: Job) -> _InFlight:
         result = self.view.apply_async(job.task, job.spec, job.checkpoint, job.epochs_per_task)
@@ -125,6 +133,7 @@ class Scheduler:
                     sink.task_submitted(job)
                 if not in_flight:
                     if not ready and source.exhausted():
+                        self._count_overheads()
                         return self.stats
                     time.sleep(self.poll_s)  # the source has nothing now but may later
                     continue
@@ -176,20 +185,36 @@ class Scheduler:
             sink.job_failed(job, error)
             return None
         engine_id = task.result.engine_id
-        started = _timestamp(task.result, "started")
-        if started is not None:
-            submitted = _timestamp(task.result, "submitted")
-            if submitted is not None:
-                self.stats.dispatch_overheads.append(max(0.0, started - submitted))
+        self._timed.append(task.result)  # its timestamps may land a moment after the result does
         job.checkpoint = result["checkpoint"]
         job.epochs_done = result["completed_epochs"]
         sink.task_done(job, result, engine_id)
         go_on = source.on_result(job, result, engine_id)
         return job if go_on and not job.finished and not result.get("diverged") else None
 
+    def _count_overheads(self) -> None:
+        """Engine-idle seconds before every finished task: from when both the task was submitted and its
+        engine had finished the previous one, to the start (ipyparallel fills these in after the result)."""
+        rows = []
+        for result in self._timed:
+            started, submitted = _timestamp(result, "started"), _timestamp(result, "submitted")
+            completed = _timestamp(result, "completed")
+            if started is not None and submitted is not None and completed is not None:
+                rows.append((result.engine_id, submitted, started, completed))
+        previous: dict[Optional[int], float] = {}
+        for engine, submitted, started, completed in sorted(rows, key=lambda row: row[2]):
+            free = max(submitted, previous.get(engine, submitted))
+            self.stats.dispatch_overheads.append(max(0.0, started - free))
+            self.stats.timings.append((engine, submitted, started, completed))
+            previous[engine] = completed
+        self._timed.clear()
+
 
 def _timestamp(result: ipp.AsyncResult, name: str) -> Optional[float]:
-    value = result._client.metadata[result.msg_ids[0]].get(name)
+    metadata = result.metadata  # the AsyncResult's own copy: the client's may be a stale placeholder
+    value = (metadata[0] if isinstance(metadata, list) else metadata).get(name)
+    if isinstance(value, str):  # jupyter_client 8 leaves header dates as ISO strings
+        value = datetime.datetime.fromisoformat(value)
     return value.timestamp() if value is not None else None
 
 

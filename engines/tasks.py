@@ -65,7 +65,7 @@ def cifar_task(spec: dict, checkpoint: Optional[bytes], n_epochs: Optional[int])
     """A CIFAR-10 run (VGG16 or ResNet18, ``spec["model"]``); the contract of ``train_task``."""
     from .cifar import train_cifar
 
-    return dataclasses.asdict(train_cifar(spec, checkpoint, n_epochs, progress=_publish))
+    return dataclasses.asdict(train_cifar(spec, checkpoint, n_epochs, progress=_publish if _in_engine() else None))
 
 
 def hardware_info(threads: int = 0) -> dict:

@@ -15,6 +15,7 @@ from controller.commands import bench as bench_commands
 from controller.errors import UsageError
 from engines.cifar import build_model, load_cifar10, read_batch, train_cifar, write_cifar10_batches
 from engines.data import DataError
+from engines.tasks import cifar_task
 
 from conftest import cluster_pids, make_config, wait_until
 
@@ -96,7 +97,7 @@ def test_models_are_torchvisions_adapted_to_cifar():
 
 def test_vgg16_task_trains_and_resumes(cifar_dir):
     spec = dict(model="vgg16", data_dir=str(cifar_dir), epochs=2, batch_size=36, threads=1, run_id="r-vgg")
-    first = dataclasses.asdict(train_cifar(spec, None, 1))
+    first = cifar_task(spec, None, 1)  # the engine function, called in-process
     assert first["completed_epochs"] == 1 and len(first["epochs"]) == 1
     metrics = first["epochs"][0]
     assert metrics["images_per_s"] * metrics["train_seconds"] == pytest.approx(72)
@@ -149,7 +150,7 @@ def test_tiny_paper_bench_on_1_and_2_engines_stores_its_records(priced_cluster):
     for record in stored:
         assert record.state == "completed" and record.workload == "paper" and record.provider == "local"
         assert record.runs == 9 and record.epochs == 9 and record.images == 9 * 120
-        assert record.wall_s > 0
+        assert record.wall_s > 0 and record.warmup_s > 0 and record.dispatch_s >= 0
         assert record.epochs_per_min == pytest.approx(9 / (record.wall_s / 60))
         assert record.images_per_s == pytest.approx(9 * 120 / record.wall_s)
         assert 0.0 <= record.accuracy <= 1.0
@@ -209,11 +210,12 @@ def test_cli_bench_json_and_a_failing_workload(priced_cluster, tmp_path):
     assert record["engines"] == 2 and record["runs"] == 1 and record["images"] == 60
     assert "bench mnist-cnn on 2 engine(s)" in stderr.getvalue()
 
-    # no CIFAR-10 under the tiny MNIST data_dir: the engine's DataError comes back, the bench run is stored
+    # no CIFAR-10 under the tiny MNIST data_dir: the engines' DataError comes back before anything runs
+    runs_before = len(priced_cluster.runs())
     stdout, stderr = io.StringIO(), io.StringIO()
     code = main(["--config", str(ini), "bench", "--workload", "cifar10-vgg16", "--engines", "1", "--epochs", "1"],
                 stdout=stdout, stderr=stderr)
     assert code == 1
-    assert "no CIFAR-10 here" in stderr.getvalue()
-    failed = BenchStore(priced_cluster.store).records(workload="cifar10-vgg16")
-    assert [r.state for r in failed] == ["failed"] and "DataError" in failed[0].error
+    assert "could not load the cifar10-vgg16 data" in stderr.getvalue() and "no CIFAR-10 here" in stderr.getvalue()
+    assert BenchStore(priced_cluster.store).records(workload="cifar10-vgg16") == []
+    assert len(priced_cluster.runs()) == runs_before

@@ -212,6 +212,18 @@ def test_filters_and_an_empty_store(fixture_store, tmp_path):
         report(fixture_store, "pdf")
 
 
+def test_a_failed_bench_run_has_no_speedup(tmp_path):
+    with Store(tmp_path / "state") as store:
+        record, engines, trials = paper_run("b-failed", 1, 30.0, 0.0, JAN_1)
+        record.state, record.error, record.epochs, record.epochs_per_min = "failed", "DataError: gone", 0, 0.0
+        BenchStore(store).save(record, engines, trials[:1])
+        row = md_rows(report(store, "md"), "| Bench | Workload")[1]
+        assert row[6:8] == ["-", "-"] and row[-1] == "failed"
+        (flat,) = csv.DictReader(io.StringIO(report(store, "csv")))
+        assert flat["speedup"] == "" and flat["state"] == "failed" and float(flat["cost"]) == 0.0
+        assert report(store, "html").count("data:image/png;base64,") == 2  # the plots are drawn, empty
+
+
 def test_cli_report_writes_every_format(tmp_path, monkeypatch):
     monkeypatch.delenv("CLUSTER_CONFIG", raising=False)
     monkeypatch.delenv("CLUSTER_STATE_DIR", raising=False)

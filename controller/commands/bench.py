@@ -61,7 +61,8 @@ def summary_rows(records) -> list[list[str]]:
 
     scale = scaling(records)
     return [[r.engines, f"{r.wall_s:.1f}", f"{r.images_per_s:,.0f}", f"{r.epochs_per_min:.2f}",
-             f"{scale[r.id].speedup:.2f}x", f"{scale[r.id].efficiency:.0%}",
+             f"{scale[r.id].speedup:.2f}x" if r.id in scale else "-",
+             f"{scale[r.id].efficiency:.0%}" if r.id in scale else "-",
              "-" if r.accuracy is None else f"{r.accuracy:.2%}", f"${r.price_per_hour:.3f}", f"${r.cost:.4f}"]
             for r in records]
 
