@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import ipyparallel as ipp
 import optuna
@@ -16,7 +15,7 @@ import pytest
 
 from controller import cli
 from controller.store import Store
-from controller.sweep import SearchSpace, build_space, parse_param
+from controller.sweep import build_space, parse_param
 from controller.sweep.runner import plan
 from controller.sweep.space import ACCEPTED_FORMS
 from controller.errors import UsageError
@@ -135,7 +134,9 @@ def test_grid_4_trials_2_epochs_on_2_engines(local_cluster):
 def test_median_pruner_prunes_a_diverging_trial(local_cluster):
     values = [0.005, 0.01, 0.02, 10.0]
     # the diverging trial must start after the first ones, so the pruner has completed trials to compare
-    seed = next(s for s in range(100) if grid_order(values, s).index(10.0) >= 2)
+    # (the sweep keeps one task queued beyond the 2 engines, so 3 trials start at once: the 4th starts
+    # only once a trial finished)
+    seed = next(s for s in range(100) if grid_order(values, s).index(10.0) == 3)
     result = local_cluster.sweep({"lr": values}, epochs=3, pruner="median", seed=seed)
     by_lr = {t.params["lr"]: t for t in result.trials}
     assert by_lr[10.0].state == "PRUNED", [(t.params, t.state, t.epochs) for t in result.trials]
@@ -210,3 +211,65 @@ def test_kill_the_master_mid_sweep_then_resume(local_cluster):
         assert [(e.epoch, e.finished_at) for e in store.epochs(rid)] == epochs_before[rid]
     code, out, err = run_cli("--config", config, "sweep", "--resume", sweep_id)
     assert code == 2 and "already completed" in err
+
+
+def test_ctrl_c_leaves_the_sweep_resumable(local_cluster):
+    config = str(local_cluster.config.source)
+    store = local_cluster.store
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    before = {r.id for r in store.runs()}
+    master = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "sweep", "--param",
+                               "hidden=16,32,48", "--epochs", "4"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert wait_until(lambda: any(r.epochs_done >= 1 for r in store.runs() if r.id not in before),
+                          timeout=120, interval=0.05)
+        master.send_signal(signal.SIGINT)
+        out, err = master.communicate(timeout=60)
+    finally:
+        if master.poll() is None:
+            master.kill()
+            master.wait()
+    runs = [r for r in store.runs() if r.id not in before]
+    sweep_id = runs[0].sweep_id
+    assert master.returncode == 130, err
+    assert f"cluster sweep --resume {sweep_id}" in err
+    assert any(r.state == "interrupted" for r in runs)
+    assert local_cluster.results(sweep_id).sweep.state == "interrupted"
+
+    result = local_cluster.sweep(resume=sweep_id)
+    assert result.sweep.state == "completed" and [t.state for t in result.trials] == ["COMPLETE"] * 3
+    assert all(r.state == "completed" and r.epochs_done == 4 for r in store.runs(sweep_id=sweep_id))
+
+
+def test_a_lost_engine_costs_one_task_that_goes_to_another_engine(local_cluster):
+    """Last in this module: it leaves the cluster with one engine."""
+    import threading
+
+    victim = local_cluster.store.engines(local_cluster.record.id)[0]
+    state_dir = local_cluster.config.state_dir
+
+    def kill_when_training() -> None:
+        with Store(state_dir) as store:  # a connection of this thread's own
+            wait_until(lambda: store.execute(
+                "SELECT COUNT(*) FROM epochs WHERE engine_id = ? AND run_id LIKE 's-%'", (victim.engine_id,)
+            ).fetchone()[0] > before, timeout=120, interval=0.02)
+        time.sleep(0.05)  # into the engine's next task
+        os.kill(victim.pid, signal.SIGKILL)
+        killed_at.append(time.time())
+
+    killed_at: list[float] = []
+
+    before = local_cluster.store.execute("SELECT COUNT(*) FROM epochs WHERE engine_id = ? AND run_id LIKE 's-%'",
+                                         (victim.engine_id,)).fetchone()[0]
+    killer = threading.Thread(target=kill_when_training, daemon=True)
+    killer.start()
+    result = local_cluster.sweep({"hidden": [16, 32, 48, 64]}, epochs=6)
+    killer.join(timeout=10)
+    assert [t.state for t in result.trials] == ["COMPLETE"] * 4
+    assert result.engine_losses >= 1
+    for trial in result.trials:
+        assert [e["epoch"] for e in trial.epochs] == list(range(1, 7))
+    later = [e for t in result.trials for e in local_cluster.store.epochs(t.run_id)
+             if e.finished_at > killed_at[0] + 1.0]
+    assert later and all(e.engine_id != victim.engine_id for e in later)  # the survivor did the rest

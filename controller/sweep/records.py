@@ -151,7 +151,9 @@ class SweepResult:
     sweep: SweepRecord
     trials: list[TrialResult]  # ranked: completed by validation accuracy, then pruned, running, failed
     makespan_s: float = 0.0  # wall seconds of the last run of `cluster sweep` (this process)
-    dispatch_overheads: list[float] = field(default_factory=list)
+    dispatch_overheads: list[float] = field(default_factory=list)  # this process's tasks: submit -> start, s
+    task_timings: list[tuple] = field(default_factory=list)  # (engine id, submitted, started, completed)
+    engine_losses: int = 0  # tasks this process sent again because their engine died
 
     @property
     def sweep_id(self) -> str:

@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..errors import UsageError
-from ..scheduler import Job, ProgressSink, Scheduler
+from ..scheduler import ProgressSink, Scheduler
 from ..store import new_id
 from . import study as studies
 from .records import SweepRecord, SweepResult, SweepTable, collect
@@ -82,7 +82,8 @@ def run_sweep(cluster: "Cluster", params: ParamsLike = None, *, preset: Optional
         id=sweep_id, space=space.to_list(), sampler=sampler, pruner=pruner, n_trials=n_trials, seed=seed,
         overrides=overrides, preset=preset, cluster_id=record.id, master_host=socket.gethostname(),
         master_pid=os.getpid()))
-    study = studies.create_study(cluster.config.state_dir, sweep_id, studies.make_sampler(sampler, space, seed),
+    study = studies.create_study(cluster.config.state_dir, sweep_id,
+                                 studies.make_sampler(sampler, space, seed, n_trials),
                                  studies.make_pruner(pruner, n_trials))
     source = SweepSource(study, cluster.store, sweep_id, space, base_spec, n_trials, record.id, task=task)
     return _drive(cluster, table, sweep, source, progress)
@@ -104,7 +105,7 @@ def resume_sweep(cluster: "Cluster", sweep_id: str, progress: Optional[ProgressF
     base_spec = cluster.run_spec(**sweep.overrides)
     record = cluster.record
     study = studies.load_study(cluster.config.state_dir, sweep_id,
-                               studies.make_sampler(sweep.sampler, space, sweep.seed),
+                               studies.make_sampler(sweep.sampler, space, sweep.seed, sweep.n_trials),
                                studies.make_pruner(sweep.pruner, sweep.n_trials))
     table.update(sweep_id, state="running", master_host=socket.gethostname(), master_pid=os.getpid(),
                  cluster_id=record.id, finished_at=None, error=None)
@@ -122,8 +123,10 @@ def resume_sweep(cluster: "Cluster", sweep_id: str, progress: Optional[ProgressF
                          resumed=resumed, task=task)
     for job in settled:  # trained to the end, but never told
         run = cluster.store.run(job.run_id)
-        cluster.store.update_run(job.run_id, state="completed", finished_at=time.time())
-        source._finish(job, TrialState.COMPLETE, run)
+        if run.state != "completed":
+            cluster.store.update_run(job.run_id, state="completed", finished_at=time.time())
+        state = TrialState.PRUNED if job.tag.should_prune() else TrialState.COMPLETE  # as on_result decides
+        source.finish(job, state, cluster.store.run(job.run_id))
     log.info("resuming sweep %s: %d trials from checkpoints, %d told now, %d of %d asked before",
              sweep_id, len(resumed), len(settled), source.asked, sweep.n_trials)
     return _drive(cluster, table, sweep, source, progress)
@@ -132,7 +135,9 @@ def resume_sweep(cluster: "Cluster", sweep_id: str, progress: Optional[ProgressF
 def _drive(cluster: "Cluster", table: SweepTable, sweep: SweepRecord, source: SweepSource,
            progress: Optional[ProgressFactory]) -> SweepResult:
     sink = progress(source) if progress is not None else None
-    scheduler = Scheduler(cluster.client)
+    # one task queued beyond the engines: the master's bookkeeping between a trial's epochs (store,
+    # Optuna report / prune / tell) then overlaps with training instead of idling the engine
+    scheduler = Scheduler(cluster.client, prefetch=1)
     started = time.time()
     try:
         if sink is not None and hasattr(sink, "__enter__"):
@@ -155,22 +160,26 @@ def _drive(cluster: "Cluster", table: SweepTable, sweep: SweepRecord, source: Sw
     result = results(cluster, sweep.id)
     result.makespan_s = makespan
     result.dispatch_overheads = list(scheduler.stats.dispatch_overheads)
+    result.task_timings = list(scheduler.stats.timings)
+    result.engine_losses = scheduler.stats.engine_losses
     return result
 
 
 def sweeps(cluster: "Cluster", limit: Optional[int] = None) -> list[SweepResult]:
     """Past sweeps, newest first, each with its ranked trials."""
-    return [results(cluster, record.id) for record in SweepTable(cluster.store).all(limit)]
+    records = SweepTable(cluster.store).all(limit)
+    storage = studies.storage(cluster.config.state_dir) if records else None  # one engine for them all
+    return [results(cluster, record.id, storage) for record in records]
 
 
-def results(cluster: "Cluster", sweep_id: str) -> SweepResult:
+def results(cluster: "Cluster", sweep_id: str, storage: Optional[optuna.storages.BaseStorage] = None) -> SweepResult:
     """A sweep's ranked trials and best configuration; works with the cluster stopped."""
     sweep = SweepTable(cluster.store).get(sweep_id)
     if sweep is None:
         raise UsageError(f"no sweep {sweep_id!r}; `cluster sweeps` lists them")
     try:
-        study = studies.load_study(cluster.config.state_dir, sweep_id,
-                                   sampler=optuna.samplers.RandomSampler())
+        study = optuna.load_study(storage=storage or studies.storage(cluster.config.state_dir),
+                                  study_name=sweep_id, sampler=optuna.samplers.RandomSampler())
     except KeyError:
         raise UsageError(f"sweep {sweep_id}: its Optuna study is missing from "
                          f"{studies.storage_path(cluster.config.state_dir)}") from None

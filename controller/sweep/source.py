@@ -100,26 +100,26 @@ class SweepSource:
         for epoch in result["epochs"]:
             trial.report(epoch["val_accuracy"], epoch["epoch"])
         if result["epochs"] and trial.should_prune():
-            self._finish(job, TrialState.PRUNED, run)
+            self.finish(job, TrialState.PRUNED, run)
             return False
         if result.get("diverged"):
             # loss is NaN or infinite: no later epoch can recover, whatever the pruner thinks
-            self._finish(job, TrialState.FAIL, run, error=run.error)
+            self.finish(job, TrialState.FAIL, run, error=run.error)
             return False
         if job.finished:
-            self._finish(job, TrialState.COMPLETE, run)
+            self.finish(job, TrialState.COMPLETE, run)
             return False
         return True
 
     def on_error(self, job: Job, error: BaseException, traceback: str) -> None:
         self.recorder.record_failure(job, traceback)
-        self._finish(job, TrialState.FAIL, self.store.run(job.run_id), error=traceback)
+        self.finish(job, TrialState.FAIL, self.store.run(job.run_id), error=traceback)
 
     def exhausted(self) -> bool:
         return not self.pending and self.asked >= self.n_trials
 
     # -----------------------------------------------------------------------------
-    def _finish(self, job: Job, state: TrialState, run: Optional[RunRecord], error: Optional[str] = None) -> None:
+    def finish(self, job: Job, state: TrialState, run: Optional[RunRecord], error: Optional[str] = None) -> None:
         trial: optuna.Trial = job.tag
         if error:
             trial.set_user_attr("error", error[-20_000:])  # Optuna caps attribute size; the store keeps all
@@ -148,7 +148,9 @@ def job_for(trial: optuna.Trial, store: Store, sweep_id: str, space: SearchSpace
         return Job(run_id=run_id, spec=spec, tag=trial)
     stored = store.load_checkpoint(run_id)
     epoch, checkpoint = stored if stored else (0, None)
-    # epochs stored after the last checkpoint (the master died between the two) are trained again
-    store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=cluster_id,
-                     epochs_done=epoch)
-    return Job(run_id=run_id, spec=run.params, checkpoint=checkpoint, epochs_done=epoch, tag=trial)
+    job = Job(run_id=run_id, spec=run.params, checkpoint=checkpoint, epochs_done=epoch, tag=trial)
+    if not job.finished:  # a finished run (the master died before telling Optuna) keeps its row as it is
+        # epochs stored after the last checkpoint (the master died between the two) are trained again
+        store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=cluster_id,
+                         epochs_done=epoch)
+    return job

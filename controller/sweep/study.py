@@ -61,15 +61,17 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
         return None
 
 
-def make_sampler(name: str, space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, space: SearchSpace, seed: int, n_trials: int = 20) -> optuna.samplers.BaseSampler:
     if name == "grid":
         return AskTellGridSampler(space.grid(), seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "tpe":
         # constant_liar: trials running on other engines count as "bad so far", so parallel
-        # engines don't all get the same suggestion
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=min(10, max(2, len(space.params) * 2)))
+        # engines don't all get the same suggestion.  Random start-up trials: Optuna's 10, but at most a
+        # third of a small sweep, or TPE would never get to model anything
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True,
+                                          n_startup_trials=min(10, max(2, n_trials // 3)))
     raise UsageError(f"--sampler {name!r}: expected one of {', '.join(SAMPLERS)}")
 
 
