@@ -125,6 +125,7 @@ class Cluster:
         cfg = override(self.config.cluster, "cluster start", slaves=slaves, provider=provider)
         self._refuse_second_cluster()
         chosen = self.provider(cfg.provider)
+        chosen.preflight(cfg.slaves)  # bad input, missing credentials: fail before anything starts
         threads = self.threads_per_engine(cfg.slaves, cfg.provider)
         profile = ipp_side.profile_dir(self.config.state_dir)
         record = self.store.create_cluster(
@@ -210,8 +211,7 @@ class Cluster:
         return self.store.cluster(record.id)
 
     def _release_orphans(self, all_clusters: bool) -> list[str]:
-        release = getattr(self.provider(), "release_orphans", None)
-        return release(self.name, all_clusters) if release is not None else []
+        return self.provider().release_orphans(self.name, all_clusters)
 
     def _stop_record(self, record: ClusterRecord) -> None:
         self.store.set_cluster_state(record.id, "stopping")
@@ -234,8 +234,8 @@ class Cluster:
             leftovers = [record.controller_pid] + [e.pid for e in self.store.engines(record.id)]
             if record.provider != "local":
                 leftovers = leftovers[:1]  # remote engine pids are not ours to signal
-            if record.provider == "local":
-                leftovers += ipp_side.marked_processes(Path(record.profile_dir))
+            # every provider: a controller stopped while still starting can orphan its schedulers
+            leftovers += ipp_side.marked_processes(Path(record.profile_dir))
             for pid in leftovers:
                 if ipp_side.pid_alive(pid):
                     ipp_side.kill_process_group(pid)

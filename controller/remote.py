@@ -277,7 +277,7 @@ def bootstrap(remote: Remote, spec: EngineSpec, cancelled: Optional[threading.Ev
 def start_engines(remote: Remote, base: str, spec: EngineSpec, count: int, gpus: int, src: str) -> list[int]:
     q = shlex.quote
     rundir = run_dir(base, spec.tag)
-    remote.run(f"mkdir -p {q(rundir)} && chmod 700 {q(base)}/run {q(rundir)}")
+    remote.run(f"mkdir -p {q(rundir)} {q(base)}/profile && chmod 700 {q(base)}/run {q(rundir)} {q(base)}/profile")
     connection = f"{rundir}/engine.json"
     # by SFTP, 0600 from the first byte: it carries the controller's HMAC key
     remote.put(json.dumps(spec.connection).encode(), connection, mode=0o600)
@@ -291,7 +291,9 @@ def start_engines(remote: Remote, base: str, spec: EngineSpec, count: int, gpus:
                   f"--profile-dir={q(base)}/profile")
         # setsid: its own session and process group, so it survives this SSH session and
         # stop can signal the whole group; the pid file lets stop find it without local state
-        command = (f"cd {q(base)} && {assignments} setsid nohup {engine} "
+        # a simple command in the background (not an && list: that would background a subshell
+        # holding the SSH channel open, and $! would not be the engine)
+        command = (f"cd {q(base)} || exit 1; {assignments} setsid nohup {engine} "
                    f"> {q(rundir)}/engine-{index}.log 2>&1 < /dev/null & "
                    f"echo $! > {q(rundir)}/engine-{index}.pid; echo $!")
         _, out, _ = remote.run(command)

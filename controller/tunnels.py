@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -123,8 +123,15 @@ def hold(spec: TunnelSpec, stop: Optional[threading.Event] = None) -> None:
         remote.close()
 
 
-def spawn(spec: TunnelSpec, folder: Path, timeout: float = 60) -> int:
-    """Start the holder process; returns its pid once every forward is up (or raises)."""
+def spawn(spec: TunnelSpec, folder: Path, timeout: float = 60, profile: Optional[Path] = None) -> int:
+    """Start the holder process; returns its pid once every forward is up (or raises).
+
+    With ``profile`` it carries the cluster's process marker, so the clean-up that
+    sweeps a cluster's local processes finds it even without its pid file.
+    """
+    from .ipp import PROCESS_MARKER
+
+    env = {**os.environ, **({PROCESS_MARKER: str(profile)} if profile else {})}
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "tunnels.json"
     ready = folder / "tunnels.ready"
@@ -134,7 +141,7 @@ def spawn(spec: TunnelSpec, folder: Path, timeout: float = 60) -> int:
     log_file = open(folder / "tunnels.log", "ab")
     process = subprocess.Popen([sys.executable, "-m", "controller.tunnels", str(spec_path)],
                                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
+                               start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent), env=env)
     log_file.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

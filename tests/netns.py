@@ -120,6 +120,16 @@ class NetnsHost:
                 found.append(pid)
         return found
 
+    def engine_count(self) -> int:
+        """Engines, not their nanny processes."""
+        count = 0
+        for pid in self.engine_processes():
+            try:
+                count += b"nanny" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                pass
+        return count
+
 
 class NetnsHosts:
     """N namespace hosts; use as a context manager (``close`` always runs)."""
@@ -190,7 +200,8 @@ SetEnv HOME={folder / 'home'}
         host.sshd = subprocess.Popen(
             ["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c",
              f"hostname {host.hostname} && exec {SSHD} -D -f {config} -E {folder / 'sshd.log'}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # a Ctrl-C of the test must not kill the slaves' sshd
         return host
 
     def _wait_sshd(self, host: NetnsHost, timeout: float = 20) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from controller.api import Cluster
 from controller.errors import ProviderError
-from tests.conftest import make_config, wait_until
+from tests.conftest import cluster_pids, make_config, wait_until
 from tests.netns import NetnsHosts, client_key, unavailable
 
 REASON = unavailable()
@@ -60,7 +60,7 @@ def test_two_slaves_register_train_and_stop(tmp_path, tiny_data_dir, hosts):
         assert {n.node_id for n in status.nodes} == {"10.213.1.2", "10.213.2.2"}
         assert all(e.node_id for e in status.engines)
         for host in hosts.hosts:
-            assert len(host.engine_processes()) == 1
+            assert host.engine_count() == 1
             # the connection file (HMAC key) landed 0600 in a 0700 directory, and never in a log
             (conn,) = engine_files(host)
             assert stat.S_IMODE(conn.stat().st_mode) == 0o600
@@ -83,6 +83,7 @@ def test_two_slaves_register_train_and_stop(tmp_path, tiny_data_dir, hosts):
     assert wait_until(lambda: not any(h.engine_processes() for h in hosts.hosts), timeout=20)
     assert not any(engine_files(h) for h in hosts.hosts)  # run dirs (and the HMAC key) removed
     assert cluster.stop() is None  # safe twice
+    assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=10)
     cluster.close()
 
 

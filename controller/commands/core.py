@@ -35,6 +35,8 @@ def register(sub) -> None:
     p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("stop", help="stop every engine, slave and the controller; history is kept")
+    p.add_argument("--all", action="store_true",
+                   help="also every node this tool tagged in the provider (aws: every cluster in the region)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_stop)
 
@@ -95,16 +97,26 @@ def show_status(ctx: Context, status) -> None:
     ctx.emit_table("engines", ["id", "host", "pid", "device", "threads", "state", "uptime"], [
         [e.id, e.host, e.pid, e.device, e.threads, e.state, duration(e.uptime_s)] for e in status.engines])
     if status.provider != "local" and status.nodes:
-        ctx.emit_table("nodes", ["node", "instance", "type", "zone", "market", "$/h", "state", "public ip"], [
-            [n.node_id, n.instance_id, n.instance_type, n.zone, n.market, f"{n.price_per_hour:.3f}", n.state,
+        now = time.time()
+        up = {n.node_id: max(0.0, (n.terminated_at or now) - n.launched_at) if n.launched_at else None
+              for n in status.nodes}
+        ctx.emit_table("nodes", ["node", "instance", "type", "zone", "market", "$/h", "uptime", "cost", "state",
+                                 "public ip"], [
+            [n.node_id, n.instance_id, n.instance_type, n.zone, n.market, f"{n.price_per_hour:.3f}",
+             duration(up[n.node_id]), f"${n.price_per_hour * (up[n.node_id] or 0) / 3600:.3f}", n.state,
              n.public_ip] for n in status.nodes])
 
 
 def cmd_stop(args, ctx: Context) -> int:
-    record = ctx.cluster().stop()
+    cluster = ctx.cluster()
+    record = cluster.stop(all_clusters=args.all)
+    released = getattr(cluster, "released", [])
     if args.json:
-        ctx.emit_json({"stopped": record is not None, "cluster": record})
-    elif record is None:
+        ctx.emit_json({"stopped": record is not None, "cluster": record, "released": released})
+        return 0
+    if released:
+        ctx.say(f"released by tag: {', '.join(released)}")
+    if record is None:
         ctx.say(f"no cluster {ctx.config.cluster.name!r} is running; nothing to stop")
     else:
         ctx.say(f"cluster {record.name!r} stopped; its runs stay in {ctx.config.state_dir}")

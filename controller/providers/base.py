@@ -64,6 +64,14 @@ class Provider(abc.ABC):
     def list(self, cluster: "ClusterRecord") -> list["NodeRecord"]:
         """The cluster's nodes as the provider sees them now (the cloud's tags are the truth)."""
 
+    def preflight(self, slaves: int) -> None:
+        """Check configuration and credentials before anything (the controller included) is started."""
+
+    def release_orphans(self, name: str, everything: bool = False) -> list[str]:
+        """Release nodes found by the provider's own tags when the store has no record of them
+        (local state lost), or of every cluster with ``everything``; returns what was released."""
+        return []
+
     def expected_engines(self, nodes: list["NodeRecord"]) -> int:
         """How many engines should register once ``start`` returned these nodes."""
         return sum(node.engines for node in nodes)

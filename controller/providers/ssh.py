@@ -72,6 +72,7 @@ class RemoteEngines:
         self.store = store
         self.tag = tag
         self.known_hosts = Path(known_hosts)
+        self.state_dir = Path(state_dir)
         self.tunnel_dir = Path(state_dir) / "tunnels" / tag
         self.python = python
         self.remote_dir = remote_dir
@@ -154,7 +155,7 @@ class RemoteEngines:
 
         spec = tunnels.TunnelSpec(hosts=[asdict(t.host) for t in targets], known_hosts=str(self.known_hosts),
                                   ports=rm.engine_ports(connection))
-        pid = tunnels.spawn(spec, self.tunnel_dir)
+        pid = tunnels.spawn(spec, self.tunnel_dir, profile=ipp_side.profile_dir(self.state_dir))
         (self.tunnel_dir / "tunnels.pid").write_text(str(pid))
         log.info("SSH reverse tunnels up (pid %s) for %d slave(s)", pid, len(targets))
 
@@ -238,11 +239,16 @@ class SshProvider(Provider):
                              python=cfg.python, remote_dir=cfg.remote_dir, engines_per_host=cfg.engines_per_host,
                              threads=self.config.cluster.threads_per_engine, on_step=type(self).on_step)
 
-    def start(self, cluster: ClusterRecord, ipp_cluster, slaves: int) -> list[NodeRecord]:
+    def preflight(self, slaves: int) -> None:
         hosts = self.hosts()
         if slaves > len(hosts):
             raise ConfigError(f"--slaves {slaves}: [ssh] hosts lists only {len(hosts)} machine(s)")
-        hosts = hosts[:slaves]
+        if hosts[0].key_file:
+            rm._load_key(hosts[0].key_file)  # a missing or unreadable key: say so now
+
+    def start(self, cluster: ClusterRecord, ipp_cluster, slaves: int) -> list[NodeRecord]:
+        self.preflight(slaves)
+        hosts = self.hosts()[:slaves]
         price = self.config.cluster.price_per_hour / len(hosts)
         now = time.time()
         targets = [Target(NodeRecord(node_id=str(h), provider=self.name, host=h.address, state="starting",

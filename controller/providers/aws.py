@@ -1,0 +1,555 @@
+"""GPU spot instances on EC2 (boto3), bootstrapped over SSH like the ssh provider.
+
+The cloud's tags are the truth: every instance, security group and key pair
+this tool creates carries ``gpu-cluster:cluster = <name>``, and ``stop`` finds
+and releases them by that tag, so nothing leaks when the local store is lost.
+Errors are sorted the SkyPilot way: capacity (try the next type/zone, then
+on-demand if allowed), credentials/permissions (stop at once), the rest
+(botocore retries transient ones itself, in adaptive mode).
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+from .. import remote as rm
+from ..errors import CapacityError, ClusterStateError, ConfigError, CredentialsError, ProviderError
+from ..store import ClusterRecord, NodeRecord
+from .base import Provider, SshTarget
+from .ssh import RemoteEngines, Target, local_addresses
+
+log = logging.getLogger(__name__)
+
+TAG_TOOL = "gpu-cluster:tool"  # on everything this tool creates, in any cluster
+TAG_CLUSTER = "gpu-cluster:cluster"  # the cluster's name
+TAG_ROLE = "gpu-cluster:role"  # slave, security-group, key-pair
+TOOL = "gpu-cluster"
+LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
+INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
+# the newest AWS Deep Learning Base AMI with the NVIDIA driver (owner: amazon)
+DL_AMI_NAME = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
+# us-east-1 Linux on-demand list prices, $/h (the Pricing API is not in every partition or test endpoint)
+ON_DEMAND_USD = {
+    "g4dn.xlarge": 0.526, "g4dn.2xlarge": 0.752, "g4dn.4xlarge": 1.204, "g4dn.8xlarge": 2.176,
+    "g4dn.12xlarge": 3.912, "g4dn.16xlarge": 4.352, "g5.xlarge": 1.006, "g5.2xlarge": 1.212,
+    "g5.4xlarge": 1.624, "g5.12xlarge": 5.672, "g6.xlarge": 0.8048, "g6.2xlarge": 0.9776,
+    "p3.2xlarge": 3.06, "p3.8xlarge": 12.24, "p4d.24xlarge": 32.7726,
+}
+CAPACITY_CODES = {"InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity",
+                  "Unsupported", "SpotMaxPriceTooLow", "InsufficientFreeAddressesInSubnet"}
+QUOTA_CODES = {"MaxSpotInstanceCountExceeded", "VcpuLimitExceeded", "InstanceLimitExceeded"}
+CREDENTIAL_CODES = {"AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "SignatureDoesNotMatch",
+                    "OptInRequired", "AccessDenied", "AccessDeniedException", "ExpiredToken"}
+
+# test-only: where to SSH to for an instance, ``(instance, key_file) -> (address, port)``.  moto's
+# instances never boot, so the tests map each to a network-namespace host running a real sshd
+# (and install the key pair there, as cloud-init would).  None in real use.
+ADDRESS_HOOK: Optional[Callable[[dict, str], tuple[str, int]]] = None
+
+
+@dataclass
+class PriceRow:
+    instance_type: str
+    zone: str
+    spot: Optional[float]  # latest spot price in this AZ, $/h
+    on_demand: Optional[float]  # list price, $/h
+    timestamp: str = ""
+
+
+def error_code(error: Exception) -> str:
+    return getattr(error, "response", {}).get("Error", {}).get("Code", "") if hasattr(error, "response") else ""
+
+
+def classify(error: Exception, doing: str) -> Exception:
+    """A botocore error as one of ours, with a message that says what to do."""
+    from botocore.exceptions import NoCredentialsError, NoRegionError
+
+    if isinstance(error, NoCredentialsError):
+        return CredentialsError(f"{doing}: no AWS credentials (set AWS_PROFILE or AWS_ACCESS_KEY_ID/"
+                                f"AWS_SECRET_ACCESS_KEY, or run `aws configure`)")
+    if isinstance(error, NoRegionError):
+        return ConfigError(f"{doing}: no AWS region; set [aws] region")
+    code = error_code(error)
+    message = getattr(error, "response", {}).get("Error", {}).get("Message", str(error))
+    if code in CREDENTIAL_CODES:
+        return CredentialsError(f"{doing}: AWS refused ({code}): {message}; docs/aws.md lists the IAM policy needed")
+    if code in QUOTA_CODES:
+        return CapacityError(f"{doing}: quota exceeded ({code}): {message}; ask for a higher "
+                             f"'All G and VT Spot Instance Requests' quota (docs/aws.md)")
+    if code == "SpotMaxPriceTooLow":
+        return CapacityError(f"{doing}: [aws] max_spot_price is below the current spot price ({message}); "
+                             f"see `cluster prices`")
+    if code in CAPACITY_CODES:
+        return CapacityError(f"{doing}: no capacity ({code}): {message}")
+    if code in ("InvalidInstanceType", "InvalidAMIID.Malformed", "InvalidAMIID.NotFound", "InvalidSubnetID.NotFound",
+                "InvalidGroup.NotFound", "InvalidKeyPair.NotFound", "InvalidParameterValue"):
+        return ConfigError(f"{doing}: {code}: {message}")
+    return ProviderError(f"{doing}: {code or type(error).__name__}: {message}")
+
+
+class AwsProvider(Provider):
+    name = "aws"
+
+    # test hook: called after each step of start ("key_pair", "security_group", "fleet", "running",
+    # "ssh", "tunnels", "bootstrap"); a no-op otherwise
+    on_step: Callable[[str], None] = staticmethod(lambda step: None)
+    waiter_delay: float = 5  # seconds between waiter polls (tests on moto shorten it)
+
+    @property
+    def controller_ip(self) -> str:  # type: ignore[override]
+        # tunnels only: loopback; otherwise engines in the VPC connect to the master directly
+        return "127.0.0.1" if self.config.aws.tunnel == "always" else "0.0.0.0"
+
+    # clients ------------------------------------------------------------------------
+    def ec2(self):
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        cfg = self.config.aws
+        if not cfg.region:
+            raise ConfigError(f"{self.config.source}: [aws] region is empty; set it, e.g. region = us-east-1")
+        session = boto3.session.Session(region_name=cfg.region)
+        if session.get_credentials() is None:
+            raise classify(__import__("botocore.exceptions").exceptions.NoCredentialsError(), "aws")
+        return session.client(
+            "ec2", endpoint_url=cfg.endpoint_url or None,
+            config=BotoConfig(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=10, read_timeout=60))
+
+    def _call(self, doing: str, fn, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except (ClientError, BotoCoreError) as error:
+            raise classify(error, doing) from None
+
+    @property
+    def cluster_name(self) -> str:
+        return self.config.cluster.name
+
+    def tags(self, role: str, name: Optional[str] = None) -> list[dict]:
+        name = name or self.cluster_name
+        return [{"Key": TAG_TOOL, "Value": TOOL}, {"Key": TAG_CLUSTER, "Value": name},
+                {"Key": TAG_ROLE, "Value": role}, {"Key": "Name", "Value": f"{TOOL}-{name}-{role}"}]
+
+    def tag_filter(self, name: Optional[str], everything: bool = False) -> list[dict]:
+        filters = [{"Name": f"tag:{TAG_TOOL}", "Values": [TOOL]}]
+        if not everything:
+            filters.append({"Name": f"tag:{TAG_CLUSTER}", "Values": [name or self.cluster_name]})
+        return filters
+
+    def folder(self, name: Optional[str] = None) -> Path:
+        path = self.config.state_dir / "aws" / (name or self.cluster_name)
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+        return path
+
+    # validation ------------------------------------------------------------------------
+    def check_config(self, ec2) -> None:
+        cfg = self.config.aws
+        where = f"{self.config.source}: [aws]"
+        if not cfg.instance_types:
+            raise ConfigError(f"{where} instance_types is empty; e.g. instance_types = g4dn.xlarge, g5.xlarge")
+        for kind in cfg.instance_types:
+            if not INSTANCE_TYPE.match(kind):
+                raise ConfigError(f"{where} instance_types: {kind!r} is not an instance type like g4dn.xlarge")
+        from botocore.exceptions import ClientError
+
+        try:
+            ec2.describe_instance_types(InstanceTypes=list(cfg.instance_types))
+        except ClientError as error:
+            if error_code(error) == "InvalidInstanceType":
+                raise ConfigError(f"{where} instance_types: {error.response['Error']['Message']}") from None
+            raise classify(error, "checking instance types") from None
+        if cfg.ssh_from != "auto":
+            try:
+                network = ipaddress.ip_network(cfg.ssh_from, strict=False)
+            except ValueError:
+                raise ConfigError(f"{where} ssh_from = {cfg.ssh_from!r}: expected a CIDR like 203.0.113.7/32 or auto") from None
+            if network.prefixlen == 0:
+                raise ConfigError(f"{where} ssh_from = {cfg.ssh_from}: refusing to open SSH to the whole internet")
+
+    def ssh_cidr(self) -> str:
+        cfg = self.config.aws
+        if cfg.ssh_from != "auto":
+            return str(ipaddress.ip_network(cfg.ssh_from, strict=False))
+        import urllib.request
+
+        try:  # the master's address as AWS sees it
+            with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=10) as response:
+                address = response.read().decode().strip()
+            return f"{ipaddress.ip_address(address)}/32"
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"could not find this master's public address ({error}); set [aws] ssh_from") from None
+
+    # start ------------------------------------------------------------------------------
+    def preflight(self, slaves: int) -> None:
+        ec2 = self.ec2()
+        self.check_config(ec2)
+        if self.config.aws.min_slaves > slaves:
+            raise ConfigError(f"[aws] min_slaves = {self.config.aws.min_slaves} is more than --slaves {slaves}")
+        self.ami(ec2)
+        self.refuse_existing(ec2)
+
+    def refuse_existing(self, ec2) -> None:
+        cfg = self.config.aws
+        existing = self.instances(ec2, self.cluster_name)
+        if existing:  # safe to re-run: never a second set of instances for one cluster
+            self._refused = True  # and the clean-up after this error must not touch them either
+            raise ClusterStateError(
+                f"cluster {self.cluster_name!r} already has instances in {cfg.region}: "
+                f"{', '.join(i['InstanceId'] for i in existing)}; run `cluster stop` first")
+
+    def start(self, cluster: ClusterRecord, ipp_cluster, slaves: int) -> list[NodeRecord]:
+        cfg = self.config.aws
+        ec2 = self.ec2()
+        self.check_config(ec2)
+        required = cfg.min_slaves or slaves
+        self.refuse_existing(ec2)  # again: the check and the launch should be as close as they can
+        try:
+            ami = self.ami(ec2)
+            subnets = self.subnets(ec2)
+            key_name, key_file = self.key_pair(ec2)
+            type(self).on_step("key_pair")
+            group = self.security_group(ec2, subnets[0]["VpcId"])
+            type(self).on_step("security_group")
+            launched = self.launch(ec2, ami, subnets, key_name, group, slaves, required)
+            nodes = [self.node_of(i, ami) for i in launched]
+            for node in nodes:  # recorded at once: a crash from here on still finds them
+                self.store.record_node(cluster.id, node)
+            type(self).on_step("fleet")
+            ids = [i["InstanceId"] for i in launched]
+            self.wait(ec2, "instance_running", ids)
+            instances = self.describe(ec2, ids)
+            type(self).on_step("running")
+            tunnel = self.use_tunnel(subnets)
+            targets = []
+            for instance in instances:
+                node = self.node_of(instance, ami, market_of={n.instance_id: n for n in nodes})
+                self.store.record_node(cluster.id, node)
+                targets.append(Target(node, self.host_of(instance, key_file, tunnel)))
+            # a fresh GPU instance takes a minute or three before its sshd answers
+            return self.engines(key_file).start(cluster, targets, tunnel=tunnel,
+                                                timeout=max(300, self.config.cluster.engine_timeout))
+        except BaseException as error:
+            log.warning("aws start failed (%s); releasing everything of cluster %s", error, self.cluster_name)
+            self.release(ec2, self.cluster_name)
+            raise
+
+    def ami(self, ec2) -> str:
+        cfg = self.config.aws
+        if cfg.ami != "auto":
+            self._call(f"[aws] ami = {cfg.ami}", ec2.describe_images, ImageIds=[cfg.ami])
+            return cfg.ami
+        images = self._call("looking up the deep-learning AMI", ec2.describe_images, Owners=["amazon"], Filters=[
+            {"Name": "name", "Values": [DL_AMI_NAME]}, {"Name": "state", "Values": ["available"]},
+            {"Name": "architecture", "Values": ["x86_64"]}])["Images"]
+        if not images:
+            raise ConfigError(f"no '{DL_AMI_NAME}' image in {cfg.region}; set [aws] ami to an AMI id with the "
+                              f"NVIDIA driver and Python 3")
+        return max(images, key=lambda i: i.get("CreationDate", ""))["ImageId"]
+
+    def subnets(self, ec2) -> list[dict]:
+        cfg = self.config.aws
+        if cfg.subnet:
+            found = self._call(f"[aws] subnet = {cfg.subnet}", ec2.describe_subnets, SubnetIds=[cfg.subnet])["Subnets"]
+        else:
+            found = self._call("finding the default VPC's subnets", ec2.describe_subnets,
+                               Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+        if not found:
+            raise ConfigError(f"no default VPC subnets in {cfg.region}; set [aws] subnet")
+        return sorted(found, key=lambda s: s["AvailabilityZone"])
+
+    def key_pair(self, ec2) -> tuple[str, str]:
+        cfg = self.config.aws
+        if cfg.key_name:
+            if not cfg.key_file:
+                raise ConfigError("[aws] key_name is set but key_file is not: the private key is needed for SSH")
+            return cfg.key_name, str(Path(cfg.key_file).expanduser())
+        name = f"{TOOL}-{self.cluster_name}-{uuid.uuid4().hex[:8]}"
+        reply = self._call("creating a key pair", ec2.create_key_pair, KeyName=name, KeyType="ed25519",
+                           TagSpecifications=[{"ResourceType": "key-pair", "Tags": self.tags("key-pair")}])
+        path = self.folder() / f"{name}.pem"
+        # 0600 from creation: O_EXCL + mode, never world-readable for an instant
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(reply["KeyMaterial"])
+        log.info("created key pair %s (private key %s)", name, path)
+        return name, str(path)
+
+    def security_group(self, ec2, vpc_id: str) -> str:
+        cfg = self.config.aws
+        if cfg.security_group:
+            return cfg.security_group
+        cidr = self.ssh_cidr()
+        name = f"{TOOL}-{self.cluster_name}-{uuid.uuid4().hex[:8]}"
+        group = self._call("creating a security group", ec2.create_security_group, GroupName=name, VpcId=vpc_id,
+                           Description=f"{TOOL} cluster {self.cluster_name}: SSH from the master, engines within",
+                           TagSpecifications=[{"ResourceType": "security-group", "Tags": self.tags("security-group")}])
+        group_id = group["GroupId"]
+        # SSH from the master only; every other port only from members of this group (never 0.0.0.0/0)
+        self._call("opening SSH and intra-cluster ports", ec2.authorize_security_group_ingress, GroupId=group_id,
+                   IpPermissions=[
+                       {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+                        "IpRanges": [{"CidrIp": cidr, "Description": "SSH from the master"}]},
+                       {"IpProtocol": "tcp", "FromPort": 0, "ToPort": 65535,
+                        "UserIdGroupPairs": [{"GroupId": group_id, "Description": "engines and controller"}]},
+                   ])
+        return group_id
+
+    def launch(self, ec2, ami: str, subnets: list[dict], key_name: str, group: str, slaves: int,
+               required: int) -> list[dict]:
+        """Spot first, in the order of instance_types and zones; on-demand only if allowed. Partial down to ``required``."""
+        cfg = self.config.aws
+        launched: list[dict] = []
+        problems: list[str] = []
+        markets = ["spot"] + (["on-demand"] if cfg.on_demand_fallback else [])
+        for market in markets:
+            for kind in cfg.instance_types:
+                for subnet in subnets:
+                    missing = slaves - len(launched)
+                    if missing <= 0:
+                        return launched
+                    kwargs = dict(
+                        ImageId=ami, InstanceType=kind, MinCount=1, MaxCount=missing, KeyName=key_name,
+                        SecurityGroupIds=[group], SubnetId=subnet["SubnetId"], ClientToken=uuid.uuid4().hex,
+                        TagSpecifications=[{"ResourceType": "instance", "Tags": self.tags("slave")},
+                                           {"ResourceType": "volume", "Tags": self.tags("slave")}])
+                    if market == "spot":
+                        spot = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
+                        if cfg.max_spot_price:
+                            spot["MaxPrice"] = f"{cfg.max_spot_price:.4f}"
+                        kwargs["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot}
+                    try:
+                        reply = self._call(f"launching {missing} {market} {kind} in {subnet['AvailabilityZone']}",
+                                           ec2.run_instances, **kwargs)
+                    except CapacityError as error:  # the next type or zone may have room
+                        problems.append(str(error))
+                        log.info("%s", error)
+                        continue
+                    for instance in reply["Instances"]:
+                        instance["_market"] = market
+                    launched += reply["Instances"]
+        if len(launched) >= required:
+            return launched
+        detail = "; ".join(problems[-4:]) or "no reason given"
+        raise CapacityError(f"only {len(launched)} of the {required} slaves needed could be launched "
+                            f"({', '.join(cfg.instance_types)}; {detail}). Try other instance types, "
+                            f"[aws] on_demand_fallback = true, or a lower [aws] min_slaves")
+
+    def wait(self, ec2, waiter_name: str, ids: list[str], timeout: float = 600) -> None:
+        if not ids:  # a waiter on nothing would wait forever
+            raise ProviderError(f"{waiter_name}: no instances to wait for")
+        attempts = max(1, int(timeout / self.waiter_delay))
+        from botocore.exceptions import WaiterError
+
+        try:
+            ec2.get_waiter(waiter_name).wait(InstanceIds=ids, WaiterConfig={"Delay": self.waiter_delay,
+                                                                            "MaxAttempts": attempts})
+        except WaiterError as error:
+            raise ProviderError(f"instances {', '.join(ids)} did not reach {waiter_name}: {error}") from None
+
+    def describe(self, ec2, ids: list[str]) -> list[dict]:
+        reply = self._call("describing instances", ec2.describe_instances, InstanceIds=ids)
+        return [i for r in reply["Reservations"] for i in r["Instances"]]
+
+    def instances(self, ec2, name: Optional[str], everything: bool = False) -> list[dict]:
+        """Live instances carrying the cluster's tag (or any cluster's, with ``everything``)."""
+        filters = self.tag_filter(name, everything) + [{"Name": "instance-state-name", "Values": LIVE_STATES}]
+        found = []
+        for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+            found += [i for r in page["Reservations"] for i in r["Instances"]]
+        return found
+
+    def use_tunnel(self, subnets: list[dict]) -> bool:
+        """auto: tunnels unless this master has an address inside the slaves' VPC subnets."""
+        mode = self.config.aws.tunnel
+        if mode != "auto":
+            return mode == "always"
+        networks = [ipaddress.ip_network(s["CidrBlock"]) for s in subnets if s.get("CidrBlock")]
+        inside = any(a.ip in n for a in local_addresses() for n in networks)
+        log.info("master %s the slaves' VPC: %s", "inside" if inside else "outside",
+                 "direct connections" if inside else "SSH reverse tunnels")
+        return not inside
+
+    def host_of(self, instance: dict, key_file: str, tunnel: bool) -> rm.Host:
+        user = self.config.aws.ssh_user
+        if ADDRESS_HOOK is not None:
+            address, port = ADDRESS_HOOK(instance, key_file)
+            return rm.Host(address, port, user, key_file)
+        address = instance.get("PublicIpAddress") if tunnel else instance.get("PrivateIpAddress")
+        if not address:
+            raise ProviderError(f"{instance['InstanceId']} has no {'public' if tunnel else 'private'} address; "
+                                f"use a subnet that assigns public IPs, or run the master inside the VPC")
+        return rm.Host(address, 22, user, key_file)
+
+    def node_of(self, instance: dict, ami: str, market_of: Optional[dict] = None) -> NodeRecord:
+        known = (market_of or {}).get(instance["InstanceId"])
+        market = instance.get("_market") or (known.market if known else None) or (
+            "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand")
+        kind = instance["InstanceType"]
+        zone = instance.get("Placement", {}).get("AvailabilityZone", "")
+        price = known.price_per_hour if known else self.price_of(kind, zone, market)
+        launched = instance.get("LaunchTime")
+        return NodeRecord(
+            node_id=instance["InstanceId"], provider=self.name, host=instance.get("PrivateDnsName", ""),
+            state=instance.get("State", {}).get("Name", "pending"), instance_id=instance["InstanceId"],
+            instance_type=kind, zone=zone, market=market, price_per_hour=price,
+            public_ip=instance.get("PublicIpAddress", ""), private_ip=instance.get("PrivateIpAddress", ""),
+            image=ami, launched_at=launched.timestamp() if isinstance(launched, datetime) else time.time())
+
+    def price_of(self, kind: str, zone: str, market: str) -> float:
+        """The price the instance runs at, recorded so reports can compute cost per run."""
+        if market == "spot":
+            for row in self.prices([kind]):
+                if row.zone == zone and row.spot is not None:
+                    return row.spot
+        return ON_DEMAND_USD.get(kind, 0.0)
+
+    def engines(self, key_file: str = "") -> RemoteEngines:
+        cfg = self.config.aws
+        return RemoteEngines(self.store, self.config.state_dir, self.cluster_name, self.folder() / "known_hosts",
+                             python=cfg.python, remote_dir=cfg.remote_dir, engines_per_gpu=cfg.engines_per_gpu,
+                             threads=self.config.cluster.threads_per_engine, on_step=type(self).on_step)
+
+    # prices -----------------------------------------------------------------------------
+    def prices(self, instance_types: Optional[list[str]] = None) -> list[PriceRow]:
+        """Latest spot price per AZ (describe_spot_price_history) beside the on-demand list price."""
+        ec2 = self.ec2()
+        kinds = list(instance_types or self.config.aws.instance_types)
+        for kind in kinds:
+            if not INSTANCE_TYPE.match(kind):
+                raise ConfigError(f"--instance-types: {kind!r} is not an instance type like g4dn.xlarge")
+        latest: dict[tuple[str, str], dict] = {}
+        paginator = ec2.get_paginator("describe_spot_price_history")
+        try:
+            pages = paginator.paginate(InstanceTypes=kinds, ProductDescriptions=["Linux/UNIX"],
+                                       StartTime=datetime.now(timezone.utc))
+            for page in pages:
+                for item in page["SpotPriceHistory"]:
+                    key = (item["InstanceType"], item["AvailabilityZone"])
+                    if key not in latest or item.get("Timestamp", 0) > latest[key].get("Timestamp", 0):
+                        latest[key] = item
+        except Exception as error:  # botocore errors
+            raise classify(error, "reading spot prices") from None
+        rows = [PriceRow(kind, zone, float(item["SpotPrice"]), ON_DEMAND_USD.get(kind),
+                         str(item.get("Timestamp", ""))) for (kind, zone), item in sorted(latest.items())]
+        for kind in kinds:
+            if not any(r.instance_type == kind for r in rows):
+                rows.append(PriceRow(kind, "-", None, ON_DEMAND_USD.get(kind)))
+        return rows
+
+    # stop -------------------------------------------------------------------------------
+    _refused = False  # start refused because instances of this cluster already exist
+
+    def stop(self, cluster: ClusterRecord, ipp_cluster) -> None:
+        if self._refused:  # they belong to another start of this cluster; `cluster stop` releases them
+            return
+        ec2 = self.ec2()
+        self.release(ec2, self.cluster_name, cluster_id=cluster.id)
+        now = time.time()
+        for node in self.store.nodes(cluster.id):
+            if node.state != "terminated":
+                node.state, node.terminated_at = "terminated", node.terminated_at or now
+                self.store.record_node(cluster.id, node)
+
+    def release_orphans(self, name: str, everything: bool = False) -> list[str]:
+        """Everything tagged for this cluster (or every cluster, ``everything``) in the region, local state or not."""
+        return self.release(self.ec2(), name, everything=everything)
+
+    def release(self, ec2, name: str, everything: bool = False, cluster_id: Optional[int] = None) -> list[str]:
+        """Stop engines, terminate instances, delete the group and key pair: all found by tag. Safe twice."""
+        instances = self.instances(ec2, name, everything)
+        if not everything:
+            hosts = []
+            for instance in instances:
+                if instance.get("State", {}).get("Name") != "running":
+                    continue
+                key_file = str(next(iter(self.folder(name).glob("*.pem")), "")) or self.config.aws.key_file
+                try:
+                    hosts.append(self.host_of(instance, key_file, self.config.aws.tunnel != "never"))
+                except ProviderError:
+                    pass
+            # engines first, politely (best effort: termination ends them anyway), then the tunnels
+            self.engines().stop(cluster_id, hosts, quiet=True)
+        else:
+            self.engines().stop_tunnels()
+        ids = [i["InstanceId"] for i in instances]
+        released = list(ids)
+        if ids:
+            log.info("terminating %s", ", ".join(ids))
+            self._call("terminating instances", ec2.terminate_instances, InstanceIds=ids)
+            self.wait(ec2, "instance_terminated", ids)
+        groups = self._call("finding security groups", ec2.describe_security_groups,
+                            Filters=self.tag_filter(name, everything))["SecurityGroups"]
+        for group in groups:
+            self._delete_group(ec2, group["GroupId"])
+            released.append(group["GroupId"])
+        pairs = self._call("finding key pairs", ec2.describe_key_pairs, Filters=self.tag_filter(name, everything))["KeyPairs"]
+        for pair in pairs:
+            self._call("deleting a key pair", ec2.delete_key_pair, KeyName=pair["KeyName"])
+            released.append(pair["KeyName"])
+        folders = [p for p in (self.config.state_dir / "aws").glob("*")] if everything else [self.config.state_dir / "aws" / name]
+        for folder in folders:  # the private keys and host keys of released instances
+            for path in folder.glob("*") if folder.is_dir() else []:
+                if path.is_file() and (path.suffix == ".pem" or path.name == "known_hosts"):
+                    path.unlink()
+        return released
+
+    def _delete_group(self, ec2, group_id: str, timeout: float = 120) -> None:
+        from botocore.exceptions import ClientError
+
+        deadline = time.monotonic() + timeout
+        delay = 1.0
+        while True:
+            try:
+                ec2.delete_security_group(GroupId=group_id)
+                return
+            except ClientError as error:
+                code = error_code(error)
+                if code == "InvalidGroup.NotFound":
+                    return
+                # terminating instances still hold the group for a while
+                if code != "DependencyViolation" or time.monotonic() > deadline:
+                    raise classify(error, f"deleting security group {group_id}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 10)
+
+    # listing ------------------------------------------------------------------------------
+    def list(self, cluster: ClusterRecord) -> list[NodeRecord]:
+        """The store's nodes with their state from AWS, plus tagged instances the store does not know."""
+        nodes = {n.node_id: n for n in self.store.nodes(cluster.id)}
+        try:
+            ec2 = self.ec2()
+            live = {i["InstanceId"]: i for i in self.instances(ec2, self.cluster_name)}
+        except Exception as error:  # status must still show the store when AWS is unreachable
+            log.warning("could not list instances in AWS: %s", error)
+            return list(nodes.values())
+        for node in nodes.values():
+            if node.instance_id and node.instance_id not in live and node.state not in ("terminated", "stopped"):
+                node.state = "gone"
+            elif node.instance_id in live:
+                node.state = live[node.instance_id]["State"]["Name"]
+        for instance_id, instance in live.items():
+            if instance_id not in nodes:
+                node = self.node_of(instance, instance.get("ImageId", ""))
+                node.state = f"untracked ({node.state})"  # in AWS, not in the store: `cluster stop` ends it
+                nodes[instance_id] = node
+        return list(nodes.values())
+
+    def ssh_target(self, node: NodeRecord) -> SshTarget:
+        key_file = str(next(iter(self.folder().glob("*.pem")), "")) or self.config.aws.key_file
+        address = node.public_ip if self.config.aws.tunnel != "never" else node.private_ip
+        return SshTarget(host=address or node.private_ip, port=22, user=self.config.aws.ssh_user, key_file=key_file,
+                         known_hosts=str(self.folder() / "known_hosts"))
+
+
+__all__ = ["AwsProvider", "PriceRow", "ADDRESS_HOOK", "classify"]

@@ -1,0 +1,402 @@
+"""provider = aws against moto's server over real HTTP, slaves as network-namespace hosts with real sshd.
+
+Every EC2 call is real boto3 to ``ThreadedMotoServer`` through endpoint_url.
+moto's instances never boot, so ``aws.ADDRESS_HOOK`` (test-only, the one mock
+here) maps each instance to a namespace host and installs the instance's key
+pair there as cloud-init would; SSH, SFTP, tunnels, engines and the controller
+are all real.  Leak tests fail ``cluster start`` after every step and assert
+nothing tagged for the cluster is left in EC2 and no engine runs on a slave.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import stat
+import sys
+
+import pytest
+
+from controller import ipp as ipp_side
+from controller.api import Cluster
+from controller.cli import main
+from controller.errors import ClusterStateError, ConfigError, CredentialsError, ProviderError
+from controller.providers import aws
+from tests.conftest import cluster_pids, make_config, wait_until
+from tests.netns import NetnsHosts, unavailable
+
+REASON = unavailable()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON or "ok")]
+REGION = "us-east-1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_url():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    with NetnsHosts(2, tmp_path_factory.mktemp("netns"), first_subnet=11) as made:
+        yield made
+
+
+@pytest.fixture
+def ec2(moto_url, monkeypatch):
+    import boto3
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST")).read()
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setattr(aws.AwsProvider, "waiter_delay", 0.2)
+    return boto3.client("ec2", region_name=REGION, endpoint_url=moto_url)
+
+
+@pytest.fixture
+def mapped(hosts, monkeypatch):
+    """Test-only: instance -> namespace host, in launch order; the key pair authorised there (cloud-init)."""
+    assigned: dict[str, object] = {}
+    for host in hosts.hosts:
+        host.authorized_keys.write_text("")
+
+    def hook(instance: dict, key_file: str) -> tuple[str, int]:
+        if instance["InstanceId"] not in assigned:
+            free = [h for h in hosts.hosts if h not in assigned.values()]
+            if not free:  # e.g. an instance started behind the tool's back: it has no machine here
+                raise ProviderError(f"{instance['InstanceId']}: no namespace host left (test mapping)")
+            free[0].authorize(key_file)
+            assigned[instance["InstanceId"]] = free[0]
+        return assigned[instance["InstanceId"]].address, 22
+
+    monkeypatch.setattr(aws, "ADDRESS_HOOK", hook)
+    return assigned
+
+
+_IMAGE: list[str] = []
+
+
+def image(ec2) -> str:
+    """One of the AMIs moto ships (describing them all is slow: once per module)."""
+    if not _IMAGE:
+        _IMAGE.append(ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"])
+    return _IMAGE[0]
+
+
+def aws_config(tmp_path, data_dir, moto_url, ami, *, slaves=2, extra=""):
+    keys = {"region": REGION, "endpoint_url": moto_url, "instance_types": "g4dn.xlarge, g5.xlarge", "ami": ami,
+            "ssh_user": "root", "ssh_from": "10.213.0.0/16", "python": sys.executable}
+    for line in extra.splitlines():  # a test's keys replace the defaults above
+        if "=" in line:
+            key, value = line.split("=", 1)
+            keys[key.strip()] = value.strip()
+    aws_section = "\n".join(f"{k} = {v}" for k, v in keys.items())
+    return make_config(tmp_path, data_dir, slaves=slaves, extra=f"provider = aws\n\n[aws]\n{aws_section}\n")
+
+
+def tagged(ec2, name="test") -> dict:
+    """Everything in EC2 that carries the cluster's tag and is not gone."""
+    filters = [{"Name": "tag:gpu-cluster:cluster", "Values": [name]}]
+    instances = [i for r in ec2.describe_instances(Filters=filters)["Reservations"] for i in r["Instances"]
+                 if i["State"]["Name"] != "terminated"]
+    return {
+        "instances": [i["InstanceId"] for i in instances],
+        "groups": [g["GroupId"] for g in ec2.describe_security_groups(Filters=filters)["SecurityGroups"]],
+        "key_pairs": [k["KeyName"] for k in ec2.describe_key_pairs(Filters=filters)["KeyPairs"]],
+    }
+
+
+NOTHING = {"instances": [], "groups": [], "key_pairs": []}
+
+
+def no_engines(hosts) -> bool:
+    return wait_until(lambda: not any(h.engine_processes() for h in hosts.hosts), timeout=20)
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_spot_slaves_train_status_and_stop_without_leaks(tmp_path, tiny_data_dir, moto_url, ec2, hosts, mapped,
+                                                         monkeypatch):
+    config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2))
+    cluster = Cluster(config)
+    try:
+        status = cluster.start()
+        assert status.state == "running"
+        assert sorted(e.host for e in status.engines) == ["slave11", "slave12"]
+        nodes = [n for n in status.nodes]
+        assert len(nodes) == 2 and all(n.market == "spot" and n.instance_type == "g4dn.xlarge" for n in nodes)
+        assert all(n.price_per_hour > 0 and n.zone for n in nodes)  # the price each instance runs at
+        # tags, the security group and the key pair
+        found = tagged(ec2)
+        assert sorted(found["instances"]) == sorted(n.instance_id for n in nodes)
+        assert len(found["groups"]) == 1 and len(found["key_pairs"]) == 1
+        (group,) = ec2.describe_security_groups(GroupIds=found["groups"])["SecurityGroups"]
+        for rule in group["IpPermissions"]:
+            assert all(r["CidrIp"] != "0.0.0.0/0" for r in rule.get("IpRanges", []))  # nothing open to the world
+            if rule.get("IpRanges"):
+                assert (rule["FromPort"], rule["ToPort"]) == (22, 22)  # only SSH, only from the master
+                assert [r["CidrIp"] for r in rule["IpRanges"]] == ["10.213.0.0/16"]
+            else:
+                assert [p["GroupId"] for p in rule["UserIdGroupPairs"]] == [group["GroupId"]]
+        (key_file,) = (config.state_dir / "aws" / "test").glob("*.pem")
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        # moto's subnets are not the master's: engines came back through SSH reverse tunnels
+        conn = json.loads(next((hosts.hosts[0].dir / "home").glob(".cluster-engine/run/test/engine.json")).read_text())
+        assert conn["interface"] == "tcp://127.0.0.1"
+        assert (config.state_dir / "tunnels" / "test" / "tunnels.pid").exists()
+
+        run = cluster.train(subset=200, epochs=1)
+        assert run.run.state == "completed" and run.run.host in ("slave11", "slave12")
+
+        # an instance with the cluster's tag that the store does not know: status shows it, stop ends it
+        stray = ec2.run_instances(ImageId=image(ec2), InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
+                                  TagSpecifications=[{"ResourceType": "instance", "Tags": [
+                                      {"Key": "gpu-cluster:tool", "Value": "gpu-cluster"},
+                                      {"Key": "gpu-cluster:cluster", "Value": "test"}]}])["Instances"][0]["InstanceId"]
+        states = {n.node_id: n.state for n in cluster.status().nodes}
+        assert states[stray].startswith("untracked")
+
+        monkeypatch.setenv("CLUSTER_CONFIG", str(tmp_path / "cluster.ini"))
+        code, out, _ = run_cli("status")
+        assert code == 0 and "spot" in out and "g4dn.xlarge" in out and "untracked" in out
+        code, out, _ = run_cli("ip", "--json")
+        assert code == 0 and {n["node"] for n in json.loads(out)["nodes"]} >= {n.instance_id for n in nodes}
+        code, out, _ = run_cli("ssh", nodes[0].instance_id, "--print")
+        assert code == 0 and "StrictHostKeyChecking=yes" in out and "root@" in out
+    finally:
+        cluster.stop()
+    assert tagged(ec2) == NOTHING
+    assert no_engines(hosts)
+    assert not list((config.state_dir / "aws" / "test").glob("*.pem"))
+    assert cluster.stop() is None and tagged(ec2) == NOTHING  # safe twice
+    cluster.close()
+
+
+STEPS = ["key_pair", "security_group", "fleet", "running", "ssh", "tunnels", "bootstrap"]
+
+
+@pytest.mark.parametrize("step", STEPS + ["ctrl-c:bootstrap", "registration"])
+def test_failed_start_leaves_nothing(step, tmp_path, tiny_data_dir, moto_url, ec2, hosts, mapped, monkeypatch):
+    """A failure (or Ctrl-C) after each step of `cluster start`: nothing tagged remains, no engine runs."""
+    error = KeyboardInterrupt if step.startswith("ctrl-c") else RuntimeError
+    target = step.split(":")[-1]
+
+    def fail(name: str) -> None:
+        if name == target:
+            raise error(f"injected failure after {name}")
+
+    monkeypatch.setattr(aws.AwsProvider, "on_step", staticmethod(fail))
+    if step == "registration":  # engines up, then the wait for registration fails
+        monkeypatch.setattr(Cluster, "_record_engines", lambda *a: (_ for _ in ()).throw(RuntimeError("injected")))
+    cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2)))
+    with pytest.raises((RuntimeError, KeyboardInterrupt)):
+        cluster.start()
+    assert tagged(ec2) == NOTHING
+    assert no_engines(hosts)
+    assert not ipp_side.pid_alive(cluster.store.latest_cluster("test").controller_pid)
+    assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=10)  # schedulers too
+    assert not list(cluster.config.state_dir.glob("aws/test/*.pem"))
+    cluster.close()
+
+
+def test_stop_finds_everything_after_local_state_is_lost(tmp_path, tiny_data_dir, moto_url, ec2, hosts, mapped):
+    config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1)
+    cluster = Cluster(config)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    controller_pid = cluster.store.active_cluster("test").controller_pid
+    cluster.close()
+    assert len(tagged(ec2)["instances"]) == 1
+    shutil.rmtree(config.state_dir)  # the laptop's state is gone; the instances are not
+
+    fresh = Cluster(config)
+    assert fresh.stop() is None
+    assert tagged(ec2) == NOTHING
+    assert len(fresh.released) == 3  # the instance, the security group, the key pair
+    fresh.close()
+    ipp_side.kill_process_group(controller_pid)  # the master's own orphan, not the provider's to find
+    # the orphaned engine on the slave: its instance is terminated (a real one would be gone with it)
+    for host in hosts.hosts:
+        for pid in host.engine_processes():
+            ipp_side.kill_process_group(pid)
+
+
+def test_stop_all_releases_every_cluster_in_the_region(tmp_path, tiny_data_dir, moto_url, ec2):
+    for name in ("one", "two"):
+        ec2.run_instances(ImageId=image(ec2), InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
+                          TagSpecifications=[{"ResourceType": "instance", "Tags": [
+                              {"Key": "gpu-cluster:tool", "Value": "gpu-cluster"},
+                              {"Key": "gpu-cluster:cluster", "Value": name}]}])
+    ec2.run_instances(ImageId=image(ec2), InstanceType="t3.micro", MinCount=1, MaxCount=1)  # not ours
+    aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2))
+    code, out, err = run_cli("--config", str(tmp_path / "cluster.ini"), "stop", "--all")
+    assert code == 0, err
+    assert tagged(ec2, "one") == NOTHING and tagged(ec2, "two") == NOTHING
+    live = [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"] if i["State"]["Name"] == "running"]
+    assert len(live) == 1  # the instance that is not this tool's is untouched
+
+
+def test_prices_per_zone_beside_on_demand(tmp_path, tiny_data_dir, moto_url, ec2):
+    aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2))
+    code, out, err = run_cli("--config", str(tmp_path / "cluster.ini"), "prices", "--instance-types",
+                             "g4dn.xlarge,g5.xlarge", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["prices"]
+    assert {r["instance_type"] for r in rows} == {"g4dn.xlarge", "g5.xlarge"}
+    assert all(r["spot"] is not None and r["zone"].startswith(REGION) for r in rows)
+    assert len({r["zone"] for r in rows}) > 1  # one row per availability zone
+    assert {r["on_demand"] for r in rows if r["instance_type"] == "g5.xlarge"} == {1.006}
+    code, out, err = run_cli("--config", str(tmp_path / "cluster.ini"), "prices")
+    assert code == 0 and "g4dn.xlarge" in out
+
+
+@pytest.mark.parametrize("extra, error, match", [
+    ("instance_types = g4dn.nosuch", ConfigError, "instance_types"),
+    ("instance_types = not a type", ConfigError, "instance_types"),
+    ("max_spot_price = cheap", ConfigError, "max_spot_price"),
+    ("region =", ConfigError, "region"),
+    ("ssh_from = 0.0.0.0/0", ConfigError, "whole internet"),
+    ("ami = auto", ConfigError, "Deep Learning"),
+    ("__no_credentials__", CredentialsError, "credentials"),
+])
+def test_bad_input_fails_clearly_and_creates_nothing(extra, error, match, tmp_path, tiny_data_dir, moto_url, ec2,
+                                                     monkeypatch):
+    if extra == "__no_credentials__":
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask an instance-metadata address
+        extra = ""
+    try:
+        config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), extra=extra)
+    except ConfigError as caught:
+        assert match in str(caught)
+        assert tagged(ec2) == NOTHING
+        return
+    cluster = Cluster(config)
+    with pytest.raises(error, match=match):
+        cluster.start()
+    assert tagged(ec2) == NOTHING
+    assert cluster.store.latest_cluster("test") is None  # refused before anything, the controller included
+    cluster.close()
+
+
+def test_start_refuses_to_over_create_and_leaves_existing_alone(tmp_path, tiny_data_dir, moto_url, ec2):
+    """Instances of this cluster already run (another state_dir, or state lost): refuse, touch nothing."""
+    existing = ec2.run_instances(ImageId=image(ec2), InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
+                                 TagSpecifications=[{"ResourceType": "instance", "Tags": [
+                                     {"Key": "gpu-cluster:tool", "Value": "gpu-cluster"},
+                                     {"Key": "gpu-cluster:cluster", "Value": "test"}]}])["Instances"][0]["InstanceId"]
+    cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2)))
+    with pytest.raises(ClusterStateError, match="already has instances"):
+        cluster.start()
+    assert tagged(ec2)["instances"] == [existing]
+    assert cluster.stop() is None  # no record: `cluster stop` releases them by tag
+    assert tagged(ec2) == NOTHING
+    cluster.close()
+
+
+@pytest.mark.parametrize("code, kind, words", [
+    ("InsufficientInstanceCapacity", "CapacityError", "no capacity"),
+    ("SpotMaxPriceTooLow", "CapacityError", "max_spot_price"),
+    ("MaxSpotInstanceCountExceeded", "CapacityError", "quota"),
+    ("VcpuLimitExceeded", "CapacityError", "quota"),
+    ("UnauthorizedOperation", "CredentialsError", "IAM policy"),
+    ("AuthFailure", "CredentialsError", "refused"),
+    ("InvalidInstanceType", "ConfigError", "InvalidInstanceType"),
+    ("InternalError", "ProviderError", "InternalError"),
+])
+def test_ec2_errors_are_sorted_into_capacity_credentials_and_the_rest(code, kind, words):
+    """The error EC2 would send (botocore's own ClientError), as the error the user sees."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    error = aws.classify(ClientError({"Error": {"Code": code, "Message": "from EC2"}}, "RunInstances"), "launching")
+    assert type(error).__name__ == kind and words in str(error)
+    assert isinstance(aws.classify(NoCredentialsError(), "x"), CredentialsError)
+
+
+def refuse_spot(client, kinds: set[str]) -> list[str]:
+    """Test-only: EC2 answers InsufficientInstanceCapacity to spot requests for ``kinds``.
+
+    moto always has capacity, so the error EC2 sends is injected at botocore's
+    before-call event of the real client; the request is otherwise real.
+    """
+    seen: list[str] = []
+
+    class Refused:
+        status_code = 500
+
+    def before_call(params, **kwargs):
+        body = params.get("body") or {}
+        spot = body.get("InstanceMarketOptions.MarketType") == "spot"
+        seen.append(f"{'spot' if spot else 'on-demand'} {body.get('InstanceType')} {body.get('SubnetId')}")
+        if spot and body.get("InstanceType") in kinds:
+            return Refused(), {"Error": {"Code": "InsufficientInstanceCapacity", "Message": "no capacity (injected)"}}
+        return None
+
+    client.meta.events.register("before-call.ec2.RunInstances", before_call)
+    return seen
+
+
+def test_capacity_falls_through_types_and_zones_then_on_demand(tmp_path, tiny_data_dir, moto_url, ec2):
+    from controller.errors import CapacityError
+    from controller.store import Store
+
+    config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), extra="on_demand_fallback = false")
+    with Store(config.state_dir) as store:
+        provider = aws.AwsProvider(config, store)
+        client = provider.ec2()
+        subnets = provider.subnets(client)
+        key, _ = provider.key_pair(client)
+        group = provider.security_group(client, subnets[0]["VpcId"])
+        seen = refuse_spot(client, {"g4dn.xlarge"})
+        # g4dn spot refused in every zone: the next type, g5, gets the instances, still spot
+        got = provider.launch(client, image(ec2), subnets, key, group, slaves=2, required=2)
+        assert {i["InstanceType"] for i in got} == {"g5.xlarge"} and {i["_market"] for i in got} == {"spot"}
+        assert len([s for s in seen if s.startswith("spot g4dn")]) == len(subnets) > 1
+
+        refuse_spot(client, {"g5.xlarge"})  # now no spot anywhere: a clear error, nothing launched
+        with pytest.raises(CapacityError, match="only 0 of the 2 slaves.*on_demand_fallback"):
+            provider.launch(client, image(ec2), subnets, key, group, slaves=2, required=2)
+        assert len(tagged(ec2)["instances"]) == 2
+        provider.release(client, "test")
+        assert tagged(ec2) == NOTHING
+
+    config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), extra="on_demand_fallback = true")
+    with Store(config.state_dir) as store:
+        provider = aws.AwsProvider(config, store)
+        client = provider.ec2()
+        refuse_spot(client, {"g4dn.xlarge", "g5.xlarge"})
+        subnets = provider.subnets(client)
+        key, _ = provider.key_pair(client)
+        group = provider.security_group(client, subnets[0]["VpcId"])
+        got = provider.launch(client, image(ec2), subnets, key, group, slaves=2, required=2)
+        assert {i["_market"] for i in got} == {"on-demand"} and {i["InstanceType"] for i in got} == {"g4dn.xlarge"}
+        assert provider.node_of(got[0], image(ec2)).price_per_hour == aws.ON_DEMAND_USD["g4dn.xlarge"]
+        provider.release(client, "test")
+    assert tagged(ec2) == NOTHING
