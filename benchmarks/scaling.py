@@ -91,8 +91,8 @@ def main() -> int:
     print(f"- contention: one engine trains at {per_engine[last.engines]:,.0f} images/s with {last.engines} engines "
           f"running against {per_engine[first]:,.0f} with {first}: "
           f"{per_engine[last.engines] / per_engine[first]:.0%} of its speed (shared cores, caches, memory bandwidth)")
-    print(f"- busy = seconds spent training+evaluating / (wall x engines); the rest is task dispatch "
-          f"(0.2 s scheduler poll), checkpoints to the store, model set-up per task")
+    print("- busy = seconds spent training+evaluating / (wall x engines); the rest is task dispatch "
+          "(0.2 s scheduler poll), checkpoints to the store, model set-up per task")
     print("- every trial evaluates 20,000 images whatever --subset is: a fixed cost per task")
     print(f"- {cores} cores shared: load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
           f"(other users' work takes cores from the engines); memory bandwidth is shared too")

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import ipp as ipp_side
 from .config import Config, load_config, override
@@ -23,6 +23,9 @@ from .providers import Provider, provider_class
 from .runs import SingleRun
 from .scheduler import Job, ProgressSink, Scheduler
 from .store import ClusterRecord, EngineRecord, EpochRecord, NodeRecord, RunRecord, Store, new_id
+
+if TYPE_CHECKING:
+    from .sweep.records import SweepResult
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ class Cluster:
         self.store = Store(self.config.state_dir)
         self._client = None
         self._client_cluster_id: Optional[int] = None
+        self.current_run_id: Optional[str] = None  # the run train()/resume() is on (for Ctrl-C hints)
 
     @classmethod
     def connect(cls, config: Optional[Config] = None, *, config_file: Optional[str | os.PathLike] = None) -> "Cluster":
@@ -131,18 +135,13 @@ class Cluster:
         record = self.store.create_cluster(
             name=self.name, provider=cfg.provider, slaves=cfg.slaves, threads_per_engine=threads,
             profile_dir=str(profile), ipp_cluster_id="", price_per_hour=cfg.price_per_hour)
-        ipp_cluster_id = f"{self.name}-{record.id}"
-        self.store.update_cluster(record.id, ipp_cluster_id=ipp_cluster_id)
+        self.store.update_cluster(record.id, ipp_cluster_id=f"{self.name}-{record.id}")
         record = self.store.cluster(record.id)
-        engine_env = {
-            "OMP_NUM_THREADS": str(threads or ""), "MKL_NUM_THREADS": str(threads or ""),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
-        }
-        engine_env = {k: v for k, v in engine_env.items() if v}
-        ipp_cluster = ipp_side.new_cluster(
-            profile, ipp_cluster_id, engine_env=engine_env, controller_ip=chosen.controller_ip,
-            engine_timeout=cfg.engine_timeout)
+        ipp_cluster = client = None
         try:
+            ipp_cluster = ipp_side.new_cluster(
+                profile, record.ipp_cluster_id, engine_env=self._engine_env(threads),
+                controller_ip=chosen.controller_ip, engine_timeout=cfg.engine_timeout)
             ipp_cluster.start_controller_sync()
             self.store.update_cluster(record.id, controller_pid=ipp_side.controller_pid(ipp_cluster))
             ipp_side.secure_files(profile)
@@ -157,21 +156,40 @@ class Cluster:
                     f"their logs are in {profile / 'log'} (raise [cluster] engine_timeout if slaves are slow)"
                 ) from None
             self._record_engines(record, client, threads, nodes)
-            client.close()
             ipp_side.secure_files(profile)
             self.store.set_cluster_state(record.id, "running")
         except BaseException as error:
             log.warning("start failed (%s); stopping what was started", error)
-            self._teardown(record, chosen, ipp_cluster)
-            self.store.set_cluster_state(record.id, "stopped", error=f"start failed: {error}")
+            try:
+                self._teardown(record, chosen, ipp_cluster)
+            except Exception:  # the original error is the one to report; this one goes to the log
+                log.exception("clean-up after the failed start failed too")
+            finally:
+                self.store.set_cluster_state(record.id, "stopped", error=f"start failed: {error}")
             raise
+        finally:
+            if client is not None:
+                client.close()
         return self.status()
+
+    @staticmethod
+    def _engine_env(threads: int) -> dict[str, str]:
+        engine_env = {
+            "OMP_NUM_THREADS": str(threads or ""), "MKL_NUM_THREADS": str(threads or ""),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
+        }
+        return {k: v for k, v in engine_env.items() if v}
+
+    @staticmethod
+    def _controller_alive(record: ClusterRecord) -> bool:
+        """The record's controller still runs (its pid alive *and* carrying this cluster's marker)."""
+        return ipp_side.is_marked(record.controller_pid, Path(record.profile_dir), record.ipp_cluster_id)
 
     def _refuse_second_cluster(self) -> None:
         existing = self.store.active_cluster(self.name)
         if existing is None:
             return
-        if existing.state in ("starting", "running", "stopping") and ipp_side.pid_alive(existing.controller_pid):
+        if existing.state in ("starting", "running", "stopping") and self._controller_alive(existing):
             raise AlreadyRunningError(
                 f"cluster {self.name!r} is already running (started {time.ctime(existing.created_at)}, "
                 f"state_dir {self.config.state_dir}); run `cluster stop` first, or use another "
@@ -203,12 +221,11 @@ class Cluster:
         if self._client is not None:
             self._client.close()
             self._client = None
-        # what the provider released by its tags: shown by `cluster stop`
+        if record is not None:
+            self._stop_record(record)  # our own cluster first, whatever the cloud says next
+        # what the provider released by its tags (local state lost, or --all): shown by `cluster stop`
         self.released = self._release_orphans(all_clusters) if record is None or all_clusters else []
-        if record is None:
-            return None
-        self._stop_record(record)
-        return self.store.cluster(record.id)
+        return self.store.cluster(record.id) if record is not None else None
 
     def _release_orphans(self, all_clusters: bool) -> list[str]:
         return self.provider().release_orphans(self.name, all_clusters)
@@ -231,14 +248,8 @@ class Cluster:
                 except Exception:
                     log.warning("ipyparallel could not stop the controller cleanly", exc_info=True)
                 ipp_cluster.remove_cluster_file()
-            leftovers = [record.controller_pid] + [e.pid for e in self.store.engines(record.id)]
-            if record.provider != "local":
-                leftovers = leftovers[:1]  # remote engine pids are not ours to signal
             # every provider: a controller stopped while still starting can orphan its schedulers
-            leftovers += ipp_side.marked_processes(Path(record.profile_dir))
-            for pid in leftovers:
-                if ipp_side.pid_alive(pid):
-                    ipp_side.kill_process_group(pid)
+            ipp_side.kill_cluster_processes(Path(record.profile_dir), record.ipp_cluster_id)
 
     # status -------------------------------------------------------------------
     def status(self) -> ClusterStatus:
@@ -249,12 +260,12 @@ class Cluster:
                                  error=last.error if last else None)
         profile = Path(record.profile_dir)
         url = ipp_side.url_file(profile, record.ipp_cluster_id)
-        controller_alive = ipp_side.pid_alive(record.controller_pid)
+        controller_alive = self._controller_alive(record)
         registered, queues = self._registered_engines(url) if controller_alive else (set(), {})
         now = time.time()
         engines = []
         for engine in self.store.engines(record.id):
-            if record.provider == "local" and not ipp_side.pid_alive(engine.pid):
+            if record.provider == "local" and not ipp_side.is_marked(engine.pid, profile, record.ipp_cluster_id):
                 state = "dead"
             elif engine.engine_id not in registered:
                 state = "unregistered"
@@ -308,12 +319,16 @@ class Cluster:
     def client(self):
         record = self.record
         if self._client is None or self._client_cluster_id != record.id:
-            if not ipp_side.pid_alive(record.controller_pid) and record.provider == "local":
-                raise ClusterStateError(
-                    f"the controller of cluster {self.name!r} (pid {record.controller_pid}) is gone; "
-                    f"run `cluster stop` to clean up, then `cluster start`")
+            gone = ClusterStateError(
+                f"the controller of cluster {self.name!r} (pid {record.controller_pid}) is gone; "
+                f"run `cluster stop` to clean up, then `cluster start`")
+            if not self._controller_alive(record):
+                raise gone
             url = ipp_side.url_file(Path(record.profile_dir), record.ipp_cluster_id)
-            self._client = ipp_side.connect(url, timeout=15)
+            try:
+                self._client = ipp_side.connect(url, timeout=15)
+            except (OSError, TimeoutError) as error:  # the file vanished, or the controller hangs
+                raise ClusterStateError(f"{gone} ({error})") from None
             self._client_cluster_id = record.id
         return self._client
 
@@ -341,6 +356,7 @@ class Cluster:
         run_id = new_id("r-")
         spec["run_id"] = run_id
         self.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=self.record.id))
+        self.current_run_id = run_id
         return self._execute(Job(run_id=run_id, spec=spec), progress)
 
     def resume(self, run_id: str, progress: Optional[ProgressSink] = None) -> RunResult:
@@ -350,10 +366,13 @@ class Cluster:
             raise UsageError(f"--resume {run_id}: no such run; `cluster runs` lists them")
         if run.state == "completed":
             raise UsageError(f"--resume {run_id}: the run already completed all {run.epochs_done} epochs")
+        from engines.tasks import task_for
+
         stored = self.store.load_checkpoint(run_id)
         epoch, checkpoint = stored if stored else (0, None)
         self.store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=self.record.id)
-        job = Job(run_id=run_id, spec=run.params, checkpoint=checkpoint, epochs_done=epoch)
+        job = Job(run_id=run_id, spec=run.params, checkpoint=checkpoint, epochs_done=epoch, task=task_for(run.params))
+        self.current_run_id = run_id
         return self._execute(job, progress)
 
     def _execute(self, job: Job, progress: Optional[ProgressSink]) -> RunResult:

@@ -31,6 +31,7 @@ from .errors import TaskError, UsageError
 from .runs import RunRecorder
 from .scheduler import Job, ProgressSink, Scheduler
 from .store import NodeRecord, RunRecord, Store, new_id
+from .sweep.space import PAPER_L1  # the paper's λ grid, one definition for sweeps and benches
 
 if TYPE_CHECKING:
     from .api import Cluster
@@ -75,8 +76,6 @@ CREATE TABLE IF NOT EXISTS bench_trials (
 );
 """
 
-# the paper's λ grid: no penalty, then 1e-5 .. 100 a decade apart
-PAPER_L1 = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 
 
 # records ------------------------------------------------------------------------

@@ -22,9 +22,9 @@ STATE_DIR_ENV = "CLUSTER_STATE_DIR"
 BUILTIN = "<built-in defaults>"
 
 
-def _opt(default, help: str, *, choices=None, min=None, max=None, factory=None):
-    """A config field: its default, its help line and what values are allowed."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max}
+def _opt(default, help: str, *, choices=None, min=None, max=None, factory=None, path=False):
+    """A config field: its default, its help line and what values are allowed (``path``: a file name)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -70,8 +70,9 @@ class TrainingConfig:
 class SshConfig:
     hosts: tuple = _opt((), "slaves you already own: host or host:port, comma separated", factory=tuple)
     user: str = _opt("", "SSH user on the slaves; empty = the current user")
-    key_file: str = _opt("", "private key for the slaves; empty = SSH agent / default keys")
-    known_hosts: str = _opt("", "known_hosts file; empty = STATE_DIR/known_hosts (recorded on first contact)")
+    key_file: str = _opt("", "private key for the slaves; empty = SSH agent / default keys", path=True)
+    known_hosts: str = _opt("", "known_hosts file; empty = STATE_DIR/known_hosts (recorded on first contact)",
+                            path=True)
     engines_per_host: int = _opt(1, "engines started on every host", min=1, max=64)
     python: str = _opt("python3", "Python on the slaves used to create the engine environment")
     remote_dir: str = _opt("~/.cluster-engine", "directory on the slaves for the engine environment")
@@ -86,7 +87,7 @@ class AwsConfig:
     max_spot_price: float = _opt(0.0, "highest $/hour per instance; 0 = up to the on-demand price", min=0.0)
     ami: str = _opt("auto", "AMI id, or auto = a current GPU deep-learning AMI")
     key_name: str = _opt("", "EC2 key pair; empty = create one per cluster")
-    key_file: str = _opt("", "private key of key_name; empty = STATE_DIR/keys when created")
+    key_file: str = _opt("", "private key of key_name; empty = STATE_DIR/keys when created", path=True)
     subnet: str = _opt("", "subnet id; empty = the default VPC's subnets")
     security_group: str = _opt("", "security group id; empty = create one per cluster")
     min_slaves: int = _opt(0, "accept partial capacity down to this many; 0 = all requested", min=0, max=256)
@@ -198,6 +199,8 @@ def _section_from(cls: type, items: dict[str, str], source: str, section: str, b
         value = parse_value(raw, fields[key], kinds[key], f"{source}: [{section}] {key}")
         if kinds[key] is Path and value != Path("") and not value.is_absolute():
             value = base / value
+        elif fields[key].metadata.get("path") and value and not Path(value).expanduser().is_absolute():
+            value = str(base / value)  # an optional path (empty = unset): relative to the file too
         values[key] = value
     return cls(**values)
 

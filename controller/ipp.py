@@ -18,8 +18,14 @@ import ipyparallel as ipp
 
 log = logging.getLogger(__name__)
 
-# set in the environment of every local process of a cluster, so none can be orphaned unseen
-PROCESS_MARKER = "CLUSTER_PROFILE_DIR"
+# set in the environment of every local process of a cluster, so none can be orphaned unseen, and
+# so a pid is only ever signalled if it is still ours (pids are reused)
+PROCESS_MARKER = "CLUSTER_PROFILE_DIR"  # the state_dir's profile that started it
+CLUSTER_MARKER = "CLUSTER_IPP_ID"  # which cluster of that state_dir
+
+
+def process_marker(profile: Path, cluster_id: str) -> dict[str, str]:
+    return {PROCESS_MARKER: str(profile), CLUSTER_MARKER: cluster_id}
 
 
 def profile_dir(state_dir: Path) -> Path:
@@ -27,7 +33,7 @@ def profile_dir(state_dir: Path) -> Path:
 
 
 def url_file(profile: Path, cluster_id: str) -> Path:
-    """The client connection file: a plain ``ipyparallel.Client(url_file=...)`` can use it."""
+    """The client connection file: a plain ``ipyparallel.Client(path)`` can use it."""
     return Path(profile) / "security" / f"ipcontroller-{cluster_id}-client.json"
 
 
@@ -41,7 +47,7 @@ def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], c
     from traitlets.config import Config
 
     config = Config()
-    marker = {PROCESS_MARKER: str(profile)}
+    marker = process_marker(profile, cluster_id)
     config.LocalControllerLauncher.environment = marker
     config.LocalEngineSetLauncher.environment = {**engine_env, **marker}
     config.LocalEngineLauncher.environment = {**engine_env, **marker}
@@ -82,15 +88,6 @@ def controller_pid(cluster: ipp.Cluster) -> Optional[int]:
     return getattr(launcher, "pid", None) if launcher is not None else None
 
 
-def engine_pids(cluster: ipp.Cluster) -> list[int]:
-    pids = []
-    for engine_set in cluster.engines.values():
-        for launcher in getattr(engine_set, "launchers", {}).values():
-            if getattr(launcher, "pid", None):
-                pids.append(launcher.pid)
-    return pids
-
-
 def pid_alive(pid: Optional[int]) -> bool:
     if not pid or pid <= 0:
         return False
@@ -108,10 +105,16 @@ def pid_alive(pid: Optional[int]) -> bool:
 
 
 def kill_process_group(pid: int, grace: float = 5.0) -> None:
-    """SIGTERM a launcher's process group (it started it as a new session), then SIGKILL."""
+    """SIGTERM a launcher's process group (it started it as a new session), then SIGKILL.
+
+    Never our own group: a pid that was reused by the caller's shell must not take it down.
+    """
     try:
         pgid = os.getpgid(pid)
     except ProcessLookupError:
+        return
+    if pgid == os.getpgrp():
+        log.warning("not signalling process group %d: it is this process's own", pgid)
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -125,20 +128,38 @@ def kill_process_group(pid: int, grace: float = 5.0) -> None:
             time.sleep(0.05)
 
 
-def marked_processes(profile: Path) -> list[int]:
-    """Pids of live processes started for the cluster whose profile this is (via PROCESS_MARKER)."""
-    needle = f"{PROCESS_MARKER}={profile}".encode() + b"\0"
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes() + b"\0"
-        except OSError:
-            continue
-        if needle in environ and pid_alive(int(entry.name)):
-            pids.append(int(entry.name))
-    return pids
+def process_environment(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+def is_marked(pid: Optional[int], profile: Optional[Path] = None, cluster_id: Optional[str] = None) -> bool:
+    """A live process started by this tool (for this profile / cluster, when given)?"""
+    if not pid_alive(pid):
+        return False
+    environ = process_environment(pid)
+    if PROCESS_MARKER not in environ:
+        return False
+    if profile is not None and environ[PROCESS_MARKER] != str(profile):
+        return False
+    return cluster_id is None or environ.get(CLUSTER_MARKER) == cluster_id
+
+
+def marked_processes(profile: Path, cluster_id: Optional[str] = None) -> list[int]:
+    """Pids of live processes started for this profile (and cluster, when given), via the markers."""
+    return [int(entry.name) for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and int(entry.name) != os.getpid()
+            and is_marked(int(entry.name), Path(profile), cluster_id)]
+
+
+def kill_cluster_processes(profile: Path, cluster_id: str) -> None:
+    for pid in marked_processes(profile, cluster_id):
+        if pid_alive(pid):
+            kill_process_group(pid)
 
 
 def connect(url: Path, timeout: float = 10) -> ipp.Client:

@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import shlex
-import socket
 import tarfile
 import threading
 import time
@@ -344,10 +343,3 @@ def connection_for(connection: dict, controller_address: str) -> dict:
     copy.pop("ssh", None)
     return copy
 
-
-def port_open(address: str, port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=timeout):
-            return True
-    except OSError:
-        return False

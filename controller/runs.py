@@ -18,6 +18,11 @@ class RunRecorder:
         self.store = store
 
     def record_result(self, job: Job, result: dict, engine_id: Optional[int]) -> RunRecord:
+        # one transaction: a Ctrl-C never leaves epochs without their checkpoint, or seconds counted twice
+        with self.store.transaction():
+            return self._record_result(job, result, engine_id)
+
+    def _record_result(self, job: Job, result: dict, engine_id: Optional[int]) -> RunRecord:
         run = self.store.run(job.run_id)
         seconds = run.seconds or 0.0
         for epoch in result["epochs"]:

@@ -77,7 +77,6 @@ class ProgressSink:
 class _InFlight:
     job: Job
     result: ipp.AsyncResult
-    submitted: float
     last_update: Optional[dict] = None
 
 
@@ -116,7 +115,7 @@ class Scheduler:
     def submit(self, job: Job) -> _InFlight:
         result = self.view.apply_async(job.task, job.spec, job.checkpoint, job.epochs_per_task)
         self.stats.tasks += 1
-        return _InFlight(job, result, time.perf_counter())
+        return _InFlight(job, result)
 
     def run(self, source: JobSource, sink: Optional[ProgressSink] = None) -> SchedulerStats:
         sink = sink or ProgressSink()

@@ -11,6 +11,7 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+from .errors import DataError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clusters (
@@ -85,6 +88,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     created_at REAL NOT NULL
 );
 """
+
+class CheckpointError(DataError):
+    """A stored checkpoint is missing or does not match its hash."""
+
 
 RUN_STATES = ("running", "completed", "failed", "interrupted", "pruned")
 
@@ -196,9 +203,35 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        self._after_commit: Optional[list] = None  # actions waiting for the open transaction's COMMIT
 
     def close(self) -> None:
         self.db.close()
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """All writes inside commit together or not at all (Ctrl-C included); nests as one."""
+        if self._after_commit is not None:  # already inside one
+            yield
+            return
+        self._after_commit = []
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self._after_commit = None
+            raise
+        self.db.execute("COMMIT")
+        actions, self._after_commit = self._after_commit, None
+        for action in actions:
+            action()
+
+    def _when_committed(self, action) -> None:
+        if self._after_commit is None:
+            action()
+        else:
+            self._after_commit.append(action)
 
     def __enter__(self) -> "Store":
         return self
@@ -337,9 +370,13 @@ class Store:
         self._insert("checkpoints", dict(
             run_id=run_id, epoch=epoch, path=str(path), sha256=hashlib.sha256(data).hexdigest(),
             bytes=len(data), created_at=time.time()), replace=True)
-        for old in folder.glob("epoch-*.pt"):
-            if old != path:
-                old.unlink(missing_ok=True)
+
+        def drop_older() -> None:  # only once the row naming the new file is committed
+            for old in folder.glob("epoch-*.pt"):
+                if old != path:
+                    old.unlink(missing_ok=True)
+
+        self._when_committed(drop_older)
         return path
 
     def load_checkpoint(self, run_id: str) -> Optional[tuple[int, bytes]]:
@@ -347,7 +384,10 @@ class Store:
         row = self.db.execute("SELECT * FROM checkpoints WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             return None
-        data = Path(row["path"]).read_bytes()
+        try:
+            data = Path(row["path"]).read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {row['path']} of run {run_id} is missing") from None
         if hashlib.sha256(data).hexdigest() != row["sha256"]:
-            raise ValueError(f"checkpoint {row['path']} of run {run_id} is corrupt (hash mismatch)")
+            raise CheckpointError(f"checkpoint {row['path']} of run {run_id} is corrupt (hash mismatch)")
         return row["epoch"], data

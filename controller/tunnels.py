@@ -131,7 +131,7 @@ def spawn(spec: TunnelSpec, folder: Path, timeout: float = 60, profile: Optional
     """
     from .ipp import PROCESS_MARKER
 
-    env = {**os.environ, **({PROCESS_MARKER: str(profile)} if profile else {})}
+    env = {**os.environ, PROCESS_MARKER: str(profile) if profile else ""}
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "tunnels.json"
     ready = folder / "tunnels.ready"
@@ -156,9 +156,10 @@ def spawn(spec: TunnelSpec, folder: Path, timeout: float = 60, profile: Optional
 
 
 def kill(pid: Optional[int]) -> None:
-    from .ipp import kill_process_group, pid_alive
+    """End a tunnel holder, if that pid is still one of ours (a stale pid file may name anything)."""
+    from .ipp import is_marked, kill_process_group
 
-    if pid and pid_alive(pid):
+    if pid and is_marked(pid):
         kill_process_group(pid)
 
 

@@ -7,6 +7,7 @@ normalised on the fly, which is ~10x faster than per-item PIL transforms.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import struct
 from dataclasses import dataclass
@@ -99,11 +100,16 @@ def ensure_mnist(data_dir: Path, download: bool) -> Path:
         return folder
     if download:
         log.info("MNIST missing from %s; downloading with torchvision", folder)
+        root = Path(data_dir).expanduser()
         try:
             from torchvision.datasets import MNIST
 
-            MNIST(root=str(Path(data_dir).expanduser()), train=True, download=True)
-            MNIST(root=str(Path(data_dir).expanduser()), train=False, download=True)
+            root.mkdir(parents=True, exist_ok=True)
+            # engines on one host start together: one downloads, the others wait and then find the files
+            with open(root / ".download.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                MNIST(root=str(root), train=True, download=True)
+                MNIST(root=str(root), train=False, download=True)
         except Exception as exc:  # no network, a mirror down, a full disk ...
             raise DataError(
                 f"MNIST is not in {folder} and the download failed ({exc}). "

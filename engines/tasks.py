@@ -102,3 +102,8 @@ def warm_up(spec: dict, kind: str = "mnist") -> float:
 
         load_mnist(Path(spec["data_dir"]), bool(spec.get("download", False)))
     return time.perf_counter() - started
+
+
+def task_for(spec: dict):
+    """The task function that trains runs of this spec (CIFAR specs name their ``model``)."""
+    return cifar_task if spec.get("model") else train_task

@@ -175,7 +175,8 @@ def test_spot_slaves_train_status_and_stop_without_leaks(tmp_path, tiny_data_dir
         stray = ec2.run_instances(ImageId=image(ec2), InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
                                   TagSpecifications=[{"ResourceType": "instance", "Tags": [
                                       {"Key": "gpu-cluster:tool", "Value": "gpu-cluster"},
-                                      {"Key": "gpu-cluster:cluster", "Value": "test"}]}])["Instances"][0]["InstanceId"]
+                                      {"Key": "gpu-cluster:cluster", "Value": "test"},
+                                      {"Key": "gpu-cluster:owner", "Value": aws.owner()}]}])["Instances"][0]["InstanceId"]
         states = {n.node_id: n.state for n in cluster.status().nodes}
         assert states[stray].startswith("untracked")
 
@@ -311,7 +312,8 @@ def test_start_refuses_to_over_create_and_leaves_existing_alone(tmp_path, tiny_d
     existing = ec2.run_instances(ImageId=image(ec2), InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
                                  TagSpecifications=[{"ResourceType": "instance", "Tags": [
                                      {"Key": "gpu-cluster:tool", "Value": "gpu-cluster"},
-                                     {"Key": "gpu-cluster:cluster", "Value": "test"}]}])["Instances"][0]["InstanceId"]
+                                     {"Key": "gpu-cluster:cluster", "Value": "test"},
+                                     {"Key": "gpu-cluster:owner", "Value": aws.owner()}]}])["Instances"][0]["InstanceId"]
     cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2)))
     with pytest.raises(ClusterStateError, match="already has instances"):
         cluster.start()
@@ -400,3 +402,18 @@ def test_capacity_falls_through_types_and_zones_then_on_demand(tmp_path, tiny_da
         assert provider.node_of(got[0], image(ec2)).price_per_hour == aws.ON_DEMAND_USD["g4dn.xlarge"]
         provider.release(client, "test")
     assert tagged(ec2) == NOTHING
+
+
+def test_stop_by_tag_leaves_another_masters_cluster_of_the_same_name_alone(tmp_path, tiny_data_dir, moto_url, ec2):
+    """Cluster names repeat ("default"): with the local state lost, stop releases only this master's."""
+    theirs = ec2.run_instances(ImageId=image(ec2), InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
+                               TagSpecifications=[{"ResourceType": "instance", "Tags": [
+                                   {"Key": "gpu-cluster:tool", "Value": "gpu-cluster"},
+                                   {"Key": "gpu-cluster:cluster", "Value": "test"},
+                                   {"Key": "gpu-cluster:owner", "Value": "someone@elsewhere"}]}])["Instances"][0]["InstanceId"]
+    cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2)))
+    assert cluster.stop() is None and cluster.released == []
+    live = [i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
+            if i["State"]["Name"] == "running"]
+    assert live == [theirs]
+    cluster.close()

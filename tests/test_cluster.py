@@ -1,12 +1,12 @@
 """A real local cluster driven through the `cluster` command: start, status, train, runs, stop."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import ipyparallel as ipp
@@ -104,6 +104,40 @@ def test_a_crashed_controller_shows_in_status_and_stop_still_cleans_up(tmp_path,
         cluster.stop()
     assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=20), cluster_pids(cluster.config.state_dir)
     assert cluster.status().state == "stopped"
+
+
+def test_two_clusters_in_one_state_dir_are_stopped_apart(tmp_path, tiny_data_dir):
+    first = Cluster(make_config(tmp_path, tiny_data_dir, slaves=1))
+    (tmp_path / "b").mkdir()
+    second_config = make_config(tmp_path / "b", tiny_data_dir, slaves=1)
+    second = Cluster(dataclasses.replace(
+        second_config, cluster=dataclasses.replace(second_config.cluster, name="other",
+                                                   state_dir=first.config.state_dir)))
+    try:
+        first.start()
+        second.start()
+        survivor = second.status()
+        first.stop()
+        assert second.status().state == "running"
+        assert [e.state for e in second.status().engines] == ["idle"]
+        assert second.client[:].apply_sync(os.getpid) == [survivor.engines[0].pid]
+    finally:
+        first.stop()
+        second.stop()
+    assert wait_until(lambda: not cluster_pids(first.config.state_dir), timeout=20)
+
+
+def test_stale_pids_are_never_signalled(tmp_path):
+    from controller import ipp as ipp_side
+
+    stranger = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not ipp_side.is_marked(stranger.pid)
+        ipp_side.kill_cluster_processes(ipp_side.profile_dir(tmp_path), "test-1")
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_training_needs_a_running_cluster_and_valid_parameters(env, isolated):

@@ -109,3 +109,12 @@ def test_command_line_values_are_validated_like_the_file(isolated):
 def test_unknown_commands_and_flags_are_usage_errors(isolated, capsys):
     assert run_cli("explode")[0] == 2
     assert run_cli("train", "--learning-rate", "1")[0] == 2
+
+
+def test_optional_key_paths_in_a_file_are_relative_to_that_file(isolated, tmp_path):
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "c.ini").write_text("[ssh]\nkey_file = keys/id_ed25519\nknown_hosts =\n[aws]\nkey_file = /abs/key\n")
+    config = load_config(folder / "c.ini")
+    assert config.ssh.key_file == str(folder.resolve() / "keys" / "id_ed25519")
+    assert config.ssh.known_hosts == "" and config.aws.key_file == "/abs/key"

@@ -7,6 +7,7 @@ run executes on one of them.
 """
 from __future__ import annotations
 
+import socket
 import stat
 import sys
 from pathlib import Path
@@ -48,7 +49,8 @@ tunnel = {tunnel}
 
 
 def engine_files(host) -> list[Path]:
-    return list((host.dir / "home").glob(".cluster-engine/run/test/engine.json"))
+    # the run directory is named by the cluster and the master's host: two masters' "test" stay apart
+    return list((host.dir / "home").glob(f".cluster-engine/run/test.{socket.gethostname()}/engine.json"))
 
 
 def test_two_slaves_register_train_and_stop(tmp_path, tiny_data_dir, hosts):

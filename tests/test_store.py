@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.store import EpochRecord, RunRecord, Store
+from controller.store import CheckpointError, EpochRecord, RunRecord, Store
 
 
 def test_runs_and_their_epochs_round_trip(tmp_path):
@@ -41,5 +41,20 @@ def test_a_corrupt_checkpoint_is_detected(tmp_path):
     store.create_run(RunRecord(id="r-1", params={}))
     path = store.save_checkpoint("r-1", 1, b"good bytes")
     path.write_bytes(b"bad bytes!")
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt"):
         store.load_checkpoint("r-1")
+
+
+def test_a_transaction_commits_everything_or_nothing(tmp_path):
+    store = Store(tmp_path)
+    store.create_run(RunRecord(id="r-1", params={}))
+    store.save_checkpoint("r-1", 1, b"one")
+    with pytest.raises(KeyboardInterrupt):
+        with store.transaction():
+            store.add_epoch(EpochRecord(run_id="r-1", epoch=2, train_loss=0.1, val_accuracy=0.9, test_accuracy=0.9,
+                                        seconds=1, train_seconds=1, images_per_s=1, lr=0.1))
+            store.save_checkpoint("r-1", 2, b"two")
+            store.update_run("r-1", epochs_done=2)
+            raise KeyboardInterrupt  # Ctrl-C between the writes
+    assert store.epochs("r-1") == [] and store.run("r-1").epochs_done == 0
+    assert store.load_checkpoint("r-1") == (1, b"one"), "the checkpoint the rows name is still there"

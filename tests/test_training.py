@@ -1,7 +1,6 @@
 """Training on an engine, in-process: the paper's network, L1, determinism, resume, accuracy."""
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch

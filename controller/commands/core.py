@@ -138,10 +138,10 @@ def cmd_train(args, ctx: Context) -> int:
             else:
                 result = cluster.train(progress=progress, **overrides)
         except KeyboardInterrupt:
-            latest = cluster.runs(limit=1)
-            if latest and latest[0].state == "interrupted":
-                ctx.err_console.print(f"run {latest[0].id} interrupted after epoch {latest[0].epochs_done}; "
-                                      f"continue it with `cluster train --resume {latest[0].id}`")
+            run = cluster.store.run(cluster.current_run_id) if cluster.current_run_id else None
+            if run is not None and run.state == "interrupted":
+                ctx.err_console.print(f"run {run.id} interrupted after epoch {run.epochs_done}; "
+                                      f"continue it with `cluster train --resume {run.id}`")
             raise
     run = result.run
     if args.json:

@@ -60,7 +60,10 @@ def cmd_sweep(args, ctx: Context) -> int:
     console = ctx.err_console
     seed = shared.pop("seed", 0)
 
+    running: dict[str, str] = {}  # the sweep this command is on, for the Ctrl-C hint
+
     def view(source):
+        running["sweep_id"] = source.sweep_id
         return SweepProgress(source, console, engine_pids={e.pid: e.engine_id for e in cluster.store.engines(
             cluster.record.id)})
 
@@ -71,10 +74,9 @@ def cmd_sweep(args, ctx: Context) -> int:
             result = cluster.sweep(args.param, preset=args.preset, trials=args.trials, sampler=args.sampler,
                                    pruner=args.pruner or "none", seed=seed, progress=view, **shared)
     except KeyboardInterrupt:
-        latest = cluster.sweeps(limit=1)
-        if latest:
-            console.print(f"sweep {latest[0].sweep_id} interrupted; continue it with "
-                          f"`cluster sweep --resume {latest[0].sweep_id}`")
+        sweep_id = running.get("sweep_id") or args.resume
+        if sweep_id:
+            console.print(f"sweep {sweep_id} interrupted; continue it with `cluster sweep --resume {sweep_id}`")
         raise
     if args.json:
         ctx.emit_json(result.to_dict() | {"makespan_s": result.makespan_s})

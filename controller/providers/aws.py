@@ -9,10 +9,12 @@ on-demand if allowed), credentials/permissions (stop at once), the rest
 """
 from __future__ import annotations
 
+import getpass
 import ipaddress
 import logging
 import os
 import re
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,7 +33,14 @@ log = logging.getLogger(__name__)
 TAG_TOOL = "gpu-cluster:tool"  # on everything this tool creates, in any cluster
 TAG_CLUSTER = "gpu-cluster:cluster"  # the cluster's name
 TAG_ROLE = "gpu-cluster:role"  # slave, security-group, key-pair
+# user@host of the master: cluster names (default "default") repeat across users of one account, and
+# stop-by-tag after the local state is lost must not release somebody else's cluster of the same name
+TAG_OWNER = "gpu-cluster:owner"
 TOOL = "gpu-cluster"
+
+
+def owner() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
 LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
 # the newest AWS Deep Learning Base AMI with the NVIDIA driver (owner: amazon)
@@ -103,10 +112,14 @@ class AwsProvider(Provider):
     on_step: Callable[[str], None] = staticmethod(lambda step: None)
     waiter_delay: float = 5  # seconds between waiter polls (tests on moto shorten it)
 
+    # decided by preflight (tunnel = auto looks at the slaves' subnets), before the controller starts
+    _tunnel: Optional[bool] = None
+
     @property
     def controller_ip(self) -> str:  # type: ignore[override]
-        # tunnels only: loopback; otherwise engines in the VPC connect to the master directly
-        return "127.0.0.1" if self.config.aws.tunnel == "always" else "0.0.0.0"
+        # tunnels: loopback only; otherwise engines in the VPC connect to the master directly
+        tunnel = self._tunnel if self._tunnel is not None else self.config.aws.tunnel == "always"
+        return "127.0.0.1" if tunnel else "0.0.0.0"
 
     # clients ------------------------------------------------------------------------
     def ec2(self):
@@ -138,12 +151,15 @@ class AwsProvider(Provider):
     def tags(self, role: str, name: Optional[str] = None) -> list[dict]:
         name = name or self.cluster_name
         return [{"Key": TAG_TOOL, "Value": TOOL}, {"Key": TAG_CLUSTER, "Value": name},
+                {"Key": TAG_OWNER, "Value": owner()},
                 {"Key": TAG_ROLE, "Value": role}, {"Key": "Name", "Value": f"{TOOL}-{name}-{role}"}]
 
     def tag_filter(self, name: Optional[str], everything: bool = False) -> list[dict]:
+        """This master's cluster of that name; ``everything``: every cluster of this tool in the region."""
         filters = [{"Name": f"tag:{TAG_TOOL}", "Values": [TOOL]}]
         if not everything:
             filters.append({"Name": f"tag:{TAG_CLUSTER}", "Values": [name or self.cluster_name]})
+            filters.append({"Name": f"tag:{TAG_OWNER}", "Values": [owner()]})
         return filters
 
     def folder(self, name: Optional[str] = None) -> Path:
@@ -198,6 +214,7 @@ class AwsProvider(Provider):
             raise ConfigError(f"[aws] min_slaves = {self.config.aws.min_slaves} is more than --slaves {slaves}")
         self.ami(ec2)
         self.refuse_existing(ec2)
+        self._tunnel = self.use_tunnel(self.subnets(ec2))
 
     def refuse_existing(self, ec2) -> None:
         cfg = self.config.aws
@@ -230,7 +247,8 @@ class AwsProvider(Provider):
             self.wait(ec2, "instance_running", ids)
             instances = self.describe(ec2, ids)
             type(self).on_step("running")
-            tunnel = self.use_tunnel(subnets)
+            # as preflight decided: the controller already listens accordingly
+            tunnel = self._tunnel if self._tunnel is not None else self.use_tunnel(subnets)
             targets = []
             for instance in instances:
                 node = self.node_of(instance, ami, market_of={n.instance_id: n for n in nodes})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from pathlib import Path
 from typing import Optional
 
 import ipyparallel as ipp
@@ -33,10 +34,8 @@ class LocalProvider(Provider):
                 ipp_cluster.stop_engines_sync()
             except Exception:  # a crashed launcher must not stop the clean-up
                 log.warning("ipyparallel could not stop the engines cleanly", exc_info=True)
-        # whatever the launchers missed (a lost cluster file): the pids the store knows
-        for engine in self.store.engines(cluster.id):
-            if ipp_side.pid_alive(engine.pid):
-                ipp_side.kill_process_group(engine.pid)
+        # whatever the launchers missed (a lost cluster file): the cluster's marked processes
+        ipp_side.kill_cluster_processes(Path(cluster.profile_dir), cluster.ipp_cluster_id)
         for node in self.store.nodes(cluster.id):
             node.state, node.terminated_at = "stopped", time.time()
             self.store.record_node(cluster.id, node)

@@ -11,6 +11,7 @@ import concurrent.futures
 import ipaddress
 import json
 import logging
+import socket
 import subprocess
 import threading
 import time
@@ -235,7 +236,9 @@ class SshProvider(Provider):
 
     def engines(self) -> RemoteEngines:
         cfg = self.config.ssh
-        return RemoteEngines(self.store, self.config.state_dir, self.config.cluster.name, self.known_hosts(),
+        # the master's host in the tag: two masters' clusters of one name on a shared box stay apart
+        tag = f"{self.config.cluster.name}.{socket.gethostname()}"
+        return RemoteEngines(self.store, self.config.state_dir, tag, self.known_hosts(),
                              python=cfg.python, remote_dir=cfg.remote_dir, engines_per_host=cfg.engines_per_host,
                              threads=self.config.cluster.threads_per_engine, on_step=type(self).on_step)
 
@@ -263,18 +266,26 @@ class SshProvider(Provider):
         hosts = {str(h): h for h in self.hosts()} if self.config.ssh.hosts else {}
         for node_id in stored - set(hosts):
             hosts[node_id] = rm.Host.parse(node_id, self.config.ssh.user, self.config.ssh.key_file)
-        self.engines().stop(cluster.id, list(hosts.values()))
+        problems = self.engines().stop(cluster.id, list(hosts.values()))
+        failed = {problem.split(": ", 1)[0] for problem in problems}
         for node in self.store.nodes(cluster.id):
-            if node.state != "stopped":
+            if node.state != "stopped" and node.node_id not in failed:
                 node.state, node.terminated_at = "stopped", time.time()
                 self.store.record_node(cluster.id, node)
+        if problems:  # engines may still run there: say so, and let `cluster stop` be run again
+            raise ProviderError(
+                "could not stop the engines on " + "; ".join(problems)
+                + ". Run `cluster stop` again once the hosts answer, or stop them there (`cluster ssh NODE`).")
 
     def release_orphans(self, name: str, everything: bool = False) -> list[str]:
         """With the local state lost: stop this cluster's engines on every configured host."""
         if not self.config.ssh.hosts:
             return []
-        self.engines().stop(None, self.hosts())
-        return [str(h) for h in self.hosts()]
+        problems = self.engines().stop(None, self.hosts())
+        failed = {problem.split(": ", 1)[0] for problem in problems}
+        for problem in problems:
+            log.warning("could not stop engines on %s", problem)
+        return [str(h) for h in self.hosts() if str(h) not in failed]
 
     def list(self, cluster: ClusterRecord) -> list[NodeRecord]:
         return self.store.nodes(cluster.id)
