@@ -17,10 +17,7 @@ the scheduler runs it unchanged (and the master names it without importing torch
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataError, Split
-from .train import EpochMetrics, TaskResult, load_checkpoint, pick_device
+from .train import Setup, TaskResult, run_task
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -40,7 +37,6 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 MODELS = ("vgg16", "resnet18")
 EVAL_BATCH = 500
-PROGRESS_EVERY_S = 0.5
 VAL_FRACTION = 0.1  # the last 10% of the training batches validate (5,000 of 50,000)
 
 
@@ -57,6 +53,7 @@ class CifarSpec:
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    nesterov: bool = True  # with SGD and momentum
     schedule: str = "onecycle"
     seed: int = 0
     device: str = "auto"
@@ -199,120 +196,17 @@ def build_model(name: str) -> nn.Module:
     raise ValueError(f"model {name!r}: expected one of {', '.join(MODELS)}")
 
 
-def _build(spec: CifarSpec, steps_per_epoch: int, device: torch.device):
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.model).to(device, memory_format=torch.channels_last)
-    if spec.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
-                                    weight_decay=spec.weight_decay, nesterov=spec.momentum > 0)
-    elif spec.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    else:
-        raise ValueError(f"optimizer {spec.optimizer!r}: expected sgd or adam")
-    total = spec.epochs * steps_per_epoch
-    if spec.schedule == "onecycle" and total >= 3:
-        # a warm-up of at least 2 steps: OneCycleLR divides by zero on shorter phases (tiny data sets)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=spec.lr, total_steps=total, pct_start=max(0.25, 2 / total),
-            cycle_momentum=spec.optimizer == "sgd")
-    elif spec.schedule in ("onecycle", "constant"):  # fewer than 3 steps in all: no cycle to speak of
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    else:
-        raise ValueError(f"schedule {spec.schedule!r}: expected onecycle or constant")
-    return model, optimizer, scheduler
-
-
-@torch.inference_mode()
-def accuracy(model: nn.Module, split: Split) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(split), EVAL_BATCH):
-        images = normalise(split.images[start:start + EVAL_BATCH])
-        correct += (model(images).argmax(1) == split.labels[start:start + EVAL_BATCH]).sum().item()
-    return correct / max(1, len(split))
-
-
 # the task -----------------------------------------------------------------------
+def cifar_setup(spec: CifarSpec, device: torch.device, data: Optional[Cifar] = None) -> Setup:
+    """CIFAR's part of a training task; the loop, optimizer, schedule and checkpoints are engines.train's."""
+    data = data if data is not None else load_cifar10(Path(spec.data_dir))
+    model = build_model(spec.model).to(device, memory_format=torch.channels_last)
+    return Setup(model=model, train=data.train, val=data.val, test=data.test, normalise=normalise,
+                 loss=F.cross_entropy, augment=augment if spec.augment else None, eval_batch=EVAL_BATCH)
+
+
 def train_cifar(spec: CifarSpec | dict, checkpoint: Optional[bytes] = None, n_epochs: Optional[int] = None,
                 progress: Optional[Callable[[dict], None]] = None, data: Optional[Cifar] = None) -> TaskResult:
     """Train ``n_epochs`` (default: to the end of the budget) from ``checkpoint``."""
-    import io
-
     spec = CifarSpec.from_dict(spec) if isinstance(spec, dict) else spec
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    device = pick_device(spec.device)
-    data = data if data is not None else load_cifar10(Path(spec.data_dir))
-    train = data.train if not spec.subset else Split(data.train.images[:spec.subset], data.train.labels[:spec.subset])
-    if not len(train):
-        raise DataError(f"{spec.data_dir}: no CIFAR-10 training images")
-    steps = -(-len(train) // spec.batch_size)
-    model, optimizer, scheduler = _build(spec, steps, device)
-    done = 0
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        done = state["epoch"]
-    last = spec.epochs if n_epochs is None else min(spec.epochs, done + n_epochs)
-    metrics: list[dict] = []
-    diverged = False
-    for epoch in range(done + 1, last + 1):
-        m = _epoch(spec, model, optimizer, scheduler, train, data, epoch, device, progress)
-        metrics.append(dataclasses.asdict(m))
-        done = epoch
-        if not np.isfinite(m.train_loss):
-            diverged = True
-            break
-    buffer = io.BytesIO()
-    torch.save({"epoch": done, "spec": spec.to_dict(),
-                "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
-    return TaskResult(
-        run_id=spec.run_id, epochs=metrics, checkpoint=buffer.getvalue(), completed_epochs=done,
-        host=socket.gethostname(), pid=os.getpid(),
-        device=f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu",
-        threads=torch.get_num_threads(), diverged=diverged)
-
-
-def _epoch(spec: CifarSpec, model, optimizer, scheduler, train: Split, data: Cifar, epoch: int,
-           device: torch.device, progress) -> EpochMetrics:
-    model.train()
-    # seeded by (seed, epoch) like the MNIST runs: a resumed run sees the same batches
-    generator = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
-    order = torch.randperm(len(train), generator=generator)
-    batches = -(-len(train) // spec.batch_size)
-    total_loss = torch.zeros((), device=device)
-    started = last_report = time.perf_counter()
-    for step in range(batches):
-        index = order[step * spec.batch_size:(step + 1) * spec.batch_size]
-        images, labels = train.images[index].to(device), train.labels[index].to(device)
-        if spec.augment:
-            images = augment(images, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(normalise(images)), labels)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total_loss += loss.detach()
-        if progress is not None and time.perf_counter() - last_report >= PROGRESS_EVERY_S:
-            last_report = time.perf_counter()
-            progress({"run_id": spec.run_id, "epoch": epoch, "epochs": spec.epochs, "batch": step + 1,
-                      "batches": batches, "loss": float(loss.detach())})
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    train_seconds = time.perf_counter() - started
-    val, test = accuracy(model, _on(data.val, device)), accuracy(model, _on(data.test, device))
-    metrics = EpochMetrics(
-        epoch=epoch, train_loss=float(total_loss) / batches, val_accuracy=val, test_accuracy=test,
-        seconds=time.perf_counter() - started, train_seconds=train_seconds,
-        images_per_s=len(train) / train_seconds, lr=optimizer.param_groups[0]["lr"])
-    if progress is not None:
-        progress({"run_id": spec.run_id, "epoch": epoch, "epochs": spec.epochs, "batch": batches,
-                  "batches": batches, "done": dataclasses.asdict(metrics)})
-    return metrics
-
-
-def _on(split: Split, device: torch.device) -> Split:
-    return split if device.type == "cpu" else split.to(device)
+    return run_task(spec, lambda device: cifar_setup(spec, device, data), checkpoint, n_epochs, progress)

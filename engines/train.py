@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import socket
 import time
@@ -18,8 +19,9 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .data import Mnist, Split, load_mnist, normalise
+from .data import DataError, Mnist, Split, load_mnist, normalise
 from .model import MnistCNN, l1_penalty
 
 EVAL_BATCH = 1000
@@ -95,30 +97,47 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def build(spec: RunSpec, steps_per_epoch: int, device: torch.device):
-    torch.manual_seed(spec.seed)
-    model = MnistCNN(spec.conv1, spec.conv2, spec.hidden).to(device, memory_format=torch.channels_last)
+@dataclass
+class Setup:
+    """What differs between workloads (MNIST's CNN, CIFAR's VGG/ResNet): everything else is shared."""
+
+    model: nn.Module  # built and seeded, on the device
+    train: Split
+    val: Split
+    test: Split
+    normalise: Callable[[torch.Tensor], torch.Tensor]  # uint8 batch -> float input, on the batch's device
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (output, labels) -> scalar
+    augment: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None
+    eval_batch: int = EVAL_BATCH
+
+
+def build_optimizer(spec, model: nn.Module, steps_per_epoch: int):
+    """Adam or SGD (momentum, Nesterov with ``spec.nesterov``), one-cycle or constant learning rate."""
+    weight_decay = getattr(spec, "weight_decay", 0.0)
     if spec.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=weight_decay)
     elif spec.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum)
+        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
+                                    weight_decay=weight_decay,
+                                    nesterov=getattr(spec, "nesterov", False) and spec.momentum > 0)
     else:
         raise ValueError(f"optimizer {spec.optimizer!r}: expected adam or sgd")
     total_steps = spec.epochs * steps_per_epoch
-    if spec.schedule == "onecycle" and total_steps >= 8:
+    if spec.schedule == "onecycle" and total_steps >= 3:
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=spec.lr, total_steps=total_steps,
-            # a short warm-up matters most when the whole budget is one epoch
-            pct_start=0.25, cycle_momentum=spec.optimizer == "sgd",
+            # a short warm-up matters most when the whole budget is one epoch; at least 2 steps of it,
+            # or OneCycleLR divides by zero on tiny data sets
+            pct_start=max(0.25, 2 / total_steps), cycle_momentum=spec.optimizer == "sgd",
         )
-    elif spec.schedule in ("constant", "onecycle"):  # a one-cycle of < 8 steps has no room for its phases
+    elif spec.schedule in ("constant", "onecycle"):  # fewer than 3 steps in all: no cycle to speak of
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     else:
         raise ValueError(f"schedule {spec.schedule!r}: expected onecycle or constant")
-    return model, optimizer, scheduler
+    return optimizer, scheduler
 
 
-def save_checkpoint(epoch: int, model, optimizer, scheduler, spec: RunSpec) -> bytes:
+def save_checkpoint(epoch: int, model, optimizer, scheduler, spec) -> bytes:
     buffer = io.BytesIO()
     torch.save(
         {
@@ -138,37 +157,36 @@ def load_checkpoint(data: bytes) -> dict:
 
 
 @torch.inference_mode()
-def accuracy(model: MnistCNN, split: Split) -> float:
+def accuracy(model: nn.Module, split: Split, normalise: Callable = normalise, batch: int = EVAL_BATCH) -> float:
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
-    for start in range(0, len(split), EVAL_BATCH):
-        images = normalise(split.images[start:start + EVAL_BATCH])
-        correct += (model(images).argmax(1) == split.labels[start:start + EVAL_BATCH]).sum().item()
+    for start in range(0, len(split), batch):
+        images = normalise(split.images[start:start + batch].to(device, non_blocking=True))
+        labels = split.labels[start:start + batch].to(device, non_blocking=True)
+        correct += (model(images).argmax(1) == labels).sum().item()
     return correct / max(1, len(split))
 
 
-def train_epochs(
-    spec: RunSpec | dict,
-    checkpoint: Optional[bytes] = None,
-    n_epochs: Optional[int] = None,
-    progress: Optional[ProgressFn] = None,
-    data: Optional[Mnist] = None,
-) -> TaskResult:
-    """Train ``n_epochs`` (default: to the end of the budget) from ``checkpoint``."""
-    spec = RunSpec.from_dict(spec) if isinstance(spec, dict) else spec
+def run_task(spec, setup: Callable[[torch.device], Setup], checkpoint: Optional[bytes] = None,
+             n_epochs: Optional[int] = None, progress: Optional[ProgressFn] = None) -> TaskResult:
+    """The training task every workload shares: ``n_epochs`` (default: to the end of the budget) from
+    ``checkpoint``; ``spec`` has run_id, epochs, lr, batch_size, optimizer, momentum, schedule, seed,
+    device, subset and threads."""
     if spec.threads:
         torch.set_num_threads(spec.threads)
     device = pick_device(spec.device)
-    if data is None:
-        data = load_mnist(Path(spec.data_dir), spec.download)
-    data = _on_device(data, device)
-    train = data.train if not spec.subset else Split(data.train.images[:spec.subset], data.train.labels[:spec.subset])
-    steps_per_epoch = -(-len(train) // spec.batch_size)
-    model, optimizer, scheduler = build(spec, steps_per_epoch, device)
+    torch.manual_seed(spec.seed)  # the model's initial weights
+    work = setup(device)
+    if spec.subset:
+        work.train = Split(work.train.images[:spec.subset], work.train.labels[:spec.subset])
+    if not len(work.train):
+        raise DataError(f"{getattr(spec, 'data_dir', '')}: no training images for run {spec.run_id}")
+    optimizer, scheduler = build_optimizer(spec, work.model, -(-len(work.train) // spec.batch_size))
     done = 0
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
-        model.load_state_dict(state["model"])
+        work.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         done = state["epoch"]
@@ -176,16 +194,16 @@ def train_epochs(
     metrics: list[dict] = []
     diverged = False
     for epoch in range(done + 1, last + 1):
-        m = _train_one_epoch(spec, model, optimizer, scheduler, train, data, epoch, device, progress)
+        m = _train_one_epoch(spec, work, optimizer, scheduler, epoch, device, progress)
         metrics.append(dataclasses.asdict(m))
         done = epoch
-        if m.train_loss != m.train_loss or m.train_loss == float("inf"):
+        if not math.isfinite(m.train_loss):
             diverged = True  # NaN/inf: further epochs cannot recover
             break
     return TaskResult(
         run_id=spec.run_id,
         epochs=metrics,
-        checkpoint=save_checkpoint(done, model, optimizer, scheduler, spec),
+        checkpoint=save_checkpoint(done, work.model, optimizer, scheduler, spec),
         completed_epochs=done,
         host=socket.gethostname(),
         pid=os.getpid(),
@@ -195,21 +213,24 @@ def train_epochs(
     )
 
 
-def _train_one_epoch(spec, model, optimizer, scheduler, train: Split, data: Mnist, epoch: int,
-                     device: torch.device, progress: Optional[ProgressFn]) -> EpochMetrics:
+def _train_one_epoch(spec, work: Setup, optimizer, scheduler, epoch: int, device: torch.device,
+                     progress: Optional[ProgressFn]) -> EpochMetrics:
+    model, train = work.model, work.train
     model.train()
     generator = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
-    order = torch.randperm(len(train), generator=generator).to(device)
+    order = torch.randperm(len(train), generator=generator).to(train.images.device)
     batches = -(-len(train) // spec.batch_size)
     total_loss = torch.zeros((), device=device)
     started = last_report = time.perf_counter()
     for step in range(batches):
         index = order[step * spec.batch_size:(step + 1) * spec.batch_size]
-        images, labels = normalise(train.images[index]), train.labels[index]
+        # a no-op where the data set already lives on the device (MNIST); per batch otherwise (CIFAR)
+        images = train.images[index].to(device, non_blocking=True)
+        labels = train.labels[index].to(device, non_blocking=True)
+        if work.augment is not None:
+            images = work.augment(images, generator)
         optimizer.zero_grad(set_to_none=True)
-        loss = F.nll_loss(model(images), labels)
-        if spec.l1:
-            loss = loss + spec.l1 * l1_penalty(model)
+        loss = work.loss(model(work.normalise(images)), labels)
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -221,14 +242,14 @@ def _train_one_epoch(spec, model, optimizer, scheduler, train: Split, data: Mnis
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - started
-    val, test = accuracy(model, data.val), accuracy(model, data.test)
-    seconds = time.perf_counter() - started
+    val = accuracy(model, work.val, work.normalise, work.eval_batch)
+    test = accuracy(model, work.test, work.normalise, work.eval_batch)
     metrics = EpochMetrics(
         epoch=epoch,
         train_loss=float(total_loss) / batches,
         val_accuracy=val,
         test_accuracy=test,
-        seconds=seconds,
+        seconds=time.perf_counter() - started,
         train_seconds=train_seconds,
         images_per_s=len(train) / train_seconds,
         lr=optimizer.param_groups[0]["lr"],
@@ -237,6 +258,30 @@ def _train_one_epoch(spec, model, optimizer, scheduler, train: Split, data: Mnis
         progress({"run_id": spec.run_id, "epoch": epoch, "epochs": spec.epochs, "batch": batches,
                   "batches": batches, "done": dataclasses.asdict(metrics)})
     return metrics
+
+
+# MNIST ---------------------------------------------------------------------------
+def mnist_setup(spec: RunSpec, device: torch.device, data: Optional[Mnist] = None) -> Setup:
+    data = _on_device(data if data is not None else load_mnist(Path(spec.data_dir), spec.download), device)
+    model = MnistCNN(spec.conv1, spec.conv2, spec.hidden).to(device, memory_format=torch.channels_last)
+
+    def loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        value = F.nll_loss(output, labels)
+        return value + spec.l1 * l1_penalty(model) if spec.l1 else value
+
+    return Setup(model=model, train=data.train, val=data.val, test=data.test, normalise=normalise, loss=loss)
+
+
+def train_epochs(
+    spec: RunSpec | dict,
+    checkpoint: Optional[bytes] = None,
+    n_epochs: Optional[int] = None,
+    progress: Optional[ProgressFn] = None,
+    data: Optional[Mnist] = None,
+) -> TaskResult:
+    """An MNIST run: ``n_epochs`` (default: to the end of the budget) from ``checkpoint``."""
+    spec = RunSpec.from_dict(spec) if isinstance(spec, dict) else spec
+    return run_task(spec, lambda device: mnist_setup(spec, device, data), checkpoint, n_epochs, progress)
 
 
 _DEVICE_DATA: dict[tuple[int, str], Mnist] = {}
