@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   start a local 4-engine cluster, train the MNIST CNN, show the runs, stop
+#   make demo   start a local 4-engine cluster, train the MNIST CNN, sweep the paper's λ grid, show runs, stop
 #   make test   pass the whole test suite
 # Both create .venv when missing; `make test` also installs the Debian packages the tests need.
 
@@ -34,6 +34,7 @@ demo: install
 	@set -e; trap '$(BIN)/cluster stop' EXIT; \
 	$(BIN)/cluster start --slaves $(DEMO_SLAVES); \
 	$(BIN)/cluster train --epochs 1; \
+	$(BIN)/cluster sweep --preset paper --epochs 1 --subset 5000; \
 	$(BIN)/cluster runs --limit 5
 
 test: install system-deps
