@@ -9,7 +9,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # real MNIST beside the checkout when it is there (no download then); else the user's cache
 CLUSTER_DATA_DIR ?= $(if $(wildcard ../shared/data/MNIST/raw/train-images-idx3-ubyte),$(abspath ../shared/data),$(HOME)/.cache/cluster/data)
-export CLUSTER_DATA_DIR
 DEMO_SLAVES ?= 4
 PYTEST_ARGS ?=
 
@@ -30,6 +29,7 @@ system-deps:
 	  else echo "install openssh-server and iproute2 (as root) for the ssh/aws tests" >&2; fi; \
 	fi
 
+demo: export CLUSTER_DATA_DIR := $(CLUSTER_DATA_DIR)
 demo: install
 	@set -e; trap '$(BIN)/cluster stop' EXIT; \
 	$(BIN)/cluster start --slaves $(DEMO_SLAVES); \
@@ -40,6 +40,7 @@ demo: install
 test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+bench: export CLUSTER_DATA_DIR := $(CLUSTER_DATA_DIR)
 bench: install
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/time_to_accuracy.py

@@ -19,6 +19,16 @@ def real_mnist_dir() -> Path | None:
     return SHARED_DATA if (SHARED_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").exists() else None
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_outside_configuration():
+    """Tests say where their config, data and state are; `make test` (or a user's shell) may have set
+    these for the demo, and subprocesses would inherit them."""
+    saved = {name: os.environ.pop(name) for name in ("CLUSTER_CONFIG", "CLUSTER_DATA_DIR", "CLUSTER_STATE_DIR")
+             if name in os.environ}
+    yield
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
     """A small learnable MNIST-shaped data set (600 train images) in torchvision's layout."""
