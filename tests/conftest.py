@@ -1,6 +1,7 @@
 """Fixtures that start real components (ipyparallel controller and engines) and always tear them down."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
