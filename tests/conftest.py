@@ -1,6 +1,7 @@
 """Fixtures that start real components (ipyparallel controller and engines) and always tear them down."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -81,13 +82,12 @@ engine_timeout = 90
     return load_config(ini, environ={})
 
 
-@pytest.fixture(scope="module")
-def local_cluster(tmp_path_factory, tiny_data_dir):
-    """A real 2-engine local cluster on tiny data, shared by a module's tests; stopped afterwards."""
+@contextlib.contextmanager
+def running_cluster(tmp: Path, data_dir: Path, extra: str = ""):
+    """A real 2-engine local cluster; stopped afterwards, and no process of it may be left."""
     from controller.api import Cluster
 
-    tmp = tmp_path_factory.mktemp("cluster")
-    cluster = Cluster(make_config(tmp, tiny_data_dir))
+    cluster = Cluster(make_config(tmp, data_dir, extra=extra))
     cluster.start()
     try:
         yield cluster
@@ -97,3 +97,10 @@ def local_cluster(tmp_path_factory, tiny_data_dir):
         cluster.close()
         leftover = wait_until(lambda: not cluster_pids(state_dir), timeout=20)
         assert leftover, f"processes left after stop: {cluster_pids(state_dir)}"
+
+
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory, tiny_data_dir):
+    """A real 2-engine local cluster on tiny data, shared by a module's tests."""
+    with running_cluster(tmp_path_factory.mktemp("cluster"), tiny_data_dir) as cluster:
+        yield cluster

@@ -17,7 +17,7 @@ from engines.cifar import build_model, load_cifar10, read_batch, train_cifar, wr
 from engines.data import DataError
 from engines.tasks import cifar_task
 
-from conftest import cluster_pids, make_config, wait_until
+from conftest import running_cluster
 
 PRICE = 0.36  # $/hour of the whole 2-engine local cluster: 0.18 per engine
 
@@ -110,18 +110,9 @@ def test_vgg16_task_trains_and_resumes(cifar_dir):
 @pytest.fixture(scope="module")
 def priced_cluster(tmp_path_factory, tiny_data_dir):
     """A real 2-engine local cluster on tiny MNIST with a configured $/hour; stopped afterwards."""
-    from controller.api import Cluster
-
-    tmp = tmp_path_factory.mktemp("bench-cluster")
-    cluster = Cluster(make_config(tmp, tiny_data_dir, extra=f"price_per_hour = {PRICE}"))
-    cluster.start()
-    try:
+    with running_cluster(tmp_path_factory.mktemp("bench-cluster"), tiny_data_dir,
+                         extra=f"price_per_hour = {PRICE}") as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        state_dir = cluster.config.state_dir
-        cluster.close()
-        assert wait_until(lambda: not cluster_pids(state_dir), timeout=20), cluster_pids(state_dir)
 
 
 class Recorder(bench.BenchSink):
