@@ -5,22 +5,10 @@ import time
 
 from ..context import Context
 from ..errors import UsageError
+from ..formatting import duration, percent
 
 TRAIN_FLAGS = ("epochs", "lr", "l1", "batch_size", "optimizer", "momentum", "seed", "device",
                "conv1", "conv2", "hidden", "subset", "schedule")
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2%}"
 
 
 def register(sub) -> None:

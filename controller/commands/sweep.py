@@ -5,7 +5,7 @@ import time
 
 from ..context import Context
 from ..errors import UsageError
-from .core import duration, percent
+from ..formatting import duration, percent
 
 SHARED_FLAGS = ("epochs", "subset", "seed")
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .. import ipp as ipp_side
+from ..formatting import percent
 from ..store import RunRecord, Store
 from .space import SearchSpace
 
@@ -184,17 +185,13 @@ class SweepResult:
                                                  "epochs", "engine", "seconds"])
         rows = []
         for rank, t in enumerate(self.trials, 1):
-            cells = [rank, t.number, t.state, *(t.params.get(n) for n in names), _pct(t.val_accuracy),
-                     _pct(t.test_accuracy), f"{t.epochs_done}/{t.epochs_budget}", t.engine_id, f"{t.seconds:.1f}"]
+            cells = [rank, t.number, t.state, *(t.params.get(n) for n in names), percent(t.val_accuracy),
+                     percent(t.test_accuracy), f"{t.epochs_done}/{t.epochs_budget}", t.engine_id, f"{t.seconds:.1f}"]
             rows.append("<tr>" + "".join(f"<td>{'' if c is None else c}</td>" for c in cells) + "</tr>")
         best = self.best
-        caption = (f"sweep {self.sweep.id}: best trial {best.number}, validation {_pct(best.val_accuracy)}, "
-                   f"test {_pct(best.test_accuracy)}" if best else f"sweep {self.sweep.id}: no trial completed")
+        caption = (f"sweep {self.sweep.id}: best trial {best.number}, validation {percent(best.val_accuracy)}, "
+                   f"test {percent(best.test_accuracy)}" if best else f"sweep {self.sweep.id}: no trial completed")
         return f"<table><caption>{caption}</caption><tr>{head}</tr>{''.join(rows)}</table>"
-
-
-def _pct(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.2%}"
 
 
 def collect(store: Store, sweep: SweepRecord, study) -> SweepResult:

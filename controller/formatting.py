@@ -1,0 +1,15 @@
+"""How numbers read in tables: durations and fractions, the same in every command and view."""
+from __future__ import annotations
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
