@@ -1,7 +1,6 @@
 """A real local cluster driven through the `cluster` command: start, status, train, runs, stop."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -17,34 +16,7 @@ import torch
 from controller.api import Cluster
 from controller.store import Store
 from engines.train import load_checkpoint
-from tests.conftest import cluster_pids, make_config, wait_until
-
-
-@contextlib.contextmanager
-def engines_holding_resumed_tasks(client: ipp.Client, reached: Path, gate: Path):
-    """Inside every real engine: a task that starts from a checkpoint touches ``reached`` and waits for
-    ``gate`` (at most two minutes); the engines train normally again afterwards."""
-    install = f"""
-import os, time
-import engines.train as _train
-_train._ungated_train_epochs = getattr(_train, "_ungated_train_epochs", _train.train_epochs)
-def _gated_train_epochs(spec, checkpoint, n_epochs, *args, _ungated=_train._ungated_train_epochs, **kwargs):
-    if checkpoint is not None and not os.path.exists({str(gate)!r}):
-        open({str(reached)!r}, "w").close()
-        deadline = time.monotonic() + 120
-        while not os.path.exists({str(gate)!r}) and time.monotonic() < deadline:
-            time.sleep(0.02)
-    return _ungated(spec, checkpoint, n_epochs, *args, **kwargs)
-_train.train_epochs = _gated_train_epochs
-"""
-    everyone = client[:]
-    everyone.execute(install, block=True)
-    try:
-        yield
-    finally:
-        gate.touch()
-        everyone.execute("import engines.train as _train; _train.train_epochs = _train._ungated_train_epochs",
-                         block=True)
+from tests.conftest import cluster_pids, engines_holding_tasks, make_config, wait_until
 
 
 def cli(*argv, env=None, cwd=None, check=True, timeout=240) -> subprocess.CompletedProcess:
@@ -191,18 +163,16 @@ class TestOnARunningCluster:
 
         # The interrupt comes at a fixed point, not after a sleep: every engine holds the run's second task
         # (the first that starts from a checkpoint, so epoch 1 is stored) until the test lets it go.
-        reached, gate = tmp_path / "second-task-reached", tmp_path / "second-task-may-go"
-        with engines_holding_resumed_tasks(local_cluster.client, reached, gate):
+        with engines_holding_tasks(local_cluster.client, tmp_path, when="checkpoint is not None") as held:
             process = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "train",
                                         "--epochs", "12", "--seed", "5"],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
-                assert wait_until(reached.exists, timeout=120, interval=0.05), "the run never reached its 2nd task"
+                assert held.wait(), "the run never reached its second task"
                 process.send_signal(signal.SIGINT)
                 _, err = process.communicate(timeout=60)
             finally:
                 process.kill()
-                gate.touch()
         interrupted = next(r for r in store.runs(limit=2) if r.id != whole.run.id)
         assert process.returncode == 130, err
         run = store.run(interrupted.id)
