@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import ipp as ipp_side
 from .config import Config, load_config, override
-from .errors import AlreadyRunningError, ClusterStateError, NotRunningError, ProviderError, TaskError, UsageError
+from .errors import (AlreadyRunningError, ClusterLostError, ClusterStateError, NotRunningError, ProviderError,
+                     TaskError, UsageError)
 from .providers import Provider, provider_class
 from .runs import SingleRun
-from .scheduler import Job, ProgressSink, Scheduler
+from .scheduler import Job, ProgressSink, Scheduler, Watchdog
 from .store import ClusterRecord, EngineRecord, EpochRecord, NodeRecord, RunRecord, Store, new_id
 
 if TYPE_CHECKING:
@@ -375,14 +376,27 @@ class Cluster:
         self.current_run_id = run_id
         return self._execute(job, progress)
 
+    def scheduler(self, **options: Any) -> Scheduler:
+        """A scheduler on this cluster's engines that gives up, rather than waits forever, when the
+        controller dies or no engine is left for ``[cluster] engine_timeout`` seconds."""
+        record = self.record
+        watchdog = Watchdog(controller_alive=lambda: self._controller_alive(record),
+                            engine_timeout=self.config.cluster.engine_timeout)
+        return Scheduler(self.client, watchdog=watchdog, **options)
+
     def _execute(self, job: Job, progress: Optional[ProgressSink]) -> RunResult:
         source = SingleRun(self.store, job)
         try:
-            Scheduler(self.client).run(source, progress)
-        except BaseException:
+            self.scheduler().run(source, progress)
+        except BaseException as error:
             run = self.store.run(job.run_id)
             if run is not None and run.state == "running":
                 self.store.update_run(job.run_id, state="interrupted", finished_at=time.time())
+                run = self.store.run(job.run_id)
+            if isinstance(error, ClusterLostError) and run is not None:
+                raise ClusterLostError(
+                    f"{error}; run {run.id} is stored up to epoch {run.epochs_done}: `cluster stop`, "
+                    f"`cluster start`, then continue it with `cluster train --resume {run.id}`") from None
             raise
         if source.error is not None:
             raise TaskError(f"run {job.run_id} failed on its engine: {source.error}", source.traceback)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from .errors import TaskError, UsageError
 from .runs import RunRecorder
-from .scheduler import Job, ProgressSink, Scheduler
+from .scheduler import Job, ProgressSink
 from .store import NodeRecord, RunRecord, Store, new_id
 from .sweep.space import PAPER_L1  # the paper's λ grid, one definition for sweeps and benches
 
@@ -369,7 +369,7 @@ def run_bench(cluster: "Cluster", workload: str = "paper", engines: Optional[Seq
         source = BenchSource(cluster.store, jobs)
         started = time.perf_counter()
         try:
-            stats = Scheduler(client, targets=targets).run(source, sink)
+            stats = cluster.scheduler(targets=targets).run(source, sink)
         except BaseException:
             for job in jobs:  # what was cut short stays resumable, as `cluster train` leaves it
                 run = cluster.store.run(job.run_id)

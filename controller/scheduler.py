@@ -21,6 +21,8 @@ import ipyparallel as ipp
 
 from engines.tasks import train_task
 
+from .errors import ClusterLostError
+
 log = logging.getLogger(__name__)
 
 MAX_ENGINE_LOSSES = 3  # per job: a task that kills its engine three times is the task's fault
@@ -89,6 +91,36 @@ class SchedulerStats:
     timings: list[tuple[Optional[int], float, float, float]] = field(default_factory=list)
 
 
+@dataclass
+class Watchdog:
+    """Ends a scheduler's wait when its tasks can no longer finish, instead of waiting forever.
+
+    ipyparallel never fails a task whose controller died (its results just never come), and keeps a
+    task queued while no engine is registered; both are decided here, on the master.
+    """
+    controller_alive: Callable[[], bool]
+    engine_timeout: float  # seconds without a single engine before the work is given up
+    check_every_s: float = 1.0
+    clock: Callable[[], float] = time.monotonic
+    _next_check: float = field(default=0.0, init=False)
+    _engineless_since: Optional[float] = field(default=None, init=False)
+
+    def check(self, engine_count: Callable[[], int]) -> None:
+        now = self.clock()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.check_every_s
+        if not self.controller_alive():
+            raise ClusterLostError("the cluster's controller died")
+        if engine_count() > 0:
+            self._engineless_since = None
+        elif self._engineless_since is None:
+            self._engineless_since = now
+        elif now - self._engineless_since >= self.engine_timeout:
+            raise ClusterLostError(f"no engine has been registered for {now - self._engineless_since:.0f} s "
+                                   f"([cluster] engine_timeout = {self.engine_timeout:g})")
+
+
 def is_engine_loss(error: BaseException) -> bool:
     if isinstance(error, ipp.error.EngineError):
         return True
@@ -97,8 +129,9 @@ def is_engine_loss(error: BaseException) -> bool:
 
 class Scheduler:
     def __init__(self, client: ipp.Client, poll_s: float = 0.2, targets: Optional[list[int]] = None,
-                 prefetch: int = 0):
+                 prefetch: int = 0, watchdog: Optional[Watchdog] = None):
         self.client = client
+        self.watchdog = watchdog
         # prefetch: tasks queued beyond one per engine; ipyparallel's scheduler (hwm=1) holds them until an
         # engine frees up, so engines start the next task while the master still books the last one
         self.prefetch = prefetch
@@ -135,6 +168,7 @@ class Scheduler:
                         self._count_overheads()
                         return self.stats
                     time.sleep(self.poll_s)  # the source has nothing now but may later
+                    self._watch()
                     continue
                 done, _ = concurrent.futures.wait(
                     [t.result for t in in_flight.values()], timeout=self.poll_s,
@@ -148,6 +182,7 @@ class Scheduler:
                     else:
                         self._report_progress(task, sink)
                 sink.tick()
+                self._watch()
         except BaseException:
             # Ctrl-C or a bug: queued tasks are withdrawn; tasks already running finish on
             # their engines and are ignored (their runs resume from the last stored checkpoint)
@@ -158,6 +193,14 @@ class Scheduler:
                 except Exception:  # the controller may be gone as well
                     log.debug("abort of %d pending tasks failed", len(pending), exc_info=True)
             raise
+
+    def _watch(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.check(self._engine_count)
+
+    def _engine_count(self) -> int:
+        registered = set(self.client.ids)
+        return len(registered & set(self.targets)) if self.targets else len(registered)
 
     def _report_progress(self, task: _InFlight, sink: ProgressSink) -> None:
         data = task.result.data

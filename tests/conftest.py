@@ -73,8 +73,11 @@ class HeldTasks:
     def __init__(self, folder: Path):
         self.reached, self.gate = folder / "task-held", folder / "tasks-may-go"
 
-    def wait(self, timeout: float = 120) -> bool:
-        return bool(wait_until(self.reached.exists, timeout=timeout, interval=0.02))
+    def wait(self, timeout: float = 120, process=None) -> bool:
+        """True once a task is held; False after ``timeout``, or as soon as ``process`` (the master) ended."""
+        wait_until(lambda: self.reached.exists() or (process is not None and process.poll() is not None),
+                   timeout=timeout, interval=0.02)
+        return self.reached.exists()
 
     def release(self) -> None:
         self.gate.touch()

@@ -16,7 +16,7 @@ import torch
 from controller.api import Cluster
 from controller.store import Store
 from engines.train import load_checkpoint
-from tests.conftest import cluster_pids, engines_holding_tasks, make_config, wait_until
+from tests.conftest import cluster_pids, engines_holding_tasks, make_config, running_cluster, wait_until
 
 
 def cli(*argv, env=None, cwd=None, check=True, timeout=240) -> subprocess.CompletedProcess:
@@ -185,3 +185,48 @@ class TestOnARunningCluster:
         final = load_checkpoint(store.load_checkpoint(run.id)[1])["model"]
         reference = load_checkpoint(store.load_checkpoint(whole.run.id)[1])["model"]
         assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+class TestWorkThatCannotFinish:
+    """A run never waits forever: it ends with a clear error and a resume hint, and keeps what it had."""
+
+    def run_held_at_its_second_task(self, cluster: Cluster, folder: Path, config: Path, fault) -> tuple[int, str]:
+        """`cluster train --epochs 5` in a subprocess; ``fault()`` strikes while an engine holds epoch 2."""
+        with engines_holding_tasks(cluster.client, folder, when="checkpoint is not None") as held:
+            process = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "train",
+                                        "--epochs", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                assert held.wait(process=process), f"the run never reached its second task: {process.stderr.read()}"
+                fault()
+                _, err = process.communicate(timeout=90)
+            finally:
+                process.kill()
+        return process.returncode, err
+
+    def assert_interrupted_with_hint(self, store: Store, err: str) -> None:
+        run = store.runs(limit=1)[0]
+        assert run.state == "interrupted" and run.epochs_done == 1, run
+        assert f"continue it with `cluster train --resume {run.id}`" in err, err
+
+    def test_a_dead_controller_ends_the_run_at_once(self, tmp_path, tiny_data_dir):
+        with running_cluster(tmp_path, tiny_data_dir) as cluster:
+            controller = cluster.status().controller["pid"]
+            code, err = self.run_held_at_its_second_task(
+                cluster, tmp_path, cluster.config.source, lambda: os.kill(controller, signal.SIGKILL))
+            assert code == 3 and "error: the cluster's controller died" in err, err
+            self.assert_interrupted_with_hint(cluster.store, err)
+
+    def test_no_engine_left_ends_the_run_after_engine_timeout(self, tmp_path, tiny_data_dir):
+        with running_cluster(tmp_path, tiny_data_dir) as cluster:
+            impatient = tmp_path / "impatient.ini"
+            impatient.write_text(Path(cluster.config.source).read_text().replace("engine_timeout = 90",
+                                                                           "engine_timeout = 5"))
+            engines = cluster.store.engines(cluster.record.id)
+
+            def kill_every_engine() -> None:
+                for engine in engines:
+                    os.kill(engine.pid, signal.SIGKILL)
+
+            code, err = self.run_held_at_its_second_task(cluster, tmp_path, impatient, kill_every_engine)
+            assert code == 3 and "no engine has been registered for 5 s ([cluster] engine_timeout = 5)" in err, err
+            self.assert_interrupted_with_hint(cluster.store, err)

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import optuna
 from optuna.trial import TrialState
 
-from ..errors import UsageError
-from ..scheduler import ProgressSink, Scheduler
+from ..errors import ClusterLostError, UsageError
+from ..scheduler import ProgressSink
 from ..store import new_id
 from . import study as studies
 from .records import SweepRecord, SweepResult, SweepTable, collect
@@ -137,7 +137,7 @@ def _drive(cluster: "Cluster", table: SweepTable, sweep: SweepRecord, source: Sw
     sink = progress(source) if progress is not None else None
     # one task queued beyond the engines: the master's bookkeeping between a trial's epochs (store,
     # Optuna report / prune / tell) then overlaps with training instead of idling the engine
-    scheduler = Scheduler(cluster.client, prefetch=1)
+    scheduler = cluster.scheduler(prefetch=1)
     started = time.time()
     try:
         if sink is not None and hasattr(sink, "__enter__"):
@@ -154,6 +154,10 @@ def _drive(cluster: "Cluster", table: SweepTable, sweep: SweepRecord, source: Sw
         interrupted = isinstance(error, KeyboardInterrupt)
         table.update(sweep.id, state="interrupted" if interrupted else "failed",
                      seconds=sweep.seconds + time.time() - started, error=None if interrupted else repr(error))
+        if isinstance(error, ClusterLostError):
+            raise ClusterLostError(f"{error}; sweep {sweep.id} keeps its finished trials and checkpoints: "
+                                   f"`cluster stop`, `cluster start`, then `cluster sweep --resume {sweep.id}`"
+                                   ) from None
         raise
     makespan = time.time() - started
     table.update(sweep.id, state="completed", finished_at=time.time(), seconds=sweep.seconds + makespan)
