@@ -230,3 +230,23 @@ class TestWorkThatCannotFinish:
             code, err = self.run_held_at_its_second_task(cluster, tmp_path, impatient, kill_every_engine)
             assert code == 3 and "no engine has been registered for 5 s ([cluster] engine_timeout = 5)" in err, err
             self.assert_interrupted_with_hint(cluster.store, err)
+
+
+def test_a_frozen_engine_is_dropped_within_seconds(tmp_path, tiny_data_dir):
+    """A slave that vanishes without a word (a spot instance taken back) leaves no nanny to tell the
+    controller; the hub's heartbeat (0.8 s x 4 misses) drops it within 5 s, ipyparallel's default 33 s."""
+    import time
+
+    with running_cluster(tmp_path, tiny_data_dir) as cluster:
+        victim = cluster.store.engines(cluster.record.id)[0]
+        client = cluster.client
+        assert victim.engine_id in client.ids
+        os.kill(victim.pid, signal.SIGSTOP)  # frozen: its nanny sees it alive, only the heartbeat can tell
+        frozen_at = time.monotonic()
+        try:
+            dropped = wait_until(lambda: victim.engine_id not in client.ids, timeout=60, interval=0.05)
+            elapsed = time.monotonic() - frozen_at
+        finally:
+            os.kill(victim.pid, signal.SIGKILL)
+        assert dropped, "the hub never dropped the frozen engine"
+        assert elapsed < 10, f"the frozen engine was dropped after {elapsed:.1f} s (expected about 4 s)"

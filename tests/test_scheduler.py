@@ -7,6 +7,7 @@ test_cluster.py and test_sweep.py.
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 from typing import Callable, Optional
 
 import ipyparallel as ipp
@@ -38,6 +39,7 @@ class FakeClient:
         self.ids = list(ids)
         self.submitted: list[tuple[dict, Optional[bytes]]] = []
         self.aborted: list = []
+        self.purged: list[str] = []
 
     def load_balanced_view(self, targets=None):
         return self
@@ -55,6 +57,9 @@ class FakeClient:
 
     def abort(self, pending):
         self.aborted.extend(pending)
+
+    def purge_local_results(self, result):
+        self.purged.append(result.msg_ids[0])
 
 
 def epoch_result(checkpoint: Optional[bytes]) -> dict:
@@ -99,6 +104,23 @@ class TestAChainOfTasks:
         Scheduler(client, poll_s=0).run(source)
         assert [ckpt for _, ckpt in client.submitted] == [None, b"1", b"2"]
         assert source.results == [("r-1", 1, 0), ("r-1", 2, 0), ("r-1", 3, 0)]
+
+    def test_finished_results_are_garbage_collected_every_32_mb(self, monkeypatch):
+        collections = []
+        monkeypatch.setattr(gc, "collect", lambda: collections.append(len(client.submitted)))
+
+        def answer(spec, ckpt, n):  # 12 MB checkpoints: every third result passes 32 MB
+            return 0, {**epoch_result(None), "completed_epochs": len(client.submitted),
+                       "checkpoint": b"x" * (12 * 1024 * 1024)}
+
+        client = FakeClient(answer)
+        Scheduler(client, poll_s=0).run(ListSource([job("r-1", 6)]))
+        assert collections == [3, 6]
+
+    def test_the_client_forgets_each_result_once_the_source_has_it(self):
+        client = FakeClient(lambda spec, ckpt, n: (0, epoch_result(ckpt)))
+        Scheduler(client, poll_s=0).run(ListSource([job("r-1", 3)]))
+        assert client.purged == ["m1", "m2", "m3"]
 
 
 class TestALostEngine:
