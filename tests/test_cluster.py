@@ -148,6 +148,11 @@ def test_training_needs_a_running_cluster_and_valid_parameters(env, isolated):
 
 
 class TestOnARunningCluster:
+    def test_engines_load_the_data_set_as_they_start_so_the_first_run_does_not(self, local_cluster, tiny_data_dir):
+        everyone = local_cluster.client[:]
+        everyone.execute("from engines import data as _data; _held = sorted(d for d, _ in _data._CACHE)", block=True)
+        assert everyone.pull("_held", block=True) == [[str(tiny_data_dir.resolve())]] * 2
+
     def test_bad_training_parameters_are_refused_before_anything_runs(self, local_cluster):
         config = local_cluster.config.source
         result = cli("--config", config, "train", "--optimizer", "rmsprop", check=False)
