@@ -252,7 +252,7 @@ def bootstrap(remote: Remote, spec: EngineSpec, cancelled: Optional[threading.Ev
     remote.run(f"mkdir -p {q(src)}")
     remote.put(engines_tarball(), f"{base}/engines.tar.gz", mode=0o600)
     remote.run(f"rm -rf {q(src)}/engines && tar -xzf {q(base)}/engines.tar.gz -C {q(src)}")
-    python = spec.python
+    python = q(spec.python)  # config-validated too; quoted all the same, like every remote argument
     verify = f"cd {q(base)} && PYTHONPATH={q(src)} {python} -c {q(VERIFY_IMPORTS)}"
     status, out, err = remote.run(verify, check=False)
     if status != 0 and spec.install:
@@ -286,7 +286,7 @@ def start_engines(remote: Remote, base: str, spec: EngineSpec, count: int, gpus:
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
         assignments = " ".join(f"{k}={q(str(v))}" for k, v in env.items())
-        engine = (f"{spec.python} -m ipyparallel.engine --file={q(connection)} "
+        engine = (f"{q(spec.python)} -m ipyparallel.engine --file={q(connection)} "
                   f"--profile-dir={q(base)}/profile")
         # setsid: its own session and process group, so it survives this SSH session and
         # stop can signal the whole group; the pid file lets stop find it without local state
