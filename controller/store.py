@@ -180,6 +180,16 @@ class EpochRecord:
     finished_at: float = field(default_factory=time.time)
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or create in ``folder`` durable: without it a power cut can undo the rename while
+    the store already names the new file, and the older file is gone too."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}"
 
@@ -359,7 +369,9 @@ class Store:
     def save_checkpoint(self, run_id: str, epoch: int, data: bytes) -> Path:
         """Write atomically (temp file + rename), record it, then drop older files of the run."""
         folder = self.checkpoint_dir / run_id
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            fsync_dir(folder.parent)  # the run's folder itself survives a power cut
         path = folder / f"epoch-{epoch:04d}.pt"
         tmp = path.with_suffix(".pt.tmp")
         with open(tmp, "wb") as handle:
@@ -367,6 +379,7 @@ class Store:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_dir(folder)  # the rename is durable before the row names the file and the older one goes
         self._insert("checkpoints", dict(
             run_id=run_id, epoch=epoch, path=str(path), sha256=hashlib.sha256(data).hexdigest(),
             bytes=len(data), created_at=time.time()), replace=True)
