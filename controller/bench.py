@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 from .errors import TaskError, UsageError
 from .runs import RunRecorder
 from .scheduler import Job, ProgressSink, Scheduler
-from .store import NodeRecord, RunRecord, Store, new_id
+from .store import NodeRecord, RunRecord, Store, load_json, new_id
 from .sweep.space import PAPER_L1  # the paper's λ grid, one definition for sweeps and benches
 
 if TYPE_CHECKING:
@@ -204,7 +204,8 @@ class BenchStore:
         records = []
         for row in self.store.execute(sql, params):
             values = {k: row[k] for k in row.keys()}
-            values["params"] = json.loads(values["params"] or "{}")
+            values["params"] = load_json(values["params"] or "{}",
+                                         f"{self.store.path}: the params of bench run {values.get('id')}")
             records.append(BenchRecord(**values))
         return records
 

@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .errors import DataError
+from .errors import ClusterStateError, DataError
+
+# how long a write waits for another process's transaction before the store is reported busy
+BUSY_TIMEOUT_S = 30.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clusters (
@@ -91,6 +94,48 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 
 class CheckpointError(DataError):
     """A stored checkpoint is missing or does not match its hash."""
+
+
+class StoreBusyError(ClusterStateError):
+    """Another process held the store's write lock for longer than the busy timeout."""
+
+
+def load_json(text: Optional[str], where: str) -> Any:
+    """A JSON column, or a DataError naming the store and the row (edited or damaged outside `cluster`)."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError) as error:
+        raise DataError(f"{where} is not valid JSON ({error}); the row was changed outside `cluster`: "
+                        f"restore the file from a backup or delete that row") from None
+
+
+class _Connection(sqlite3.Connection):
+    """sqlite3's errors as ours: a lock held too long, a damaged file; other errors unchanged."""
+
+    store_path = ""
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:  # type: ignore[override]
+        try:
+            return super().execute(sql, params)
+        except sqlite3.DatabaseError as error:
+            raise self._ours(error) from None
+
+    def executescript(self, script: str) -> sqlite3.Cursor:  # type: ignore[override]
+        try:
+            return super().executescript(script)
+        except sqlite3.DatabaseError as error:
+            raise self._ours(error) from None
+
+    def _ours(self, error: sqlite3.DatabaseError) -> Exception:
+        text = str(error)
+        if "locked" in text or "busy" in text:
+            return StoreBusyError(
+                f"{self.store_path}: the store stayed locked by another process for {BUSY_TIMEOUT_S:.0f} s "
+                f"(another `cluster` command is writing, or hung); try again when it ends")
+        if "malformed" in text or "not a database" in text:
+            return DataError(f"{self.store_path}: the store is damaged ({text}); restore it from a backup "
+                             f"or move it away (the history is then lost)")
+        return error
 
 
 RUN_STATES = ("running", "completed", "failed", "interrupted", "pruned")
@@ -208,7 +253,8 @@ class Store:
         os.chmod(self.state_dir, 0o700)  # keys and connection files live below
         self.path = self.state_dir / "cluster.db"
         self.checkpoint_dir = self.state_dir / "checkpoints"
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, factory=_Connection)
+        self.db.store_path = str(self.path)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
@@ -352,10 +398,9 @@ class Store:
             params.append(limit)
         return [self._run(r) for r in self.db.execute(sql, params)]
 
-    @staticmethod
-    def _run(row: sqlite3.Row) -> RunRecord:
+    def _run(self, row: sqlite3.Row) -> RunRecord:
         run = _row_to(RunRecord, row)
-        run.params = json.loads(row["params"])
+        run.params = load_json(row["params"], f"{self.path}: the params of run {row['id']}")
         return run
 
     def add_epoch(self, record: EpochRecord) -> None:

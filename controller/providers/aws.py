@@ -382,9 +382,14 @@ class AwsProvider(Provider):
     def instances(self, ec2, name: Optional[str], everything: bool = False) -> list[dict]:
         """Live instances carrying the cluster's tag (or any cluster's, with ``everything``)."""
         filters = self.tag_filter(name, everything) + [{"Name": "instance-state-name", "Values": LIVE_STATES}]
+        from botocore.exceptions import BotoCoreError, ClientError
+
         found = []
-        for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
-            found += [i for r in page["Reservations"] for i in r["Instances"]]
+        try:  # a paginator calls AWS while iterating, outside _call
+            for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+                found += [i for r in page["Reservations"] for i in r["Instances"]]
+        except (ClientError, BotoCoreError) as error:
+            raise classify(error, "describing the cluster's instances") from None
         return found
 
     def use_tunnel(self, subnets: list[dict]) -> bool:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from .. import ipp as ipp_side
 from ..formatting import percent
-from ..store import RunRecord, Store
+from ..store import RunRecord, Store, load_json
 from .space import SearchSpace
 
 SCHEMA = """
@@ -110,12 +110,11 @@ class SweepTable:
         rows = self.store.execute(sql + (" LIMIT ?" if limit else ""), (limit,) if limit else ())
         return [self._record(r) for r in rows]
 
-    @staticmethod
-    def _record(row) -> SweepRecord:
+    def _record(self, row) -> SweepRecord:
         names = {f.name for f in dataclasses.fields(SweepRecord)}
         values = {k: row[k] for k in row.keys() if k in names}
-        values["space"] = json.loads(values["space"])
-        values["overrides"] = json.loads(values["overrides"])
+        for column in ("space", "overrides"):
+            values[column] = load_json(values[column], f"{self.store.path}: the {column} of sweep {row['id']}")
         return SweepRecord(**values)
 
 
