@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from . import ipp as ipp_side
 from .config import Config, load_config, override
 from .errors import AlreadyRunningError, ClusterStateError, NotRunningError, ProviderError, TaskError, UsageError
+from .leases import Leases
 from .providers import Provider, provider_class
 from .runs import SingleRun
 from .scheduler import Job, ProgressSink, Scheduler
@@ -355,9 +356,11 @@ class Cluster:
         spec = self.run_spec(**overrides)
         run_id = new_id("r-")
         spec["run_id"] = run_id
-        self.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=self.record.id))
-        self.current_run_id = run_id
-        return self._execute(Job(run_id=run_id, spec=spec), progress)
+        leases = Leases(self.store)
+        with leases.hold("run", run_id):
+            self.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=self.record.id))
+            self.current_run_id = run_id
+            return self._execute(Job(run_id=run_id, spec=spec), progress)
 
     def resume(self, run_id: str, progress: Optional[ProgressSink] = None) -> RunResult:
         """Continue a run from its last checkpoint to the end of its epoch budget."""
@@ -368,12 +371,18 @@ class Cluster:
             raise UsageError(f"--resume {run_id}: the run already completed all {run.epochs_done} epochs")
         from engines.tasks import task_for
 
-        stored = self.store.load_checkpoint(run_id)
-        epoch, checkpoint = stored if stored else (0, None)
-        self.store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=self.record.id)
-        job = Job(run_id=run_id, spec=run.params, checkpoint=checkpoint, epochs_done=epoch, task=task_for(run.params))
-        self.current_run_id = run_id
-        return self._execute(job, progress)
+        leases = Leases(self.store)
+        if run.sweep_id:  # a trial: its sweep's master may be training it right now
+            leases.check_free("sweep", run.sweep_id)
+        # before anything else: a second master must not touch the run (or its checkpoint files) at all
+        with leases.hold("run", run_id):
+            stored = self.store.load_checkpoint(run_id)
+            epoch, checkpoint = stored if stored else (0, None)
+            self.store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=self.record.id)
+            job = Job(run_id=run_id, spec=run.params, checkpoint=checkpoint, epochs_done=epoch,
+                      task=task_for(run.params))
+            self.current_run_id = run_id
+            return self._execute(job, progress)
 
     def _execute(self, job: Job, progress: Optional[ProgressSink]) -> RunResult:
         source = SingleRun(self.store, job)
