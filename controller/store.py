@@ -437,6 +437,19 @@ class Store:
         self._when_committed(drop_older)
         return path
 
+    def forget_checkpoint(self, run_id: str) -> None:
+        """Drop a run's checkpoint (row and files): it starts again from scratch."""
+        with self.transaction():
+            self.db.execute("DELETE FROM checkpoints WHERE run_id = ?", (run_id,))
+            self.db.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
+            self._update("runs", {"id": run_id}, {"epochs_done": 0})
+
+            def drop_files() -> None:
+                for old in (self.checkpoint_dir / run_id).glob("epoch-*.pt*"):
+                    old.unlink(missing_ok=True)
+
+            self._when_committed(drop_files)
+
     def load_checkpoint(self, run_id: str) -> Optional[tuple[int, bytes]]:
         """(epoch, bytes) of the run's newest checkpoint, verified against its hash; None if none."""
         row = self.db.execute("SELECT * FROM checkpoints WHERE run_id = ?", (run_id,)).fetchone()
