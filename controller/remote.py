@@ -303,25 +303,40 @@ def start_engines(remote: Remote, base: str, spec: EngineSpec, count: int, gpus:
 
 STOP_SCRIPT = r"""
 dir={rundir}
-[ -d "$dir" ] || exit 0
-pids=$(cat "$dir"/engine-*.pid 2>/dev/null) {extra}
+profile={profile}
+pids=$(cat "$dir"/engine-*.pid 2>/dev/null)
+# pids the master's store holds: the run dir may carry another name (the tag includes the master's
+# hostname); such a pid is signalled only while it is still an engine of this remote_dir, never a reused one
+for pid in {known}; do
+  case "$(tr '\0' ' ' < /proc/$pid/cmdline 2>/dev/null)" in
+    *ipyparallel.engine*"--profile-dir=$profile"*) pids="$pids $pid" ;;
+  esac
+done
 for pid in $pids; do kill -TERM -- -$pid 2>/dev/null || kill -TERM $pid 2>/dev/null; done
 for i in 1 2 3 4 5 6 7 8 9 10; do
   alive=; for pid in $pids; do kill -0 $pid 2>/dev/null && alive=1; done
   [ -z "$alive" ] && break; sleep 0.5
 done
 for pid in $pids; do kill -KILL -- -$pid 2>/dev/null; kill -KILL $pid 2>/dev/null; done
-rm -rf "$dir"
+sleep 0.2
+left=; for pid in $pids; do [ -d /proc/$pid ] && [ "$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null)" != Z ] && left="$left $pid"; done
+[ -n "$left" ] && echo "left:$left"
+[ -d "$dir" ] && rm -rf "$dir"
+exit 0
 """
 
 
-def stop_engines(remote: Remote, remote_dir: str, tag: str, pids: tuple[int, ...] = ()) -> None:
-    """Stop the engines of ``tag`` on this slave (pid files, plus pids the store knows), remove its run dir."""
+def stop_engines(remote: Remote, remote_dir: str, tag: str, pids: tuple[int, ...] = ()) -> list[int]:
+    """Stop the engines of ``tag`` on this slave (pid files, plus pids the store knows), remove its run dir.
+
+    Returns the pids still alive afterwards (nothing, normally)."""
     base = resolve_dir(remote, remote_dir)
-    extra = " ".join(str(int(p)) for p in pids)
-    script = STOP_SCRIPT.format(rundir=shlex.quote(run_dir(base, tag)),
-                                extra=f"; pids=\"$pids {extra}\"" if extra else "")
-    remote.run(f"sh -c {shlex.quote(script)}", timeout=60)
+    known = " ".join(str(int(p)) for p in pids)
+    script = STOP_SCRIPT.format(rundir=shlex.quote(run_dir(base, tag)), profile=shlex.quote(f"{base}/profile"),
+                                known=known)
+    _, out, _ = remote.run(f"sh -c {shlex.quote(script)}", timeout=60)
+    left = [line for line in out.splitlines() if line.startswith("left:")]
+    return [int(p) for p in left[0][5:].split()] if left else []
 
 
 def engine_ports(connection: dict) -> list[int]:

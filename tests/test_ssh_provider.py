@@ -137,3 +137,31 @@ def test_reverse_tunnels_and_lost_state(tmp_path, tiny_data_dir, hosts):
     from controller import ipp as ipp_side
 
     ipp_side.kill_process_group(controller_pid)
+
+
+def test_stop_ends_engines_by_the_stored_pids_after_the_master_was_renamed(tmp_path, tiny_data_dir, hosts,
+                                                                           monkeypatch):
+    """The run dir on the slave is named by the master's hostname: after a rename only the pids find them."""
+    import os
+
+    host = hosts.hosts[0]
+    cluster = Cluster(ssh_config(tmp_path, tiny_data_dir, hosts, slaves=1))
+    try:
+        status = cluster.start()
+        assert host.engine_count() == 1
+        # a pid the store holds that now belongs to another program (here the slave's sshd): left alone
+        sshd = next(p for p in host.processes() if b"sshd" in Path(f"/proc/{p}/cmdline").read_bytes())
+        remote_dir = cluster.store.execute("SELECT remote_dir FROM remote_engines").fetchone()[0]
+        cluster.store.execute("INSERT INTO remote_engines VALUES (?, ?, ?, ?)",
+                              (status.cluster_id, host.address, sshd, remote_dir))
+        monkeypatch.setattr(socket, "gethostname", lambda: "renamed-master")
+        cluster.stop()
+        monkeypatch.undo()
+        assert wait_until(lambda: not host.engine_processes(), timeout=20)
+        assert sshd in host.processes()
+    finally:
+        monkeypatch.undo()
+        for pid in host.engine_processes():  # whatever the stop under test left behind
+            os.kill(pid, 9)
+        cluster.stop()
+        cluster.close()

@@ -175,7 +175,9 @@ class RemoteEngines:
                 return
             with rm.Remote.connect(host, self.known_hosts, timeout=20, record_new=False) as remote:
                 pids = tuple(p for node_id, ps in known.items() if node_id in (str(host), host.address) for p in ps)
-                rm.stop_engines(remote, self.remote_dir, self.tag, pids)
+                left = rm.stop_engines(remote, self.remote_dir, self.tag, pids)
+            if left:
+                raise ProviderError(f"engine process(es) {', '.join(map(str, left))} still running after SIGKILL")
 
         if hosts:
             with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(hosts))) as pool:
