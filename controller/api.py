@@ -347,9 +347,13 @@ class Cluster:
         training = override(self.config.training, "train", **overrides)
         record = self.record
         spec = dataclasses.asdict(training)
-        spec.update(data_dir=str(self.config.data_dir), download=self.config.cluster.download,
+        spec.update(data_dir=self.engine_data_dir(), download=self.config.cluster.download,
                     threads=record.threads_per_engine)
         return spec
+
+    def engine_data_dir(self) -> str:
+        """data_dir as the running cluster's engines see it (remote slaves have their own)."""
+        return self.provider(self.record.provider).engine_data_dir()
 
     def train(self, progress: Optional[ProgressSink] = None, **overrides: Any) -> RunResult:
         """One training run on a free engine; returns when it ends (Ctrl-C leaves it resumable)."""

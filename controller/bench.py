@@ -416,7 +416,7 @@ def _specs(cluster: "Cluster", workload: Workload, epochs: Optional[int], subset
             training = cluster.config.training
             spec = CifarSpec(model=workload.model, epochs=overrides.get("epochs", workload.default_epochs or 5),
                              seed=training.seed, device=training.device, subset=subset or 0,
-                             data_dir=str(cluster.config.data_dir),
+                             data_dir=cluster.engine_data_dir(),
                              threads=cluster.record.threads_per_engine).to_dict()
         if data_dir is not None:
             spec["data_dir"] = str(data_dir)

@@ -41,6 +41,11 @@ DEVICES = ("auto", "cpu", "cuda")
 # no path separators, dots, spaces or shell characters
 NAME_PATTERN = (r"[a-z0-9][a-z0-9-]{0,39}", "lower-case letters, digits and '-', 1 to 40 characters, "
                                              "not starting with '-'")
+# a directory on a slave, as the slave sees it: absolute or under the slave user's home (~)
+SLAVE_DIR_PATTERN = (r"(~|~/[A-Za-z0-9_./+-]*|/[A-Za-z0-9_./+-]*)",
+                     "a path on the slave: absolute or under ~ (letters, digits, '_./+-')")
+SLAVE_DATA_HELP = ("where the slaves' engines keep data sets (a path on the slave; ~ = the slave user's home); "
+                   "filled over SFTP from the master's data_dir")
 # a program on the slave (a path or a name on its PATH), never a shell fragment
 PROGRAM_PATTERN = (r"[A-Za-z0-9_./+-]+", "a program name or absolute path (letters, digits, '_./+-')")
 
@@ -86,6 +91,7 @@ class SshConfig:
     python: str = _opt("python3", "Python on the slaves used to create the engine environment",
                        pattern=PROGRAM_PATTERN)
     remote_dir: str = _opt("~/.cluster-engine", "directory on the slaves for the engine environment")
+    data_dir: str = _opt("~/.cache/cluster/data", SLAVE_DATA_HELP, pattern=SLAVE_DIR_PATTERN)
     tunnel: str = _opt("never", "engines reach the controller through SSH reverse tunnels (always) or directly (never)",
                        choices=("always", "never"))
 
@@ -108,6 +114,7 @@ class AwsConfig:
     ssh_user: str = _opt("ubuntu", "login user of the AMI")
     ssh_from: str = _opt("auto", "CIDR allowed to SSH to the slaves; auto = this master's public address/32")
     remote_dir: str = _opt("~/.cluster-engine", "directory on the slaves for the engine environment")
+    data_dir: str = _opt("~/.cache/cluster/data", SLAVE_DATA_HELP, pattern=SLAVE_DIR_PATTERN)
     python: str = _opt("python3", "Python on the AMI that runs the engines", pattern=PROGRAM_PATTERN)
 
 

@@ -392,6 +392,9 @@ class AwsProvider(Provider):
             raise classify(error, "describing the cluster's instances") from None
         return found
 
+    def engine_data_dir(self) -> str:
+        return self.config.aws.data_dir
+
     def use_tunnel(self, subnets: list[dict]) -> bool:
         """auto: tunnels unless this master has an address inside the slaves' VPC subnets."""
         mode = self.config.aws.tunnel
@@ -440,7 +443,8 @@ class AwsProvider(Provider):
     def engines(self, key_file: str = "") -> RemoteEngines:
         cfg = self.config.aws
         return RemoteEngines(self.store, self.config.state_dir, self.cluster_name, self.folder() / "known_hosts",
-                             python=cfg.python, remote_dir=cfg.remote_dir, engines_per_gpu=cfg.engines_per_gpu,
+                             python=cfg.python, remote_dir=cfg.remote_dir, data_dir=cfg.data_dir,
+                             master_data_dir=self.config.data_dir, engines_per_gpu=cfg.engines_per_gpu,
                              threads=self.config.cluster.threads_per_engine, on_step=type(self).on_step)
 
     # prices -----------------------------------------------------------------------------
