@@ -20,6 +20,7 @@ from . import ipp as ipp_side
 from .config import Config, load_config, override
 from .errors import (AlreadyRunningError, ClusterLostError, ClusterStateError, NotRunningError, ProviderError,
                      TaskError, UsageError)
+from .leases import Leases
 from .providers import Provider, provider_class
 from .runs import SingleRun
 from .scheduler import Job, ProgressSink, Scheduler, Watchdog
@@ -360,18 +361,24 @@ class Cluster:
         training = override(self.config.training, "train", **overrides)
         record = self.record
         spec = dataclasses.asdict(training)
-        spec.update(data_dir=str(self.config.data_dir), download=self.config.cluster.download,
+        spec.update(data_dir=self.engine_data_dir(), download=self.config.cluster.download,
                     threads=record.threads_per_engine)
         return spec
+
+    def engine_data_dir(self) -> str:
+        """data_dir as the running cluster's engines see it (remote slaves have their own)."""
+        return self.provider(self.record.provider).engine_data_dir()
 
     def train(self, progress: Optional[ProgressSink] = None, **overrides: Any) -> RunResult:
         """One training run on a free engine; returns when it ends (Ctrl-C leaves it resumable)."""
         spec = self.run_spec(**overrides)
         run_id = new_id("r-")
         spec["run_id"] = run_id
-        self.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=self.record.id))
-        self.current_run_id = run_id
-        return self._execute(Job(run_id=run_id, spec=spec), progress)
+        leases = Leases(self.store)
+        with leases.hold("run", run_id):
+            self.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=self.record.id))
+            self.current_run_id = run_id
+            return self._execute(Job(run_id=run_id, spec=spec), progress)
 
     def resume(self, run_id: str, progress: Optional[ProgressSink] = None) -> RunResult:
         """Continue a run from its last checkpoint to the end of its epoch budget."""
@@ -382,12 +389,18 @@ class Cluster:
             raise UsageError(f"--resume {run_id}: the run already completed all {run.epochs_done} epochs")
         from engines.tasks import task_for
 
-        stored = self.store.load_checkpoint(run_id)
-        epoch, checkpoint = stored if stored else (0, None)
-        self.store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=self.record.id)
-        job = Job(run_id=run_id, spec=run.params, checkpoint=checkpoint, epochs_done=epoch, task=task_for(run.params))
-        self.current_run_id = run_id
-        return self._execute(job, progress)
+        leases = Leases(self.store)
+        if run.sweep_id:  # a trial: its sweep's master may be training it right now
+            leases.check_free("sweep", run.sweep_id)
+        # before anything else: a second master must not touch the run (or its checkpoint files) at all
+        with leases.hold("run", run_id):
+            stored = self.store.load_checkpoint(run_id)
+            epoch, checkpoint = stored if stored else (0, None)
+            self.store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=self.record.id)
+            job = Job(run_id=run_id, spec=run.params, checkpoint=checkpoint, epochs_done=epoch,
+                      task=task_for(run.params))
+            self.current_run_id = run_id
+            return self._execute(job, progress)
 
     def scheduler(self, **options: Any) -> Scheduler:
         """A scheduler on this cluster's engines that gives up, rather than waits forever, when the

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 from .errors import TaskError, UsageError
 from .runs import RunRecorder
 from .scheduler import Job, ProgressSink
-from .store import NodeRecord, RunRecord, Store, new_id
+from .store import NodeRecord, RunRecord, Store, load_json, new_id
 from .sweep.space import PAPER_L1  # the paper's λ grid, one definition for sweeps and benches
 
 if TYPE_CHECKING:
@@ -204,7 +204,8 @@ class BenchStore:
         records = []
         for row in self.store.execute(sql, params):
             values = {k: row[k] for k in row.keys()}
-            values["params"] = json.loads(values["params"] or "{}")
+            values["params"] = load_json(values["params"] or "{}",
+                                         f"{self.store.path}: the params of bench run {values.get('id')}")
             records.append(BenchRecord(**values))
         return records
 
@@ -415,7 +416,7 @@ def _specs(cluster: "Cluster", workload: Workload, epochs: Optional[int], subset
             training = cluster.config.training
             spec = CifarSpec(model=workload.model, epochs=overrides.get("epochs", workload.default_epochs or 5),
                              seed=training.seed, device=training.device, subset=subset or 0,
-                             data_dir=str(cluster.config.data_dir),
+                             data_dir=cluster.engine_data_dir(),
                              threads=cluster.record.threads_per_engine).to_dict()
         if data_dir is not None:
             spec["data_dir"] = str(data_dir)

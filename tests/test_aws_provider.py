@@ -24,7 +24,7 @@ from controller.cli import main
 from controller.errors import ClusterStateError, ConfigError, CredentialsError, ProviderError
 from controller.providers import aws
 from tests.conftest import cluster_pids, make_config, wait_until
-from tests.netns import NetnsHosts, unavailable
+from tests.netns import SLAVE_USER, NetnsHosts, unavailable
 
 REASON = unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON or "ok")]
@@ -104,7 +104,7 @@ def image(ec2) -> str:
 
 def aws_config(tmp_path, data_dir, moto_url, ami, *, slaves=2, extra=""):
     keys = {"region": REGION, "endpoint_url": moto_url, "instance_types": "g4dn.xlarge, g5.xlarge", "ami": ami,
-            "ssh_user": "root", "ssh_from": "10.213.0.0/16", "python": sys.executable}
+            "ssh_user": SLAVE_USER, "ssh_from": "10.213.0.0/16", "python": sys.executable}
     for line in extra.splitlines():  # a test's keys replace the defaults above
         if "=" in line:
             key, value = line.split("=", 1)
@@ -186,7 +186,7 @@ def test_spot_slaves_train_status_and_stop_without_leaks(tmp_path, tiny_data_dir
         code, out, _ = run_cli("ip", "--json")
         assert code == 0 and {n["node"] for n in json.loads(out)["nodes"]} >= {n.instance_id for n in nodes}
         code, out, _ = run_cli("ssh", nodes[0].instance_id, "--print")
-        assert code == 0 and "StrictHostKeyChecking=yes" in out and "root@" in out
+        assert code == 0 and "StrictHostKeyChecking=yes" in out and f"{SLAVE_USER}@" in out
     finally:
         cluster.stop()
     assert tagged(ec2) == NOTHING

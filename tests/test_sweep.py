@@ -14,6 +14,7 @@ import optuna
 import pytest
 
 from controller import cli
+from controller.scheduler import ProgressSink
 from controller.store import Store
 from controller.sweep import build_space, parse_param
 from controller.sweep.runner import plan
@@ -251,6 +252,90 @@ def test_ctrl_c_leaves_the_sweep_resumable(local_cluster, tmp_path):
     result = local_cluster.sweep(resume=sweep_id)
     assert result.sweep.state == "completed" and [t.state for t in result.trials] == ["COMPLETE"] * 3
     assert all(r.state == "completed" and r.epochs_done == 4 for r in store.runs(sweep_id=sweep_id))
+
+
+class _InterruptAfterFirstTask(ProgressSink):
+    """A progress sink that stops the master (as Ctrl-C would) once the first task came back and was stored."""
+
+    came_back = False
+
+    def task_done(self, job, result, engine_id) -> None:
+        self.came_back = True
+
+    def tick(self) -> None:  # after the scheduler handed the result to the sweep
+        if self.came_back:
+            raise KeyboardInterrupt
+
+
+def test_resume_trains_the_sweeps_own_base_spec_and_reports_an_edited_config(local_cluster, caplog):
+    import dataclasses
+
+    from controller.api import Cluster
+
+    grid = {"hidden": [16, 24, 32, 48]}  # 2 engines + 1 prefetched task: the 4th trial is asked after resume
+    with pytest.raises(KeyboardInterrupt):
+        local_cluster.sweep(grid, epochs=1, subset=100, progress=lambda source: _InterruptAfterFirstTask())
+    sweep_id = local_cluster.sweeps(limit=1)[0].sweep_id
+    asked_before = {r.id for r in local_cluster.store.runs(sweep_id=sweep_id)}
+    assert len(asked_before) < 4
+
+    training = dataclasses.replace(local_cluster.config.training, lr=0.05, batch_size=64)  # edited in between
+    edited = Cluster(dataclasses.replace(local_cluster.config, training=training))
+    try:
+        with caplog.at_level("WARNING", logger="controller.sweep.runner"):
+            result = edited.sweep(resume=sweep_id)
+    finally:
+        edited.close()
+    assert [t.state for t in result.trials] == ["COMPLETE"] * 4
+    runs = local_cluster.store.runs(sweep_id=sweep_id)
+    assert set(asked_before) < {r.id for r in runs}
+    assert {(r.params["lr"], r.params["batch_size"], r.params["subset"]) for r in runs} == {(0.01, 128, 100)}
+    warning = next(r.getMessage() for r in caplog.records if "differs from the sweep's" in r.getMessage())
+    assert "batch_size = 128, now 64" in warning and "lr = 0.01, now 0.05" in warning
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_trial_whose_checkpoint_is_lost_restarts_and_the_resumed_sweep_goes_on(local_cluster, damage):
+    with pytest.raises(KeyboardInterrupt):
+        local_cluster.sweep({"hidden": [16, 32]}, epochs=2, subset=100,
+                            progress=lambda source: _InterruptAfterFirstTask())
+    sweep_id = local_cluster.sweeps(limit=1)[0].sweep_id
+    store = local_cluster.store
+    (damaged,) = [r for r in store.runs(sweep_id=sweep_id) if r.epochs_done == 1]
+    path = next((store.checkpoint_dir / damaged.id).glob("epoch-*.pt"))
+    path.unlink() if damage == "missing" else path.write_bytes(b"garbage")
+    first_epoch_at = store.epochs(damaged.id)[0].finished_at
+
+    result = local_cluster.sweep(resume=sweep_id)
+    assert [t.state for t in result.trials] == ["COMPLETE"] * 2
+    run = store.run(damaged.id)
+    assert run.state == "completed" and run.epochs_done == 2
+    epochs = store.epochs(damaged.id)
+    assert [e.epoch for e in epochs] == [1, 2] and epochs[0].finished_at > first_epoch_at  # trained again
+
+
+def test_a_pruned_trial_is_stored_before_optuna_is_told(tmp_path):
+    """If the master dies between the two writes, the store must not say 'running' for a trial Optuna pruned."""
+    from optuna.trial import TrialState
+
+    from controller.scheduler import Job
+    from controller.store import RunRecord
+    from controller.sweep.source import SweepSource
+    from controller.sweep.space import SearchSpace
+
+    store = Store(tmp_path)
+    study = optuna.create_study(direction="maximize")
+    source = SweepSource(study, store, "s-1", SearchSpace(), {}, n_trials=1)
+    trial = study.ask()
+    store.create_run(RunRecord(id="s-1-t000", params={}, sweep_id="s-1", trial_number=0))
+
+    def master_dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    study.tell = master_dies
+    with pytest.raises(KeyboardInterrupt):
+        source.finish(Job(run_id="s-1-t000", spec={}, tag=trial), TrialState.PRUNED, store.run("s-1-t000"))
+    assert store.run("s-1-t000").state == "pruned"
 
 
 def test_a_lost_engine_costs_one_task_that_goes_to_another_engine(local_cluster, tmp_path):

@@ -382,10 +382,18 @@ class AwsProvider(Provider):
     def instances(self, ec2, name: Optional[str], everything: bool = False) -> list[dict]:
         """Live instances carrying the cluster's tag (or any cluster's, with ``everything``)."""
         filters = self.tag_filter(name, everything) + [{"Name": "instance-state-name", "Values": LIVE_STATES}]
+        from botocore.exceptions import BotoCoreError, ClientError
+
         found = []
-        for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
-            found += [i for r in page["Reservations"] for i in r["Instances"]]
+        try:  # a paginator calls AWS while iterating, outside _call
+            for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+                found += [i for r in page["Reservations"] for i in r["Instances"]]
+        except (ClientError, BotoCoreError) as error:
+            raise classify(error, "describing the cluster's instances") from None
         return found
+
+    def engine_data_dir(self) -> str:
+        return self.config.aws.data_dir
 
     def use_tunnel(self, subnets: list[dict]) -> bool:
         """auto: tunnels unless this master has an address inside the slaves' VPC subnets."""
@@ -435,7 +443,8 @@ class AwsProvider(Provider):
     def engines(self, key_file: str = "") -> RemoteEngines:
         cfg = self.config.aws
         return RemoteEngines(self.store, self.config.state_dir, self.cluster_name, self.folder() / "known_hosts",
-                             python=cfg.python, remote_dir=cfg.remote_dir, engines_per_gpu=cfg.engines_per_gpu,
+                             python=cfg.python, remote_dir=cfg.remote_dir, data_dir=cfg.data_dir,
+                             master_data_dir=self.config.data_dir, engines_per_gpu=cfg.engines_per_gpu,
                              threads=self.config.cluster.threads_per_engine, on_step=type(self).on_step)
 
     # prices -----------------------------------------------------------------------------
