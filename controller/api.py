@@ -400,8 +400,11 @@ class Cluster:
         from .distributed import DistributedRun, choose_engines
 
         chosen = choose_engines(list(self.client.ids), engines)
+        record = self.record
+        private = {n.node_id: n.private_ip for n in self.store.nodes(record.id) if n.private_ip}
+        addresses = {e.engine_id: private[e.node_id] for e in self.store.engines(record.id) if e.node_id in private}
         try:
-            DistributedRun(self.client, self.store, chosen).run(job, progress)
+            DistributedRun(self.client, self.store, chosen, addresses=addresses).run(job, progress)
         except BaseException:
             run = self.store.run(job.run_id)
             if run is not None and run.state == "running":

@@ -56,12 +56,14 @@ def choose_engines(available: list[int], requested: Optional[list[int]]) -> list
     return list(requested)
 
 
-def rendezvous_address(port_info: dict, engine_hosts: dict[int, str], engines: list[int]) -> str:
-    """Loopback when every rank is on rank 0's host, else the address rank 0 reported for its host."""
+def rendezvous_address(port_info: dict, engine_hosts: dict[int, str], engines: list[int],
+                       known: Optional[dict[int, str]] = None) -> str:
+    """Loopback when every rank is on rank 0's host; else rank 0's node's private address when the
+    provider recorded one (AWS), else the address rank 0 reported for its host name."""
     hosts = {engine_hosts.get(e) for e in engines}
     if len(hosts) == 1 and None not in hosts:
         return "127.0.0.1"
-    return port_info["address"]
+    return (known or {}).get(engines[0]) or port_info["address"]
 
 
 @dataclass
@@ -81,13 +83,15 @@ class DistributedRun:
     """
 
     def __init__(self, client, store: Store, engines: list[int], *, poll_s: float = 0.2,
-                 grace_s: float = STRAGGLER_GRACE_S, hold: Optional[dict] = None):
+                 grace_s: float = STRAGGLER_GRACE_S, hold: Optional[dict] = None,
+                 addresses: Optional[dict[int, str]] = None):
         self.client = client
         self.store = store
         self.engines = list(engines)
         self.poll_s = poll_s
         self.grace_s = grace_s
         self.hold = hold
+        self.addresses = addresses or {}  # engine id -> its node's private address, where the provider knows it
         self.recorder = RunRecorder(store)
         self.failovers: list[dict] = []
         self.weights: dict[int, str] = {}  # engine id -> digest of its weights after the last epoch
@@ -153,7 +157,7 @@ class DistributedRun:
                 raise
             attempt.lost.append(self.engines[0])
             return attempt
-        address = rendezvous_address(port, self._hosts, self.engines)
+        address = rendezvous_address(port, self._hosts, self.engines, self.addresses)
         world = len(self.engines)
         pending = {}
         for rank, engine in enumerate(self.engines):

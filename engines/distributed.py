@@ -176,9 +176,11 @@ def setup_for(spec: dict) -> tuple[object, Callable[[torch.device], Setup]]:
 
 
 def weights_digest(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer: equal on every rank after a data-parallel step."""
+    """sha256 over every parameter: equal on every rank after a data-parallel step.  (Buffers such as batch
+    norm's running statistics are broadcast from rank 0 at each forward, then updated per rank: rank 0's
+    are the ones checkpointed.)"""
     digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
+    for name, value in sorted(model.named_parameters()):
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -31,6 +31,7 @@ def test_ranks_on_one_host_meet_on_loopback_others_on_rank0s_address():
     port = {"address": "10.0.0.5", "port": 4321, "host": "a"}
     assert rendezvous_address(port, {0: "a", 1: "a"}, [0, 1]) == "127.0.0.1"
     assert rendezvous_address(port, {0: "a", 1: "b"}, [0, 1]) == "10.0.0.5"
+    assert rendezvous_address(port, {0: "a", 1: "b"}, [0, 1], {0: "172.31.0.7"}) == "172.31.0.7"
 
 
 def test_engine_ids_are_checked():
@@ -97,6 +98,21 @@ def test_two_engines_match_one_engine_at_the_same_global_batch(mnist_cluster):
     assert len(run.weights) == 2 and len(set(run.weights.values())) == 1, "both ranks hold identical weights"
     assert stored.params["distributed"]["engines"] == [0, 1]
     assert stored.params["distributed"]["global_batch"] == 100
+
+
+@needs_mnist
+def test_a_cifar_model_trains_data_parallel_too(mnist_cluster, tmp_path):
+    from engines.cifar import write_cifar10_batches
+
+    cifar = write_cifar10_batches(tmp_path, per_batch=8, n_test=16)
+    spec = {"model": "resnet18", "data_dir": str(cifar), "epochs": 1, "batch_size": 12, "threads": 1}
+    spec["run_id"] = run_id = new_id("r-")
+    mnist_cluster.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=mnist_cluster.record.id))
+    run = DistributedRun(mnist_cluster.client, mnist_cluster.store, [0, 1])
+    run.run(Job(run_id=run_id, spec=spec))
+    stored = mnist_cluster.store.run(run_id)
+    assert stored.state == "completed" and stored.test_accuracy is not None
+    assert len(set(run.weights.values())) == 1
 
 
 class InterruptAfterFirstEpoch(ProgressSink):
