@@ -209,10 +209,13 @@ def train_ranked(spec: dict, checkpoint: Optional[bytes], n_epochs: Optional[int
     def wrap(model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
+        net = model
+        if place.world > 1:
+            net = DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
         return HoldAt(net, place.rank, int(hold["step"]), hold["dir"]) if hold else net
 
-    join_group(place, device)
+    if place.world > 1:  # one engine left (or chosen) trains as a plain run would: no group, no DDP hooks
+        join_group(place, device)
     try:
         result = run_task(run_spec, keep, checkpoint, n_epochs, progress if place.rank == 0 else None,
                           shard=Shard(place.rank, place.world, wrap), device=device)
