@@ -169,3 +169,27 @@ def test_killing_one_of_three_engines_mid_epoch_completes_the_run_on_two(tmp_pat
         assert stored.params["distributed"]["engines"] == [1, 2]
         assert [e.epoch for e in cluster.store.epochs(job.run_id)] == [1, 2, 3]
         assert len(set(run.weights.values())) == 1 and set(run.weights) == {1, 2}
+
+
+@needs_mnist
+def test_cluster_train_distributed_prints_the_run_with_its_engines(mnist_cluster):
+    import io
+    import json
+
+    from controller.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = main(["--config", mnist_cluster.config.source, *argv], stdout=out, stderr=err)
+        return code, out.getvalue(), err.getvalue()
+
+    code, out, err = run("train", "--distributed", "--engines", "1,0", "--epochs", "1", "--subset", "1000",
+                         "--batch-size", "100", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["state"] == "completed" and record["params"]["distributed"]["engines"] == [1, 0]
+    assert record["engine_id"] == 1, "rank 0 (the first engine given) reports the run"
+    code, _, err = run("train", "--engines", "0")
+    assert code == 2 and "add --distributed" in err
+    code, _, err = run("train", "--distributed", "--engines", "0,7")
+    assert code == 2 and "no engine 7" in err
