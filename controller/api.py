@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from . import ipp as ipp_side
+from engines.tasks import L1_SCALE
+
 from .config import Config, load_config, override
 from .errors import (AlreadyRunningError, ClusterLostError, ClusterStateError, NotRunningError, ProviderError,
                      TaskError, UsageError)
@@ -362,15 +364,22 @@ class Cluster:
         record = self.record
         spec = dataclasses.asdict(training)
         spec.update(data_dir=self.engine_data_dir(), download=self.config.cluster.download,
-                    threads=record.threads_per_engine)
+                    threads=record.threads_per_engine, l1_scale=L1_SCALE)  # the stored run records its convention
         return spec
 
     def engine_data_dir(self) -> str:
         """data_dir as the running cluster's engines see it (remote slaves have their own)."""
         return self.provider(self.record.provider).engine_data_dir()
 
-    def train(self, progress: Optional[ProgressSink] = None, **overrides: Any) -> RunResult:
-        """One training run on a free engine; returns when it ends (Ctrl-C leaves it resumable)."""
+    def train(self, progress: Optional[ProgressSink] = None, *, distributed: bool = False,
+              engines: Optional[list[int]] = None, **overrides: Any) -> RunResult:
+        """One training run on a free engine; returns when it ends (Ctrl-C leaves it resumable).
+
+        ``distributed=True``: one model on every engine (or on ``engines``, ids) with torch.distributed,
+        the global batch ``batch_size`` split over them (controller/distributed.py).
+        """
+        if engines is not None and not distributed:
+            raise UsageError("--engines chooses the engines of a --distributed run; add --distributed")
         spec = self.run_spec(**overrides)
         run_id = new_id("r-")
         spec["run_id"] = run_id
@@ -378,16 +387,22 @@ class Cluster:
         with leases.hold("run", run_id):
             self.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=self.record.id))
             self.current_run_id = run_id
+            if distributed:
+                return self._execute_distributed(Job(run_id=run_id, spec=spec), progress, engines)
             return self._execute(Job(run_id=run_id, spec=spec), progress)
 
-    def resume(self, run_id: str, progress: Optional[ProgressSink] = None) -> RunResult:
-        """Continue a run from its last checkpoint to the end of its epoch budget."""
+    def resume(self, run_id: str, progress: Optional[ProgressSink] = None,
+               engines: Optional[list[int]] = None) -> RunResult:
+        """Continue a run from its last checkpoint to the end of its epoch budget.
+
+        A distributed run resumes distributed, on every engine or on ``engines`` (any count: the
+        global batch stays the run's ``batch_size``)."""
         run = self.store.run(run_id)
         if run is None:
             raise UsageError(f"--resume {run_id}: no such run; `cluster runs` lists them")
         if run.state == "completed":
             raise UsageError(f"--resume {run_id}: the run already completed all {run.epochs_done} epochs")
-        from engines.tasks import task_for
+        from engines.tasks import stored_params, task_for
 
         leases = Leases(self.store)
         if run.sweep_id:  # a trial: its sweep's master may be training it right now
@@ -397,9 +412,13 @@ class Cluster:
             stored = self.store.load_checkpoint(run_id)
             epoch, checkpoint = stored if stored else (0, None)
             self.store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=self.record.id)
-            job = Job(run_id=run_id, spec=run.params, checkpoint=checkpoint, epochs_done=epoch,
+            job = Job(run_id=run_id, spec=stored_params(run.params), checkpoint=checkpoint, epochs_done=epoch,
                       task=task_for(run.params))
             self.current_run_id = run_id
+            if run.params.get("distributed"):
+                return self._execute_distributed(job, progress, engines)
+            if engines is not None:
+                raise UsageError(f"--engines: run {run_id} is not distributed; it resumes on one free engine")
             return self._execute(job, progress)
 
     def scheduler(self, **options: Any) -> Scheduler:
@@ -409,6 +428,23 @@ class Cluster:
         watchdog = Watchdog(controller_alive=lambda: self._controller_alive(record),
                             engine_timeout=self.config.cluster.engine_timeout)
         return Scheduler(self.client, watchdog=watchdog, **options)
+
+    def _execute_distributed(self, job: Job, progress: Optional[ProgressSink],
+                             engines: Optional[list[int]]) -> RunResult:
+        from .distributed import DistributedRun, choose_engines
+
+        chosen = choose_engines(list(self.client.ids), engines)
+        record = self.record
+        private = {n.node_id: n.private_ip for n in self.store.nodes(record.id) if n.private_ip}
+        addresses = {e.engine_id: private[e.node_id] for e in self.store.engines(record.id) if e.node_id in private}
+        try:
+            DistributedRun(self.client, self.store, chosen, addresses=addresses).run(job, progress)
+        except BaseException:
+            run = self.store.run(job.run_id)
+            if run is not None and run.state == "running":
+                self.store.update_run(job.run_id, state="interrupted", finished_at=time.time())
+            raise
+        return self.run_result(job.run_id)
 
     def _execute(self, job: Job, progress: Optional[ProgressSink]) -> RunResult:
         source = SingleRun(self.store, job)
@@ -436,6 +472,55 @@ class Cluster:
 
     def runs(self, limit: Optional[int] = None, sweep_id: Optional[str] = None) -> list[RunRecord]:
         return self.store.runs(limit=limit, sweep_id=sweep_id)
+
+    # inference -------------------------------------------------------------------
+    def infer(self, run_id: Optional[str] = None, *, checkpoint: Optional[str | os.PathLike] = None,
+              split: str = "test", workload: Optional[str] = None, engines: Optional[list[int]] = None,
+              shards_per_engine: int = 1, out: Optional[str | os.PathLike] = None, progress=None,
+              data_dir: Optional[str] = None):
+        """Apply a trained model to a whole split over the engines; an InferenceResult (controller/infer.py).
+
+        The model is a run's last checkpoint (``run_id``) or a checkpoint file; each engine loads it once
+        and keeps it for later calls.  ``workload`` (paper, mnist-cnn, cifar10-vgg16, cifar10-resnet18)
+        checks the checkpoint is of that kind; ``out`` writes a .csv or .npz of the predictions.
+        ``progress``: a callable (images done, images in all).  ``data_dir``: where the engines find the
+        data set (default: the run's own, else [cluster] data_dir).
+        """
+        from .distributed import choose_engines
+        from .infer import Inference, write_predictions
+
+        if (run_id is None) == (checkpoint is None):
+            raise UsageError("infer: give one of --run RUN_ID or --checkpoint PATH")
+        if run_id is not None:
+            run = self.store.run(run_id)
+            if run is None:
+                raise UsageError(f"--run {run_id}: no such run; `cluster runs` lists them")
+            data_dir = data_dir or run.params.get("data_dir")
+            stored = self.store.load_checkpoint(run_id)
+            if stored is None:
+                raise UsageError(f"--run {run_id}: the run has no checkpoint yet")
+            data = stored[1]
+        else:
+            try:
+                data = Path(checkpoint).expanduser().read_bytes()
+            except OSError as error:
+                raise UsageError(f"--checkpoint {checkpoint}: {error.strerror or error}") from None
+        expect_kind = None
+        if workload is not None:
+            from .bench import WORKLOADS
+
+            if workload not in WORKLOADS:
+                raise UsageError(f"--workload {workload!r}: expected one of {', '.join(WORKLOADS)}")
+            expect_kind = WORKLOADS[workload].kind
+        if out is not None and Path(out).suffix not in (".csv", ".npz"):
+            raise UsageError(f"--out {out}: expected a .csv or .npz file name")
+        job = Inference(self.client, choose_engines(list(self.client.ids), engines),
+                        shards_per_engine=shards_per_engine, threads=self.record.threads_per_engine)
+        result = job.run(data, split, data_dir or str(self.config.data_dir), run_id=run_id, expect_kind=expect_kind,
+                         progress=progress)
+        if out is not None:
+            write_predictions(result, Path(out))
+        return result
 
     # benchmarks and reports ------------------------------------------------------
     def bench(self, workload: str = "paper", engines: Optional[list[int]] = None, epochs: Optional[int] = None,

@@ -79,6 +79,11 @@ CREATE TABLE IF NOT EXISTS bench_trials (
 
 
 # records ------------------------------------------------------------------------
+# the paper's throughput: the λ sweep on 8 GPU servers, in epochs of its 50,000 training images per minute
+PAPER_EPOCHS_PER_MIN = 14.59
+PAPER_EPOCH_IMAGES = 50_000
+
+
 @dataclass
 class BenchRecord:
     """One workload on one engine count: a row of the report's main table."""
@@ -114,8 +119,15 @@ class BenchRecord:
     cluster_id: Optional[int] = None
     created_at: float = 0.0
 
+    @property
+    def paper_epochs_per_min(self) -> float:
+        """Throughput in the paper's unit, 50,000-image epochs per minute, whatever --subset was used."""
+        return self.images_per_s * 60 / PAPER_EPOCH_IMAGES
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["paper_epochs_per_min"] = self.paper_epochs_per_min
+        return values
 
 
 @dataclass
@@ -510,7 +522,8 @@ class BenchProgress(BenchSink):
     def bench_finished(self, record: BenchRecord) -> None:
         accuracy = "-" if record.accuracy is None else f"{record.accuracy:.2%}"
         self.console.print(
-            f"  {record.engines} engine(s): {record.wall_s:.1f} s, {record.epochs_per_min:.2f} epochs/min, "
+            f"  {record.engines} engine(s): {record.wall_s:.1f} s, {record.epochs_per_min:.2f} epochs/min "
+            f"({record.paper_epochs_per_min:.2f} of 50,000 images; the paper: {PAPER_EPOCHS_PER_MIN}), "
             f"{record.images_per_s:,.0f} images/s, accuracy {accuracy}, ${record.cost:.4f} "
             f"at ${record.price_per_hour:.3f}/h", highlight=False)
 

@@ -67,7 +67,7 @@ class ClusterConfig:
 class TrainingConfig:
     epochs: int = _opt(1, "epochs per run", min=1, max=10000)
     lr: float = _opt(0.01, "learning rate (the peak rate of the one-cycle schedule)", min=0.0, max=100.0)
-    l1: float = _opt(0.0, "L1 penalty lambda: loss += lambda * sum(|w|)", min=0.0)
+    l1: float = _opt(0.0, "L1 penalty lambda, as the paper scales it: each batch's loss += lambda * sum(|w|) / training batches per epoch", min=0.0)
     batch_size: int = _opt(128, "mini-batch size", min=1, max=65536)
     optimizer: str = _opt("adam", "optimizer", choices=OPTIMIZERS)
     momentum: float = _opt(0.9, "SGD momentum (ignored by adam)", min=0.0, max=1.0)

@@ -129,11 +129,11 @@ engine_timeout = 90
 
 
 @contextlib.contextmanager
-def running_cluster(tmp: Path, data_dir: Path, extra: str = ""):
-    """A real 2-engine local cluster; stopped afterwards, and no process of it may be left."""
+def running_cluster(tmp: Path, data_dir: Path, extra: str = "", slaves: int = 2):
+    """A real local cluster (2 engines unless told); stopped afterwards, and no process of it may be left."""
     from controller.api import Cluster
 
-    cluster = Cluster(make_config(tmp, data_dir, extra=extra))
+    cluster = Cluster(make_config(tmp, data_dir, slaves=slaves, extra=extra))
     cluster.start()
     try:
         yield cluster

@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional, Protocol
 import optuna
 from optuna.trial import TrialState
 
+from engines.tasks import stored_params
+
 from ..runs import RunRecorder
 from ..scheduler import Job
 from ..store import CheckpointError, RunRecord, Store
@@ -154,7 +156,7 @@ def job_for(trial: optuna.Trial, store: Store, sweep_id: str, space: SearchSpace
         store.forget_checkpoint(run_id)
         stored = None
     epoch, checkpoint = stored if stored else (0, None)
-    job = Job(run_id=run_id, spec=run.params, checkpoint=checkpoint, epochs_done=epoch, tag=trial)
+    job = Job(run_id=run_id, spec=stored_params(run.params), checkpoint=checkpoint, epochs_done=epoch, tag=trial)
     if not job.finished:  # a finished run (the master died before telling Optuna) keeps its row as it is
         # epochs stored after the last checkpoint (the master died between the two) are trained again
         store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=cluster_id,
