@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from . import ipp as ipp_side
 from engines.tasks import L1_SCALE
 
+from . import ipp as ipp_side
 from .config import Config, load_config, override
 from .errors import (AlreadyRunningError, ClusterLostError, ClusterStateError, NotRunningError, ProviderError,
                      TaskError, UsageError)
