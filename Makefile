@@ -46,6 +46,9 @@ bench: install
 	$(BIN)/python benchmarks/time_to_accuracy.py
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/sweep.py
+	$(BIN)/python benchmarks/ddp.py
+	$(BIN)/python benchmarks/infer.py
+	$(BIN)/python benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) .cluster build *.egg-info
