@@ -43,6 +43,7 @@ def engine_file(profile: Path, cluster_id: str) -> Path:
 
 
 LOOPBACK = "127.0.0.1"
+EVERY_INTERFACE = ("0.0.0.0", "*", "::")
 
 
 def is_loopback(address: str) -> bool:
@@ -52,13 +53,16 @@ def is_loopback(address: str) -> bool:
 def controller_args(engine_ip: str) -> list[str]:
     """Where the controller listens, port group by port group.
 
-    Clients (this tool, notebooks) and the monitor run on the master: loopback, always.
-    Engines: only the address that reaches the slaves (loopback for local engines and
-    for SSH tunnels).  Once engine ports are reachable from the network, CurveZMQ
+    Clients (this tool, notebooks) and the monitor run on the master: loopback, always
+    (the one exception: engines on every interface, below).  Engines: only the address
+    that reaches the slaves (loopback for local engines and for SSH tunnels).  Once engine ports are reachable from the network, CurveZMQ
     encrypts every connection and admits only peers that hold the controller's public
     key, which travels in the 0600 connection files and nowhere else.
     """
-    args = [f"--IPController.engine_ip={engine_ip}", f"--IPController.client_ip={LOOPBACK}",
+    # clients and engines share the registration port, and one socket cannot bind a port on
+    # 127.0.0.1 and on every interface: with engines on every interface, clients are too (CurveZMQ)
+    client_ip = engine_ip if engine_ip in EVERY_INTERFACE else LOOPBACK
+    args = [f"--IPController.engine_ip={engine_ip}", f"--IPController.client_ip={client_ip}",
             f"--IPController.monitor_ip={LOOPBACK}"]
     if not is_loopback(engine_ip):
         args.append("--IPController.enable_curve=True")  # the controller makes its key pair itself

@@ -90,14 +90,15 @@ def test_local_cluster_listens_on_loopback_only_and_keeps_its_files_private(tmp_
         assert not engine.get("curve_serverkey")  # loopback only: the HMAC key signs every message
 
 
-def ssh_config(tmp_path, data_dir, hosts, tunnel: str):
-    hosts.hosts[0].authorized_keys.write_text("")  # the aws tests of this module authorise their own keys
-    hosts.hosts[0].authorize(hosts.key)
-    return make_config(tmp_path, data_dir, slaves=1, extra=f"""
+def ssh_config(tmp_path, data_dir, hosts, tunnel: str, slaves: int = 1):
+    for host in hosts.hosts[:slaves]:
+        host.authorized_keys.write_text("")  # the aws tests of this module authorise their own keys
+        host.authorize(hosts.key)
+    return make_config(tmp_path, data_dir, slaves=slaves, extra=f"""
 provider = ssh
 
 [ssh]
-hosts = {hosts.hosts[0].address}
+hosts = {", ".join(h.address for h in hosts.hosts[:slaves])}
 user = root
 key_file = {hosts.key}
 python = {sys.executable}
@@ -105,7 +106,7 @@ tunnel = {tunnel}
 """)
 
 
-def registration_reply(url: str, connection: dict, curve: bool, timeout_ms: int = 3000) -> bool:
+def registration_reply(url: str, connection: dict, curve: bool, timeout_ms: int) -> bool:
     """A raw ZeroMQ client asks the controller's registration port for its connection info.
 
     It signs with the connection file's HMAC key; with ``curve`` it also knows the controller's
@@ -154,17 +155,44 @@ def test_ssh_client_ports_on_loopback_engine_ports_only_toward_the_slaves(tunnel
         assert sockets[client["registration"]] == {"127.0.0.1", toward_slave}
         assert addresses(sockets) == {"127.0.0.1", toward_slave}  # the monitor and schedulers: loopback
         assert_private_files(cluster.config.state_dir)
-        remote = json.loads(next((hosts.hosts[0].dir / "home").glob(".cluster-engine/run/*/engine.json")).read_text())
         if tunnel == "never":
-            assert engine["curve_serverkey"] and remote["curve_serverkey"] == engine["curve_serverkey"]
-            url = f"tcp://{toward_slave}:{engine['registration']}"
-            # the same request with the controller's public key is answered: the port and message are right
-            assert registration_reply(url, engine, curve=True)
-            # without it (the connection file's other contents are not enough) nothing comes back
-            assert not registration_reply(url, engine, curve=False)
+            assert_only_curve_clients_are_answered(engine, hosts.hosts[0], toward_slave)
         else:
             assert not engine.get("curve_serverkey")
         assert cluster.train(subset=100, epochs=1).run.state == "completed"
+    finally:
+        cluster.stop()
+        cluster.close()
+
+
+def assert_only_curve_clients_are_answered(engine: dict, host, address: str) -> None:
+    remote = json.loads(next((host.dir / "home").glob(".cluster-engine/run/*/engine.json")).read_text())
+    assert engine["curve_serverkey"] and remote["curve_serverkey"] == engine["curve_serverkey"]
+    url = f"tcp://{address}:{engine['registration']}"
+    # the same request with the controller's public key is answered: the port and the message are right
+    assert registration_reply(url, engine, curve=True, timeout_ms=60_000)
+    # without it (the connection file's other contents are not enough) nothing comes back: the
+    # CurveZMQ handshake fails, so the request never reaches the controller (the wait only bounds it)
+    assert not registration_reply(url, engine, curve=False, timeout_ms=3000)
+
+
+@needs_netns
+@pytest.mark.slow
+def test_ssh_slaves_behind_two_interfaces_get_every_interface_with_curve_only(tmp_path, tiny_data_dir, hosts):
+    """One address cannot reach both slaves: the controller listens on every interface, never without CurveZMQ."""
+    cluster = Cluster(ssh_config(tmp_path, tiny_data_dir, hosts, "never", slaves=2))
+    try:
+        status = cluster.start()
+        assert sorted(e.host for e in status.engines) == ["slave21", "slave22"]
+        record = cluster.store.active_cluster("test")
+        profile = ipp_side.profile_dir(cluster.config.state_dir)
+        client = json.loads(ipp_side.url_file(profile, record.ipp_cluster_id).read_text())
+        engine = json.loads(ipp_side.engine_file(profile, record.ipp_cluster_id).read_text())
+        sockets = listening(cluster.config.state_dir)
+        assert addresses(sockets, ports_of(engine) | ports_of(client)) == {"0.0.0.0"}
+        assert addresses(sockets) == {"0.0.0.0", "127.0.0.1"}  # the monitor and schedulers: loopback
+        for host in hosts.hosts:
+            assert_only_curve_clients_are_answered(engine, host, host.master_address)
     finally:
         cluster.stop()
         cluster.close()

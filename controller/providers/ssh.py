@@ -66,14 +66,15 @@ def source_address(host: str, port: int = 22) -> str:
 def engine_address(sources: list[str]) -> str:
     """Where the controller's engine ports listen: the one address every slave is reached from.
 
-    Slaves behind different interfaces leave only every interface (0.0.0.0); the
-    controller then requires CurveZMQ (controller.ipp), as it does for any address
-    beyond loopback.
+    Slaves behind different interfaces leave only every interface (0.0.0.0, client
+    ports included: they share the registration port); the controller then requires
+    CurveZMQ (controller.ipp), as it does for any address beyond loopback.
     """
     found = set(sources)
     if len(found) == 1 and "" not in found:
         return found.pop()
-    log.warning("the slaves are reached from %s: engine ports listen on every interface (CurveZMQ-encrypted)",
+    log.warning("the slaves are reached from %s: the controller listens on every interface, CurveZMQ-encrypted "
+                "(tunnel = always, or slaves behind one interface, keep it to one address)",
                 ", ".join(sorted(a or "no route" for a in found)))
     return "0.0.0.0"
 
