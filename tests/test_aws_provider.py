@@ -337,6 +337,24 @@ def test_stop_terminates_the_stored_instances_whoever_runs_it_and_says_what_stay
     assert no_engines(hosts)
 
 
+def test_stop_terminates_instances_in_the_region_they_were_launched_in(tmp_path, tiny_data_dir, moto_url, ec2, hosts,
+                                                                      mapped):
+    """[aws] region edited after start: the stored instances are terminated where they run."""
+    cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1))
+    try:
+        (node,) = cluster.start().nodes
+    except BaseException:
+        cluster.stop()
+        raise
+    cluster.close()
+    assert node.zone.startswith(REGION)
+    edited = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1, extra="region = us-west-2"))
+    edited.stop()
+    edited.close()
+    assert tagged(ec2) == NOTHING  # in us-east-1: the instance, its group and its key pair
+    assert no_engines(hosts)
+
+
 def test_release_after_a_failed_start_uses_the_launch_replies(tmp_path, tiny_data_dir, moto_url, ec2, monkeypatch):
     """describe-by-tag is eventually consistent: right after the launch it may list nothing."""
     hidden: list[str] = []

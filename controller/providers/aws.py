@@ -538,12 +538,17 @@ class AwsProvider(Provider):
         for node in nodes:
             if node.instance_id and node.state != "terminated":
                 by_region.setdefault(region_of(node.zone) or self.config.aws.region, []).append(node.instance_id)
-        result = self.release(self.ec2(), self.cluster_name, cluster_id=cluster.id,
-                              instance_ids=by_region.pop(self.config.aws.region, []))
-        for region, ids in by_region.items():  # the region was edited since start
-            log.warning("instances %s were launched in %s, not in [aws] region %s; terminating them there",
-                        ", ".join(ids), region, self.config.aws.region)
-            result.add(self.release(self.ec2(region), self.cluster_name, instance_ids=ids))
+        configured = self.config.aws.region
+        # where the key pair and group were created: the launch region (it differs once [aws] region is edited)
+        home = configured if not by_region or configured in by_region else next(iter(by_region))
+        result = Release()
+        for region in [r for r in {*by_region, configured} if r != home] + [home]:
+            if by_region.get(region) and region != configured:
+                log.warning("instances %s were launched in %s, not in [aws] region %s; terminating them there",
+                            ", ".join(by_region[region]), region, configured)
+            result.add(self.release(self.ec2(region), self.cluster_name, cluster_id=cluster.id,
+                                    instance_ids=by_region.get(region, []),
+                                    own_files=region == home and not result.left))  # keys stay while any is left
         now = time.time()
         for node in nodes:
             if node.instance_id in result.left:
@@ -588,12 +593,13 @@ class AwsProvider(Provider):
 
     def release(self, ec2, name: str, everything: bool = False, cluster_id: Optional[int] = None, *,
                 any_owner: bool = False, instance_ids: Iterable[str] = (),
-                only: Optional[set[str]] = None) -> "Release":
+                only: Optional[set[str]] = None, own_files: bool = True) -> "Release":
         """Stop engines, terminate instances, delete the group and key pair. Safe twice.
 
         Found by tag, plus ``instance_ids`` (from the launch replies or the store) and, for one
-        cluster, the group and key pair this master created (recorded under state_dir).  What could
-        not be terminated is in ``left``; the group and keys stay then, so the instances stay reachable.
+        cluster, the group and key pair this master created (recorded under state_dir; ``own_files``:
+        this is the region they were created in).  What could not be terminated is in ``left``; the
+        group and keys stay then, so the instances stay reachable.
         """
         keep = (lambda item: item in only) if only is not None else (lambda item: True)
         instances = [i for i in self.instances(ec2, name, everything, any_owner) if keep(i["InstanceId"])]
@@ -643,7 +649,7 @@ class AwsProvider(Provider):
         pairs = [k["KeyName"] for k in self._call("finding key pairs", ec2.describe_key_pairs,
                                                  Filters=filters)["KeyPairs"] if keep(k["KeyName"])]
         folder = self.config.state_dir / "aws" / name
-        if not everything and folder.is_dir():
+        if own_files and not everything and folder.is_dir():
             # what this master created, whoever the tags now say it belongs to (user or hostname changed)
             group_file = folder / "security_group"
             if group_file.exists() and group_file.read_text().strip() not in groups:
@@ -655,7 +661,7 @@ class AwsProvider(Provider):
         for pair in pairs:
             self._call("deleting a key pair", ec2.delete_key_pair, KeyName=pair)
             result.released.append(pair)
-        folders = [p for p in (self.config.state_dir / "aws").glob("*")] if everything else [folder]
+        folders = [p for p in (self.config.state_dir / "aws").glob("*")] if everything else [folder] if own_files else []
         for path in (p for f in folders if f.is_dir() for p in f.glob("*")):  # private and host keys of the released
             if path.is_file() and (path.suffix == ".pem" or path.name in ("known_hosts", "security_group")):
                 path.unlink()
