@@ -64,10 +64,18 @@ def bare_loop(epochs: int = 1, threads: int = 2, lr: float = 0.01, batch_size: i
 @contextlib.contextmanager
 def one_engine_cluster(threads: int = 2):
     """A real local cluster of one engine with ``threads`` torch threads, in a temporary state_dir."""
+    with local_cluster(1, threads) as env:
+        yield env
+
+
+@contextlib.contextmanager
+def local_cluster(slaves: int, threads: int):
+    """A real local cluster of ``slaves`` engines with ``threads`` torch threads each, in a temporary state_dir."""
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, CLUSTER_STATE_DIR=tmp, CLUSTER_DATA_DIR=str(data_dir()))
         ini = Path(tmp) / "bench.ini"
-        ini.write_text(f"[cluster]\nname = bench\nslaves = 1\nthreads_per_engine = {threads}\ndownload = false\n")
+        ini.write_text(f"[cluster]\nname = bench\nslaves = {slaves}\nthreads_per_engine = {threads}\n"
+                       f"download = false\n")
         env["CLUSTER_CONFIG"] = str(ini)
         subprocess.run([sys.executable, "-m", "controller", "start"], env=env, check=True, capture_output=True)
         try:
@@ -78,10 +86,15 @@ def one_engine_cluster(threads: int = 2):
 
 def cluster_train(env: dict, *args: str) -> tuple[dict, float]:
     """`cluster train ... --json` as a user runs it; returns the run record and its wall seconds."""
+    return cluster_json(env, "train", *args)
+
+
+def cluster_json(env: dict, command: str, *args: str) -> tuple[dict, float]:
+    """`cluster COMMAND ... --json` as a user runs it; returns what it printed and its wall seconds."""
     t0 = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "controller", "train", "--json", *args], env=env,
+    result = subprocess.run([sys.executable, "-m", "controller", command, "--json", *args], env=env,
                             capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if result.returncode != 0:
-        raise SystemExit(f"cluster train failed:\n{result.stderr}")
+        raise SystemExit(f"cluster {command} failed:\n{result.stderr}")
     return json.loads(result.stdout), seconds

@@ -16,13 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from engines.tasks import L1_SCALE
+
 from . import ipp as ipp_side
 from .config import Config, load_config, override
-from .errors import AlreadyRunningError, ClusterStateError, NotRunningError, ProviderError, TaskError, UsageError
+from .errors import (AlreadyRunningError, ClusterLostError, ClusterStateError, NotRunningError, ProviderError,
+                     TaskError, UsageError)
+from .leases import Leases
 from .providers import Provider, provider_class
 from .providers.base import Resource
 from .runs import SingleRun
-from .scheduler import Job, ProgressSink, Scheduler
+from .scheduler import Job, ProgressSink, Scheduler, Watchdog
 from .store import ClusterRecord, EngineRecord, EpochRecord, NodeRecord, RunRecord, Store, new_id
 
 if TYPE_CHECKING:
@@ -159,6 +163,7 @@ class Cluster:
             self._record_engines(record, client, threads, nodes)
             ipp_side.secure_files(profile)
             self.store.set_cluster_state(record.id, "running")
+            self._warm_engines(client)
         except BaseException as error:
             log.warning("start failed (%s); stopping what was started", error)
             try:
@@ -172,6 +177,18 @@ class Cluster:
             if client is not None:
                 client.close()
         return self.status()
+
+    def _warm_engines(self, client) -> None:
+        """Every engine loads the data set and the training code as part of `start`, so the first run after
+        it is as fast as the next. A failure here is only logged: the first run reports it in full."""
+        from engines.tasks import warm_up
+
+        loading = client[:].apply_async(warm_up, self.run_spec())
+        try:
+            seconds = loading.get(timeout=self.config.cluster.engine_timeout)
+            log.info("engines loaded the data set in %.1f s", max(seconds))
+        except Exception as error:  # noqa: BLE001 - the data may be missing: `train` says so clearly
+            log.warning("engines could not load the data set in advance (%s); the first run will", error)
 
     @staticmethod
     def _engine_env(threads: int) -> dict[str, str]:
@@ -354,43 +371,102 @@ class Cluster:
         training = override(self.config.training, "train", **overrides)
         record = self.record
         spec = dataclasses.asdict(training)
-        spec.update(data_dir=str(self.config.data_dir), download=self.config.cluster.download,
-                    threads=record.threads_per_engine)
+        spec.update(data_dir=self.engine_data_dir(), download=self.config.cluster.download,
+                    threads=record.threads_per_engine, l1_scale=L1_SCALE)  # the stored run records its convention
         return spec
 
-    def train(self, progress: Optional[ProgressSink] = None, **overrides: Any) -> RunResult:
-        """One training run on a free engine; returns when it ends (Ctrl-C leaves it resumable)."""
+    def engine_data_dir(self) -> str:
+        """data_dir as the running cluster's engines see it (remote slaves have their own)."""
+        return self.provider(self.record.provider).engine_data_dir()
+
+    def train(self, progress: Optional[ProgressSink] = None, *, distributed: bool = False,
+              engines: Optional[list[int]] = None, **overrides: Any) -> RunResult:
+        """One training run on a free engine; returns when it ends (Ctrl-C leaves it resumable).
+
+        ``distributed=True``: one model on every engine (or on ``engines``, ids) with torch.distributed,
+        the global batch ``batch_size`` split over them (controller/distributed.py).
+        """
+        if engines is not None and not distributed:
+            raise UsageError("--engines chooses the engines of a --distributed run; add --distributed")
         spec = self.run_spec(**overrides)
         run_id = new_id("r-")
         spec["run_id"] = run_id
-        self.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=self.record.id))
-        self.current_run_id = run_id
-        return self._execute(Job(run_id=run_id, spec=spec), progress)
+        leases = Leases(self.store)
+        with leases.hold("run", run_id):
+            self.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=self.record.id))
+            self.current_run_id = run_id
+            if distributed:
+                return self._execute_distributed(Job(run_id=run_id, spec=spec), progress, engines)
+            return self._execute(Job(run_id=run_id, spec=spec), progress)
 
-    def resume(self, run_id: str, progress: Optional[ProgressSink] = None) -> RunResult:
-        """Continue a run from its last checkpoint to the end of its epoch budget."""
+    def resume(self, run_id: str, progress: Optional[ProgressSink] = None,
+               engines: Optional[list[int]] = None) -> RunResult:
+        """Continue a run from its last checkpoint to the end of its epoch budget.
+
+        A distributed run resumes distributed, on every engine or on ``engines`` (any count: the
+        global batch stays the run's ``batch_size``)."""
         run = self.store.run(run_id)
         if run is None:
             raise UsageError(f"--resume {run_id}: no such run; `cluster runs` lists them")
         if run.state == "completed":
             raise UsageError(f"--resume {run_id}: the run already completed all {run.epochs_done} epochs")
-        from engines.tasks import task_for
+        from engines.tasks import stored_params, task_for
 
-        stored = self.store.load_checkpoint(run_id)
-        epoch, checkpoint = stored if stored else (0, None)
-        self.store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=self.record.id)
-        job = Job(run_id=run_id, spec=run.params, checkpoint=checkpoint, epochs_done=epoch, task=task_for(run.params))
-        self.current_run_id = run_id
-        return self._execute(job, progress)
+        leases = Leases(self.store)
+        if run.sweep_id:  # a trial: its sweep's master may be training it right now
+            leases.check_free("sweep", run.sweep_id)
+        # before anything else: a second master must not touch the run (or its checkpoint files) at all
+        with leases.hold("run", run_id):
+            stored = self.store.load_checkpoint(run_id)
+            epoch, checkpoint = stored if stored else (0, None)
+            self.store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=self.record.id)
+            job = Job(run_id=run_id, spec=stored_params(run.params), checkpoint=checkpoint, epochs_done=epoch,
+                      task=task_for(run.params))
+            self.current_run_id = run_id
+            if run.params.get("distributed"):
+                return self._execute_distributed(job, progress, engines)
+            if engines is not None:
+                raise UsageError(f"--engines: run {run_id} is not distributed; it resumes on one free engine")
+            return self._execute(job, progress)
 
-    def _execute(self, job: Job, progress: Optional[ProgressSink]) -> RunResult:
-        source = SingleRun(self.store, job)
+    def scheduler(self, **options: Any) -> Scheduler:
+        """A scheduler on this cluster's engines that gives up, rather than waits forever, when the
+        controller dies or no engine is left for ``[cluster] engine_timeout`` seconds."""
+        record = self.record
+        watchdog = Watchdog(controller_alive=lambda: self._controller_alive(record),
+                            engine_timeout=self.config.cluster.engine_timeout)
+        return Scheduler(self.client, watchdog=watchdog, **options)
+
+    def _execute_distributed(self, job: Job, progress: Optional[ProgressSink],
+                             engines: Optional[list[int]]) -> RunResult:
+        from .distributed import DistributedRun, choose_engines
+
+        chosen = choose_engines(list(self.client.ids), engines)
+        record = self.record
+        private = {n.node_id: n.private_ip for n in self.store.nodes(record.id) if n.private_ip}
+        addresses = {e.engine_id: private[e.node_id] for e in self.store.engines(record.id) if e.node_id in private}
         try:
-            Scheduler(self.client).run(source, progress)
+            DistributedRun(self.client, self.store, chosen, addresses=addresses).run(job, progress)
         except BaseException:
             run = self.store.run(job.run_id)
             if run is not None and run.state == "running":
                 self.store.update_run(job.run_id, state="interrupted", finished_at=time.time())
+            raise
+        return self.run_result(job.run_id)
+
+    def _execute(self, job: Job, progress: Optional[ProgressSink]) -> RunResult:
+        source = SingleRun(self.store, job)
+        try:
+            self.scheduler().run(source, progress)
+        except BaseException as error:
+            run = self.store.run(job.run_id)
+            if run is not None and run.state == "running":
+                self.store.update_run(job.run_id, state="interrupted", finished_at=time.time())
+                run = self.store.run(job.run_id)
+            if isinstance(error, ClusterLostError) and run is not None:
+                raise ClusterLostError(
+                    f"{error}; run {run.id} is stored up to epoch {run.epochs_done}: `cluster stop`, "
+                    f"`cluster start`, then continue it with `cluster train --resume {run.id}`") from None
             raise
         if source.error is not None:
             raise TaskError(f"run {job.run_id} failed on its engine: {source.error}", source.traceback)
@@ -404,6 +480,55 @@ class Cluster:
 
     def runs(self, limit: Optional[int] = None, sweep_id: Optional[str] = None) -> list[RunRecord]:
         return self.store.runs(limit=limit, sweep_id=sweep_id)
+
+    # inference -------------------------------------------------------------------
+    def infer(self, run_id: Optional[str] = None, *, checkpoint: Optional[str | os.PathLike] = None,
+              split: str = "test", workload: Optional[str] = None, engines: Optional[list[int]] = None,
+              shards_per_engine: int = 1, out: Optional[str | os.PathLike] = None, progress=None,
+              data_dir: Optional[str] = None):
+        """Apply a trained model to a whole split over the engines; an InferenceResult (controller/infer.py).
+
+        The model is a run's last checkpoint (``run_id``) or a checkpoint file; each engine loads it once
+        and keeps it for later calls.  ``workload`` (paper, mnist-cnn, cifar10-vgg16, cifar10-resnet18)
+        checks the checkpoint is of that kind; ``out`` writes a .csv or .npz of the predictions.
+        ``progress``: a callable (images done, images in all).  ``data_dir``: where the engines find the
+        data set (default: the run's own, else [cluster] data_dir).
+        """
+        from .distributed import choose_engines
+        from .infer import Inference, write_predictions
+
+        if (run_id is None) == (checkpoint is None):
+            raise UsageError("infer: give one of --run RUN_ID or --checkpoint PATH")
+        if run_id is not None:
+            run = self.store.run(run_id)
+            if run is None:
+                raise UsageError(f"--run {run_id}: no such run; `cluster runs` lists them")
+            data_dir = data_dir or run.params.get("data_dir")
+            stored = self.store.load_checkpoint(run_id)
+            if stored is None:
+                raise UsageError(f"--run {run_id}: the run has no checkpoint yet")
+            data = stored[1]
+        else:
+            try:
+                data = Path(checkpoint).expanduser().read_bytes()
+            except OSError as error:
+                raise UsageError(f"--checkpoint {checkpoint}: {error.strerror or error}") from None
+        expect_kind = None
+        if workload is not None:
+            from .bench import WORKLOADS
+
+            if workload not in WORKLOADS:
+                raise UsageError(f"--workload {workload!r}: expected one of {', '.join(WORKLOADS)}")
+            expect_kind = WORKLOADS[workload].kind
+        if out is not None and Path(out).suffix not in (".csv", ".npz"):
+            raise UsageError(f"--out {out}: expected a .csv or .npz file name")
+        job = Inference(self.client, choose_engines(list(self.client.ids), engines),
+                        shards_per_engine=shards_per_engine, threads=self.record.threads_per_engine)
+        result = job.run(data, split, data_dir or str(self.config.data_dir), run_id=run_id, expect_kind=expect_kind,
+                         progress=progress)
+        if out is not None:
+            write_predictions(result, Path(out))
+        return result
 
     # benchmarks and reports ------------------------------------------------------
     def bench(self, workload: str = "paper", engines: Optional[list[int]] = None, epochs: Optional[int] = None,

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from .errors import TaskError, UsageError
 from .runs import RunRecorder
-from .scheduler import Job, ProgressSink, Scheduler
-from .store import NodeRecord, RunRecord, Store, new_id
+from .scheduler import Job, ProgressSink
+from .store import NodeRecord, RunRecord, Store, load_json, new_id
 from .sweep.space import PAPER_L1  # the paper's λ grid, one definition for sweeps and benches
 
 if TYPE_CHECKING:
@@ -79,6 +79,11 @@ CREATE TABLE IF NOT EXISTS bench_trials (
 
 
 # records ------------------------------------------------------------------------
+# the paper's throughput: the λ sweep on 8 GPU servers, in epochs of its 50,000 training images per minute
+PAPER_EPOCHS_PER_MIN = 14.59
+PAPER_EPOCH_IMAGES = 50_000
+
+
 @dataclass
 class BenchRecord:
     """One workload on one engine count: a row of the report's main table."""
@@ -114,8 +119,15 @@ class BenchRecord:
     cluster_id: Optional[int] = None
     created_at: float = 0.0
 
+    @property
+    def paper_epochs_per_min(self) -> float:
+        """Throughput in the paper's unit, 50,000-image epochs per minute, whatever --subset was used."""
+        return self.images_per_s * 60 / PAPER_EPOCH_IMAGES
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["paper_epochs_per_min"] = self.paper_epochs_per_min
+        return values
 
 
 @dataclass
@@ -204,7 +216,8 @@ class BenchStore:
         records = []
         for row in self.store.execute(sql, params):
             values = {k: row[k] for k in row.keys()}
-            values["params"] = json.loads(values["params"] or "{}")
+            values["params"] = load_json(values["params"] or "{}",
+                                         f"{self.store.path}: the params of bench run {values.get('id')}")
             records.append(BenchRecord(**values))
         return records
 
@@ -369,7 +382,7 @@ def run_bench(cluster: "Cluster", workload: str = "paper", engines: Optional[Seq
         source = BenchSource(cluster.store, jobs)
         started = time.perf_counter()
         try:
-            stats = Scheduler(client, targets=targets).run(source, sink)
+            stats = cluster.scheduler(targets=targets).run(source, sink)
         except BaseException:
             for job in jobs:  # what was cut short stays resumable, as `cluster train` leaves it
                 run = cluster.store.run(job.run_id)
@@ -415,7 +428,7 @@ def _specs(cluster: "Cluster", workload: Workload, epochs: Optional[int], subset
             training = cluster.config.training
             spec = CifarSpec(model=workload.model, epochs=overrides.get("epochs", workload.default_epochs or 5),
                              seed=training.seed, device=training.device, subset=subset or 0,
-                             data_dir=str(cluster.config.data_dir),
+                             data_dir=cluster.engine_data_dir(),
                              threads=cluster.record.threads_per_engine).to_dict()
         if data_dir is not None:
             spec["data_dir"] = str(data_dir)
@@ -509,7 +522,8 @@ class BenchProgress(BenchSink):
     def bench_finished(self, record: BenchRecord) -> None:
         accuracy = "-" if record.accuracy is None else f"{record.accuracy:.2%}"
         self.console.print(
-            f"  {record.engines} engine(s): {record.wall_s:.1f} s, {record.epochs_per_min:.2f} epochs/min, "
+            f"  {record.engines} engine(s): {record.wall_s:.1f} s, {record.epochs_per_min:.2f} epochs/min "
+            f"({record.paper_epochs_per_min:.2f} of 50,000 images; the paper: {PAPER_EPOCHS_PER_MIN}), "
             f"{record.images_per_s:,.0f} images/s, accuracy {accuracy}, ${record.cost:.4f} "
             f"at ${record.price_per_hour:.3f}/h", highlight=False)
 

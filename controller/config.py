@@ -10,6 +10,8 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import os
+import re
+import stat
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +24,10 @@ STATE_DIR_ENV = "CLUSTER_STATE_DIR"
 BUILTIN = "<built-in defaults>"
 
 
-def _opt(default, help: str, *, choices=None, min=None, max=None, factory=None, path=False):
-    """A config field: its default, its help line and what values are allowed (``path``: a file name)."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path}
+def _opt(default, help: str, *, choices=None, min=None, max=None, factory=None, path=False, pattern=None):
+    """A config field: its default, its help line and what values are allowed (``path``: a file name;
+    ``pattern``: (regular expression the whole value must match, what it allows in words))."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path, "pattern": pattern}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -34,11 +37,22 @@ PROVIDERS = ("local", "ssh", "aws")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("onecycle", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+# the name becomes directories on the master and the slaves and a run dir that `stop` removes there:
+# no path separators, dots, spaces or shell characters
+NAME_PATTERN = (r"[a-z0-9][a-z0-9-]{0,39}", "lower-case letters, digits and '-', 1 to 40 characters, "
+                                             "not starting with '-'")
+# a directory on a slave, as the slave sees it: absolute or under the slave user's home (~)
+SLAVE_DIR_PATTERN = (r"(~|~/[A-Za-z0-9_./+-]*|/[A-Za-z0-9_./+-]*)",
+                     "a path on the slave: absolute or under ~ (letters, digits, '_./+-')")
+SLAVE_DATA_HELP = ("where the slaves' engines keep data sets (a path on the slave; ~ = the slave user's home); "
+                   "filled over SFTP from the master's data_dir")
+# a program on the slave (a path or a name on its PATH), never a shell fragment
+PROGRAM_PATTERN = (r"[A-Za-z0-9_./+-]+", "a program name or absolute path (letters, digits, '_./+-')")
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    name: str = _opt("default", "name of the cluster; tags its nodes and rows in the store")
+    name: str = _opt("default", "name of the cluster; tags its nodes and rows in the store", pattern=NAME_PATTERN)
     provider: str = _opt("local", "where slaves run", choices=PROVIDERS)
     slaves: int = _opt(4, "number of slaves (local: engines) that `cluster start` brings up", min=1, max=256)
     data_dir: Path = _opt(Path("~/.cache/cluster/data"), "where MNIST lives (torchvision layout: DATA_DIR/MNIST/raw)")
@@ -53,7 +67,7 @@ class ClusterConfig:
 class TrainingConfig:
     epochs: int = _opt(1, "epochs per run", min=1, max=10000)
     lr: float = _opt(0.01, "learning rate (the peak rate of the one-cycle schedule)", min=0.0, max=100.0)
-    l1: float = _opt(0.0, "L1 penalty lambda: loss += lambda * sum(|w|)", min=0.0)
+    l1: float = _opt(0.0, "L1 penalty lambda, as the paper scales it: each batch's loss += lambda * sum(|w|) / training batches per epoch", min=0.0)
     batch_size: int = _opt(128, "mini-batch size", min=1, max=65536)
     optimizer: str = _opt("adam", "optimizer", choices=OPTIMIZERS)
     momentum: float = _opt(0.9, "SGD momentum (ignored by adam)", min=0.0, max=1.0)
@@ -74,8 +88,10 @@ class SshConfig:
     known_hosts: str = _opt("", "known_hosts file; empty = STATE_DIR/known_hosts (recorded on first contact)",
                             path=True)
     engines_per_host: int = _opt(1, "engines started on every host", min=1, max=64)
-    python: str = _opt("python3", "Python on the slaves used to create the engine environment")
+    python: str = _opt("python3", "Python on the slaves used to create the engine environment",
+                       pattern=PROGRAM_PATTERN)
     remote_dir: str = _opt("~/.cluster-engine", "directory on the slaves for the engine environment")
+    data_dir: str = _opt("~/.cache/cluster/data", SLAVE_DATA_HELP, pattern=SLAVE_DIR_PATTERN)
     tunnel: str = _opt("never", "engines reach the controller through SSH reverse tunnels (always) or directly (never)",
                        choices=("always", "never"))
 
@@ -98,7 +114,8 @@ class AwsConfig:
     ssh_user: str = _opt("ubuntu", "login user of the AMI")
     ssh_from: str = _opt("auto", "CIDR allowed to SSH to the slaves; auto = this master's public address/32")
     remote_dir: str = _opt("~/.cluster-engine", "directory on the slaves for the engine environment")
-    python: str = _opt("python3", "Python on the AMI that runs the engines")
+    data_dir: str = _opt("~/.cache/cluster/data", SLAVE_DATA_HELP, pattern=SLAVE_DIR_PATTERN)
+    python: str = _opt("python3", "Python on the AMI that runs the engines", pattern=PROGRAM_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -130,6 +147,8 @@ def describe_allowed(f: dataclasses.Field, kind: type) -> str:
     m = f.metadata
     if m.get("choices"):
         return "one of " + ", ".join(m["choices"])
+    if m.get("pattern"):
+        return m["pattern"][1]
     if kind is bool:
         return "true or false"
     name = {int: "an integer", float: "a number", tuple: "a comma-separated list", Path: "a path", str: "text"}[kind]
@@ -177,6 +196,9 @@ def parse_value(raw: str, f: dataclasses.Field, kind: type, where: str):
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise bad()
+    pattern = f.metadata.get("pattern")
+    if pattern and not re.fullmatch(pattern[0], value):
+        raise bad()
     lo, hi = f.metadata.get("min"), f.metadata.get("max")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise bad("out of range")
@@ -221,6 +243,15 @@ def find_config_file(explicit: str | os.PathLike | None = None, cwd: Path | None
     return local if local.is_file() else None
 
 
+def refuse_writable_by_others(path: Path) -> None:
+    """A configuration names programs run on the slaves and directories removed there: whoever may
+    write it may run code as this user, so it must be writable by its owner alone."""
+    mode = path.stat().st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{path}: writable by group or others (mode {stat.S_IMODE(mode):04o}); anyone who "
+                          f"can edit it can run commands as you on the slaves. Fix: chmod go-w {path}")
+
+
 def load_config(explicit: str | os.PathLike | None = None, *, environ: dict | None = None) -> Config:
     """Find, read and validate the configuration; raise ConfigError on any problem."""
     environ = os.environ if environ is None else environ
@@ -230,6 +261,7 @@ def load_config(explicit: str | os.PathLike | None = None, *, environ: dict | No
     base = Path.cwd()
     if path is not None:
         source = str(path)
+        refuse_writable_by_others(path)
         base = path.resolve().parent
         parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
         parser.optionxform = str  # keys are case-sensitive, like the dataclass fields

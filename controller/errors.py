@@ -51,6 +51,10 @@ class AlreadyRunningError(ClusterStateError):
     pass
 
 
+class ClusterLostError(ClusterStateError):
+    """Work cannot go on: the controller died, or no engine is left and none came within engine_timeout."""
+
+
 class ProviderError(ClusterError):
     """A provider failed to start, reach or stop nodes."""
 

@@ -14,9 +14,11 @@ and ``aws``).  What it guarantees:
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import posixpath
 import shlex
 import tarfile
 import threading
@@ -179,12 +181,28 @@ class Remote:
         """Run a shell command; returns (status, stdout, stderr). Never pass secrets in ``command``."""
         log.debug("%s$ %s", self.host, command)
         _, stdout, stderr = self.client.exec_command(command, timeout=timeout)
+        # both streams at once: one channel window serves both, so a command filling stderr while we
+        # waited for stdout's end would block forever
+        errors: list[bytes] = []
+        reader = threading.Thread(target=lambda: errors.append(stderr.read()), daemon=True)
+        reader.start()
         out = stdout.read().decode(errors="replace")
-        err = stderr.read().decode(errors="replace")
+        reader.join(timeout)
+        err = (errors[0] if errors else b"").decode(errors="replace")
         status = stdout.channel.recv_exit_status()
         if check and status != 0:
             raise ProviderError(f"{self.host}: `{command}` exited {status}: {err.strip()[-2000:] or out.strip()[-2000:]}")
         return status, out, err
+
+    def upload(self, local: Path, remote_path: str, mode: int = 0o600) -> None:
+        """Stream a local file by SFTP (data sets: too big to hold in memory twice)."""
+        with self.client.open_sftp() as sftp:
+            with sftp.open(remote_path, "wb") as handle:
+                sftp.chmod(remote_path, mode)
+                handle.set_pipelined(True)
+                with open(local, "rb") as source:
+                    while chunk := source.read(1 << 20):
+                        handle.write(chunk)
 
     def put(self, data: bytes, remote_path: str, mode: int = 0o600) -> None:
         """Upload by SFTP; the mode is set before the content is written (secrets never sit world-readable)."""
@@ -235,6 +253,67 @@ def resolve_dir(remote: Remote, remote_dir: str) -> str:
     return path
 
 
+def master_datasets(data_dir: Path) -> dict[str, Path]:
+    """The data set files the master has, by their path under a slave's data_dir (torchvision's layout)."""
+    from engines.cifar import FOLDER, TEST_FILE, TRAIN_FILES
+    from engines.data import FILES, raw_dir
+
+    found: dict[str, Path] = {}
+    mnist = raw_dir(data_dir)
+    if all((mnist / name).is_file() for name in FILES.values()):
+        found.update({f"MNIST/raw/{name}": mnist / name for name in FILES.values()})
+    cifar = Path(data_dir).expanduser() / FOLDER
+    if all((cifar / name).is_file() for name in (*TRAIN_FILES, TEST_FILE)):
+        found.update({f"{FOLDER}/{name}": cifar / name for name in (*TRAIN_FILES, TEST_FILE)})
+    return found
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _remote_sha256(remote: Remote, paths: list[str]) -> dict[str, str]:
+    if not paths:
+        return {}
+    _, out, _ = remote.run("sha256sum " + " ".join(shlex.quote(p) for p in paths) + " 2>/dev/null", check=False)
+    found = {}
+    for line in out.splitlines():
+        digest, _, name = line.partition("  ")
+        found[name] = digest
+    return found
+
+
+def sync_data(remote: Remote, master_data_dir: Path, slave_data_dir: str) -> list[str]:
+    """Fill the slave's data_dir from the master's over SFTP: files missing there or different are copied
+    to a temporary name, their sha256 checked on the slave, then renamed.  Returns what was copied.
+
+    Nothing to copy when the master has no data set: the engines then download it themselves (only
+    with ``download = true``)."""
+    files = master_datasets(master_data_dir)
+    base = resolve_dir(remote, slave_data_dir)
+    if not files:
+        return []
+    wanted = {rel: _sha256(path) for rel, path in files.items()}
+    have = _remote_sha256(remote, [f"{base}/{rel}" for rel in files])
+    copy = [rel for rel in files if have.get(f"{base}/{rel}") != wanted[rel]]
+    if not copy:
+        return []
+    folders = sorted({posixpath.dirname(f"{base}/{rel}") for rel in copy})
+    remote.run("mkdir -p " + " ".join(shlex.quote(f) for f in folders))
+    for rel in copy:
+        remote.upload(files[rel], f"{base}/{rel}.part", mode=0o600)
+    arrived = _remote_sha256(remote, [f"{base}/{rel}.part" for rel in copy])
+    bad = [rel for rel in copy if arrived.get(f"{base}/{rel}.part") != wanted[rel]]
+    if bad:
+        raise ProviderError(f"{remote.host}: {', '.join(bad)} arrived in {base} with another sha256 than the "
+                            f"master's copy in {master_data_dir}; check the slave's disk")
+    remote.run("; ".join(f"mv -f {shlex.quote(f'{base}/{rel}.part')} {shlex.quote(f'{base}/{rel}')}"
+                         for rel in copy))
+    log.info("%s: copied %s into %s (sha256 checked)", remote.host, ", ".join(copy), base)
+    return copy
+
+
 def run_dir(base: str, tag: str) -> str:
     return f"{base}/run/{tag}"
 
@@ -252,7 +331,7 @@ def bootstrap(remote: Remote, spec: EngineSpec, cancelled: Optional[threading.Ev
     remote.run(f"mkdir -p {q(src)}")
     remote.put(engines_tarball(), f"{base}/engines.tar.gz", mode=0o600)
     remote.run(f"rm -rf {q(src)}/engines && tar -xzf {q(base)}/engines.tar.gz -C {q(src)}")
-    python = spec.python
+    python = q(spec.python)  # config-validated too; quoted all the same, like every remote argument
     verify = f"cd {q(base)} && PYTHONPATH={q(src)} {python} -c {q(VERIFY_IMPORTS)}"
     status, out, err = remote.run(verify, check=False)
     if status != 0 and spec.install:
@@ -286,7 +365,7 @@ def start_engines(remote: Remote, base: str, spec: EngineSpec, count: int, gpus:
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
         assignments = " ".join(f"{k}={q(str(v))}" for k, v in env.items())
-        engine = (f"{spec.python} -m ipyparallel.engine --file={q(connection)} "
+        engine = (f"{q(spec.python)} -m ipyparallel.engine --file={q(connection)} "
                   f"--profile-dir={q(base)}/profile")
         # setsid: its own session and process group, so it survives this SSH session and
         # stop can signal the whole group; the pid file lets stop find it without local state
@@ -303,25 +382,40 @@ def start_engines(remote: Remote, base: str, spec: EngineSpec, count: int, gpus:
 
 STOP_SCRIPT = r"""
 dir={rundir}
-[ -d "$dir" ] || exit 0
-pids=$(cat "$dir"/engine-*.pid 2>/dev/null) {extra}
+profile={profile}
+pids=$(cat "$dir"/engine-*.pid 2>/dev/null)
+# pids the master's store holds: the run dir may carry another name (the tag includes the master's
+# hostname); such a pid is signalled only while it is still an engine of this remote_dir, never a reused one
+for pid in {known}; do
+  case "$(tr '\0' ' ' < /proc/$pid/cmdline 2>/dev/null)" in
+    *ipyparallel.engine*"--profile-dir=$profile"*) pids="$pids $pid" ;;
+  esac
+done
 for pid in $pids; do kill -TERM -- -$pid 2>/dev/null || kill -TERM $pid 2>/dev/null; done
 for i in 1 2 3 4 5 6 7 8 9 10; do
   alive=; for pid in $pids; do kill -0 $pid 2>/dev/null && alive=1; done
   [ -z "$alive" ] && break; sleep 0.5
 done
 for pid in $pids; do kill -KILL -- -$pid 2>/dev/null; kill -KILL $pid 2>/dev/null; done
-rm -rf "$dir"
+sleep 0.2
+left=; for pid in $pids; do [ -d /proc/$pid ] && [ "$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null)" != Z ] && left="$left $pid"; done
+[ -n "$left" ] && echo "left:$left"
+[ -d "$dir" ] && rm -rf "$dir"
+exit 0
 """
 
 
-def stop_engines(remote: Remote, remote_dir: str, tag: str, pids: tuple[int, ...] = ()) -> None:
-    """Stop the engines of ``tag`` on this slave (pid files, plus pids the store knows), remove its run dir."""
+def stop_engines(remote: Remote, remote_dir: str, tag: str, pids: tuple[int, ...] = ()) -> list[int]:
+    """Stop the engines of ``tag`` on this slave (pid files, plus pids the store knows), remove its run dir.
+
+    Returns the pids still alive afterwards (nothing, normally)."""
     base = resolve_dir(remote, remote_dir)
-    extra = " ".join(str(int(p)) for p in pids)
-    script = STOP_SCRIPT.format(rundir=shlex.quote(run_dir(base, tag)),
-                                extra=f"; pids=\"$pids {extra}\"" if extra else "")
-    remote.run(f"sh -c {shlex.quote(script)}", timeout=60)
+    known = " ".join(str(int(p)) for p in pids)
+    script = STOP_SCRIPT.format(rundir=shlex.quote(run_dir(base, tag)), profile=shlex.quote(f"{base}/profile"),
+                                known=known)
+    _, out, _ = remote.run(f"sh -c {shlex.quote(script)}", timeout=60)
+    left = [line for line in out.splitlines() if line.startswith("left:")]
+    return [int(p) for p in left[0][5:].split()] if left else []
 
 
 def engine_ports(connection: dict) -> list[int]:

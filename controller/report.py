@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from .bench import BenchEngine, BenchRecord, BenchStore, BenchTrial
+from .bench import PAPER_EPOCHS_PER_MIN, BenchEngine, BenchRecord, BenchStore, BenchTrial
 from .errors import UsageError
 from .store import Store
 
@@ -33,8 +33,9 @@ CSV_FIELDS = [
     "id", "bench_id", "workload", "engines", "provider", "region", "zone", "instance_type", "gpu", "image",
     "market", "threads", "wall_s", "warmup_s", "dispatch_s", "runs", "epochs", "images", "images_per_s",
     "epochs_per_min", "accuracy", "price_per_hour", "cost", "speedup", "efficiency", "baseline_engines", "torch",
-    "cuda", "state", "created_at",
+    "cuda", "state", "created_at", "paper_epochs_per_min",
 ]
+PAPER_UNIT = f"50k-image epochs/min (paper: {PAPER_EPOCHS_PER_MIN})"
 PROVIDER_NAMES = {"aws": "AWS", "local": "local", "ssh": "ssh"}
 
 
@@ -126,14 +127,14 @@ def cost_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
 
 
 def throughput_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
-    columns = ["Bench", "Workload", "Engines", "Run time (secs)", "Images/s", "Epochs/min", "Speedup",
+    columns = ["Bench", "Workload", "Engines", "Run time (secs)", "Images/s", "Epochs/min", PAPER_UNIT, "Speedup",
                "Efficiency", "Accuracy", "Runs", "Epochs", "State"]
     rows = []
     for r in data.records:
         s = data.scaling.get(r.id)
         rows.append([r.bench_id, r.workload, str(r.engines), f"{r.wall_s:.1f}", f"{r.images_per_s:,.0f}",
-                     f"{r.epochs_per_min:.2f}", f"{s.speedup:.2f}x" if s else "-", f"{s.efficiency:.0%}" if s else "-",
-                     _percent(r.accuracy), str(r.runs), str(r.epochs), r.state])
+                     f"{r.epochs_per_min:.2f}", f"{r.paper_epochs_per_min:.2f}", f"{s.speedup:.2f}x" if s else "-",
+                     f"{s.efficiency:.0%}" if s else "-", _percent(r.accuracy), str(r.runs), str(r.epochs), r.state])
     return columns, rows
 
 
@@ -195,7 +196,7 @@ def to_markdown(data: ReportData) -> str:
 
 # CSV and JSON -------------------------------------------------------------------------
 def _flat(data: ReportData, record: BenchRecord) -> dict[str, Any]:
-    values = dataclasses.asdict(record)
+    values = record.to_dict()
     s = data.scaling.get(record.id)
     values.update(speedup=s.speedup if s else None, efficiency=s.efficiency if s else None,
                   baseline_engines=s.baseline_engines if s else None)
@@ -320,7 +321,9 @@ def plots(data: ReportData) -> list[tuple[str, str]]:
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
         fig.tight_layout()
-        figures.append((f"Sweep {record.id} ({_engines(record.engines)}): accuracy against λ", _png(fig)))
+        figures.append((f"Sweep {record.id} ({_engines(record.engines)}): accuracy against λ; throughput "
+                        f"{record.paper_epochs_per_min:.2f} 50,000-image epochs/min (the paper: "
+                        f"{PAPER_EPOCHS_PER_MIN} on 8 GPU servers)", _png(fig)))
     return figures
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import datetime
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,9 +22,15 @@ import ipyparallel as ipp
 
 from engines.tasks import train_task
 
+from .errors import ClusterLostError
+
 log = logging.getLogger(__name__)
 
 MAX_ENGINE_LOSSES = 3  # per job: a task that kills its engine three times is the task's fault
+# ipyparallel's AsyncResults sit in reference cycles with their own callbacks, so a finished one, with the
+# checkpoint it carries, is freed only by a full garbage collection, which Python runs rarely: one every
+# 32 MB of results keeps the master flat at a cost of ~0.1 s per 32 tasks of the paper's CNN
+RESULT_BYTES_PER_COLLECTION = 32 * 1024 * 1024
 
 
 @dataclass
@@ -89,6 +96,36 @@ class SchedulerStats:
     timings: list[tuple[Optional[int], float, float, float]] = field(default_factory=list)
 
 
+@dataclass
+class Watchdog:
+    """Ends a scheduler's wait when its tasks can no longer finish, instead of waiting forever.
+
+    ipyparallel never fails a task whose controller died (its results just never come), and keeps a
+    task queued while no engine is registered; both are decided here, on the master.
+    """
+    controller_alive: Callable[[], bool]
+    engine_timeout: float  # seconds without a single engine before the work is given up
+    check_every_s: float = 1.0
+    clock: Callable[[], float] = time.monotonic
+    _next_check: float = field(default=0.0, init=False)
+    _engineless_since: Optional[float] = field(default=None, init=False)
+
+    def check(self, engine_count: Callable[[], int]) -> None:
+        now = self.clock()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.check_every_s
+        if not self.controller_alive():
+            raise ClusterLostError("the cluster's controller died")
+        if engine_count() > 0:
+            self._engineless_since = None
+        elif self._engineless_since is None:
+            self._engineless_since = now
+        elif now - self._engineless_since >= self.engine_timeout:
+            raise ClusterLostError(f"no engine has been registered for {now - self._engineless_since:.0f} s "
+                                   f"([cluster] engine_timeout = {self.engine_timeout:g})")
+
+
 def is_engine_loss(error: BaseException) -> bool:
     if isinstance(error, ipp.error.EngineError):
         return True
@@ -97,8 +134,9 @@ def is_engine_loss(error: BaseException) -> bool:
 
 class Scheduler:
     def __init__(self, client: ipp.Client, poll_s: float = 0.2, targets: Optional[list[int]] = None,
-                 prefetch: int = 0):
+                 prefetch: int = 0, watchdog: Optional[Watchdog] = None):
         self.client = client
+        self.watchdog = watchdog
         # prefetch: tasks queued beyond one per engine; ipyparallel's scheduler (hwm=1) holds them until an
         # engine frees up, so engines start the next task while the master still books the last one
         self.prefetch = prefetch
@@ -107,7 +145,10 @@ class Scheduler:
         self.view = client.load_balanced_view(self.targets)
         self.poll_s = poll_s
         self.stats = SchedulerStats()
-        self._timed: list[ipp.AsyncResult] = []  # finished tasks whose dispatch overhead is not yet counted
+        # finished tasks whose dispatch overhead is not yet counted: engine id and metadata (not the result,
+        # which holds a checkpoint: memory stays flat however many tasks a sweep runs)
+        self._timed: list[tuple[Optional[int], dict]] = []
+        self._result_bytes_since_collection = 0
 
     def capacity(self) -> int:
         return max(1, len(self.targets) if self.targets else len(self.client.ids)) + self.prefetch
@@ -135,6 +176,7 @@ class Scheduler:
                         self._count_overheads()
                         return self.stats
                     time.sleep(self.poll_s)  # the source has nothing now but may later
+                    self._watch()
                     continue
                 done, _ = concurrent.futures.wait(
                     [t.result for t in in_flight.values()], timeout=self.poll_s,
@@ -148,6 +190,7 @@ class Scheduler:
                     else:
                         self._report_progress(task, sink)
                 sink.tick()
+                self._watch()
         except BaseException:
             # Ctrl-C or a bug: queued tasks are withdrawn; tasks already running finish on
             # their engines and are ignored (their runs resume from the last stored checkpoint)
@@ -158,6 +201,14 @@ class Scheduler:
                 except Exception:  # the controller may be gone as well
                     log.debug("abort of %d pending tasks failed", len(pending), exc_info=True)
             raise
+
+    def _watch(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.check(self._engine_count)
+
+    def _engine_count(self) -> int:
+        registered = set(self.client.ids)
+        return len(registered & set(self.targets)) if self.targets else len(registered)
 
     def _report_progress(self, task: _InFlight, sink: ProgressSink) -> None:
         data = task.result.data
@@ -184,7 +235,9 @@ class Scheduler:
             sink.job_failed(job, error)
             return None
         engine_id = task.result.engine_id
-        self._timed.append(task.result)  # its timestamps may land a moment after the result does
+        # the metadata, not a copy: its timestamps may land a moment after the result does
+        self._timed.append((engine_id, _metadata(task.result)))
+        self._forget(task.result, len(result.get("checkpoint") or b""))
         job.checkpoint = result["checkpoint"]
         job.epochs_done = result["completed_epochs"]
         sink.task_done(job, result, engine_id)
@@ -195,11 +248,11 @@ class Scheduler:
         """Engine-idle seconds before every finished task: from when both the task was submitted and its
         engine had finished the previous one, to the start (ipyparallel fills these in after the result)."""
         rows = []
-        for result in self._timed:
-            started, submitted = _timestamp(result, "started"), _timestamp(result, "submitted")
-            completed = _timestamp(result, "completed")
+        for engine_id, metadata in self._timed:
+            started, submitted = _timestamp(metadata, "started"), _timestamp(metadata, "submitted")
+            completed = _timestamp(metadata, "completed")
             if started is not None and submitted is not None and completed is not None:
-                rows.append((result.engine_id, submitted, started, completed))
+                rows.append((engine_id, submitted, started, completed))
         previous: dict[Optional[int], float] = {}
         for engine, submitted, started, completed in sorted(rows, key=lambda row: row[2]):
             free = max(submitted, previous.get(engine, submitted))
@@ -209,9 +262,32 @@ class Scheduler:
         self._timed.clear()
 
 
-def _timestamp(result: ipp.AsyncResult, name: str) -> Optional[float]:
+    def _forget(self, result: ipp.AsyncResult, size: int) -> None:
+        """The client keeps every result (and so every checkpoint) until told otherwise."""
+        try:
+            self.client.purge_local_results(result)
+        except RuntimeError:  # still outstanding in the client's eyes: nothing to purge yet
+            log.debug("result %s not purged", result.msg_ids, exc_info=True)
+        # ipyparallel 9 memoises AsyncResult.__len__ (and _count_chunks, split) with class-level lru_caches,
+        # which keep the last 128 AsyncResults, each holding its result, alive: 128 checkpoints
+        for cached in _ASYNC_RESULT_CACHES:
+            cached.cache_clear()
+        self._result_bytes_since_collection += size
+        if self._result_bytes_since_collection >= RESULT_BYTES_PER_COLLECTION:
+            self._result_bytes_since_collection = 0
+            gc.collect()
+
+
+_ASYNC_RESULT_CACHES = [method for method in vars(ipp.AsyncResult).values() if hasattr(method, "cache_clear")]
+
+
+def _metadata(result: ipp.AsyncResult) -> dict:
     metadata = result.metadata  # the AsyncResult's own copy: the client's may be a stale placeholder
-    value = (metadata[0] if isinstance(metadata, list) else metadata).get(name)
+    return metadata[0] if isinstance(metadata, list) else metadata
+
+
+def _timestamp(metadata: dict, name: str) -> Optional[float]:
+    value = metadata.get(name)
     if isinstance(value, str):  # jupyter_client 8 leaves header dates as ISO strings
         value = datetime.datetime.fromisoformat(value)
     return value.timestamp() if value is not None else None

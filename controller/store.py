@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .errors import DataError
+from .errors import ClusterStateError, DataError
+
+# how long a write waits for another process's transaction before the store is reported busy
+BUSY_TIMEOUT_S = 30.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clusters (
@@ -92,6 +95,48 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 
 class CheckpointError(DataError):
     """A stored checkpoint is missing or does not match its hash."""
+
+
+class StoreBusyError(ClusterStateError):
+    """Another process held the store's write lock for longer than the busy timeout."""
+
+
+def load_json(text: Optional[str], where: str) -> Any:
+    """A JSON column, or a DataError naming the store and the row (edited or damaged outside `cluster`)."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError) as error:
+        raise DataError(f"{where} is not valid JSON ({error}); the row was changed outside `cluster`: "
+                        f"restore the file from a backup or delete that row") from None
+
+
+class _Connection(sqlite3.Connection):
+    """sqlite3's errors as ours: a lock held too long, a damaged file; other errors unchanged."""
+
+    store_path = ""
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:  # type: ignore[override]
+        try:
+            return super().execute(sql, params)
+        except sqlite3.DatabaseError as error:
+            raise self._ours(error) from None
+
+    def executescript(self, script: str) -> sqlite3.Cursor:  # type: ignore[override]
+        try:
+            return super().executescript(script)
+        except sqlite3.DatabaseError as error:
+            raise self._ours(error) from None
+
+    def _ours(self, error: sqlite3.DatabaseError) -> Exception:
+        text = str(error)
+        if "locked" in text or "busy" in text:
+            return StoreBusyError(
+                f"{self.store_path}: the store stayed locked by another process for {BUSY_TIMEOUT_S:.0f} s "
+                f"(another `cluster` command is writing, or hung); try again when it ends")
+        if "malformed" in text or "not a database" in text:
+            return DataError(f"{self.store_path}: the store is damaged ({text}); restore it from a backup "
+                             f"or move it away (the history is then lost)")
+        return error
 
 
 RUN_STATES = ("running", "completed", "failed", "interrupted", "pruned")
@@ -183,6 +228,16 @@ class EpochRecord:
     finished_at: float = field(default_factory=time.time)
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or create in ``folder`` durable: without it a power cut can undo the rename while
+    the store already names the new file, and the older file is gone too."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}"
 
@@ -201,7 +256,8 @@ class Store:
         os.chmod(self.state_dir, 0o700)  # keys and connection files live below
         self.path = self.state_dir / "cluster.db"
         self.checkpoint_dir = self.state_dir / "checkpoints"
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, factory=_Connection)
+        self.db.store_path = str(self.path)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
@@ -355,10 +411,9 @@ class Store:
             params.append(limit)
         return [self._run(r) for r in self.db.execute(sql, params)]
 
-    @staticmethod
-    def _run(row: sqlite3.Row) -> RunRecord:
+    def _run(self, row: sqlite3.Row) -> RunRecord:
         run = _row_to(RunRecord, row)
-        run.params = json.loads(row["params"])
+        run.params = load_json(row["params"], f"{self.path}: the params of run {row['id']}")
         return run
 
     def add_epoch(self, record: EpochRecord) -> None:
@@ -372,7 +427,9 @@ class Store:
     def save_checkpoint(self, run_id: str, epoch: int, data: bytes) -> Path:
         """Write atomically (temp file + rename), record it, then drop older files of the run."""
         folder = self.checkpoint_dir / run_id
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            fsync_dir(folder.parent)  # the run's folder itself survives a power cut
         path = folder / f"epoch-{epoch:04d}.pt"
         tmp = path.with_suffix(".pt.tmp")
         with open(tmp, "wb") as handle:
@@ -380,6 +437,7 @@ class Store:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_dir(folder)  # the rename is durable before the row names the file and the older one goes
         self._insert("checkpoints", dict(
             run_id=run_id, epoch=epoch, path=str(path), sha256=hashlib.sha256(data).hexdigest(),
             bytes=len(data), created_at=time.time()), replace=True)
@@ -391,6 +449,19 @@ class Store:
 
         self._when_committed(drop_older)
         return path
+
+    def forget_checkpoint(self, run_id: str) -> None:
+        """Drop a run's checkpoint (row and files): it starts again from scratch."""
+        with self.transaction():
+            self.db.execute("DELETE FROM checkpoints WHERE run_id = ?", (run_id,))
+            self.db.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
+            self._update("runs", {"id": run_id}, {"epochs_done": 0})
+
+            def drop_files() -> None:
+                for old in (self.checkpoint_dir / run_id).glob("epoch-*.pt*"):
+                    old.unlink(missing_ok=True)
+
+            self._when_committed(drop_files)
 
     def load_checkpoint(self, run_id: str) -> Optional[tuple[int, bytes]]:
         """(epoch, bytes) of the run's newest checkpoint, verified against its hash; None if none."""

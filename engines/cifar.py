@@ -4,6 +4,9 @@ The data is the "CIFAR-10 python version" layout that torchvision also reads:
 ``DATA_DIR/cifar-10-batches-py/data_batch_1..5`` and ``test_batch``, each a
 pickle of ``{b"data": uint8 N x 3072, b"labels": [N ints]}``.  Nothing is ever
 downloaded here: a missing or malformed file is a :class:`DataError` naming it.
+A pickle can name any function to call while loading; these are read by
+:class:`BatchUnpickler`, which lets through only what rebuilds numpy arrays, so
+a planted file is refused instead of running code on the engine.
 
 The models are torchvision's with ``weights=None`` and 10 classes, adapted to
 32x32 inputs the usual way (a 1x1 pooled head for VGG16 instead of the 7x7
@@ -78,6 +81,27 @@ class Cifar:
 
 
 # data ---------------------------------------------------------------------------
+# everything a CIFAR-10 python batch needs to be rebuilt: numpy arrays (pickled by numpy 1 or 2, any
+# protocol) and Python 2 byte strings; nothing here can run a command or open a file
+BATCH_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"), ("builtins", "bytes"),
+})
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Loads only numpy arrays, lists, dicts, numbers and strings; any other global is refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in BATCH_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds only "
+                                         f"numpy arrays, lists and strings")
+        return super().find_class(module, name)
+
+
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One python batch -> (uint8 N x 3 x 32 x 32, int64 N); every problem names the file."""
     if not path.exists():
@@ -86,7 +110,7 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"under {path.parent} -- nothing is downloaded, copy them there")
     try:
         with open(path, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
+            batch = BatchUnpickler(handle, encoding="bytes").load()
     except Exception as error:  # a truncated or foreign file: say which one
         raise DataError(f"{path}: not a CIFAR-10 python batch ({type(error).__name__}: {error})") from None
     if not isinstance(batch, dict):

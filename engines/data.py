@@ -127,6 +127,21 @@ def ensure_mnist(data_dir: Path, download: bool) -> Path:
 _CACHE: dict[tuple[str, bool], Mnist] = {}
 
 
+def check_contents(folder: Path, kind: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Shapes and labels the model can take: a label of 10 would otherwise surface as a CUDA device
+    assert that leaves the engine's GPU context unusable, a 32x32 image as a shape error deep in the model."""
+    images_file, labels_file = folder / FILES[kind + "_images"], folder / FILES[kind + "_labels"]
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DataError(f"{images_file}: images are {' x '.join(map(str, images.shape[1:]))}, expected 28 x 28")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_file}: labels have shape {labels.shape}, expected one label per image")
+    if len(images) != len(labels):
+        raise DataError(f"{images_file}: {len(images)} images but {len(labels)} labels")
+    if len(labels) and labels.max() > 9:
+        bad = int(np.argmax(labels > 9))
+        raise DataError(f"{labels_file}: label {int(labels[bad])} at index {bad}; MNIST labels are 0 to 9")
+
+
 def load_mnist(data_dir: Path, download: bool = False) -> Mnist:
     """Load (once per process) and split MNIST."""
     key = (str(Path(data_dir).expanduser().resolve()), download)
@@ -137,9 +152,7 @@ def load_mnist(data_dir: Path, download: bool = False) -> Mnist:
             for name, filename in FILES.items()
         }
         for kind in ("train", "test"):
-            n_img, n_lab = len(arrays[f"{kind}_images"]), len(arrays[f"{kind}_labels"])
-            if n_img != n_lab:
-                raise DataError(f"{folder / FILES[kind + '_images']}: {n_img} images but {n_lab} labels")
+            check_contents(folder, kind, arrays[f"{kind}_images"], arrays[f"{kind}_labels"])
         images = torch.from_numpy(arrays["train_images"].copy())
         labels = torch.from_numpy(arrays["train_labels"].astype(np.int64))
         cut = min(TRAIN_SIZE, len(labels) * 5 // 6)  # tiny test files keep the 5:1 ratio

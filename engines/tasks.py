@@ -12,6 +12,16 @@ import platform
 import socket
 from typing import Optional
 
+# The L1 convention a run's params record (RunSpec.l1_scale): "batches" divides l1 * sum(|w|) by the
+# training batches per epoch, as the paper's code does; runs stored without the key used "none".
+L1_SCALE = "batches"
+LEGACY_L1_SCALE = "none"
+
+
+def stored_params(params: dict) -> dict:
+    """A stored run's params as an engine spec: runs from before the convention was recorded keep theirs."""
+    return {"l1_scale": LEGACY_L1_SCALE, **params}
+
 
 def _in_engine() -> bool:
     """True inside an ipyparallel engine, where datapub can reach the master."""
@@ -107,3 +117,42 @@ def warm_up(spec: dict, kind: str = "mnist") -> float:
 def task_for(spec: dict):
     """The task function that trains runs of this spec (CIFAR specs name their ``model``)."""
     return cifar_task if spec.get("model") else train_task
+
+
+def distributed_task(spec: dict, checkpoint: Optional[bytes], n_epochs: Optional[int], rendezvous: dict,
+                     hold: Optional[dict] = None) -> dict:
+    """This engine's rank of a data-parallel task (engines/distributed.py); rank 0 reports progress."""
+    from .distributed import train_ranked
+
+    return train_ranked(spec, checkpoint, n_epochs, rendezvous, progress=_publish if _in_engine() else None,
+                        hold=hold)
+
+
+def rendezvous_port(toward: str = "") -> dict:
+    """A free port on this engine's host for a distributed run's rendezvous, with the host's address."""
+    from .distributed import free_port
+
+    return free_port(toward)
+
+
+def load_model_task(key: str, checkpoint: Optional[bytes], device: str = "auto", threads: int = 0) -> dict:
+    """Keep a trained model on this engine for inference (engines/infer.py); None only asks if it is here."""
+    from .infer import load_model
+
+    return load_model(key, checkpoint, device, threads)
+
+
+def split_size_task(kind: str, data_dir: str, split: str) -> int:
+    from .infer import split_of
+
+    return len(split_of(kind, data_dir, split))
+
+
+def infer_task(key: str, kind: str, data_dir: str, split: str, start: int, stop: int) -> dict:
+    """Predictions for images ``start:stop`` of a split with a model ``load_model_task`` kept here."""
+    from ipyparallel.datapub import publish_data
+
+    from .infer import predict_shard
+
+    progress = (lambda update: publish_data({"infer": update})) if _in_engine() else None
+    return predict_shard(key, kind, data_dir, split, start, stop, progress)

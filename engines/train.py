@@ -23,6 +23,7 @@ from torch import nn
 
 from .data import DataError, Mnist, Split, load_mnist, normalise
 from .model import MnistCNN, l1_penalty
+from .tasks import L1_SCALE, LEGACY_L1_SCALE
 
 EVAL_BATCH = 1000
 PROGRESS_EVERY_S = 0.5
@@ -49,6 +50,9 @@ class RunSpec:
     hidden: int = 100
     subset: int = 0
     threads: int = 0  # torch intra-op threads; 0 = leave as the process has it
+    # how l1 enters each batch's loss: "batches" = l1 * sum(|w|) / training batches per epoch (the paper's
+    # code; one epoch adds l1 * sum(|w|) in all); "none" = l1 * sum(|w|) per batch (runs stored before this)
+    l1_scale: str = L1_SCALE
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunSpec":
@@ -111,6 +115,31 @@ class Setup:
     eval_batch: int = EVAL_BATCH
 
 
+@dataclass
+class Shard:
+    """This process's part of a data-parallel run (engines/distributed.py); rank 0 of 1 trains alone.
+
+    Every rank walks the same seeded order of global batches and takes its contiguous slice of each,
+    so the sequence of global batches, and hence the result, does not depend on the engine count.
+    """
+
+    rank: int = 0
+    world: int = 1
+    wrap: Callable[[nn.Module], nn.Module] = lambda model: model  # DistributedDataParallel for world > 1
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0 evaluates, checkpoints and reports progress."""
+        return self.rank == 0
+
+    def part(self, index: torch.Tensor) -> torch.Tensor:
+        return index.tensor_split(self.world)[self.rank] if self.world > 1 else index
+
+    def weight(self, part: int, batch: int) -> float:
+        """DDP averages gradients over ranks: this rank's share makes the average the global batch's mean."""
+        return part * self.world / batch
+
+
 def build_optimizer(spec, model: nn.Module, steps_per_epoch: int):
     """Adam or SGD (momentum, Nesterov with ``spec.nesterov``), one-cycle or constant learning rate."""
     weight_decay = getattr(spec, "weight_decay", 0.0)
@@ -169,13 +198,15 @@ def accuracy(model: nn.Module, split: Split, normalise: Callable = normalise, ba
 
 
 def run_task(spec, setup: Callable[[torch.device], Setup], checkpoint: Optional[bytes] = None,
-             n_epochs: Optional[int] = None, progress: Optional[ProgressFn] = None) -> TaskResult:
+             n_epochs: Optional[int] = None, progress: Optional[ProgressFn] = None,
+             shard: Optional[Shard] = None, device: Optional[torch.device] = None) -> TaskResult:
     """The training task every workload shares: ``n_epochs`` (default: to the end of the budget) from
     ``checkpoint``; ``spec`` has run_id, epochs, lr, batch_size, optimizer, momentum, schedule, seed,
     device, subset and threads."""
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    device = pick_device(spec.device)
+    shard = shard or Shard()
+    device = device or pick_device(spec.device)
     torch.manual_seed(spec.seed)  # the model's initial weights
     work = setup(device)
     if spec.subset:
@@ -190,11 +221,12 @@ def run_task(spec, setup: Callable[[torch.device], Setup], checkpoint: Optional[
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         done = state["epoch"]
+    net = shard.wrap(work.model)
     last = spec.epochs if n_epochs is None else min(spec.epochs, done + n_epochs)
     metrics: list[dict] = []
     diverged = False
     for epoch in range(done + 1, last + 1):
-        m = _train_one_epoch(spec, work, optimizer, scheduler, epoch, device, progress)
+        m = _train_one_epoch(spec, work, net, optimizer, scheduler, epoch, device, progress, shard)
         metrics.append(dataclasses.asdict(m))
         done = epoch
         if not math.isfinite(m.train_loss):
@@ -203,7 +235,7 @@ def run_task(spec, setup: Callable[[torch.device], Setup], checkpoint: Optional[
     return TaskResult(
         run_id=spec.run_id,
         epochs=metrics,
-        checkpoint=save_checkpoint(done, work.model, optimizer, scheduler, spec),
+        checkpoint=save_checkpoint(done, work.model, optimizer, scheduler, spec) if shard.leader else b"",
         completed_epochs=done,
         host=socket.gethostname(),
         pid=os.getpid(),
@@ -213,8 +245,8 @@ def run_task(spec, setup: Callable[[torch.device], Setup], checkpoint: Optional[
     )
 
 
-def _train_one_epoch(spec, work: Setup, optimizer, scheduler, epoch: int, device: torch.device,
-                     progress: Optional[ProgressFn]) -> EpochMetrics:
+def _train_one_epoch(spec, work: Setup, net: nn.Module, optimizer, scheduler, epoch: int, device: torch.device,
+                     progress: Optional[ProgressFn], shard: Shard) -> EpochMetrics:
     model, train = work.model, work.train
     model.train()
     generator = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
@@ -223,27 +255,34 @@ def _train_one_epoch(spec, work: Setup, optimizer, scheduler, epoch: int, device
     total_loss = torch.zeros((), device=device)
     started = last_report = time.perf_counter()
     for step in range(batches):
-        index = order[step * spec.batch_size:(step + 1) * spec.batch_size]
+        batch = order[step * spec.batch_size:(step + 1) * spec.batch_size]
+        index = shard.part(batch)
         # a no-op where the data set already lives on the device (MNIST); per batch otherwise (CIFAR)
         images = train.images[index].to(device, non_blocking=True)
         labels = train.labels[index].to(device, non_blocking=True)
         if work.augment is not None:
             images = work.augment(images, generator)
         optimizer.zero_grad(set_to_none=True)
-        loss = work.loss(model(work.normalise(images)), labels)
-        loss.backward()
+        output = net(work.normalise(images))
+        if len(index):
+            loss = work.loss(output, labels)
+            scaled = loss * shard.weight(len(index), len(batch)) if shard.world > 1 else loss
+        else:  # a last batch smaller than the world: this rank still joins the gradient all-reduce, with zeros
+            loss = scaled = output.sum() * 0.0 + sum(p.sum() for p in model.parameters()) * 0.0
+        scaled.backward()
         optimizer.step()
         scheduler.step()
         total_loss += loss.detach()
-        if progress is not None and time.perf_counter() - last_report >= PROGRESS_EVERY_S:
+        if shard.leader and progress is not None and time.perf_counter() - last_report >= PROGRESS_EVERY_S:
             last_report = time.perf_counter()
             progress({"run_id": spec.run_id, "epoch": epoch, "epochs": spec.epochs, "batch": step + 1,
                       "batches": batches, "loss": float(loss.detach())})
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - started
-    val = accuracy(model, work.val, work.normalise, work.eval_batch)
-    test = accuracy(model, work.test, work.normalise, work.eval_batch)
+    # the other ranks hold the same weights: only the leader spends time on evaluation
+    val = accuracy(model, work.val, work.normalise, work.eval_batch) if shard.leader else math.nan
+    test = accuracy(model, work.test, work.normalise, work.eval_batch) if shard.leader else math.nan
     metrics = EpochMetrics(
         epoch=epoch,
         train_loss=float(total_loss) / batches,
@@ -254,7 +293,7 @@ def _train_one_epoch(spec, work: Setup, optimizer, scheduler, epoch: int, device
         images_per_s=len(train) / train_seconds,
         lr=optimizer.param_groups[0]["lr"],
     )
-    if progress is not None:
+    if shard.leader and progress is not None:
         progress({"run_id": spec.run_id, "epoch": epoch, "epochs": spec.epochs, "batch": batches,
                   "batches": batches, "done": dataclasses.asdict(metrics)})
     return metrics
@@ -264,12 +303,24 @@ def _train_one_epoch(spec, work: Setup, optimizer, scheduler, epoch: int, device
 def mnist_setup(spec: RunSpec, device: torch.device, data: Optional[Mnist] = None) -> Setup:
     data = _on_device(data if data is not None else load_mnist(Path(spec.data_dir), spec.download), device)
     model = MnistCNN(spec.conv1, spec.conv2, spec.hidden).to(device, memory_format=torch.channels_last)
+    l1 = spec.l1 / l1_divisor(spec, len(data.train))
 
     def loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         value = F.nll_loss(output, labels)
-        return value + spec.l1 * l1_penalty(model) if spec.l1 else value
+        return value + l1 * l1_penalty(model) if l1 else value
 
     return Setup(model=model, train=data.train, val=data.val, test=data.test, normalise=normalise, loss=loss)
+
+
+def l1_divisor(spec: RunSpec, n_train: int) -> int:
+    """What the L1 term of each batch's loss is divided by: the training batches per epoch (global
+    batches, also in a distributed run), or 1 for runs stored under the old per-batch convention."""
+    if spec.l1_scale == LEGACY_L1_SCALE:
+        return 1
+    if spec.l1_scale != L1_SCALE:
+        raise ValueError(f"l1_scale {spec.l1_scale!r}: expected {L1_SCALE} or {LEGACY_L1_SCALE}")
+    n = min(spec.subset, n_train) if spec.subset else n_train
+    return max(1, -(-n // spec.batch_size))
 
 
 def train_epochs(

@@ -67,6 +67,52 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.2):
     return predicate()
 
 
+class HeldTasks:
+    """What ``engines_holding_tasks`` yields: ``wait`` for a held task, ``release`` every one."""
+
+    def __init__(self, folder: Path):
+        self.reached, self.gate = folder / "task-held", folder / "tasks-may-go"
+
+    def wait(self, timeout: float = 120, process=None) -> bool:
+        """True once a task is held; False after ``timeout``, or as soon as ``process`` (the master) ended."""
+        wait_until(lambda: self.reached.exists() or (process is not None and process.poll() is not None),
+                   timeout=timeout, interval=0.02)
+        return self.reached.exists()
+
+    def release(self) -> None:
+        self.gate.touch()
+
+
+@contextlib.contextmanager
+def engines_holding_tasks(client, folder: Path, when: str, targets=None, helpers: str = ""):
+    """Faults at a fixed point instead of after a sleep: inside the real engines (``targets``, default all),
+    a training task for which the Python expression ``when`` holds (names: spec, checkpoint, n_epochs) marks
+    itself held and waits, before its first batch, until the test releases it (at most two minutes);
+    ``helpers`` is code run first in the engines, for names that ``when`` uses.
+    Once released, the wrapper only passes tasks through (also on an engine that a test has killed, which
+    could not be asked to undo it), and a later use wraps the engines' own code again, not this wrapper."""
+    held = HeldTasks(Path(folder))
+    install = helpers + f"""
+import os, time
+import engines.train as _train
+_train._unheld_train_epochs = getattr(_train, "_unheld_train_epochs", _train.train_epochs)
+def _held_train_epochs(spec, checkpoint, n_epochs, *args, _unheld=_train._unheld_train_epochs, **kwargs):
+    if not os.path.exists({str(held.gate)!r}) and ({when}):
+        open({str(held.reached)!r}, "a").close()
+        deadline = time.monotonic() + 120
+        while not os.path.exists({str(held.gate)!r}) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return _unheld(spec, checkpoint, n_epochs, *args, **kwargs)
+_train.train_epochs = _held_train_epochs
+"""
+    view = client[targets if targets is not None else client.ids]
+    view.execute(install, block=True)
+    try:
+        yield held
+    finally:
+        held.release()
+
+
 def make_config(tmp_path: Path, data_dir: Path, slaves: int = 2, extra: str = "", threads: int = 1):
     ini = write_ini(tmp_path / "cluster.ini", f"""
 [cluster]
@@ -83,11 +129,11 @@ engine_timeout = 90
 
 
 @contextlib.contextmanager
-def running_cluster(tmp: Path, data_dir: Path, extra: str = ""):
-    """A real 2-engine local cluster; stopped afterwards, and no process of it may be left."""
+def running_cluster(tmp: Path, data_dir: Path, extra: str = "", slaves: int = 2):
+    """A real local cluster (2 engines unless told); stopped afterwards, and no process of it may be left."""
     from controller.api import Cluster
 
-    cluster = Cluster(make_config(tmp, data_dir, extra=extra))
+    cluster = Cluster(make_config(tmp, data_dir, slaves=slaves, extra=extra))
     cluster.start()
     try:
         yield cluster

@@ -2,17 +2,28 @@
 
 Every host gets its own namespace ``gclt-<run>-<i>`` and UTS namespace (its own
 hostname), a veth pair on 10.213.<n>.0/24 (master .1, slave .2), a loopback,
-and Debian's OpenSSH server on port 22 with its own host key.  The slaves share
-this machine's filesystem, so this checkout's venv is their installed engine
-environment.  ``NetnsHosts.close`` kills every process in each namespace
-(sshd, engines), then deletes namespaces and veths; ``clean_stale`` removes what
-a crashed earlier run left (by name prefix).
+and Debian's OpenSSH server on port 22 with its own host key.
+
+The slaves are honest about being other machines: sshd logs in a non-root user
+(``SLAVE_USER``) whose home is the host's own folder, and runs in a mount
+namespace where the master's checkout, home and temporary directory (every
+test's state_dir and data_dir) are empty tmpfs.  Only the Python environment
+the engines need (the venv and its base interpreter) is bound back, read-only;
+the ``engines`` package itself comes from what bootstrap uploads.  So any master
+path that leaks to a slave fails a test.
+
+``NetnsHosts.close`` kills every process in each namespace (sshd, engines),
+then deletes namespaces and veths; ``clean_stale`` removes what a crashed
+earlier run left (by name prefix).
 """
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +33,9 @@ import paramiko
 PREFIX = "gclt"
 SUBNET = "10.213"
 SSHD = "/usr/sbin/sshd"
+SLAVE_USER = "gcltslave"  # the login user on every namespace slave: not root, not the master's user
+SLAVE_ROOT = Path("/var/lib/gclt-slave")  # inside a slave's mount namespace: its own folder (home below)
+REPO = Path(__file__).resolve().parent.parent
 
 
 def unavailable() -> str:
@@ -32,6 +46,8 @@ def unavailable() -> str:
         return "openssh-server is not installed (make system-deps / apt-get install openssh-server)"
     if shutil.which("ip") is None or shutil.which("unshare") is None:
         return "iproute2/util-linux missing"
+    if shutil.which("useradd") is None:
+        return "useradd (passwd) missing: the slaves log in a user of their own"
     probe = subprocess.run(["ip", "netns", "add", f"{PREFIX}-probe-{os.getpid()}"], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"cannot create network namespaces: {probe.stderr.strip()}"
@@ -55,6 +71,32 @@ def kill_namespace(ns: str) -> None:
                 pass
         time.sleep(0.2)
     sh("ip", "netns", "del", ns, check=False)
+
+
+def ensure_slave_user() -> None:
+    if subprocess.run(["id", "-u", SLAVE_USER], capture_output=True).returncode != 0:
+        sh("useradd", "--system", "--user-group", "--no-create-home", "--home-dir", str(SLAVE_ROOT / "home"),
+           "--shell", "/bin/sh", SLAVE_USER)
+    sh("usermod", "-p", "*", SLAVE_USER)  # no password, but not locked: sshd without PAM refuses locked ones
+
+
+def _outermost(paths: list[Path]) -> list[Path]:
+    """Existing directories, without those inside another one of the list."""
+    found = sorted({p.resolve() for p in paths if p.is_dir()})
+    return [p for p in found if not any(p != q and p.is_relative_to(q) for q in found)]
+
+
+def hidden_dirs() -> list[Path]:
+    """What a slave must not see: the master's checkout, its home (caches, the default data_dir) and the
+    temporary directory (every test's state_dir and data_dir), and the shared data sets."""
+    return _outermost([REPO, Path.home(), Path(tempfile.gettempdir()), REPO.parent / "shared" / "data"])
+
+
+def python_environment(hidden: list[Path]) -> list[Path]:
+    """What the engines' Python needs from inside the hidden directories: the venv (this checkout's
+    .venv, installed editable or not), the interpreter it points at, site-packages added by .pth files."""
+    wanted = [Path(sys.prefix), Path(sys.base_prefix)] + [Path(p) for p in sys.path if p.endswith("site-packages")]
+    return [p for p in _outermost(wanted) if any(p.is_relative_to(h) for h in hidden)]
 
 
 def clean_stale() -> None:
@@ -100,7 +142,7 @@ class NetnsHost:
         assert key is not None, f"cannot read {key_file}"
         with open(self.authorized_keys, "a") as handle:
             handle.write(f"{key.get_name()} {key.get_base64()}\n")
-        self.authorized_keys.chmod(0o600)
+        self.authorized_keys.chmod(0o644)  # public keys; sshd reads them as the slave user
 
     def host_key_line(self) -> str:
         return (self.dir / "host_key.pub").read_text().strip()
@@ -142,6 +184,8 @@ class NetnsHosts:
 
     def __enter__(self) -> "NetnsHosts":
         clean_stale()
+        ensure_slave_user()
+        SLAVE_ROOT.mkdir(parents=True, exist_ok=True)  # the mount point of each slave's own folder
         try:
             for i in range(self.count):
                 self._make(i)
@@ -175,34 +219,60 @@ class NetnsHosts:
         sh("ip", "netns", "exec", ns, "ip", "link", "set", peer, "up")
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host_key"))
-        host.authorized_keys.touch(mode=0o600)
-        (folder / "home").mkdir(exist_ok=True)  # each slave its own home: they share one filesystem
+        folder.chmod(0o755)  # the slave user passes through it to its home; the host key stays 0600
+        host.authorized_keys.touch(mode=0o644)
+        home = folder / "home"  # each slave its own home
+        home.mkdir(mode=0o700, exist_ok=True)
+        shutil.chown(home, SLAVE_USER, SLAVE_USER)
         config = folder / "sshd_config"
         config.write_text(f"""
 Port 22
 ListenAddress {host.address}
-HostKey {folder / 'host_key'}
-PidFile {folder / 'sshd.pid'}
-AuthorizedKeysFile {host.authorized_keys}
+HostKey {SLAVE_ROOT / 'host_key'}
+PidFile {SLAVE_ROOT / 'sshd.pid'}
+AuthorizedKeysFile {SLAVE_ROOT / 'authorized_keys'}
 StrictModes no
 UsePAM no
 PasswordAuthentication no
 KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
+PermitRootLogin no
+AllowUsers {SLAVE_USER}
 AllowTcpForwarding yes
 GatewayPorts no
 Subsystem sftp internal-sftp
 LogLevel INFO
-SetEnv HOME={folder / 'home'}
 """)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        # its own UTS namespace: the slave has its own hostname, as engines report it
+        # its own UTS namespace (hostname, as engines report it) and mount namespace (what it can see)
         host.sshd = subprocess.Popen(
-            ["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c",
-             f"hostname {host.hostname} && exec {SSHD} -D -f {config} -E {folder / 'sshd.log'}"],
+            ["ip", "netns", "exec", ns, "unshare", "--uts", "--mount", "--propagation", "private",
+             "sh", "-c", self._slave_script(host)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)  # a Ctrl-C of the test must not kill the slaves' sshd
         return host
+
+    @staticmethod
+    def _slave_script(host: NetnsHost) -> str:
+        """Inside the new mount namespace: the host's folder at SLAVE_ROOT, the master's directories
+        hidden under empty tmpfs, the Python environment bound back read-only, then sshd."""
+        q = shlex.quote
+        hidden = hidden_dirs()
+        environment = python_environment(hidden)
+        lines = ["set -e", f"hostname {q(host.hostname)}", f"mount --bind {q(str(host.dir))} {q(str(SLAVE_ROOT))}"]
+        for index, path in enumerate(environment):  # staged first: hiding makes the originals unreachable
+            stage = host.dir / "env" / str(index)
+            stage.mkdir(parents=True, exist_ok=True)
+            lines.append(f"mount --bind {q(str(path))} {q(str(SLAVE_ROOT / 'env' / str(index)))}")
+        temp = Path(tempfile.gettempdir()).resolve()
+        for path in hidden:
+            mode = "1777" if path == temp else "755"
+            lines.append(f"mount -t tmpfs -o mode={mode} gclt-hidden {q(str(path))}")
+        for index, path in enumerate(environment):
+            lines += [f"mkdir -p {q(str(path))}",
+                      f"mount --bind {q(str(SLAVE_ROOT / 'env' / str(index)))} {q(str(path))}",
+                      f"mount -o remount,bind,ro {q(str(path))}"]
+        lines.append(f"exec {SSHD} -D -f {q(str(SLAVE_ROOT / 'sshd_config'))} -E {q(str(SLAVE_ROOT / 'sshd.log'))}")
+        return "\n".join(lines)
 
     def _wait_sshd(self, host: NetnsHost, timeout: float = 20) -> None:
         import socket

@@ -25,7 +25,7 @@ from controller.errors import ClusterStateError, ConfigError, CredentialsError, 
 from controller.providers import aws
 from controller.store import Store
 from tests.conftest import cluster_pids, make_config, wait_until
-from tests.netns import NetnsHosts, unavailable
+from tests.netns import SLAVE_USER, NetnsHosts, unavailable
 
 REASON = unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON or "ok")]
@@ -105,7 +105,7 @@ def image(ec2) -> str:
 
 def aws_config(tmp_path, data_dir, moto_url, ami, *, slaves=2, extra=""):
     keys = {"region": REGION, "endpoint_url": moto_url, "instance_types": "g4dn.xlarge, g5.xlarge", "ami": ami,
-            "ssh_user": "root", "ssh_from": "10.213.0.0/16", "python": sys.executable}
+            "ssh_user": SLAVE_USER, "ssh_from": "10.213.0.0/16", "python": sys.executable}
     for line in extra.splitlines():  # a test's keys replace the defaults above
         if "=" in line:
             key, value = line.split("=", 1)
@@ -187,7 +187,7 @@ def test_spot_slaves_train_status_and_stop_without_leaks(tmp_path, tiny_data_dir
         code, out, _ = run_cli("ip", "--json")
         assert code == 0 and {n["node"] for n in json.loads(out)["nodes"]} >= {n.instance_id for n in nodes}
         code, out, _ = run_cli("ssh", nodes[0].instance_id, "--print")
-        assert code == 0 and "StrictHostKeyChecking=yes" in out and "root@" in out
+        assert code == 0 and "StrictHostKeyChecking=yes" in out and f"{SLAVE_USER}@" in out
     finally:
         cluster.stop()
     assert tagged(ec2) == NOTHING
@@ -418,7 +418,7 @@ def test_cluster_ssh_uses_the_address_bootstrap_used(tmp_path, tiny_data_dir, mo
         assert code == 0, err
         command = shlex.split(out.strip())
         address = mapped[node.instance_id].address
-        assert command[-1] == f"root@{address}"  # not the public address moto gave the instance
+        assert command[-1] == f"{SLAVE_USER}@{address}"  # not the public address moto gave the instance
         done = subprocess.run(command[:-1] + ["-o", "BatchMode=yes", command[-1], "hostname"], capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 0 and done.stdout.strip() == "slave11", done.stderr

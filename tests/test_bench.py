@@ -5,6 +5,7 @@ import dataclasses
 import io
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +80,55 @@ def test_cifar_errors_name_the_file(tmp_path):
         pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1]}, handle)
     with pytest.raises(DataError, match="4 images but 2 labels"):
         read_batch(folder / "data_batch_3")
+
+
+class _RunsACommand:
+    """What a planted batch file would hold: unpickling it calls os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused_without_running_it(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    with open(folder / "data_batch_1", "wb") as handle:
+        pickle.dump({b"data": _RunsACommand(marker), b"labels": [0]}, handle)
+    with pytest.raises(DataError, match=r"data_batch_1: not a CIFAR-10 python batch .*refused to load "
+                                        r"(posix|os)\.system"):
+        read_batch(folder / "data_batch_1")
+    assert not marker.exists(), "loading the batch ran the planted command"
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_of_every_pickle_protocol_still_load(tmp_path, protocol):
+    path = tmp_path / "test_batch"
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    with open(path, "wb") as handle:
+        pickle.dump({b"batch_label": b"x", b"data": data, b"labels": [3, 7], b"filenames": [b"a", b"b"]},
+                    handle, protocol=protocol)
+    images, labels = read_batch(path)
+    assert images.shape == (2, 3, 32, 32) and (images.reshape(2, 3072) == data).all()
+    assert labels.tolist() == [3, 7]
+
+
+def test_a_checkpoint_holding_code_is_refused_by_the_engine(tmp_path):
+    import torch
+
+    from engines.train import load_checkpoint
+
+    marker = tmp_path / "ran"
+    buffer = io.BytesIO()
+    torch.save({"epoch": 1, "model": _RunsACommand(marker)}, buffer)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_checkpoint(buffer.getvalue())
+    assert not marker.exists()
 
 
 def test_models_are_torchvisions_adapted_to_cifar():

@@ -16,7 +16,7 @@ import torch
 from controller.api import Cluster
 from controller.store import Store
 from engines.train import load_checkpoint
-from tests.conftest import cluster_pids, make_config, wait_until
+from tests.conftest import cluster_pids, engines_holding_tasks, make_config, running_cluster, wait_until
 
 
 def cli(*argv, env=None, cwd=None, check=True, timeout=240) -> subprocess.CompletedProcess:
@@ -148,6 +148,11 @@ def test_training_needs_a_running_cluster_and_valid_parameters(env, isolated):
 
 
 class TestOnARunningCluster:
+    def test_engines_load_the_data_set_as_they_start_so_the_first_run_does_not(self, local_cluster, tiny_data_dir):
+        everyone = local_cluster.client[:]
+        everyone.execute("from engines import data as _data; _held = sorted(d for d, _ in _data._CACHE)", block=True)
+        assert everyone.pull("_held", block=True) == [[str(tiny_data_dir.resolve())]] * 2
+
     def test_bad_training_parameters_are_refused_before_anything_runs(self, local_cluster):
         config = local_cluster.config.source
         result = cli("--config", config, "train", "--optimizer", "rmsprop", check=False)
@@ -155,27 +160,28 @@ class TestOnARunningCluster:
         result = cli("--config", config, "train", "--resume", "r-nope", check=False)
         assert result.returncode == 2 and "--resume r-nope: no such run" in result.stderr
 
-    def test_an_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(self, local_cluster):
+    def test_an_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(self, local_cluster, tmp_path):
         config = local_cluster.config.source
         store = local_cluster.store
         whole = local_cluster.train(epochs=12, seed=5)
         assert whole.run.state == "completed"
 
-        process = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "train",
-                                    "--epochs", "12", "--seed", "5"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            interrupted = wait_until(
-                lambda: next((r for r in store.runs(limit=1) if r.id != whole.run.id and r.epochs_done >= 1), None),
-                timeout=60, interval=0.05)
-            assert interrupted is not None
-            process.send_signal(signal.SIGINT)
-            _, err = process.communicate(timeout=60)
-        finally:
-            process.kill()
+        # The interrupt comes at a fixed point, not after a sleep: every engine holds the run's second task
+        # (the first that starts from a checkpoint, so epoch 1 is stored) until the test lets it go.
+        with engines_holding_tasks(local_cluster.client, tmp_path, when="checkpoint is not None") as held:
+            process = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "train",
+                                        "--epochs", "12", "--seed", "5"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                assert held.wait(), "the run never reached its second task"
+                process.send_signal(signal.SIGINT)
+                _, err = process.communicate(timeout=60)
+            finally:
+                process.kill()
+        interrupted = next(r for r in store.runs(limit=2) if r.id != whole.run.id)
         assert process.returncode == 130, err
         run = store.run(interrupted.id)
-        assert run.state == "interrupted" and 1 <= run.epochs_done < 12
+        assert run.state == "interrupted" and run.epochs_done == 1
         assert f"cluster train --resume {run.id}" in err
 
         resumed = json.loads(cli("--config", config, "train", "--resume", run.id, "--json").stdout)
@@ -184,3 +190,68 @@ class TestOnARunningCluster:
         final = load_checkpoint(store.load_checkpoint(run.id)[1])["model"]
         reference = load_checkpoint(store.load_checkpoint(whole.run.id)[1])["model"]
         assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+class TestWorkThatCannotFinish:
+    """A run never waits forever: it ends with a clear error and a resume hint, and keeps what it had."""
+
+    def run_held_at_its_second_task(self, cluster: Cluster, folder: Path, config: Path, fault) -> tuple[int, str]:
+        """`cluster train --epochs 5` in a subprocess; ``fault()`` strikes while an engine holds epoch 2."""
+        with engines_holding_tasks(cluster.client, folder, when="checkpoint is not None") as held:
+            process = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "train",
+                                        "--epochs", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                assert held.wait(process=process), f"the run never reached its second task: {process.stderr.read()}"
+                fault()
+                _, err = process.communicate(timeout=90)
+            finally:
+                process.kill()
+        return process.returncode, err
+
+    def assert_interrupted_with_hint(self, store: Store, err: str) -> None:
+        run = store.runs(limit=1)[0]
+        assert run.state == "interrupted" and run.epochs_done == 1, run
+        assert f"continue it with `cluster train --resume {run.id}`" in err, err
+
+    def test_a_dead_controller_ends_the_run_at_once(self, tmp_path, tiny_data_dir):
+        with running_cluster(tmp_path, tiny_data_dir) as cluster:
+            controller = cluster.status().controller["pid"]
+            code, err = self.run_held_at_its_second_task(
+                cluster, tmp_path, cluster.config.source, lambda: os.kill(controller, signal.SIGKILL))
+            assert code == 3 and "error: the cluster's controller died" in err, err
+            self.assert_interrupted_with_hint(cluster.store, err)
+
+    def test_no_engine_left_ends_the_run_after_engine_timeout(self, tmp_path, tiny_data_dir):
+        with running_cluster(tmp_path, tiny_data_dir) as cluster:
+            impatient = tmp_path / "impatient.ini"
+            impatient.write_text(Path(cluster.config.source).read_text().replace("engine_timeout = 90",
+                                                                           "engine_timeout = 5"))
+            engines = cluster.store.engines(cluster.record.id)
+
+            def kill_every_engine() -> None:
+                for engine in engines:
+                    os.kill(engine.pid, signal.SIGKILL)
+
+            code, err = self.run_held_at_its_second_task(cluster, tmp_path, impatient, kill_every_engine)
+            assert code == 3 and "no engine has been registered for 5 s ([cluster] engine_timeout = 5)" in err, err
+            self.assert_interrupted_with_hint(cluster.store, err)
+
+
+def test_a_frozen_engine_is_dropped_within_seconds(tmp_path, tiny_data_dir):
+    """A slave that vanishes without a word (a spot instance taken back) leaves no nanny to tell the
+    controller; the hub's heartbeat (0.8 s x 4 misses) drops it within 5 s, ipyparallel's default 33 s."""
+    import time
+
+    with running_cluster(tmp_path, tiny_data_dir) as cluster:
+        victim = cluster.store.engines(cluster.record.id)[0]
+        client = cluster.client
+        assert victim.engine_id in client.ids
+        os.kill(victim.pid, signal.SIGSTOP)  # frozen: its nanny sees it alive, only the heartbeat can tell
+        frozen_at = time.monotonic()
+        try:
+            dropped = wait_until(lambda: victim.engine_id not in client.ids, timeout=60, interval=0.05)
+            elapsed = time.monotonic() - frozen_at
+        finally:
+            os.kill(victim.pid, signal.SIGKILL)
+        assert dropped, "the hub never dropped the frozen engine"
+        assert elapsed < 10, f"the frozen engine was dropped after {elapsed:.1f} s (expected about 4 s)"

@@ -118,3 +118,42 @@ def test_optional_key_paths_in_a_file_are_relative_to_that_file(isolated, tmp_pa
     config = load_config(folder / "c.ini")
     assert config.ssh.key_file == str(folder.resolve() / "keys" / "id_ed25519")
     assert config.ssh.known_hosts == "" and config.aws.key_file == "/abs/key"
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "x y", "$(id)", "Upper", "-lead", "x" * 41, ""])
+def test_a_cluster_name_that_could_reach_paths_or_shells_is_refused(isolated, name):
+    path = isolated / "bad.ini"
+    path.write_text(f"[cluster]\nname = {name}\n")
+    code, out, err = run_cli("--config", str(path), "status")  # status: a regression must not start anything
+    assert code == ExitStatus.USAGE
+    assert f"{path}: [cluster] name = {name!r}: expected lower-case letters, digits and '-'" in err
+    assert not (isolated / "state").exists()
+
+
+@pytest.mark.parametrize("section", ["ssh", "aws"])
+@pytest.mark.parametrize("python", ["python3; rm -rf ~", "$(id)", "python3 -c x", "`id`"])
+def test_a_slave_python_that_is_a_shell_fragment_is_refused(isolated, section, python):
+    path = isolated / "bad.ini"
+    path.write_text(f"[{section}]\npython = {python}\n")
+    code, _, err = run_cli("--config", str(path), "status")
+    assert code == ExitStatus.USAGE
+    assert f"[{section}] python = {python!r}: expected a program name or absolute path" in err
+
+
+def test_valid_names_and_programs_are_accepted(isolated):
+    path = isolated / "ok.ini"
+    path.write_text("[cluster]\nname = lab-2\n[ssh]\npython = /opt/conda/bin/python3.11\n")
+    config = load_config(path)
+    assert config.cluster.name == "lab-2" and config.ssh.python == "/opt/conda/bin/python3.11"
+
+
+@pytest.mark.parametrize("mode", [0o664, 0o646])
+def test_a_cluster_ini_writable_by_others_is_refused_with_the_fix(isolated, mode):
+    ini = isolated / "cluster.ini"
+    ini.write_text("[cluster]\nslaves = 2\n")
+    ini.chmod(mode)
+    code, out, err = run_cli("status")
+    assert code == ExitStatus.USAGE
+    assert f"{ini}: writable by group or others (mode {mode:04o})" in err and f"chmod go-w {ini}" in err
+    ini.chmod(0o644)
+    assert run_cli("status")[0] == 0

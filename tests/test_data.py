@@ -60,3 +60,21 @@ def test_missing_files_without_download_say_where_to_put_them(tmp_path):
     message = str(error.value)
     assert str(tmp_path / "empty" / "MNIST" / "raw") in message
     assert "train-images-idx3-ubyte" in message and "$CLUSTER_DATA_DIR" in message
+
+
+def test_a_label_of_ten_is_a_data_error_naming_the_file_not_a_device_assert(tmp_path):
+    from engines.train import train_epochs
+
+    folder = write_synthetic_mnist(tmp_path, n_train=60, n_test=10) / "MNIST" / "raw"
+    labels = read_idx(folder / "train-labels-idx1-ubyte", 0x801).copy()
+    labels[7] = 10
+    write_idx(folder / "train-labels-idx1-ubyte", labels)
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: label 10 at index 7; MNIST labels are 0 to 9"):
+        train_epochs({"data_dir": str(tmp_path), "epochs": 1, "threads": 1})
+
+
+def test_images_that_are_not_28_by_28_are_a_data_error_naming_the_file(tmp_path):
+    folder = write_synthetic_mnist(tmp_path, n_train=60, n_test=10) / "MNIST" / "raw"
+    write_idx(folder / "t10k-images-idx3-ubyte", np.zeros((10, 32, 32), np.uint8))
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: images are 32 x 32, expected 28 x 28"):
+        load_mnist(tmp_path)

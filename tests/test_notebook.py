@@ -34,3 +34,6 @@ def test_dispatch_notebook_runs_against_the_local_cluster(local_cluster, tmp_pat
     new = [s for s in local_cluster.sweeps() if s.sweep_id not in before]
     assert len(new) == 1 and new[0].sweep.shown_state == "completed" and len(new[0].trials) == 4
     assert all(t.epochs for t in new[0].trials)
+    distributed = [r for r in local_cluster.runs(limit=5) if r.params.get("distributed")]
+    assert distributed and distributed[0].state == "completed" and distributed[0].params["distributed"]["world"] == 2
+    assert any("test images on engines [0, 1]" in o.get("text", "") for o in outputs)

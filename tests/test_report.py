@@ -100,8 +100,13 @@ def test_markdown_has_the_cost_table_with_the_numbers(fixture_store):
     scaling = md_rows(text, "| Bench | Workload | Engines")
     by_engines = {(row[0], row[2]): row for row in scaling[1:]}
     # epochs/min 4.5 on one engine, 7.5 on two: speedup 1.67, efficiency 83 %
-    assert by_engines[("b-fixture1", "1")][5:8] == ["4.50", "1.00x", "100%"]
-    assert by_engines[("b-fixture1", "2")][5:9] == ["7.50", "1.67x", "83%", "98.40%"]
+    assert by_engines[("b-fixture1", "1")][5:6] + by_engines[("b-fixture1", "1")][7:9] == ["4.50", "1.00x", "100%"]
+    assert by_engines[("b-fixture1", "2")][5:6] + by_engines[("b-fixture1", "2")][7:10] == ["7.50", "1.67x", "83%",
+                                                                                          "98.40%"]
+    # beside epochs/min: the paper's unit, 50,000-image epochs per minute, from images/s
+    record = {r.id: r for r in BenchStore(fixture_store).records(None, None)}["b-fixture1-e2"]
+    assert scaling[0][6] == "50k-image epochs/min (paper: 14.59)"
+    assert by_engines[("b-fixture1", "2")][6] == f"{record.images_per_s * 60 / 50_000:.2f}"
     assert "2026-01-01 00:01 UTC to 2026-01-01 01:00 UTC" in text
 
     sweep = md_rows(text, "| Rank")
@@ -218,7 +223,7 @@ def test_a_failed_bench_run_has_no_speedup(tmp_path):
         record.state, record.error, record.epochs, record.epochs_per_min = "failed", "DataError: gone", 0, 0.0
         BenchStore(store).save(record, engines, trials[:1])
         row = md_rows(report(store, "md"), "| Bench | Workload")[1]
-        assert row[6:8] == ["-", "-"] and row[-1] == "failed"
+        assert row[7:9] == ["-", "-"] and row[-1] == "failed"
         (flat,) = csv.DictReader(io.StringIO(report(store, "csv")))
         assert flat["speedup"] == "" and flat["state"] == "failed" and float(flat["cost"]) == 0.0
         assert report(store, "html").count("data:image/png;base64,") == 2  # the plots are drawn, empty

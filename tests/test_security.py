@@ -23,7 +23,7 @@ from controller.cli import main
 from controller.errors import ProviderError
 from controller.providers import aws
 from tests.conftest import cluster_pids, make_config, running_cluster
-from tests.netns import NetnsHosts, client_key, unavailable
+from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
 from tests.test_aws_provider import NOTHING, aws_config, ec2, image, mapped, moto_url, tagged  # noqa: F401 - fixtures
 
 NETNS = unavailable()
@@ -99,7 +99,7 @@ provider = ssh
 
 [ssh]
 hosts = {", ".join(h.address for h in hosts.hosts[:slaves])}
-user = root
+user = {SLAVE_USER}
 key_file = {hosts.key}
 python = {sys.executable}
 tunnel = {tunnel}

@@ -17,7 +17,7 @@ import pytest
 from controller.api import Cluster
 from controller.errors import ProviderError
 from tests.conftest import cluster_pids, make_config, wait_until
-from tests.netns import NetnsHosts, client_key, unavailable
+from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
 
 REASON = unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON or "ok")]
@@ -40,7 +40,7 @@ provider = ssh
 
 [ssh]
 hosts = {addresses}
-user = root
+user = {SLAVE_USER}
 key_file = {hosts.key}
 python = {sys.executable}
 tunnel = {tunnel}
@@ -137,3 +137,86 @@ def test_reverse_tunnels_and_lost_state(tmp_path, tiny_data_dir, hosts):
     from controller import ipp as ipp_side
 
     ipp_side.kill_process_group(controller_pid)
+
+
+def test_stop_ends_engines_by_the_stored_pids_after_the_master_was_renamed(tmp_path, tiny_data_dir, hosts,
+                                                                           monkeypatch):
+    """The run dir on the slave is named by the master's hostname: after a rename only the pids find them."""
+    import os
+
+    host = hosts.hosts[0]
+    cluster = Cluster(ssh_config(tmp_path, tiny_data_dir, hosts, slaves=1))
+    try:
+        status = cluster.start()
+        assert host.engine_count() == 1
+        # a pid the store holds that now belongs to another program (here the slave's sshd): left alone
+        sshd = next(p for p in host.processes() if b"sshd" in Path(f"/proc/{p}/cmdline").read_bytes())
+        remote_dir = cluster.store.execute("SELECT remote_dir FROM remote_engines").fetchone()[0]
+        cluster.store.execute("INSERT INTO remote_engines VALUES (?, ?, ?, ?)",
+                              (status.cluster_id, host.address, sshd, remote_dir))
+        monkeypatch.setattr(socket, "gethostname", lambda: "renamed-master")
+        cluster.stop()
+        monkeypatch.undo()
+        assert wait_until(lambda: not host.engine_processes(), timeout=20)
+        assert sshd in host.processes()
+    finally:
+        monkeypatch.undo()
+        for pid in host.engine_processes():  # whatever the stop under test left behind
+            os.kill(pid, 9)
+        cluster.stop()
+        cluster.close()
+
+
+def test_a_slave_sees_none_of_the_masters_paths_and_is_not_root(tmp_path, tiny_data_dir, hosts):
+    """The namespace slaves are honest: another user, and the master's checkout, home, state_dir and
+    data_dir do not exist there; only the Python environment is."""
+    from controller.remote import Host, Remote
+    from tests.netns import REPO, hidden_dirs, python_environment
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    host = Host(hosts.hosts[0].address, user=SLAVE_USER, key_file=str(hosts.key))
+    with Remote.connect(host, tmp_path / "known_hosts") as remote:
+        assert remote.run("id -un")[1].strip() == SLAVE_USER
+        for path in (REPO / "controller", state_dir, tiny_data_dir):
+            status, _, _ = remote.run(f"test -e {path}/. && ls -A {path} | grep -q .", check=False)
+            assert status != 0, f"{path} is visible on the slave"
+        # of the master's home, only the way to the Python environment (a pyenv interpreter, say)
+        home = Path.home().resolve()
+        allowed = {p.relative_to(home).parts[0] for p in python_environment(hidden_dirs()) if p.is_relative_to(home)}
+        assert set(remote.run(f"ls -A {home}", check=False)[1].split()) <= allowed
+        assert remote.run(f"{sys.executable} -c 'import torch, ipyparallel'", check=False)[0] == 0
+
+
+def test_slaves_train_from_their_own_data_dir_filled_from_the_master_with_no_master_path(
+        tmp_path, tiny_data_dir, hosts):
+    import hashlib
+    import json
+
+    cluster = Cluster(ssh_config(tmp_path, tiny_data_dir, hosts, slaves=1))
+    try:
+        cluster.start()
+        raw = hosts.hosts[0].dir / "home" / ".cache" / "cluster" / "data" / "MNIST" / "raw"
+        for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                     "t10k-labels-idx1-ubyte"):
+            master = (tiny_data_dir / "MNIST" / "raw" / name).read_bytes()
+            assert hashlib.sha256((raw / name).read_bytes()).digest() == hashlib.sha256(master).digest()
+        run = cluster.train(subset=100, epochs=1)
+        assert run.run.state == "completed" and run.run.params["data_dir"] == "~/.cache/cluster/data"
+        # nothing the slave received names a path of the master
+        received = engine_files(hosts.hosts[0])[0].read_text() + json.dumps(run.run.params)
+        for path in (tiny_data_dir, cluster.config.state_dir, Path(__file__).resolve().parent.parent):
+            assert str(path) not in received
+    finally:
+        cluster.stop()
+        cluster.close()
+
+
+def test_a_command_filling_stderr_does_not_block_remote_run(tmp_path, hosts):
+    from controller.remote import Host, Remote
+
+    host = Host(hosts.hosts[0].address, user=SLAVE_USER, key_file=str(hosts.key))
+    with Remote.connect(host, tmp_path / "known_hosts") as remote:
+        # 4 MB on stderr before anything on stdout: more than the channel's window
+        status, out, err = remote.run("head -c 4000000 /dev/zero | tr '\\0' x >&2; echo done", timeout=30)
+    assert status == 0 and out.strip() == "done" and len(err) == 4_000_000

@@ -58,3 +58,37 @@ def test_a_transaction_commits_everything_or_nothing(tmp_path):
             raise KeyboardInterrupt  # Ctrl-C between the writes
     assert store.epochs("r-1") == [] and store.run("r-1").epochs_done == 0
     assert store.load_checkpoint("r-1") == (1, b"one"), "the checkpoint the rows name is still there"
+
+
+def test_the_checkpoint_rename_is_made_durable_before_the_older_file_is_deleted(tmp_path, monkeypatch):
+    """After a power cut the store must never name a file whose rename was lost while the older is gone."""
+    import os
+    import stat
+
+    store = Store(tmp_path)
+    store.create_run(RunRecord(id="r-1", params={}))
+    first = store.save_checkpoint("r-1", 1, b"one")
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_unlink = os.fsync, os.replace, os.unlink
+
+    def fsync(fd):
+        events.append(("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file", ""))
+        return real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        events.append(("replace", os.path.basename(dst)))
+        return real_replace(src, dst, **kw)
+
+    def unlink(path, **kw):
+        events.append(("unlink", os.path.basename(path)))
+        return real_unlink(path, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "unlink", unlink)
+    store.save_checkpoint("r-1", 2, b"two")
+    monkeypatch.undo()
+    assert not first.exists()
+    order = [name for name, _ in events]
+    assert order.index("fsync-file") < order.index("replace") < order.index("fsync-dir") < order.index("unlink")
+    assert ("unlink", first.name) in events

@@ -14,13 +14,14 @@ import optuna
 import pytest
 
 from controller import cli
+from controller.scheduler import ProgressSink
 from controller.store import Store
 from controller.sweep import build_space, parse_param
 from controller.sweep.runner import plan
 from controller.sweep.space import ACCEPTED_FORMS
 from controller.errors import UsageError
 
-from conftest import REPO, cluster_pids, wait_until
+from conftest import REPO, cluster_pids, engines_holding_tasks, wait_until
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -164,27 +165,37 @@ def test_a_trial_that_raises_is_failed_with_its_traceback_and_the_sweep_goes_on(
     assert result.trials[-1] is failed  # failed trials rank last
 
 
-def test_kill_the_master_mid_sweep_then_resume(local_cluster):
+def test_kill_the_master_mid_sweep_then_resume(local_cluster, tmp_path):
     config = str(local_cluster.config.source)
     store = local_cluster.store
     cmd = [sys.executable, "-m", "controller", "--config", config, "sweep", "--param", "lr=0.003,0.005,0.01",
            "--param", "hidden=32,64", "--epochs", "5", "--json"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     before = {r.id for r in store.runs()}
-    master = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    try:
-        def sweep_runs():
-            return [r for r in store.runs() if r.id not in before and r.sweep_id]
 
-        # SIGKILL once two trials completed and others are still under way
-        assert wait_until(lambda: sum(r.state == "completed" for r in sweep_runs()) >= 2, timeout=120,
-                          interval=0.05), master.stderr.read1().decode() if master.poll() is not None else "slow"
-        master.send_signal(signal.SIGKILL)
-        master.wait(timeout=10)
-    finally:
-        if master.poll() is None:
-            master.kill()
-            master.wait()
+    def sweep_runs():
+        return [r for r in store.runs() if r.id not in before and r.sweep_id]
+
+    # SIGKILL at a fixed point: two trials completed, and the engines hold every task that starts after that
+    # (so at least one trial, of the four left with five epochs each, is unfinished when the master dies)
+    completed_elsewhere = f"""
+import contextlib, sqlite3
+def _completed_trials():
+    with contextlib.closing(sqlite3.connect({str(store.path)!r})) as db:
+        rows = db.execute("SELECT id FROM runs WHERE sweep_id IS NOT NULL AND state = 'completed'").fetchall()
+    return sum(1 for (run_id,) in rows if run_id not in {sorted(before)!r})
+"""
+    with engines_holding_tasks(local_cluster.client, tmp_path, when="_completed_trials() >= 2",
+                               helpers=completed_elsewhere) as held:
+        master = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        try:
+            assert held.wait(), master.stderr.read1().decode() if master.poll() is not None else "slow"
+            master.send_signal(signal.SIGKILL)
+            master.wait(timeout=10)
+        finally:
+            if master.poll() is None:
+                master.kill()
+                master.wait()
     runs = sweep_runs()
     sweep_id = runs[0].sweep_id
     finished = {r.id: (r.finished_at, r.seconds) for r in runs if r.state == "completed"}
@@ -213,23 +224,24 @@ def test_kill_the_master_mid_sweep_then_resume(local_cluster):
     assert code == 2 and "already completed" in err
 
 
-def test_ctrl_c_leaves_the_sweep_resumable(local_cluster):
+def test_ctrl_c_leaves_the_sweep_resumable(local_cluster, tmp_path):
     config = str(local_cluster.config.source)
     store = local_cluster.store
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     before = {r.id for r in store.runs()}
-    master = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "sweep", "--param",
-                               "hidden=16,32,48", "--epochs", "4"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        assert wait_until(lambda: any(r.epochs_done >= 1 for r in store.runs() if r.id not in before),
-                          timeout=120, interval=0.05)
-        master.send_signal(signal.SIGINT)
-        out, err = master.communicate(timeout=60)
-    finally:
-        if master.poll() is None:
-            master.kill()
-            master.wait()
+    # Ctrl-C at a fixed point: a trial's second task has started on an engine (its first epoch is stored)
+    with engines_holding_tasks(local_cluster.client, tmp_path, when="checkpoint is not None") as held:
+        master = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "sweep", "--param",
+                                   "hidden=16,32,48", "--epochs", "4"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            assert held.wait()
+            master.send_signal(signal.SIGINT)
+            out, err = master.communicate(timeout=60)
+        finally:
+            if master.poll() is None:
+                master.kill()
+                master.wait()
     runs = [r for r in store.runs() if r.id not in before]
     sweep_id = runs[0].sweep_id
     assert master.returncode == 130, err
@@ -242,30 +254,109 @@ def test_ctrl_c_leaves_the_sweep_resumable(local_cluster):
     assert all(r.state == "completed" and r.epochs_done == 4 for r in store.runs(sweep_id=sweep_id))
 
 
-def test_a_lost_engine_costs_one_task_that_goes_to_another_engine(local_cluster):
+class _InterruptAfterFirstTask(ProgressSink):
+    """A progress sink that stops the master (as Ctrl-C would) once the first task came back and was stored."""
+
+    came_back = False
+
+    def task_done(self, job, result, engine_id) -> None:
+        self.came_back = True
+
+    def tick(self) -> None:  # after the scheduler handed the result to the sweep
+        if self.came_back:
+            raise KeyboardInterrupt
+
+
+def test_resume_trains_the_sweeps_own_base_spec_and_reports_an_edited_config(local_cluster, caplog):
+    import dataclasses
+
+    from controller.api import Cluster
+
+    grid = {"hidden": [16, 24, 32, 48]}  # 2 engines + 1 prefetched task: the 4th trial is asked after resume
+    with pytest.raises(KeyboardInterrupt):
+        local_cluster.sweep(grid, epochs=1, subset=100, progress=lambda source: _InterruptAfterFirstTask())
+    sweep_id = local_cluster.sweeps(limit=1)[0].sweep_id
+    asked_before = {r.id for r in local_cluster.store.runs(sweep_id=sweep_id)}
+    assert len(asked_before) < 4
+
+    training = dataclasses.replace(local_cluster.config.training, lr=0.05, batch_size=64)  # edited in between
+    edited = Cluster(dataclasses.replace(local_cluster.config, training=training))
+    try:
+        with caplog.at_level("WARNING", logger="controller.sweep.runner"):
+            result = edited.sweep(resume=sweep_id)
+    finally:
+        edited.close()
+    assert [t.state for t in result.trials] == ["COMPLETE"] * 4
+    runs = local_cluster.store.runs(sweep_id=sweep_id)
+    assert set(asked_before) < {r.id for r in runs}
+    assert {(r.params["lr"], r.params["batch_size"], r.params["subset"]) for r in runs} == {(0.01, 128, 100)}
+    warning = next(r.getMessage() for r in caplog.records if "differs from the sweep's" in r.getMessage())
+    assert "batch_size = 128, now 64" in warning and "lr = 0.01, now 0.05" in warning
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_trial_whose_checkpoint_is_lost_restarts_and_the_resumed_sweep_goes_on(local_cluster, damage):
+    with pytest.raises(KeyboardInterrupt):
+        local_cluster.sweep({"hidden": [16, 32]}, epochs=2, subset=100,
+                            progress=lambda source: _InterruptAfterFirstTask())
+    sweep_id = local_cluster.sweeps(limit=1)[0].sweep_id
+    store = local_cluster.store
+    (damaged,) = [r for r in store.runs(sweep_id=sweep_id) if r.epochs_done == 1]
+    path = next((store.checkpoint_dir / damaged.id).glob("epoch-*.pt"))
+    path.unlink() if damage == "missing" else path.write_bytes(b"garbage")
+    first_epoch_at = store.epochs(damaged.id)[0].finished_at
+
+    result = local_cluster.sweep(resume=sweep_id)
+    assert [t.state for t in result.trials] == ["COMPLETE"] * 2
+    run = store.run(damaged.id)
+    assert run.state == "completed" and run.epochs_done == 2
+    epochs = store.epochs(damaged.id)
+    assert [e.epoch for e in epochs] == [1, 2] and epochs[0].finished_at > first_epoch_at  # trained again
+
+
+def test_a_pruned_trial_is_stored_before_optuna_is_told(tmp_path):
+    """If the master dies between the two writes, the store must not say 'running' for a trial Optuna pruned."""
+    from optuna.trial import TrialState
+
+    from controller.scheduler import Job
+    from controller.store import RunRecord
+    from controller.sweep.source import SweepSource
+    from controller.sweep.space import SearchSpace
+
+    store = Store(tmp_path)
+    study = optuna.create_study(direction="maximize")
+    source = SweepSource(study, store, "s-1", SearchSpace(), {}, n_trials=1)
+    trial = study.ask()
+    store.create_run(RunRecord(id="s-1-t000", params={}, sweep_id="s-1", trial_number=0))
+
+    def master_dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    study.tell = master_dies
+    with pytest.raises(KeyboardInterrupt):
+        source.finish(Job(run_id="s-1-t000", spec={}, tag=trial), TrialState.PRUNED, store.run("s-1-t000"))
+    assert store.run("s-1-t000").state == "pruned"
+
+
+def test_a_lost_engine_costs_one_task_that_goes_to_another_engine(local_cluster, tmp_path):
     """Last in this module: it leaves the cluster with one engine."""
     import threading
 
     victim = local_cluster.store.engines(local_cluster.record.id)[0]
-    state_dir = local_cluster.config.state_dir
-
-    def kill_when_training() -> None:
-        with Store(state_dir) as store:  # a connection of this thread's own
-            wait_until(lambda: store.execute(
-                "SELECT COUNT(*) FROM epochs WHERE engine_id = ? AND run_id LIKE 's-%'", (victim.engine_id,)
-            ).fetchone()[0] > before, timeout=120, interval=0.02)
-        time.sleep(0.05)  # into the engine's next task
-        os.kill(victim.pid, signal.SIGKILL)
-        killed_at.append(time.time())
-
     killed_at: list[float] = []
 
-    before = local_cluster.store.execute("SELECT COUNT(*) FROM epochs WHERE engine_id = ? AND run_id LIKE 's-%'",
-                                         (victim.engine_id,)).fetchone()[0]
-    killer = threading.Thread(target=kill_when_training, daemon=True)
-    killer.start()
-    result = local_cluster.sweep({"hidden": [16, 32, 48, 64]}, epochs=6)
-    killer.join(timeout=10)
+    def kill_when_training(held) -> None:
+        if held.wait():  # the victim is inside a trial's task, from that trial's checkpoint
+            os.kill(victim.pid, signal.SIGKILL)
+            killed_at.append(time.time())
+
+    with engines_holding_tasks(local_cluster.client, tmp_path, when="checkpoint is not None",
+                               targets=[victim.engine_id]) as held:
+        killer = threading.Thread(target=kill_when_training, args=(held,), daemon=True)
+        killer.start()
+        result = local_cluster.sweep({"hidden": [16, 32, 48, 64]}, epochs=6)
+        killer.join(timeout=10)
+    assert killed_at, "the victim never held a task"
     assert [t.state for t in result.trials] == ["COMPLETE"] * 4
     assert result.engine_losses >= 1
     for trial in result.trials:

@@ -18,7 +18,7 @@ import pytest
 from controller import ipp as ipp_side
 from controller.api import Cluster
 from tests.conftest import REPO, cluster_pids, make_config, wait_until
-from tests.netns import NetnsHosts, client_key, unavailable
+from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
 
 REASON = unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON or "ok")]
@@ -66,7 +66,7 @@ provider = ssh
 
 [ssh]
 hosts = {hosts.hosts[0].address}
-user = root
+user = {SLAVE_USER}
 key_file = {hosts.key}
 python = {sys.executable}
 tunnel = always

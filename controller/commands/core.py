@@ -35,7 +35,7 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="one training run on a free engine, with live progress")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float, help="learning rate (peak of the one-cycle schedule)")
-    p.add_argument("--l1", type=float, help="L1 penalty lambda")
+    p.add_argument("--l1", type=float, help="L1 penalty lambda; each batch's loss += lambda * sum(|w|) / training batches per epoch (the paper's scaling)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--optimizer", help="adam or sgd")
     p.add_argument("--momentum", type=float, help="SGD momentum")
@@ -47,6 +47,11 @@ def register(sub) -> None:
     p.add_argument("--hidden", type=int, help="units of the hidden layer")
     p.add_argument("--subset", type=int, help="train on the first N images only (0 = all)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--distributed", action="store_true",
+                   help="one model on every engine at once (torch.distributed: gloo on CPU, NCCL on GPU); "
+                        "--batch-size stays the global batch, split over the engines")
+    p.add_argument("--engines", metavar="ID[,ID...]",
+                   help="with --distributed (or --resume of a distributed run): these engine ids only")
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
     p.set_defaults(handler=cmd_train)
 
@@ -145,12 +150,19 @@ def cmd_train(args, ctx: Context) -> int:
     if args.resume and overrides:
         raise UsageError(f"--resume continues a run with its own parameters; drop "
                          f"{', '.join('--' + k.replace('_', '-') for k in overrides)}")
+    engines = None
+    if args.engines is not None:
+        from ..distributed import parse_engine_ids
+
+        engines = parse_engine_ids(args.engines)
+    if args.resume and args.distributed:
+        raise UsageError("--resume continues a distributed run distributed; drop --distributed")
     with RunProgress(ctx.err_console) as progress:
         try:
             if args.resume:
-                result = cluster.resume(args.resume, progress=progress)
+                result = cluster.resume(args.resume, progress=progress, engines=engines)
             else:
-                result = cluster.train(progress=progress, **overrides)
+                result = cluster.train(progress=progress, distributed=args.distributed, engines=engines, **overrides)
         except KeyboardInterrupt:
             run = cluster.store.run(cluster.current_run_id) if cluster.current_run_id else None
             if run is not None and run.state == "interrupted":
@@ -161,9 +173,12 @@ def cmd_train(args, ctx: Context) -> int:
     if args.json:
         ctx.emit_json(result)
     else:
+        distributed = run.params.get("distributed")
+        where = (f"engines {','.join(map(str, distributed['engines']))} (data-parallel, global batch "
+                 f"{distributed['global_batch']})" if distributed else f"engine {run.engine_id}")
         ctx.say(f"run {run.id} {run.state}: test accuracy {percent(run.test_accuracy)}, "
                 f"validation {percent(run.val_accuracy)}, {run.images_per_s or 0:,.0f} images/s, "
-                f"{run.seconds:.1f} s on engine {run.engine_id} ({run.device})")
+                f"{run.seconds:.1f} s on {where} ({run.device})")
     return 0
 
 

@@ -432,11 +432,11 @@ class AwsProvider(Provider):
         from botocore.exceptions import BotoCoreError, ClientError
 
         found = []
-        try:
+        try:  # a paginator calls AWS while iterating, outside _call
             for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
                 found += [i for r in page["Reservations"] for i in r["Instances"]]
         except (ClientError, BotoCoreError) as error:
-            raise classify(error, "listing instances") from None
+            raise classify(error, "describing the cluster's instances") from None
         return found
 
     @staticmethod
@@ -444,6 +444,9 @@ class AwsProvider(Provider):
         """This master's address inside the slaves' subnets ('' when it has none)."""
         networks = [ipaddress.ip_network(s["CidrBlock"]) for s in subnets if s.get("CidrBlock")]
         return next((str(a.ip) for a in local_addresses() for n in networks if a.ip in n), "")
+
+    def engine_data_dir(self) -> str:
+        return self.config.aws.data_dir
 
     def use_tunnel(self, subnets: list[dict]) -> bool:
         """auto: tunnels unless this master has an address inside the slaves' VPC subnets."""
@@ -492,7 +495,8 @@ class AwsProvider(Provider):
     def engines(self, key_file: str = "") -> RemoteEngines:
         cfg = self.config.aws
         return RemoteEngines(self.store, self.config.state_dir, self.cluster_name, self.folder() / "known_hosts",
-                             python=cfg.python, remote_dir=cfg.remote_dir, engines_per_gpu=cfg.engines_per_gpu,
+                             python=cfg.python, remote_dir=cfg.remote_dir, data_dir=cfg.data_dir,
+                             master_data_dir=self.config.data_dir, engines_per_gpu=cfg.engines_per_gpu,
                              threads=self.config.cluster.threads_per_engine, on_step=type(self).on_step)
 
     # prices -----------------------------------------------------------------------------

@@ -75,6 +75,11 @@ class Provider(abc.ABC):
     def list(self, cluster: "ClusterRecord") -> list["NodeRecord"]:
         """The cluster's nodes as the provider sees them now (the cloud's tags are the truth)."""
 
+    def engine_data_dir(self) -> str:
+        """data_dir as the engines see it: the master's own for local engines; remote providers name
+        a directory on the slave (the master's paths mean nothing there)."""
+        return str(self.config.data_dir)
+
     def preflight(self, slaves: int) -> None:
         """Check configuration and credentials before anything (the controller included) is started."""
 

@@ -95,7 +95,8 @@ class RemoteEngines:
     """
 
     def __init__(self, store: Store, state_dir: Path, tag: str, known_hosts: Path, *, python: str,
-                 remote_dir: str, engines_per_gpu: int = 1, engines_per_host: int = 0, threads: int = 0,
+                 remote_dir: str, data_dir: str = "", master_data_dir: Optional[Path] = None,
+                 engines_per_gpu: int = 1, engines_per_host: int = 0, threads: int = 0,
                  on_step: Callable[[str], None] = lambda step: None):
         self.store = store
         self.tag = tag
@@ -104,6 +105,8 @@ class RemoteEngines:
         self.tunnel_dir = Path(state_dir) / "tunnels" / tag
         self.python = python
         self.remote_dir = remote_dir
+        self.data_dir = data_dir  # on the slaves; filled from master_data_dir when the master has the files
+        self.master_data_dir = master_data_dir
         self.engines_per_gpu = engines_per_gpu
         self.engines_per_host = engines_per_host
         self.threads = threads
@@ -168,6 +171,8 @@ class RemoteEngines:
         spec = rm.EngineSpec(tag=self.tag, connection=rm.connection_for(connection, address), python=self.python,
                              remote_dir=self.remote_dir, engines_per_gpu=self.engines_per_gpu,
                              engines=self.engines_per_host, env=env)
+        if self.data_dir and self.master_data_dir is not None:
+            rm.sync_data(remote, self.master_data_dir, self.data_dir)
         return rm.bootstrap(remote, spec, cancelled)
 
     def _record(self, cluster: ClusterRecord, node: NodeRecord, result: rm.Bootstrapped) -> NodeRecord:
@@ -202,7 +207,9 @@ class RemoteEngines:
                 return
             with rm.Remote.connect(host, self.known_hosts, timeout=20, record_new=False) as remote:
                 pids = tuple(p for node_id, ps in known.items() if node_id in (str(host), host.address) for p in ps)
-                rm.stop_engines(remote, self.remote_dir, self.tag, pids)
+                left = rm.stop_engines(remote, self.remote_dir, self.tag, pids)
+            if left:
+                raise ProviderError(f"engine process(es) {', '.join(map(str, left))} still running after SIGKILL")
 
         if hosts:
             with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(hosts))) as pool:
@@ -272,8 +279,12 @@ class SshProvider(Provider):
         # the master's host in the tag: two masters' clusters of one name on a shared box stay apart
         tag = f"{self.config.cluster.name}.{socket.gethostname()}"
         return RemoteEngines(self.store, self.config.state_dir, tag, self.known_hosts(),
-                             python=cfg.python, remote_dir=cfg.remote_dir, engines_per_host=cfg.engines_per_host,
+                             python=cfg.python, remote_dir=cfg.remote_dir, data_dir=cfg.data_dir,
+                             master_data_dir=self.config.data_dir, engines_per_host=cfg.engines_per_host,
                              threads=self.config.cluster.threads_per_engine, on_step=type(self).on_step)
+
+    def engine_data_dir(self) -> str:
+        return self.config.ssh.data_dir
 
     def preflight(self, slaves: int) -> None:
         hosts = self.hosts()

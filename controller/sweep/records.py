@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from .. import ipp as ipp_side
 from ..formatting import percent
-from ..store import RunRecord, Store
+from ..store import RunRecord, Store, load_json
 from .space import SearchSpace
 
 SCHEMA = """
@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS sweeps (
     n_trials INTEGER NOT NULL,
     seed INTEGER NOT NULL DEFAULT 0,
     overrides TEXT NOT NULL,        -- JSON of the [training] overrides every trial shares
+    base_spec TEXT NOT NULL DEFAULT '{}',  -- JSON of the full RunSpec every trial starts from (resume uses it)
     preset TEXT,
     master_host TEXT, master_pid INTEGER,   -- the process running it now (resume refuses a live one)
     created_at REAL NOT NULL, finished_at REAL,
@@ -52,6 +53,7 @@ class SweepRecord:
     state: str = "running"
     seed: int = 0
     overrides: dict = field(default_factory=dict)
+    base_spec: dict = field(default_factory=dict)  # empty in sweeps stored before it was kept
     preset: Optional[str] = None
     cluster_id: Optional[int] = None
     master_host: Optional[str] = None
@@ -83,11 +85,15 @@ class SweepTable:
     def __init__(self, store: Store):
         self.store = store
         store.db.executescript(SCHEMA)
+        columns = {row["name"] for row in store.execute("PRAGMA table_info(sweeps)")}
+        if "base_spec" not in columns:  # a store written before base specs were kept
+            store.execute("ALTER TABLE sweeps ADD COLUMN base_spec TEXT NOT NULL DEFAULT '{}'")
 
     def create(self, record: SweepRecord) -> SweepRecord:
         values = dataclasses.asdict(record)
         values["space"] = json.dumps(record.space)
         values["overrides"] = json.dumps(record.overrides, sort_keys=True)
+        values["base_spec"] = json.dumps(record.base_spec, sort_keys=True)
         columns = ", ".join(values)
         self.store.execute(f"INSERT INTO sweeps ({columns}) VALUES ({', '.join('?' for _ in values)})",
                            values.values())
@@ -110,12 +116,11 @@ class SweepTable:
         rows = self.store.execute(sql + (" LIMIT ?" if limit else ""), (limit,) if limit else ())
         return [self._record(r) for r in rows]
 
-    @staticmethod
-    def _record(row) -> SweepRecord:
+    def _record(self, row) -> SweepRecord:
         names = {f.name for f in dataclasses.fields(SweepRecord)}
         values = {k: row[k] for k in row.keys() if k in names}
-        values["space"] = json.loads(values["space"])
-        values["overrides"] = json.loads(values["overrides"])
+        for column in ("space", "overrides", "base_spec"):
+            values[column] = load_json(values[column], f"{self.store.path}: the {column} of sweep {row['id']}")
         return SweepRecord(**values)
 
 

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import optuna
 from optuna.trial import TrialState
 
-from ..errors import UsageError
-from ..scheduler import ProgressSink, Scheduler
+from ..errors import ClusterLostError, UsageError
+from ..leases import Leases
+from ..scheduler import ProgressSink
 from ..store import new_id
 from . import study as studies
 from .records import SweepRecord, SweepResult, SweepTable, collect
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SEARCH_TRIALS = 20
 # [training] keys every trial of a sweep may share (the swept ones come from the space)
 SHARED_OVERRIDES = set(SWEEPABLE) | {"subset", "schedule", "seed", "device"}
+
+# RunSpec keys about this master's cluster, not about what a trial trains
+ENVIRONMENT_KEYS = ("data_dir", "download", "threads")
 
 ProgressFactory = Callable[[SweepSource], ProgressSink]
 
@@ -77,16 +81,17 @@ def run_sweep(cluster: "Cluster", params: ParamsLike = None, *, preset: Optional
     base_spec = cluster.run_spec(**overrides)  # validates the shared overrides; needs a running cluster
     record = cluster.record
     sweep_id = new_id("s-")
-    table = SweepTable(cluster.store)
-    sweep = table.create(SweepRecord(
-        id=sweep_id, space=space.to_list(), sampler=sampler, pruner=pruner, n_trials=n_trials, seed=seed,
-        overrides=overrides, preset=preset, cluster_id=record.id, master_host=socket.gethostname(),
-        master_pid=os.getpid()))
-    study = studies.create_study(cluster.config.state_dir, sweep_id,
-                                 studies.make_sampler(sampler, space, seed, n_trials),
-                                 studies.make_pruner(pruner, n_trials))
-    source = SweepSource(study, cluster.store, sweep_id, space, base_spec, n_trials, record.id, task=task)
-    return _drive(cluster, table, sweep, source, progress)
+    with Leases(cluster.store).hold("sweep", sweep_id):  # `--resume` by another master is refused meanwhile
+        table = SweepTable(cluster.store)
+        sweep = table.create(SweepRecord(
+            id=sweep_id, space=space.to_list(), sampler=sampler, pruner=pruner, n_trials=n_trials, seed=seed,
+            overrides=overrides, base_spec=base_spec, preset=preset, cluster_id=record.id,
+            master_host=socket.gethostname(), master_pid=os.getpid()))
+        study = studies.create_study(cluster.config.state_dir, sweep_id,
+                                     studies.make_sampler(sampler, space, seed, n_trials),
+                                     studies.make_pruner(pruner, n_trials))
+        source = SweepSource(study, cluster.store, sweep_id, space, base_spec, n_trials, record.id, task=task)
+        return _drive(cluster, table, sweep, source, progress)
 
 
 def resume_sweep(cluster: "Cluster", sweep_id: str, progress: Optional[ProgressFactory] = None,
@@ -98,11 +103,15 @@ def resume_sweep(cluster: "Cluster", sweep_id: str, progress: Optional[ProgressF
         raise UsageError(f"--resume {sweep_id}: no such sweep; `cluster sweeps` lists them")
     if sweep.state == "completed":
         raise UsageError(f"--resume {sweep_id}: the sweep already completed; `cluster results {sweep_id}` shows it")
-    if sweep.master_alive:
-        raise UsageError(f"--resume {sweep_id}: the sweep is still running (process {sweep.master_pid}); "
-                         f"stop that process first")
+    with Leases(cluster.store).hold("sweep", sweep_id):  # refused while another live master drives it
+        return _resume(cluster, table, sweep, progress, task)
+
+
+def _resume(cluster: "Cluster", table: SweepTable, sweep: SweepRecord, progress: Optional[ProgressFactory],
+            task: Optional[Callable[..., dict]]) -> SweepResult:
+    sweep_id = sweep.id
     space = sweep.search_space
-    base_spec = cluster.run_spec(**sweep.overrides)
+    base_spec = base_spec_for_resume(sweep, cluster.run_spec(**sweep.overrides))
     record = cluster.record
     study = studies.load_study(cluster.config.state_dir, sweep_id,
                                studies.make_sampler(sweep.sampler, space, sweep.seed, sweep.n_trials),
@@ -132,12 +141,27 @@ def resume_sweep(cluster: "Cluster", sweep_id: str, progress: Optional[ProgressF
     return _drive(cluster, table, sweep, source, progress)
 
 
+def base_spec_for_resume(sweep: SweepRecord, current: dict) -> dict:
+    """The sweep's own base spec, so later trials train what the first ones did; a [training] edited
+    since is reported.  Where and how this cluster trains (data_dir, download, threads) come from now."""
+    if not sweep.base_spec:
+        log.warning("sweep %s was stored without its base spec; its new trials use the current [training]",
+                    sweep.id)
+        return current
+    changed = sorted(k for k in current if k not in ENVIRONMENT_KEYS and sweep.base_spec.get(k) != current[k])
+    if changed:
+        log.warning("sweep %s: the current [training] differs from the sweep's (%s); its trials keep the "
+                    "sweep's own values", sweep.id,
+                    ", ".join(f"{k} = {sweep.base_spec.get(k)!r}, now {current[k]!r}" for k in changed))
+    return {**sweep.base_spec, **{k: current[k] for k in ENVIRONMENT_KEYS if k in current}}
+
+
 def _drive(cluster: "Cluster", table: SweepTable, sweep: SweepRecord, source: SweepSource,
            progress: Optional[ProgressFactory]) -> SweepResult:
     sink = progress(source) if progress is not None else None
     # one task queued beyond the engines: the master's bookkeeping between a trial's epochs (store,
     # Optuna report / prune / tell) then overlaps with training instead of idling the engine
-    scheduler = Scheduler(cluster.client, prefetch=1)
+    scheduler = cluster.scheduler(prefetch=1)
     started = time.time()
     try:
         if sink is not None and hasattr(sink, "__enter__"):
@@ -154,6 +178,10 @@ def _drive(cluster: "Cluster", table: SweepTable, sweep: SweepRecord, source: Sw
         interrupted = isinstance(error, KeyboardInterrupt)
         table.update(sweep.id, state="interrupted" if interrupted else "failed",
                      seconds=sweep.seconds + time.time() - started, error=None if interrupted else repr(error))
+        if isinstance(error, ClusterLostError):
+            raise ClusterLostError(f"{error}; sweep {sweep.id} keeps its finished trials and checkpoints: "
+                                   f"`cluster stop`, `cluster start`, then `cluster sweep --resume {sweep.id}`"
+                                   ) from None
         raise
     makespan = time.time() - started
     table.update(sweep.id, state="completed", finished_at=time.time(), seconds=sweep.seconds + makespan)

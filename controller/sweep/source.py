@@ -17,9 +17,11 @@ from typing import Any, Callable, Optional, Protocol
 import optuna
 from optuna.trial import TrialState
 
+from engines.tasks import stored_params
+
 from ..runs import RunRecorder
 from ..scheduler import Job
-from ..store import RunRecord, Store
+from ..store import CheckpointError, RunRecord, Store
 from .records import run_id_for
 from .space import SearchSpace
 
@@ -124,12 +126,13 @@ class SweepSource:
         if error:
             trial.set_user_attr("error", error[-20_000:])  # Optuna caps attribute size; the store keeps all
         value = run.val_accuracy if run is not None else None
+        if state == TrialState.PRUNED:  # stored first: a master dying in between leaves a trial to resume,
+            # never one Optuna calls pruned while the store says it still runs
+            self.store.update_run(job.run_id, state="pruned", finished_at=time.time())
         if state == TrialState.COMPLETE:
             self.study.tell(trial, value)
         else:
             self.study.tell(trial, state=state)
-        if state == TrialState.PRUNED:
-            self.store.update_run(job.run_id, state="pruned", finished_at=time.time())
         self.tally.finished(trial.number, state, value, trial.params)
         if self.listener is not None:
             self.listener.trial_finished(trial.number, state.name, value, trial.params, error)
@@ -146,9 +149,14 @@ def job_for(trial: optuna.Trial, store: Store, sweep_id: str, space: SearchSpace
         store.create_run(RunRecord(id=run_id, params=spec, cluster_id=cluster_id, sweep_id=sweep_id,
                                    trial_number=trial.number))
         return Job(run_id=run_id, spec=spec, tag=trial)
-    stored = store.load_checkpoint(run_id)
+    try:
+        stored = store.load_checkpoint(run_id)
+    except CheckpointError as error:  # one trial's lost file must not end the whole sweep: train it again
+        log.warning("%s; trial %d starts again from scratch", error, trial.number)
+        store.forget_checkpoint(run_id)
+        stored = None
     epoch, checkpoint = stored if stored else (0, None)
-    job = Job(run_id=run_id, spec=run.params, checkpoint=checkpoint, epochs_done=epoch, tag=trial)
+    job = Job(run_id=run_id, spec=stored_params(run.params), checkpoint=checkpoint, epochs_done=epoch, tag=trial)
     if not job.finished:  # a finished run (the master died before telling Optuna) keeps its row as it is
         # epochs stored after the last checkpoint (the master died between the two) are trained again
         store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=cluster_id,

@@ -1,0 +1,195 @@
+"""Data-parallel training: one run on several real local engines with torch.distributed (gloo on CPU)."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from controller.distributed import DistributedRun, choose_engines, parse_engine_ids, rendezvous_address
+from controller.errors import UsageError
+from controller.scheduler import Job, ProgressSink
+from controller.store import RunRecord, new_id
+from engines.distributed import RendezvousError, backend_for, free_port, train_ranked
+from tests.conftest import real_mnist_dir, running_cluster, wait_until
+
+DATA = real_mnist_dir()
+needs_mnist = pytest.mark.skipif(DATA is None, reason="real MNIST is not in ../shared/data")
+SMALL = {"subset": 2000, "batch_size": 100}
+
+
+def test_the_backend_follows_the_device():
+    assert backend_for(torch.device("cpu")) == "gloo"
+    assert backend_for(torch.device("cuda", 0)) == "nccl"  # only the decision: no GPU here
+
+
+def test_ranks_on_one_host_meet_on_loopback_others_on_rank0s_address():
+    port = {"address": "10.0.0.5", "port": 4321, "host": "a"}
+    assert rendezvous_address(port, {0: "a", 1: "a"}, [0, 1]) == "127.0.0.1"
+    assert rendezvous_address(port, {0: "a", 1: "b"}, [0, 1]) == "10.0.0.5"
+    assert rendezvous_address(port, {0: "a", 1: "b"}, [0, 1], {0: "172.31.0.7"}) == "172.31.0.7"
+
+
+def test_engine_ids_are_checked():
+    assert parse_engine_ids("0,2") == [0, 2] and parse_engine_ids(None) is None
+    for bad in ("x", "1,1", "-1"):
+        with pytest.raises(UsageError, match="--engines"):
+            parse_engine_ids(bad)
+    assert choose_engines([0, 1, 2], None) == [0, 1, 2]
+    with pytest.raises(UsageError, match="no engine 5"):
+        choose_engines([0, 1], [5])
+
+
+def test_an_unreachable_rendezvous_fails_within_30_s_naming_address_and_port(tiny_data_dir):
+    """Rank 1 finds nobody at rank 0's port; rank 0 (another port) waits for a rank 1 that never comes."""
+    spec = {"data_dir": str(tiny_data_dir), "threads": 1, "epochs": 1}
+    outcomes: dict[int, tuple[float, BaseException]] = {}
+
+    def rank(number: int, port: int) -> None:
+        started = time.monotonic()
+        try:
+            train_ranked(spec, None, 1, {"address": "127.0.0.1", "port": port, "rank": number, "world": 2})
+        except BaseException as error:  # noqa: BLE001 - recorded and asserted below
+            outcomes[number] = (time.monotonic() - started, error)
+
+    ports = [free_port()["port"], free_port()["port"]]
+    threads = [threading.Thread(target=rank, args=(n, ports[n])) for n in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert set(outcomes) == {0, 1}, "both ranks must give up"
+    for number in (0, 1):
+        seconds, error = outcomes[number]
+        assert isinstance(error, RendezvousError), error
+        assert f"127.0.0.1:{ports[number]}" in str(error)
+        assert seconds < 30, f"rank {number} took {seconds:.1f} s"
+    assert not torch.distributed.is_initialized(), "a failed rendezvous leaves no process group behind"
+
+
+def distributed_job(cluster, **overrides) -> Job:
+    spec = cluster.run_spec(**overrides)
+    spec["run_id"] = run_id = new_id("r-")
+    cluster.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=cluster.record.id))
+    return Job(run_id=run_id, spec=spec)
+
+
+@pytest.fixture(scope="module")
+def mnist_cluster(tmp_path_factory):
+    if DATA is None:
+        pytest.skip("real MNIST is not in ../shared/data")
+    with running_cluster(tmp_path_factory.mktemp("ddp"), DATA) as cluster:
+        yield cluster
+
+
+@needs_mnist
+def test_two_engines_match_one_engine_at_the_same_global_batch(mnist_cluster):
+    single = mnist_cluster.train(epochs=1, **SMALL).run
+    job = distributed_job(mnist_cluster, epochs=1, **SMALL)
+    run = DistributedRun(mnist_cluster.client, mnist_cluster.store, [0, 1])
+    run.run(job)
+    stored = mnist_cluster.store.run(job.run_id)
+    assert stored.state == "completed" and stored.epochs_done == 1
+    assert abs(stored.test_accuracy - single.test_accuracy) <= 0.005, (stored.test_accuracy, single.test_accuracy)
+    assert len(run.weights) == 2 and len(set(run.weights.values())) == 1, "both ranks hold identical weights"
+    assert stored.params["distributed"]["engines"] == [0, 1]
+    assert stored.params["distributed"]["global_batch"] == 100
+
+
+@needs_mnist
+def test_a_cifar_model_trains_data_parallel_too(mnist_cluster, tmp_path):
+    from engines.cifar import write_cifar10_batches
+
+    cifar = write_cifar10_batches(tmp_path, per_batch=8, n_test=16)
+    spec = {"model": "resnet18", "data_dir": str(cifar), "epochs": 1, "batch_size": 12, "threads": 1}
+    spec["run_id"] = run_id = new_id("r-")
+    mnist_cluster.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=mnist_cluster.record.id))
+    run = DistributedRun(mnist_cluster.client, mnist_cluster.store, [0, 1])
+    run.run(Job(run_id=run_id, spec=spec))
+    stored = mnist_cluster.store.run(run_id)
+    assert stored.state == "completed" and stored.test_accuracy is not None
+    assert len(set(run.weights.values())) == 1
+
+
+class InterruptAfterFirstEpoch(ProgressSink):
+    def task_done(self, job, result, engine_id):
+        raise KeyboardInterrupt
+
+
+@needs_mnist
+def test_a_distributed_run_resumes_distributed_on_another_engine_count(mnist_cluster):
+    single = mnist_cluster.train(epochs=2, **SMALL).run
+    with pytest.raises(KeyboardInterrupt):
+        mnist_cluster.train(distributed=True, epochs=2, progress=InterruptAfterFirstEpoch(), **SMALL)
+    run_id = mnist_cluster.current_run_id
+    interrupted = mnist_cluster.store.run(run_id)
+    assert interrupted.state == "interrupted" and interrupted.epochs_done == 1
+    assert interrupted.params["distributed"]["engines"] == [0, 1]
+    resumed = mnist_cluster.resume(run_id, engines=[1]).run
+    assert resumed.state == "completed" and resumed.epochs_done == 2
+    assert resumed.params["distributed"]["engines"] == [1] and resumed.params["distributed"]["global_batch"] == 100
+    assert abs(resumed.test_accuracy - single.test_accuracy) <= 0.005
+
+
+def test_killing_one_of_three_engines_mid_epoch_completes_the_run_on_two(tmp_path, tiny_data_dir):
+    """Every rank waits at step 3 of epoch 2; the engine of rank 0 (which serves the rendezvous) is killed
+    there, the others go on into their all-reduce with a dead peer, and the epoch runs again on two."""
+    hold_dir = tmp_path / "hold"
+    hold_dir.mkdir()
+    (tmp_path / "c").mkdir()
+    with running_cluster(tmp_path / "c", tiny_data_dir, slaves=3) as cluster:
+        job = distributed_job(cluster, epochs=3, batch_size=60)
+        killed: list[int] = []
+
+        def kill_rank0_at_the_hold() -> None:
+            ready = wait_until(lambda: len(list(hold_dir.glob("rank-*.ready"))) == 3, timeout=120)
+            if ready:
+                pid = int((hold_dir / "rank-0.ready").read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            (hold_dir / "go").write_text("")
+
+        killer = threading.Thread(target=kill_rank0_at_the_hold)
+        killer.start()
+        try:
+            run = DistributedRun(cluster.client, cluster.store, [0, 1, 2],
+                                 hold={"epoch": 2, "step": 3, "dir": str(hold_dir)})
+            run.run(job)
+        finally:
+            (hold_dir / "go").write_text("")
+            killer.join(130)
+        assert killed, "the ranks never reached the hold"
+        stored = cluster.store.run(job.run_id)
+        assert stored.state == "completed" and stored.epochs_done == 3
+        assert [f["lost"] for f in run.failovers] == [[0]] and run.failovers[0]["epoch"] == 2
+        assert stored.params["distributed"]["engines"] == [1, 2]
+        assert [e.epoch for e in cluster.store.epochs(job.run_id)] == [1, 2, 3]
+        assert len(set(run.weights.values())) == 1 and set(run.weights) == {1, 2}
+
+
+@needs_mnist
+def test_cluster_train_distributed_prints_the_run_with_its_engines(mnist_cluster):
+    import io
+    import json
+
+    from controller.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = main(["--config", mnist_cluster.config.source, *argv], stdout=out, stderr=err)
+        return code, out.getvalue(), err.getvalue()
+
+    code, out, err = run("train", "--distributed", "--engines", "1,0", "--epochs", "1", "--subset", "1000",
+                         "--batch-size", "100", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["state"] == "completed" and record["params"]["distributed"]["engines"] == [1, 0]
+    assert record["engine_id"] == 1, "rank 0 (the first engine given) reports the run"
+    code, _, err = run("train", "--engines", "0")
+    assert code == 2 and "add --distributed" in err
+    code, _, err = run("train", "--distributed", "--engines", "0,7")
+    assert code == 2 and "no engine 7" in err

@@ -1,0 +1,139 @@
+"""Batch inference: one trained model applied to a whole split, shards spread over real local engines."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from controller.bench import BenchStore
+from controller.cli import main
+from controller.infer import EVAL_BATCH, Inference, InferenceResult, shard_bounds, write_predictions
+from controller.errors import UsageError
+from engines.cifar import load_cifar10, write_cifar10_batches
+from engines.data import load_mnist
+from engines.infer import build, predict
+from tests.conftest import real_mnist_dir, running_cluster
+
+DATA = real_mnist_dir()
+
+
+def test_shards_are_contiguous_cover_everything_once_and_start_on_batch_boundaries():
+    for n, shards in ((10_000, 4), (10_000, 3), (2_500, 8), (999, 2), (1, 5)):
+        bounds = shard_bounds(n, shards)
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(a < b for a, b in bounds)
+        assert all(b == a2 for (_, b), (a2, _) in zip(bounds, bounds[1:])), "contiguous, in order"
+        assert all(a % EVAL_BATCH == 0 for a, _ in bounds)
+    assert len(shard_bounds(10_000, 4)) == 4 and len(shard_bounds(2_500, 8)) == 3  # no shard without a batch
+
+
+def example_result() -> InferenceResult:
+    return InferenceResult(split="test", kind="mnist", run_id="r-1", checkpoint="k", engines=[0, 1], shards=2,
+                           seconds=0.5, predictions=np.array([3, 1, 2]), labels=np.array([3, 1, 1]),
+                           probabilities=np.eye(10, dtype=np.float32)[[3, 1, 2]])
+
+
+def test_predictions_are_written_as_csv_or_npz_and_nothing_else(tmp_path):
+    result = example_result()
+    rows = list(csv.DictReader(open(write_predictions(result, tmp_path / "p.csv"))))
+    assert [r["index"] for r in rows] == ["0", "1", "2"] and rows[2]["prediction"] == "2"
+    assert list(rows[0]) == ["index", "label", "prediction", *(f"p{c}" for c in range(10))]
+    saved = np.load(write_predictions(result, tmp_path / "p.npz"))
+    assert saved["predictions"].tolist() == [3, 1, 2] and saved["probabilities"].shape == (3, 10)
+    with pytest.raises(UsageError, match=r"\.csv or \.npz"):
+        write_predictions(result, tmp_path / "p.txt")
+    assert result.accuracy == pytest.approx(2 / 3)
+    assert result.confusion()[1][2] == 1 and sum(map(sum, result.confusion())) == 3
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Real MNIST (linked) beside a small synthetic CIFAR-10, so one cluster serves both workloads."""
+    if DATA is None:
+        pytest.skip("real MNIST is not in ../shared/data")
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "MNIST").symlink_to(DATA / "MNIST")
+    return write_cifar10_batches(folder, per_batch=16, n_test=48)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, data_dir):
+    with running_cluster(tmp_path_factory.mktemp("infer"), data_dir) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def mnist_run(cluster):
+    return cluster.train(epochs=1, subset=2000, batch_size=100).run
+
+
+def single_process(checkpoint: bytes, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: one loop in this process, at the engines' thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return predict(build(checkpoint, "cpu"), images)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_two_engines_return_every_prediction_once_in_order_equal_to_one_process(cluster, mnist_run, data_dir):
+    _, checkpoint = cluster.store.load_checkpoint(mnist_run.id)
+    seen = []
+    result = cluster.infer(mnist_run.id, shards_per_engine=2, progress=lambda done, total: seen.append((done, total)))
+    test = load_mnist(data_dir).test
+    assert result.images == len(test) and result.shards == 4 and result.engines == [0, 1]
+    assert np.array_equal(result.labels, test.labels.numpy())
+    predictions, probabilities = single_process(checkpoint, test.images)
+    assert np.array_equal(result.predictions, predictions)
+    assert np.array_equal(result.probabilities, probabilities)
+    assert seen and seen[-1] == (len(test), len(test))
+
+
+def test_the_model_stays_loaded_on_each_engine_for_later_calls(cluster, mnist_run):
+    _, checkpoint = cluster.store.load_checkpoint(mnist_run.id)
+    job = Inference(cluster.client, [0, 1], threads=1)
+    job.run(checkpoint, "val", str(cluster.config.data_dir))
+    first = job.loaded_now
+    job.run(checkpoint, "val", str(cluster.config.data_dir))
+    assert job.loaded_now == [] and first in ([], [0, 1])  # [] when an earlier test loaded it already
+
+
+def test_cluster_infer_writes_a_csv_whose_accuracy_is_the_runs_test_accuracy(cluster, mnist_run, tmp_path):
+    out = tmp_path / "predictions.csv"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = ["--config", cluster.config.source, "infer", "--run", mnist_run.id, "--out", str(out), "--json"]
+    code = main(argv, stdout=stdout, stderr=stderr)
+    assert code == 0, stderr.getvalue()
+    summary = json.loads(stdout.getvalue())
+    rows = list(csv.DictReader(open(out)))
+    assert [int(r["index"]) for r in rows] == list(range(10_000))
+    accuracy = sum(r["label"] == r["prediction"] for r in rows) / len(rows)
+    assert accuracy == summary["accuracy"] == mnist_run.test_accuracy
+    assert sum(map(sum, summary["confusion"])) == 10_000 and summary["images_per_s"] > 0
+
+
+def test_a_model_of_another_workload_is_refused_by_name(cluster, mnist_run):
+    with pytest.raises(UsageError, match="holds a mnist model, not a cifar one"):
+        cluster.infer(mnist_run.id, workload="cifar10-resnet18")
+    with pytest.raises(UsageError, match="--run r-nope: no such run"):
+        cluster.infer("r-nope")
+
+
+@pytest.mark.parametrize("workload", ["cifar10-resnet18", "cifar10-vgg16"])
+def test_cifar_runs_from_cluster_bench_predict_over_two_engines(cluster, data_dir, workload, tmp_path):
+    bench = cluster.bench(workload=workload, engines=[1], epochs=1, data_dir=str(data_dir))
+    (record,) = bench.records
+    (trial,) = BenchStore(cluster.store).trials(record.id)
+    run_id = trial.run_id
+    result = cluster.infer(run_id, workload=workload, out=tmp_path / "preds.npz")
+    test = load_cifar10(data_dir).test
+    saved = np.load(tmp_path / "preds.npz")
+    assert result.kind == "cifar" and result.images == len(test) == len(saved["predictions"])
+    assert np.array_equal(saved["labels"], test.labels.numpy())
+    assert result.accuracy == pytest.approx(cluster.store.run(run_id).test_accuracy)
