@@ -24,6 +24,7 @@ from .errors import (AlreadyRunningError, ClusterLostError, ClusterStateError, N
                      TaskError, UsageError)
 from .leases import Leases
 from .providers import Provider, provider_class
+from .providers.base import Resource
 from .runs import SingleRun
 from .scheduler import Job, ProgressSink, Scheduler, Watchdog
 from .store import ClusterRecord, EngineRecord, EpochRecord, NodeRecord, RunRecord, Store, new_id
@@ -145,7 +146,7 @@ class Cluster:
         try:
             ipp_cluster = ipp_side.new_cluster(
                 profile, record.ipp_cluster_id, engine_env=self._engine_env(threads),
-                controller_ip=chosen.controller_ip, engine_timeout=cfg.engine_timeout)
+                engine_ip=chosen.controller_ip, engine_timeout=cfg.engine_timeout)
             ipp_cluster.start_controller_sync()
             self.store.update_cluster(record.id, controller_pid=ipp_side.controller_pid(ipp_cluster))
             ipp_side.secure_files(profile)
@@ -228,11 +229,14 @@ class Cluster:
             for engine_id, info in zip(client.ids, infos)
         ])
 
-    def stop(self, all_clusters: bool = False) -> Optional[ClusterRecord]:
+    def stop(self, all_clusters: bool = False, any_owner: bool = False,
+             only: Optional[set[str]] = None) -> Optional[ClusterRecord]:
         """Stop every engine, slave and the controller; history stays. Safe to run twice.
 
         Without a record (local state lost), or with ``all_clusters``, the provider
-        also looks for nodes by its own tags (the cloud's truth) and releases them.
+        also looks for nodes by its own tags (the cloud's truth) and releases them:
+        this master's (user@host) only, unless ``any_owner``; ``only`` limits that to
+        the ids ``stop_plan`` listed and the user agreed to.
         """
         record = self.store.active_cluster(self.name)
         if self._client is not None:
@@ -241,11 +245,15 @@ class Cluster:
         if record is not None:
             self._stop_record(record)  # our own cluster first, whatever the cloud says next
         # what the provider released by its tags (local state lost, or --all): shown by `cluster stop`
-        self.released = self._release_orphans(all_clusters) if record is None or all_clusters else []
+        self.released = self._release_orphans(all_clusters, any_owner, only) if record is None or all_clusters else []
         return self.store.cluster(record.id) if record is not None else None
 
-    def _release_orphans(self, all_clusters: bool) -> list[str]:
-        return self.provider().release_orphans(self.name, all_clusters)
+    def stop_plan(self, all_clusters: bool = False, any_owner: bool = False) -> "list[Resource]":
+        """What ``stop(all_clusters, any_owner)`` would release by tag, beyond this cluster's own record."""
+        return self.provider().find_orphans(self.name, all_clusters, any_owner)
+
+    def _release_orphans(self, all_clusters: bool, any_owner: bool = False, only: Optional[set[str]] = None) -> list[str]:
+        return self.provider().release_orphans(self.name, all_clusters, any_owner, only)
 
     def _stop_record(self, record: ClusterRecord) -> None:
         self.store.set_cluster_state(record.id, "stopping")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import pkgutil
 import sys
 from typing import Optional, Sequence, TextIO
@@ -16,6 +15,7 @@ from typing import Optional, Sequence, TextIO
 from . import __version__, commands
 from .context import Context
 from .errors import ClusterError, ExitStatus, TaskError
+from .logs import CliLogging
 
 
 def command_modules() -> list:
@@ -29,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start GPU slaves, train on them, stop them; a master-slave controller over ipyparallel.")
     parser.add_argument("--config", metavar="FILE",
                         help="configuration file (default: $CLUSTER_CONFIG, ./cluster.ini, built-in defaults)")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging from this tool (-vv: debug); libraries stay at warnings")
+    parser.add_argument("--debug-libraries", action="store_true",
+                        help="also debug logging of boto3/botocore, paramiko and ipyparallel (secrets redacted)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in command_modules():
@@ -38,16 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = None,
-         stderr: Optional[TextIO] = None) -> int:
+         stderr: Optional[TextIO] = None, stdin: Optional[TextIO] = None) -> int:
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    stdin = stdin if stdin is not None else sys.stdin
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse already printed the usage error
         return int(exit_.code or 0)
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
-                        format="%(levelname)s %(name)s: %(message)s", stream=stderr)
-    ctx = Context(args=args, stdout=stdout, stderr=stderr)
+    logs = CliLogging(stderr, args.verbose, args.debug_libraries)
+    ctx = Context(args=args, stdout=stdout, stderr=stderr, stdin=stdin)
     try:
         return int(args.handler(args, ctx) or ExitStatus.OK)
     except ClusterError as error:
@@ -60,6 +63,7 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = Non
         return int(ExitStatus.INTERRUPTED)
     finally:
         ctx.close()
+        logs.close()
 
 
 if __name__ == "__main__":

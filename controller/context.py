@@ -38,6 +38,7 @@ class Context:
     args: argparse.Namespace
     stdout: TextIO
     stderr: TextIO
+    stdin: Optional[TextIO] = None  # for questions (``stop --all``); None: no terminal to ask on
     _config: Optional[Config] = None
     _cluster: Any = None
     _console: Optional[Console] = field(default=None, repr=False)
@@ -80,6 +81,16 @@ class Context:
 
     def say(self, message: str) -> None:
         self.console.print(message)
+
+    def can_ask(self) -> bool:
+        return self.stdin is not None and hasattr(self.stdin, "isatty") and self.stdin.isatty()
+
+    def ask(self, question: str) -> bool:
+        """A yes/no question on the terminal; anything but y/yes is no."""
+        self.stderr.write(f"{question} [y/N] ")
+        self.stderr.flush()
+        answer = self.stdin.readline() if self.stdin is not None else ""
+        return answer.strip().lower() in ("y", "yes")
 
     def close(self) -> None:
         if self._cluster is not None:

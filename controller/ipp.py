@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -41,6 +42,33 @@ def engine_file(profile: Path, cluster_id: str) -> Path:
     return Path(profile) / "security" / f"ipcontroller-{cluster_id}-engine.json"
 
 
+LOOPBACK = "127.0.0.1"
+EVERY_INTERFACE = ("0.0.0.0", "*", "::")
+
+
+def is_loopback(address: str) -> bool:
+    return address.startswith("127.") or address in ("localhost", "::1")
+
+
+def controller_args(engine_ip: str) -> list[str]:
+    """Where the controller listens, port group by port group.
+
+    Clients (this tool, notebooks) and the monitor run on the master: loopback, always
+    (the one exception: engines on every interface, below).  Engines: only the address
+    that reaches the slaves (loopback for local engines and for SSH tunnels).  Once engine ports are reachable from the network, CurveZMQ
+    encrypts every connection and admits only peers that hold the controller's public
+    key, which travels in the 0600 connection files and nowhere else.
+    """
+    # clients and engines share the registration port, and one socket cannot bind a port on
+    # 127.0.0.1 and on every interface: with engines on every interface, clients are too (CurveZMQ)
+    client_ip = engine_ip if engine_ip in EVERY_INTERFACE else LOOPBACK
+    args = [f"--IPController.engine_ip={engine_ip}", f"--IPController.client_ip={client_ip}",
+            f"--IPController.monitor_ip={LOOPBACK}"]
+    if not is_loopback(engine_ip):
+        args.append("--IPController.enable_curve=True")  # the controller makes its key pair itself
+    return args
+
+
 # The hub's in-memory task database keeps every task's arguments and result (each carries a checkpoint):
 # the master stores results itself, so the controller keeps none and its memory stays flat.
 # The hub pings engines every 0.8 s and drops one after 4 missed pongs: a slave that vanished without a
@@ -52,14 +80,19 @@ CONTROLLER_ARGS = [
 ]
 
 
-def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], controller_ip: str = "127.0.0.1",
+def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], engine_ip: str = LOOPBACK,
                 engines: str | type = "local", engine_timeout: int = 120) -> ipp.Cluster:
     """An ipyparallel Cluster that outlives this process (shutdown_atexit=False)."""
     from traitlets.config import Config
 
     config = Config()
     marker = process_marker(profile, cluster_id)
-    config.LocalControllerLauncher.environment = marker
+    controller_env = dict(marker)
+    if not is_loopback(engine_ip):
+        # ipyparallel drops HMAC signing under CurveZMQ unless a key is given; keep both (the key
+        # goes by environment, readable by this user only, never on a command line)
+        controller_env["IPP_SESSION_KEY"] = secrets.token_hex(32)
+    config.LocalControllerLauncher.environment = controller_env
     config.LocalEngineSetLauncher.environment = {**engine_env, **marker}
     config.LocalEngineLauncher.environment = {**engine_env, **marker}
     profile.mkdir(parents=True, exist_ok=True)
@@ -68,8 +101,8 @@ def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], c
         profile_dir=str(profile),
         cluster_id=cluster_id,
         shutdown_atexit=False,
-        controller_ip=controller_ip,
-        controller_args=list(CONTROLLER_ARGS),
+        controller_ip="",  # not --ip: that would bind client and monitor ports to the engines' address too
+        controller_args=CONTROLLER_ARGS + controller_args(engine_ip),
         engines=engines,
         engine_timeout=engine_timeout,
         config=config,

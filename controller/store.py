@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     public_ip TEXT, private_ip TEXT, image TEXT,
     engines INTEGER DEFAULT 0,      -- engines started on this node
     launched_at REAL, terminated_at REAL,
+    ssh_host TEXT, ssh_port INTEGER, -- the address bootstrap reached it at (its host key is recorded for it)
     PRIMARY KEY (cluster_id, node_id)
 );
 CREATE TABLE IF NOT EXISTS runs (
@@ -186,6 +187,8 @@ class NodeRecord:
     engines: int = 0
     launched_at: float = 0.0
     terminated_at: Optional[float] = None
+    ssh_host: str = ""  # where bootstrap reached it over SSH: `cluster ssh` and stop use the same address
+    ssh_port: int = 0
 
 
 @dataclass
@@ -259,7 +262,17 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        self._add_missing_columns()
         self._after_commit: Optional[list] = None  # actions waiting for the open transaction's COMMIT
+
+    # columns added after a store was first created: (table, column, type)
+    ADDED_COLUMNS = (("nodes", "ssh_host", "TEXT"), ("nodes", "ssh_port", "INTEGER"))
+
+    def _add_missing_columns(self) -> None:
+        for table, column, kind in self.ADDED_COLUMNS:
+            present = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()

@@ -123,15 +123,19 @@ def hold(spec: TunnelSpec, stop: Optional[threading.Event] = None) -> None:
         remote.close()
 
 
-def spawn(spec: TunnelSpec, folder: Path, timeout: float = 60, profile: Optional[Path] = None) -> int:
+def spawn(spec: TunnelSpec, folder: Path, timeout: float = 60, profile: Optional[Path] = None,
+          cluster_id: str = "") -> int:
     """Start the holder process; returns its pid once every forward is up (or raises).
 
-    With ``profile`` it carries the cluster's process marker, so the clean-up that
-    sweeps a cluster's local processes finds it even without its pid file.
+    It carries the cluster's process marker (``profile`` and ``cluster_id``) from its
+    first instruction, like the controller and the engines: the clean-up that sweeps a
+    cluster's local processes finds it even when the master was killed before it could
+    write the pid file.
     """
-    from .ipp import PROCESS_MARKER
+    from .ipp import PROCESS_MARKER, process_marker
 
-    env = {**os.environ, PROCESS_MARKER: str(profile) if profile else ""}
+    marker = process_marker(profile, cluster_id) if profile else {PROCESS_MARKER: ""}
+    env = {**os.environ, **marker}
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "tunnels.json"
     ready = folder / "tunnels.ready"

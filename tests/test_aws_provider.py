@@ -23,6 +23,7 @@ from controller.api import Cluster
 from controller.cli import main
 from controller.errors import ClusterStateError, ConfigError, CredentialsError, ProviderError
 from controller.providers import aws
+from controller.store import Store
 from tests.conftest import cluster_pids, make_config, wait_until
 from tests.netns import SLAVE_USER, NetnsHosts, unavailable
 
@@ -248,19 +249,182 @@ def test_stop_finds_everything_after_local_state_is_lost(tmp_path, tiny_data_dir
             ipp_side.kill_process_group(pid)
 
 
-def test_stop_all_releases_every_cluster_in_the_region(tmp_path, tiny_data_dir, moto_url, ec2):
-    for name in ("one", "two"):
-        ec2.run_instances(ImageId=image(ec2), InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
-                          TagSpecifications=[{"ResourceType": "instance", "Tags": [
-                              {"Key": "gpu-cluster:tool", "Value": "gpu-cluster"},
-                              {"Key": "gpu-cluster:cluster", "Value": name}]}])
-    ec2.run_instances(ImageId=image(ec2), InstanceType="t3.micro", MinCount=1, MaxCount=1)  # not ours
-    aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2))
-    code, out, err = run_cli("--config", str(tmp_path / "cluster.ini"), "stop", "--all")
+def tagged_instance(ec2, cluster: str, owner: str) -> str:
+    """An instance as another start of this tool would leave it (tool, cluster and owner tags)."""
+    return ec2.run_instances(ImageId=image(ec2), InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
+                             TagSpecifications=[{"ResourceType": "instance", "Tags": [
+                                 {"Key": "gpu-cluster:tool", "Value": "gpu-cluster"},
+                                 {"Key": "gpu-cluster:cluster", "Value": cluster},
+                                 {"Key": "gpu-cluster:owner", "Value": owner}]}])["Instances"][0]["InstanceId"]
+
+
+def running(ec2) -> set[str]:
+    return {i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
+            if i["State"]["Name"] == "running"}
+
+
+def test_stop_all_ends_only_this_owners_clusters_after_listing_them(tmp_path, tiny_data_dir, moto_url, ec2):
+    mine = [tagged_instance(ec2, name, aws.owner()) for name in ("one", "two")]
+    theirs = tagged_instance(ec2, "one", "someone@elsewhere")
+    not_ours = ec2.run_instances(ImageId=image(ec2), InstanceType="t3.micro", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    ini = str(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2)).source)
+
+    # no terminal to ask on and no --yes: refused, nothing ended, the list shown
+    code, out, err = run_cli("--config", ini, "stop", "--all")
+    assert code == 2 and "--yes" in err and all(i in err for i in mine) and theirs not in err
+    assert running(ec2) == {*mine, theirs, not_ours}
+
+    code, out, err = run_cli("--config", ini, "stop", "--all", "--yes")
     assert code == 0, err
-    assert tagged(ec2, "one") == NOTHING and tagged(ec2, "two") == NOTHING
-    live = [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"] if i["State"]["Name"] == "running"]
-    assert len(live) == 1  # the instance that is not this tool's is untouched
+    assert running(ec2) == {theirs, not_ours}  # another master's cluster of the same name is left alone
+
+    code, out, err = run_cli("--config", ini, "stop", "--any-owner")
+    assert code == 2 and "--all" in err
+    code, out, err = run_cli("--config", ini, "stop", "--all", "--any-owner", "--yes")
+    assert code == 0, err
+    assert running(ec2) == {not_ours}  # only what is not this tool's stays
+
+
+@pytest.mark.parametrize("answer, ended", [("n", False), ("y", True)])
+def test_stop_all_asks_on_a_terminal(answer, ended, tmp_path, tiny_data_dir, moto_url, ec2):
+    import os
+
+    mine = tagged_instance(ec2, "one", aws.owner())
+    ini = str(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2)).source)
+    leader, follower = os.openpty()  # a real terminal: the user types the answer
+    os.write(leader, f"{answer}\n".encode())
+    with os.fdopen(follower, "r") as terminal:
+        out, err = io.StringIO(), io.StringIO()
+        code = main(["--config", ini, "stop", "--all"], stdout=out, stderr=err, stdin=terminal)
+    os.close(leader)
+    assert mine in err.getvalue() and "[y/N]" in err.getvalue()
+    assert code == (0 if ended else 1)
+    assert (mine in running(ec2)) is not ended
+
+
+def test_stop_terminates_the_stored_instances_whoever_runs_it_and_says_what_stayed(
+        tmp_path, tiny_data_dir, moto_url, ec2, hosts, mapped, monkeypatch):
+    """alice starts, bob stops (the owner tag says alice@host): the stored instance ids still end, and an
+    instance EC2 refuses to terminate is named, with exit code 4, never marked terminated."""
+    config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1)
+    monkeypatch.setenv("USER", "alice")
+    monkeypatch.setenv("LOGNAME", "alice")
+    cluster = Cluster(config)
+    try:
+        status = cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    cluster.close()
+    (node,) = status.nodes
+    assert tagged(ec2)["instances"] == [node.instance_id]
+
+    monkeypatch.setenv("USER", "bob")
+    monkeypatch.setenv("LOGNAME", "bob")
+    ini = str(config.source)
+    ec2.modify_instance_attribute(InstanceId=node.instance_id, DisableApiTermination={"Value": True})
+    code, out, err = run_cli("--config", ini, "stop")
+    assert code == 4 and node.instance_id in err and "NOT terminated" in err, err
+    assert node.instance_id in running(ec2)
+    with Store(config.state_dir) as store:
+        (stored,) = store.nodes(store.latest_cluster("test").id)
+        assert stored.state == "running"  # the store tells the truth: still running, still billed
+
+    ec2.modify_instance_attribute(InstanceId=node.instance_id, DisableApiTermination={"Value": False})
+    code, out, err = run_cli("--config", ini, "stop")
+    assert code == 0, err
+    assert tagged(ec2) == NOTHING  # the instance, and alice's group and key pair too
+    assert no_engines(hosts)
+
+
+def test_stop_terminates_instances_in_the_region_they_were_launched_in(tmp_path, tiny_data_dir, moto_url, ec2, hosts,
+                                                                      mapped):
+    """[aws] region edited after start: the stored instances are terminated where they run."""
+    cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1))
+    try:
+        (node,) = cluster.start().nodes
+    except BaseException:
+        cluster.stop()
+        raise
+    cluster.close()
+    assert node.zone.startswith(REGION)
+    edited = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1, extra="region = us-west-2"))
+    edited.stop()
+    edited.close()
+    assert tagged(ec2) == NOTHING  # in us-east-1: the instance, its group and its key pair
+    assert no_engines(hosts)
+
+
+def test_release_after_a_failed_start_uses_the_launch_replies(tmp_path, tiny_data_dir, moto_url, ec2, monkeypatch):
+    """describe-by-tag is eventually consistent: right after the launch it may list nothing."""
+    hidden: list[str] = []
+
+    def not_yet_listed(params, **kwargs):  # test-only: EC2's answer before tags are searchable
+        body = params.get("body") or {}
+        if any(k.startswith("Filter") for k in body):
+            hidden.append("describe")
+            return type("Ok", (), {"status_code": 200})(), {"Reservations": []}
+        return None
+
+    original = aws.AwsProvider.ec2
+
+    def client(self, *args):
+        made = original(self, *args)
+        made.meta.events.register("before-call.ec2.DescribeInstances", not_yet_listed)
+        return made
+
+    def fail(step: str) -> None:
+        if step == "fleet":
+            raise RuntimeError("injected failure after the launch")
+
+    monkeypatch.setattr(aws.AwsProvider, "ec2", client)
+    monkeypatch.setattr(aws.AwsProvider, "on_step", staticmethod(fail))
+    cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2)))
+    with pytest.raises(RuntimeError, match="injected"):
+        cluster.start()
+    assert hidden  # the tag search really answered nothing
+    assert tagged(ec2)["instances"] == []
+    cluster.close()
+
+
+def test_slaves_launch_with_imdsv2_required(tmp_path, tiny_data_dir, moto_url, ec2):
+    config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2))
+    with Store(config.state_dir) as store:
+        provider = aws.AwsProvider(config, store)
+        client = provider.ec2()
+        subnets = provider.subnets(client)
+        key, _ = provider.key_pair(client)
+        group = provider.security_group(client, subnets[0]["VpcId"])
+        (launched,) = provider.launch(client, image(ec2), subnets, key, group, slaves=1, required=1)
+        (described,) = provider.describe(client, [launched["InstanceId"]])
+        options = described["MetadataOptions"]
+        assert options["HttpTokens"] == "required" and options["HttpPutResponseHopLimit"] == 1
+        provider.release(client, "test")
+    assert tagged(ec2) == NOTHING
+
+
+def test_cluster_ssh_uses_the_address_bootstrap_used(tmp_path, tiny_data_dir, moto_url, ec2, hosts, mapped,
+                                                     monkeypatch):
+    """known_hosts holds the key under the address bootstrap reached; `cluster ssh` must use that one."""
+    import shlex
+    import subprocess
+
+    config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1)
+    cluster = Cluster(config)
+    try:
+        (node,) = cluster.start().nodes
+        monkeypatch.setenv("CLUSTER_CONFIG", str(config.source))
+        code, out, err = run_cli("ssh", node.instance_id, "--print")
+        assert code == 0, err
+        command = shlex.split(out.strip())
+        address = mapped[node.instance_id].address
+        assert command[-1] == f"{SLAVE_USER}@{address}"  # not the public address moto gave the instance
+        done = subprocess.run(command[:-1] + ["-o", "BatchMode=yes", command[-1], "hostname"], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.strip() == "slave11", done.stderr
+    finally:
+        cluster.stop()
+        cluster.close()
 
 
 def test_prices_per_zone_beside_on_demand(tmp_path, tiny_data_dir, moto_url, ec2):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from ..context import Context
-from ..errors import UsageError
+from ..errors import ExitStatus, UsageError
 from ..formatting import duration, percent
 
 TRAIN_FLAGS = ("epochs", "lr", "l1", "batch_size", "optimizer", "momentum", "seed", "device",
@@ -24,7 +24,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("stop", help="stop every engine, slave and the controller; history is kept")
     p.add_argument("--all", action="store_true",
-                   help="also every node this tool tagged in the provider (aws: every cluster in the region)")
+                   help="also every node this tool tagged in the provider for this master (aws: every cluster of "
+                        "this user@host in the region); lists them and asks first")
+    p.add_argument("--any-owner", action="store_true",
+                   help="with --all: other masters' (users') clusters too")
+    p.add_argument("--yes", action="store_true", help="with --all: do not ask (needed without a terminal)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_stop)
 
@@ -101,8 +105,30 @@ def show_status(ctx: Context, status) -> None:
 
 
 def cmd_stop(args, ctx: Context) -> int:
+    if args.any_owner and not args.all:
+        raise UsageError("--any-owner widens --all: give both (`cluster stop --all --any-owner`)")
     cluster = ctx.cluster()
-    record = cluster.stop(all_clusters=args.all)
+    only = None
+    if args.all:
+        plan = cluster.stop_plan(all_clusters=True, any_owner=args.any_owner)
+        if plan:
+            from rich.table import Table
+
+            table = Table(title=f"stop --all will end ({len(plan)})", title_justify="left")
+            for column in ("kind", "id", "cluster", "owner", "detail"):
+                table.add_column(column)
+            for item in plan:
+                table.add_row(item.kind, item.id, item.cluster, item.owner, item.detail)
+            ctx.err_console.print(table)
+            if not args.yes:
+                if not ctx.can_ask():
+                    raise UsageError(f"stop --all would end the {len(plan)} resource(s) listed above and there is "
+                                     f"no terminal to ask on; run it again with --yes to confirm")
+                if not ctx.ask(f"end these {len(plan)} resource(s)?"):
+                    ctx.err_console.print("cancelled: nothing was stopped")
+                    return int(ExitStatus.ERROR)
+        only = {item.id for item in plan}
+    record = cluster.stop(all_clusters=args.all, any_owner=args.any_owner, only=only)
     released = getattr(cluster, "released", [])
     if args.json:
         ctx.emit_json({"stopped": record is not None, "cluster": record, "released": released})

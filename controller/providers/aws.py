@@ -17,15 +17,15 @@ import re
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from .. import remote as rm
 from ..errors import CapacityError, ClusterStateError, ConfigError, CredentialsError, ProviderError
 from ..store import ClusterRecord, NodeRecord
-from .base import Provider, SshTarget
+from .base import Provider, Resource, SshTarget
 from .ssh import RemoteEngines, Target, local_addresses
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,10 @@ TOOL = "gpu-cluster"
 def owner() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
+# billing ends once an instance is shutting down
+ENDED_STATES = {"shutting-down", "terminated"}
+METADATA_OPTIONS = {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled"}
+REGION_OF_ZONE = re.compile(r"^([a-z]{2}(?:-gov)?-[a-z]+-\d+)")
 INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
 # the newest AWS Deep Learning Base AMI with the NVIDIA driver (owner: amazon)
 DL_AMI_NAME = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
@@ -62,6 +66,24 @@ CREDENTIAL_CODES = {"AuthFailure", "UnauthorizedOperation", "InvalidClientTokenI
 # instances never boot, so the tests map each to a network-namespace host running a real sshd
 # (and install the key pair there, as cloud-init would).  None in real use.
 ADDRESS_HOOK: Optional[Callable[[dict, str], tuple[str, int]]] = None
+
+
+def region_of(zone: str) -> str:
+    """us-east-1a -> us-east-1 (local zones too: us-west-2-lax-1a -> us-west-2); '' when unknown."""
+    match = REGION_OF_ZONE.match(zone or "")
+    return match.group(1) if match else ""
+
+
+@dataclass
+class Release:
+    """What a release ended, and what it could not (instance id -> state and reason: still billed)."""
+
+    released: list[str] = field(default_factory=list)
+    left: dict[str, str] = field(default_factory=dict)
+
+    def add(self, other: "Release") -> None:
+        self.released += other.released
+        self.left.update(other.left)
 
 
 @dataclass
@@ -115,21 +137,24 @@ class AwsProvider(Provider):
     # decided by preflight (tunnel = auto looks at the slaves' subnets), before the controller starts
     _tunnel: Optional[bool] = None
 
+    _engine_ip: str = ""  # the master's address inside the slaves' subnets, found by preflight
+
     @property
     def controller_ip(self) -> str:  # type: ignore[override]
-        # tunnels: loopback only; otherwise engines in the VPC connect to the master directly
+        # tunnels: loopback only; otherwise engines in the VPC connect to the master's address there
+        # (every interface only when no local address is in the VPC: tunnel = never from outside)
         tunnel = self._tunnel if self._tunnel is not None else self.config.aws.tunnel == "always"
-        return "127.0.0.1" if tunnel else "0.0.0.0"
+        return "127.0.0.1" if tunnel else (self._engine_ip or "0.0.0.0")
 
     # clients ------------------------------------------------------------------------
-    def ec2(self):
+    def ec2(self, region: str = ""):
         import boto3
         from botocore.config import Config as BotoConfig
 
         cfg = self.config.aws
         if not cfg.region:
             raise ConfigError(f"{self.config.source}: [aws] region is empty; set it, e.g. region = us-east-1")
-        session = boto3.session.Session(region_name=cfg.region)
+        session = boto3.session.Session(region_name=region or cfg.region)
         if session.get_credentials() is None:
             raise classify(__import__("botocore.exceptions").exceptions.NoCredentialsError(), "aws")
         return session.client(
@@ -154,11 +179,13 @@ class AwsProvider(Provider):
                 {"Key": TAG_OWNER, "Value": owner()},
                 {"Key": TAG_ROLE, "Value": role}, {"Key": "Name", "Value": f"{TOOL}-{name}-{role}"}]
 
-    def tag_filter(self, name: Optional[str], everything: bool = False) -> list[dict]:
-        """This master's cluster of that name; ``everything``: every cluster of this tool in the region."""
+    def tag_filter(self, name: Optional[str], everything: bool = False, any_owner: bool = False) -> list[dict]:
+        """This master's cluster of that name; ``everything``: every cluster of this tool in the region;
+        ``any_owner``: other masters' too (never implied: names repeat across users of one account)."""
         filters = [{"Name": f"tag:{TAG_TOOL}", "Values": [TOOL]}]
         if not everything:
             filters.append({"Name": f"tag:{TAG_CLUSTER}", "Values": [name or self.cluster_name]})
+        if not any_owner:
             filters.append({"Name": f"tag:{TAG_OWNER}", "Values": [owner()]})
         return filters
 
@@ -214,7 +241,9 @@ class AwsProvider(Provider):
             raise ConfigError(f"[aws] min_slaves = {self.config.aws.min_slaves} is more than --slaves {slaves}")
         self.ami(ec2)
         self.refuse_existing(ec2)
-        self._tunnel = self.use_tunnel(self.subnets(ec2))
+        subnets = self.subnets(ec2)
+        self._tunnel = self.use_tunnel(subnets)
+        self._engine_ip = self.address_inside(subnets)
 
     def refuse_existing(self, ec2) -> None:
         cfg = self.config.aws
@@ -231,6 +260,9 @@ class AwsProvider(Provider):
         self.check_config(ec2)
         required = cfg.min_slaves or slaves
         self.refuse_existing(ec2)  # again: the check and the launch should be as close as they can
+        # the ids from the launch replies: describe-by-tag is eventually consistent and may not list
+        # an instance launched a moment ago, so the release after a failure terminates these by id
+        launched_ids: list[str] = []
         try:
             ami = self.ami(ec2)
             subnets = self.subnets(ec2)
@@ -238,7 +270,7 @@ class AwsProvider(Provider):
             type(self).on_step("key_pair")
             group = self.security_group(ec2, subnets[0]["VpcId"])
             type(self).on_step("security_group")
-            launched = self.launch(ec2, ami, subnets, key_name, group, slaves, required)
+            launched = self.launch(ec2, ami, subnets, key_name, group, slaves, required, launched_ids)
             nodes = [self.node_of(i, ami) for i in launched]
             for node in nodes:  # recorded at once: a crash from here on still finds them
                 self.store.record_node(cluster.id, node)
@@ -252,14 +284,19 @@ class AwsProvider(Provider):
             targets = []
             for instance in instances:
                 node = self.node_of(instance, ami, market_of={n.instance_id: n for n in nodes})
+                host = self.host_of(instance, key_file, tunnel)
+                # the address its host key gets recorded for: `cluster ssh` and stop must use the same one
+                node.ssh_host, node.ssh_port = host.address, host.port
                 self.store.record_node(cluster.id, node)
-                targets.append(Target(node, self.host_of(instance, key_file, tunnel)))
+                targets.append(Target(node, host))
             # a fresh GPU instance takes a minute or three before its sshd answers
             return self.engines(key_file).start(cluster, targets, tunnel=tunnel,
                                                 timeout=max(300, self.config.cluster.engine_timeout))
         except BaseException as error:
             log.warning("aws start failed (%s); releasing everything of cluster %s", error, self.cluster_name)
-            self.release(ec2, self.cluster_name)
+            left = self.release(ec2, self.cluster_name, instance_ids=launched_ids).left
+            if left:
+                log.error("%s", self.left_message(left))
             raise
 
     def ami(self, ec2) -> str:
@@ -313,6 +350,7 @@ class AwsProvider(Provider):
                            Description=f"{TOOL} cluster {self.cluster_name}: SSH from the master, engines within",
                            TagSpecifications=[{"ResourceType": "security-group", "Tags": self.tags("security-group")}])
         group_id = group["GroupId"]
+        (self.folder() / "security_group").write_text(group_id)  # stop finds it even if the owner tag no longer matches
         # SSH from the master only; every other port only from members of this group (never 0.0.0.0/0)
         self._call("opening SSH and intra-cluster ports", ec2.authorize_security_group_ingress, GroupId=group_id,
                    IpPermissions=[
@@ -324,9 +362,14 @@ class AwsProvider(Provider):
         return group_id
 
     def launch(self, ec2, ami: str, subnets: list[dict], key_name: str, group: str, slaves: int,
-               required: int) -> list[dict]:
-        """Spot first, in the order of instance_types and zones; on-demand only if allowed. Partial down to ``required``."""
+               required: int, launched_ids: Optional[list[str]] = None) -> list[dict]:
+        """Spot first, in the order of instance_types and zones; on-demand only if allowed. Partial down to ``required``.
+
+        Every launched id is appended to ``launched_ids`` as soon as EC2 answers, so a caller can
+        release them even when this raises.
+        """
         cfg = self.config.aws
+        launched_ids = launched_ids if launched_ids is not None else []
         launched: list[dict] = []
         problems: list[str] = []
         markets = ["spot"] + (["on-demand"] if cfg.on_demand_fallback else [])
@@ -339,6 +382,9 @@ class AwsProvider(Provider):
                     kwargs = dict(
                         ImageId=ami, InstanceType=kind, MinCount=1, MaxCount=missing, KeyName=key_name,
                         SecurityGroupIds=[group], SubnetId=subnet["SubnetId"], ClientToken=uuid.uuid4().hex,
+                        # IMDSv2 only, one hop: code on the slave (or a container it runs) cannot read the
+                        # instance's credentials through a forged or forwarded plain GET
+                        MetadataOptions=METADATA_OPTIONS,
                         TagSpecifications=[{"ResourceType": "instance", "Tags": self.tags("slave")},
                                            {"ResourceType": "volume", "Tags": self.tags("slave")}])
                     if market == "spot":
@@ -355,6 +401,7 @@ class AwsProvider(Provider):
                         continue
                     for instance in reply["Instances"]:
                         instance["_market"] = market
+                        launched_ids.append(instance["InstanceId"])
                     launched += reply["Instances"]
         if len(launched) >= required:
             return launched
@@ -379,9 +426,9 @@ class AwsProvider(Provider):
         reply = self._call("describing instances", ec2.describe_instances, InstanceIds=ids)
         return [i for r in reply["Reservations"] for i in r["Instances"]]
 
-    def instances(self, ec2, name: Optional[str], everything: bool = False) -> list[dict]:
+    def instances(self, ec2, name: Optional[str], everything: bool = False, any_owner: bool = False) -> list[dict]:
         """Live instances carrying the cluster's tag (or any cluster's, with ``everything``)."""
-        filters = self.tag_filter(name, everything) + [{"Name": "instance-state-name", "Values": LIVE_STATES}]
+        filters = self.tag_filter(name, everything, any_owner) + [{"Name": "instance-state-name", "Values": LIVE_STATES}]
         from botocore.exceptions import BotoCoreError, ClientError
 
         found = []
@@ -392,6 +439,12 @@ class AwsProvider(Provider):
             raise classify(error, "describing the cluster's instances") from None
         return found
 
+    @staticmethod
+    def address_inside(subnets: list[dict]) -> str:
+        """This master's address inside the slaves' subnets ('' when it has none)."""
+        networks = [ipaddress.ip_network(s["CidrBlock"]) for s in subnets if s.get("CidrBlock")]
+        return next((str(a.ip) for a in local_addresses() for n in networks if a.ip in n), "")
+
     def engine_data_dir(self) -> str:
         return self.config.aws.data_dir
 
@@ -400,8 +453,7 @@ class AwsProvider(Provider):
         mode = self.config.aws.tunnel
         if mode != "auto":
             return mode == "always"
-        networks = [ipaddress.ip_network(s["CidrBlock"]) for s in subnets if s.get("CidrBlock")]
-        inside = any(a.ip in n for a in local_addresses() for n in networks)
+        inside = bool(self.address_inside(subnets))
         log.info("master %s the slaves' VPC: %s", "inside" if inside else "outside",
                  "direct connections" if inside else "SSH reverse tunnels")
         return not inside
@@ -478,29 +530,97 @@ class AwsProvider(Provider):
     _refused = False  # start refused because instances of this cluster already exist
 
     def stop(self, cluster: ClusterRecord, ipp_cluster) -> None:
+        """Terminate by tag *and* by the instance ids the store holds, then check what is really gone.
+
+        The tag filter alone misses instances after a change of user, hostname or region (the owner tag
+        and the region are part of it); the stored ids come from the launch replies and miss nothing.
+        """
         if self._refused:  # they belong to another start of this cluster; `cluster stop` releases them
             return
-        ec2 = self.ec2()
-        self.release(ec2, self.cluster_name, cluster_id=cluster.id)
+        nodes = self.store.nodes(cluster.id)
+        by_region: dict[str, list[str]] = {}
+        for node in nodes:
+            if node.instance_id and node.state != "terminated":
+                by_region.setdefault(region_of(node.zone) or self.config.aws.region, []).append(node.instance_id)
+        configured = self.config.aws.region
+        # where the key pair and group were created: the launch region (it differs once [aws] region is edited)
+        home = configured if not by_region or configured in by_region else next(iter(by_region))
+        result = Release()
+        for region in [r for r in {*by_region, configured} if r != home] + [home]:
+            if by_region.get(region) and region != configured:
+                log.warning("instances %s were launched in %s, not in [aws] region %s; terminating them there",
+                            ", ".join(by_region[region]), region, configured)
+            result.add(self.release(self.ec2(region), self.cluster_name, cluster_id=cluster.id,
+                                    instance_ids=by_region.get(region, []),
+                                    own_files=region == home and not result.left))  # keys stay while any is left
         now = time.time()
-        for node in self.store.nodes(cluster.id):
-            if node.state != "terminated":
+        for node in nodes:
+            if node.instance_id in result.left:
+                node.state = result.left[node.instance_id].split(":")[0]
+            elif node.state != "terminated":
                 node.state, node.terminated_at = "terminated", node.terminated_at or now
-                self.store.record_node(cluster.id, node)
+            self.store.record_node(cluster.id, node)
+        if result.left:
+            raise ProviderError(self.left_message(result.left))
 
-    def release_orphans(self, name: str, everything: bool = False) -> list[str]:
-        """Everything tagged for this cluster (or every cluster, ``everything``) in the region, local state or not."""
-        return self.release(self.ec2(), name, everything=everything)
+    @staticmethod
+    def left_message(left: dict[str, str]) -> str:
+        return (f"{len(left)} instance(s) NOT terminated and still billed: "
+                + "; ".join(f"{i} ({why})" for i, why in sorted(left.items()))
+                + ". Terminate them in the EC2 console, or fix the cause and run `cluster stop` again")
 
-    def release(self, ec2, name: str, everything: bool = False, cluster_id: Optional[int] = None) -> list[str]:
-        """Stop engines, terminate instances, delete the group and key pair: all found by tag. Safe twice."""
-        instances = self.instances(ec2, name, everything)
+    def find_orphans(self, name: str, everything: bool = False, any_owner: bool = False) -> list[Resource]:
+        """What ``release_orphans`` with the same arguments would end (for ``stop --all`` to show first)."""
+        ec2 = self.ec2()
+        found = []
+        for instance in self.instances(ec2, name, everything, any_owner):
+            tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+            found.append(Resource("instance", instance["InstanceId"], tags.get(TAG_CLUSTER, ""), tags.get(TAG_OWNER, ""),
+                                  f"{instance.get('InstanceType', '')} {instance.get('State', {}).get('Name', '')}"))
+        filters = self.tag_filter(name, everything, any_owner)
+        for group in self._call("finding security groups", ec2.describe_security_groups, Filters=filters)["SecurityGroups"]:
+            tags = {t["Key"]: t["Value"] for t in group.get("Tags", [])}
+            found.append(Resource("security-group", group["GroupId"], tags.get(TAG_CLUSTER, ""), tags.get(TAG_OWNER, "")))
+        for pair in self._call("finding key pairs", ec2.describe_key_pairs, Filters=filters)["KeyPairs"]:
+            tags = {t["Key"]: t["Value"] for t in pair.get("Tags", [])}
+            found.append(Resource("key-pair", pair["KeyName"], tags.get(TAG_CLUSTER, ""), tags.get(TAG_OWNER, "")))
+        return found
+
+    def release_orphans(self, name: str, everything: bool = False, any_owner: bool = False,
+                        only: Optional[set[str]] = None) -> list[str]:
+        """Everything tagged for this cluster (``everything``: every cluster) of this owner (``any_owner``: of
+        anyone) in the region, local state or not; ``only``: just these ids (what the user agreed to)."""
+        result = self.release(self.ec2(), name, everything=everything, any_owner=any_owner, only=only)
+        if result.left:
+            raise ProviderError(self.left_message(result.left))
+        return result.released
+
+    def release(self, ec2, name: str, everything: bool = False, cluster_id: Optional[int] = None, *,
+                any_owner: bool = False, instance_ids: Iterable[str] = (),
+                only: Optional[set[str]] = None, own_files: bool = True) -> "Release":
+        """Stop engines, terminate instances, delete the group and key pair. Safe twice.
+
+        Found by tag, plus ``instance_ids`` (from the launch replies or the store) and, for one
+        cluster, the group and key pair this master created (recorded under state_dir; ``own_files``:
+        this is the region they were created in).  What could not be terminated is in ``left``; the
+        group and keys stay then, so the instances stay reachable.
+        """
+        keep = (lambda item: item in only) if only is not None else (lambda item: True)
+        instances = [i for i in self.instances(ec2, name, everything, any_owner) if keep(i["InstanceId"])]
+        known = {i["InstanceId"] for i in instances}
+        extra = [i for i in dict.fromkeys(instance_ids) if i not in known]
+        instances += [i for i in self.describe_ids(ec2, extra) if i.get("State", {}).get("Name") in LIVE_STATES]
         if not everything:
             hosts = []
+            reached = {n.instance_id: n for n in self.store.nodes(cluster_id) if n.ssh_host} if cluster_id else {}
+            key_file = str(next(iter(self.folder(name).glob("*.pem")), "")) or self.config.aws.key_file
             for instance in instances:
                 if instance.get("State", {}).get("Name") != "running":
                     continue
-                key_file = str(next(iter(self.folder(name).glob("*.pem")), "")) or self.config.aws.key_file
+                node = reached.get(instance["InstanceId"])
+                if node is not None:  # where bootstrap reached it (and recorded its host key)
+                    hosts.append(rm.Host(node.ssh_host, node.ssh_port or 22, self.config.aws.ssh_user, key_file))
+                    continue
                 try:
                     hosts.append(self.host_of(instance, key_file, self.config.aws.tunnel != "never"))
                 except ProviderError:
@@ -510,26 +630,84 @@ class AwsProvider(Provider):
         else:
             self.engines().stop_tunnels()
         ids = [i["InstanceId"] for i in instances]
-        released = list(ids)
-        if ids:
-            log.info("terminating %s", ", ".join(ids))
-            self._call("terminating instances", ec2.terminate_instances, InstanceIds=ids)
-            self.wait(ec2, "instance_terminated", ids)
-        groups = self._call("finding security groups", ec2.describe_security_groups,
-                            Filters=self.tag_filter(name, everything))["SecurityGroups"]
-        for group in groups:
-            self._delete_group(ec2, group["GroupId"])
-            released.append(group["GroupId"])
-        pairs = self._call("finding key pairs", ec2.describe_key_pairs, Filters=self.tag_filter(name, everything))["KeyPairs"]
+        result = Release()
+        refused = self.terminate(ec2, ids)
+        accepted = [i for i in ids if i not in refused]
+        if accepted:
+            try:
+                self.wait(ec2, "instance_terminated", accepted)
+            except ProviderError as error:  # checked below, instance by instance
+                log.warning("%s", error)
+        states = {i["InstanceId"]: i.get("State", {}).get("Name", "") for i in self.describe_ids(ec2, ids)}
+        for instance_id in ids:
+            state = states.get(instance_id, "terminated")  # not found any more: gone
+            if state in ENDED_STATES:
+                result.released.append(instance_id)
+            else:
+                result.left[instance_id] = f"{state}: {refused[instance_id]}" if instance_id in refused else state
+        if result.left:  # their group and key must stay: deleting them fails, or locks the owner out
+            return result
+        filters = self.tag_filter(name, everything, any_owner)
+        groups = [g["GroupId"] for g in self._call("finding security groups", ec2.describe_security_groups,
+                                                  Filters=filters)["SecurityGroups"] if keep(g["GroupId"])]
+        pairs = [k["KeyName"] for k in self._call("finding key pairs", ec2.describe_key_pairs,
+                                                 Filters=filters)["KeyPairs"] if keep(k["KeyName"])]
+        folder = self.config.state_dir / "aws" / name
+        if own_files and not everything and folder.is_dir():
+            # what this master created, whoever the tags now say it belongs to (user or hostname changed)
+            group_file = folder / "security_group"
+            if group_file.exists() and group_file.read_text().strip() not in groups:
+                groups.append(group_file.read_text().strip())
+            pairs += [p.stem for p in folder.glob(f"{TOOL}-*.pem") if p.stem not in pairs]
+        for group_id in groups:
+            self._delete_group(ec2, group_id)
+            result.released.append(group_id)
         for pair in pairs:
-            self._call("deleting a key pair", ec2.delete_key_pair, KeyName=pair["KeyName"])
-            released.append(pair["KeyName"])
-        folders = [p for p in (self.config.state_dir / "aws").glob("*")] if everything else [self.config.state_dir / "aws" / name]
-        for folder in folders:  # the private keys and host keys of released instances
-            for path in folder.glob("*") if folder.is_dir() else []:
-                if path.is_file() and (path.suffix == ".pem" or path.name == "known_hosts"):
-                    path.unlink()
-        return released
+            self._call("deleting a key pair", ec2.delete_key_pair, KeyName=pair)
+            result.released.append(pair)
+        folders = [p for p in (self.config.state_dir / "aws").glob("*")] if everything else [folder] if own_files else []
+        for path in (p for f in folders if f.is_dir() for p in f.glob("*")):  # private and host keys of the released
+            if path.is_file() and (path.suffix == ".pem" or path.name in ("known_hosts", "security_group")):
+                path.unlink()
+        return result
+
+    def terminate(self, ec2, ids: list[str]) -> dict[str, str]:
+        """Terminate ``ids``; returns those EC2 refused, with its reason (one refusal must not save the rest)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if not ids:
+            return {}
+        log.info("terminating %s", ", ".join(ids))
+        try:
+            ec2.terminate_instances(InstanceIds=ids)
+            return {}
+        except (ClientError, BotoCoreError) as error:
+            if len(ids) == 1:
+                return {ids[0]: f"{error_code(error) or type(error).__name__}: {classify(error, 'terminating')}"}
+        refused: dict[str, str] = {}
+        for instance_id in ids:  # one by one: which ones, and end all the others
+            refused.update(self.terminate(ec2, [instance_id]))
+        return refused
+
+    def describe_ids(self, ec2, ids: list[str]) -> list[dict]:
+        """Instances by id; ids EC2 no longer knows are left out (one unknown id fails a whole call)."""
+        from botocore.exceptions import ClientError
+
+        if not ids:
+            return []
+        try:
+            return self.describe(ec2, ids)
+        except ProviderError:
+            if len(ids) == 1:
+                return []
+        found = []
+        for instance_id in ids:
+            try:
+                found += self.describe(ec2, [instance_id])
+            except ProviderError as error:
+                if "NotFound" not in str(error) and "Malformed" not in str(error):
+                    raise
+        return found
 
     def _delete_group(self, ec2, group_id: str, timeout: float = 120) -> None:
         from botocore.exceptions import ClientError
@@ -574,8 +752,11 @@ class AwsProvider(Provider):
 
     def ssh_target(self, node: NodeRecord) -> SshTarget:
         key_file = str(next(iter(self.folder().glob("*.pem")), "")) or self.config.aws.key_file
-        address = node.public_ip if self.config.aws.tunnel != "never" else node.private_ip
-        return SshTarget(host=address or node.private_ip, port=22, user=self.config.aws.ssh_user, key_file=key_file,
+        if node.ssh_host:  # the address bootstrap used: known_hosts holds the key under that name
+            address, port = node.ssh_host, node.ssh_port or 22
+        else:  # a node recorded before the address was stored
+            address, port = (node.public_ip if self.config.aws.tunnel != "never" else node.private_ip), 22
+        return SshTarget(host=address or node.private_ip, port=port, user=self.config.aws.ssh_user, key_file=key_file,
                          known_hosts=str(self.folder() / "known_hosts"))
 
 

@@ -38,6 +38,17 @@ class SshTarget:
         return cmd
 
 
+@dataclass(frozen=True)
+class Resource:
+    """Something a provider found by its tags and would release (``stop --all`` lists them first)."""
+
+    kind: str  # instance, security-group, key-pair, host
+    id: str
+    cluster: str = ""
+    owner: str = ""  # user@host of the master that created it
+    detail: str = ""
+
+
 class Provider(abc.ABC):
     """Base of every provider. Subclasses set ``name`` and implement the verbs."""
 
@@ -72,9 +83,15 @@ class Provider(abc.ABC):
     def preflight(self, slaves: int) -> None:
         """Check configuration and credentials before anything (the controller included) is started."""
 
-    def release_orphans(self, name: str, everything: bool = False) -> list[str]:
+    def find_orphans(self, name: str, everything: bool = False, any_owner: bool = False) -> list[Resource]:
+        """What ``release_orphans`` with these arguments would release."""
+        return []
+
+    def release_orphans(self, name: str, everything: bool = False, any_owner: bool = False,
+                        only: Optional[set[str]] = None) -> list[str]:
         """Release nodes found by the provider's own tags when the store has no record of them
-        (local state lost), or of every cluster with ``everything``; returns what was released."""
+        (local state lost), or of every cluster of this owner with ``everything`` (of anyone with
+        ``any_owner``); ``only``: just these ids. Returns what was released."""
         return []
 
     def expected_engines(self, nodes: list["NodeRecord"]) -> int:

@@ -52,6 +52,33 @@ def local_addresses() -> list[ipaddress.IPv4Interface]:
     return found
 
 
+def source_address(host: str, port: int = 22) -> str:
+    """The master's address on the interface its routes use to reach ``host`` ('' if none; sends nothing)."""
+    try:
+        family, kind, proto, _, target = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.connect(target)
+            return probe.getsockname()[0]
+    except OSError:
+        return ""
+
+
+def engine_address(sources: list[str]) -> str:
+    """Where the controller's engine ports listen: the one address every slave is reached from.
+
+    Slaves behind different interfaces leave only every interface (0.0.0.0, client
+    ports included: they share the registration port); the controller then requires
+    CurveZMQ (controller.ipp), as it does for any address beyond loopback.
+    """
+    found = set(sources)
+    if len(found) == 1 and "" not in found:
+        return found.pop()
+    log.warning("the slaves are reached from %s: the controller listens on every interface, CurveZMQ-encrypted "
+                "(tunnel = always, or slaves behind one interface, keep it to one address)",
+                ", ".join(sorted(a or "no route" for a in found)))
+    return "0.0.0.0"
+
+
 @dataclass
 class Target:
     """One node to bootstrap and how to reach it."""
@@ -99,7 +126,7 @@ class RemoteEngines:
             self.on_step("ssh")
             try:
                 if tunnel:
-                    self._open_tunnels(targets, connection)
+                    self._open_tunnels(targets, connection, cluster.ipp_cluster_id)
                     self.on_step("tunnels")
                 for target in targets:  # recorded before engines start (the store is used from this thread only)
                     target.node.state = "bootstrapping"
@@ -156,12 +183,12 @@ class RemoteEngines:
         self.store.record_node(cluster.id, node)
         return node
 
-    def _open_tunnels(self, targets: list[Target], connection: dict) -> None:
+    def _open_tunnels(self, targets: list[Target], connection: dict, cluster_id: str) -> None:
         from dataclasses import asdict
 
         spec = tunnels.TunnelSpec(hosts=[asdict(t.host) for t in targets], known_hosts=str(self.known_hosts),
                                   ports=rm.engine_ports(connection))
-        pid = tunnels.spawn(spec, self.tunnel_dir, profile=ipp_side.profile_dir(self.state_dir))
+        pid = tunnels.spawn(spec, self.tunnel_dir, profile=ipp_side.profile_dir(self.state_dir), cluster_id=cluster_id)
         (self.tunnel_dir / "tunnels.pid").write_text(str(pid))
         log.info("SSH reverse tunnels up (pid %s) for %d slave(s)", pid, len(targets))
 
@@ -217,10 +244,16 @@ class RemoteEngines:
 class SshProvider(Provider):
     name = "ssh"
 
+    _engine_ip: Optional[str] = None  # decided by preflight, before the controller starts
+
     @property
     def controller_ip(self) -> str:  # type: ignore[override]
-        # tunnels: engines come through SSH to loopback; else they connect to the master directly
-        return "127.0.0.1" if self.config.ssh.tunnel == "always" else "0.0.0.0"
+        # tunnels: engines come through SSH to loopback; else the interface that reaches the slaves
+        if self.config.ssh.tunnel == "always":
+            return "127.0.0.1"
+        if self._engine_ip is None:
+            self._engine_ip = engine_address([source_address(h.address, h.port) for h in self.hosts()])
+        return self._engine_ip
 
     # test hook: called after each step of start ("ssh", "tunnels", "bootstrap"); a no-op otherwise
     on_step: Callable[[str], None] = staticmethod(lambda step: None)
@@ -259,6 +292,8 @@ class SshProvider(Provider):
             raise ConfigError(f"--slaves {slaves}: [ssh] hosts lists only {len(hosts)} machine(s)")
         if hosts[0].key_file:
             rm._load_key(hosts[0].key_file)  # a missing or unreadable key: say so now
+        if self.config.ssh.tunnel != "always":
+            self._engine_ip = engine_address([source_address(h.address, h.port) for h in hosts[:slaves]])
 
     def start(self, cluster: ClusterRecord, ipp_cluster, slaves: int) -> list[NodeRecord]:
         self.preflight(slaves)
@@ -288,7 +323,8 @@ class SshProvider(Provider):
                 "could not stop the engines on " + "; ".join(problems)
                 + ". Run `cluster stop` again once the hosts answer, or stop them there (`cluster ssh NODE`).")
 
-    def release_orphans(self, name: str, everything: bool = False) -> list[str]:
+    def release_orphans(self, name: str, everything: bool = False, any_owner: bool = False,
+                        only: Optional[set[str]] = None) -> list[str]:
         """With the local state lost: stop this cluster's engines on every configured host."""
         if not self.config.ssh.hosts:
             return []
