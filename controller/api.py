@@ -25,7 +25,7 @@ from .errors import (AlreadyRunningError, ClusterLostError, ClusterStateError, N
 from .leases import Leases
 from .providers import Provider, provider_class
 from .providers.base import Resource
-from .runs import SingleRun
+from .runs import RunRecorder, SingleRun
 from .scheduler import Job, ProgressSink, Scheduler, Watchdog
 from .store import ClusterRecord, EngineRecord, EpochRecord, NodeRecord, RunRecord, Store, new_id
 
@@ -448,9 +448,7 @@ class Cluster:
         try:
             DistributedRun(self.client, self.store, chosen, addresses=addresses).run(job, progress)
         except BaseException:
-            run = self.store.run(job.run_id)
-            if run is not None and run.state == "running":
-                self.store.update_run(job.run_id, state="interrupted", finished_at=time.time())
+            RunRecorder(self.store).mark_interrupted([job.run_id])
             raise
         return self.run_result(job.run_id)
 
@@ -459,10 +457,8 @@ class Cluster:
         try:
             self.scheduler().run(source, progress)
         except BaseException as error:
+            source.recorder.mark_interrupted([job.run_id])
             run = self.store.run(job.run_id)
-            if run is not None and run.state == "running":
-                self.store.update_run(job.run_id, state="interrupted", finished_at=time.time())
-                run = self.store.run(job.run_id)
             if isinstance(error, ClusterLostError) and run is not None:
                 raise ClusterLostError(
                     f"{error}; run {run.id} is stored up to epoch {run.epochs_done}: `cluster stop`, "

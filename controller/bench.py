@@ -384,10 +384,7 @@ def run_bench(cluster: "Cluster", workload: str = "paper", engines: Optional[Seq
         try:
             stats = cluster.scheduler(targets=targets).run(source, sink)
         except BaseException:
-            for job in jobs:  # what was cut short stays resumable, as `cluster train` leaves it
-                run = cluster.store.run(job.run_id)
-                if run is not None and run.state == "running":
-                    cluster.store.update_run(job.run_id, state="interrupted", finished_at=time.time())
+            RunRecorder(cluster.store).mark_interrupted(job.run_id for job in jobs)
             raise
         wall = time.perf_counter() - started
         bench_record, engine_rows, trials = _summarise(

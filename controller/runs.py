@@ -45,6 +45,14 @@ class RunRecorder:
         self.store.update_run(job.run_id, **values)
         return self.store.run(job.run_id)
 
+    def mark_interrupted(self, run_ids) -> None:
+        """Runs still running when their master stopped driving them (Ctrl-C, a lost cluster, a bug) stay
+        resumable from their last checkpoint; runs that already ended keep their state."""
+        for run_id in run_ids:
+            run = self.store.run(run_id)
+            if run is not None and run.state == "running":
+                self.store.update_run(run_id, state="interrupted", finished_at=time.time())
+
     def record_failure(self, job: Job, traceback: str, state: str = "failed") -> None:
         self.store.update_run(job.run_id, state=state, error=traceback, finished_at=time.time())
 

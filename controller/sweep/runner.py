@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from ..errors import ClusterLostError, UsageError
 from ..leases import Leases
+from ..runs import RunRecorder
 from ..scheduler import ProgressSink
 from ..store import new_id
 from . import study as studies
@@ -171,10 +172,7 @@ def _drive(cluster: "Cluster", table: SweepTable, sweep: SweepRecord, source: Sw
             scheduler.run(source, sink)
     except BaseException as error:
         # in-flight trials stay RUNNING in Optuna: `--resume` continues them from their checkpoints
-        for job in source.tally.running.values():
-            run = cluster.store.run(job.run_id)
-            if run is not None and run.state == "running":
-                cluster.store.update_run(job.run_id, state="interrupted", finished_at=time.time())
+        RunRecorder(cluster.store).mark_interrupted(job.run_id for job in source.tally.running.values())
         interrupted = isinstance(error, KeyboardInterrupt)
         table.update(sweep.id, state="interrupted" if interrupted else "failed",
                      seconds=sweep.seconds + time.time() - started, error=None if interrupted else repr(error))
