@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from engines.tasks import L1_SCALE
 
-from . import ipp as ipp_side
+from . import ipcluster, processes
 from .config import Config, load_config, override
 from .errors import (AlreadyRunningError, ClusterLostError, ClusterStateError, NotRunningError, ProviderError,
                      TaskError, UsageError)
@@ -136,7 +136,7 @@ class Cluster:
         chosen = self.provider(cfg.provider)
         chosen.preflight(cfg.slaves)  # bad input, missing credentials: fail before anything starts
         threads = self.threads_per_engine(cfg.slaves, cfg.provider)
-        profile = ipp_side.profile_dir(self.config.state_dir)
+        profile = ipcluster.profile_dir(self.config.state_dir)
         record = self.store.create_cluster(
             name=self.name, provider=cfg.provider, slaves=cfg.slaves, threads_per_engine=threads,
             profile_dir=str(profile), ipp_cluster_id="", price_per_hour=cfg.price_per_hour)
@@ -144,12 +144,12 @@ class Cluster:
         record = self.store.cluster(record.id)
         ipp_cluster = client = None
         try:
-            ipp_cluster = ipp_side.new_cluster(
+            ipp_cluster = ipcluster.new_cluster(
                 profile, record.ipp_cluster_id, engine_env=self._engine_env(threads),
                 engine_ip=chosen.controller_ip, engine_timeout=cfg.engine_timeout)
             ipp_cluster.start_controller_sync()
-            self.store.update_cluster(record.id, controller_pid=ipp_side.controller_pid(ipp_cluster))
-            ipp_side.secure_files(profile)
+            self.store.update_cluster(record.id, controller_pid=ipcluster.controller_pid(ipp_cluster))
+            ipcluster.secure_files(profile)
             nodes = chosen.start(record, ipp_cluster, cfg.slaves)
             expected = chosen.expected_engines(nodes)
             client = ipp_cluster.connect_client_sync(timeout=cfg.engine_timeout)
@@ -161,7 +161,7 @@ class Cluster:
                     f"their logs are in {profile / 'log'} (raise [cluster] engine_timeout if slaves are slow)"
                 ) from None
             self._record_engines(record, client, threads, nodes)
-            ipp_side.secure_files(profile)
+            ipcluster.secure_files(profile)
             self.store.set_cluster_state(record.id, "running")
             self._warm_engines(client)
         except BaseException as error:
@@ -201,7 +201,7 @@ class Cluster:
     @staticmethod
     def _controller_alive(record: ClusterRecord) -> bool:
         """The record's controller still runs (its pid alive *and* carrying this cluster's marker)."""
-        return ipp_side.is_marked(record.controller_pid, Path(record.profile_dir), record.ipp_cluster_id)
+        return processes.is_marked(record.controller_pid, Path(record.profile_dir), record.ipp_cluster_id)
 
     def _refuse_second_cluster(self) -> None:
         existing = self.store.active_cluster(self.name)
@@ -258,7 +258,7 @@ class Cluster:
     def _stop_record(self, record: ClusterRecord) -> None:
         self.store.set_cluster_state(record.id, "stopping")
         provider = self.provider(record.provider)
-        ipp_cluster = ipp_side.load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
+        ipp_cluster = ipcluster.load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
         self._teardown(record, provider, ipp_cluster)
         self.store.set_cluster_state(record.id, "stopped")
 
@@ -274,7 +274,7 @@ class Cluster:
                     log.warning("ipyparallel could not stop the controller cleanly", exc_info=True)
                 ipp_cluster.remove_cluster_file()
             # every provider: a controller stopped while still starting can orphan its schedulers
-            ipp_side.kill_cluster_processes(Path(record.profile_dir), record.ipp_cluster_id)
+            processes.kill_cluster_processes(Path(record.profile_dir), record.ipp_cluster_id)
 
     # status -------------------------------------------------------------------
     def status(self) -> ClusterStatus:
@@ -284,13 +284,13 @@ class Cluster:
             return ClusterStatus(name=self.name, state="stopped" if last else "none",
                                  error=last.error if last else None)
         profile = Path(record.profile_dir)
-        url = ipp_side.url_file(profile, record.ipp_cluster_id)
+        url = ipcluster.url_file(profile, record.ipp_cluster_id)
         controller_alive = self._controller_alive(record)
         registered, queues = self._registered_engines(url) if controller_alive else (set(), {})
         now = time.time()
         engines = []
         for engine in self.store.engines(record.id):
-            if record.provider == "local" and not ipp_side.is_marked(engine.pid, profile, record.ipp_cluster_id):
+            if record.provider == "local" and not processes.is_marked(engine.pid, profile, record.ipp_cluster_id):
                 state = "dead"
             elif engine.engine_id not in registered:
                 state = "unregistered"
@@ -321,7 +321,7 @@ class Cluster:
     @staticmethod
     def _registered_engines(url: Path) -> tuple[set[int], dict]:
         try:
-            client = ipp_side.connect(url, timeout=5)
+            client = ipcluster.connect(url, timeout=5)
         except Exception:
             return set(), {}
         try:
@@ -349,9 +349,9 @@ class Cluster:
                 f"run `cluster stop` to clean up, then `cluster start`")
             if not self._controller_alive(record):
                 raise gone
-            url = ipp_side.url_file(Path(record.profile_dir), record.ipp_cluster_id)
+            url = ipcluster.url_file(Path(record.profile_dir), record.ipp_cluster_id)
             try:
-                self._client = ipp_side.connect(url, timeout=15)
+                self._client = ipcluster.connect(url, timeout=15)
             except (OSError, TimeoutError) as error:  # the file vanished, or the controller hangs
                 raise ClusterStateError(f"{gone} ({error})") from None
             self._client_cluster_id = record.id
@@ -360,7 +360,7 @@ class Cluster:
     @property
     def url_file(self) -> Path:
         record = self.record
-        return ipp_side.url_file(Path(record.profile_dir), record.ipp_cluster_id)
+        return ipcluster.url_file(Path(record.profile_dir), record.ipp_cluster_id)
 
     # training -------------------------------------------------------------------
     def run_spec(self, **overrides: Any) -> dict:

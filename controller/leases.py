@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .errors import ClusterStateError
-from .ipp import pid_alive
+from .processes import pid_alive
 from .store import Store
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from controller import ipp as ipp_side
+from controller import processes
 from controller.api import Cluster
 from controller.cli import main
 from controller.errors import ClusterStateError, ConfigError, CredentialsError, ProviderError
@@ -218,7 +218,7 @@ def test_failed_start_leaves_nothing(step, tmp_path, tiny_data_dir, moto_url, ec
         cluster.start()
     assert tagged(ec2) == NOTHING
     assert no_engines(hosts)
-    assert not ipp_side.pid_alive(cluster.store.latest_cluster("test").controller_pid)
+    assert not processes.pid_alive(cluster.store.latest_cluster("test").controller_pid)
     assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=10)  # schedulers too
     assert not list(cluster.config.state_dir.glob("aws/test/*.pem"))
     cluster.close()
@@ -242,11 +242,11 @@ def test_stop_finds_everything_after_local_state_is_lost(tmp_path, tiny_data_dir
     assert tagged(ec2) == NOTHING
     assert len(fresh.released) == 3  # the instance, the security group, the key pair
     fresh.close()
-    ipp_side.kill_process_group(controller_pid)  # the master's own orphan, not the provider's to find
+    processes.kill_process_group(controller_pid)  # the master's own orphan, not the provider's to find
     # the orphaned engine on the slave: its instance is terminated (a real one would be gone with it)
     for host in hosts.hosts:
         for pid in host.engine_processes():
-            ipp_side.kill_process_group(pid)
+            processes.kill_process_group(pid)
 
 
 def tagged_instance(ec2, cluster: str, owner: str) -> str:

@@ -134,9 +134,9 @@ def test_reverse_tunnels_and_lost_state(tmp_path, tiny_data_dir, hosts):
     assert wait_until(lambda: not hosts.hosts[0].engine_processes(), timeout=20)
     fresh.close()
     # the master's own controller was orphaned with the state too; not the provider's to find
-    from controller import ipp as ipp_side
+    from controller import processes
 
-    ipp_side.kill_process_group(controller_pid)
+    processes.kill_process_group(controller_pid)
 
 
 def test_stop_ends_engines_by_the_stored_pids_after_the_master_was_renamed(tmp_path, tiny_data_dir, hosts,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .. import ipp as ipp_side
+from .. import ipcluster
 from .. import remote as rm
 from .. import tunnels
 from ..errors import ConfigError, ProviderError
@@ -68,7 +68,7 @@ def engine_address(sources: list[str]) -> str:
 
     Slaves behind different interfaces leave only every interface (0.0.0.0, client
     ports included: they share the registration port); the controller then requires
-    CurveZMQ (controller.ipp), as it does for any address beyond loopback.
+    CurveZMQ (controller.ipcluster), as it does for any address beyond loopback.
     """
     found = set(sources)
     if len(found) == 1 and "" not in found:
@@ -153,7 +153,7 @@ class RemoteEngines:
     @staticmethod
     def _connection(cluster: ClusterRecord, timeout: float) -> dict:
         """The controller's engine connection file, once it has written it (it does so after starting)."""
-        path = ipp_side.engine_file(Path(cluster.profile_dir), cluster.ipp_cluster_id)
+        path = ipcluster.engine_file(Path(cluster.profile_dir), cluster.ipp_cluster_id)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -188,7 +188,7 @@ class RemoteEngines:
 
         spec = tunnels.TunnelSpec(hosts=[asdict(t.host) for t in targets], known_hosts=str(self.known_hosts),
                                   ports=rm.engine_ports(connection))
-        pid = tunnels.spawn(spec, self.tunnel_dir, profile=ipp_side.profile_dir(self.state_dir), cluster_id=cluster_id)
+        pid = tunnels.spawn(spec, self.tunnel_dir, profile=ipcluster.profile_dir(self.state_dir), cluster_id=cluster_id)
         (self.tunnel_dir / "tunnels.pid").write_text(str(pid))
         log.info("SSH reverse tunnels up (pid %s) for %d slave(s)", pid, len(targets))
 

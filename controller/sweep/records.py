@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .. import ipp as ipp_side
+from .. import processes
 from ..formatting import percent
 from ..store import RunRecord, Store, load_json
 from .space import SearchSpace
@@ -71,7 +71,7 @@ class SweepRecord:
     def master_alive(self) -> bool:
         """Whether the process that runs this sweep is still alive (only knowable on its own host)."""
         return (self.state == "running" and self.master_host == socket.gethostname()
-                and self.master_pid != os.getpid() and ipp_side.pid_alive(self.master_pid))
+                and self.master_pid != os.getpid() and processes.pid_alive(self.master_pid))
 
     @property
     def shown_state(self) -> str:
