@@ -14,23 +14,24 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from engines.tasks import L1_SCALE
 
 from . import ipcluster, processes
+from .bench.runner import run_bench
+from .bench.workloads import workload as find_workload
 from .config import Config, load_config, override
 from .errors import (AlreadyRunningError, ClusterLostError, ClusterStateError, NotRunningError, ProviderError,
                      TaskError, UsageError)
 from .leases import Leases
 from .providers import Provider, provider_class
 from .providers.base import Resource
+from .report import report
 from .runs import RunRecorder, SingleRun
 from .scheduler import Job, ProgressSink, Scheduler, Watchdog
 from .store import ClusterRecord, EngineRecord, EpochRecord, NodeRecord, RunRecord, Store, new_id
-
-if TYPE_CHECKING:
-    from .sweep.records import SweepResult
+from .sweep.records import SweepResult
 
 log = logging.getLogger(__name__)
 
@@ -509,13 +510,7 @@ class Cluster:
                 data = Path(checkpoint).expanduser().read_bytes()
             except OSError as error:
                 raise UsageError(f"--checkpoint {checkpoint}: {error.strerror or error}") from None
-        expect_kind = None
-        if workload is not None:
-            from .bench import WORKLOADS
-
-            if workload not in WORKLOADS:
-                raise UsageError(f"--workload {workload!r}: expected one of {', '.join(WORKLOADS)}")
-            expect_kind = WORKLOADS[workload].kind
+        expect_kind = find_workload(workload).kind if workload is not None else None
         if out is not None and Path(out).suffix not in (".csv", ".npz"):
             raise UsageError(f"--out {out}: expected a .csv or .npz file name")
         job = Inference(self.client, choose_engines(list(self.client.ids), engines),
@@ -530,21 +525,17 @@ class Cluster:
     def bench(self, workload: str = "paper", engines: Optional[list[int]] = None, epochs: Optional[int] = None,
               subset: Optional[int] = None, progress=None, data_dir: Optional[str] = None):
         """Run a standard workload on each engine count in ``engines`` (default: all); a BenchResult."""
-        from .bench import run_bench
-
         return run_bench(self, workload=workload, engines=engines, epochs=epochs, subset=subset,
                          progress=progress, data_dir=data_dir)
 
     def report(self, fmt: str = "md", bench_ids: Optional[list[str]] = None, workload: Optional[str] = None) -> str:
         """The stored bench records as md, csv, json or html text; needs no running cluster."""
-        from .report import report
-
         return report(self.store, fmt, bench_ids=bench_ids, workload=workload)
 
     # sweeps ----------------------------------------------------------------------
     def sweep(self, params: Any = None, *, preset: Optional[str] = None, trials: Optional[int] = None,
               sampler: Optional[str] = None, pruner: str = "none", seed: int = 0, resume: Optional[str] = None,
-              progress: Any = None, task: Any = None, **overrides: Any) -> "SweepResult":
+              progress: Any = None, task: Any = None, **overrides: Any) -> SweepResult:
         """Train many settings at once, one trial per free engine, until the sweep ends.
 
         ``params``: ``{"lr": [0.01, 0.05], "hidden": "int:50:500"}`` or ``["lr=log:1e-3:1e-1", ...]``;
@@ -555,7 +546,7 @@ class Cluster:
         ``task``: the engine function (defaults to engines.tasks.train_task).
         Ctrl-C leaves the sweep resumable; returns the ranked results.
         """
-        from .sweep import runner
+        from .sweep import runner  # optuna: loaded by the sweep commands only, not by every command
 
         if resume is not None:
             if params or preset or trials or sampler or pruner != "none" or overrides:
@@ -564,14 +555,14 @@ class Cluster:
         return runner.run_sweep(self, params, preset=preset, trials=trials, sampler=sampler, pruner=pruner,
                                 seed=seed, progress=progress, task=task, **overrides)
 
-    def sweeps(self, limit: Optional[int] = None) -> "list[SweepResult]":
+    def sweeps(self, limit: Optional[int] = None) -> list[SweepResult]:
         """Past sweeps, newest first (the cluster need not be running)."""
-        from .sweep import runner
+        from .sweep import runner  # optuna, as above
 
         return runner.sweeps(self, limit)
 
-    def results(self, sweep_id: str) -> "SweepResult":
+    def results(self, sweep_id: str) -> SweepResult:
         """A sweep's trials ranked by validation accuracy, and its best configuration."""
-        from .sweep import runner
+        from .sweep import runner  # optuna, as above
 
         return runner.results(self, sweep_id)
