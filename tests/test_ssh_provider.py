@@ -7,6 +7,7 @@ run executes on one of them.
 """
 from __future__ import annotations
 
+import json
 import socket
 import stat
 import sys
@@ -67,7 +68,7 @@ def test_two_slaves_register_train_and_stop(tmp_path, tiny_data_dir, hosts):
             (conn,) = engine_files(host)
             assert stat.S_IMODE(conn.stat().st_mode) == 0o600
             assert stat.S_IMODE(conn.parent.stat().st_mode) == 0o700
-        key = __import__("json").loads(engine_files(hosts.hosts[0])[0].read_text())["key"]
+        key = json.loads(engine_files(hosts.hosts[0])[0].read_text())["key"]
         for log in (hosts.hosts[0].dir / "home").rglob("*.log"):
             assert key not in log.read_text(errors="replace")
         # host keys were recorded on first contact
