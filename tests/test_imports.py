@@ -143,3 +143,36 @@ HEAVY = {"torch", "ipyparallel", "controller.scheduler", "zmq"}
 def test_reports_and_the_argument_parser_import_neither_torch_nor_ipyparallel(statement):
     heavy = HEAVY & loaded_after(statement)
     assert not heavy, f"{statement!r} imports {sorted(heavy)}"
+
+
+def session_members() -> set[str]:
+    from controller.session import Session
+
+    return {name for name in vars(Session) if not name.startswith("_")}
+
+
+def test_runners_use_the_session_only_for_what_it_declares():
+    used = set()
+    for runner in ("bench/runner.py", "sweep/runner.py"):
+        tree = ast.parse((REPO / PACKAGE / runner).read_text())
+        used |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                 and isinstance(node.value, ast.Name) and node.value.id == "session"}
+    assert used and used <= session_members(), f"not in Session: {sorted(used - session_members())}"
+
+
+def test_the_cluster_api_is_a_session(tmp_path):
+    import inspect
+
+    from controller.api import Cluster
+    from controller.config import load_config
+
+    ini = tmp_path / "cluster.ini"
+    ini.write_text(f"[cluster]\nstate_dir = {tmp_path / 'state'}\n")
+    with Cluster(load_config(ini, environ={})) as cluster:
+        missing = set()
+        for name in session_members():  # statically: `record` and `client` need a running cluster
+            try:
+                inspect.getattr_static(cluster, name)
+            except AttributeError:
+                missing.add(name)
+    assert not missing, f"Cluster lacks {sorted(missing)}"
