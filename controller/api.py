@@ -25,6 +25,7 @@ from .errors import (AlreadyRunningError, ClusterLostError, ClusterStateError, N
 from .leases import Leases
 from .providers import Provider, provider_class
 from .providers.base import Resource
+from .roster import StoreRoster
 from .runs import RunRecorder, SingleRun
 from .scheduler import Job, ProgressSink, Scheduler, Watchdog
 from .store import ClusterRecord, EngineRecord, EpochRecord, NodeRecord, RunRecord, Store, new_id
@@ -435,7 +436,7 @@ class Cluster:
         record = self.record
         watchdog = Watchdog(controller_alive=lambda: self._controller_alive(record),
                             engine_timeout=self.config.cluster.engine_timeout)
-        return Scheduler(self.client, watchdog=watchdog, **options)
+        return Scheduler(self.client, watchdog=watchdog, roster=StoreRoster(self.store, record.id), **options)
 
     def _execute_distributed(self, job: Job, progress: Optional[ProgressSink],
                              engines: Optional[list[int]]) -> RunResult:

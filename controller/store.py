@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS engines (
     engine_id INTEGER NOT NULL,
     host TEXT, pid INTEGER, device TEXT, threads INTEGER, node_id TEXT,
     registered_at REAL,
+    leaving TEXT,                   -- why it gets no new task: drain, notice (spot interruption), lost
     PRIMARY KEY (cluster_id, engine_id)
 );
 CREATE TABLE IF NOT EXISTS nodes (
@@ -168,6 +169,7 @@ class EngineRecord:
     threads: int
     node_id: str = ""
     registered_at: float = 0.0
+    leaving: str = ""  # drain, notice, lost: the scheduler sends it no new task
 
 
 @dataclass
@@ -266,7 +268,7 @@ class Store:
         self._after_commit: Optional[list] = None  # actions waiting for the open transaction's COMMIT
 
     # columns added after a store was first created: (table, column, type)
-    ADDED_COLUMNS = (("nodes", "ssh_host", "TEXT"), ("nodes", "ssh_port", "INTEGER"))
+    ADDED_COLUMNS = (("nodes", "ssh_host", "TEXT"), ("nodes", "ssh_port", "INTEGER"), ("engines", "leaving", "TEXT"))
 
     def _add_missing_columns(self) -> None:
         for table, column, kind in self.ADDED_COLUMNS:
@@ -374,6 +376,15 @@ class Store:
     def engines(self, cluster_id: int) -> list[EngineRecord]:
         rows = self.db.execute("SELECT * FROM engines WHERE cluster_id = ? ORDER BY engine_id", (cluster_id,))
         return [_row_to(EngineRecord, r) for r in rows]
+
+    def mark_engine_leaving(self, cluster_id: int, engine_id: int, reason: str) -> None:
+        """The engine gets no new task from any master (``reason``: drain, notice, lost; "" calls it off)."""
+        self._update("engines", {"cluster_id": cluster_id, "engine_id": engine_id}, {"leaving": reason or None})
+
+    def leaving_engines(self, cluster_id: int) -> dict[int, str]:
+        rows = self.db.execute("SELECT engine_id, leaving FROM engines WHERE cluster_id = ? AND leaving IS NOT NULL"
+                               " AND leaving != ''", (cluster_id,))
+        return {row["engine_id"]: row["leaving"] for row in rows}
 
     def record_node(self, cluster_id: int, node: NodeRecord) -> None:
         self._insert("nodes", {"cluster_id": cluster_id, **dataclasses.asdict(node)}, replace=True)
