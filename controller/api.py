@@ -28,6 +28,7 @@ from .leases import Leases
 from .providers import Provider, provider_class
 from .providers.base import Resource
 from .report import report
+from .roster import StoreRoster
 from .runs import RunRecorder, SingleRun
 from .scheduler import Job, ProgressSink, Scheduler, Watchdog
 from .store import ClusterRecord, EngineRecord, EpochRecord, NodeRecord, RunRecord, Store, new_id
@@ -70,6 +71,21 @@ class ClusterStatus:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class Stopped:
+    """What ``Cluster.stop`` ended: this cluster's record (None when none was running) and what the
+    provider found by its tags and released (local state lost, or ``--all``)."""
+
+    cluster: Optional[ClusterRecord] = None
+    released: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.cluster is not None or bool(self.released)
+
+    def to_dict(self) -> dict:
+        return {"stopped": self.cluster is not None, "cluster": self.cluster, "released": self.released}
 
 
 @dataclass
@@ -231,7 +247,7 @@ class Cluster:
         ])
 
     def stop(self, all_clusters: bool = False, any_owner: bool = False,
-             only: Optional[set[str]] = None) -> Optional[ClusterRecord]:
+             only: Optional[set[str]] = None) -> Stopped:
         """Stop every engine, slave and the controller; history stays. Safe to run twice.
 
         Without a record (local state lost), or with ``all_clusters``, the provider
@@ -245,9 +261,8 @@ class Cluster:
             self._client = None
         if record is not None:
             self._stop_record(record)  # our own cluster first, whatever the cloud says next
-        # what the provider released by its tags (local state lost, or --all): shown by `cluster stop`
-        self.released = self._release_orphans(all_clusters, any_owner, only) if record is None or all_clusters else []
-        return self.store.cluster(record.id) if record is not None else None
+        released = self._release_orphans(all_clusters, any_owner, only) if record is None or all_clusters else []
+        return Stopped(self.store.cluster(record.id) if record is not None else None, released)
 
     def stop_plan(self, all_clusters: bool = False, any_owner: bool = False) -> "list[Resource]":
         """What ``stop(all_clusters, any_owner)`` would release by tag, beyond this cluster's own record."""
@@ -436,7 +451,7 @@ class Cluster:
         record = self.record
         watchdog = Watchdog(controller_alive=lambda: self._controller_alive(record),
                             engine_timeout=self.config.cluster.engine_timeout)
-        return Scheduler(self.client, watchdog=watchdog, **options)
+        return Scheduler(self.client, watchdog=watchdog, roster=StoreRoster(self.store, record.id), **options)
 
     def _execute_distributed(self, job: Job, progress: Optional[ProgressSink],
                              engines: Optional[list[int]]) -> RunResult:

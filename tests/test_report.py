@@ -252,41 +252,27 @@ def test_cli_report_writes_every_format(tmp_path, monkeypatch):
     assert "no benchmark records for b-nothing" in stderr.getvalue()
 
 
-# the table and column names before a bench's per-engine-count unit was called a measurement
-OLD_BENCH_SCHEMA = """
-CREATE TABLE bench_runs (id TEXT PRIMARY KEY, bench_id TEXT NOT NULL, workload TEXT NOT NULL, engines INTEGER NOT NULL,
-    cluster_id INTEGER, provider TEXT, region TEXT, zone TEXT, instance_type TEXT, gpu TEXT, image TEXT, market TEXT,
-    threads INTEGER, wall_s REAL, warmup_s REAL, dispatch_s REAL, runs INTEGER, epochs INTEGER, images INTEGER,
-    images_per_s REAL, epochs_per_min REAL, accuracy REAL, price_per_hour REAL, cost REAL, torch TEXT, cuda TEXT,
-    params TEXT, state TEXT NOT NULL, error TEXT, created_at REAL NOT NULL);
-CREATE INDEX bench_runs_by_bench ON bench_runs(bench_id);
-CREATE TABLE bench_engines (bench_run_id TEXT NOT NULL REFERENCES bench_runs(id), engine_id INTEGER NOT NULL,
-    host TEXT, node_id TEXT, device TEXT, gpu TEXT, cpu TEXT, threads INTEGER, instance_type TEXT, zone TEXT,
-    price_per_hour REAL, tasks INTEGER, epochs INTEGER, images INTEGER, train_s REAL, busy_s REAL, images_per_s REAL,
-    torch TEXT, cuda TEXT, PRIMARY KEY (bench_run_id, engine_id));
-CREATE TABLE bench_trials (bench_run_id TEXT NOT NULL REFERENCES bench_runs(id), trial INTEGER NOT NULL,
-    run_id TEXT NOT NULL, label TEXT, l1 REAL, lr REAL, epochs INTEGER, state TEXT, val_accuracy REAL,
-    test_accuracy REAL, seconds REAL, engine_id INTEGER, PRIMARY KEY (bench_run_id, trial));
-"""
-
-
 def test_a_store_written_with_bench_runs_keeps_its_measurements(tmp_path):
+    """Before schema 5 a measurement was a "bench run": table bench_runs, columns bench_run_id."""
+    import sqlite3
+
+    from controller import schema
+
     record, engines, trials = paper_measurement("b-old", 2, 72.0, 0.40, JAN_1)
-    with Store(tmp_path / "state") as store:
-        store.db.executescript(OLD_BENCH_SCHEMA)
-        insert = "INSERT INTO {} ({}) VALUES ({})"
+    with sqlite3.connect(tmp_path / "cluster.db") as db:
+        db.executescript(schema.TABLES_V1)  # the tables as they were, bench_runs among them
         for table, row in ([("bench_runs", {**dataclasses.asdict(record), "params": json.dumps(record.params)})]
                            + [("bench_engines", dataclasses.asdict(e)) for e in engines]
                            + [("bench_trials", dataclasses.asdict(t)) for t in trials]):
             row = {("bench_run_id" if k == "measurement_id" else k): v for k, v in row.items()}
-            store.execute(insert.format(table, ", ".join(row), ", ".join("?" for _ in row)), row.values())
-    with Store(tmp_path / "state") as store:
+            db.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+                       list(row.values()))
+    with Store(tmp_path) as store:
+        assert schema.version(store.db) == schema.LATEST
         table = BenchTable(store)
         assert table.records() == [record]
         assert table.engines(record.id) == engines and table.trials(record.id) == trials
         assert "| b-old | paper | 2 |" in report(store, "md")
-    with Store(tmp_path / "state") as store:  # opened again: renamed once, nothing left of the old names
-        BenchTable(store)
         names = {row["name"] for row in store.execute("SELECT name FROM sqlite_master")}
         assert not {n for n in names if "bench_runs" in n}
         columns = {row["name"] for row in store.execute("PRAGMA table_info(bench_trials)")}

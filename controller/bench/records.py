@@ -12,8 +12,8 @@ measurement's trials name the runs it consisted of.  Tables beside the runs:
 - ``bench_trials``: the training runs it consisted of, so a report ranks the sweep
   without re-running anything.
 
-Stores written before measurements had that name keep their rows: the first
-``BenchTable`` on them renames ``bench_runs`` and its ``bench_run_id`` columns.
+The tables are in controller/schema.py; stores written before measurements had that name
+(``bench_runs``, ``bench_run_id``) are renamed by its migration 5 and keep their rows.
 Nothing here imports ipyparallel or torch: reports read these records only.
 """
 from __future__ import annotations
@@ -24,46 +24,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from ..store import Store, load_json
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS bench_measurements (
-    id TEXT PRIMARY KEY,            -- one workload on one engine count
-    bench_id TEXT NOT NULL,         -- one `cluster bench` invocation
-    workload TEXT NOT NULL,
-    engines INTEGER NOT NULL,
-    cluster_id INTEGER,
-    provider TEXT, region TEXT, zone TEXT, instance_type TEXT, gpu TEXT, image TEXT, market TEXT,
-    threads INTEGER,                -- torch threads per engine
-    wall_s REAL, warmup_s REAL, dispatch_s REAL,
-    runs INTEGER,                   -- training runs of the workload
-    epochs INTEGER, images INTEGER,
-    images_per_s REAL, epochs_per_min REAL, accuracy REAL,
-    price_per_hour REAL, cost REAL,
-    torch TEXT, cuda TEXT,
-    params TEXT,                    -- JSON: the workload's spec (first training run's)
-    state TEXT NOT NULL,            -- completed, failed
-    error TEXT,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS bench_measurements_by_bench ON bench_measurements(bench_id);
-CREATE TABLE IF NOT EXISTS bench_engines (
-    measurement_id TEXT NOT NULL REFERENCES bench_measurements(id),
-    engine_id INTEGER NOT NULL,
-    host TEXT, node_id TEXT, device TEXT, gpu TEXT, cpu TEXT, threads INTEGER,
-    instance_type TEXT, zone TEXT, price_per_hour REAL,
-    tasks INTEGER, epochs INTEGER, images INTEGER, train_s REAL, busy_s REAL, images_per_s REAL,
-    torch TEXT, cuda TEXT,
-    PRIMARY KEY (measurement_id, engine_id)
-);
-CREATE TABLE IF NOT EXISTS bench_trials (
-    measurement_id TEXT NOT NULL REFERENCES bench_measurements(id),
-    trial INTEGER NOT NULL,
-    run_id TEXT NOT NULL,
-    label TEXT, l1 REAL, lr REAL, epochs INTEGER, state TEXT,
-    val_accuracy REAL, test_accuracy REAL, seconds REAL, engine_id INTEGER,
-    PRIMARY KEY (measurement_id, trial)
-);
-"""
 
 # the paper's throughput: the λ sweep on 8 GPU servers, in epochs of its 50,000 training images per minute
 PAPER_EPOCHS_PER_MIN = 14.59
@@ -165,24 +125,10 @@ class BenchResult:
 
 
 class BenchTable:
-    """The bench tables inside the cluster's store (created on first use, older names renamed)."""
+    """The bench tables inside the cluster's store (controller/schema.py)."""
 
     def __init__(self, store: Store):
         self.store = store
-        self._rename_bench_runs()
-        store.db.executescript(SCHEMA)
-
-    def _rename_bench_runs(self) -> None:
-        """A store from before measurements had their name: same rows, new table and column names."""
-        tables = {row["name"] for row in self.store.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "bench_runs" not in tables or "bench_measurements" in tables:
-            return
-        with self.store.transaction():
-            self.store.execute("ALTER TABLE bench_runs RENAME TO bench_measurements")
-            self.store.execute("DROP INDEX IF EXISTS bench_runs_by_bench")
-            for table in ("bench_engines", "bench_trials"):
-                if table in tables:
-                    self.store.execute(f"ALTER TABLE {table} RENAME COLUMN bench_run_id TO measurement_id")
 
     def save(self, record: BenchRecord, engines: Sequence[BenchEngine], trials: Sequence[BenchTrial]) -> None:
         values = dataclasses.asdict(record)
