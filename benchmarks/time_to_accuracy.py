@@ -5,10 +5,12 @@ process that imports torch, loads MNIST, trains the default recipe (Adam, one-cy
 batch 128, channels-last) for the same epochs on the same threads and tests.
 `cluster train --epochs E` is timed around the whole command, as a user runs it:
 
-- the *first run* comes right after `cluster start` returns (start warms every engine:
-  the data set loaded and the training code imported, so no run pays for that);
-- *warm runs* follow, each paired with a bare script run just before it (the median
-  of the pairs' ratios cancels most of the machine's drift).
+- the *first run* is the first task the engine sees after `cluster start` returned (start
+  warms every engine: the data set loaded and the training code imported, so no run pays
+  for that); *warm runs* follow;
+- every cluster run is paired with a bare script run just before it, and compared with
+  it: the pairs' ratios cancel most of the machine's drift (the first run's pair runs
+  between start and it, on the master only, so the engine is still untouched).
 
 Printed: every run, the first-run and warm-run ratios against the bare script, and
 where the seconds of each go. Targets: warm <= 1.05x, first run <= 1.05x the warm runs.
@@ -85,33 +87,32 @@ def main() -> None:
     print(f"{args.epochs} epoch(s) of 50,000 real MNIST images, {args.threads} torch threads, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before", flush=True)
     with started_cluster(args.threads) as (env, start_s, warmed_s):
-        first, first_wall = cluster_train(env, *epochs)  # right after start: nothing ran on the engine yet
         print(f"cluster start {start_s:.1f} s (engine warm-up inside it: "
-              f"{'not logged' if warmed_s is None else f'{warmed_s:.1f} s'})")
-        print(f"first run  cluster train {first_wall:5.2f} s -> {first['test_accuracy']:.2%}", flush=True)
-        bares, warms = [], []
-        for round_ in range(1, args.rounds + 1):
+              f"{'not logged' if warmed_s is None else f'{warmed_s:.1f} s'})", flush=True)
+        bares, runs = [], []
+        for round_ in range(args.rounds + 1):  # round 0: the first run, nothing ran on the engine before it
             bares.append(bare_script(args.epochs, args.threads))
-            warms.append(cluster_train(env, *epochs))
-            (run, wall), bare = warms[-1], bares[-1]
-            print(f"round {round_}    bare script   {bare['wall_s']:5.2f} s -> {bare['test_accuracy']:.2%}   "
-                  f"cluster train {wall:5.2f} s -> {run['test_accuracy']:.2%}   ratio {wall / bare['wall_s']:.3f}",
-                  flush=True)
+            runs.append(cluster_train(env, *epochs))
+            (run, wall), bare = runs[-1], bares[-1]
+            print(f"{'first' if round_ == 0 else f'warm {round_}':7s}  bare script {bare['wall_s']:6.2f} s -> "
+                  f"{bare['test_accuracy']:.2%}   cluster train {wall:6.2f} s -> {run['test_accuracy']:.2%}   "
+                  f"ratio {wall / bare['wall_s']:.3f}", flush=True)
         startup = cli_startup_s(env)
+    (first, first_wall), warms = runs[0], runs[1:]
+    first_ratio = first_wall / bares[0]["wall_s"]
+    warm_ratio = statistics.median(wall / b["wall_s"] for (_, wall), b in zip(warms, bares[1:]))
     bare_wall = statistics.median(b["wall_s"] for b in bares)
     warm_wall = statistics.median(wall for _, wall in warms)
-    paired = statistics.median(wall / b["wall_s"] for (_, wall), b in zip(warms, bares))
     print(f"load average {os.getloadavg()[0]:.1f} after")
-    print(f"bare script        median {bare_wall:5.2f} s")
-    print(f"cluster train warm median {warm_wall:5.2f} s   ratio to bare: median of the paired rounds {paired:.3f}, "
-          f"of the medians {warm_wall / bare_wall:.3f}  (target <= 1.05)")
-    print(f"cluster train first       {first_wall:5.2f} s   ratio to bare {first_wall / bare_wall:.3f}, "
-          f"to the warm runs {first_wall / warm_wall:.3f}  (target <= 1.05)")
+    print("ratio to the bare script run just before it (paired):")
+    print(f"  first run after start {first_ratio:.3f}   warm runs, median of {len(warms)} {warm_ratio:.3f}  "
+          f"(target <= 1.05)")
+    print(f"  first run / warm runs {first_ratio / warm_ratio:.3f}  (target <= 1.05: no cold-start tax)")
     print("where the seconds go (medians of the warm rounds; the first run beside them):")
     middle = sorted(range(len(warms)), key=lambda i: warms[i][1])[len(warms) // 2]
-    print(f"  bare script   {bare_wall:5.2f} s: {bare_parts(sorted(bares, key=lambda b: b['wall_s'])[len(bares) // 2])}")
-    print(f"  cluster warm  {warm_wall:5.2f} s: {cluster_parts(*warms[middle], startup)}")
-    print(f"  cluster first {first_wall:5.2f} s: {cluster_parts(first, first_wall, startup)}")
+    print(f"  bare script   {bare_wall:6.2f} s: {bare_parts(sorted(bares, key=lambda b: b['wall_s'])[len(bares) // 2])}")
+    print(f"  cluster warm  {warm_wall:6.2f} s: {cluster_parts(*warms[middle], startup)}")
+    print(f"  cluster first {first_wall:6.2f} s: {cluster_parts(first, first_wall, startup)}")
     accurate = [name for name, accuracy in (("bare", bares[-1]["test_accuracy"]), ("first", first["test_accuracy"]),
                                             ("warm", warms[-1][0]["test_accuracy"])) if accuracy >= TARGET]
     print(f"time to {TARGET:.1%} with a {args.epochs}-epoch budget: "
