@@ -108,9 +108,10 @@ def main() -> None:
     print(f"  first run after start {first_ratio:.3f}   warm runs, median of {len(warms)} {warm_ratio:.3f}  "
           f"(target <= 1.05)")
     print(f"  first run / warm runs {first_ratio / warm_ratio:.3f}  (target <= 1.05: no cold-start tax)")
-    print("where the seconds go (medians of the warm rounds; the first run beside them):")
+    print("where the seconds go (a middle bare script and warm run; the first run beside them):")
     middle = sorted(range(len(warms)), key=lambda i: warms[i][1])[len(warms) // 2]
-    print(f"  bare script   {bare_wall:6.2f} s: {bare_parts(sorted(bares, key=lambda b: b['wall_s'])[len(bares) // 2])}")
+    typical = sorted(bares, key=lambda b: b["wall_s"])[len(bares) // 2]
+    print(f"  bare script   {typical['wall_s']:6.2f} s: {bare_parts(typical)}")
     print(f"  cluster warm  {warm_wall:6.2f} s: {cluster_parts(*warms[middle], startup)}")
     print(f"  cluster first {first_wall:6.2f} s: {cluster_parts(first, first_wall, startup)}")
     accurate = [name for name, accuracy in (("bare", bares[-1]["test_accuracy"]), ("first", first["test_accuracy"]),
