@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -83,6 +84,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="warm rounds, each a bare script and a cluster run")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    # a `timeout` or a kill still stops the cluster (the context manager's finally runs on SystemExit)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     epochs = ("--epochs", str(args.epochs))
     print(f"{args.epochs} epoch(s) of 50,000 real MNIST images, {args.threads} torch threads, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before", flush=True)
