@@ -165,13 +165,22 @@ class Cluster:
             self.store.set_cluster_state(record.id, "running")
             self._warm_engines(client)
         except BaseException as error:
-            log.warning("start failed (%s); stopping what was started", error)
+            log.warning("start failed (%s); stopping what was started", error or type(error).__name__)
+            cleaned = False
             try:
                 self._teardown(record, chosen, ipp_cluster)
+                cleaned = True
             except Exception:  # the original error is the one to report; this one goes to the log
                 log.exception("clean-up after the failed start failed too")
             finally:
-                self.store.set_cluster_state(record.id, "stopped", error=f"start failed: {error}")
+                # "stopped" only once everything is: a clean-up cut short (a second Ctrl-C, a slave
+                # that did not answer) leaves the cluster "failed", which status shows and stop finishes
+                if cleaned:
+                    self.store.set_cluster_state(record.id, "stopped", error=f"start failed: {error}")
+                else:
+                    self.store.set_cluster_state(
+                        record.id, "failed",
+                        error=f"start failed: {error}; its clean-up did not finish: run `cluster stop`")
             raise
         finally:
             if client is not None:

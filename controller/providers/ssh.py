@@ -119,10 +119,18 @@ class RemoteEngines:
         if not targets:
             raise ProviderError("no slaves to bootstrap")
         connection = self._connection(cluster, timeout)
-        cancelled = threading.Event()
+        # set on any failure, Ctrl-C included: it breaks every connect attempt, command and upload in
+        # flight, so the worker threads end in a moment instead of after their timeouts (minutes)
+        cancelled = rm.Cancel()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets)))
+
+        def connect(target: Target) -> rm.Remote:
+            remote = rm.Remote.connect(target.host, self.known_hosts, timeout=timeout, cancelled=cancelled)
+            cancelled.on_cancel(remote.close)
+            return remote
+
         try:
-            remotes = list(pool.map(lambda t: rm.Remote.connect(t.host, self.known_hosts, timeout=timeout), targets))
+            remotes = list(pool.map(connect, targets))
             self.on_step("ssh")
             try:
                 if tunnel:
@@ -143,7 +151,8 @@ class RemoteEngines:
             return nodes
         except BaseException:
             cancelled.set()
-            # let running bootstraps finish or notice the cancel before cleaning up after them
+            # the workers' sockets are closed: they end at once, and engines a bootstrap started
+            # just before are in its pid files, which the stop below reads
             pool.shutdown(wait=True, cancel_futures=True)
             self.stop(cluster.id, [t.host for t in targets], quiet=True)
             raise
