@@ -146,7 +146,8 @@ class Cluster:
         try:
             ipp_cluster = ipp_side.new_cluster(
                 profile, record.ipp_cluster_id, engine_env=self._engine_env(threads),
-                engine_ip=chosen.controller_ip, engine_timeout=cfg.engine_timeout)
+                engine_ip=chosen.controller_ip, engine_timeout=cfg.engine_timeout,
+                master_grace_minutes=cfg.master_grace_minutes)
             ipp_cluster.start_controller_sync()
             self.store.update_cluster(record.id, controller_pid=ipp_side.controller_pid(ipp_cluster))
             ipp_side.secure_files(profile)

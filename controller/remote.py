@@ -331,6 +331,7 @@ class EngineSpec:
     engines: int = 0  # fixed count; 0 = engines_per_gpu per GPU (1 on a machine without GPU)
     env: dict = field(default_factory=dict)
     install: bool = True  # pip-install the engine requirements when the check fails
+    args: tuple = ()  # extra ipengine arguments (controller.ipp.engine_args: the grace for a silent master)
 
 
 @dataclass
@@ -473,7 +474,7 @@ def start_engines(remote: Remote, base: str, spec: EngineSpec, count: int, gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
         assignments = " ".join(f"{k}={q(str(v))}" for k, v in env.items())
         engine = (f"{q(spec.python)} -m ipyparallel.engine --file={q(connection)} "
-                  f"--profile-dir={q(base)}/profile")
+                  f"--profile-dir={q(base)}/profile" + "".join(f" {q(a)}" for a in spec.args))
         # setsid: its own session and process group, so it survives this SSH session and
         # stop can signal the whole group; the pid file lets stop find it without local state
         # a simple command in the background (not an && list: that would background a subshell

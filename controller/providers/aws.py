@@ -519,7 +519,8 @@ class AwsProvider(Provider):
         return RemoteEngines(self.store, self.config.state_dir, self.cluster_name, self.folder() / "known_hosts",
                              python=cfg.python, remote_dir=cfg.remote_dir, data_dir=cfg.data_dir,
                              master_data_dir=self.config.data_dir, engines_per_gpu=cfg.engines_per_gpu,
-                             threads=self.config.cluster.threads_per_engine, on_step=type(self).on_step)
+                             threads=self.config.cluster.threads_per_engine,
+                             master_grace_minutes=self.config.cluster.master_grace_minutes, on_step=type(self).on_step)
 
     # prices -----------------------------------------------------------------------------
     def prices(self, instance_types: Optional[list[str]] = None) -> list[PriceRow]:

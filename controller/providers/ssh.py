@@ -97,7 +97,7 @@ class RemoteEngines:
     def __init__(self, store: Store, state_dir: Path, tag: str, known_hosts: Path, *, python: str,
                  remote_dir: str, data_dir: str = "", master_data_dir: Optional[Path] = None,
                  engines_per_gpu: int = 1, engines_per_host: int = 0, threads: int = 0,
-                 on_step: Callable[[str], None] = lambda step: None):
+                 master_grace_minutes: float = 10.0, on_step: Callable[[str], None] = lambda step: None):
         self.store = store
         self.tag = tag
         self.known_hosts = Path(known_hosts)
@@ -110,6 +110,7 @@ class RemoteEngines:
         self.engines_per_gpu = engines_per_gpu
         self.engines_per_host = engines_per_host
         self.threads = threads
+        self.master_grace_minutes = master_grace_minutes
         self.on_step = on_step
         store.execute(REMOTE_TABLE)
 
@@ -179,7 +180,8 @@ class RemoteEngines:
         env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)} if self.threads else {}
         spec = rm.EngineSpec(tag=self.tag, connection=rm.connection_for(connection, address), python=self.python,
                              remote_dir=self.remote_dir, engines_per_gpu=self.engines_per_gpu,
-                             engines=self.engines_per_host, env=env)
+                             engines=self.engines_per_host, env=env,
+                             args=tuple(ipp_side.engine_args(self.master_grace_minutes)))
         if self.data_dir and self.master_data_dir is not None:
             rm.sync_data(remote, self.master_data_dir, self.data_dir)
         return rm.bootstrap(remote, spec, cancelled)
@@ -290,7 +292,8 @@ class SshProvider(Provider):
         return RemoteEngines(self.store, self.config.state_dir, tag, self.known_hosts(),
                              python=cfg.python, remote_dir=cfg.remote_dir, data_dir=cfg.data_dir,
                              master_data_dir=self.config.data_dir, engines_per_host=cfg.engines_per_host,
-                             threads=self.config.cluster.threads_per_engine, on_step=type(self).on_step)
+                             threads=self.config.cluster.threads_per_engine,
+                             master_grace_minutes=self.config.cluster.master_grace_minutes, on_step=type(self).on_step)
 
     def engine_data_dir(self) -> str:
         return self.config.ssh.data_dir
