@@ -66,6 +66,7 @@ class ClusterStatus:
     price_per_hour: float = 0.0
     cost_so_far: float = 0.0
     error: Optional[str] = None
+    hint: str = ""  # what to do next, when the cluster cannot go on as it is
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -326,7 +327,29 @@ class Cluster:
             profile_dir=str(profile), url_file=str(url),
             controller={"pid": record.controller_pid, "state": "running" if controller_alive else "dead"},
             engines=engines, nodes=nodes, created_at=record.created_at, uptime_s=uptime,
-            price_per_hour=price, cost_so_far=price * uptime / 3600, error=record.error)
+            price_per_hour=price, cost_so_far=price * uptime / 3600, error=record.error,
+            hint=self._controller_lost_hint(record, nodes) if not controller_alive else "")
+
+    # master restart ------------------------------------------------------------
+    def _controller_lost_hint(self, record: ClusterRecord, nodes: list[NodeRecord]) -> str:
+        """After the master restarted (or its controller died): what still runs and bills, and how to go on.
+
+        A new controller cannot adopt the engines that wait for the old one (docs/elastic.md says why),
+        so the way on is stop, start, and resume what was running from its checkpoints.
+        """
+        up = [n for n in nodes if n.state not in ("terminated", "stopped", "gone", "shutting-down")]
+        parts = ["the controller is gone (the master restarted, or it was killed)"]
+        if up and record.provider != "local":
+            parts.append(f"{len(up)} node(s) still up and billed; their engines wait "
+                         f"{self.config.cluster.master_grace_minutes:g} min for a controller, then quit")
+        runs = [r for r in self.store.runs(limit=200)
+                if r.cluster_id == record.id and r.state in ("running", "interrupted")]
+        sweeps = sorted({r.sweep_id for r in runs if r.sweep_id})
+        resume = [f"`cluster sweep --resume {s}`" for s in sweeps]
+        resume += [f"`cluster train --resume {r.id}`" for r in runs if not r.sweep_id]
+        parts.append("run `cluster stop` (ends them), then `cluster start`"
+                     + (", then " + " and ".join(resume) if resume else ""))
+        return "; ".join(parts)
 
     @staticmethod
     def _registered_engines(url: Path) -> tuple[set[int], dict]:

@@ -226,14 +226,15 @@ def test_failed_start_leaves_nothing(step, tmp_path, tiny_data_dir, moto_url, ec
 
 # `cluster start` in its own process; test-only: every instance's SSH address is the test's silent listener
 SILENT_START = """
-import sys
+import faulthandler, signal, sys
 from controller.cli import main
 from controller.providers import aws
 
 address, port, config = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 aws.AwsProvider.waiter_delay = 0.2
 aws.ADDRESS_HOOK = lambda instance, key_file: (address, port)
-sys.exit(main(["--config", config, "start"]))
+faulthandler.register(signal.SIGUSR1)  # the test asks for every thread's stack if this hangs
+sys.exit(main(["--config", config, "-v", "start"]))
 """
 
 
@@ -268,7 +269,12 @@ def test_ctrl_c_during_a_start_whose_hosts_never_answer_ssh_exits_within_15_s_le
                 pytest.fail(f"no SSH connect attempt came (exit {master.poll()}): {log.read_text()[-3000:]}")
             interrupted = time.monotonic()
             os.killpg(master.pid, signal.SIGINT)
-            master.wait(timeout=120)
+            try:
+                master.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.kill(master.pid, signal.SIGUSR1)
+                wait_until(lambda: "Thread 0x" in log.read_text(), timeout=10)
+                pytest.fail(f"Ctrl-C did not end the start: {log.read_text()[-6000:]}")
             took = time.monotonic() - interrupted
         finally:
             if master.poll() is None:
