@@ -234,6 +234,8 @@ address, port, config = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 aws.AwsProvider.waiter_delay = 0.2
 aws.ADDRESS_HOOK = lambda instance, key_file: (address, port)
 faulthandler.register(signal.SIGUSR1)  # the test asks for every thread's stack if this hangs
+# as under a terminal, whatever this test was started from (a shell's background job ignores SIGINT)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.exit(main(["--config", config, "-v", "start"]))
 """
 
@@ -282,6 +284,7 @@ def test_ctrl_c_during_a_start_whose_hosts_never_answer_ssh_exits_within_15_s_le
             for connection in held:
                 connection.close()
     err = log.read_text()
+    print(f"Ctrl-C to exit: {took:.1f} s")
     assert master.returncode == 130, err
     assert took < 15, f"Ctrl-C took {took:.1f} s to act: {err}"
     assert tagged(ec2) == NOTHING

@@ -79,6 +79,21 @@ def engine_address(sources: list[str]) -> str:
     return "0.0.0.0"
 
 
+def result(future: concurrent.futures.Future):
+    """A worker's result, waited for in short slices.
+
+    The kernel hands a Ctrl-C to whichever thread it likes; Python raises KeyboardInterrupt only
+    when the main thread next runs, and a main thread blocked in an unbounded wait on a future
+    would not run until that worker finished (minutes, for a host that never answers).
+    """
+    while True:
+        try:
+            return future.result(timeout=0.2)
+        except concurrent.futures.TimeoutError:
+            if future.done():  # the worker's own timeout (socket.timeout is a TimeoutError too)
+                raise
+
+
 @dataclass
 class Target:
     """One node to bootstrap and how to reach it."""
@@ -131,7 +146,7 @@ class RemoteEngines:
             return remote
 
         try:
-            remotes = list(pool.map(connect, targets))
+            remotes = [result(f) for f in [pool.submit(connect, t) for t in targets]]
             self.on_step("ssh")
             try:
                 if tunnel:
@@ -144,7 +159,7 @@ class RemoteEngines:
                            for t, r in zip(targets, remotes)]
                 nodes = []
                 for target, future in zip(targets, futures):  # the first failure raises here
-                    nodes.append(self._record(cluster, target.node, future.result()))
+                    nodes.append(self._record(cluster, target.node, result(future)))
                     self.on_step("bootstrap")
             finally:
                 for r in remotes:
