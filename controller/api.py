@@ -174,9 +174,10 @@ class Cluster:
                 cleaned = True
             except Exception:  # the original error is the one to report; this one goes to the log
                 log.exception("clean-up after the failed start failed too")
+                cleaned = True  # it ran to its end; what it could not reach, it logged
             finally:
-                # "stopped" only once everything is: a clean-up cut short (a second Ctrl-C, a slave
-                # that did not answer) leaves the cluster "failed", which status shows and stop finishes
+                # never "stopped" while something may still run: a clean-up cut short (a second
+                # Ctrl-C) leaves the cluster "failed", which status shows and `cluster stop` finishes
                 if cleaned:
                     self.store.set_cluster_state(record.id, "stopped", error=f"start failed: {error}")
                 else:
