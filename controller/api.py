@@ -68,6 +68,7 @@ class ClusterStatus:
     price_per_hour: float = 0.0
     cost_so_far: float = 0.0
     error: Optional[str] = None
+    hint: str = ""  # what to do next, when the cluster cannot go on as it is
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -163,7 +164,8 @@ class Cluster:
         try:
             ipp_cluster = ipcluster.new_cluster(
                 profile, record.ipp_cluster_id, engine_env=self._engine_env(threads),
-                engine_ip=chosen.controller_ip, engine_timeout=cfg.engine_timeout)
+                engine_ip=chosen.controller_ip, engine_timeout=cfg.engine_timeout,
+                master_grace_minutes=cfg.master_grace_minutes)
             ipp_cluster.start_controller_sync()
             self.store.update_cluster(record.id, controller_pid=ipcluster.controller_pid(ipp_cluster))
             ipcluster.secure_files(profile)
@@ -182,13 +184,23 @@ class Cluster:
             self.store.set_cluster_state(record.id, "running")
             self._warm_engines(client)
         except BaseException as error:
-            log.warning("start failed (%s); stopping what was started", error)
+            log.warning("start failed (%s); stopping what was started", error or type(error).__name__)
+            cleaned = False
             try:
                 self._teardown(record, chosen, ipp_cluster)
+                cleaned = True
             except Exception:  # the original error is the one to report; this one goes to the log
                 log.exception("clean-up after the failed start failed too")
+                cleaned = True  # it ran to its end; what it could not reach, it logged
             finally:
-                self.store.set_cluster_state(record.id, "stopped", error=f"start failed: {error}")
+                # never "stopped" while something may still run: a clean-up cut short (a second
+                # Ctrl-C) leaves the cluster "failed", which status shows and `cluster stop` finishes
+                if cleaned:
+                    self.store.set_cluster_state(record.id, "stopped", error=f"start failed: {error}")
+                else:
+                    self.store.set_cluster_state(
+                        record.id, "failed",
+                        error=f"start failed: {error}; its clean-up did not finish: run `cluster stop`")
             raise
         finally:
             if client is not None:
@@ -332,7 +344,29 @@ class Cluster:
             profile_dir=str(profile), url_file=str(url),
             controller={"pid": record.controller_pid, "state": "running" if controller_alive else "dead"},
             engines=engines, nodes=nodes, created_at=record.created_at, uptime_s=uptime,
-            price_per_hour=price, cost_so_far=price * uptime / 3600, error=record.error)
+            price_per_hour=price, cost_so_far=price * uptime / 3600, error=record.error,
+            hint=self._controller_lost_hint(record, nodes) if not controller_alive else "")
+
+    # master restart ------------------------------------------------------------
+    def _controller_lost_hint(self, record: ClusterRecord, nodes: list[NodeRecord]) -> str:
+        """After the master restarted (or its controller died): what still runs and bills, and how to go on.
+
+        A new controller cannot adopt the engines that wait for the old one (docs/elastic.md says why),
+        so the way on is stop, start, and resume what was running from its checkpoints.
+        """
+        up = [n for n in nodes if n.state not in ("terminated", "stopped", "gone", "shutting-down")]
+        parts = ["the controller is gone (the master restarted, or it was killed)"]
+        if up and record.provider != "local":
+            parts.append(f"{len(up)} node(s) still up and billed; their engines wait "
+                         f"{self.config.cluster.master_grace_minutes:g} min for a controller, then quit")
+        runs = [r for r in self.store.runs(limit=200)
+                if r.cluster_id == record.id and r.state in ("running", "interrupted")]
+        sweeps = sorted({r.sweep_id for r in runs if r.sweep_id})
+        resume = [f"`cluster sweep --resume {s}`" for s in sweeps]
+        resume += [f"`cluster train --resume {r.id}`" for r in runs if not r.sweep_id]
+        parts.append("run `cluster stop` (ends them), then `cluster start`"
+                     + (", then " + " and ".join(resume) if resume else ""))
+        return "; ".join(parts)
 
     @staticmethod
     def _registered_engines(url: Path) -> tuple[set[int], dict]:

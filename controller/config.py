@@ -60,6 +60,8 @@ class ClusterConfig:
     threads_per_engine: int = _opt(0, "torch threads per engine; 0 = cores / engines (never oversubscribe)", min=0, max=512)
     download: bool = _opt(True, "download MNIST into data_dir when it is missing (needs internet)")
     engine_timeout: int = _opt(120, "seconds to wait for engines to register", min=5, max=3600)
+    master_grace_minutes: float = _opt(10.0, "minutes engines wait for a silent master (a sleeping laptop) "
+                                             "before they quit", min=0.1, max=1440.0)
     price_per_hour: float = _opt(0.0, "$/hour of the whole local or ssh cluster, for cost reports", min=0.0)
 
 

@@ -10,6 +10,7 @@ under state_dir, so clusters with different state_dirs never see each other.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 from pathlib import Path
@@ -66,15 +67,31 @@ def controller_args(engine_ip: str) -> list[str]:
 # the master stores results itself, so the controller keeps none and its memory stays flat.
 # The hub pings engines every 0.8 s and drops one after 4 missed pongs: a slave that vanished without a
 # word (a spot instance taken back, a frozen machine) is noticed within 5 s, not ipyparallel's 33 s.
+HEARTBEAT_MS = 800
 CONTROLLER_ARGS = [
     "--IPController.db_class=NoDB",
-    "--HeartMonitor.period=800",
+    f"--HeartMonitor.period={HEARTBEAT_MS}",
     "--HeartMonitor.max_heartmonitor_misses=4",
 ]
+# an engine checks for the hub's pings every period + 500 ms (ipyparallel's IPEngine.start_heartbeat)
+ENGINE_CHECK_MS = HEARTBEAT_MS + 500
+
+
+def engine_args(master_grace_minutes: float) -> list[str]:
+    """How long an engine waits for a silent controller before it quits: ``[cluster] master_grace_minutes``.
+
+    ipyparallel's engine gives up after 50 missed checks (about 65 s at our heartbeat): a laptop that
+    sleeps longer would lose every remote engine.  With the grace, engines wait, and carry on when
+    the controller answers again; past it they quit, so a master that never comes back does not keep
+    slaves busy for ever.
+    """
+    misses = max(1, math.ceil(master_grace_minutes * 60_000 / ENGINE_CHECK_MS))
+    return [f"--IPEngine.max_heartbeat_misses={misses}"]
 
 
 def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], engine_ip: str = LOOPBACK,
-                engines: str | type = "local", engine_timeout: int = 120) -> ipp.Cluster:
+                engines: str | type = "local", engine_timeout: int = 120,
+                master_grace_minutes: float = 10.0) -> ipp.Cluster:
     """An ipyparallel Cluster that outlives this process (shutdown_atexit=False)."""
     from traitlets.config import Config
 
@@ -88,6 +105,7 @@ def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], e
     config.LocalControllerLauncher.environment = controller_env
     config.LocalEngineSetLauncher.environment = {**engine_env, **marker}
     config.LocalEngineLauncher.environment = {**engine_env, **marker}
+    config.LocalEngineSetLauncher.engine_args = engine_args(master_grace_minutes)
     profile.mkdir(parents=True, exist_ok=True)
     os.chmod(profile, 0o700)
     return ipp.Cluster(

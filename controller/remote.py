@@ -14,18 +14,24 @@ and ``aws``).  What it guarantees:
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import itertools
 import json
 import logging
+import os
 import posixpath
+import select
 import shlex
+import socket
 import tarfile
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import paramiko
 
@@ -108,6 +114,91 @@ def _load_key(key_file: str) -> Optional[paramiko.PKey]:
     raise CredentialsError(f"SSH key file {path}: not a private key paramiko can read (ed25519, ecdsa or rsa)")
 
 
+class Cancel(threading.Event):
+    """A cancel flag that also breaks what threads are blocked on.
+
+    Setting it closes every socket and SSH session registered with it, so a thread
+    waiting for a silent host's banner or a command's output returns at once instead
+    of after its timeout: a Ctrl-C of ``cluster start`` cleans up in seconds.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._closers: dict[int, Callable[[], None]] = {}
+        self._keys = itertools.count()
+
+    def set(self) -> None:
+        super().set()
+        with self._lock:
+            closers, self._closers = list(self._closers.values()), {}
+        for close in closers:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - already broken is as good as closed
+                pass
+
+    def on_cancel(self, close: Callable[[], None]) -> int:
+        """Call ``close`` when this is set (at once if it already is); returns a key for ``forget``."""
+        with self._lock:
+            key = next(self._keys)
+            if not self.is_set():
+                self._closers[key] = close
+                return key
+        close()
+        return key
+
+    def forget(self, key: int) -> None:
+        with self._lock:
+            self._closers.pop(key, None)
+
+    @contextmanager
+    def closing(self, close: Callable[[], None]) -> Iterator[None]:
+        key = self.on_cancel(close)
+        try:
+            yield
+        finally:
+            self.forget(key)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def open_socket(host: "Host", timeout: float, cancelled: Optional[threading.Event] = None) -> socket.socket:
+    """A TCP connection to the host's SSH port, given up after ``timeout`` or as soon as ``cancelled`` is set.
+
+    A blocking connect to a host that drops packets can be neither interrupted nor
+    closed from another thread; this one polls in short slices instead.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(host.address, host.port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        error = sock.connect_ex(address)
+        deadline = time.monotonic() + timeout
+        while error in (errno.EINPROGRESS, errno.EALREADY):
+            if cancelled is not None and cancelled.is_set():
+                raise ProviderError(f"{host}: cancelled")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout(f"connecting to {host} timed out")
+            _, writable, failed = select.select([], [sock], [sock], min(0.2, left))
+            if writable or failed:
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                break
+        if error:
+            raise OSError(error, os.strerror(error))
+        sock.setblocking(True)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
 class Remote:
     """One SSH connection to a slave: run commands, upload files."""
 
@@ -116,26 +207,34 @@ class Remote:
         self.client = client
 
     @classmethod
-    def connect(cls, host: Host, known_hosts: Path, *, timeout: float = 60, record_new: bool = True) -> "Remote":
+    def connect(cls, host: Host, known_hosts: Path, *, timeout: float = 60, record_new: bool = True,
+                cancelled: Optional[threading.Event] = None, attempt_timeout: float = 10) -> "Remote":
         """Connect, retrying with backoff until ``timeout`` (a booting slave refuses at first).
 
         ``record_new=False`` refuses hosts whose key is not recorded yet (for
-        anything that runs after bootstrap: stop, tunnels).
+        anything that runs after bootstrap: stop, tunnels).  ``cancelled`` ends the
+        attempts at once (a :class:`Cancel` also breaks the attempt in flight).
         """
         pkey = _load_key(host.key_file)
         deadline = time.monotonic() + timeout
         delay = 0.5
         last: Exception | None = None
         while True:
+            if cancelled is not None and cancelled.is_set():
+                raise ProviderError(f"{host}: SSH connection cancelled")
             client = paramiko.SSHClient()
             if Path(known_hosts).exists():
                 client.load_host_keys(str(known_hosts))
             client.set_missing_host_key_policy(RecordFirstContact(known_hosts) if record_new else paramiko.RejectPolicy())
+            attempt = max(1.0, min(attempt_timeout, deadline - time.monotonic()))
             try:
-                client.connect(
-                    host.address, port=host.port, username=host.user or None, pkey=pkey,
-                    timeout=10, banner_timeout=10, auth_timeout=10,
-                    allow_agent=pkey is None, look_for_keys=pkey is None)
+                sock = open_socket(host, attempt, cancelled)
+                closing = cancelled.closing(lambda: _shut(sock)) if isinstance(cancelled, Cancel) else nullcontext()
+                with closing:
+                    client.connect(
+                        host.address, port=host.port, username=host.user or None, pkey=pkey, sock=sock,
+                        timeout=attempt, banner_timeout=attempt, auth_timeout=attempt,
+                        allow_agent=pkey is None, look_for_keys=pkey is None)
                 transport = client.get_transport()
                 if transport is not None:
                     transport.set_keepalive(15)
@@ -150,13 +249,21 @@ class Remote:
             except paramiko.AuthenticationException as error:
                 # a fresh cloud instance may accept connections before its key is installed
                 last = error
+            except ProviderError:
+                client.close()
+                raise  # cancelled
             except (OSError, paramiko.SSHException, EOFError) as error:
                 last = error
             client.close()
             if time.monotonic() + delay > deadline:
                 break
-            time.sleep(delay)
+            if cancelled is not None:
+                cancelled.wait(delay)
+            else:
+                time.sleep(delay)
             delay = min(delay * 2, 5.0)
+        if cancelled is not None and cancelled.is_set():
+            raise ProviderError(f"{host}: SSH connection cancelled")
         if isinstance(last, paramiko.AuthenticationException):
             raise CredentialsError(f"{host}: SSH authentication failed for user {host.user or '(current)'} "
                                    f"with {host.key_file or 'the agent/default keys'}: {last}")
@@ -224,6 +331,7 @@ class EngineSpec:
     engines: int = 0  # fixed count; 0 = engines_per_gpu per GPU (1 on a machine without GPU)
     env: dict = field(default_factory=dict)
     install: bool = True  # pip-install the engine requirements when the check fails
+    args: tuple = ()  # extra ipengine arguments (controller.ipcluster.engine_args: the grace for a silent master)
 
 
 @dataclass
@@ -366,7 +474,7 @@ def start_engines(remote: Remote, base: str, spec: EngineSpec, count: int, gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
         assignments = " ".join(f"{k}={q(str(v))}" for k, v in env.items())
         engine = (f"{q(spec.python)} -m ipyparallel.engine --file={q(connection)} "
-                  f"--profile-dir={q(base)}/profile")
+                  f"--profile-dir={q(base)}/profile" + "".join(f" {q(a)}" for a in spec.args))
         # setsid: its own session and process group, so it survives this SSH session and
         # stop can signal the whole group; the pid file lets stop find it without local state
         # a simple command in the background (not an && list: that would background a subshell

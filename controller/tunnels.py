@@ -28,11 +28,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import paramiko
+
 from .errors import ProviderError
 from .processes import PROCESS_MARKER, is_marked, kill_process_group, process_marker
 from .remote import Host, Remote
 
 log = logging.getLogger(__name__)
+
+ROUND_SECONDS = 2.0  # how often the holder checks its sessions
 
 
 @dataclass
@@ -42,6 +46,8 @@ class TunnelSpec:
     ports: list[int]  # the controller's engine ports, forwarded 1:1
     target: str = "127.0.0.1"  # where the controller listens on the master
     ready_file: str = ""
+    probe_seconds: float = 15.0  # how often each session must prove it still carries traffic
+    probe_timeout: float = 20.0  # no reply within this: the session is dead, reconnect
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -87,41 +93,94 @@ def _forward_handler(target: str):
     return handler
 
 
+def answers(transport, timeout: float) -> bool:
+    """Does the slave's sshd still answer on this session? (a keepalive request that wants a reply)
+
+    After a laptop sleep or a NAT timeout a session can look open and carry nothing: only a
+    reply proves it works.  The request runs in a thread because paramiko waits for it without
+    a time limit.
+    """
+    replies: list[object] = []
+    asking = threading.Thread(target=lambda: replies.append(transport.global_request("keepalive@openssh.com",
+                                                                                    wait=True)), daemon=True)
+    asking.start()
+    asking.join(timeout)
+    # OpenSSH refuses the unknown request: a refusal (None) is an answer too, a dead session is not
+    return not asking.is_alive() and transport.is_active()
+
+
+class Holder:
+    """The reverse forwards of one slave: (re)connect, (re)request every port, probe the session."""
+
+    def __init__(self, host: Host, spec: TunnelSpec):
+        self.host = host
+        self.spec = spec
+        self.remote: Optional[Remote] = None
+        self.forwarded: set[int] = set()
+        self.probed = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.remote is not None and self.forwarded == set(self.spec.ports)
+
+    def keep_up(self) -> None:
+        """One round: reconnect a dead session, ask again for the ports not forwarded yet."""
+        transport = self.remote.client.get_transport() if self.remote else None
+        if transport is not None and transport.is_active() and time.monotonic() - self.probed > self.spec.probe_seconds:
+            self.probed = time.monotonic()
+            if not answers(transport, self.spec.probe_timeout):
+                log.warning("tunnel to %s: no answer within %.0f s; reconnecting", self.host, self.spec.probe_timeout)
+                transport.close()
+        if transport is None or not transport.is_active():
+            if self.remote is not None:
+                self.remote.close()
+                log.warning("tunnel to %s dropped; reconnecting", self.host)
+            self.remote, self.forwarded = None, set()
+            self.remote = Remote.connect(self.host, Path(self.spec.known_hosts), timeout=60, record_new=False)
+            self.probed = time.monotonic()
+            transport = self.remote.client.get_transport()
+        missing = sorted(set(self.spec.ports) - self.forwarded)
+        for port in missing:
+            try:
+                transport.request_port_forward("127.0.0.1", port, handler=_forward_handler(self.spec.target))
+                self.forwarded.add(port)
+            except paramiko.SSHException as error:
+                # the slave's sshd may still hold the old session's forward until it notices that session
+                # is dead (ClientAliveInterval, TCP timeouts): ask again next round until it lets go
+                log.warning("tunnel to %s: port %d still held on the slave (%s); retrying", self.host, port, error)
+        if missing and self.complete:
+            log.info("tunnel to %s: %d ports forwarded", self.host, len(self.forwarded))
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+
+
 def hold(spec: TunnelSpec, stop: Optional[threading.Event] = None) -> None:
     """Open the reverse forwards on every host and keep them up (reconnecting) until ``stop``."""
     stop = stop or threading.Event()
-    remotes: dict[int, Remote] = {}
-
-    def ensure(index: int, host: Host) -> None:
-        remote = remotes.get(index)
-        transport = remote.client.get_transport() if remote else None
-        if transport is not None and transport.is_active():
-            return
-        if remote is not None:
-            remote.close()
-            log.warning("tunnel to %s dropped; reconnecting", host)
-        remote = Remote.connect(host, Path(spec.known_hosts), timeout=60, record_new=False)
-        transport = remote.client.get_transport()
-        for port in spec.ports:
-            transport.request_port_forward("127.0.0.1", port, handler=_forward_handler(spec.target))
-        remotes[index] = remote
-        log.info("tunnel to %s: %d ports forwarded", host, len(spec.ports))
-
-    hosts = [Host(**h) for h in spec.hosts]
-    for index, host in enumerate(hosts):
-        ensure(index, host)
-    if spec.ready_file:
-        Path(spec.ready_file).write_text(str(os.getpid()))
-    while not stop.wait(2.0):
-        if spec.ready_file and not Path(spec.ready_file).exists():
-            break  # the state directory was removed or stop ran: nobody needs these tunnels
-        for index, host in enumerate(hosts):
-            try:
-                ensure(index, host)
-            except ProviderError as error:  # the slave may be gone for good; keep the others up
-                log.warning("%s", error)
-    for remote in remotes.values():
-        remote.close()
+    holders = [Holder(Host(**h), spec) for h in spec.hosts]
+    ready = False
+    try:
+        while True:
+            for holder in holders:
+                try:
+                    holder.keep_up()
+                except ProviderError as error:  # the slave may be gone for good; keep the others up
+                    if not ready:
+                        raise
+                    log.warning("%s", error)
+            if not ready and all(h.complete for h in holders):
+                ready = True
+                if spec.ready_file:
+                    Path(spec.ready_file).write_text(str(os.getpid()))
+            if stop.wait(ROUND_SECONDS if ready else 0.5):
+                break
+            if ready and spec.ready_file and not Path(spec.ready_file).exists():
+                break  # the state directory was removed or stop ran: nobody needs these tunnels
+    finally:
+        for holder in holders:
+            holder.close()
 
 
 def spawn(spec: TunnelSpec, folder: Path, timeout: float = 60, profile: Optional[Path] = None,

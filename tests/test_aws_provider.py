@@ -224,6 +224,76 @@ def test_failed_start_leaves_nothing(step, tmp_path, tiny_data_dir, moto_url, ec
     cluster.close()
 
 
+# `cluster start` in its own process; test-only: every instance's SSH address is the test's silent listener
+SILENT_START = """
+import faulthandler, signal, sys
+from controller.cli import main
+from controller.providers import aws
+
+address, port, config = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+aws.AwsProvider.waiter_delay = 0.2
+aws.ADDRESS_HOOK = lambda instance, key_file: (address, port)
+faulthandler.register(signal.SIGUSR1)  # the test asks for every thread's stack if this hangs
+# as under a terminal, whatever this test was started from (a shell's background job ignores SIGINT)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.exit(main(["--config", config, "-v", "start"]))
+"""
+
+
+def test_ctrl_c_during_a_start_whose_hosts_never_answer_ssh_exits_within_15_s_leaving_nothing(
+        tmp_path, tiny_data_dir, moto_url, ec2):
+    """The reported case: instances that accept TCP and never send an SSH banner. Ctrl-C comes once
+    the first SSH connect attempt is under way (the test's listener accepted it), as a terminal sends
+    it: SIGINT to the command's whole process group."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        silent.settimeout(0.5)
+        log = tmp_path / "start.log"  # a file, not a pipe: processes it starts must not hold our reads open
+        master = subprocess.Popen(
+            [sys.executable, "-c", SILENT_START, "127.0.0.1", str(silent.getsockname()[1]), str(config.source)],
+            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        held = []
+        try:
+            deadline = time.monotonic() + 180
+            while not held and master.poll() is None and time.monotonic() < deadline:
+                try:
+                    held.append(silent.accept()[0])  # the first attempt: its TCP connection is open
+                except socket.timeout:
+                    pass
+            if not held:
+                pytest.fail(f"no SSH connect attempt came (exit {master.poll()}): {log.read_text()[-3000:]}")
+            interrupted = time.monotonic()
+            os.killpg(master.pid, signal.SIGINT)
+            try:
+                master.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.kill(master.pid, signal.SIGUSR1)
+                wait_until(lambda: "Thread 0x" in log.read_text(), timeout=10)
+                pytest.fail(f"Ctrl-C did not end the start: {log.read_text()[-6000:]}")
+            took = time.monotonic() - interrupted
+        finally:
+            if master.poll() is None:
+                os.killpg(master.pid, signal.SIGKILL)
+            for connection in held:
+                connection.close()
+    err = log.read_text()
+    print(f"Ctrl-C to exit: {took:.1f} s")
+    assert master.returncode == 130, err
+    assert took < 15, f"Ctrl-C took {took:.1f} s to act: {err}"
+    assert tagged(ec2) == NOTHING
+    assert not cluster_pids(config.state_dir)
+    with Store(config.state_dir) as store:
+        assert store.latest_cluster("test").state == "stopped"
+    assert not list(config.state_dir.glob("aws/test/*.pem"))
+
+
 def test_stop_finds_everything_after_local_state_is_lost(tmp_path, tiny_data_dir, moto_url, ec2, hosts, mapped):
     config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1)
     cluster = Cluster(config)

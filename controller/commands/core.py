@@ -89,6 +89,8 @@ def show_status(ctx: Context, status) -> None:
     ctx.say(f"cluster {status.name!r} ({status.provider}): {status.state}, up {duration(status.uptime_s)}, "
             f"controller pid {status.controller.get('pid')} {status.controller.get('state')}")
     ctx.say(f"connection file: {status.url_file}")
+    if status.hint:
+        ctx.say(status.hint)
     if status.price_per_hour:
         ctx.say(f"cost: ${status.price_per_hour:.3f}/h, ${status.cost_so_far:.3f} so far")
     ctx.emit_table("engines", ["id", "host", "pid", "device", "threads", "state", "uptime"], [

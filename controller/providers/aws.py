@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -277,7 +278,7 @@ class AwsProvider(Provider):
                 self.store.record_node(cluster.id, node)
             type(self).on_step("fleet")
             ids = [i["InstanceId"] for i in launched]
-            self.wait(ec2, "instance_running", ids)
+            self.wait(ec2, "running", ids)
             instances = self.describe(ec2, ids)
             type(self).on_step("running")
             # as preflight decided: the controller already listens accordingly
@@ -411,17 +412,38 @@ class AwsProvider(Provider):
                             f"({', '.join(cfg.instance_types)}; {detail}). Try other instance types, "
                             f"[aws] on_demand_fallback = true, or a lower [aws] min_slaves")
 
-    def wait(self, ec2, waiter_name: str, ids: list[str], timeout: float = 600) -> None:
-        if not ids:  # a waiter on nothing would wait forever
-            raise ProviderError(f"{waiter_name}: no instances to wait for")
-        attempts = max(1, int(timeout / self.waiter_delay))
-        from botocore.exceptions import WaiterError
+    def wait(self, ec2, state: str, ids: list[str], timeout: float = 600,
+             cancelled: Optional[threading.Event] = None) -> None:
+        """Poll until every instance is ``running`` or ``terminated``, checking ``cancelled`` between polls.
 
-        try:
-            ec2.get_waiter(waiter_name).wait(InstanceIds=ids, WaiterConfig={"Delay": self.waiter_delay,
-                                                                            "MaxAttempts": attempts})
-        except WaiterError as error:
-            raise ProviderError(f"instances {', '.join(ids)} did not reach {waiter_name}: {error}") from None
+        Not a boto waiter: that sleeps its whole delay and cannot be cancelled from another thread.
+        An id EC2 no longer knows counts as terminated; an instance that ends while we wait for
+        ``running`` fails at once (spot capacity taken back), as the boto waiter did.
+        """
+        if not ids:  # a wait on nothing would wait forever
+            raise ProviderError(f"waiting for {state}: no instances to wait for")
+        deadline = time.monotonic() + timeout
+        states: dict[str, str] = {}
+        while True:
+            states = {i["InstanceId"]: i.get("State", {}).get("Name", "") for i in self.describe_ids(ec2, ids)}
+            if state == "terminated":
+                pending = [i for i in ids if states.get(i, "terminated") != "terminated"]
+            else:
+                ended = [i for i in ids if states.get(i, "terminated") in ENDED_STATES]
+                if ended:
+                    raise ProviderError(f"instances {', '.join(ended)} ended ({', '.join(states.get(i, 'gone') for i in ended)}) "
+                                        f"while waiting for them to run")
+                pending = [i for i in ids if states.get(i) != state]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise ProviderError(f"instances {', '.join(pending)} did not reach {state} within {timeout:.0f} s "
+                                    f"({', '.join(states.get(i, 'gone') for i in pending)})")
+            if cancelled is not None:
+                if cancelled.wait(self.waiter_delay):
+                    raise ProviderError(f"waiting for {state} cancelled")
+            else:
+                time.sleep(self.waiter_delay)
 
     def describe(self, ec2, ids: list[str]) -> list[dict]:
         reply = self._call("describing instances", ec2.describe_instances, InstanceIds=ids)
@@ -498,7 +520,8 @@ class AwsProvider(Provider):
         return RemoteEngines(self.store, self.config.state_dir, self.cluster_name, self.folder() / "known_hosts",
                              python=cfg.python, remote_dir=cfg.remote_dir, data_dir=cfg.data_dir,
                              master_data_dir=self.config.data_dir, engines_per_gpu=cfg.engines_per_gpu,
-                             threads=self.config.cluster.threads_per_engine, on_step=type(self).on_step)
+                             threads=self.config.cluster.threads_per_engine,
+                             master_grace_minutes=self.config.cluster.master_grace_minutes, on_step=type(self).on_step)
 
     # prices -----------------------------------------------------------------------------
     def prices(self, instance_types: Optional[list[str]] = None) -> list[PriceRow]:
@@ -636,7 +659,7 @@ class AwsProvider(Provider):
         accepted = [i for i in ids if i not in refused]
         if accepted:
             try:
-                self.wait(ec2, "instance_terminated", accepted)
+                self.wait(ec2, "terminated", accepted)
             except ProviderError as error:  # checked below, instance by instance
                 log.warning("%s", error)
         states = {i["InstanceId"]: i.get("State", {}).get("Name", "") for i in self.describe_ids(ec2, ids)}

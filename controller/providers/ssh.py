@@ -71,6 +71,21 @@ def engine_address(sources: list[str]) -> str:
     return "0.0.0.0"
 
 
+def result(future: concurrent.futures.Future):
+    """A worker's result, waited for in short slices.
+
+    The kernel hands a Ctrl-C to whichever thread it likes; Python raises KeyboardInterrupt only
+    when the main thread next runs, and a main thread blocked in an unbounded wait on a future
+    would not run until that worker finished (minutes, for a host that never answers).
+    """
+    while True:
+        try:
+            return future.result(timeout=0.2)
+        except concurrent.futures.TimeoutError:
+            if future.done():  # the worker's own timeout (socket.timeout is a TimeoutError too)
+                raise
+
+
 @dataclass
 class Target:
     """One node to bootstrap and how to reach it."""
@@ -89,7 +104,7 @@ class RemoteEngines:
     def __init__(self, store: Store, state_dir: Path, tag: str, known_hosts: Path, *, python: str,
                  remote_dir: str, data_dir: str = "", master_data_dir: Optional[Path] = None,
                  engines_per_gpu: int = 1, engines_per_host: int = 0, threads: int = 0,
-                 on_step: Callable[[str], None] = lambda step: None):
+                 master_grace_minutes: float = 10.0, on_step: Callable[[str], None] = lambda step: None):
         self.store = store
         self.tag = tag
         self.known_hosts = Path(known_hosts)
@@ -102,6 +117,7 @@ class RemoteEngines:
         self.engines_per_gpu = engines_per_gpu
         self.engines_per_host = engines_per_host
         self.threads = threads
+        self.master_grace_minutes = master_grace_minutes
         self.on_step = on_step
 
     # start ------------------------------------------------------------------------
@@ -110,10 +126,18 @@ class RemoteEngines:
         if not targets:
             raise ProviderError("no slaves to bootstrap")
         connection = self._connection(cluster, timeout)
-        cancelled = threading.Event()
+        # set on any failure, Ctrl-C included: it breaks every connect attempt, command and upload in
+        # flight, so the worker threads end in a moment instead of after their timeouts (minutes)
+        cancelled = rm.Cancel()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets)))
+
+        def connect(target: Target) -> rm.Remote:
+            remote = rm.Remote.connect(target.host, self.known_hosts, timeout=timeout, cancelled=cancelled)
+            cancelled.on_cancel(remote.close)
+            return remote
+
         try:
-            remotes = list(pool.map(lambda t: rm.Remote.connect(t.host, self.known_hosts, timeout=timeout), targets))
+            remotes = [result(f) for f in [pool.submit(connect, t) for t in targets]]
             self.on_step("ssh")
             try:
                 if tunnel:
@@ -126,7 +150,7 @@ class RemoteEngines:
                            for t, r in zip(targets, remotes)]
                 nodes = []
                 for target, future in zip(targets, futures):  # the first failure raises here
-                    nodes.append(self._record(cluster, target.node, future.result()))
+                    nodes.append(self._record(cluster, target.node, result(future)))
                     self.on_step("bootstrap")
             finally:
                 for r in remotes:
@@ -134,7 +158,8 @@ class RemoteEngines:
             return nodes
         except BaseException:
             cancelled.set()
-            # let running bootstraps finish or notice the cancel before cleaning up after them
+            # the workers' sockets are closed: they end at once, and engines a bootstrap started
+            # just before are in its pid files, which the stop below reads
             pool.shutdown(wait=True, cancel_futures=True)
             self.stop(cluster.id, [t.host for t in targets], quiet=True)
             raise
@@ -161,7 +186,8 @@ class RemoteEngines:
         env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)} if self.threads else {}
         spec = rm.EngineSpec(tag=self.tag, connection=rm.connection_for(connection, address), python=self.python,
                              remote_dir=self.remote_dir, engines_per_gpu=self.engines_per_gpu,
-                             engines=self.engines_per_host, env=env)
+                             engines=self.engines_per_host, env=env,
+                             args=tuple(ipcluster.engine_args(self.master_grace_minutes)))
         if self.data_dir and self.master_data_dir is not None:
             rm.sync_data(remote, self.master_data_dir, self.data_dir)
         return rm.bootstrap(remote, spec, cancelled)
@@ -272,7 +298,8 @@ class SshProvider(Provider):
         return RemoteEngines(self.store, self.config.state_dir, tag, self.known_hosts(),
                              python=cfg.python, remote_dir=cfg.remote_dir, data_dir=cfg.data_dir,
                              master_data_dir=self.config.data_dir, engines_per_host=cfg.engines_per_host,
-                             threads=self.config.cluster.threads_per_engine, on_step=type(self).on_step)
+                             threads=self.config.cluster.threads_per_engine,
+                             master_grace_minutes=self.config.cluster.master_grace_minutes, on_step=type(self).on_step)
 
     def engine_data_dir(self) -> str:
         return self.config.ssh.data_dir
