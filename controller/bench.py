@@ -27,10 +27,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+from .config import task_keys
 from .errors import TaskError, UsageError
 from .runs import RunRecorder
 from .scheduler import Job, ProgressSink
 from .store import NodeRecord, RunRecord, Store, load_json, new_id
+from .task_result import TaskResult
 from .sweep.space import PAPER_L1  # the paper's λ grid, one definition for sweeps and benches
 
 if TYPE_CHECKING:
@@ -300,17 +302,20 @@ class BenchSource:
     def next_job(self) -> Optional[Job]:
         return self.pending.popleft() if self.pending else None
 
-    def on_result(self, job: Job, result: dict, engine_id: Optional[int]) -> bool:
+    def on_result(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> bool:
         self.recorder.record_result(job, result, engine_id)
         tally = self.tally[engine_id if engine_id is not None else -1]
         tally.tasks += 1
-        for epoch in result["epochs"]:
+        for epoch in result.epochs:
             tally.epochs += 1
             # images_per_s was computed as len(train) / train_seconds on the engine
             tally.images += round(epoch["images_per_s"] * epoch["train_seconds"])
             tally.train_s += epoch["train_seconds"]
             tally.busy_s += epoch["seconds"]
         return True
+
+    def on_rollback(self, job: Job) -> None:
+        self.recorder.roll_back(job.run_id, job.shipped)
 
     def on_error(self, job: Job, error: BaseException, traceback: str) -> None:
         self.recorder.record_failure(job, traceback)
@@ -426,7 +431,7 @@ def _specs(cluster: "Cluster", workload: Workload, epochs: Optional[int], subset
             spec = CifarSpec(model=workload.model, epochs=overrides.get("epochs", workload.default_epochs or 5),
                              seed=training.seed, device=training.device, subset=subset or 0,
                              data_dir=cluster.engine_data_dir(),
-                             threads=cluster.record.threads_per_engine).to_dict()
+                             threads=cluster.record.threads_per_engine, **task_keys(training)).to_dict()
         if data_dir is not None:
             spec["data_dir"] = str(data_dir)
         specs.append((label, spec))

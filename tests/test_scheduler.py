@@ -83,7 +83,7 @@ class ListSource:
         return self.jobs.pop(0) if self.jobs else None
 
     def on_result(self, job, result, engine_id):
-        self.results.append((job.run_id, result["completed_epochs"], engine_id))
+        self.results.append((job.run_id, result.completed_epochs, engine_id))
         return True
 
     def on_error(self, job, error, traceback):
