@@ -1,0 +1,190 @@
+"""Short tasks, in-process: a run cut anywhere (task_seconds, a drain) resumes mid-epoch to the same weights.
+
+Every task of these chains trains at least one batch and stops at a point the test fixes (a tiny
+task_seconds stops after every batch; a drain is requested from inside the batch that should be the
+last), so nothing here depends on how fast the machine is.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from engines import held, stopping
+from engines.cifar import CifarSpec, cifar_setup, load_cifar10, write_cifar10_batches
+from engines.data import load_mnist
+from engines.train import RunSpec, Setup, TaskResult, load_checkpoint, mnist_setup, run_task
+
+EVERY_BATCH = 1e-9  # task_seconds: every task ends after its first batch
+
+
+@pytest.fixture(autouse=True)
+def no_stop_request_left_behind():
+    stopping.clear()
+    yield
+    stopping.clear()
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory) -> Path:
+    return write_cifar10_batches(tmp_path_factory.mktemp("cifar"), per_batch=4, n_test=4)
+
+
+@dataclasses.dataclass
+class Workload:
+    """A spec and its setup, with a hook that asks for a drain during chosen batches (counted over the run)."""
+
+    spec: object
+    build: object  # (spec, device) -> Setup
+    drain_at: frozenset = frozenset()
+    batches_seen: int = 0
+    # draw from the global generator each batch, as dropout does: a resumed task must draw what an
+    # uninterrupted one would
+    noise: bool = False
+
+    def setup(self, device: torch.device) -> Setup:
+        work = self.build(self.spec, device)
+        augment = work.augment
+
+        def counting(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            self.batches_seen += 1
+            if self.batches_seen in self.drain_at:
+                stopping.request(stopping.DRAIN)
+            if self.noise:
+                images = images.float() + torch.rand(images.shape)
+            return augment(images, generator) if augment is not None else images
+
+        work.augment = counting
+        return work
+
+    def task(self, checkpoint=None, n_epochs=None, **changes) -> TaskResult:
+        spec = dataclasses.replace(self.spec, **changes) if changes else self.spec
+        return run_task(spec, self.setup, checkpoint, n_epochs)
+
+
+def mnist(data_dir: Path, **values) -> Workload:
+    data = load_mnist(data_dir)
+    spec = RunSpec(run_id="r-mnist", data_dir=str(data_dir), threads=1, epochs=2, batch_size=100, subset=300,
+                   **values)
+    return Workload(spec, lambda spec, device: mnist_setup(spec, device, data), noise=True)
+
+
+def cifar(data_dir: Path, **values) -> Workload:
+    """ResNet18 (VGG16 builds its ImageNet head first: 4 s a task here) on 12 images: 3 batches, augmented
+    from the epoch's generator; one epoch, the test's time budget being small."""
+    data = load_cifar10(data_dir)
+    spec = CifarSpec(run_id="r-cifar", model="resnet18", data_dir=str(data_dir), threads=1, epochs=1,
+                     batch_size=4, subset=12, **values)
+    return Workload(spec, lambda spec, device: cifar_setup(spec, device, data))
+
+
+def weights(result: TaskResult) -> dict:
+    return load_checkpoint(result.checkpoint)["model"]
+
+
+def same_weights(a: TaskResult, b: TaskResult) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def chain(workload: Workload) -> list[TaskResult]:
+    """The run as the scheduler drives it: one-epoch tasks, each from the last one's checkpoint, until done;
+    a drain is called off after the task it stopped (its engine stays, as if the drain had been cancelled)."""
+    results, checkpoint = [], None
+    while not results or results[-1].completed_epochs < workload.spec.epochs:
+        result = workload.task(checkpoint, 1)
+        results.append(result)
+        checkpoint = result.checkpoint
+        if result.stopped == stopping.DRAIN:
+            again = workload.task(checkpoint, 1)  # a drain is sticky: the next task hands the checkpoint back
+            assert again.checkpoint == checkpoint and again.batches_run == 0 and again.stopped == stopping.DRAIN
+            stopping.clear(stopping.DRAIN)
+        assert len(results) < 100, "a task made no progress"
+    return results
+
+
+@pytest.mark.parametrize("make", [mnist, cifar], ids=["mnist", "cifar-resnet18"])
+def test_a_run_cut_after_every_batch_and_by_a_drain_ends_with_the_weights_of_an_uninterrupted_run(
+        make, tiny_data_dir, cifar_dir):
+    data_dir = tiny_data_dir if make is mnist else cifar_dir
+    whole = make(data_dir).task()
+    cut = make(data_dir, task_seconds=EVERY_BATCH)
+    cut.drain_at = frozenset({2})
+    results = chain(cut)
+    batches, epochs = results[0].epoch_batches, cut.spec.epochs
+    assert batches == 3 and len(results) == epochs * batches, "one task per batch"
+    assert [r.stopped for r in results[:3]] == ["time", "drain", "time"]
+    # whole epochs in completed_epochs, the position in batches_done
+    assert [(r.completed_epochs, r.batches_done) for r in results] == \
+        [divmod(n, batches) for n in range(1, epochs * batches + 1)]
+    assert [m["epoch"] for r in results for m in r.epochs] == list(range(1, epochs + 1))
+    assert same_weights(whole, results[-1])
+    # an epoch split over tasks reports what the whole epoch does: loss over all its batches, seconds summed
+    split = [m for r in results for m in r.epochs]
+    for one, other in zip(whole.epochs, split):
+        assert other["train_loss"] == one["train_loss"]
+        assert (other["val_accuracy"], other["test_accuracy"], other["lr"]) == \
+            (one["val_accuracy"], one["test_accuracy"], one["lr"])
+        assert other["seconds"] >= other["train_seconds"] > 0
+
+
+def test_a_drain_alone_cuts_an_epoch_long_task_where_it_is_asked_for(tiny_data_dir):
+    whole = mnist(tiny_data_dir).task()
+    cut = mnist(tiny_data_dir)
+    cut.drain_at = frozenset({2, 4})
+    results = chain(cut)
+    assert [(r.stopped, r.completed_epochs, r.batches_done, r.batches_run) for r in results] == [
+        ("drain", 0, 2, 2), (None, 1, 0, 1), ("drain", 1, 1, 1), (None, 2, 0, 2)]
+    assert same_weights(whole, results[-1])
+
+
+def test_a_notice_at_task_start_hands_the_checkpoint_back_untrained(tiny_data_dir):
+    work = mnist(tiny_data_dir, task_seconds=EVERY_BATCH)
+    first = work.task(None, 1)
+    stopping.request(stopping.NOTICE)
+    back = work.task(first.checkpoint, 1)
+    assert back.stopped == "notice" and back.checkpoint == first.checkpoint and back.epochs == []
+    assert (back.completed_epochs, back.batches_done, back.batches_run) == (0, 1, 0)
+    assert work.batches_seen == 1, "nothing was trained"
+
+
+class TestCheckpointsKeptOnTheEngine:
+    def test_the_engine_keeps_the_checkpoint_until_it_is_due_and_ships_it_at_the_end(self, tiny_data_dir):
+        whole = mnist(tiny_data_dir).task()
+        work = mnist(tiny_data_dir, task_seconds=EVERY_BATCH, checkpoint_minutes=60)
+        first = work.task(None, 1)
+        assert first.checkpoint is None and first.held, "kept here, not shipped"
+        assert held.held_runs()["r-mnist"] == (0, 1)
+        results = [first]
+        while results[-1].completed_epochs < 2:
+            last = results[-1]
+            results.append(work.task(held.reference("r-mnist", last.completed_epochs, last.batches_done), 1))
+        assert all(r.checkpoint is None for r in results[:-1])
+        assert results[-1].checkpoint is not None and not results[-1].held, "the end of the run ships it"
+        assert same_weights(whole, results[-1]) and "r-mnist" not in held.held_runs()
+
+    def test_a_drain_ships_the_kept_checkpoint(self, tiny_data_dir):
+        work = mnist(tiny_data_dir, task_seconds=EVERY_BATCH, checkpoint_minutes=60)
+        first = work.task(None, 1)
+        stopping.request(stopping.DRAIN)
+        back = work.task(held.reference("r-mnist", 0, 1), 1)
+        assert back.stopped == "drain" and back.checkpoint is not None and not back.held
+        assert load_checkpoint(back.checkpoint)["partial"]["batches_done"] == 1 and first.checkpoint is None
+
+    def test_a_reference_to_a_checkpoint_the_engine_does_not_hold_is_refused(self, tiny_data_dir):
+        work = mnist(tiny_data_dir, task_seconds=EVERY_BATCH, checkpoint_minutes=60)
+        work.task(None, 1)
+        with pytest.raises(held.CheckpointNotHeld, match="epoch 0 batch 2 .*holds epoch 0 batch 1"):
+            work.task(held.reference("r-mnist", 0, 2), 1)
+
+    def test_a_kept_checkpoint_ships_once_checkpoint_minutes_have_passed(self):
+        held.forget("r-x")
+        held.resolve("r-x", None, now=0.0)  # the run arrives from the master at t = 0
+        assert held.keep_or_ship("r-x", b"1", 0, 1, minutes=1, must_ship=False, now=30.0) == (False, True)
+        assert held.keep_or_ship("r-x", b"2", 0, 2, minutes=1, must_ship=False, now=61.0) == (True, True)
+        assert held.keep_or_ship("r-x", b"3", 0, 3, minutes=1, must_ship=False, now=90.0) == (False, True)
+        assert held.resolve("r-x", held.reference("r-x", 0, 3)) == b"3"
+        assert held.keep_or_ship("r-x", b"4", 1, 0, minutes=1, must_ship=True, now=95.0) == (True, False)
+        assert "r-x" not in held.held_runs()
