@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from engines.tasks import L1_SCALE
 
 from . import ipp as ipp_side
-from .config import Config, load_config, override, task_keys
+from .config import Config, load_config, metadata_url, override, task_keys
 from .errors import (AlreadyRunningError, ClusterLostError, ClusterStateError, NotRunningError, ProviderError,
                      TaskError, UsageError)
 from .leases import Leases
@@ -220,6 +220,7 @@ class Cluster:
         from engines.tasks import engine_info
 
         infos = client[:].apply_async(engine_info, threads).get(timeout=60)
+        self._watch_notices(client, record.provider)
         host_to_node = {n.host: n.node_id for n in nodes}
         host_to_node.update({n.private_ip: n.node_id for n in nodes if n.private_ip})
         now = time.time()
@@ -229,6 +230,15 @@ class Cluster:
                          registered_at=now)
             for engine_id, info in zip(client.ids, infos)
         ])
+
+    def _watch_notices(self, client, provider: str) -> None:
+        """Every engine polls the metadata service for spot notices (engines/notices.py), where there is one."""
+        url = metadata_url(self.config.cluster, provider)
+        if url:
+            from engines.notices import watch
+
+            client[:].apply_async(watch, url).get(timeout=60)
+            log.info("engines watch %s for spot interruption notices", url)
 
     def stop(self, all_clusters: bool = False, any_owner: bool = False,
              only: Optional[set[str]] = None) -> Optional[ClusterRecord]:

@@ -93,6 +93,17 @@ class TrainingConfig:
                                      min=0.0)
 
 
+# where each provider's engines find an instance metadata service by default ([cluster] metadata_url = "")
+PROVIDER_METADATA_URL = {"aws": "http://169.254.169.254"}
+
+
+def metadata_url(cluster: ClusterConfig, provider: str) -> str:
+    """The metadata service the engines of ``provider`` watch for spot notices; "" = none."""
+    if cluster.metadata_url == "off":
+        return ""
+    return cluster.metadata_url or PROVIDER_METADATA_URL.get(provider, "")
+
+
 # the [training] keys that say how a run is cut into tasks, not what it trains: a resumed run or sweep
 # takes them from the current configuration, not from when it started
 TASK_KEYS = ("task_seconds", "checkpoint_minutes")
