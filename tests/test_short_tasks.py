@@ -1,4 +1,5 @@
-"""Short tasks, in-process: a run cut anywhere (task_seconds, a drain) resumes mid-epoch to the same weights.
+"""Short tasks: a run cut anywhere (task_seconds, a drain) resumes mid-epoch to the same weights, in-process;
+checkpoints kept on a real engine (checkpoint_minutes) and what losing that engine costs.
 
 Every task of these chains trains at least one batch and stops at a point the test fixes (a tiny
 task_seconds stops after every batch; a drain is requested from inside the batch that should be the
@@ -7,6 +8,9 @@ last), so nothing here depends on how fast the machine is.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,9 @@ import torch
 from engines import held, stopping
 from engines.cifar import CifarSpec, cifar_setup, load_cifar10, write_cifar10_batches
 from engines.data import load_mnist
-from engines.train import RunSpec, Setup, TaskResult, load_checkpoint, mnist_setup, run_task
+from controller.api import Cluster
+from engines.train import RunSpec, Setup, TaskResult, load_checkpoint, mnist_setup, run_task, train_epochs
+from tests.conftest import engines_holding_tasks, running_cluster
 
 EVERY_BATCH = 1e-9  # task_seconds: every task ends after its first batch
 
@@ -188,3 +194,47 @@ class TestCheckpointsKeptOnTheEngine:
         assert held.resolve("r-x", held.reference("r-x", 0, 3)) == b"3"
         assert held.keep_or_ship("r-x", b"4", 1, 0, minutes=1, must_ship=True, now=95.0) == (True, False)
         assert "r-x" not in held.held_runs()
+
+
+def test_a_run_keeps_its_checkpoint_on_its_engine_and_losing_that_engine_costs_only_what_was_not_shipped(
+        tmp_path, tiny_data_dir):
+    holder = tmp_path / "holder-pid"
+    with running_cluster(tmp_path, tiny_data_dir) as cluster:
+        engines = {e.pid: e.engine_id for e in cluster.store.engines(cluster.record.id)}
+        outcome: list = []
+
+        def train() -> None:  # the master, as `cluster train` runs it
+            with Cluster(cluster.config) as master:
+                try:
+                    outcome.append(master.train(epochs=2, subset=200, batch_size=50, task_seconds=EVERY_BATCH,
+                                                checkpoint_minutes=60))
+                except BaseException as error:  # noqa: BLE001 - the test reports it
+                    outcome.append(error)
+
+        # the task that goes on from the checkpoint kept one batch into epoch 2 waits inside its engine
+        when = (f"isinstance(checkpoint, dict) and (checkpoint['epoch'], checkpoint['batches_done']) == (1, 1) "
+                f"and open({str(holder)!r}, 'w').write(str(os.getpid())) > 0")
+        with engines_holding_tasks(cluster.client, tmp_path, when=when) as held:
+            master = threading.Thread(target=train, daemon=True)
+            master.start()
+            assert held.wait(), "the run never reached epoch 2"
+            victim_pid = int(holder.read_text())
+            victim, survivor = engines[victim_pid], next(e for p, e in engines.items() if p != victim_pid)
+            run = cluster.store.runs(limit=1)[0]
+            # every task so far went to the engine holding the checkpoint, and none crossed to the master:
+            # the store shows the progress (epoch 2, 25% in) and still resumes (from scratch)
+            assert (run.epochs_done, run.batches_done, run.epoch_batches) == (1, 1, 4)
+            assert [(e.epoch, e.engine_id) for e in cluster.store.epochs(run.id)] == [(1, victim)]
+            assert cluster.store.checkpoint_position(run.id) is None
+            os.kill(victim_pid, signal.SIGKILL)
+            held.release()  # the survivor passes the same point when it redoes the run
+            master.join(timeout=180)
+        assert not master.is_alive() and outcome and not isinstance(outcome[0], BaseException), outcome
+        run = outcome[0].run
+        assert run.state == "completed" and run.epochs_done == 2
+        # rolled back to the last shipped checkpoint (none: the start) and redone on the survivor
+        assert [(e.epoch, e.engine_id) for e in cluster.store.epochs(run.id)] == [(1, survivor), (2, survivor)]
+        assert cluster.store.checkpoint_position(run.id) == (2, 0), "the end of the run ships the checkpoint"
+        whole = load_checkpoint(train_epochs({**run.params, "task_seconds": 0}).checkpoint)["model"]
+        stored = load_checkpoint(cluster.store.load_checkpoint(run.id)[1])["model"]
+        assert all(torch.equal(whole[k], stored[k]) for k in whole), "the same weights as an uninterrupted run"
