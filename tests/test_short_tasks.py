@@ -20,6 +20,11 @@ from engines import held, stopping
 from engines.cifar import CifarSpec, cifar_setup, load_cifar10, write_cifar10_batches
 from engines.data import load_mnist
 from controller.api import Cluster
+from controller.formatting import epochs_progress
+from controller.runs import RunRecorder
+from controller.scheduler import Job
+from controller.store import RunRecord, Store
+from controller.task_result import TaskResult as Result
 from engines.train import RunSpec, Setup, TaskResult, load_checkpoint, mnist_setup, run_task, train_epochs
 from tests.conftest import engines_holding_tasks, running_cluster
 
@@ -194,6 +199,38 @@ class TestCheckpointsKeptOnTheEngine:
         assert held.resolve("r-x", held.reference("r-x", 0, 3)) == b"3"
         assert held.keep_or_ship("r-x", b"4", 1, 0, minutes=1, must_ship=True, now=95.0) == (True, False)
         assert "r-x" not in held.held_runs()
+
+
+def metrics(epoch: int, seconds: float) -> dict:
+    return dict(epoch=epoch, train_loss=0.5, val_accuracy=0.9, test_accuracy=0.9, seconds=seconds,
+                train_seconds=seconds, images_per_s=100.0, lr=0.01)
+
+
+def test_the_store_shows_a_run_part_way_into_an_epoch_and_resumes_it_from_its_last_shipped_checkpoint(tmp_path):
+    store = Store(tmp_path)
+    store.create_run(RunRecord(id="r-1", params={"epochs": 3}))
+    recorder, job = RunRecorder(store), Job(run_id="r-1", spec={"epochs": 3})
+    recorder.record_result(job, Result(epochs=[metrics(1, 2.0)], checkpoint=b"e1", completed_epochs=1,
+                                       epoch_batches=5, batches_run=5), 0)
+    recorder.record_result(job, Result(checkpoint=b"e1b2", completed_epochs=1, batches_done=2, epoch_batches=5,
+                                       batches_run=2), 0)
+    run = store.run("r-1")
+    assert epochs_progress(run.epochs_done, 3, run.batches_done, run.epoch_batches) == "1/3, epoch 2 40%"
+    assert store.checkpoint_position("r-1") == (1, 2) and store.load_checkpoint("r-1") == (1, b"e1b2")
+    assert len(list((tmp_path / "checkpoints" / "r-1").iterdir())) == 1, "only the newest file is kept"
+    # a task whose checkpoint its engine kept: progress is recorded, the stored checkpoint stays where it was
+    recorder.record_result(job, Result(epochs=[metrics(2, 3.0)], checkpoint=None, held=True, completed_epochs=2,
+                                       batches_done=1, epoch_batches=5, batches_run=4), 1)
+    assert (store.run("r-1").epochs_done, store.run("r-1").seconds) == (2, 5.0)
+    assert store.checkpoint_position("r-1") == (1, 2)
+    # resuming (that engine is gone) goes back to the stored checkpoint: epoch 2 is forgotten and redone
+    assert recorder.resume_from_checkpoint("r-1") == (1, 2)
+    run = store.run("r-1")
+    assert (run.epochs_done, run.batches_done, run.seconds) == (1, 2, 2.0)
+    assert [e.epoch for e in store.epochs("r-1")] == [1]
+    # a task that trained nothing (its engine was going) changes nothing
+    recorder.record_result(job, Result(checkpoint=None, completed_epochs=0, stopped="drain"), 1)
+    assert store.run("r-1").epochs_done == 1
 
 
 def test_a_run_keeps_its_checkpoint_on_its_engine_and_losing_that_engine_costs_only_what_was_not_shipped(
