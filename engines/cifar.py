@@ -23,7 +23,7 @@ import dataclasses
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -231,7 +231,7 @@ def cifar_setup(spec: CifarSpec, device: torch.device, data: Optional[Cifar] = N
                  loss=F.cross_entropy, augment=augment if spec.augment else None, eval_batch=EVAL_BATCH)
 
 
-def train_cifar(spec: CifarSpec | dict, checkpoint=None, n_epochs: Optional[int] = None,
+def train_cifar(spec: CifarSpec | dict, checkpoint: Union[bytes, dict, None] = None, n_epochs: Optional[int] = None,
                 progress: Optional[Callable[[dict], None]] = None, data: Optional[Cifar] = None) -> TaskResult:
     """Train ``n_epochs`` (default: to the end of the budget) from ``checkpoint`` (engines.train.run_task)."""
     spec = CifarSpec.from_dict(spec) if isinstance(spec, dict) else spec

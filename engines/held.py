@@ -33,6 +33,7 @@ class _Kept:
 
 
 _kept: "collections.OrderedDict[str, _Kept]" = collections.OrderedDict()
+_received_at: dict[str, float] = {}  # runs whose task brought its checkpoint from the master: since when
 
 
 def reference(run_id: str, epoch: int, batches_done: int) -> dict:
@@ -46,19 +47,17 @@ def is_reference(checkpoint: object) -> bool:
 
 def resolve(run_id: str, checkpoint: Union[bytes, dict, None], now: Optional[float] = None) -> Optional[bytes]:
     """The checkpoint's bytes: given by the master, or this engine's own copy that ``checkpoint`` refers to."""
-    now = time.monotonic() if now is None else now
     if not is_reference(checkpoint):
         # the master holds this one: a run that moved here counts its shipping interval from now
         _kept.pop(run_id, None)
-        _kept[run_id] = _Kept(b"", -1, -1, now)
+        _received_at[run_id] = time.monotonic() if now is None else now
         return checkpoint  # type: ignore[return-value]
     kept = _kept.get(run_id)
-    if kept is None or not kept.data or (kept.epoch, kept.batches_done) != (checkpoint["epoch"],
-                                                                             checkpoint["batches_done"]):
-        held = f"epoch {kept.epoch} batch {kept.batches_done}" if kept is not None and kept.data else "none"
+    if kept is None or (kept.epoch, kept.batches_done) != (checkpoint["epoch"], checkpoint["batches_done"]):
+        holds = f"epoch {kept.epoch} batch {kept.batches_done}" if kept is not None else "none"
         raise CheckpointNotHeld(
             f"run {run_id}: this engine does not hold its checkpoint at epoch {checkpoint['epoch']} batch "
-            f"{checkpoint['batches_done']} (it holds {held}); the run resumes from its last shipped checkpoint")
+            f"{checkpoint['batches_done']} (it holds {holds}); the run resumes from its last shipped checkpoint")
     _kept.move_to_end(run_id)
     return kept.data
 
@@ -70,11 +69,12 @@ def keep_or_ship(run_id: str, data: bytes, epoch: int, batches_done: int, minute
     ``must_ship``: the run ends, or the engine is going away (drain, spot notice): the master gets the
     bytes and nothing stays behind."""
     now = time.monotonic() if now is None else now
+    received = _received_at.pop(run_id, None)
     if minutes <= 0 or must_ship:
         _kept.pop(run_id, None)
         return True, False
     kept = _kept.get(run_id)
-    shipped_at = kept.shipped_at if kept is not None else now
+    shipped_at = kept.shipped_at if kept is not None else received if received is not None else now
     ship = now - shipped_at >= minutes * 60
     _kept[run_id] = _Kept(data, epoch, batches_done, now if ship else shipped_at)
     _kept.move_to_end(run_id)
@@ -84,9 +84,10 @@ def keep_or_ship(run_id: str, data: bytes, epoch: int, batches_done: int, minute
 
 
 def held_runs() -> dict[str, tuple[int, int]]:
-    """Run id -> (epoch, batches done) of every checkpoint this engine holds (for status and tests)."""
-    return {run_id: (k.epoch, k.batches_done) for run_id, k in _kept.items() if k.data}
+    """Run id -> (epoch, batches done) of every checkpoint this engine holds."""
+    return {run_id: (k.epoch, k.batches_done) for run_id, k in _kept.items()}
 
 
 def forget(run_id: str) -> None:
     _kept.pop(run_id, None)
+    _received_at.pop(run_id, None)

@@ -19,7 +19,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -233,7 +233,7 @@ def accuracy(model: nn.Module, split: Split, normalise: Callable = normalise, ba
     return correct / max(1, len(split))
 
 
-def run_task(spec, setup: Callable[[torch.device], Setup], checkpoint=None,
+def run_task(spec, setup: Callable[[torch.device], Setup], checkpoint: Union[bytes, dict, None] = None,
              n_epochs: Optional[int] = None, progress: Optional[ProgressFn] = None,
              shard: Optional[Shard] = None, device: Optional[torch.device] = None) -> TaskResult:
     """The training task every workload shares: from ``checkpoint`` (bytes, an engines.held reference, or
@@ -452,7 +452,7 @@ def l1_divisor(spec: RunSpec, n_train: int) -> int:
 
 def train_epochs(
     spec: RunSpec | dict,
-    checkpoint: Optional[bytes] = None,
+    checkpoint: Union[bytes, dict, None] = None,
     n_epochs: Optional[int] = None,
     progress: Optional[ProgressFn] = None,
     data: Optional[Mnist] = None,
