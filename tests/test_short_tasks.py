@@ -233,6 +233,24 @@ def test_the_store_shows_a_run_part_way_into_an_epoch_and_resumes_it_from_its_la
     assert store.run("r-1").epochs_done == 1
 
 
+def test_a_sweeps_pruner_hears_whole_epochs_only(tmp_path):
+    import optuna
+
+    from controller.sweep.source import SweepSource
+    from controller.sweep.space import SearchSpace
+
+    study = optuna.create_study(direction="maximize")
+    source = SweepSource(study, Store(tmp_path), "s-1", SearchSpace(), {"epochs": 2}, n_trials=1)
+    job = source.next_job()
+    part = Result(checkpoint=b"p", completed_epochs=0, batches_done=2, epoch_batches=4, batches_run=2)
+    assert source.on_result(job, part, 0) is True
+    assert study.trials[0].intermediate_values == {}
+    job.epochs_done = 1
+    whole = Result(epochs=[metrics(1, 1.0)], checkpoint=b"e1", completed_epochs=1, epoch_batches=4, batches_run=2)
+    assert source.on_result(job, whole, 0) is True
+    assert study.trials[0].intermediate_values == {1: 0.9}
+
+
 def test_a_run_keeps_its_checkpoint_on_its_engine_and_losing_that_engine_costs_only_what_was_not_shipped(
         tmp_path, tiny_data_dir):
     holder = tmp_path / "holder-pid"
