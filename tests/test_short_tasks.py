@@ -22,7 +22,7 @@ from engines.data import load_mnist
 from controller.api import Cluster
 from controller.formatting import epochs_progress
 from controller.runs import RunRecorder
-from controller.scheduler import Job
+from controller.scheduler import Job, ProgressSink
 from controller.store import RunRecord, Store
 from controller.task_result import TaskResult as Result
 from engines.train import RunSpec, Setup, TaskResult, load_checkpoint, mnist_setup, run_task, train_epochs
@@ -251,45 +251,81 @@ def test_a_sweeps_pruner_hears_whole_epochs_only(tmp_path):
     assert study.trials[0].intermediate_values == {1: 0.9}
 
 
+# real engines ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_data_dir):
+    with running_cluster(tmp_path_factory.mktemp("cluster"), tiny_data_dir) as cluster:
+        yield cluster
+
+
+class _InterruptAt(ProgressSink):
+    """Ctrl-C on the master as it sends the task that goes on from ``position`` (stored by then)."""
+
+    def __init__(self, position: tuple[int, int]):
+        self.position = position
+
+    def task_submitted(self, job) -> None:
+        if job.position == self.position:
+            raise KeyboardInterrupt
+
+
+def uninterrupted_weights(params: dict) -> dict:
+    return load_checkpoint(train_epochs({**params, "task_seconds": 0}).checkpoint)["model"]
+
+
+def test_an_interrupted_run_resumes_mid_epoch_to_the_weights_of_an_uninterrupted_one(cluster):
+    with pytest.raises(KeyboardInterrupt):
+        cluster.train(_InterruptAt((0, 2)), epochs=2, subset=200, batch_size=50, task_seconds=EVERY_BATCH)
+    run = cluster.store.runs(limit=1)[0]
+    assert (run.state, run.epochs_done, run.batches_done) == ("interrupted", 0, 2)
+    assert cluster.store.checkpoint_position(run.id) == (0, 2)
+    resumed = cluster.resume(run.id).run
+    assert resumed.state == "completed" and (resumed.epochs_done, resumed.batches_done) == (2, 0)
+    assert [e.epoch for e in cluster.store.epochs(run.id)] == [1, 2]
+    stored = load_checkpoint(cluster.store.load_checkpoint(run.id)[1])["model"]
+    whole = uninterrupted_weights(run.params)
+    assert all(torch.equal(whole[k], stored[k]) for k in whole)
+
+
 def test_a_run_keeps_its_checkpoint_on_its_engine_and_losing_that_engine_costs_only_what_was_not_shipped(
-        tmp_path, tiny_data_dir):
+        cluster, tmp_path):
+    """Last in this module: it leaves the cluster with one engine."""
     holder = tmp_path / "holder-pid"
-    with running_cluster(tmp_path, tiny_data_dir) as cluster:
-        engines = {e.pid: e.engine_id for e in cluster.store.engines(cluster.record.id)}
-        outcome: list = []
+    engines = {e.pid: e.engine_id for e in cluster.store.engines(cluster.record.id)}
+    outcome: list = []
 
-        def train() -> None:  # the master, as `cluster train` runs it
-            with Cluster(cluster.config) as master:
-                try:
-                    outcome.append(master.train(epochs=2, subset=200, batch_size=50, task_seconds=EVERY_BATCH,
-                                                checkpoint_minutes=60))
-                except BaseException as error:  # noqa: BLE001 - the test reports it
-                    outcome.append(error)
+    def train() -> None:  # the master, as `cluster train` runs it
+        with Cluster(cluster.config) as master:
+            try:
+                outcome.append(master.train(epochs=2, subset=200, batch_size=50, task_seconds=EVERY_BATCH,
+                                            checkpoint_minutes=60))
+            except BaseException as error:  # noqa: BLE001 - the test reports it
+                outcome.append(error)
 
-        # the task that goes on from the checkpoint kept one batch into epoch 2 waits inside its engine
-        when = (f"isinstance(checkpoint, dict) and (checkpoint['epoch'], checkpoint['batches_done']) == (1, 1) "
-                f"and open({str(holder)!r}, 'w').write(str(os.getpid())) > 0")
-        with engines_holding_tasks(cluster.client, tmp_path, when=when) as held:
-            master = threading.Thread(target=train, daemon=True)
-            master.start()
-            assert held.wait(), "the run never reached epoch 2"
-            victim_pid = int(holder.read_text())
-            victim, survivor = engines[victim_pid], next(e for p, e in engines.items() if p != victim_pid)
-            run = cluster.store.runs(limit=1)[0]
-            # every task so far went to the engine holding the checkpoint, and none crossed to the master:
-            # the store shows the progress (epoch 2, 25% in) and still resumes (from scratch)
-            assert (run.epochs_done, run.batches_done, run.epoch_batches) == (1, 1, 4)
-            assert [(e.epoch, e.engine_id) for e in cluster.store.epochs(run.id)] == [(1, victim)]
-            assert cluster.store.checkpoint_position(run.id) is None
-            os.kill(victim_pid, signal.SIGKILL)
-            held.release()  # the survivor passes the same point when it redoes the run
-            master.join(timeout=180)
-        assert not master.is_alive() and outcome and not isinstance(outcome[0], BaseException), outcome
-        run = outcome[0].run
-        assert run.state == "completed" and run.epochs_done == 2
-        # rolled back to the last shipped checkpoint (none: the start) and redone on the survivor
-        assert [(e.epoch, e.engine_id) for e in cluster.store.epochs(run.id)] == [(1, survivor), (2, survivor)]
-        assert cluster.store.checkpoint_position(run.id) == (2, 0), "the end of the run ships the checkpoint"
-        whole = load_checkpoint(train_epochs({**run.params, "task_seconds": 0}).checkpoint)["model"]
-        stored = load_checkpoint(cluster.store.load_checkpoint(run.id)[1])["model"]
-        assert all(torch.equal(whole[k], stored[k]) for k in whole), "the same weights as an uninterrupted run"
+    # the task that goes on from the checkpoint kept one batch into epoch 2 waits inside its engine
+    when = (f"isinstance(checkpoint, dict) and (checkpoint['epoch'], checkpoint['batches_done']) == (1, 1) "
+            f"and open({str(holder)!r}, 'w').write(str(os.getpid())) > 0")
+    with engines_holding_tasks(cluster.client, tmp_path, when=when) as held:
+        master = threading.Thread(target=train, daemon=True)
+        master.start()
+        assert held.wait(), "the run never reached epoch 2"
+        victim_pid = int(holder.read_text())
+        victim, survivor = engines[victim_pid], next(e for p, e in engines.items() if p != victim_pid)
+        run = cluster.store.runs(limit=1)[0]
+        # every task so far went to the engine holding the checkpoint, and none crossed to the master:
+        # the store shows the progress (epoch 2, 25% in) and still resumes (from scratch)
+        assert (run.epochs_done, run.batches_done, run.epoch_batches) == (1, 1, 4)
+        assert [(e.epoch, e.engine_id) for e in cluster.store.epochs(run.id)] == [(1, victim)]
+        assert cluster.store.checkpoint_position(run.id) is None
+        os.kill(victim_pid, signal.SIGKILL)
+        held.release()  # the survivor passes the same point when it redoes the run
+        master.join(timeout=180)
+    assert not master.is_alive() and outcome and not isinstance(outcome[0], BaseException), outcome
+    run = outcome[0].run
+    assert run.state == "completed" and run.epochs_done == 2
+    # rolled back to the last shipped checkpoint (none: the start) and redone on the survivor
+    assert [(e.epoch, e.engine_id) for e in cluster.store.epochs(run.id)] == [(1, survivor), (2, survivor)]
+    assert cluster.store.checkpoint_position(run.id) == (2, 0), "the end of the run ships the checkpoint"
+    whole = uninterrupted_weights(run.params)
+    stored = load_checkpoint(cluster.store.load_checkpoint(run.id)[1])["model"]
+    assert all(torch.equal(whole[k], stored[k]) for k in whole), "the same weights as an uninterrupted run"
