@@ -21,7 +21,7 @@ from engines.tasks import L1_SCALE
 from . import ipcluster, processes
 from .bench.runner import run_bench
 from .bench.workloads import workload as find_workload
-from .config import Config, load_config, override
+from .config import Config, load_config, metadata_url, override, task_keys
 from .errors import (AlreadyRunningError, ClusterLostError, ClusterStateError, NotRunningError, ProviderError,
                      TaskError, UsageError)
 from .leases import Leases
@@ -248,6 +248,7 @@ class Cluster:
         from engines.tasks import engine_info
 
         infos = client[:].apply_async(engine_info, threads).get(timeout=60)
+        self._watch_notices(client, record.provider)
         host_to_node = {n.host: n.node_id for n in nodes}
         host_to_node.update({n.private_ip: n.node_id for n in nodes if n.private_ip})
         now = time.time()
@@ -257,6 +258,15 @@ class Cluster:
                          registered_at=now)
             for engine_id, info in zip(client.ids, infos)
         ])
+
+    def _watch_notices(self, client, provider: str) -> None:
+        """Every engine polls the metadata service for spot notices (engines/notices.py), where there is one."""
+        url = metadata_url(self.config.cluster, provider)
+        if url:
+            from engines.notices import watch
+
+            client[:].apply_async(watch, url).get(timeout=60)
+            log.info("engines watch %s for spot interruption notices", url)
 
     def stop(self, all_clusters: bool = False, any_owner: bool = False,
              only: Optional[set[str]] = None) -> Stopped:
@@ -460,7 +470,7 @@ class Cluster:
             raise UsageError(f"--resume {run_id}: no such run; `cluster runs` lists them")
         if run.state == "completed":
             raise UsageError(f"--resume {run_id}: the run already completed all {run.epochs_done} epochs")
-        from engines.tasks import stored_params, task_for
+        from engines.tasks import task_for
 
         leases = Leases(self.store)
         if run.sweep_id:  # a trial: its sweep's master may be training it right now
@@ -468,16 +478,25 @@ class Cluster:
         # before anything else: a second master must not touch the run (or its checkpoint files) at all
         with leases.hold("run", run_id):
             stored = self.store.load_checkpoint(run_id)
-            epoch, checkpoint = stored if stored else (0, None)
+            checkpoint = stored[1] if stored else None
+            # progress recorded after the stored checkpoint (kept on an engine, checkpoint_minutes) is redone
+            position = RunRecorder(self.store).resume_from_checkpoint(run_id)
             self.store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=self.record.id)
-            job = Job(run_id=run_id, spec=stored_params(run.params), checkpoint=checkpoint, epochs_done=epoch,
-                      task=task_for(run.params))
+            job = Job(run_id=run_id, spec=self._resumed_spec(run.params), checkpoint=checkpoint,
+                      epochs_done=position[0], batches_done=position[1], shipped=position, task=task_for(run.params))
             self.current_run_id = run_id
             if run.params.get("distributed"):
                 return self._execute_distributed(job, progress, engines)
             if engines is not None:
                 raise UsageError(f"--engines: run {run_id} is not distributed; it resumes on one free engine")
             return self._execute(job, progress)
+
+    def _resumed_spec(self, params: dict) -> dict:
+        """A stored run's spec, with how this cluster cuts it into tasks (not what it trains) from now."""
+        from engines.tasks import stored_params
+
+        training = self.config.training
+        return {**stored_params(params), **task_keys(training)}
 
     def scheduler(self, **options: Any) -> Scheduler:
         """A scheduler on this cluster's engines that gives up, rather than waits forever, when the

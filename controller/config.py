@@ -50,6 +50,11 @@ SLAVE_DATA_HELP = ("where the slaves' engines keep data sets (a path on the slav
 PROGRAM_PATTERN = (r"[A-Za-z0-9_./+-]+", "a program name or absolute path (letters, digits, '_./+-')")
 
 
+# a base URL the engines GET /latest/... under: http(s), a host (name, IPv4 or [IPv6]) and an optional port/path
+METADATA_URL_PATTERN = (r"|off|https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~-]+)*/?|https?://\[[0-9a-fA-F:]+\](:[0-9]{1,5})?",
+                        "empty (the provider's default), off, or an http:// URL such as http://169.254.169.254")
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     name: str = _opt("default", "name of the cluster; tags its nodes and rows in the store", pattern=NAME_PATTERN)
@@ -63,6 +68,9 @@ class ClusterConfig:
     master_grace_minutes: float = _opt(10.0, "minutes engines wait for a silent master (a sleeping laptop) "
                                              "before they quit", min=0.1, max=1440.0)
     price_per_hour: float = _opt(0.0, "$/hour of the whole local or ssh cluster, for cost reports", min=0.0)
+    metadata_url: str = _opt("", "instance metadata service the engines watch for spot interruption notices; "
+                                 "empty = the provider's (aws: http://169.254.169.254, local/ssh: none), off = none",
+                             pattern=METADATA_URL_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,31 @@ class TrainingConfig:
     conv2: int = _opt(40, "filters of the second convolution", min=1, max=1024)
     hidden: int = _opt(100, "units of the fully connected hidden layer", min=1, max=65536)
     subset: int = _opt(0, "train on the first N training images only; 0 = all 50,000", min=0, max=50000)
+    task_seconds: float = _opt(60.0, "a task ends after this many seconds (at a batch boundary, with a checkpoint "
+                                     "that resumes mid-epoch) or at its epoch's end; 0 = whole epochs", min=0.0)
+    checkpoint_minutes: float = _opt(0.0, "engines keep a run's checkpoint and ship it to the master this often "
+                                          "(and on a drain, a spot notice and at the end); 0 = after every task",
+                                     min=0.0)
+
+
+# where each provider's engines find an instance metadata service by default ([cluster] metadata_url = "")
+PROVIDER_METADATA_URL = {"aws": "http://169.254.169.254"}
+
+
+def metadata_url(cluster: ClusterConfig, provider: str) -> str:
+    """The metadata service the engines of ``provider`` watch for spot notices; "" = none."""
+    if cluster.metadata_url == "off":
+        return ""
+    return cluster.metadata_url or PROVIDER_METADATA_URL.get(provider, "")
+
+
+# the [training] keys that say how a run is cut into tasks, not what it trains: a resumed run or sweep
+# takes them from the current configuration, not from when it started
+TASK_KEYS = ("task_seconds", "checkpoint_minutes")
+
+
+def task_keys(training: TrainingConfig) -> dict:
+    return {key: getattr(training, key) for key in TASK_KEYS}
 
 
 @dataclass(frozen=True)

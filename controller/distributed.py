@@ -22,6 +22,7 @@ from .errors import TaskError, UsageError
 from .runs import RunRecorder
 from .scheduler import Job, ProgressSink, is_engine_loss
 from .store import Store
+from .task_result import TaskResult
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +115,13 @@ class DistributedRun:
             sink.task_submitted(job)
             attempt = self._attempt(job, sink, hold)
             if not attempt.errors and not attempt.lost:
-                rank0 = attempt.results[self.engines[0]]
-                job.checkpoint, job.epochs_done = rank0["checkpoint"], rank0["completed_epochs"]
+                rank0 = TaskResult.from_dict(attempt.results[self.engines[0]])
+                job.checkpoint, job.epochs_done = rank0.checkpoint, rank0.completed_epochs
+                job.shipped = rank0.position
                 self.weights = {e: r["weights"] for e, r in attempt.results.items()}
                 self.recorder.record_result(job, rank0, self.engines[0])
                 sink.task_done(job, rank0, self.engines[0])
-                if rank0.get("diverged"):
+                if rank0.diverged:
                     return
                 continue
             if not attempt.lost:  # every rank answered, and some raised: the task's own fault

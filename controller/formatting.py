@@ -13,3 +13,11 @@ def duration(seconds: float | None) -> str:
 
 def percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.2%}"
+
+
+def epochs_progress(epochs_done: int, epochs: object, batches_done: int = 0, epoch_batches: int = 0) -> str:
+    """``2/5``, or ``2/5, epoch 3 40%`` when the last task ended part-way into the next epoch."""
+    text = f"{epochs_done}/{epochs}"
+    if batches_done and epoch_batches:
+        text += f", epoch {epochs_done + 1} {batches_done / epoch_batches:.0%}"
+    return text

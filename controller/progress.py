@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .scheduler import Job, ProgressSink
+from .task_result import TaskResult
 
 
 def epoch_line(run_id: str, metrics: dict, epochs: int) -> str:
@@ -55,8 +56,8 @@ class RunProgress(ProgressSink):
                                  description=f"{job.run_id} epoch {update['epoch']}/{update['epochs']}",
                                  loss=f"{loss:.4f}" if loss is not None else "-")
 
-    def task_done(self, job: Job, result: dict, engine_id: Optional[int]) -> None:
-        for metrics in result["epochs"]:
+    def task_done(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> None:
+        for metrics in result.epochs:
             self._epoch_done(job, metrics, engine_id)
 
     def _epoch_done(self, job: Job, metrics: dict, engine_id: Optional[int] = None) -> None:

@@ -7,6 +7,7 @@ from typing import Optional
 
 from .scheduler import Job
 from .store import EpochRecord, RunRecord, Store
+from .task_result import TaskResult
 
 log = logging.getLogger(__name__)
 
@@ -17,33 +18,58 @@ class RunRecorder:
     def __init__(self, store: Store):
         self.store = store
 
-    def record_result(self, job: Job, result: dict, engine_id: Optional[int]) -> RunRecord:
+    def record_result(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> RunRecord:
         # one transaction: a Ctrl-C never leaves epochs without their checkpoint, or seconds counted twice
         with self.store.transaction():
             return self._record_result(job, result, engine_id)
 
-    def _record_result(self, job: Job, result: dict, engine_id: Optional[int]) -> RunRecord:
+    def _record_result(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> RunRecord:
         run = self.store.run(job.run_id)
+        if not result.batches_run and not result.shipped:
+            return run  # the task trained nothing and brought nothing back (its engine is going away)
         seconds = run.seconds or 0.0
-        for epoch in result["epochs"]:
+        for epoch in result.epochs:
             self.store.add_epoch(EpochRecord(run_id=job.run_id, engine_id=engine_id, **epoch))
             seconds += epoch["seconds"]
-        self.store.save_checkpoint(job.run_id, result["completed_epochs"], result["checkpoint"])
+        if result.shipped and self.store.checkpoint_position(job.run_id) != result.position:
+            self.store.save_checkpoint(job.run_id, result.completed_epochs, result.checkpoint, result.batches_done)
         values = dict(
-            epochs_done=result["completed_epochs"], seconds=seconds,
-            engine_id=engine_id, host=result["host"], device=result["device"],
+            epochs_done=result.completed_epochs, batches_done=result.batches_done, seconds=seconds,
+            engine_id=engine_id, host=result.host, device=result.device,
         )
-        if result["epochs"]:
-            last = result["epochs"][-1]
+        if result.epoch_batches:
+            values["epoch_batches"] = result.epoch_batches
+        if result.epochs:
+            last = result.epochs[-1]
             values.update(train_loss=last["train_loss"], val_accuracy=last["val_accuracy"],
                           test_accuracy=last["test_accuracy"], images_per_s=self._mean_rate(job.run_id))
-        if result.get("diverged"):
+        if result.diverged:
             values.update(state="failed", finished_at=time.time(),
                           error="training diverged (loss is NaN or infinite); lower the learning rate")
-        elif result["completed_epochs"] >= job.spec["epochs"]:
+        elif result.completed_epochs >= job.spec["epochs"]:
             values.update(state="completed", finished_at=time.time())
         self.store.update_run(job.run_id, **values)
         return self.store.run(job.run_id)
+
+    def roll_back(self, run_id: str, position: tuple[int, int]) -> None:
+        """The run goes on from its stored checkpoint at ``position`` (epochs, batches): the epochs after it,
+        recorded while a newer checkpoint was kept on an engine that is now gone, are forgotten and redone."""
+        epochs, batches = position
+        with self.store.transaction():
+            self.store.drop_epochs_after(run_id, epochs)
+            kept = self.store.epochs(run_id)
+            last = kept[-1] if kept else None
+            self.store.update_run(
+                run_id, epochs_done=epochs, batches_done=batches, seconds=sum(e.seconds for e in kept),
+                train_loss=last.train_loss if last else None, val_accuracy=last.val_accuracy if last else None,
+                test_accuracy=last.test_accuracy if last else None,
+                images_per_s=self._mean_rate(run_id) if last else None)
+
+    def resume_from_checkpoint(self, run_id: str) -> tuple[int, int]:
+        """Where a run resumes: its stored checkpoint's position, with the run's row rolled back to it."""
+        position = self.store.checkpoint_position(run_id) or (0, 0)
+        self.roll_back(run_id, position)
+        return position
 
     def mark_interrupted(self, run_ids) -> None:
         """Runs still running when their master stopped driving them (Ctrl-C, a lost cluster, a bug) stay
@@ -76,9 +102,12 @@ class SingleRun:
         job, self.job = self.job, None
         return job
 
-    def on_result(self, job: Job, result: dict, engine_id: Optional[int]) -> bool:
+    def on_result(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> bool:
         self.recorder.record_result(job, result, engine_id)
         return True
+
+    def on_rollback(self, job: Job) -> None:
+        self.recorder.roll_back(job.run_id, job.shipped)
 
     def on_error(self, job: Job, error: BaseException, traceback: str) -> None:
         self.error, self.traceback = error, traceback

@@ -6,6 +6,11 @@ next job from a :class:`JobSource` as soon as an engine is free, and after each
 task hands the result to the source, which stores it and says whether the job
 goes on (Optuna's pruning lives there, not here).  A task lost with its engine
 is sent again, from the job's last checkpoint, to another engine.
+
+A task may end mid-epoch (``task_seconds``, a drain, a spot notice): its checkpoint stands there and the
+next task goes on from it.  With ``checkpoint_minutes`` the engine keeps the newest checkpoint instead of
+shipping it (engines/held.py): the job's next task goes to that engine alone, with a reference in place
+of the bytes; if that engine is lost, the job goes back to its last shipped checkpoint (``on_rollback``).
 """
 from __future__ import annotations
 
@@ -20,9 +25,11 @@ from typing import Any, Callable, Optional, Protocol
 
 import ipyparallel as ipp
 
+from engines.held import reference as held_reference
 from engines.tasks import train_task
 
 from .errors import ClusterLostError
+from .task_result import TaskResult
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +44,40 @@ RESULT_BYTES_PER_COLLECTION = 32 * 1024 * 1024
 class Job:
     run_id: str
     spec: dict  # RunSpec as a dict
-    checkpoint: Optional[bytes] = None
-    epochs_done: int = 0
+    checkpoint: Optional[bytes] = None  # the newest checkpoint the master holds (shipped)
+    epochs_done: int = 0  # whole epochs
     epochs_per_task: int = 1
     engine_losses: int = 0
     tag: Any = None  # the source's own handle (an Optuna trial, ...)
     # the engine function: (spec, checkpoint, n_epochs) -> TaskResult dict (engines.train.TaskResult)
     task: Callable[..., dict] = train_task
+    batches_done: int = 0  # of epoch epochs_done + 1: the run stands mid-epoch
+    shipped: tuple[int, int] = (0, 0)  # (epochs, batches) where ``checkpoint`` stands
+    held_on: Optional[int] = None  # the engine keeping a newer checkpoint than ``checkpoint``
 
     @property
     def finished(self) -> bool:
         return self.epochs_done >= self.spec["epochs"]
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.epochs_done, self.batches_done
+
+    def roll_back(self) -> None:
+        """The engine holding the newest checkpoint is gone: go on from the last shipped one."""
+        self.held_on = None
+        self.epochs_done, self.batches_done = self.shipped
 
 
 class JobSource(Protocol):
     def next_job(self) -> Optional[Job]:
         """A new job to start now, or None when there is none at the moment."""
 
-    def on_result(self, job: Job, result: dict, engine_id: Optional[int]) -> bool:
+    def on_result(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> bool:
         """Store a task's result; True when the job should go on (more epochs)."""
+
+    def on_rollback(self, job: Job) -> None:
+        """The job went back to its last shipped checkpoint (``job.shipped``): forget the progress after it."""
 
     def on_error(self, job: Job, error: BaseException, traceback: str) -> None:
         """The task raised (not an engine loss): record the failure; the job ends."""
@@ -71,7 +93,7 @@ class ProgressSink:
 
     def task_progress(self, job: Job, update: dict) -> None: ...
 
-    def task_done(self, job: Job, result: dict, engine_id: Optional[int]) -> None: ...
+    def task_done(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> None: ...
 
     def engine_lost(self, job: Job, error: BaseException) -> None: ...
 
@@ -142,6 +164,15 @@ ENGINE_GOING = ("drain", "notice")
 ROSTER_CHECK_S = 1.0
 
 
+# a task sent to the engine holding its run's checkpoint failed because that engine no longer has it: it
+# dropped the checkpoint (engines.held), or it unregistered before the task reached it
+HELD_LOST = ("CheckpointNotHeld", "ImpossibleDependency")
+
+
+def _remote_name(error: BaseException) -> str:
+    return error.ename if isinstance(error, ipp.error.RemoteError) else type(error).__name__
+
+
 def is_engine_loss(error: BaseException) -> bool:
     if isinstance(error, ipp.error.EngineError):
         return True
@@ -204,9 +235,20 @@ class Scheduler:
             self.view = self.client.load_balanced_view(wanted)
 
     def submit(self, job: Job) -> _InFlight:
-        result = self.view.apply_async(job.task, job.spec, job.checkpoint, job.epochs_per_task)
+        view, checkpoint = self.view, job.checkpoint
+        if job.held_on is not None:  # only that engine has the newest checkpoint: the task goes there
+            view = self.client.load_balanced_view([job.held_on])
+            checkpoint = held_reference(job.run_id, job.epochs_done, job.batches_done)
+        result = view.apply_async(job.task, job.spec, checkpoint, job.epochs_per_task)
         self.stats.tasks += 1
         return _InFlight(job, result)
+
+    def _roll_back(self, job: Job, source: JobSource, why: object) -> None:
+        log.warning("run %s: engine %s held its checkpoint at epoch %d batch %d and is gone (%s); going on "
+                    "from the last shipped one (epoch %d batch %d)", job.run_id, job.held_on, job.epochs_done,
+                    job.batches_done, why, *job.shipped)
+        job.roll_back()
+        source.on_rollback(job)
 
     def run(self, source: JobSource, sink: Optional[ProgressSink] = None) -> SchedulerStats:
         sink = sink or ProgressSink()
@@ -219,6 +261,8 @@ class Scheduler:
                     job = ready.popleft() if ready else source.next_job()
                     if job is None:
                         break
+                    if job.held_on is not None and job.held_on not in self.client.ids:
+                        self._roll_back(job, source, "unregistered")
                     task = self.submit(job)
                     in_flight[task.result.msg_ids[0]] = task
                     sink.task_submitted(job)
@@ -271,10 +315,14 @@ class Scheduler:
     def _finish(self, task: _InFlight, source: JobSource, sink: ProgressSink) -> Optional[Job]:
         job = task.job
         try:
-            result = task.result.get()
+            result = TaskResult.from_dict(task.result.get())
         except BaseException as error:  # noqa: BLE001 - every remote failure is sorted here
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
+            if job.held_on is not None and (is_engine_loss(error) or _remote_name(error) in HELD_LOST):
+                self._roll_back(job, source, error)
+                if not is_engine_loss(error):
+                    return job  # the engine lives but dropped the checkpoint: nothing else went wrong
             if is_engine_loss(error) and job.engine_losses + 1 < MAX_ENGINE_LOSSES:
                 job.engine_losses += 1
                 self.stats.engine_losses += 1
@@ -288,17 +336,20 @@ class Scheduler:
         engine_id = task.result.engine_id
         # the metadata, not a copy: its timestamps may land a moment after the result does
         self._timed.append((engine_id, _metadata(task.result)))
-        self._forget(task.result, len(result.get("checkpoint") or b""))
-        stopped = result.get("stopped")
+        self._forget(task.result, len(result.checkpoint or b""))
+        stopped = result.stopped
         if stopped in ENGINE_GOING and engine_id is not None:
             self.exclude(engine_id, stopped)
             if self.roster is not None:
                 self.roster.engine_leaving(engine_id, stopped)
-        job.checkpoint = result["checkpoint"]
-        job.epochs_done = result["completed_epochs"]
+        if result.shipped:
+            job.checkpoint, job.shipped = result.checkpoint, result.position
+        if result.batches_run or result.shipped:
+            job.epochs_done, job.batches_done = result.position
+        job.held_on = engine_id if result.held else None
         sink.task_done(job, result, engine_id)
         go_on = source.on_result(job, result, engine_id)
-        return job if go_on and not job.finished and not result.get("diverged") else None
+        return job if go_on and not job.finished and not result.diverged else None
 
     def _count_overheads(self) -> None:
         """Engine-idle seconds before every finished task: from when both the task was submitted and its

@@ -179,6 +179,10 @@ CREATE INDEX IF NOT EXISTS bench_measurements_by_bench ON bench_measurements(ben
 ALTER TABLE bench_engines RENAME COLUMN bench_run_id TO measurement_id;
 ALTER TABLE bench_trials RENAME COLUMN bench_run_id TO measurement_id;
 """,)),
+    Migration(6, "a run and its checkpoint can stand part-way into an epoch (tasks of task_seconds)",
+              (add_column("runs", "batches_done", "INTEGER DEFAULT 0"),
+               add_column("runs", "epoch_batches", "INTEGER DEFAULT 0"),
+               add_column("checkpoints", "batches_done", "INTEGER DEFAULT 0"))),
 )
 LATEST = MIGRATIONS[-1].version
 

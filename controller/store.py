@@ -145,7 +145,9 @@ class RunRecord:
     created_at: float = field(default_factory=time.time)
     finished_at: Optional[float] = None
     seconds: float = 0.0
-    epochs_done: int = 0
+    epochs_done: int = 0  # whole epochs
+    batches_done: int = 0  # of the epoch in progress (epochs_done + 1), when its last task ended mid-epoch
+    epoch_batches: int = 0  # batches per epoch (0: not known yet)
     train_loss: Optional[float] = None
     val_accuracy: Optional[float] = None
     test_accuracy: Optional[float] = None
@@ -368,14 +370,23 @@ class Store:
         rows = self.db.execute("SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", (run_id,))
         return [_row_to(EpochRecord, r) for r in rows]
 
+    def drop_epochs_after(self, run_id: str, epoch: int) -> None:
+        """Forget the run's epochs after ``epoch`` (their checkpoint was lost with its engine: they are redone)."""
+        self.db.execute("DELETE FROM epochs WHERE run_id = ? AND epoch > ?", (run_id, epoch))
+
     # checkpoints --------------------------------------------------------------
-    def save_checkpoint(self, run_id: str, epoch: int, data: bytes) -> Path:
-        """Write atomically (temp file + rename), record it, then drop older files of the run."""
+    def save_checkpoint(self, run_id: str, epoch: int, data: bytes, batches_done: int = 0) -> Path:
+        """Write atomically (temp file + rename), record it, then drop older files of the run.
+
+        ``batches_done``: a checkpoint taken that far into epoch ``epoch + 1``."""
         folder = self.checkpoint_dir / run_id
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
             fsync_dir(folder.parent)  # the run's folder itself survives a power cut
-        path = folder / f"epoch-{epoch:04d}.pt"
+        digest = hashlib.sha256(data).hexdigest()
+        # the position and the hash in the name: a new checkpoint never overwrites the file the row still names
+        path = folder / (f"epoch-{epoch:04d}.pt" if not batches_done else
+                         f"epoch-{epoch:04d}-b{batches_done:06d}-{digest[:8]}.pt")
         tmp = path.with_suffix(".pt.tmp")
         with open(tmp, "wb") as handle:
             handle.write(data)
@@ -384,7 +395,7 @@ class Store:
         os.replace(tmp, path)
         fsync_dir(folder)  # the rename is durable before the row names the file and the older one goes
         self._insert("checkpoints", dict(
-            run_id=run_id, epoch=epoch, path=str(path), sha256=hashlib.sha256(data).hexdigest(),
+            run_id=run_id, epoch=epoch, batches_done=batches_done, path=str(path), sha256=digest,
             bytes=len(data), created_at=time.time()), replace=True)
 
         def drop_older() -> None:  # only once the row naming the new file is committed
@@ -400,13 +411,18 @@ class Store:
         with self.transaction():
             self.db.execute("DELETE FROM checkpoints WHERE run_id = ?", (run_id,))
             self.db.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
-            self._update("runs", {"id": run_id}, {"epochs_done": 0})
+            self._update("runs", {"id": run_id}, {"epochs_done": 0, "batches_done": 0})
 
             def drop_files() -> None:
                 for old in (self.checkpoint_dir / run_id).glob("epoch-*.pt*"):
                     old.unlink(missing_ok=True)
 
             self._when_committed(drop_files)
+
+    def checkpoint_position(self, run_id: str) -> Optional[tuple[int, int]]:
+        """(whole epochs, batches of the next epoch) where the run's stored checkpoint stands; None if none."""
+        row = self.db.execute("SELECT epoch, batches_done FROM checkpoints WHERE run_id = ?", (run_id,)).fetchone()
+        return (row["epoch"], row["batches_done"] or 0) if row else None
 
     def load_checkpoint(self, run_id: str) -> Optional[tuple[int, bytes]]:
         """(epoch, bytes) of the run's newest checkpoint, verified against its hash; None if none."""

@@ -23,7 +23,7 @@ import dataclasses
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -64,6 +64,8 @@ class CifarSpec:
     subset: int = 0  # train on the first N training images only; 0 = all
     augment: bool = True  # random crop (pad 4) and horizontal flip
     threads: int = 0
+    task_seconds: float = 0.0  # engines.train.RunSpec's: a task ends after this long; 0 = at epoch ends
+    checkpoint_minutes: float = 0.0  # ship the checkpoint this often; 0 = after every task
 
     @classmethod
     def from_dict(cls, values: dict) -> "CifarSpec":
@@ -230,8 +232,8 @@ def cifar_setup(spec: CifarSpec, device: torch.device, data: Optional[Cifar] = N
                  loss=F.cross_entropy, augment=augment if spec.augment else None, eval_batch=EVAL_BATCH)
 
 
-def train_cifar(spec: CifarSpec | dict, checkpoint: Optional[bytes] = None, n_epochs: Optional[int] = None,
+def train_cifar(spec: CifarSpec | dict, checkpoint: Union[bytes, dict, None] = None, n_epochs: Optional[int] = None,
                 progress: Optional[Callable[[dict], None]] = None, data: Optional[Cifar] = None) -> TaskResult:
-    """Train ``n_epochs`` (default: to the end of the budget) from ``checkpoint``."""
+    """Train ``n_epochs`` (default: to the end of the budget) from ``checkpoint`` (engines.train.run_task)."""
     spec = CifarSpec.from_dict(spec) if isinstance(spec, dict) else spec
     return run_task(spec, lambda device: cifar_setup(spec, device, data), checkpoint, n_epochs, progress)

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import platform
 import socket
-from typing import Optional
+from typing import Optional, Union
 
 # The L1 convention a run's params record (RunSpec.l1_scale): "batches" divides l1 * sum(|w|) by the
 # training batches per epoch, as the paper's code does; runs stored without the key used "none".
@@ -43,8 +43,9 @@ def _publish(update: dict) -> None:
     publish_data({"progress": update})
 
 
-def train_task(spec: dict, checkpoint: Optional[bytes], n_epochs: Optional[int]) -> dict:
-    """Train ``n_epochs`` of a run from ``checkpoint``; returns TaskResult as a dict."""
+def train_task(spec: dict, checkpoint: Union[bytes, dict, None], n_epochs: Optional[int]) -> dict:
+    """Train ``n_epochs`` of a run from ``checkpoint`` (bytes, or a reference to one this engine keeps:
+    engines/held.py), or until ``task_seconds`` or a stop request; returns TaskResult as a dict."""
     from .train import train_epochs
 
     result = train_epochs(spec, checkpoint, n_epochs, progress=_publish if _in_engine() else None)
@@ -73,7 +74,7 @@ def engine_info(threads: int = 0) -> dict:
     }
 
 
-def cifar_task(spec: dict, checkpoint: Optional[bytes], n_epochs: Optional[int]) -> dict:
+def cifar_task(spec: dict, checkpoint: Union[bytes, dict, None], n_epochs: Optional[int]) -> dict:
     """A CIFAR-10 run (VGG16 or ResNet18, ``spec["model"]``); the contract of ``train_task``."""
     from .cifar import train_cifar
 

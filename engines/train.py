@@ -1,9 +1,13 @@
-"""Training on an engine: a run is a chain of short tasks, each a few epochs long.
+"""Training on an engine: a run is a chain of short tasks.
 
-A task starts from the run's last checkpoint (or from scratch), trains, and
-returns its per-epoch metrics and a new checkpoint.  Shuffling is seeded by
-(seed, epoch), so a run resumed from any checkpoint gives the same weights as an
-uninterrupted one (same seed, same device, same thread count).
+A task starts from the run's last checkpoint (or from scratch), trains to the end of
+the epoch it is in, or for ``task_seconds``, or until the engine is asked to stop
+(engines/stopping.py: a drain or a spot notice), whichever comes first, and returns
+the metrics of the epochs it finished and a new checkpoint.  A checkpoint may stand
+in the middle of an epoch: it carries the position (batches done), the epoch's loss
+sum and seconds so far, the shuffling/augmentation generator and the global RNG, so a
+run resumed from any checkpoint gives the same weights as an uninterrupted one (same
+seed, same device, same thread count).
 """
 from __future__ import annotations
 
@@ -15,12 +19,13 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import held, stopping
 from .data import DataError, Mnist, Split, load_mnist, normalise
 from .model import MnistCNN, l1_penalty
 from .tasks import L1_SCALE, LEGACY_L1_SCALE
@@ -53,6 +58,8 @@ class RunSpec:
     # how l1 enters each batch's loss: "batches" = l1 * sum(|w|) / training batches per epoch (the paper's
     # code; one epoch adds l1 * sum(|w|) in all); "none" = l1 * sum(|w|) per batch (runs stored before this)
     l1_scale: str = L1_SCALE
+    task_seconds: float = 0.0  # a task ends after this long, at a batch boundary; 0 = at epoch ends only
+    checkpoint_minutes: float = 0.0  # ship the checkpoint to the master this often; 0 = after every task
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunSpec":
@@ -77,17 +84,22 @@ class EpochMetrics:
 
 @dataclass
 class TaskResult:
-    """What one task returns to the master."""
+    """What one task returns to the master (controller/task_result.py reads it back as a record)."""
 
     run_id: str
-    epochs: list[dict]
-    checkpoint: bytes
-    completed_epochs: int
+    epochs: list[dict]  # EpochMetrics of the epochs this task finished
+    checkpoint: Optional[bytes]  # None: the engine keeps it (``held``) and has not shipped it yet
+    completed_epochs: int  # whole epochs of the run done
     host: str
     pid: int
     device: str
     threads: int
     diverged: bool = False
+    batches_done: int = 0  # batches of epoch completed_epochs + 1 done: where the checkpoint stands
+    epoch_batches: int = 0  # batches per epoch
+    batches_run: int = 0  # batches this task trained (0: it returned the checkpoint it was given)
+    stopped: Optional[str] = None  # why it ended early: time, drain or notice (engines/stopping.py)
+    held: bool = False  # this engine keeps the checkpoint: the run's next task may refer to it
 
 
 ProgressFn = Callable[[dict], None]
@@ -166,19 +178,43 @@ def build_optimizer(spec, model: nn.Module, steps_per_epoch: int):
     return optimizer, scheduler
 
 
-def save_checkpoint(epoch: int, model, optimizer, scheduler, spec) -> bytes:
+@dataclass
+class Partial:
+    """How far into an epoch a checkpoint stands: what exactness needs to go on from there."""
+
+    batches_done: int
+    loss_sum: torch.Tensor  # the epoch's summed batch losses so far (summed in the same order on resume)
+    train_seconds: float  # the epoch's training seconds so far, over every task it took
+    generator: torch.Tensor  # the epoch's shuffling/augmentation generator state after those batches
+
+    def to_dict(self) -> dict:
+        return {"batches_done": self.batches_done, "loss_sum": self.loss_sum.detach().cpu(),
+                "train_seconds": self.train_seconds, "generator": self.generator}
+
+
+def save_checkpoint(epoch: int, model, optimizer, scheduler, spec, partial: Optional[Partial] = None,
+                    device: Optional[torch.device] = None) -> bytes:
     buffer = io.BytesIO()
-    torch.save(
-        {
-            "epoch": epoch,
-            "spec": spec.to_dict(),
-            "model": {k: v.cpu() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-        },
-        buffer,
-    )
+    state = {
+        "epoch": epoch,
+        "spec": spec.to_dict(),
+        "model": {k: v.cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "partial": partial.to_dict() if partial is not None else None,
+        # the global generator draws dropout masks (VGG16): a resumed run draws what an uninterrupted one would
+        "rng": torch.get_rng_state(),
+    }
+    if device is not None and device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    torch.save(state, buffer)
     return buffer.getvalue()
+
+
+def checkpoint_position(state: dict) -> tuple[int, int]:
+    """(whole epochs done, batches of the next epoch done) of a loaded checkpoint."""
+    partial = state.get("partial")
+    return state["epoch"], partial["batches_done"] if partial else 0
 
 
 def load_checkpoint(data: bytes) -> dict:
@@ -197,64 +233,148 @@ def accuracy(model: nn.Module, split: Split, normalise: Callable = normalise, ba
     return correct / max(1, len(split))
 
 
-def run_task(spec, setup: Callable[[torch.device], Setup], checkpoint: Optional[bytes] = None,
+def run_task(spec, setup: Callable[[torch.device], Setup], checkpoint: Union[bytes, dict, None] = None,
              n_epochs: Optional[int] = None, progress: Optional[ProgressFn] = None,
              shard: Optional[Shard] = None, device: Optional[torch.device] = None) -> TaskResult:
-    """The training task every workload shares: ``n_epochs`` (default: to the end of the budget) from
-    ``checkpoint``; ``spec`` has run_id, epochs, lr, batch_size, optimizer, momentum, schedule, seed,
-    device, subset and threads."""
+    """The training task every workload shares: from ``checkpoint`` (bytes, an engines.held reference, or
+    None) to the end of ``n_epochs`` epochs (default: to the end of the budget), ending early after
+    ``spec.task_seconds`` or on a stop request; ``spec`` has run_id, epochs, lr, batch_size, optimizer,
+    momentum, schedule, seed, device, subset, threads, task_seconds and checkpoint_minutes.
+
+    A distributed task (``shard`` given) keeps whole epochs: its ranks could not agree on where to stop."""
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    alone = shard is None
     shard = shard or Shard()
     device = device or pick_device(spec.device)
+    checkpoint = held.resolve(spec.run_id, checkpoint) if alone else checkpoint
+    going = stopping.requested() if alone else None
+    if going in (stopping.DRAIN, stopping.NOTICE):
+        # the engine is going away: hand the checkpoint back at once for another engine to go on from
+        return _unchanged(spec, checkpoint, going, device)
     torch.manual_seed(spec.seed)  # the model's initial weights
     work = setup(device)
     if spec.subset:
         work.train = Split(work.train.images[:spec.subset], work.train.labels[:spec.subset])
     if not len(work.train):
         raise DataError(f"{getattr(spec, 'data_dir', '')}: no training images for run {spec.run_id}")
-    optimizer, scheduler = build_optimizer(spec, work.model, -(-len(work.train) // spec.batch_size))
-    done = 0
+    batches = -(-len(work.train) // spec.batch_size)
+    optimizer, scheduler = build_optimizer(spec, work.model, batches)
+    done, partial = 0, None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
         work.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         done = state["epoch"]
+        if state.get("partial"):
+            partial = Partial(**state["partial"])
+        if state.get("rng") is not None:
+            torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
     net = shard.wrap(work.model)
     last = spec.epochs if n_epochs is None else min(spec.epochs, done + n_epochs)
+    task_seconds = getattr(spec, "task_seconds", 0.0) if alone else 0.0
+    clock = _TaskClock(time.perf_counter() + task_seconds if task_seconds > 0 else math.inf, alone)
     metrics: list[dict] = []
     diverged = False
     for epoch in range(done + 1, last + 1):
-        m = _train_one_epoch(spec, work, net, optimizer, scheduler, epoch, device, progress, shard)
+        m = _train_one_epoch(spec, work, net, optimizer, scheduler, epoch, device, progress, shard, partial, clock)
+        if isinstance(m, Partial):
+            partial = m
+            break
+        partial = None
         metrics.append(dataclasses.asdict(m))
         done = epoch
         if not math.isfinite(m.train_loss):
             diverged = True  # NaN/inf: further epochs cannot recover
             break
-    return TaskResult(
+        if clock.stopped is not None:  # the stop came at the epoch's last batch: the epoch is whole
+            break
+    position = partial.batches_done if partial is not None else 0
+    data = save_checkpoint(done, work.model, optimizer, scheduler, spec, partial, device) if shard.leader else b""
+    result = TaskResult(
         run_id=spec.run_id,
         epochs=metrics,
-        checkpoint=save_checkpoint(done, work.model, optimizer, scheduler, spec) if shard.leader else b"",
+        checkpoint=data,
         completed_epochs=done,
         host=socket.gethostname(),
         pid=os.getpid(),
         device=_device_name(device),
         threads=torch.get_num_threads(),
         diverged=diverged,
+        batches_done=position,
+        epoch_batches=batches,
+        batches_run=clock.batches,
+        stopped=clock.stopped,
     )
+    if alone:
+        _settle(spec, result)
+    return result
+
+
+@dataclass
+class _TaskClock:
+    """When the running task must end early: at ``deadline`` (task_seconds) or on an engine stop request."""
+
+    deadline: float
+    interruptible: bool
+    batches: int = 0  # trained by this task so far
+    stopped: Optional[str] = None
+
+    def after_batch(self) -> bool:
+        """Called after every batch; True when the task ends here (always after at least one batch)."""
+        self.batches += 1
+        if not self.interruptible:
+            return False
+        reason = stopping.requested()
+        if reason in (stopping.DRAIN, stopping.NOTICE):
+            self.stopped = reason
+        elif time.perf_counter() >= self.deadline:
+            self.stopped = stopping.TIME
+        return self.stopped is not None
+
+
+def _settle(spec, result: TaskResult) -> None:
+    """Ship the new checkpoint to the master or keep it here (engines/held.py, ``checkpoint_minutes``)."""
+    ends = result.completed_epochs >= spec.epochs or result.diverged
+    must_ship = ends or result.stopped in (stopping.DRAIN, stopping.NOTICE)
+    ship, keep = held.keep_or_ship(spec.run_id, result.checkpoint or b"", result.completed_epochs,
+                                   result.batches_done, getattr(spec, "checkpoint_minutes", 0.0), must_ship)
+    if not ship:
+        result.checkpoint = None
+    result.held = keep
+
+
+def _unchanged(spec, checkpoint: Optional[bytes], stopped: str, device: torch.device) -> TaskResult:
+    """A task that trains nothing: the checkpoint it was given goes back (shipped: the engine is going)."""
+    done, position = checkpoint_position(load_checkpoint(checkpoint)) if checkpoint is not None else (0, 0)
+    held.forget(spec.run_id)
+    return TaskResult(run_id=spec.run_id, epochs=[], checkpoint=checkpoint, completed_epochs=done,
+                      host=socket.gethostname(), pid=os.getpid(), device=_device_name(device),
+                      threads=torch.get_num_threads(), batches_done=position, stopped=stopped)
 
 
 def _train_one_epoch(spec, work: Setup, net: nn.Module, optimizer, scheduler, epoch: int, device: torch.device,
-                     progress: Optional[ProgressFn], shard: Shard) -> EpochMetrics:
+                     progress: Optional[ProgressFn], shard: Shard, partial: Optional[Partial] = None,
+                     clock: Optional[_TaskClock] = None) -> "EpochMetrics | Partial":
+    """The epoch, from ``partial`` (a checkpoint's position in it) when given; a :class:`Partial` when the
+    clock ends the task before the epoch's last batch."""
     model, train = work.model, work.train
+    clock = clock or _TaskClock(math.inf, False)
     model.train()
     generator = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
     order = torch.randperm(len(train), generator=generator).to(train.images.device)
     batches = -(-len(train) // spec.batch_size)
     total_loss = torch.zeros((), device=device)
+    first, seconds_before = 0, 0.0
+    if partial is not None:
+        first, seconds_before = partial.batches_done, partial.train_seconds
+        total_loss = partial.loss_sum.to(device)
+        generator.set_state(partial.generator)
     started = last_report = time.perf_counter()
-    for step in range(batches):
+    for step in range(first, batches):
         batch = order[step * spec.batch_size:(step + 1) * spec.batch_size]
         index = shard.part(batch)
         # a no-op where the data set already lives on the device (MNIST); per batch otherwise (CIFAR)
@@ -277,10 +397,17 @@ def _train_one_epoch(spec, work: Setup, net: nn.Module, optimizer, scheduler, ep
             last_report = time.perf_counter()
             progress({"run_id": spec.run_id, "epoch": epoch, "epochs": spec.epochs, "batch": step + 1,
                       "batches": batches, "loss": float(loss.detach())})
+        if clock.after_batch() and step + 1 < batches:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return Partial(batches_done=step + 1, loss_sum=total_loss,
+                           train_seconds=seconds_before + time.perf_counter() - started,
+                           generator=generator.get_state())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    train_seconds = time.perf_counter() - started
+    train_seconds = seconds_before + time.perf_counter() - started
     # the other ranks hold the same weights: only the leader spends time on evaluation
+    evaluated = time.perf_counter()
     val = accuracy(model, work.val, work.normalise, work.eval_batch) if shard.leader else math.nan
     test = accuracy(model, work.test, work.normalise, work.eval_batch) if shard.leader else math.nan
     metrics = EpochMetrics(
@@ -288,7 +415,7 @@ def _train_one_epoch(spec, work: Setup, net: nn.Module, optimizer, scheduler, ep
         train_loss=float(total_loss) / batches,
         val_accuracy=val,
         test_accuracy=test,
-        seconds=time.perf_counter() - started,
+        seconds=train_seconds + time.perf_counter() - evaluated,
         train_seconds=train_seconds,
         images_per_s=len(train) / train_seconds,
         lr=optimizer.param_groups[0]["lr"],
@@ -325,7 +452,7 @@ def l1_divisor(spec: RunSpec, n_train: int) -> int:
 
 def train_epochs(
     spec: RunSpec | dict,
-    checkpoint: Optional[bytes] = None,
+    checkpoint: Union[bytes, dict, None] = None,
     n_epochs: Optional[int] = None,
     progress: Optional[ProgressFn] = None,
     data: Optional[Mnist] = None,

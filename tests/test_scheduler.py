@@ -78,16 +78,20 @@ class ListSource:
         self.jobs = list(jobs)
         self.results: list[tuple[str, int, Optional[int]]] = []
         self.errors: list[tuple[str, str]] = []
+        self.rollbacks: list[tuple[str, tuple[int, int]]] = []
 
     def next_job(self):
         return self.jobs.pop(0) if self.jobs else None
 
     def on_result(self, job, result, engine_id):
-        self.results.append((job.run_id, result["completed_epochs"], engine_id))
+        self.results.append((job.run_id, result.completed_epochs, engine_id))
         return True
 
     def on_error(self, job, error, traceback):
         self.errors.append((job.run_id, str(error)))
+
+    def on_rollback(self, job):
+        self.rollbacks.append((job.run_id, job.shipped))
 
     def exhausted(self):
         return not self.jobs
@@ -274,3 +278,37 @@ class TestEnginesThatAreLeaving:
             Scheduler(client, poll_s=0.001, watchdog=watchdog, roster=FakeRoster(leaving=[0, 1])).run(
                 ListSource([job("r-1", 1)]))
         assert client.submitted == []
+
+
+class TestCheckpointsKeptOnEngines:
+    """checkpoint_minutes: an engine keeps the newest checkpoint; the master sends the run's next task there."""
+
+    @staticmethod
+    def batch_result(batches: int, shipped: bool, held: bool = True) -> dict:
+        """A task that stood ``batches`` batches into epoch 1 (4 batches an epoch) when it ended."""
+        epochs, rest = divmod(batches, 4)
+        return {"checkpoint": f"b{batches}".encode() if shipped else None, "completed_epochs": epochs,
+                "batches_done": rest, "batches_run": 1, "held": held, "epochs": [], "host": "h", "device": "cpu"}
+
+    def test_the_next_task_goes_to_the_engine_keeping_the_checkpoint_with_a_reference_in_place_of_it(self):
+        answers = iter([(1, self.batch_result(1, False)), (1, self.batch_result(2, False)),
+                        (1, self.batch_result(4, True, held=False))])
+        client = FakeClient(lambda spec, ckpt, n: next(answers))
+        source = ListSource([job("r-1", 1)])
+        Scheduler(client, poll_s=0).run(source)
+        assert [ckpt for _, ckpt in client.submitted] == [
+            None, {"held": "r-1", "epoch": 0, "batches_done": 1}, {"held": "r-1", "epoch": 0, "batches_done": 2}]
+        assert client.views[-2:] == [[1], [1]]
+        assert source.results[-1] == ("r-1", 1, 1) and source.rollbacks == []
+
+    @pytest.mark.parametrize("lost", [engine_lost(), ipp.error.RemoteError("CheckpointNotHeld", "dropped", "")],
+                             ids=["engine lost", "checkpoint dropped"])
+    def test_when_that_engine_is_lost_the_run_goes_back_to_its_last_shipped_checkpoint(self, lost):
+        answers = iter([(1, self.batch_result(1, True)), (1, self.batch_result(2, False)), (1, lost),
+                        (0, self.batch_result(2, False, held=False)), (0, self.batch_result(4, True, held=False))])
+        client = FakeClient(lambda spec, ckpt, n: next(answers))
+        source = ListSource([job("r-1", 1)])
+        Scheduler(client, poll_s=0).run(source)
+        assert client.submitted[3][1] == b"b1", "the bytes the master got last"
+        assert source.rollbacks == [("r-1", (0, 1))]
+        assert source.results[-1] == ("r-1", 1, 0)

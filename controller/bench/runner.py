@@ -17,11 +17,13 @@ from typing import Callable, Optional, Sequence
 
 from engines.tasks import cifar_task, hardware_info, train_task, warm_up
 
+from ..config import task_keys
 from ..errors import TaskError, UsageError
 from ..runs import RunRecorder
 from ..scheduler import Job, ProgressSink
 from ..session import Session
 from ..store import NodeRecord, RunRecord, Store, new_id
+from ..task_result import TaskResult
 from .records import BenchEngine, BenchRecord, BenchResult, BenchTable, BenchTrial
 from .workloads import Workload, workload as find_workload
 
@@ -57,17 +59,20 @@ class BenchSource:
     def next_job(self) -> Optional[Job]:
         return self.pending.popleft() if self.pending else None
 
-    def on_result(self, job: Job, result: dict, engine_id: Optional[int]) -> bool:
+    def on_result(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> bool:
         self.recorder.record_result(job, result, engine_id)
         tally = self.tally[engine_id if engine_id is not None else -1]
         tally.tasks += 1
-        for epoch in result["epochs"]:
+        for epoch in result.epochs:
             tally.epochs += 1
             # images_per_s was computed as len(train) / train_seconds on the engine
             tally.images += round(epoch["images_per_s"] * epoch["train_seconds"])
             tally.train_s += epoch["train_seconds"]
             tally.busy_s += epoch["seconds"]
         return True
+
+    def on_rollback(self, job: Job) -> None:
+        self.recorder.roll_back(job.run_id, job.shipped)
 
     def on_error(self, job: Job, error: BaseException, traceback: str) -> None:
         self.recorder.record_failure(job, traceback)
@@ -190,7 +195,7 @@ def _specs(session: Session, workload: Workload, epochs: Optional[int], subset: 
             spec = CifarSpec(model=workload.model, epochs=overrides.get("epochs", workload.default_epochs or 5),
                              seed=training.seed, device=training.device, subset=subset or 0,
                              data_dir=session.engine_data_dir(),
-                             threads=session.record.threads_per_engine).to_dict()
+                             threads=session.record.threads_per_engine, **task_keys(training)).to_dict()
         if data_dir is not None:
             spec["data_dir"] = str(data_dir)
         specs.append((label, spec))

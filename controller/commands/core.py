@@ -5,7 +5,7 @@ import time
 
 from ..context import Context
 from ..errors import ExitStatus, UsageError
-from ..formatting import duration, percent
+from ..formatting import duration, epochs_progress, percent
 
 TRAIN_FLAGS = ("epochs", "lr", "l1", "batch_size", "optimizer", "momentum", "seed", "device",
                "conv1", "conv2", "hidden", "subset", "schedule")
@@ -168,7 +168,8 @@ def cmd_train(args, ctx: Context) -> int:
         except KeyboardInterrupt:
             run = cluster.store.run(cluster.current_run_id) if cluster.current_run_id else None
             if run is not None and run.state == "interrupted":
-                ctx.err_console.print(f"run {run.id} interrupted after epoch {run.epochs_done}; "
+                ctx.err_console.print(f"run {run.id} interrupted at epoch "
+                                      f"{epochs_progress(run.epochs_done, run.params.get('epochs'), run.batches_done, run.epoch_batches)}; "
                                       f"continue it with `cluster train --resume {run.id}`")
             raise
     run = result.run
@@ -195,7 +196,8 @@ def cmd_runs(args, ctx: Context) -> int:
         params = (f"epochs={p.get('epochs')} lr={p.get('lr')} l1={p.get('l1')} bs={p.get('batch_size')} "
                   f"{p.get('optimizer')} {p.get('conv1')}/{p.get('conv2')}/{p.get('hidden')}")
         rows.append([run.id, time.strftime("%Y-%m-%d %H:%M", time.localtime(run.created_at)), run.state,
-                     f"{run.epochs_done}/{p.get('epochs')}", params, percent(run.val_accuracy),
+                     epochs_progress(run.epochs_done, p.get("epochs"), run.batches_done, run.epoch_batches),
+                     params, percent(run.val_accuracy),
                      percent(run.test_accuracy), f"{run.seconds:.1f}"])
     ctx.emit_table("runs", ["id", "started", "state", "epochs", "params", "val acc", "test acc", "seconds"], rows)
     return 0

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import optuna
 from optuna.trial import TrialState
 
+from ..config import TASK_KEYS
 from ..errors import ClusterLostError, UsageError
 from ..leases import Leases
 from ..runs import RunRecorder
@@ -32,7 +33,7 @@ DEFAULT_SEARCH_TRIALS = 20
 SHARED_OVERRIDES = set(SWEEPABLE) | {"subset", "schedule", "seed", "device"}
 
 # RunSpec keys about this master's cluster, not about what a trial trains
-ENVIRONMENT_KEYS = ("data_dir", "download", "threads")
+ENVIRONMENT_KEYS = ("data_dir", "download", "threads", *TASK_KEYS)
 
 ProgressFactory = Callable[[SweepSource], ProgressSink]
 

@@ -19,9 +19,11 @@ from optuna.trial import TrialState
 
 from engines.tasks import stored_params
 
+from ..config import TASK_KEYS
 from ..runs import RunRecorder
 from ..scheduler import Job
 from ..store import CheckpointError, RunRecord, Store
+from ..task_result import TaskResult
 from .records import run_id_for
 from .space import SearchSpace
 
@@ -96,15 +98,16 @@ class SweepSource:
         self.tally.running[trial.number] = job
         return job
 
-    def on_result(self, job: Job, result: dict, engine_id: Optional[int]) -> bool:
+    def on_result(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> bool:
         trial: optuna.Trial = job.tag
         run = self.recorder.record_result(job, result, engine_id)
-        for epoch in result["epochs"]:
+        # whole epochs only: a task that ended mid-epoch reports nothing, so the pruner never sees a part
+        for epoch in result.epochs:
             trial.report(epoch["val_accuracy"], epoch["epoch"])
-        if result["epochs"] and trial.should_prune():
+        if result.epochs and trial.should_prune():
             self.finish(job, TrialState.PRUNED, run)
             return False
-        if result.get("diverged"):
+        if result.diverged:
             # loss is NaN or infinite: no later epoch can recover, whatever the pruner thinks
             self.finish(job, TrialState.FAIL, run, error=run.error)
             return False
@@ -112,6 +115,10 @@ class SweepSource:
             self.finish(job, TrialState.COMPLETE, run)
             return False
         return True
+
+    def on_rollback(self, job: Job) -> None:
+        # Optuna keeps the values of the epochs that are redone; redone on the same device they are equal
+        self.recorder.roll_back(job.run_id, job.shipped)
 
     def on_error(self, job: Job, error: BaseException, traceback: str) -> None:
         self.recorder.record_failure(job, traceback)
@@ -155,10 +162,15 @@ def job_for(trial: optuna.Trial, store: Store, sweep_id: str, space: SearchSpace
         log.warning("%s; trial %d starts again from scratch", error, trial.number)
         store.forget_checkpoint(run_id)
         stored = None
-    epoch, checkpoint = stored if stored else (0, None)
-    job = Job(run_id=run_id, spec=stored_params(run.params), checkpoint=checkpoint, epochs_done=epoch, tag=trial)
+    checkpoint = stored[1] if stored else None
+    position = store.checkpoint_position(run_id) or (0, 0)
+    # how the sweep cuts runs into tasks comes from its base spec (the current configuration)
+    spec = {**stored_params(run.params), **{k: base_spec[k] for k in TASK_KEYS if k in base_spec}}
+    job = Job(run_id=run_id, spec=spec, checkpoint=checkpoint, epochs_done=position[0],
+              batches_done=position[1], shipped=position, tag=trial)
     if not job.finished:  # a finished run (the master died before telling Optuna) keeps its row as it is
-        # epochs stored after the last checkpoint (the master died between the two) are trained again
-        store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=cluster_id,
-                         epochs_done=epoch)
+        # epochs stored after the last checkpoint (the master died between the two, or the newest checkpoint
+        # was kept on an engine) are trained again
+        RunRecorder(store).roll_back(run_id, position)
+        store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=cluster_id)
     return job

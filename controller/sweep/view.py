@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..scheduler import Job, ProgressSink
+from ..task_result import TaskResult
 from .source import SweepSource
 
 
@@ -57,14 +58,14 @@ class SweepProgress(ProgressSink):
                                  "epochs": update.get("epochs"), "batch": update.get("batch"),
                                  "batches": update.get("batches"), "loss": update.get("loss")}
 
-    def task_done(self, job: Job, result: dict, engine_id: Optional[int]) -> None:
-        if engine_id is not None and result.get("pid"):
-            self.engine_pids[result["pid"]] = engine_id
-            self.activity.pop(-result["pid"], None)
+    def task_done(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> None:
+        if engine_id is not None and result.pid:
+            self.engine_pids[result.pid] = engine_id
+            self.activity.pop(-result.pid, None)
         if engine_id is not None:
-            last = result["epochs"][-1] if result["epochs"] else {}
+            last = result.epochs[-1] if result.epochs else {}
             self.activity[engine_id] = {"run_id": job.run_id, "trial": job.tag.number,
-                                        "epoch": result["completed_epochs"], "epochs": job.spec["epochs"],
+                                        "epoch": result.completed_epochs, "epochs": job.spec["epochs"],
                                         "batch": None, "batches": None, "loss": last.get("train_loss"),
                                         "val": last.get("val_accuracy"), "done": True}
 
