@@ -35,7 +35,7 @@ from common import REPO
 
 sys.path.insert(0, str(REPO))
 
-from controller import ipp as ipp_side  # noqa: E402
+from controller import ipcluster  # noqa: E402
 from controller.api import Cluster  # noqa: E402
 from controller.config import load_config  # noqa: E402
 from controller.scheduler import ProgressSink, Scheduler  # noqa: E402
@@ -74,13 +74,13 @@ class MemorySampler(ProgressSink):
 @contextmanager
 def ipyparallel_defaults():
     """The baseline: the controller with its default task database, the client keeping every result."""
-    args, forget = ipp_side.CONTROLLER_ARGS[:], Scheduler._forget
-    ipp_side.CONTROLLER_ARGS[:] = [a for a in args if "db_class" not in a]
+    args, forget = ipcluster.CONTROLLER_ARGS[:], Scheduler._forget
+    ipcluster.CONTROLLER_ARGS[:] = [a for a in args if "db_class" not in a]
     Scheduler._forget = lambda self, result, size: None
     try:
         yield
     finally:
-        ipp_side.CONTROLLER_ARGS[:], Scheduler._forget = args, forget
+        ipcluster.CONTROLLER_ARGS[:], Scheduler._forget = args, forget
 
 
 def measure(tmp: Path, data: Path, trials: int, epochs: int, label: str) -> dict:

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from controller.api import Cluster  # noqa: E402
-from controller.bench import BenchStore, parse_engine_counts  # noqa: E402
+from controller.bench import BenchTable, parse_engine_counts  # noqa: E402
 from controller.config import load_config  # noqa: E402
 from controller.report import scaling  # noqa: E402
 
@@ -54,7 +54,7 @@ def main() -> int:
         cluster.start()
         try:
             result = cluster.bench("paper", engines=counts, subset=args.subset)
-            engines = {r.id: BenchStore(cluster.store).engines(r.id) for r in result.records}
+            engines = {r.id: BenchTable(cluster.store).engines(r.id) for r in result.records}
         finally:
             cluster.stop()
             cluster.close()

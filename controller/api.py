@@ -14,23 +14,25 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from engines.tasks import L1_SCALE
 
-from . import ipp as ipp_side
+from . import ipcluster, processes
+from .bench.runner import run_bench
+from .bench.workloads import workload as find_workload
 from .config import Config, load_config, override
 from .errors import (AlreadyRunningError, ClusterLostError, ClusterStateError, NotRunningError, ProviderError,
                      TaskError, UsageError)
 from .leases import Leases
 from .providers import Provider, provider_class
 from .providers.base import Resource
+from .report import report
+from .roster import StoreRoster
 from .runs import RunRecorder, SingleRun
 from .scheduler import Job, ProgressSink, Scheduler, Watchdog
 from .store import ClusterRecord, EngineRecord, EpochRecord, NodeRecord, RunRecord, Store, new_id
-
-if TYPE_CHECKING:
-    from .sweep.records import SweepResult
+from .sweep.records import SweepResult
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,21 @@ class ClusterStatus:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class Stopped:
+    """What ``Cluster.stop`` ended: this cluster's record (None when none was running) and what the
+    provider found by its tags and released (local state lost, or ``--all``)."""
+
+    cluster: Optional[ClusterRecord] = None
+    released: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.cluster is not None or bool(self.released)
+
+    def to_dict(self) -> dict:
+        return {"stopped": self.cluster is not None, "cluster": self.cluster, "released": self.released}
 
 
 @dataclass
@@ -137,7 +154,7 @@ class Cluster:
         chosen = self.provider(cfg.provider)
         chosen.preflight(cfg.slaves)  # bad input, missing credentials: fail before anything starts
         threads = self.threads_per_engine(cfg.slaves, cfg.provider)
-        profile = ipp_side.profile_dir(self.config.state_dir)
+        profile = ipcluster.profile_dir(self.config.state_dir)
         record = self.store.create_cluster(
             name=self.name, provider=cfg.provider, slaves=cfg.slaves, threads_per_engine=threads,
             profile_dir=str(profile), ipp_cluster_id="", price_per_hour=cfg.price_per_hour)
@@ -145,13 +162,13 @@ class Cluster:
         record = self.store.cluster(record.id)
         ipp_cluster = client = None
         try:
-            ipp_cluster = ipp_side.new_cluster(
+            ipp_cluster = ipcluster.new_cluster(
                 profile, record.ipp_cluster_id, engine_env=self._engine_env(threads),
                 engine_ip=chosen.controller_ip, engine_timeout=cfg.engine_timeout,
                 master_grace_minutes=cfg.master_grace_minutes)
             ipp_cluster.start_controller_sync()
-            self.store.update_cluster(record.id, controller_pid=ipp_side.controller_pid(ipp_cluster))
-            ipp_side.secure_files(profile)
+            self.store.update_cluster(record.id, controller_pid=ipcluster.controller_pid(ipp_cluster))
+            ipcluster.secure_files(profile)
             nodes = chosen.start(record, ipp_cluster, cfg.slaves)
             expected = chosen.expected_engines(nodes)
             client = ipp_cluster.connect_client_sync(timeout=cfg.engine_timeout)
@@ -163,7 +180,7 @@ class Cluster:
                     f"their logs are in {profile / 'log'} (raise [cluster] engine_timeout if slaves are slow)"
                 ) from None
             self._record_engines(record, client, threads, nodes)
-            ipp_side.secure_files(profile)
+            ipcluster.secure_files(profile)
             self.store.set_cluster_state(record.id, "running")
             self._warm_engines(client)
         except BaseException as error:
@@ -213,7 +230,7 @@ class Cluster:
     @staticmethod
     def _controller_alive(record: ClusterRecord) -> bool:
         """The record's controller still runs (its pid alive *and* carrying this cluster's marker)."""
-        return ipp_side.is_marked(record.controller_pid, Path(record.profile_dir), record.ipp_cluster_id)
+        return processes.is_marked(record.controller_pid, Path(record.profile_dir), record.ipp_cluster_id)
 
     def _refuse_second_cluster(self) -> None:
         existing = self.store.active_cluster(self.name)
@@ -242,7 +259,7 @@ class Cluster:
         ])
 
     def stop(self, all_clusters: bool = False, any_owner: bool = False,
-             only: Optional[set[str]] = None) -> Optional[ClusterRecord]:
+             only: Optional[set[str]] = None) -> Stopped:
         """Stop every engine, slave and the controller; history stays. Safe to run twice.
 
         Without a record (local state lost), or with ``all_clusters``, the provider
@@ -256,9 +273,8 @@ class Cluster:
             self._client = None
         if record is not None:
             self._stop_record(record)  # our own cluster first, whatever the cloud says next
-        # what the provider released by its tags (local state lost, or --all): shown by `cluster stop`
-        self.released = self._release_orphans(all_clusters, any_owner, only) if record is None or all_clusters else []
-        return self.store.cluster(record.id) if record is not None else None
+        released = self._release_orphans(all_clusters, any_owner, only) if record is None or all_clusters else []
+        return Stopped(self.store.cluster(record.id) if record is not None else None, released)
 
     def stop_plan(self, all_clusters: bool = False, any_owner: bool = False) -> "list[Resource]":
         """What ``stop(all_clusters, any_owner)`` would release by tag, beyond this cluster's own record."""
@@ -270,7 +286,7 @@ class Cluster:
     def _stop_record(self, record: ClusterRecord) -> None:
         self.store.set_cluster_state(record.id, "stopping")
         provider = self.provider(record.provider)
-        ipp_cluster = ipp_side.load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
+        ipp_cluster = ipcluster.load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
         self._teardown(record, provider, ipp_cluster)
         self.store.set_cluster_state(record.id, "stopped")
 
@@ -286,7 +302,7 @@ class Cluster:
                     log.warning("ipyparallel could not stop the controller cleanly", exc_info=True)
                 ipp_cluster.remove_cluster_file()
             # every provider: a controller stopped while still starting can orphan its schedulers
-            ipp_side.kill_cluster_processes(Path(record.profile_dir), record.ipp_cluster_id)
+            processes.kill_cluster_processes(Path(record.profile_dir), record.ipp_cluster_id)
 
     # status -------------------------------------------------------------------
     def status(self) -> ClusterStatus:
@@ -296,13 +312,13 @@ class Cluster:
             return ClusterStatus(name=self.name, state="stopped" if last else "none",
                                  error=last.error if last else None)
         profile = Path(record.profile_dir)
-        url = ipp_side.url_file(profile, record.ipp_cluster_id)
+        url = ipcluster.url_file(profile, record.ipp_cluster_id)
         controller_alive = self._controller_alive(record)
         registered, queues = self._registered_engines(url) if controller_alive else (set(), {})
         now = time.time()
         engines = []
         for engine in self.store.engines(record.id):
-            if record.provider == "local" and not ipp_side.is_marked(engine.pid, profile, record.ipp_cluster_id):
+            if record.provider == "local" and not processes.is_marked(engine.pid, profile, record.ipp_cluster_id):
                 state = "dead"
             elif engine.engine_id not in registered:
                 state = "unregistered"
@@ -355,7 +371,7 @@ class Cluster:
     @staticmethod
     def _registered_engines(url: Path) -> tuple[set[int], dict]:
         try:
-            client = ipp_side.connect(url, timeout=5)
+            client = ipcluster.connect(url, timeout=5)
         except Exception:
             return set(), {}
         try:
@@ -383,9 +399,9 @@ class Cluster:
                 f"run `cluster stop` to clean up, then `cluster start`")
             if not self._controller_alive(record):
                 raise gone
-            url = ipp_side.url_file(Path(record.profile_dir), record.ipp_cluster_id)
+            url = ipcluster.url_file(Path(record.profile_dir), record.ipp_cluster_id)
             try:
-                self._client = ipp_side.connect(url, timeout=15)
+                self._client = ipcluster.connect(url, timeout=15)
             except (OSError, TimeoutError) as error:  # the file vanished, or the controller hangs
                 raise ClusterStateError(f"{gone} ({error})") from None
             self._client_cluster_id = record.id
@@ -394,7 +410,7 @@ class Cluster:
     @property
     def url_file(self) -> Path:
         record = self.record
-        return ipp_side.url_file(Path(record.profile_dir), record.ipp_cluster_id)
+        return ipcluster.url_file(Path(record.profile_dir), record.ipp_cluster_id)
 
     # training -------------------------------------------------------------------
     def run_spec(self, **overrides: Any) -> dict:
@@ -469,7 +485,7 @@ class Cluster:
         record = self.record
         watchdog = Watchdog(controller_alive=lambda: self._controller_alive(record),
                             engine_timeout=self.config.cluster.engine_timeout)
-        return Scheduler(self.client, watchdog=watchdog, **options)
+        return Scheduler(self.client, watchdog=watchdog, roster=StoreRoster(self.store, record.id), **options)
 
     def _execute_distributed(self, job: Job, progress: Optional[ProgressSink],
                              engines: Optional[list[int]]) -> RunResult:
@@ -543,13 +559,7 @@ class Cluster:
                 data = Path(checkpoint).expanduser().read_bytes()
             except OSError as error:
                 raise UsageError(f"--checkpoint {checkpoint}: {error.strerror or error}") from None
-        expect_kind = None
-        if workload is not None:
-            from .bench import WORKLOADS
-
-            if workload not in WORKLOADS:
-                raise UsageError(f"--workload {workload!r}: expected one of {', '.join(WORKLOADS)}")
-            expect_kind = WORKLOADS[workload].kind
+        expect_kind = find_workload(workload).kind if workload is not None else None
         if out is not None and Path(out).suffix not in (".csv", ".npz"):
             raise UsageError(f"--out {out}: expected a .csv or .npz file name")
         job = Inference(self.client, choose_engines(list(self.client.ids), engines),
@@ -564,21 +574,17 @@ class Cluster:
     def bench(self, workload: str = "paper", engines: Optional[list[int]] = None, epochs: Optional[int] = None,
               subset: Optional[int] = None, progress=None, data_dir: Optional[str] = None):
         """Run a standard workload on each engine count in ``engines`` (default: all); a BenchResult."""
-        from .bench import run_bench
-
         return run_bench(self, workload=workload, engines=engines, epochs=epochs, subset=subset,
                          progress=progress, data_dir=data_dir)
 
     def report(self, fmt: str = "md", bench_ids: Optional[list[str]] = None, workload: Optional[str] = None) -> str:
         """The stored bench records as md, csv, json or html text; needs no running cluster."""
-        from .report import report
-
         return report(self.store, fmt, bench_ids=bench_ids, workload=workload)
 
     # sweeps ----------------------------------------------------------------------
     def sweep(self, params: Any = None, *, preset: Optional[str] = None, trials: Optional[int] = None,
               sampler: Optional[str] = None, pruner: str = "none", seed: int = 0, resume: Optional[str] = None,
-              progress: Any = None, task: Any = None, **overrides: Any) -> "SweepResult":
+              progress: Any = None, task: Any = None, **overrides: Any) -> SweepResult:
         """Train many settings at once, one trial per free engine, until the sweep ends.
 
         ``params``: ``{"lr": [0.01, 0.05], "hidden": "int:50:500"}`` or ``["lr=log:1e-3:1e-1", ...]``;
@@ -589,7 +595,7 @@ class Cluster:
         ``task``: the engine function (defaults to engines.tasks.train_task).
         Ctrl-C leaves the sweep resumable; returns the ranked results.
         """
-        from .sweep import runner
+        from .sweep import runner  # optuna: loaded by the sweep commands only, not by every command
 
         if resume is not None:
             if params or preset or trials or sampler or pruner != "none" or overrides:
@@ -598,14 +604,14 @@ class Cluster:
         return runner.run_sweep(self, params, preset=preset, trials=trials, sampler=sampler, pruner=pruner,
                                 seed=seed, progress=progress, task=task, **overrides)
 
-    def sweeps(self, limit: Optional[int] = None) -> "list[SweepResult]":
+    def sweeps(self, limit: Optional[int] = None) -> list[SweepResult]:
         """Past sweeps, newest first (the cluster need not be running)."""
-        from .sweep import runner
+        from .sweep import runner  # optuna, as above
 
         return runner.sweeps(self, limit)
 
-    def results(self, sweep_id: str) -> "SweepResult":
+    def results(self, sweep_id: str) -> SweepResult:
         """A sweep's trials ranked by validation accuracy, and its best configuration."""
-        from .sweep import runner
+        from .sweep import runner  # optuna, as above
 
         return runner.results(self, sweep_id)

@@ -14,8 +14,14 @@ from typing import Optional, Sequence, TextIO
 
 from . import __version__, commands
 from .context import Context
-from .errors import ClusterError, ExitStatus, TaskError
+from .errors import REPORTED, ExitStatus, TaskError
 from .logs import CliLogging
+
+
+# `cluster --help` lists the commands in the order of the work, not in the order modules register them;
+# a command missing here is listed after these, in registration order
+COMMAND_ORDER = ("start", "status", "scale", "remove", "stop", "train", "runs", "infer", "sweep", "sweeps", "results",
+                 "bench", "report", "prices", "ip", "ssh")
 
 
 def command_modules() -> list:
@@ -37,7 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in command_modules():
         module.register(sub)
+    in_order_of_work(sub)
     return parser
+
+
+def in_order_of_work(sub: argparse._SubParsersAction) -> None:
+    """Reorder the help's command list and the choices (named in usage errors) by COMMAND_ORDER."""
+    rank = {name: position for position, name in enumerate(COMMAND_ORDER)}
+
+    def key(name: str) -> int:
+        return rank.get(name, len(rank))  # a stable sort: unknown names keep their registration order
+
+    # argparse keeps both in the order of add_parser calls and offers no way to reorder them
+    sub._choices_actions.sort(key=lambda action: key(action.dest))
+    ordered = sorted(sub.choices.items(), key=lambda item: key(item[0]))
+    sub.choices.clear()
+    sub.choices.update(ordered)
 
 
 def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = None,
@@ -53,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = Non
     ctx = Context(args=args, stdout=stdout, stderr=stderr, stdin=stdin)
     try:
         return int(args.handler(args, ctx) or ExitStatus.OK)
-    except ClusterError as error:
+    except REPORTED as error:
         if isinstance(error, TaskError) and error.traceback:
             print(error.traceback, file=stderr)
         print(f"cluster {args.command}: error: {error}", file=stderr)

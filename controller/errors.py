@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import enum
 
+from engines.errors import DataError
+
 
 class ExitStatus(enum.IntEnum):
     OK = 0
@@ -31,10 +33,6 @@ class ConfigError(ClusterError):
 
 class UsageError(ConfigError):
     """A command-line argument is wrong."""
-
-
-class DataError(ClusterError):
-    """A data set is missing or malformed."""
 
 
 class ClusterStateError(ClusterError):
@@ -75,3 +73,12 @@ class TaskError(ClusterError):
     def __init__(self, message: str, traceback: str = ""):
         super().__init__(message)
         self.traceback = traceback
+
+
+# what the CLI reports as one line and its exit status: the tree above, and the data errors the
+# engines share with the master (engines.errors.DataError: not a ClusterError, slaves have no controller)
+REPORTED = (ClusterError, DataError)
+
+__all__ = ["REPORTED", "AlreadyRunningError", "CapacityError", "ClusterError", "ClusterLostError",
+           "ClusterStateError", "ConfigError", "CredentialsError", "DataError", "ExitStatus", "NotRunningError",
+           "ProviderError", "TaskError", "UsageError"]

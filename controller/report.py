@@ -1,7 +1,8 @@
 """`cluster report`: bench records from the store as Markdown, CSV, JSON or one self-contained HTML file.
 
-Nothing is re-run: a report reads ``bench_runs``, ``bench_engines`` and
-``bench_trials`` (see :mod:`controller.bench`).  The same store always gives the
+Nothing is re-run: a report reads ``bench_measurements``, ``bench_engines`` and
+``bench_trials`` (see :mod:`controller.bench.records`), and imports nothing else of
+the bench: no scheduler, ipyparallel or torch.  The same store always gives the
 same bytes: rows come in a fixed order, times are the stored ones shown in UTC,
 no "generated at" line, and the PNGs carry no software or date metadata.
 
@@ -21,8 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from .bench import PAPER_EPOCHS_PER_MIN, BenchEngine, BenchRecord, BenchStore, BenchTrial
+from .bench.records import PAPER_EPOCHS_PER_MIN, BenchEngine, BenchRecord, BenchTable, BenchTrial
 from .errors import UsageError
+from .formatting import percent
 from .store import Store
 
 FORMATS = ("md", "csv", "json", "html")
@@ -41,7 +43,7 @@ PROVIDER_NAMES = {"aws": "AWS", "local": "local", "ssh": "ssh"}
 
 @dataclass
 class Scaling:
-    bench_run_id: str
+    measurement_id: str
     baseline_engines: int
     speedup: float
     efficiency: float
@@ -50,13 +52,13 @@ class Scaling:
 @dataclass
 class ReportData:
     records: list[BenchRecord]
-    scaling: dict[str, Scaling]  # by bench run id; failed bench runs have none
+    scaling: dict[str, Scaling]  # by measurement id; failed measurements have none
     engines: dict[str, list[BenchEngine]] = field(default_factory=dict)
     trials: dict[str, list[BenchTrial]] = field(default_factory=dict)
 
 
 def collect(store: Store, bench_ids: Optional[Sequence[str]] = None, workload: Optional[str] = None) -> ReportData:
-    bench = BenchStore(store)
+    bench = BenchTable(store)
     records = bench.records(bench_ids, workload)
     if not records:
         which = f" for {', '.join(bench_ids)}" if bench_ids else ""
@@ -102,10 +104,6 @@ def _utc(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp))
 
 
-def _percent(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.2%}"
-
-
 def _text(value: Any) -> str:
     return "-" if value in (None, "") else str(value)
 
@@ -134,12 +132,12 @@ def throughput_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
         s = data.scaling.get(r.id)
         rows.append([r.bench_id, r.workload, str(r.engines), f"{r.wall_s:.1f}", f"{r.images_per_s:,.0f}",
                      f"{r.epochs_per_min:.2f}", f"{r.paper_epochs_per_min:.2f}", f"{s.speedup:.2f}x" if s else "-",
-                     f"{s.efficiency:.0%}" if s else "-", _percent(r.accuracy), str(r.runs), str(r.epochs), r.state])
+                     f"{s.efficiency:.0%}" if s else "-", percent(r.accuracy), str(r.runs), str(r.epochs), r.state])
     return columns, rows
 
 
 def engine_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
-    columns = ["Bench run", "Engine", "Host", "Device", "CPU", "Threads", "Tasks", "Busy (secs)",
+    columns = ["Measurement", "Engine", "Host", "Device", "CPU", "Threads", "Tasks", "Busy (secs)",
                "Images/s (training)", "$/hr share", "torch", "CUDA"]
     rows = [[r.id, str(e.engine_id), e.host, e.device, _text(e.cpu), str(e.threads), str(e.tasks),
              f"{e.busy_s:.1f}", f"{e.images_per_s:,.0f}", _money(e.price_per_hour, 3), _text(e.torch),
@@ -155,14 +153,14 @@ def ranked_trials(trials: Sequence[BenchTrial]) -> list[BenchTrial]:
 
 def sweep_rows(data: ReportData, record: BenchRecord) -> tuple[list[str], list[list[str]]]:
     columns = ["Rank", "Trial", "λ (L1)", "Val accuracy", "Test accuracy", "Seconds", "Engine", "Run", "State"]
-    rows = [[str(rank), str(t.trial), "-" if t.l1 is None else f"{t.l1:g}", _percent(t.val_accuracy),
-             _percent(t.test_accuracy), f"{t.seconds:.1f}", _text(t.engine_id), t.run_id, t.state]
+    rows = [[str(rank), str(t.trial), "-" if t.l1 is None else f"{t.l1:g}", percent(t.val_accuracy),
+             percent(t.test_accuracy), f"{t.seconds:.1f}", _text(t.engine_id), t.run_id, t.state]
             for rank, t in enumerate(ranked_trials(data.trials[record.id]), 1)]
     return columns, rows
 
 
 def sweeps(data: ReportData) -> list[BenchRecord]:
-    """Bench runs that were sweeps (more than one trial): their ranking is worth a table."""
+    """Measurements that were sweeps (more than one trial): their ranking is worth a table."""
     return [r for r in data.records if len(data.trials.get(r.id, [])) > 1]
 
 
@@ -179,7 +177,7 @@ def _md_table(columns: list[str], rows: list[list[str]]) -> str:
 def _summary_line(data: ReportData) -> str:
     first, last = data.records[0].created_at, data.records[-1].created_at
     benches = sorted({r.bench_id for r in data.records})
-    return (f"{len(data.records)} bench run(s) from {len(benches)} bench(es), "
+    return (f"{len(data.records)} measurement(s) from {len(benches)} bench(es), "
             f"{_utc(first)} to {_utc(last)}. Cost / run = $/hr × run time; speedup and efficiency are "
             f"relative to the smallest engine count of the same bench.")
 
@@ -204,7 +202,7 @@ def _flat(data: ReportData, record: BenchRecord) -> dict[str, Any]:
 
 
 def to_csv(data: ReportData) -> str:
-    """One row per bench run, raw numbers (seconds, $/hour, $), for spreadsheets and diffs."""
+    """One row per measurement, raw numbers (seconds, $/hour, $), for spreadsheets and diffs."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -217,7 +215,7 @@ def to_csv(data: ReportData) -> str:
 def to_json(data: ReportData) -> str:
     document = {
         "columns": COST_COLUMNS,
-        "runs": [_flat(data, r) for r in data.records],
+        "measurements": [_flat(data, r) for r in data.records],
         "engines": [dataclasses.asdict(e) for r in data.records for e in data.engines[r.id]],
         "sweeps": {r.id: [dataclasses.asdict(t) for t in ranked_trials(data.trials[r.id])] for r in sweeps(data)},
     }

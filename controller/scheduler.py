@@ -126,6 +126,22 @@ class Watchdog:
                                    f"([cluster] engine_timeout = {self.engine_timeout:g})")
 
 
+class EngineRoster(Protocol):
+    """Which engines must get no new task: shared by every master through the store (controller/api.py)."""
+
+    def leaving(self) -> set[int]:
+        """Engines being drained (``cluster scale``/``remove``) or under a spot interruption notice."""
+
+    def engine_leaving(self, engine_id: int, reason: str) -> None:
+        """A task came back early because its engine is going (reason: engines.stopping DRAIN or NOTICE)."""
+
+
+# a task result's ``stopped``: why it ended before its epochs were done (engines/stopping.py); these two mean
+# the engine is going away, so it gets no further task
+ENGINE_GOING = ("drain", "notice")
+ROSTER_CHECK_S = 1.0
+
+
 def is_engine_loss(error: BaseException) -> bool:
     if isinstance(error, ipp.error.EngineError):
         return True
@@ -134,15 +150,19 @@ def is_engine_loss(error: BaseException) -> bool:
 
 class Scheduler:
     def __init__(self, client: ipp.Client, poll_s: float = 0.2, targets: Optional[list[int]] = None,
-                 prefetch: int = 0, watchdog: Optional[Watchdog] = None):
+                 prefetch: int = 0, watchdog: Optional[Watchdog] = None, roster: Optional[EngineRoster] = None):
         self.client = client
         self.watchdog = watchdog
+        self.roster = roster
+        self._excluded: set[int] = set()  # engines that get no new task (draining, spot notice)
+        self._roster_checked = float("-inf")
         # prefetch: tasks queued beyond one per engine; ipyparallel's scheduler (hwm=1) holds them until an
         # engine frees up, so engines start the next task while the master still books the last one
         self.prefetch = prefetch
         # targets: only these engine ids (a benchmark on 1 of 4 engines); None = every engine
         self.targets = list(targets) if targets else None
         self.view = client.load_balanced_view(self.targets)
+        self._view_targets: Optional[list[int]] = self.targets
         self.poll_s = poll_s
         self.stats = SchedulerStats()
         # finished tasks whose dispatch overhead is not yet counted: engine id and metadata (not the result,
@@ -150,8 +170,38 @@ class Scheduler:
         self._timed: list[tuple[Optional[int], dict]] = []
         self._result_bytes_since_collection = 0
 
+    def usable_engines(self) -> list[int]:
+        base = self.targets if self.targets else self.client.ids
+        return [engine for engine in base if engine not in self._excluded]
+
     def capacity(self) -> int:
-        return max(1, len(self.targets) if self.targets else len(self.client.ids)) + self.prefetch
+        usable = len(self.usable_engines())
+        if not usable and self._excluded & set(self.client.ids):
+            return 0  # every engine is leaving: hold the work until one joins (the watchdog gives up later)
+        return max(1, usable) + self.prefetch
+
+    def exclude(self, engine_id: int, reason: str) -> None:
+        """No new task for this engine (its running task, if any, comes back by itself)."""
+        if engine_id not in self._excluded:
+            log.info("engine %s gets no new task (%s)", engine_id, reason)
+            self._excluded.add(engine_id)
+            self._retarget()
+
+    def _refresh_roster(self) -> None:
+        now = time.monotonic()
+        if self.roster is None or now - self._roster_checked < ROSTER_CHECK_S:
+            return
+        self._roster_checked = now
+        self._excluded = set(self.roster.leaving())
+        self._retarget()
+
+    def _retarget(self) -> None:
+        """Point the load-balanced view at the usable engines; with nothing excluded and no chosen targets it
+        names none, so that engines joining later (``cluster scale``) get tasks at once."""
+        wanted = None if not self._excluded and not self.targets else sorted(self.usable_engines())
+        if wanted != self._view_targets and (wanted is None or wanted):
+            self._view_targets = wanted
+            self.view = self.client.load_balanced_view(wanted)
 
     def submit(self, job: Job) -> _InFlight:
         result = self.view.apply_async(job.task, job.spec, job.checkpoint, job.epochs_per_task)
@@ -162,6 +212,7 @@ class Scheduler:
         sink = sink or ProgressSink()
         ready: collections.deque[Job] = collections.deque()
         in_flight: dict[str, _InFlight] = {}
+        self._refresh_roster()
         try:
             while True:
                 while len(in_flight) < self.capacity():
@@ -203,12 +254,12 @@ class Scheduler:
             raise
 
     def _watch(self) -> None:
+        self._refresh_roster()
         if self.watchdog is not None:
             self.watchdog.check(self._engine_count)
 
     def _engine_count(self) -> int:
-        registered = set(self.client.ids)
-        return len(registered & set(self.targets)) if self.targets else len(registered)
+        return len(set(self.client.ids) & set(self.usable_engines()))
 
     def _report_progress(self, task: _InFlight, sink: ProgressSink) -> None:
         data = task.result.data
@@ -238,6 +289,11 @@ class Scheduler:
         # the metadata, not a copy: its timestamps may land a moment after the result does
         self._timed.append((engine_id, _metadata(task.result)))
         self._forget(task.result, len(result.get("checkpoint") or b""))
+        stopped = result.get("stopped")
+        if stopped in ENGINE_GOING and engine_id is not None:
+            self.exclude(engine_id, stopped)
+            if self.roster is not None:
+                self.roster.engine_leaving(engine_id, stopped)
         job.checkpoint = result["checkpoint"]
         job.epochs_done = result["completed_epochs"]
         sink.task_done(job, result, engine_id)

@@ -14,6 +14,7 @@ import dataclasses
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -22,76 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from . import schema
 from .errors import ClusterStateError, DataError
+
+log = logging.getLogger(__name__)
 
 # how long a write waits for another process's transaction before the store is reported busy
 BUSY_TIMEOUT_S = 30.0
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS clusters (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL,
-    provider TEXT NOT NULL,
-    state TEXT NOT NULL,            -- starting, running, stopping, stopped, failed
-    slaves INTEGER NOT NULL,
-    threads_per_engine INTEGER NOT NULL DEFAULT 0,
-    profile_dir TEXT NOT NULL,
-    ipp_cluster_id TEXT NOT NULL,
-    controller_pid INTEGER,
-    created_at REAL NOT NULL,
-    stopped_at REAL,
-    price_per_hour REAL NOT NULL DEFAULT 0,
-    error TEXT
-);
-CREATE TABLE IF NOT EXISTS engines (
-    cluster_id INTEGER NOT NULL REFERENCES clusters(id),
-    engine_id INTEGER NOT NULL,
-    host TEXT, pid INTEGER, device TEXT, threads INTEGER, node_id TEXT,
-    registered_at REAL,
-    PRIMARY KEY (cluster_id, engine_id)
-);
-CREATE TABLE IF NOT EXISTS nodes (
-    cluster_id INTEGER NOT NULL REFERENCES clusters(id),
-    node_id TEXT NOT NULL,
-    provider TEXT NOT NULL,
-    host TEXT, state TEXT,
-    instance_id TEXT, instance_type TEXT, zone TEXT, market TEXT,
-    price_per_hour REAL DEFAULT 0,
-    public_ip TEXT, private_ip TEXT, image TEXT,
-    engines INTEGER DEFAULT 0,      -- engines started on this node
-    launched_at REAL, terminated_at REAL,
-    ssh_host TEXT, ssh_port INTEGER, -- the address bootstrap reached it at (its host key is recorded for it)
-    PRIMARY KEY (cluster_id, node_id)
-);
-CREATE TABLE IF NOT EXISTS runs (
-    id TEXT PRIMARY KEY,
-    cluster_id INTEGER REFERENCES clusters(id),
-    sweep_id TEXT, trial_number INTEGER,
-    params TEXT NOT NULL,           -- JSON of the RunSpec
-    state TEXT NOT NULL,            -- running, completed, failed, interrupted, pruned
-    engine_id INTEGER, host TEXT, device TEXT,
-    created_at REAL NOT NULL, finished_at REAL,
-    seconds REAL DEFAULT 0,         -- wall seconds spent on the engines, summed over tasks
-    epochs_done INTEGER DEFAULT 0,
-    train_loss REAL, val_accuracy REAL, test_accuracy REAL, images_per_s REAL,
-    error TEXT
-);
-CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs(sweep_id);
-CREATE TABLE IF NOT EXISTS epochs (
-    run_id TEXT NOT NULL REFERENCES runs(id),
-    epoch INTEGER NOT NULL,
-    train_loss REAL, val_accuracy REAL, test_accuracy REAL,
-    seconds REAL, train_seconds REAL, images_per_s REAL, lr REAL,
-    engine_id INTEGER, finished_at REAL,
-    PRIMARY KEY (run_id, epoch)
-);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    run_id TEXT PRIMARY KEY REFERENCES runs(id),
-    epoch INTEGER NOT NULL,
-    path TEXT NOT NULL, sha256 TEXT NOT NULL, bytes INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-"""
 
 class CheckpointError(DataError):
     """A stored checkpoint is missing or does not match its hash."""
@@ -168,6 +107,7 @@ class EngineRecord:
     threads: int
     node_id: str = ""
     registered_at: float = 0.0
+    leaving: str = ""  # drain, notice, lost: the scheduler sends it no new task
 
 
 @dataclass
@@ -261,18 +201,14 @@ class Store:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
-        self._add_missing_columns()
+        try:
+            applied = schema.migrate(self.db)
+        except schema.NewerSchemaError as error:
+            self.db.close()
+            raise ClusterStateError(f"{self.path}: {error}; use that version, or another state_dir") from None
+        if applied:
+            log.info("%s: schema brought to version %d", self.path, schema.LATEST)
         self._after_commit: Optional[list] = None  # actions waiting for the open transaction's COMMIT
-
-    # columns added after a store was first created: (table, column, type)
-    ADDED_COLUMNS = (("nodes", "ssh_host", "TEXT"), ("nodes", "ssh_port", "INTEGER"))
-
-    def _add_missing_columns(self) -> None:
-        for table, column, kind in self.ADDED_COLUMNS:
-            present = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
-            if column not in present:
-                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -374,6 +310,15 @@ class Store:
     def engines(self, cluster_id: int) -> list[EngineRecord]:
         rows = self.db.execute("SELECT * FROM engines WHERE cluster_id = ? ORDER BY engine_id", (cluster_id,))
         return [_row_to(EngineRecord, r) for r in rows]
+
+    def mark_engine_leaving(self, cluster_id: int, engine_id: int, reason: str) -> None:
+        """The engine gets no new task from any master (``reason``: drain, notice, lost; "" calls it off)."""
+        self._update("engines", {"cluster_id": cluster_id, "engine_id": engine_id}, {"leaving": reason or None})
+
+    def leaving_engines(self, cluster_id: int) -> dict[int, str]:
+        rows = self.db.execute("SELECT engine_id, leaving FROM engines WHERE cluster_id = ? AND leaving IS NOT NULL"
+                               " AND leaving != ''", (cluster_id,))
+        return {row["engine_id"]: row["leaving"] for row in rows}
 
     def record_node(self, cluster_id: int, node: NodeRecord) -> None:
         self._insert("nodes", {"cluster_id": cluster_id, **dataclasses.asdict(node)}, replace=True)

@@ -31,6 +31,7 @@ from typing import Optional
 import paramiko
 
 from .errors import ProviderError
+from .processes import PROCESS_MARKER, is_marked, kill_process_group, process_marker
 from .remote import Host, Remote
 
 log = logging.getLogger(__name__)
@@ -191,8 +192,6 @@ def spawn(spec: TunnelSpec, folder: Path, timeout: float = 60, profile: Optional
     cluster's local processes finds it even when the master was killed before it could
     write the pid file.
     """
-    from .ipp import PROCESS_MARKER, process_marker
-
     marker = process_marker(profile, cluster_id) if profile else {PROCESS_MARKER: ""}
     env = {**os.environ, **marker}
     folder.mkdir(parents=True, exist_ok=True)
@@ -220,8 +219,6 @@ def spawn(spec: TunnelSpec, folder: Path, timeout: float = 60, profile: Optional
 
 def kill(pid: Optional[int]) -> None:
     """End a tunnel holder, if that pid is still one of ours (a stale pid file may name anything)."""
-    from .ipp import is_marked, kill_process_group
-
     if pid and is_marked(pid):
         kill_process_group(pid)
 

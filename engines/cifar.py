@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataError, Split
+from .data import Split
+from .errors import DataError
 from .train import Setup, TaskResult, run_task
 
 FOLDER = "cifar-10-batches-py"

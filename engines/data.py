@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError
+
 log = logging.getLogger(__name__)
 
 MEAN, STD = 0.1307, 0.3081
@@ -27,10 +29,6 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
-
-
-class DataError(Exception):
-    """A data file is missing or malformed; the message names the file."""
 
 
 @dataclass

@@ -55,8 +55,10 @@ def engine_info(threads: int = 0) -> dict:
     """Who this engine is: host, pid, device, threads, versions (also sets the thread count)."""
     import torch
 
+    from . import stopping
     from .train import pick_device
 
+    stopping.install()  # before the master may ever drain this engine (SIGUSR1 would end it otherwise)
     if threads:
         torch.set_num_threads(threads)
     device = pick_device("auto")

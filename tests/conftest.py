@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from controller import ipp as ipp_side
+from controller import ipcluster, processes
 from controller.config import load_config
 from engines.data import write_synthetic_mnist
 
@@ -54,7 +54,7 @@ def write_ini(path: Path, text: str) -> Path:
 
 def cluster_pids(state_dir: Path) -> list[int]:
     """Every live process started for the cluster under ``state_dir``."""
-    return ipp_side.marked_processes(ipp_side.profile_dir(Path(state_dir)))
+    return processes.marked_processes(ipcluster.profile_dir(Path(state_dir)))
 
 
 def wait_until(predicate, timeout: float = 30, interval: float = 0.2):

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from controller import ipp as ipp_side
+from controller import processes
 from controller.api import Cluster
 from controller.cli import main
 from controller.errors import ClusterStateError, ConfigError, CredentialsError, ProviderError
@@ -193,7 +193,7 @@ def test_spot_slaves_train_status_and_stop_without_leaks(tmp_path, tiny_data_dir
     assert tagged(ec2) == NOTHING
     assert no_engines(hosts)
     assert not list((config.state_dir / "aws" / "test").glob("*.pem"))
-    assert cluster.stop() is None and tagged(ec2) == NOTHING  # safe twice
+    assert not cluster.stop() and tagged(ec2) == NOTHING  # safe twice
     cluster.close()
 
 
@@ -218,7 +218,7 @@ def test_failed_start_leaves_nothing(step, tmp_path, tiny_data_dir, moto_url, ec
         cluster.start()
     assert tagged(ec2) == NOTHING
     assert no_engines(hosts)
-    assert not ipp_side.pid_alive(cluster.store.latest_cluster("test").controller_pid)
+    assert not processes.pid_alive(cluster.store.latest_cluster("test").controller_pid)
     assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=10)  # schedulers too
     assert not list(cluster.config.state_dir.glob("aws/test/*.pem"))
     cluster.close()
@@ -282,7 +282,7 @@ def test_ctrl_c_during_a_start_whose_hosts_never_answer_ssh_exits_within_15_s_le
             if master.poll() is None:
                 os.killpg(master.pid, signal.SIGKILL)
                 for pid in cluster_pids(config.state_dir):  # its controller runs in a session of its own
-                    ipp_side.kill_process_group(pid)
+                    processes.kill_process_group(pid)
             for connection in held:
                 connection.close()
     err = log.read_text()
@@ -310,15 +310,16 @@ def test_stop_finds_everything_after_local_state_is_lost(tmp_path, tiny_data_dir
     shutil.rmtree(config.state_dir)  # the laptop's state is gone; the instances are not
 
     fresh = Cluster(config)
-    assert fresh.stop() is None
+    stopped = fresh.stop()
+    assert stopped.cluster is None
     assert tagged(ec2) == NOTHING
-    assert len(fresh.released) == 3  # the instance, the security group, the key pair
+    assert len(stopped.released) == 3  # the instance, the security group, the key pair
     fresh.close()
-    ipp_side.kill_process_group(controller_pid)  # the master's own orphan, not the provider's to find
+    processes.kill_process_group(controller_pid)  # the master's own orphan, not the provider's to find
     # the orphaned engine on the slave: its instance is terminated (a real one would be gone with it)
     for host in hosts.hosts:
         for pid in host.engine_processes():
-            ipp_side.kill_process_group(pid)
+            processes.kill_process_group(pid)
 
 
 def tagged_instance(ec2, cluster: str, owner: str) -> str:
@@ -554,7 +555,7 @@ def test_start_refuses_to_over_create_and_leaves_existing_alone(tmp_path, tiny_d
     with pytest.raises(ClusterStateError, match="already has instances"):
         cluster.start()
     assert tagged(ec2)["instances"] == [existing]
-    assert cluster.stop() is None  # no record: `cluster stop` releases them by tag
+    assert cluster.stop().cluster is None  # no record: `cluster stop` releases them by tag
     assert tagged(ec2) == NOTHING
     cluster.close()
 
@@ -648,7 +649,7 @@ def test_stop_by_tag_leaves_another_masters_cluster_of_the_same_name_alone(tmp_p
                                    {"Key": "gpu-cluster:cluster", "Value": "test"},
                                    {"Key": "gpu-cluster:owner", "Value": "someone@elsewhere"}]}])["Instances"][0]["InstanceId"]
     cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2)))
-    assert cluster.stop() is None and cluster.released == []
+    assert not cluster.stop()
     live = [i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
             if i["State"]["Name"] == "running"]
     assert live == [theirs]

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller import bench, report
-from controller.bench import BenchStore, parse_engine_counts, region_of
-from controller.commands import bench as bench_commands
+from controller.bench import WORKLOADS, BenchTable, parse_engine_counts
+from controller.bench.runner import BenchSink, region_of
 from controller.errors import UsageError
+from controller.sweep.space import PAPER_L1
 from engines.cifar import build_model, load_cifar10, read_batch, train_cifar, write_cifar10_batches
 from engines.data import DataError
 from engines.tasks import cifar_task
@@ -24,11 +24,6 @@ PRICE = 0.36  # $/hour of the whole 2-engine local cluster: 0.18 per engine
 
 
 # no cluster -----------------------------------------------------------------------
-def test_cli_names_match_the_modules():
-    assert list(bench_commands.WORKLOADS) == list(bench.WORKLOADS)
-    assert bench_commands.FORMATS == report.FORMATS
-
-
 def test_engine_counts_and_regions():
     assert parse_engine_counts("4,1,2,2") == [1, 2, 4]
     assert parse_engine_counts(None) is None
@@ -42,11 +37,11 @@ def test_engine_counts_and_regions():
 
 
 def test_paper_workload_is_the_lambda_grid():
-    runs = bench.WORKLOADS["paper"].runs(None)
+    runs = WORKLOADS["paper"].runs(None)
     assert [spec["l1"] for _, spec in runs] == [0.0, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0]
     assert {spec["epochs"] for _, spec in runs} == {1}
-    assert bench.WORKLOADS["cifar10-vgg16"].runs(None) == [("vgg16", {"epochs": 5})]
-    assert bench.WORKLOADS["mnist-cnn"].runs(3) == [("cnn", {"epochs": 3})]
+    assert WORKLOADS["cifar10-vgg16"].runs(None) == [("vgg16", {"epochs": 5})]
+    assert WORKLOADS["mnist-cnn"].runs(3) == [("cnn", {"epochs": 3})]
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +160,7 @@ def priced_cluster(tmp_path_factory, tiny_data_dir):
         yield cluster
 
 
-class Recorder(bench.BenchSink):
+class Recorder(BenchSink):
     def __init__(self):
         self.events: list[tuple] = []
 
@@ -186,7 +181,7 @@ def test_tiny_paper_bench_on_1_and_2_engines_stores_its_records(priced_cluster):
     assert [e[0] for e in sink.events if e[0] != "task"] == ["started", "finished", "started", "finished"]
     assert sum(1 for e in sink.events if e[0] == "task") == 18
 
-    stored = BenchStore(priced_cluster.store).records(bench_ids=[result.bench_id])
+    stored = BenchTable(priced_cluster.store).records(bench_ids=[result.bench_id])
     assert [dataclasses.asdict(r) for r in stored] == [dataclasses.asdict(r) for r in result.records]
     for record in stored:
         assert record.state == "completed" and record.workload == "paper" and record.provider == "local"
@@ -201,19 +196,19 @@ def test_tiny_paper_bench_on_1_and_2_engines_stores_its_records(priced_cluster):
         assert record.gpu.endswith("(CPU)") and record.torch and record.threads == 1
         assert record.params["subset"] == 120 and record.params["epochs"] == 1
 
-        engines = BenchStore(priced_cluster.store).engines(record.id)
+        engines = BenchTable(priced_cluster.store).engines(record.id)
         assert len(engines) == record.engines
         assert sum(e.tasks for e in engines) == 9 and sum(e.images for e in engines) == 9 * 120
         assert all(e.price_per_hour == pytest.approx(PRICE / 2) and e.device == "cpu" for e in engines)
 
-        trials = BenchStore(priced_cluster.store).trials(record.id)
-        assert [t.l1 for t in trials] == list(bench.PAPER_L1)
+        trials = BenchTable(priced_cluster.store).trials(record.id)
+        assert [t.l1 for t in trials] == list(PAPER_L1)
         assert all(t.state == "completed" and t.epochs == 1 for t in trials)
         assert {t.engine_id for t in trials} == {e.engine_id for e in engines}
         runs = [priced_cluster.store.run(t.run_id) for t in trials]
         assert all(run.state == "completed" and run.params["l1"] == t.l1 for run, t in zip(runs, trials))
     # on 2 engines both took part
-    assert all(e.tasks > 0 for e in BenchStore(priced_cluster.store).engines(result.records[1].id))
+    assert all(e.tasks > 0 for e in BenchTable(priced_cluster.store).engines(result.records[1].id))
 
     text = priced_cluster.report("md", bench_ids=[result.bench_id])
     assert f"| local | - | {stored[0].gpu} | - | {stored[0].wall_s:.1f} | $0.180 | ${stored[0].cost:.4f} |" in text
@@ -258,5 +253,5 @@ def test_cli_bench_json_and_a_failing_workload(priced_cluster, tmp_path):
                 stdout=stdout, stderr=stderr)
     assert code == 1
     assert "could not load the cifar10-vgg16 data" in stderr.getvalue() and "no CIFAR-10 here" in stderr.getvalue()
-    assert BenchStore(priced_cluster.store).records(workload="cifar10-vgg16") == []
+    assert BenchTable(priced_cluster.store).records(workload="cifar10-vgg16") == []
     assert len(priced_cluster.runs()) == runs_before

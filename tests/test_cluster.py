@@ -128,12 +128,12 @@ def test_two_clusters_in_one_state_dir_are_stopped_apart(tmp_path, tiny_data_dir
 
 
 def test_stale_pids_are_never_signalled(tmp_path):
-    from controller import ipp as ipp_side
+    from controller import ipcluster, processes
 
     stranger = subprocess.Popen(["sleep", "30"])
     try:
-        assert not ipp_side.is_marked(stranger.pid)
-        ipp_side.kill_cluster_processes(ipp_side.profile_dir(tmp_path), "test-1")
+        assert not processes.is_marked(stranger.pid)
+        processes.kill_cluster_processes(ipcluster.profile_dir(tmp_path), "test-1")
         assert stranger.poll() is None
     finally:
         stranger.kill()

@@ -103,3 +103,16 @@ def test_a_sweep_with_corrupt_json_in_the_store_is_one_line_and_exit_1(tmp_path)
         store.execute("UPDATE sweeps SET space = 'not json' WHERE id = 's-1'")
     result = cli(tmp_path, "sweeps")
     assert_one_line(result, ExitStatus.ERROR, "cluster sweeps: error:", "the space of sweep s-1 is not valid JSON")
+
+
+def test_one_data_error_for_engines_store_and_cli(tmp_path):
+    import controller.errors
+    import engines.data
+    from controller.store import CheckpointError
+
+    assert controller.errors.DataError is engines.data.DataError
+    assert issubclass(CheckpointError, controller.errors.DataError)
+    # an engine's data error raised on the master (CIFAR-10 read in-process) is one line and exit 1 too
+    result = cli(tmp_path, "runs", code="import controller.api, engines.cifar\n"
+                                        "controller.api.Cluster.runs = lambda self, **_: engines.cifar.load_cifar10('/nowhere')")
+    assert_one_line(result, ExitStatus.ERROR, "cluster runs: error:", "/nowhere")

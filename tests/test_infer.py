@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from controller.bench import BenchStore
+from controller.bench import BenchTable
 from controller.cli import main
 from controller.infer import EVAL_BATCH, Inference, InferenceResult, shard_bounds, write_predictions
 from controller.errors import UsageError
@@ -129,7 +129,7 @@ def test_a_model_of_another_workload_is_refused_by_name(cluster, mnist_run):
 def test_cifar_runs_from_cluster_bench_predict_over_two_engines(cluster, data_dir, workload, tmp_path):
     bench = cluster.bench(workload=workload, engines=[1], epochs=1, data_dir=str(data_dir))
     (record,) = bench.records
-    (trial,) = BenchStore(cluster.store).trials(record.id)
+    (trial,) = BenchTable(cluster.store).trials(record.id)
     run_id = trial.run_id
     result = cluster.infer(run_id, workload=workload, out=tmp_path / "preds.npz")
     test = load_cifar10(data_dir).test

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from controller import ipp as ipp_side
+from controller import ipcluster, processes
 from controller import tunnels
 from controller.api import Cluster
 from controller.remote import Host, Remote
@@ -70,7 +70,7 @@ tunnel = always
     try:
         cluster.start()
         (engine,) = [p for p in host.engine_processes() if b"nanny" not in cmdline(p)]
-        misses = -(-60_000 // ipp_side.ENGINE_CHECK_MS)  # one minute of checks
+        misses = -(-60_000 // ipcluster.ENGINE_CHECK_MS)  # one minute of checks
         assert f"--IPEngine.max_heartbeat_misses={misses}".encode() in cmdline(engine)
         tag = f"test.{socket.gethostname()}"
         log = host.dir / "home" / ".cluster-engine" / "run" / tag / "engine-0.log"
@@ -86,7 +86,7 @@ tunnel = always
             for pid in (controller, holder):
                 signal_group(pid, signal.SIGCONT)
 
-        assert ipp_side.pid_alive(engine)  # waited out the master instead of quitting
+        assert processes.pid_alive(engine)  # waited out the master instead of quitting
         assert wait_until(lambda: cluster.status().state == "running", timeout=30), cluster.status()
         run = cluster.train(subset=200, epochs=1)
         assert run.run.state == "completed" and run.run.host == host.hostname

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.bench import BenchEngine, BenchRecord, BenchStore, BenchTrial
+from controller.bench import BenchEngine, BenchRecord, BenchTable, BenchTrial
 from controller.cli import main
 from controller.errors import UsageError
 from controller.report import COST_COLUMNS, CSV_FIELDS, FORMATS, report
@@ -25,19 +26,19 @@ PAPER_L1 = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 PAPER_VAL = (0.981, 0.983, 0.985, 0.979, 0.962, 0.91, 0.62, 0.11, 0.10)
 
 
-def paper_run(bench_id: str, engines: int, wall_s: float, price: float, created_at: float):
-    run_id = f"{bench_id}-e{engines}"
+def paper_measurement(bench_id: str, engines: int, wall_s: float, price: float, created_at: float):
+    measurement_id = f"{bench_id}-e{engines}"
     record = BenchRecord(
-        id=run_id, bench_id=bench_id, workload="paper", engines=engines, provider="local", gpu="AMD EPYC (CPU)",
+        id=measurement_id, bench_id=bench_id, workload="paper", engines=engines, provider="local", gpu="AMD EPYC (CPU)",
         market="local", threads=1, wall_s=wall_s, runs=9, epochs=9, images=9 * 50_000,
         images_per_s=9 * 50_000 / wall_s, epochs_per_min=9 / (wall_s / 60), accuracy=0.984,
         price_per_hour=price, cost=price * wall_s / 3600, torch="2.14.1", cuda="", params={"lr": 0.01},
         cluster_id=1, created_at=created_at)
-    engine_rows = [BenchEngine(bench_run_id=run_id, engine_id=e, host="vm", node_id="local", device="cpu",
+    engine_rows = [BenchEngine(measurement_id=measurement_id, engine_id=e, host="vm", node_id="local", device="cpu",
                                cpu="AMD EPYC", threads=1, price_per_hour=price / engines, tasks=9 // engines + (e < 9 % engines),
                                epochs=9 // engines, images=50_000 * (9 // engines), train_s=100.0 / engines,
                                images_per_s=4000.0, torch="2.14.1") for e in range(engines)]
-    trials = [BenchTrial(bench_run_id=run_id, trial=i, run_id=f"r-{engines}{i:07d}", label=f"l1={l1:g}", l1=l1,
+    trials = [BenchTrial(measurement_id=measurement_id, trial=i, run_id=f"r-{engines}{i:07d}", label=f"l1={l1:g}", l1=l1,
                          lr=0.01, epochs=1, state="completed", val_accuracy=val, test_accuracy=val + 0.001,
                          seconds=wall_s / 9, engine_id=i % engines)
               for i, (l1, val) in enumerate(zip(PAPER_L1, PAPER_VAL))]
@@ -47,22 +48,22 @@ def paper_run(bench_id: str, engines: int, wall_s: float, price: float, created_
 def build_fixture_store(state_dir: Path) -> Store:
     """Two benches: the paper sweep on 1 and 2 local engines ($0.40/h for both), VGG16 on one AWS spot GPU."""
     store = Store(state_dir)
-    bench = BenchStore(store)
+    bench = BenchTable(store)
     # saved out of order on purpose: the report must sort
-    bench.save(*paper_run("b-fixture1", 2, 72.0, 0.40, JAN_1 + 200))
-    bench.save(*paper_run("b-fixture1", 1, 120.0, 0.20, JAN_1 + 60))
+    bench.save(*paper_measurement("b-fixture1", 2, 72.0, 0.40, JAN_1 + 200))
+    bench.save(*paper_measurement("b-fixture1", 1, 120.0, 0.20, JAN_1 + 60))
     vgg = BenchRecord(
         id="b-fixture2-e1", bench_id="b-fixture2", workload="cifar10-vgg16", engines=1, provider="aws",
         region="us-east-1", zone="us-east-1a", instance_type="g4dn.xlarge", gpu="Tesla T4",
         image="ami-0123456789abcdef0", market="spot", threads=4, wall_s=1800.0, runs=1, epochs=5, images=225_000,
         images_per_s=125.0, epochs_per_min=5 / 30, accuracy=0.8512, price_per_hour=0.526, cost=0.526 * 1800 / 3600,
         torch="2.14.1+cu130", cuda="13.0", params={"model": "vgg16"}, cluster_id=2, created_at=JAN_1 + 3600)
-    bench.save(vgg, [BenchEngine(bench_run_id=vgg.id, engine_id=0, host="ip-10-0-0-5", node_id="i-0abc",
+    bench.save(vgg, [BenchEngine(measurement_id=vgg.id, engine_id=0, host="ip-10-0-0-5", node_id="i-0abc",
                                  device="cuda:Tesla T4", gpu="Tesla T4", cpu="Intel Xeon", threads=4,
                                  instance_type="g4dn.xlarge", zone="us-east-1a", price_per_hour=0.526, tasks=5,
                                  epochs=5, images=225_000, train_s=1700.0, images_per_s=132.35,
                                  torch="2.14.1+cu130", cuda="13.0")],
-               [BenchTrial(bench_run_id=vgg.id, trial=0, run_id="r-vgg00001", label="vgg16", lr=0.05, epochs=5,
+               [BenchTrial(measurement_id=vgg.id, trial=0, run_id="r-vgg00001", label="vgg16", lr=0.05, epochs=5,
                            state="completed", val_accuracy=0.85, test_accuracy=0.8512, seconds=1790.0, engine_id=0)])
     return store
 
@@ -104,7 +105,7 @@ def test_markdown_has_the_cost_table_with_the_numbers(fixture_store):
     assert by_engines[("b-fixture1", "2")][5:6] + by_engines[("b-fixture1", "2")][7:10] == ["7.50", "1.67x", "83%",
                                                                                           "98.40%"]
     # beside epochs/min: the paper's unit, 50,000-image epochs per minute, from images/s
-    record = {r.id: r for r in BenchStore(fixture_store).records(None, None)}["b-fixture1-e2"]
+    record = {r.id: r for r in BenchTable(fixture_store).records(None, None)}["b-fixture1-e2"]
     assert scaling[0][6] == "50k-image epochs/min (paper: 14.59)"
     assert by_engines[("b-fixture1", "2")][6] == f"{record.images_per_s * 60 / 50_000:.2f}"
     assert "2026-01-01 00:01 UTC to 2026-01-01 01:00 UTC" in text
@@ -129,14 +130,15 @@ def test_csv_has_every_field_and_raw_numbers(fixture_store):
     assert rows[2]["torch"] == "2.14.1+cu130" and rows[2]["cuda"] == "13.0"
 
 
-def test_json_holds_runs_engines_and_ranked_sweeps(fixture_store):
+def test_json_holds_measurements_engines_and_ranked_sweeps(fixture_store):
     document = json.loads(report(fixture_store, "json"))
     assert document["columns"] == COST_COLUMNS
-    runs = {r["id"]: r for r in document["runs"]}
-    assert runs["b-fixture2-e1"]["cost"] == pytest.approx(0.526 * 0.5)
-    assert runs["b-fixture2-e1"]["price_per_hour"] == 0.526
-    assert runs["b-fixture1-e2"]["baseline_engines"] == 1
+    measurements = {r["id"]: r for r in document["measurements"]}
+    assert measurements["b-fixture2-e1"]["cost"] == pytest.approx(0.526 * 0.5)
+    assert measurements["b-fixture2-e1"]["price_per_hour"] == 0.526
+    assert measurements["b-fixture1-e2"]["baseline_engines"] == 1
     assert len(document["engines"]) == 1 + 2 + 1
+    assert {e["measurement_id"] for e in document["engines"]} == set(measurements)
     assert set(document["sweeps"]) == {"b-fixture1-e1", "b-fixture1-e2"}  # VGG16 was one run, not a sweep
     ranked = document["sweeps"]["b-fixture1-e2"]
     assert [t["l1"] for t in ranked[:3]] == [1e-4, 1e-5, 0.0]
@@ -217,11 +219,11 @@ def test_filters_and_an_empty_store(fixture_store, tmp_path):
         report(fixture_store, "pdf")
 
 
-def test_a_failed_bench_run_has_no_speedup(tmp_path):
+def test_a_failed_measurement_has_no_speedup(tmp_path):
     with Store(tmp_path / "state") as store:
-        record, engines, trials = paper_run("b-failed", 1, 30.0, 0.0, JAN_1)
+        record, engines, trials = paper_measurement("b-failed", 1, 30.0, 0.0, JAN_1)
         record.state, record.error, record.epochs, record.epochs_per_min = "failed", "DataError: gone", 0, 0.0
-        BenchStore(store).save(record, engines, trials[:1])
+        BenchTable(store).save(record, engines, trials[:1])
         row = md_rows(report(store, "md"), "| Bench | Workload")[1]
         assert row[7:9] == ["-", "-"] and row[-1] == "failed"
         (flat,) = csv.DictReader(io.StringIO(report(store, "csv")))
@@ -248,3 +250,30 @@ def test_cli_report_writes_every_format(tmp_path, monkeypatch):
     stderr = io.StringIO()
     assert main(["--config", str(ini), "report", "--bench", "b-nothing"], stdout=io.StringIO(), stderr=stderr) == 2
     assert "no benchmark records for b-nothing" in stderr.getvalue()
+
+
+def test_a_store_written_with_bench_runs_keeps_its_measurements(tmp_path):
+    """Before schema 5 a measurement was a "bench run": table bench_runs, columns bench_run_id."""
+    import sqlite3
+
+    from controller import schema
+
+    record, engines, trials = paper_measurement("b-old", 2, 72.0, 0.40, JAN_1)
+    with sqlite3.connect(tmp_path / "cluster.db") as db:
+        db.executescript(schema.TABLES_V1)  # the tables as they were, bench_runs among them
+        for table, row in ([("bench_runs", {**dataclasses.asdict(record), "params": json.dumps(record.params)})]
+                           + [("bench_engines", dataclasses.asdict(e)) for e in engines]
+                           + [("bench_trials", dataclasses.asdict(t)) for t in trials]):
+            row = {("bench_run_id" if k == "measurement_id" else k): v for k, v in row.items()}
+            db.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+                       list(row.values()))
+    with Store(tmp_path) as store:
+        assert schema.version(store.db) == schema.LATEST
+        table = BenchTable(store)
+        assert table.records() == [record]
+        assert table.engines(record.id) == engines and table.trials(record.id) == trials
+        assert "| b-old | paper | 2 |" in report(store, "md")
+        names = {row["name"] for row in store.execute("SELECT name FROM sqlite_master")}
+        assert not {n for n in names if "bench_runs" in n}
+        columns = {row["name"] for row in store.execute("PRAGMA table_info(bench_trials)")}
+        assert "measurement_id" in columns and "bench_run_id" not in columns

@@ -32,22 +32,26 @@ class FakeResult(concurrent.futures.Future):
 
 
 class FakeClient:
-    """Answers each task at once with ``answer(job spec, checkpoint, epochs) -> (engine id, result or error)``."""
+    """Answers each task at once with ``answer(job spec, checkpoint, epochs[, view targets]) -> (engine id, result
+    or error)``; the view targets are the engines the task's load-balanced view allows (None: any)."""
 
     def __init__(self, answer: Callable, ids=(0, 1)):
-        self.answer = answer
+        self.answer = answer if answer.__code__.co_argcount == 4 else (lambda s, c, n, targets: answer(s, c, n))
         self.ids = list(ids)
         self.submitted: list[tuple[dict, Optional[bytes]]] = []
         self.aborted: list = []
         self.purged: list[str] = []
 
+        self.views: list[Optional[list[int]]] = [None]  # the targets of each load-balanced view asked for
+
     def load_balanced_view(self, targets=None):
+        self.views.append(targets)
         return self
 
     def apply_async(self, task, spec, checkpoint, n_epochs):
         self.submitted.append((spec, checkpoint))
         result = FakeResult(f"m{len(self.submitted)}")
-        engine_id, outcome = self.answer(spec, checkpoint, n_epochs)
+        engine_id, outcome = self.answer(spec, checkpoint, n_epochs, self.views[-1])
         result.engine_id = engine_id
         if isinstance(outcome, BaseException):
             result.set_exception(outcome)
@@ -164,6 +168,14 @@ class FakeClock:
         return self.now
 
 
+class TickingClock(FakeClock):
+    """A second passes each time it is read."""
+
+    def __call__(self) -> float:
+        self.now += 1
+        return self.now
+
+
 class TestTheWatchdog:
     def test_a_dead_controller_ends_the_wait(self):
         alive = [True]
@@ -202,3 +214,63 @@ class TestTheWatchdog:
         with pytest.raises(ClusterLostError):
             Scheduler(client, poll_s=0.001, watchdog=watchdog).run(ListSource([job("r-1", 1)]))
         assert len(client.aborted) == 1  # the queued task was withdrawn
+
+
+class FakeRoster:
+    def __init__(self, leaving=()):
+        self.marked = dict.fromkeys(leaving, "drain")
+        self.reported: list[tuple[int, str]] = []
+
+    def leaving(self):
+        return set(self.marked)
+
+    def engine_leaving(self, engine_id, reason):
+        self.reported.append((engine_id, reason))
+        self.marked[engine_id] = reason
+
+
+class TestEnginesThatAreLeaving:
+    """A drained engine, or one under a spot notice, gets no new task; its task goes on elsewhere."""
+
+    @staticmethod
+    def answer_stopping_on(going: int, reason: str):
+        """Engine ``going`` hands its first task back early (no epoch done, checkpoint unchanged) with
+        ``stopped=reason``; any other engine trains an epoch. The engine is the lowest the view allows."""
+        def answer(spec, ckpt, n, targets):
+            engine = min(targets) if targets else going
+            if engine == going:
+                return engine, {**epoch_result(ckpt), "completed_epochs": int(ckpt or b"0"),
+                                "checkpoint": ckpt or b"0", "stopped": reason}
+            return engine, epoch_result(ckpt)
+        return answer
+
+    @pytest.mark.parametrize("reason", ["drain", "notice"])
+    def test_a_task_stopped_because_its_engine_goes_continues_on_another_engine(self, reason):
+        client = FakeClient(self.answer_stopping_on(0, reason))
+        roster = FakeRoster()
+        source = ListSource([job("r-1", 2)])
+        Scheduler(client, poll_s=0, roster=roster).run(source)
+        assert roster.reported == [(0, reason)]
+        assert [engine for _, _, engine in source.results] == [0, 1, 1]
+        assert [done for _, done, _ in source.results] == [0, 1, 2]
+        assert client.views[-1] == [1]
+
+    def test_engines_the_roster_marks_get_no_task(self):
+        client = FakeClient(self.answer_stopping_on(0, "drain"), ids=(0, 1, 2))
+        source = ListSource([job("r-1", 2)])
+        Scheduler(client, poll_s=0, roster=FakeRoster(leaving=[0])).run(source)
+        assert [engine for _, _, engine in source.results] == [1, 1]
+
+    def test_with_no_engine_excluded_the_view_names_none_so_engines_that_join_get_work(self):
+        client = FakeClient(lambda spec, ckpt, n: (0, epoch_result(ckpt)))
+        Scheduler(client, poll_s=0, roster=FakeRoster()).run(ListSource([job("r-1", 1)]))
+        assert client.views == [None, None]
+
+    def test_when_every_engine_is_leaving_work_waits_and_the_watchdog_gives_up(self):
+        clock = TickingClock()
+        client = FakeClient(lambda spec, ckpt, n: (0, epoch_result(ckpt)))
+        watchdog = Watchdog(controller_alive=lambda: True, engine_timeout=30, clock=clock)
+        with pytest.raises(ClusterLostError, match="no engine"):
+            Scheduler(client, poll_s=0.001, watchdog=watchdog, roster=FakeRoster(leaving=[0, 1])).run(
+                ListSource([job("r-1", 1)]))
+        assert client.submitted == []

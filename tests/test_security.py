@@ -17,7 +17,7 @@ import psutil
 import pytest
 import zmq
 
-from controller import ipp as ipp_side
+from controller import ipcluster
 from controller.api import Cluster
 from controller.cli import main
 from controller.errors import ProviderError
@@ -73,8 +73,8 @@ def mode(path: Path) -> int:
 def assert_private_files(state_dir: Path) -> None:
     """state_dir and the profile 0700; connection files (HMAC or CurveZMQ key) 0600 in a 0700 folder."""
     assert mode(state_dir) == 0o700
-    security = ipp_side.profile_dir(state_dir) / "security"
-    assert mode(ipp_side.profile_dir(state_dir)) == 0o700 and mode(security) == 0o700
+    security = ipcluster.profile_dir(state_dir) / "security"
+    assert mode(ipcluster.profile_dir(state_dir)) == 0o700 and mode(security) == 0o700
     files = list(security.glob("*.json"))
     assert any(f.name.endswith("-client.json") for f in files) and any(f.name.endswith("-engine.json") for f in files)
     assert all(mode(f) == 0o600 for f in files), {f.name: oct(mode(f)) for f in files}
@@ -85,7 +85,7 @@ def test_local_cluster_listens_on_loopback_only_and_keeps_its_files_private(tmp_
         sockets = listening(cluster.config.state_dir)
         assert sockets and addresses(sockets) == {"127.0.0.1"}, sockets
         assert_private_files(cluster.config.state_dir)
-        engine = json.loads(ipp_side.engine_file(ipp_side.profile_dir(cluster.config.state_dir),
+        engine = json.loads(ipcluster.engine_file(ipcluster.profile_dir(cluster.config.state_dir),
                                                  cluster.store.active_cluster("test").ipp_cluster_id).read_text())
         assert not engine.get("curve_serverkey")  # loopback only: the HMAC key signs every message
 
@@ -142,9 +142,9 @@ def test_ssh_client_ports_on_loopback_engine_ports_only_toward_the_slaves(tunnel
         status = cluster.start()
         assert [e.host for e in status.engines] == ["slave21"]  # registered (through CurveZMQ when direct)
         record = cluster.store.active_cluster("test")
-        profile = ipp_side.profile_dir(cluster.config.state_dir)
-        client = json.loads(ipp_side.url_file(profile, record.ipp_cluster_id).read_text())
-        engine = json.loads(ipp_side.engine_file(profile, record.ipp_cluster_id).read_text())
+        profile = ipcluster.profile_dir(cluster.config.state_dir)
+        client = json.loads(ipcluster.url_file(profile, record.ipp_cluster_id).read_text())
+        engine = json.loads(ipcluster.engine_file(profile, record.ipp_cluster_id).read_text())
         sockets = listening(cluster.config.state_dir)
         assert not WILDCARD & addresses(sockets), sockets  # nothing on every interface
         toward_slave = "127.0.0.1" if tunnel == "always" else hosts.hosts[0].master_address
@@ -185,9 +185,9 @@ def test_ssh_slaves_behind_two_interfaces_get_every_interface_with_curve_only(tm
         status = cluster.start()
         assert sorted(e.host for e in status.engines) == ["slave21", "slave22"]
         record = cluster.store.active_cluster("test")
-        profile = ipp_side.profile_dir(cluster.config.state_dir)
-        client = json.loads(ipp_side.url_file(profile, record.ipp_cluster_id).read_text())
-        engine = json.loads(ipp_side.engine_file(profile, record.ipp_cluster_id).read_text())
+        profile = ipcluster.profile_dir(cluster.config.state_dir)
+        client = json.loads(ipcluster.url_file(profile, record.ipp_cluster_id).read_text())
+        engine = json.loads(ipcluster.engine_file(profile, record.ipp_cluster_id).read_text())
         sockets = listening(cluster.config.state_dir)
         assert addresses(sockets, ports_of(engine) | ports_of(client)) == {"0.0.0.0"}
         assert addresses(sockets) == {"0.0.0.0", "127.0.0.1"}  # the monitor and schedulers: loopback
@@ -286,7 +286,7 @@ def test_aws_vv_start_logs_no_key_listens_on_loopback_and_keeps_keys_private(
         assert mode(pem) == 0o600 and mode(folder / "known_hosts") == 0o600
         tunnel_spec = state_dir / "tunnels" / "test" / "tunnels.json"
         assert mode(tunnel_spec) == 0o600
-        (engine_file,) = (ipp_side.profile_dir(state_dir) / "security").glob("*-engine.json")
+        (engine_file,) = (ipcluster.profile_dir(state_dir) / "security").glob("*-engine.json")
         hmac_key = json.loads(engine_file.read_text())["key"]
         assert hmac_key and hmac_key not in tunnel_spec.read_text()  # the spec names hosts and ports, no key
     finally:

@@ -7,6 +7,7 @@ run executes on one of them.
 """
 from __future__ import annotations
 
+import json
 import socket
 import stat
 import sys
@@ -67,7 +68,7 @@ def test_two_slaves_register_train_and_stop(tmp_path, tiny_data_dir, hosts):
             (conn,) = engine_files(host)
             assert stat.S_IMODE(conn.stat().st_mode) == 0o600
             assert stat.S_IMODE(conn.parent.stat().st_mode) == 0o700
-        key = __import__("json").loads(engine_files(hosts.hosts[0])[0].read_text())["key"]
+        key = json.loads(engine_files(hosts.hosts[0])[0].read_text())["key"]
         for log in (hosts.hosts[0].dir / "home").rglob("*.log"):
             assert key not in log.read_text(errors="replace")
         # host keys were recorded on first contact
@@ -84,7 +85,7 @@ def test_two_slaves_register_train_and_stop(tmp_path, tiny_data_dir, hosts):
         cluster.stop()
     assert wait_until(lambda: not any(h.engine_processes() for h in hosts.hosts), timeout=20)
     assert not any(engine_files(h) for h in hosts.hosts)  # run dirs (and the HMAC key) removed
-    assert cluster.stop() is None  # safe twice
+    assert cluster.stop().cluster is None  # safe twice
     assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=10)
     cluster.close()
 
@@ -129,14 +130,15 @@ def test_reverse_tunnels_and_lost_state(tmp_path, tiny_data_dir, hosts):
     shutil.rmtree(config.state_dir)
     assert hosts.hosts[0].engine_processes()
     fresh = Cluster(config)
-    assert fresh.stop() is None
-    assert fresh.released == ["10.213.1.2"]
+    stopped = fresh.stop()
+    assert stopped.cluster is None
+    assert stopped.released == ["10.213.1.2"]
     assert wait_until(lambda: not hosts.hosts[0].engine_processes(), timeout=20)
     fresh.close()
     # the master's own controller was orphaned with the state too; not the provider's to find
-    from controller import ipp as ipp_side
+    from controller import processes
 
-    ipp_side.kill_process_group(controller_pid)
+    processes.kill_process_group(controller_pid)
 
 
 def test_stop_ends_engines_by_the_stored_pids_after_the_master_was_renamed(tmp_path, tiny_data_dir, hosts,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from controller import ipp as ipp_side
+from controller import ipcluster, processes
 from controller.api import Cluster
 from tests.conftest import REPO, cluster_pids, make_config, wait_until
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
@@ -43,7 +43,7 @@ MASTER = textwrap.dedent("""
 
 def holders(profile: Path) -> list[int]:
     found = []
-    for pid in ipp_side.marked_processes(profile):
+    for pid in processes.marked_processes(profile):
         try:
             if b"controller.tunnels" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.append(pid)
@@ -71,7 +71,7 @@ key_file = {hosts.key}
 python = {sys.executable}
 tunnel = always
 """)
-    profile = ipp_side.profile_dir(config.state_dir)
+    profile = ipcluster.profile_dir(config.state_dir)
     master = subprocess.run([sys.executable, "-c", MASTER, str(config.source)], cwd=str(REPO),
                             capture_output=True, text=True, timeout=300)
     assert master.returncode == -signal.SIGKILL, master.stderr
@@ -82,8 +82,8 @@ tunnel = always
         cluster = Cluster(config)
         cluster.stop()
         cluster.close()
-        assert wait_until(lambda: not ipp_side.pid_alive(holder), timeout=20)
+        assert wait_until(lambda: not processes.pid_alive(holder), timeout=20)
         assert wait_until(lambda: not cluster_pids(config.state_dir), timeout=20)
     finally:
         for pid in holders(profile) + cluster_pids(config.state_dir):
-            ipp_side.kill_process_group(pid)
+            processes.kill_process_group(pid)

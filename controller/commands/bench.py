@@ -4,23 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from ..bench.records import PAPER_EPOCHS_PER_MIN
+from ..bench.workloads import WORKLOADS, parse_engine_counts
 from ..context import Context
-
-
-# spelled out rather than imported: building the parser must not import ipyparallel and torch
-# (tests/test_bench.py checks these against controller.bench.WORKLOADS and controller.report.FORMATS)
-WORKLOADS = {
-    "paper": "the paper's λ sweep, 9 L1 penalties, one epoch per trial",
-    "mnist-cnn": "one training run of the default CNN ([training] settings)",
-    "cifar10-vgg16": "torchvision VGG16 on CIFAR-10 (DATA_DIR/cifar-10-batches-py), 5 epochs",
-    "cifar10-resnet18": "torchvision ResNet18 on CIFAR-10, 5 epochs",
-}
-FORMATS = ("md", "csv", "json", "html")
+from ..formatting import percent
+from ..report import FORMATS, scaling
 
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="run a standard workload on 1..N engines; record time, throughput, cost",
-                       description="Workloads: " + "; ".join(f"{k}: {v}" for k, v in WORKLOADS.items()))
+                       description="Workloads: " + "; ".join(f"{w.name}: {w.description}" for w in WORKLOADS.values()))
     p.add_argument("--workload", default="paper", choices=list(WORKLOADS), help="what to run (default: paper)")
     p.add_argument("--engines", metavar="N[,N...]",
                    help="engine counts to run it on, e.g. 1,2,4 for a scaling curve (default: every engine)")
@@ -39,7 +32,7 @@ def register(sub) -> None:
 
 
 def cmd_bench(args, ctx: Context) -> int:
-    from ..bench import PAPER_EPOCHS_PER_MIN, BenchProgress, parse_engine_counts
+    from ..bench.view import BenchProgress  # the scheduler's sink: ipyparallel, only when a bench runs
 
     cluster = ctx.cluster()
     counts = parse_engine_counts(args.engines)
@@ -57,13 +50,11 @@ def cmd_bench(args, ctx: Context) -> int:
 
 
 def summary_rows(records) -> list[list[str]]:
-    from ..report import scaling
-
     scale = scaling(records)
     return [[r.engines, f"{r.wall_s:.1f}", f"{r.images_per_s:,.0f}", f"{r.epochs_per_min:.2f}",
              f"{r.paper_epochs_per_min:.2f}", f"{scale[r.id].speedup:.2f}x" if r.id in scale else "-",
              f"{scale[r.id].efficiency:.0%}" if r.id in scale else "-",
-             "-" if r.accuracy is None else f"{r.accuracy:.2%}", f"${r.price_per_hour:.3f}", f"${r.cost:.4f}"]
+             percent(r.accuracy), f"${r.price_per_hour:.3f}", f"${r.cost:.4f}"]
             for r in records]
 
 

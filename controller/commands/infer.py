@@ -1,13 +1,13 @@
 """infer: apply a trained model to a whole split, spread over the engines."""
 from __future__ import annotations
 
+from ..bench.workloads import WORKLOADS
 from ..context import Context
 from ..errors import UsageError
 from ..formatting import percent
 
 # spelled out rather than imported: building the parser must not import ipyparallel and torch
 SPLITS = ("test", "val", "train")
-WORKLOADS = ("paper", "mnist-cnn", "cifar10-vgg16", "cifar10-resnet18")
 
 
 def register(sub) -> None:
@@ -17,7 +17,7 @@ def register(sub) -> None:
                     "engine loads the model once and keeps it for later calls; predictions come back in order.")
     p.add_argument("--run", metavar="RUN_ID", help="the model of this run (its last checkpoint)")
     p.add_argument("--checkpoint", metavar="PATH", help="a checkpoint file instead of a run")
-    p.add_argument("--workload", choices=WORKLOADS,
+    p.add_argument("--workload", choices=list(WORKLOADS),
                    help="check the model is this workload's (MNIST for paper/mnist-cnn, CIFAR-10 for the others)")
     p.add_argument("--split", default="test", choices=SPLITS, help="which split to predict (default: test)")
     p.add_argument("--engines", metavar="ID[,ID...]", help="these engine ids only (default: every engine)")

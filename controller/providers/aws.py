@@ -151,13 +151,14 @@ class AwsProvider(Provider):
     def ec2(self, region: str = ""):
         import boto3
         from botocore.config import Config as BotoConfig
+        from botocore.exceptions import NoCredentialsError
 
         cfg = self.config.aws
         if not cfg.region:
             raise ConfigError(f"{self.config.source}: [aws] region is empty; set it, e.g. region = us-east-1")
         session = boto3.session.Session(region_name=region or cfg.region)
         if session.get_credentials() is None:
-            raise classify(__import__("botocore.exceptions").exceptions.NoCredentialsError(), "aws")
+            raise classify(NoCredentialsError(), "aws")
         return session.client(
             "ec2", endpoint_url=cfg.endpoint_url or None,
             config=BotoConfig(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=10, read_timeout=60))

@@ -9,7 +9,7 @@ from typing import Optional
 
 import ipyparallel as ipp
 
-from .. import ipp as ipp_side
+from .. import processes
 from ..store import ClusterRecord, NodeRecord
 from .base import Provider
 
@@ -35,7 +35,7 @@ class LocalProvider(Provider):
             except Exception:  # a crashed launcher must not stop the clean-up
                 log.warning("ipyparallel could not stop the engines cleanly", exc_info=True)
         # whatever the launchers missed (a lost cluster file): the cluster's marked processes
-        ipp_side.kill_cluster_processes(Path(cluster.profile_dir), cluster.ipp_cluster_id)
+        processes.kill_cluster_processes(Path(cluster.profile_dir), cluster.ipp_cluster_id)
         for node in self.store.nodes(cluster.id):
             node.state, node.terminated_at = "stopped", time.time()
             self.store.record_node(cluster.id, node)

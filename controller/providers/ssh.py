@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .. import ipp as ipp_side
+from .. import ipcluster
 from .. import remote as rm
 from .. import tunnels
 from ..errors import ConfigError, ProviderError
@@ -28,14 +28,6 @@ from .base import Provider, SshTarget
 
 log = logging.getLogger(__name__)
 
-REMOTE_TABLE = """
-CREATE TABLE IF NOT EXISTS remote_engines (
-    cluster_id INTEGER NOT NULL,
-    node_id TEXT NOT NULL,
-    pid INTEGER NOT NULL,          -- the engine's pid (and process group) on the slave
-    remote_dir TEXT NOT NULL,
-    PRIMARY KEY (cluster_id, node_id, pid)
-)"""
 
 
 def local_addresses() -> list[ipaddress.IPv4Interface]:
@@ -68,7 +60,7 @@ def engine_address(sources: list[str]) -> str:
 
     Slaves behind different interfaces leave only every interface (0.0.0.0, client
     ports included: they share the registration port); the controller then requires
-    CurveZMQ (controller.ipp), as it does for any address beyond loopback.
+    CurveZMQ (controller.ipcluster), as it does for any address beyond loopback.
     """
     found = set(sources)
     if len(found) == 1 and "" not in found:
@@ -127,7 +119,6 @@ class RemoteEngines:
         self.threads = threads
         self.master_grace_minutes = master_grace_minutes
         self.on_step = on_step
-        store.execute(REMOTE_TABLE)
 
     # start ------------------------------------------------------------------------
     def start(self, cluster: ClusterRecord, targets: list[Target], tunnel: bool, timeout: float = 300) -> list[NodeRecord]:
@@ -178,7 +169,7 @@ class RemoteEngines:
     @staticmethod
     def _connection(cluster: ClusterRecord, timeout: float) -> dict:
         """The controller's engine connection file, once it has written it (it does so after starting)."""
-        path = ipp_side.engine_file(Path(cluster.profile_dir), cluster.ipp_cluster_id)
+        path = ipcluster.engine_file(Path(cluster.profile_dir), cluster.ipp_cluster_id)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -196,7 +187,7 @@ class RemoteEngines:
         spec = rm.EngineSpec(tag=self.tag, connection=rm.connection_for(connection, address), python=self.python,
                              remote_dir=self.remote_dir, engines_per_gpu=self.engines_per_gpu,
                              engines=self.engines_per_host, env=env,
-                             args=tuple(ipp_side.engine_args(self.master_grace_minutes)))
+                             args=tuple(ipcluster.engine_args(self.master_grace_minutes)))
         if self.data_dir and self.master_data_dir is not None:
             rm.sync_data(remote, self.master_data_dir, self.data_dir)
         return rm.bootstrap(remote, spec, cancelled)
@@ -214,7 +205,7 @@ class RemoteEngines:
 
         spec = tunnels.TunnelSpec(hosts=[asdict(t.host) for t in targets], known_hosts=str(self.known_hosts),
                                   ports=rm.engine_ports(connection))
-        pid = tunnels.spawn(spec, self.tunnel_dir, profile=ipp_side.profile_dir(self.state_dir), cluster_id=cluster_id)
+        pid = tunnels.spawn(spec, self.tunnel_dir, profile=ipcluster.profile_dir(self.state_dir), cluster_id=cluster_id)
         (self.tunnel_dir / "tunnels.pid").write_text(str(pid))
         log.info("SSH reverse tunnels up (pid %s) for %d slave(s)", pid, len(targets))
 

@@ -1,6 +1,7 @@
 """Running a sweep on a cluster: create or reload its study, then let the scheduler drive it.
 
-``Cluster.sweep``, ``Cluster.sweeps`` and ``Cluster.results`` delegate here.
+``Cluster.sweep``, ``Cluster.sweeps`` and ``Cluster.results`` delegate here, handing themselves over as
+the :class:`~controller.session.Session`.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import optuna
 from optuna.trial import TrialState
@@ -17,14 +18,12 @@ from ..errors import ClusterLostError, UsageError
 from ..leases import Leases
 from ..runs import RunRecorder
 from ..scheduler import ProgressSink
+from ..session import Session
 from ..store import new_id
 from . import study as studies
 from .records import SweepRecord, SweepResult, SweepTable, collect
 from .source import SweepSource, job_for
 from .space import SWEEPABLE, ParamsLike, SearchSpace, build_space, preset as get_preset
-
-if TYPE_CHECKING:
-    from ..api import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -72,49 +71,49 @@ def plan(params: ParamsLike = None, *, preset: Optional[str] = None, trials: Opt
     return space, sampler, trials
 
 
-def run_sweep(cluster: "Cluster", params: ParamsLike = None, *, preset: Optional[str] = None,
+def run_sweep(session: Session, params: ParamsLike = None, *, preset: Optional[str] = None,
               trials: Optional[int] = None, sampler: Optional[str] = None, pruner: str = "none", seed: int = 0,
               progress: Optional[ProgressFactory] = None, task: Optional[Callable[..., dict]] = None,
               **overrides: Any) -> SweepResult:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     space, sampler, n_trials = plan(params, preset=preset, trials=trials, sampler=sampler, pruner=pruner,
                                     overrides=overrides)
-    base_spec = cluster.run_spec(**overrides)  # validates the shared overrides; needs a running cluster
-    record = cluster.record
+    base_spec = session.run_spec(**overrides)  # validates the shared overrides; needs a running cluster
+    record = session.record
     sweep_id = new_id("s-")
-    with Leases(cluster.store).hold("sweep", sweep_id):  # `--resume` by another master is refused meanwhile
-        table = SweepTable(cluster.store)
+    with Leases(session.store).hold("sweep", sweep_id):  # `--resume` by another master is refused meanwhile
+        table = SweepTable(session.store)
         sweep = table.create(SweepRecord(
             id=sweep_id, space=space.to_list(), sampler=sampler, pruner=pruner, n_trials=n_trials, seed=seed,
             overrides=overrides, base_spec=base_spec, preset=preset, cluster_id=record.id,
             master_host=socket.gethostname(), master_pid=os.getpid()))
-        study = studies.create_study(cluster.config.state_dir, sweep_id,
+        study = studies.create_study(session.config.state_dir, sweep_id,
                                      studies.make_sampler(sampler, space, seed, n_trials),
                                      studies.make_pruner(pruner, n_trials))
-        source = SweepSource(study, cluster.store, sweep_id, space, base_spec, n_trials, record.id, task=task)
-        return _drive(cluster, table, sweep, source, progress)
+        source = SweepSource(study, session.store, sweep_id, space, base_spec, n_trials, record.id, task=task)
+        return _drive(session, table, sweep, source, progress)
 
 
-def resume_sweep(cluster: "Cluster", sweep_id: str, progress: Optional[ProgressFactory] = None,
+def resume_sweep(session: Session, sweep_id: str, progress: Optional[ProgressFactory] = None,
                  task: Optional[Callable[..., dict]] = None) -> SweepResult:
     """Go on with a sweep whose master stopped: running trials from their checkpoints, then new ones."""
-    table = SweepTable(cluster.store)
+    table = SweepTable(session.store)
     sweep = table.get(sweep_id)
     if sweep is None:
         raise UsageError(f"--resume {sweep_id}: no such sweep; `cluster sweeps` lists them")
     if sweep.state == "completed":
         raise UsageError(f"--resume {sweep_id}: the sweep already completed; `cluster results {sweep_id}` shows it")
-    with Leases(cluster.store).hold("sweep", sweep_id):  # refused while another live master drives it
-        return _resume(cluster, table, sweep, progress, task)
+    with Leases(session.store).hold("sweep", sweep_id):  # refused while another live master drives it
+        return _resume(session, table, sweep, progress, task)
 
 
-def _resume(cluster: "Cluster", table: SweepTable, sweep: SweepRecord, progress: Optional[ProgressFactory],
+def _resume(session: Session, table: SweepTable, sweep: SweepRecord, progress: Optional[ProgressFactory],
             task: Optional[Callable[..., dict]]) -> SweepResult:
     sweep_id = sweep.id
     space = sweep.search_space
-    base_spec = base_spec_for_resume(sweep, cluster.run_spec(**sweep.overrides))
-    record = cluster.record
-    study = studies.load_study(cluster.config.state_dir, sweep_id,
+    base_spec = base_spec_for_resume(sweep, session.run_spec(**sweep.overrides))
+    record = session.record
+    study = studies.load_study(session.config.state_dir, sweep_id,
                                studies.make_sampler(sweep.sampler, space, sweep.seed, sweep.n_trials),
                                studies.make_pruner(sweep.pruner, sweep.n_trials))
     table.update(sweep_id, state="running", master_host=socket.gethostname(), master_pid=os.getpid(),
@@ -123,23 +122,23 @@ def _resume(cluster: "Cluster", table: SweepTable, sweep: SweepRecord, progress:
     resumed, settled = [], []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         trial = optuna.trial.Trial(study, frozen._trial_id)
-        job = job_for(trial, cluster.store, sweep_id, space, base_spec, record.id)
+        job = job_for(trial, session.store, sweep_id, space, base_spec, record.id)
         # epochs the store has but Optuna never heard of (the master died in between)
-        for epoch in cluster.store.epochs(job.run_id):
+        for epoch in session.store.epochs(job.run_id):
             if epoch.epoch <= job.epochs_done and epoch.epoch not in frozen.intermediate_values:
                 trial.report(epoch.val_accuracy, epoch.epoch)
         (settled if job.finished else resumed).append(job)
-    source = SweepSource(study, cluster.store, sweep_id, space, base_spec, sweep.n_trials, record.id,
+    source = SweepSource(study, session.store, sweep_id, space, base_spec, sweep.n_trials, record.id,
                          resumed=resumed, task=task)
     for job in settled:  # trained to the end, but never told
-        run = cluster.store.run(job.run_id)
+        run = session.store.run(job.run_id)
         if run.state != "completed":
-            cluster.store.update_run(job.run_id, state="completed", finished_at=time.time())
+            session.store.update_run(job.run_id, state="completed", finished_at=time.time())
         state = TrialState.PRUNED if job.tag.should_prune() else TrialState.COMPLETE  # as on_result decides
-        source.finish(job, state, cluster.store.run(job.run_id))
+        source.finish(job, state, session.store.run(job.run_id))
     log.info("resuming sweep %s: %d trials from checkpoints, %d told now, %d of %d asked before",
              sweep_id, len(resumed), len(settled), source.asked, sweep.n_trials)
-    return _drive(cluster, table, sweep, source, progress)
+    return _drive(session, table, sweep, source, progress)
 
 
 def base_spec_for_resume(sweep: SweepRecord, current: dict) -> dict:
@@ -157,12 +156,12 @@ def base_spec_for_resume(sweep: SweepRecord, current: dict) -> dict:
     return {**sweep.base_spec, **{k: current[k] for k in ENVIRONMENT_KEYS if k in current}}
 
 
-def _drive(cluster: "Cluster", table: SweepTable, sweep: SweepRecord, source: SweepSource,
+def _drive(session: Session, table: SweepTable, sweep: SweepRecord, source: SweepSource,
            progress: Optional[ProgressFactory]) -> SweepResult:
     sink = progress(source) if progress is not None else None
     # one task queued beyond the engines: the master's bookkeeping between a trial's epochs (store,
     # Optuna report / prune / tell) then overlaps with training instead of idling the engine
-    scheduler = cluster.scheduler(prefetch=1)
+    scheduler = session.scheduler(prefetch=1)
     started = time.time()
     try:
         if sink is not None and hasattr(sink, "__enter__"):
@@ -172,7 +171,7 @@ def _drive(cluster: "Cluster", table: SweepTable, sweep: SweepRecord, source: Sw
             scheduler.run(source, sink)
     except BaseException as error:
         # in-flight trials stay RUNNING in Optuna: `--resume` continues them from their checkpoints
-        RunRecorder(cluster.store).mark_interrupted(job.run_id for job in source.tally.running.values())
+        RunRecorder(session.store).mark_interrupted(job.run_id for job in source.tally.running.values())
         interrupted = isinstance(error, KeyboardInterrupt)
         table.update(sweep.id, state="interrupted" if interrupted else "failed",
                      seconds=sweep.seconds + time.time() - started, error=None if interrupted else repr(error))
@@ -183,7 +182,7 @@ def _drive(cluster: "Cluster", table: SweepTable, sweep: SweepRecord, source: Sw
         raise
     makespan = time.time() - started
     table.update(sweep.id, state="completed", finished_at=time.time(), seconds=sweep.seconds + makespan)
-    result = results(cluster, sweep.id)
+    result = results(session, sweep.id)
     result.makespan_s = makespan
     result.dispatch_overheads = list(scheduler.stats.dispatch_overheads)
     result.task_timings = list(scheduler.stats.timings)
@@ -191,22 +190,22 @@ def _drive(cluster: "Cluster", table: SweepTable, sweep: SweepRecord, source: Sw
     return result
 
 
-def sweeps(cluster: "Cluster", limit: Optional[int] = None) -> list[SweepResult]:
+def sweeps(session: Session, limit: Optional[int] = None) -> list[SweepResult]:
     """Past sweeps, newest first, each with its ranked trials."""
-    records = SweepTable(cluster.store).all(limit)
-    storage = studies.storage(cluster.config.state_dir) if records else None  # one engine for them all
-    return [results(cluster, record.id, storage) for record in records]
+    records = SweepTable(session.store).all(limit)
+    storage = studies.storage(session.config.state_dir) if records else None  # one engine for them all
+    return [results(session, record.id, storage) for record in records]
 
 
-def results(cluster: "Cluster", sweep_id: str, storage: Optional[optuna.storages.BaseStorage] = None) -> SweepResult:
+def results(session: Session, sweep_id: str, storage: Optional[optuna.storages.BaseStorage] = None) -> SweepResult:
     """A sweep's ranked trials and best configuration; works with the cluster stopped."""
-    sweep = SweepTable(cluster.store).get(sweep_id)
+    sweep = SweepTable(session.store).get(sweep_id)
     if sweep is None:
         raise UsageError(f"no sweep {sweep_id!r}; `cluster sweeps` lists them")
     try:
-        study = optuna.load_study(storage=storage or studies.storage(cluster.config.state_dir),
+        study = optuna.load_study(storage=storage or studies.storage(session.config.state_dir),
                                   study_name=sweep_id, sampler=optuna.samplers.RandomSampler())
     except KeyError:
         raise UsageError(f"sweep {sweep_id}: its Optuna study is missing from "
-                         f"{studies.storage_path(cluster.config.state_dir)}") from None
-    return collect(cluster.store, sweep, study)
+                         f"{studies.storage_path(session.config.state_dir)}") from None
+    return collect(session.store, sweep, study)

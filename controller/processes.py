@@ -1,0 +1,98 @@
+"""Local processes of a cluster: the markers in their environment, liveness, clean-up.
+
+Every local process a cluster starts (controller, engines, tunnel holders) carries
+the markers below in its environment, so none can be orphaned unseen and a pid is
+only ever signalled while it is still ours (pids are reused).  No ipyparallel here:
+leases and sweep records ask whether a pid lives without importing it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+PROCESS_MARKER = "CLUSTER_PROFILE_DIR"  # the state_dir's profile that started it
+CLUSTER_MARKER = "CLUSTER_IPP_ID"  # which cluster of that state_dir
+
+
+def process_marker(profile: Path, cluster_id: str) -> dict[str, str]:
+    return {PROCESS_MARKER: str(profile), CLUSTER_MARKER: cluster_id}
+
+
+def pid_alive(pid: Optional[int]) -> bool:
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def kill_process_group(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM a launcher's process group (it started it as a new session), then SIGKILL.
+
+    Never our own group: a pid that was reused by the caller's shell must not take it down.
+    """
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    if pgid == os.getpgrp():
+        log.warning("not signalling process group %d: it is this process's own", pgid)
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                return
+            time.sleep(0.05)
+
+
+def process_environment(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+def is_marked(pid: Optional[int], profile: Optional[Path] = None, cluster_id: Optional[str] = None) -> bool:
+    """A live process started by this tool (for this profile / cluster, when given)?"""
+    if not pid_alive(pid):
+        return False
+    environ = process_environment(pid)
+    if PROCESS_MARKER not in environ:
+        return False
+    if profile is not None and environ[PROCESS_MARKER] != str(profile):
+        return False
+    return cluster_id is None or environ.get(CLUSTER_MARKER) == cluster_id
+
+
+def marked_processes(profile: Path, cluster_id: Optional[str] = None) -> list[int]:
+    """Pids of live processes started for this profile (and cluster, when given), via the markers."""
+    return [int(entry.name) for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and int(entry.name) != os.getpid()
+            and is_marked(int(entry.name), Path(profile), cluster_id)]
+
+
+def kill_cluster_processes(profile: Path, cluster_id: str) -> None:
+    for pid in marked_processes(profile, cluster_id):
+        if pid_alive(pid):
+            kill_process_group(pid)
