@@ -281,6 +281,8 @@ def test_ctrl_c_during_a_start_whose_hosts_never_answer_ssh_exits_within_15_s_le
         finally:
             if master.poll() is None:
                 os.killpg(master.pid, signal.SIGKILL)
+                for pid in cluster_pids(config.state_dir):  # its controller runs in a session of its own
+                    processes.kill_process_group(pid)
             for connection in held:
                 connection.close()
     err = log.read_text()
