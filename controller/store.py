@@ -41,7 +41,11 @@ CREATE TABLE IF NOT EXISTS clusters (
     created_at REAL NOT NULL,
     stopped_at REAL,
     price_per_hour REAL NOT NULL DEFAULT 0,
-    error TEXT
+    error TEXT,
+    target INTEGER,                 -- slaves the cluster keeps (`cluster scale`, the autoscaler)
+    min_slaves INTEGER, max_slaves INTEGER, idle_minutes REAL, -- autoscaling (max_slaves 0: off)
+    replace_lost INTEGER,           -- 1: a lost slave is replaced
+    keeper_pid INTEGER              -- the background keeper (controller/elastic/keeper.py)
 );
 CREATE TABLE IF NOT EXISTS engines (
     cluster_id INTEGER NOT NULL REFERENCES clusters(id),
@@ -62,7 +66,23 @@ CREATE TABLE IF NOT EXISTS nodes (
     engines INTEGER DEFAULT 0,      -- engines started on this node
     launched_at REAL, terminated_at REAL,
     ssh_host TEXT, ssh_port INTEGER, -- the address bootstrap reached it at (its host key is recorded for it)
+    idle_since REAL,                -- every engine of it idle since (the autoscaler stops it idle_minutes later)
+    note TEXT,                      -- why it was started or released (replaces X: engines died, idle, ...)
     PRIMARY KEY (cluster_id, node_id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster_id INTEGER NOT NULL REFERENCES clusters(id),
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,             -- scale, add, remove, drain, replace, notice, error
+    detail TEXT NOT NULL            -- what was decided and why
+);
+CREATE TABLE IF NOT EXISTS demand (
+    cluster_id INTEGER NOT NULL REFERENCES clusters(id),
+    holder TEXT NOT NULL,           -- host:pid of the master whose scheduler reports it
+    wanted INTEGER NOT NULL,        -- jobs it could run at once (running, ready and not yet started)
+    at REAL NOT NULL,
+    PRIMARY KEY (cluster_id, holder)
 );
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
@@ -158,6 +178,12 @@ class ClusterRecord:
     stopped_at: Optional[float] = None
     price_per_hour: float = 0.0
     error: Optional[str] = None
+    target: Optional[int] = None  # slaves to keep; None: as started (a store from before resizing)
+    min_slaves: int = 0
+    max_slaves: int = 0  # 0: no autoscaling
+    idle_minutes: float = 0.0
+    replace_lost: bool = False
+    keeper_pid: Optional[int] = None
 
 
 @dataclass
@@ -191,6 +217,18 @@ class NodeRecord:
     terminated_at: Optional[float] = None
     ssh_host: str = ""  # where bootstrap reached it over SSH: `cluster ssh` and stop use the same address
     ssh_port: int = 0
+    idle_since: Optional[float] = None  # every engine idle since then (autoscaling stops it after idle_minutes)
+    note: str = ""  # why it was started or released
+
+
+@dataclass
+class EventRecord:
+    """A resize decision or a fault handled, with its reason (shown by `cluster status`)."""
+
+    cluster_id: int
+    at: float
+    kind: str
+    detail: str
 
 
 @dataclass
@@ -268,7 +306,11 @@ class Store:
         self._after_commit: Optional[list] = None  # actions waiting for the open transaction's COMMIT
 
     # columns added after a store was first created: (table, column, type)
-    ADDED_COLUMNS = (("nodes", "ssh_host", "TEXT"), ("nodes", "ssh_port", "INTEGER"), ("engines", "leaving", "TEXT"))
+    ADDED_COLUMNS = (("nodes", "ssh_host", "TEXT"), ("nodes", "ssh_port", "INTEGER"), ("engines", "leaving", "TEXT"),
+                     ("clusters", "target", "INTEGER"), ("clusters", "min_slaves", "INTEGER"),
+                     ("clusters", "max_slaves", "INTEGER"), ("clusters", "idle_minutes", "REAL"),
+                     ("clusters", "replace_lost", "INTEGER"), ("clusters", "keeper_pid", "INTEGER"),
+                     ("nodes", "idle_since", "REAL"), ("nodes", "note", "TEXT"))
 
     def _add_missing_columns(self) -> None:
         for table, column, kind in self.ADDED_COLUMNS:
@@ -390,8 +432,36 @@ class Store:
         self._insert("nodes", {"cluster_id": cluster_id, **dataclasses.asdict(node)}, replace=True)
 
     def nodes(self, cluster_id: int) -> list[NodeRecord]:
-        rows = self.db.execute("SELECT * FROM nodes WHERE cluster_id = ? ORDER BY node_id", (cluster_id,))
+        rows = self.db.execute("SELECT * FROM nodes WHERE cluster_id = ? ORDER BY launched_at, node_id", (cluster_id,))
         return [_row_to(NodeRecord, r) for r in rows]
+
+    def update_node(self, cluster_id: int, node_id: str, **values: Any) -> None:
+        self._update("nodes", {"cluster_id": cluster_id, "node_id": node_id}, values)
+
+    # resize decisions and demand --------------------------------------------------
+    def add_event(self, cluster_id: int, kind: str, detail: str) -> EventRecord:
+        event = EventRecord(cluster_id=cluster_id, at=time.time(), kind=kind, detail=detail)
+        self._insert("events", dataclasses.asdict(event))
+        return event
+
+    def events(self, cluster_id: int, limit: int = 20) -> list[EventRecord]:
+        """The newest ``limit`` events, oldest first."""
+        rows = self.db.execute("SELECT * FROM events WHERE cluster_id = ? ORDER BY id DESC LIMIT ?", (cluster_id, limit))
+        return [_row_to(EventRecord, r) for r in reversed(rows.fetchall())]
+
+    def set_demand(self, cluster_id: int, holder: str, wanted: Optional[int]) -> None:
+        """How many jobs ``holder``'s scheduler could run at once now (None: it ended, forget it)."""
+        if wanted is None:
+            self.db.execute("DELETE FROM demand WHERE cluster_id = ? AND holder = ?", (cluster_id, holder))
+        else:
+            self._insert("demand", dict(cluster_id=cluster_id, holder=holder, wanted=wanted, at=time.time()),
+                         replace=True)
+
+    def demand(self, cluster_id: int, fresh_s: float) -> int:
+        """Jobs wanted by every master that reported within ``fresh_s`` seconds (a killed master's row ages out)."""
+        row = self.db.execute("SELECT COALESCE(SUM(wanted), 0) FROM demand WHERE cluster_id = ? AND at >= ?",
+                              (cluster_id, time.time() - fresh_s)).fetchone()
+        return int(row[0])
 
     # runs -------------------------------------------------------------------
     def create_run(self, run: RunRecord) -> RunRecord:
