@@ -324,7 +324,8 @@ class SshProvider(Provider):
         if hosts[0].key_file:
             rm._load_key(hosts[0].key_file)  # a missing or unreadable key: say so now
         if self.config.ssh.tunnel != "always":
-            self._engine_ip = engine_address([source_address(h.address, h.port) for h in hosts[:slaves]])
+            # every configured host, not only the first ``slaves``: `cluster scale` may add any of them later
+            self._engine_ip = engine_address([source_address(h.address, h.port) for h in hosts])
 
     def start(self, cluster: ClusterRecord, ipp_cluster, slaves: int) -> list[NodeRecord]:
         self.preflight(slaves)
