@@ -399,7 +399,12 @@ class Cluster:
             self.store.add_event(record.id, "scale", f"target {before} -> {slaves} ({len(nodes)} serving): {why}")
             resizer = Resizer(self)
             if slaves > len(nodes):
-                resizer.add(slaves - len(nodes), why)
+                try:
+                    resizer.add(slaves - len(nodes), why)
+                except BaseException as error:  # nothing was added: the target stays what it was
+                    self.store.update_cluster(record.id, target=before)
+                    self.store.add_event(record.id, "error", f"target back to {before}: {why} failed: {error}")
+                    raise
             elif slaves < len(nodes):
                 resizer.remove(choose_to_remove(nodes, len(nodes) - slaves, self._busy_nodes(record)), why)
         return self.status()
