@@ -30,7 +30,10 @@ class StoreRoster:
         return set(self.store.leaving_engines(self.cluster_id))
 
     def engine_leaving(self, engine_id: int, reason: str) -> None:
-        self.store.mark_engine_leaving(self.cluster_id, engine_id, reason)
+        # a drain is marked in the store by whoever started it (controller/elastic/resize.py), and unmarked
+        # when called off: a task that stopped for a drain the store no longer names must not mark it again
+        if reason != "drain":
+            self.store.mark_engine_leaving(self.cluster_id, engine_id, reason)
 
     def report_demand(self, wanted: Optional[int]) -> None:
         """How many jobs this master could run at once (None: none any more); the keeper autoscales to it.

@@ -308,6 +308,9 @@ def test_a_killed_engine_is_replaced_by_the_keeper(tmp_path, tiny_data_dir):
         assert {e.id: e.state for e in status.engines}[victim.id] == "removed"
         assert any("joined" in e.detail and "(replacing local-2)" in e.detail for e in status.events)
         assert status.state == "running"
+        # the keeper ends with the controller
+        os.kill(status.controller["pid"], signal.SIGKILL)
+        assert wait_until(lambda: cluster.status().keeper["state"] == "dead", timeout=30), cluster.status().keeper
     finally:
         stop_and_check(cluster)  # the keeper too: it carries the cluster's marker
 

@@ -187,6 +187,23 @@ class Keeper:
         log.info("keeper of cluster %s ends", self.cluster_id)
 
 
+def end_with_the_controller(record: ClusterRecord, check_s: float = 1.0) -> threading.Thread:
+    """A thread that ends this process once the controller is gone: ipyparallel's client waits for a
+    dead controller's replies forever, so the loop itself may never get to notice."""
+    profile = Path(record.profile_dir)
+
+    def watch() -> None:
+        while ipp_side.is_marked(record.controller_pid, profile, record.ipp_cluster_id):
+            time.sleep(check_s)
+        log.info("the controller (pid %s) is gone; the keeper ends", record.controller_pid)
+        logging.shutdown()
+        os._exit(0)
+
+    thread = threading.Thread(target=watch, name="controller-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str]) -> int:
     import signal
 
@@ -198,6 +215,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: stop_event.set())
     with Cluster(config_from_dict(spec["config"])) as cluster:
+        end_with_the_controller(cluster.store.cluster(spec["cluster_id"]))
         Keeper(cluster, spec["cluster_id"]).run(stop_event)
     return 0
 

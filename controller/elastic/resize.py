@@ -182,17 +182,38 @@ class Resizer:
                 log.info("SIGUSR1 to engines %s: %s", live, error)
         timeout = self.host.config.cluster.drain_timeout
         deadline = marked + timeout
-        while True:
-            busy = self._busy(client, live)
-            # every scheduler re-reads the marks within ROSTER_CHECK_S: after that, idle stays idle
-            if not busy and time.monotonic() - marked >= 2 * ROSTER_CHECK_S:
-                return
-            if time.monotonic() > deadline:
-                raise ClusterStateError(
-                    f"engine(s) {', '.join(map(str, busy))} of {', '.join(sorted(ids))} still busy after "
-                    f"[cluster] drain_timeout = {timeout} s; they get no new task and stay draining. Run the "
-                    f"command again once their tasks end, or raise drain_timeout")
-            time.sleep(self.poll_s)
+        try:
+            while True:
+                busy = self._busy(client, live)
+                # every scheduler re-reads the marks within ROSTER_CHECK_S: after that, idle stays idle
+                if not busy and time.monotonic() - marked >= 2 * ROSTER_CHECK_S:
+                    return
+                if time.monotonic() > deadline:
+                    raise ClusterStateError(
+                        f"engine(s) {', '.join(map(str, busy))} of {', '.join(sorted(ids))} still busy after "
+                        f"[cluster] drain_timeout = {timeout} s; the drain is called off and they go on. Run the "
+                        f"command again later, or raise drain_timeout")
+                time.sleep(self.poll_s)
+        except BaseException:  # a timeout, Ctrl-C: the nodes serve again rather than hang half-drained
+            self._call_off(record, nodes, client, live)
+            raise
+
+    def _call_off(self, record: ClusterRecord, nodes: list[NodeRecord], client, live: list[int]) -> None:
+        from engines.stopping import clear
+
+        ids = {n.node_id for n in nodes}
+        leaving = self.store.leaving_engines(record.id)
+        for engine in self.store.engines(record.id):
+            if engine.node_id in ids and leaving.get(engine.engine_id) == "drain":
+                self.store.mark_engine_leaving(record.id, engine.engine_id, "")
+        for node in nodes:
+            self.store.update_node(record.id, node.node_id, state="running")
+        if live:
+            try:  # queued behind a running task, which stops at its boundary and goes on elsewhere
+                client[live].apply_async(clear, "drain")
+            except Exception as error:  # noqa: BLE001 - an engine gone meanwhile: nothing to call off there
+                log.info("could not call the drain off on engines %s: %s", live, error)
+        self.store.add_event(record.id, "remove", f"drain of {', '.join(sorted(ids))} called off")
 
     @staticmethod
     def _busy(client, engine_ids: list[int]) -> list[int]:

@@ -349,6 +349,16 @@ class AwsProvider(Provider):
         """Terminate ``ids``, wait, record them; raise naming any instance still billed."""
         if not ids:
             return
+        result = self.terminate_and_check(ec2, ids)
+        now = time.time()
+        for instance_id in result.released:
+            self.store.update_node(cluster.id, instance_id, state="terminated", terminated_at=now)
+        if result.left:
+            raise ProviderError(self.left_message(result.left))
+
+    def terminate_and_check(self, ec2, ids: list[str]) -> Release:
+        """Terminate ``ids``, wait for it, then check each: what ended, and what is still billed and why."""
+        result = Release()
         refused = self.terminate(ec2, ids)
         accepted = [i for i in ids if i not in refused]
         if accepted:
@@ -357,14 +367,13 @@ class AwsProvider(Provider):
             except ProviderError as error:  # checked below, instance by instance
                 log.warning("%s", error)
         states = {i["InstanceId"]: i.get("State", {}).get("Name", "") for i in self.describe_ids(ec2, ids)}
-        left = {i: states[i] for i in ids if states.get(i, "terminated") not in ENDED_STATES}
-        now = time.time()
         for instance_id in ids:
-            if instance_id not in left:
-                self.store.update_node(cluster.id, instance_id, state="terminated", terminated_at=now)
-        if left:
-            raise ProviderError(self.left_message({i: f"{state}: {refused.get(i, '')}".rstrip(": ")
-                                                   for i, state in left.items()}))
+            state = states.get(instance_id, "terminated")  # not found any more: gone
+            if state in ENDED_STATES:
+                result.released.append(instance_id)
+            else:
+                result.left[instance_id] = f"{state}: {refused[instance_id]}" if instance_id in refused else state
+        return result
 
     def ami(self, ec2) -> str:
         cfg = self.config.aws
@@ -696,22 +705,7 @@ class AwsProvider(Provider):
             self.engines().stop(cluster_id, hosts, quiet=True)
         else:
             self.engines().stop_tunnels()
-        ids = [i["InstanceId"] for i in instances]
-        result = Release()
-        refused = self.terminate(ec2, ids)
-        accepted = [i for i in ids if i not in refused]
-        if accepted:
-            try:
-                self.wait(ec2, "instance_terminated", accepted)
-            except ProviderError as error:  # checked below, instance by instance
-                log.warning("%s", error)
-        states = {i["InstanceId"]: i.get("State", {}).get("Name", "") for i in self.describe_ids(ec2, ids)}
-        for instance_id in ids:
-            state = states.get(instance_id, "terminated")  # not found any more: gone
-            if state in ENDED_STATES:
-                result.released.append(instance_id)
-            else:
-                result.left[instance_id] = f"{state}: {refused[instance_id]}" if instance_id in refused else state
+        result = self.terminate_and_check(ec2, [i["InstanceId"] for i in instances])
         if result.left:  # their group and key must stay: deleting them fails, or locks the owner out
             return result
         filters = self.tag_filter(name, everything, any_owner)
