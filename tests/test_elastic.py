@@ -314,8 +314,8 @@ def engines_up(cluster: Cluster) -> int:
 
 
 def test_idle_slaves_stop_and_waiting_jobs_turn_them_on_again(tmp_path, tiny_data_dir):
-    config = make_config(tmp_path, tiny_data_dir, slaves=3,
-                         extra="min_slaves = 1\nmax_slaves = 3\nidle_minutes = 0.02")
+    config = make_config(tmp_path, tiny_data_dir, slaves=2,
+                         extra="min_slaves = 1\nmax_slaves = 2\nidle_minutes = 0.02")
     cluster = Cluster(config)
     cluster.start()
     try:
@@ -324,13 +324,18 @@ def test_idle_slaves_stop_and_waiting_jobs_turn_them_on_again(tmp_path, tiny_dat
         assert status.target == 1 and any("idle for 0.02 min" in e.detail for e in status.events)
         (left,) = [e.id for e in status.engines if e.state == "idle"]
         with engines_holding_tasks(cluster.client, tmp_path, when="True", targets=[left]) as held:
-            thread, outcome = in_thread(lambda: Cluster(config).sweep({"hidden": [16, 24, 32]}, epochs=1))
+            thread, outcome = in_thread(lambda: Cluster(config).sweep({"hidden": [16, 24]}, epochs=1))
             assert held.wait(timeout=60), outcome
-            # three trials wait for engines: the keeper turns two slaves on again
-            assert wait_until(lambda: engines_up(cluster) == 3, timeout=120), cluster.status()
+            # two trials want engines: the keeper turns a slave on again (it may be idle and gone again
+            # soon after its trial: the events, not a look at the engines, tell)
+            def joined():
+                details = [e.detail for e in cluster.store.events(cluster.record.id, limit=50)]
+                decided = [i for i, d in enumerate(details) if "2 job(s) want engines, 1 slave(s) serve: "
+                                                              "target 1 -> 2" in d]
+                return decided and any("joined" in d for d in details[decided[0]:])
+
+            assert wait_until(joined, timeout=120), cluster.status().events
         thread.join(timeout=120)
-        assert [t.state for t in outcome["value"].trials] == ["COMPLETE"] * 3
-        events = [e.detail for e in cluster.status().events]
-        assert any("job(s) want engines, 1 slave(s) serve: target 1 -> 3" in e for e in events), events
+        assert [t.state for t in outcome["value"].trials] == ["COMPLETE"] * 2
     finally:
         stop_and_check(cluster)
