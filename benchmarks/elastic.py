@@ -19,6 +19,7 @@ import argparse
 import collections
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import tempfile
@@ -34,7 +35,7 @@ from controller.elastic import keeper, resize  # noqa: E402
 from controller.providers import local  # noqa: E402
 
 PHASES = [  # (owner, attribute, phase name)
-    (ipp_side.ipp.Cluster, "start_controller_sync", "controller start"),
+    (ipp_side.ipp.Cluster, "start_controller", "controller start"),
     (local.LocalProvider, "add", "engine launch (ipyparallel launchers)"),
     (Cluster, "_record_engines", "engines report themselves (engine_info)"),
     (Cluster, "_warm_engines", "engines load the data set"),
@@ -42,7 +43,7 @@ PHASES = [  # (owner, attribute, phase name)
     (resize.Resizer, "_drain", "drain (mark, SIGUSR1, wait idle)"),
     (local.LocalProvider, "remove", "engine sets stopped"),
     (local.LocalProvider, "stop", "every engine stopped"),
-    (ipp_side.ipp.Cluster, "stop_controller_sync", "controller stop"),
+    (ipp_side.ipp.Cluster, "stop_controller", "controller stop"),
     (keeper, "stop", "keeper stopped"),
 ]
 
@@ -56,6 +57,16 @@ class Phases:
             setattr(owner, name, self._timed(getattr(owner, name), phase))
 
     def _timed(self, fn, phase: str):
+        if inspect.iscoroutinefunction(fn):  # ipyparallel's *_sync methods call these
+            @functools.wraps(fn)
+            async def timed_async(*args, **kwargs):
+                started = time.perf_counter()
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    self.seconds[phase] += time.perf_counter() - started
+            return timed_async
+
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             started = time.perf_counter()

@@ -5,8 +5,11 @@ Every slave is one engine set of ipyparallel's cluster, named by its node id (lo
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import signal
 import socket
 import time
 from pathlib import Path
@@ -54,6 +57,12 @@ class LocalProvider(Provider):
 
     def remove(self, cluster: ClusterRecord, ipp_cluster: Optional[ipp.Cluster], nodes: list[NodeRecord]) -> None:
         profile = Path(cluster.profile_dir)
+        # every set told at once: an engine takes seconds to shut down, and the sets are stopped one by one
+        ids = {n.node_id for n in nodes}
+        for pid, set_id in ipp_side.engine_set_pids(ipp_cluster).items():
+            if set_id in ids and ipp_side.is_marked(pid, profile, cluster.ipp_cluster_id):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
         for node in nodes:
             if ipp_cluster is not None and node.node_id in ipp_cluster.engines:
                 try:
