@@ -24,7 +24,8 @@ from controller.elastic.policy import NodeView, Policy, Snapshot
 from controller.elastic.resize import resize_lock
 from controller.errors import ClusterStateError, ConfigError, UsageError
 from controller.scheduler import Job
-from controller.store import Store
+from controller.roster import StoreRoster
+from controller.store import EngineRecord, Store
 from tests.conftest import REPO, cluster_pids, engines_holding_tasks, make_config, wait_until, write_ini
 
 
@@ -111,6 +112,26 @@ def test_autoscaling_knobs_are_checked_with_one_clear_message(tmp_path, tiny_dat
         cluster.start()
     assert cluster.status().state == "none"  # nothing was started
     cluster.close()
+
+
+def test_masters_share_notices_and_their_demand_through_the_store(tmp_path):
+    store = Store(tmp_path)
+    record = store.create_cluster(name="t", provider="local", slaves=2, threads_per_engine=1, profile_dir="",
+                                  ipp_cluster_id="t-1")
+    store.record_engines(record.id, [EngineRecord(engine_id=i, host="h", pid=1, device="cpu", threads=1)
+                                     for i in (0, 1)])
+    one, two = StoreRoster(store, record.id), StoreRoster(store, record.id)
+    one.engine_leaving(0, "notice")
+    one.engine_leaving(1, "drain")  # drains are marked (and called off) by the resize that started them
+    assert store.leaving_engines(record.id) == {0: "notice"}
+    one.report_demand(3)
+    two.report_demand(2)
+    assert store.demand(record.id, fresh_s=10) == 5
+    one.report_demand(None)  # its scheduler ended
+    assert store.demand(record.id, fresh_s=10) == 2
+    store.execute("UPDATE demand SET at = at - 60")  # a master killed without a word: its report ages out
+    assert store.demand(record.id, fresh_s=10) == 0
+    store.close()
 
 
 def test_one_resize_at_a_time_and_a_killed_holder_frees_the_lock(tmp_path):
