@@ -83,6 +83,21 @@ class ClusterStatus:
 
 
 @dataclass
+class Stopped:
+    """What ``Cluster.stop`` ended: this cluster's record (None when none was running) and what the
+    provider found by its tags and released (local state lost, or ``--all``)."""
+
+    cluster: Optional[ClusterRecord] = None
+    released: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.cluster is not None or bool(self.released)
+
+    def to_dict(self) -> dict:
+        return {"stopped": self.cluster is not None, "cluster": self.cluster, "released": self.released}
+
+
+@dataclass
 class RunResult:
     run: RunRecord
     epochs: list[EpochRecord]
@@ -264,7 +279,7 @@ class Cluster:
         ])
 
     def stop(self, all_clusters: bool = False, any_owner: bool = False,
-             only: Optional[set[str]] = None) -> Optional[ClusterRecord]:
+             only: Optional[set[str]] = None) -> Stopped:
         """Stop every engine, slave and the controller; history stays. Safe to run twice.
 
         Without a record (local state lost), or with ``all_clusters``, the provider
@@ -278,9 +293,8 @@ class Cluster:
             self._client = None
         if record is not None:
             self._stop_record(record)  # our own cluster first, whatever the cloud says next
-        # what the provider released by its tags (local state lost, or --all): shown by `cluster stop`
-        self.released = self._release_orphans(all_clusters, any_owner, only) if record is None or all_clusters else []
-        return self.store.cluster(record.id) if record is not None else None
+        released = self._release_orphans(all_clusters, any_owner, only) if record is None or all_clusters else []
+        return Stopped(self.store.cluster(record.id) if record is not None else None, released)
 
     def stop_plan(self, all_clusters: bool = False, any_owner: bool = False) -> "list[Resource]":
         """What ``stop(all_clusters, any_owner)`` would release by tag, beyond this cluster's own record."""

@@ -38,43 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS bench_runs (
-    id TEXT PRIMARY KEY,            -- one workload on one engine count
-    bench_id TEXT NOT NULL,         -- one `cluster bench` invocation
-    workload TEXT NOT NULL,
-    engines INTEGER NOT NULL,
-    cluster_id INTEGER,
-    provider TEXT, region TEXT, zone TEXT, instance_type TEXT, gpu TEXT, image TEXT, market TEXT,
-    threads INTEGER,                -- torch threads per engine
-    wall_s REAL, warmup_s REAL, dispatch_s REAL, runs INTEGER, epochs INTEGER, images INTEGER,
-    images_per_s REAL, epochs_per_min REAL, accuracy REAL,
-    price_per_hour REAL, cost REAL,
-    torch TEXT, cuda TEXT,
-    params TEXT,                    -- JSON: the workload's spec (first run's)
-    state TEXT NOT NULL,            -- completed, failed
-    error TEXT,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS bench_runs_by_bench ON bench_runs(bench_id);
-CREATE TABLE IF NOT EXISTS bench_engines (
-    bench_run_id TEXT NOT NULL REFERENCES bench_runs(id),
-    engine_id INTEGER NOT NULL,
-    host TEXT, node_id TEXT, device TEXT, gpu TEXT, cpu TEXT, threads INTEGER,
-    instance_type TEXT, zone TEXT, price_per_hour REAL,
-    tasks INTEGER, epochs INTEGER, images INTEGER, train_s REAL, busy_s REAL, images_per_s REAL,
-    torch TEXT, cuda TEXT,
-    PRIMARY KEY (bench_run_id, engine_id)
-);
-CREATE TABLE IF NOT EXISTS bench_trials (
-    bench_run_id TEXT NOT NULL REFERENCES bench_runs(id),
-    trial INTEGER NOT NULL,
-    run_id TEXT NOT NULL,
-    label TEXT, l1 REAL, lr REAL, epochs INTEGER, state TEXT,
-    val_accuracy REAL, test_accuracy REAL, seconds REAL, engine_id INTEGER,
-    PRIMARY KEY (bench_run_id, trial)
-);
-"""
 
 
 
@@ -180,11 +143,10 @@ class BenchResult:
 
 # the store ------------------------------------------------------------------------
 class BenchStore:
-    """The bench tables inside the cluster's store (created on first use)."""
+    """The bench tables inside the cluster's store (controller/schema.py)."""
 
     def __init__(self, store: Store):
         self.store = store
-        store.db.executescript(SCHEMA)
 
     def save(self, record: BenchRecord, engines: Sequence[BenchEngine], trials: Sequence[BenchTrial]) -> None:
         values = dataclasses.asdict(record)

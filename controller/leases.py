@@ -24,15 +24,6 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS leases (
-    kind TEXT NOT NULL,             -- run, sweep
-    id TEXT NOT NULL,
-    host TEXT NOT NULL, pid INTEGER NOT NULL,
-    process TEXT NOT NULL,          -- boot id and start time of the holder: a reused pid is not it
-    taken_at REAL NOT NULL,
-    PRIMARY KEY (kind, id)
-)"""
 
 
 class LeaseError(ClusterStateError):
@@ -72,7 +63,6 @@ class Lease:
 class Leases:
     def __init__(self, store: Store):
         self.store = store
-        store.execute(SCHEMA)
 
     def get(self, kind: str, key: str) -> Optional[Lease]:
         row = self.store.execute("SELECT * FROM leases WHERE kind = ? AND id = ?", (kind, key)).fetchone()

@@ -14,6 +14,7 @@ import dataclasses
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -22,97 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from . import schema
 from .errors import ClusterStateError, DataError
+
+log = logging.getLogger(__name__)
 
 # how long a write waits for another process's transaction before the store is reported busy
 BUSY_TIMEOUT_S = 30.0
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS clusters (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL,
-    provider TEXT NOT NULL,
-    state TEXT NOT NULL,            -- starting, running, stopping, stopped, failed
-    slaves INTEGER NOT NULL,
-    threads_per_engine INTEGER NOT NULL DEFAULT 0,
-    profile_dir TEXT NOT NULL,
-    ipp_cluster_id TEXT NOT NULL,
-    controller_pid INTEGER,
-    created_at REAL NOT NULL,
-    stopped_at REAL,
-    price_per_hour REAL NOT NULL DEFAULT 0,
-    error TEXT,
-    target INTEGER,                 -- slaves the cluster keeps (`cluster scale`, the autoscaler)
-    min_slaves INTEGER, max_slaves INTEGER, idle_minutes REAL, -- autoscaling (max_slaves 0: off)
-    replace_lost INTEGER,           -- 1: a lost slave is replaced
-    keeper_pid INTEGER              -- the background keeper (controller/elastic/keeper.py)
-);
-CREATE TABLE IF NOT EXISTS engines (
-    cluster_id INTEGER NOT NULL REFERENCES clusters(id),
-    engine_id INTEGER NOT NULL,
-    host TEXT, pid INTEGER, device TEXT, threads INTEGER, node_id TEXT,
-    registered_at REAL,
-    leaving TEXT,                   -- why it gets no new task: drain, notice (spot interruption), lost
-    PRIMARY KEY (cluster_id, engine_id)
-);
-CREATE TABLE IF NOT EXISTS nodes (
-    cluster_id INTEGER NOT NULL REFERENCES clusters(id),
-    node_id TEXT NOT NULL,
-    provider TEXT NOT NULL,
-    host TEXT, state TEXT,
-    instance_id TEXT, instance_type TEXT, zone TEXT, market TEXT,
-    price_per_hour REAL DEFAULT 0,
-    public_ip TEXT, private_ip TEXT, image TEXT,
-    engines INTEGER DEFAULT 0,      -- engines started on this node
-    launched_at REAL, terminated_at REAL,
-    ssh_host TEXT, ssh_port INTEGER, -- the address bootstrap reached it at (its host key is recorded for it)
-    idle_since REAL,                -- every engine of it idle since (the autoscaler stops it idle_minutes later)
-    note TEXT,                      -- why it was started or released (replaces X: engines died, idle, ...)
-    PRIMARY KEY (cluster_id, node_id)
-);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    cluster_id INTEGER NOT NULL REFERENCES clusters(id),
-    at REAL NOT NULL,
-    kind TEXT NOT NULL,             -- scale, add, remove, drain, replace, notice, error
-    detail TEXT NOT NULL            -- what was decided and why
-);
-CREATE TABLE IF NOT EXISTS demand (
-    cluster_id INTEGER NOT NULL REFERENCES clusters(id),
-    holder TEXT NOT NULL,           -- host:pid of the master whose scheduler reports it
-    wanted INTEGER NOT NULL,        -- jobs it could run at once (running, ready and not yet started)
-    at REAL NOT NULL,
-    PRIMARY KEY (cluster_id, holder)
-);
-CREATE TABLE IF NOT EXISTS runs (
-    id TEXT PRIMARY KEY,
-    cluster_id INTEGER REFERENCES clusters(id),
-    sweep_id TEXT, trial_number INTEGER,
-    params TEXT NOT NULL,           -- JSON of the RunSpec
-    state TEXT NOT NULL,            -- running, completed, failed, interrupted, pruned
-    engine_id INTEGER, host TEXT, device TEXT,
-    created_at REAL NOT NULL, finished_at REAL,
-    seconds REAL DEFAULT 0,         -- wall seconds spent on the engines, summed over tasks
-    epochs_done INTEGER DEFAULT 0,
-    train_loss REAL, val_accuracy REAL, test_accuracy REAL, images_per_s REAL,
-    error TEXT
-);
-CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs(sweep_id);
-CREATE TABLE IF NOT EXISTS epochs (
-    run_id TEXT NOT NULL REFERENCES runs(id),
-    epoch INTEGER NOT NULL,
-    train_loss REAL, val_accuracy REAL, test_accuracy REAL,
-    seconds REAL, train_seconds REAL, images_per_s REAL, lr REAL,
-    engine_id INTEGER, finished_at REAL,
-    PRIMARY KEY (run_id, epoch)
-);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    run_id TEXT PRIMARY KEY REFERENCES runs(id),
-    epoch INTEGER NOT NULL,
-    path TEXT NOT NULL, sha256 TEXT NOT NULL, bytes INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-"""
 
 class CheckpointError(DataError):
     """A stored checkpoint is missing or does not match its hash."""
@@ -301,22 +219,14 @@ class Store:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
-        self._add_missing_columns()
+        try:
+            applied = schema.migrate(self.db)
+        except schema.NewerSchemaError as error:
+            self.db.close()
+            raise ClusterStateError(f"{self.path}: {error}; use that version, or another state_dir") from None
+        if applied:
+            log.info("%s: schema brought to version %d", self.path, schema.LATEST)
         self._after_commit: Optional[list] = None  # actions waiting for the open transaction's COMMIT
-
-    # columns added after a store was first created: (table, column, type)
-    ADDED_COLUMNS = (("nodes", "ssh_host", "TEXT"), ("nodes", "ssh_port", "INTEGER"), ("engines", "leaving", "TEXT"),
-                     ("clusters", "target", "INTEGER"), ("clusters", "min_slaves", "INTEGER"),
-                     ("clusters", "max_slaves", "INTEGER"), ("clusters", "idle_minutes", "REAL"),
-                     ("clusters", "replace_lost", "INTEGER"), ("clusters", "keeper_pid", "INTEGER"),
-                     ("nodes", "idle_since", "REAL"), ("nodes", "note", "TEXT"))
-
-    def _add_missing_columns(self) -> None:
-        for table, column, kind in self.ADDED_COLUMNS:
-            present = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
-            if column not in present:
-                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()

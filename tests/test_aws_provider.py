@@ -193,7 +193,7 @@ def test_spot_slaves_train_status_and_stop_without_leaks(tmp_path, tiny_data_dir
     assert tagged(ec2) == NOTHING
     assert no_engines(hosts)
     assert not list((config.state_dir / "aws" / "test").glob("*.pem"))
-    assert cluster.stop() is None and tagged(ec2) == NOTHING  # safe twice
+    assert not cluster.stop() and tagged(ec2) == NOTHING  # safe twice
     cluster.close()
 
 
@@ -238,9 +238,10 @@ def test_stop_finds_everything_after_local_state_is_lost(tmp_path, tiny_data_dir
     shutil.rmtree(config.state_dir)  # the laptop's state is gone; the instances are not
 
     fresh = Cluster(config)
-    assert fresh.stop() is None
+    stopped = fresh.stop()
+    assert stopped.cluster is None
     assert tagged(ec2) == NOTHING
-    assert len(fresh.released) == 3  # the instance, the security group, the key pair
+    assert len(stopped.released) == 3  # the instance, the security group, the key pair
     fresh.close()
     ipp_side.kill_process_group(controller_pid)  # the master's own orphan, not the provider's to find
     # the orphaned engine on the slave: its instance is terminated (a real one would be gone with it)
@@ -482,7 +483,7 @@ def test_start_refuses_to_over_create_and_leaves_existing_alone(tmp_path, tiny_d
     with pytest.raises(ClusterStateError, match="already has instances"):
         cluster.start()
     assert tagged(ec2)["instances"] == [existing]
-    assert cluster.stop() is None  # no record: `cluster stop` releases them by tag
+    assert cluster.stop().cluster is None  # no record: `cluster stop` releases them by tag
     assert tagged(ec2) == NOTHING
     cluster.close()
 
@@ -576,7 +577,7 @@ def test_stop_by_tag_leaves_another_masters_cluster_of_the_same_name_alone(tmp_p
                                    {"Key": "gpu-cluster:cluster", "Value": "test"},
                                    {"Key": "gpu-cluster:owner", "Value": "someone@elsewhere"}]}])["Instances"][0]["InstanceId"]
     cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2)))
-    assert cluster.stop() is None and cluster.released == []
+    assert not cluster.stop()
     live = [i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
             if i["State"]["Name"] == "running"]
     assert live == [theirs]

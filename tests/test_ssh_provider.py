@@ -84,7 +84,7 @@ def test_two_slaves_register_train_and_stop(tmp_path, tiny_data_dir, hosts):
         cluster.stop()
     assert wait_until(lambda: not any(h.engine_processes() for h in hosts.hosts), timeout=20)
     assert not any(engine_files(h) for h in hosts.hosts)  # run dirs (and the HMAC key) removed
-    assert cluster.stop() is None  # safe twice
+    assert cluster.stop().cluster is None  # safe twice
     assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=10)
     cluster.close()
 
@@ -129,8 +129,9 @@ def test_reverse_tunnels_and_lost_state(tmp_path, tiny_data_dir, hosts):
     shutil.rmtree(config.state_dir)
     assert hosts.hosts[0].engine_processes()
     fresh = Cluster(config)
-    assert fresh.stop() is None
-    assert fresh.released == ["10.213.1.2"]
+    stopped = fresh.stop()
+    assert stopped.cluster is None
+    assert stopped.released == ["10.213.1.2"]
     assert wait_until(lambda: not hosts.hosts[0].engine_processes(), timeout=20)
     fresh.close()
     # the master's own controller was orphaned with the state too; not the provider's to find

@@ -1,9 +1,15 @@
 """The SQLite store: runs, epochs and atomic, verified checkpoints."""
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import pytest
 
-from controller.store import CheckpointError, EpochRecord, RunRecord, Store
+from controller import schema
+from controller.errors import ClusterStateError
+from controller.store import CheckpointError, EngineRecord, EpochRecord, RunRecord, Store
+from controller.sweep.records import SweepTable
 
 
 def test_runs_and_their_epochs_round_trip(tmp_path):
@@ -92,3 +98,42 @@ def test_the_checkpoint_rename_is_made_durable_before_the_older_file_is_deleted(
     order = [name for name, _ in events]
     assert order.index("fsync-file") < order.index("replace") < order.index("fsync-dir") < order.index("unlink")
     assert ("unlink", first.name) in events
+
+
+class TestTheSchemaOverTime:
+    """A state_dir outlives the code that wrote it: opening it migrates it and keeps what it holds."""
+
+    OLD_STORE = Path(__file__).parent / "fixtures" / "state_dir_before_schema_versions.sql"
+
+    def test_a_state_dir_written_before_schema_versions_keeps_its_runs_and_sweeps(self, tmp_path):
+        with sqlite3.connect(tmp_path / "cluster.db") as db:
+            db.executescript(self.OLD_STORE.read_text())
+        store = Store(tmp_path)
+        assert schema.version(store.db) == schema.LATEST
+        run = store.run("r-old00001")
+        assert run.state == "completed" and run.params["lr"] == 0.01
+        assert [e.epoch for e in store.epochs("r-old00001")] == [1, 2]
+        sweep = SweepTable(store).get("s-old00001")
+        assert sweep.state == "completed" and sweep.base_spec == {}
+        assert [r.id for r in store.runs(sweep_id="s-old00001")] == ["r-old00002"]
+        # the tables and columns of later versions work on it
+        store.record_engines(1, [EngineRecord(engine_id=0, host="h", pid=1, device="cpu", threads=1)])
+        store.mark_engine_leaving(1, 0, "drain")
+        assert store.leaving_engines(1) == {0: "drain"}
+        assert [row[0] for row in store.execute("SELECT COUNT(*) FROM bench_runs")] == [0]
+
+    def test_a_new_store_is_at_the_latest_version_and_reopening_applies_nothing(self, tmp_path):
+        Store(tmp_path).close()
+        with sqlite3.connect(tmp_path / "cluster.db") as db:
+            assert schema.migrate(db) == []
+            assert schema.version(db) == schema.LATEST
+
+    def test_a_state_dir_from_a_newer_version_is_refused_and_left_alone(self, tmp_path):
+        Store(tmp_path).close()
+        with sqlite3.connect(tmp_path / "cluster.db") as db:
+            db.execute(f"PRAGMA user_version = {schema.LATEST + 1}")
+        with pytest.raises(ClusterStateError, match=rf"cluster\.db: written by a newer version \(schema "
+                                                    rf"{schema.LATEST + 1}; this version knows {schema.LATEST}\)"):
+            Store(tmp_path)
+        with sqlite3.connect(tmp_path / "cluster.db") as db:
+            assert schema.version(db) == schema.LATEST + 1

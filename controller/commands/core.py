@@ -151,10 +151,10 @@ def cmd_stop(args, ctx: Context) -> int:
                     ctx.err_console.print("cancelled: nothing was stopped")
                     return int(ExitStatus.ERROR)
         only = {item.id for item in plan}
-    record = cluster.stop(all_clusters=args.all, any_owner=args.any_owner, only=only)
-    released = getattr(cluster, "released", [])
+    stopped = cluster.stop(all_clusters=args.all, any_owner=args.any_owner, only=only)
+    record, released = stopped.cluster, stopped.released
     if args.json:
-        ctx.emit_json({"stopped": record is not None, "cluster": record, "released": released})
+        ctx.emit_json(stopped.to_dict())
         return 0
     if released:
         ctx.say(f"released by tag: {', '.join(released)}")

@@ -28,14 +28,6 @@ from .base import Provider, SshTarget
 
 log = logging.getLogger(__name__)
 
-REMOTE_TABLE = """
-CREATE TABLE IF NOT EXISTS remote_engines (
-    cluster_id INTEGER NOT NULL,
-    node_id TEXT NOT NULL,
-    pid INTEGER NOT NULL,          -- the engine's pid (and process group) on the slave
-    remote_dir TEXT NOT NULL,
-    PRIMARY KEY (cluster_id, node_id, pid)
-)"""
 
 
 def local_addresses() -> list[ipaddress.IPv4Interface]:
@@ -111,7 +103,6 @@ class RemoteEngines:
         self.engines_per_host = engines_per_host
         self.threads = threads
         self.on_step = on_step
-        store.execute(REMOTE_TABLE)
 
     # start ------------------------------------------------------------------------
     def start(self, cluster: ClusterRecord, targets: list[Target], tunnel: bool, timeout: float = 300,

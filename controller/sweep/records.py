@@ -19,24 +19,6 @@ from ..formatting import percent
 from ..store import RunRecord, Store, load_json
 from .space import SearchSpace
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sweeps (
-    id TEXT PRIMARY KEY,
-    cluster_id INTEGER,
-    state TEXT NOT NULL,            -- running, completed, interrupted, failed
-    space TEXT NOT NULL,            -- JSON list of ParamSpec
-    sampler TEXT NOT NULL, pruner TEXT NOT NULL,
-    n_trials INTEGER NOT NULL,
-    seed INTEGER NOT NULL DEFAULT 0,
-    overrides TEXT NOT NULL,        -- JSON of the [training] overrides every trial shares
-    base_spec TEXT NOT NULL DEFAULT '{}',  -- JSON of the full RunSpec every trial starts from (resume uses it)
-    preset TEXT,
-    master_host TEXT, master_pid INTEGER,   -- the process running it now (resume refuses a live one)
-    created_at REAL NOT NULL, finished_at REAL,
-    seconds REAL DEFAULT 0,         -- wall seconds the master spent running it, over all resumes
-    error TEXT
-);
-"""
 
 SWEEP_STATES = ("running", "completed", "interrupted", "failed")
 # Optuna's state names, ranked: finished trials first, then the rest
@@ -84,10 +66,6 @@ class SweepRecord:
 class SweepTable:
     def __init__(self, store: Store):
         self.store = store
-        store.db.executescript(SCHEMA)
-        columns = {row["name"] for row in store.execute("PRAGMA table_info(sweeps)")}
-        if "base_spec" not in columns:  # a store written before base specs were kept
-            store.execute("ALTER TABLE sweeps ADD COLUMN base_spec TEXT NOT NULL DEFAULT '{}'")
 
     def create(self, record: SweepRecord) -> SweepRecord:
         values = dataclasses.asdict(record)
