@@ -49,6 +49,7 @@ bench: install
 	$(BIN)/python benchmarks/ddp.py
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/elastic.py
 
 clean:
 	rm -rf $(VENV) .cluster build *.egg-info

@@ -21,7 +21,7 @@ from engines.tasks import L1_SCALE
 from . import ipcluster, processes
 from .bench.runner import run_bench
 from .bench.workloads import workload as find_workload
-from .config import Config, load_config, metadata_url, override, task_keys
+from .config import ClusterConfig, Config, load_config, metadata_url, override, task_keys
 from .errors import (AlreadyRunningError, ClusterLostError, ClusterStateError, NotRunningError, ProviderError,
                      TaskError, UsageError)
 from .leases import Leases
@@ -31,7 +31,7 @@ from .report import report
 from .roster import StoreRoster
 from .runs import RunRecorder, SingleRun
 from .scheduler import Job, ProgressSink, Scheduler, Watchdog
-from .store import ClusterRecord, EngineRecord, EpochRecord, NodeRecord, RunRecord, Store, new_id
+from .store import ClusterRecord, EngineRecord, EpochRecord, EventRecord, NodeRecord, RunRecord, Store, new_id
 from .sweep.records import SweepResult
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class EngineStatus:
     uptime_s: float
     queued: int = 0
     node_id: str = ""
+    leaving: str = ""  # drain, notice, lost: it gets no new task
 
 
 @dataclass
@@ -57,6 +58,15 @@ class ClusterStatus:
     name: str
     state: str  # running, degraded, stopped, failed, none
     provider: str = ""
+    # the size: the slaves it keeps (`scale`, the autoscaler), those serving now and those still coming up
+    target: Optional[int] = None
+    current: int = 0
+    pending: int = 0
+    autoscale: dict = field(default_factory=dict)  # min_slaves, max_slaves, idle_minutes (max 0: off)
+    replace_lost: bool = False
+    keeper: dict = field(default_factory=dict)  # pid, state
+    idle_stops: dict = field(default_factory=dict)  # node id -> when autoscaling turns it off (epoch seconds)
+    events: list[EventRecord] = field(default_factory=list)  # the latest resize decisions, with their reasons
     cluster_id: Optional[int] = None
     profile_dir: str = ""
     url_file: str = ""
@@ -98,6 +108,13 @@ class RunResult:
         record = dataclasses.asdict(self.run)
         record["epochs"] = [dataclasses.asdict(e) for e in self.epochs]
         return record
+
+
+def check_autoscaling(cfg: ClusterConfig) -> None:
+    """min_slaves <= slaves <= max_slaves when autoscaling (max_slaves > 0)."""
+    if cfg.max_slaves and not cfg.min_slaves <= cfg.slaves <= cfg.max_slaves:
+        raise UsageError(f"cluster start: slaves = {cfg.slaves} must lie between min_slaves = {cfg.min_slaves} "
+                         f"and max_slaves = {cfg.max_slaves} (autoscaling is on: max_slaves > 0)")
 
 
 class Cluster:
@@ -144,12 +161,19 @@ class Cluster:
             return 0  # the slave's own cores; GPU engines need few
         return max(1, (os.cpu_count() or 1) // slaves)
 
-    def start(self, slaves: Optional[int] = None, provider: Optional[str] = None) -> ClusterStatus:
+    def start(self, slaves: Optional[int] = None, provider: Optional[str] = None, *,
+              min_slaves: Optional[int] = None, max_slaves: Optional[int] = None,
+              idle_minutes: Optional[float] = None) -> ClusterStatus:
         """Start the controller and ``slaves`` slaves; returns once every engine registered.
 
+        ``max_slaves`` > 0 turns autoscaling on: slaves are added for waiting jobs up to it, and slaves idle
+        for ``idle_minutes`` are turned off down to ``min_slaves``. With ``[cluster] replace_lost`` or
+        autoscaling, a background keeper process holds the cluster to its target (controller/elastic).
         On any failure, Ctrl-C included, everything started so far is stopped again.
         """
-        cfg = override(self.config.cluster, "cluster start", slaves=slaves, provider=provider)
+        cfg = override(self.config.cluster, "cluster start", slaves=slaves, provider=provider,
+                       min_slaves=min_slaves, max_slaves=max_slaves, idle_minutes=idle_minutes)
+        check_autoscaling(cfg)
         self._refuse_second_cluster()
         chosen = self.provider(cfg.provider)
         chosen.preflight(cfg.slaves)  # bad input, missing credentials: fail before anything starts
@@ -158,12 +182,14 @@ class Cluster:
         record = self.store.create_cluster(
             name=self.name, provider=cfg.provider, slaves=cfg.slaves, threads_per_engine=threads,
             profile_dir=str(profile), ipp_cluster_id="", price_per_hour=cfg.price_per_hour)
-        self.store.update_cluster(record.id, ipp_cluster_id=f"{self.name}-{record.id}")
+        self.store.update_cluster(record.id, ipp_cluster_id=f"{self.name}-{record.id}", target=cfg.slaves,
+                                  min_slaves=cfg.min_slaves, max_slaves=cfg.max_slaves, idle_minutes=cfg.idle_minutes,
+                                  replace_lost=int(cfg.replace_lost))
         record = self.store.cluster(record.id)
         ipp_cluster = client = None
         try:
             ipp_cluster = ipcluster.new_cluster(
-                profile, record.ipp_cluster_id, engine_env=self._engine_env(threads),
+                profile, record.ipp_cluster_id, engine_env=ipcluster.engine_environment(threads),
                 engine_ip=chosen.controller_ip, engine_timeout=cfg.engine_timeout,
                 master_grace_minutes=cfg.master_grace_minutes)
             ipp_cluster.start_controller_sync()
@@ -179,10 +205,15 @@ class Cluster:
                     f"only {len(client.ids)} of {expected} engines registered within {cfg.engine_timeout} s; "
                     f"their logs are in {profile / 'log'} (raise [cluster] engine_timeout if slaves are slow)"
                 ) from None
-            self._record_engines(record, client, threads, nodes)
+            self._record_engines(record, client, threads, nodes, ipp_cluster=ipp_cluster)
             ipcluster.secure_files(profile)
             self.store.set_cluster_state(record.id, "running")
             self._warm_engines(client)
+            if cfg.replace_lost or cfg.max_slaves:
+                from .elastic import keeper
+
+                pid = keeper.spawn(dataclasses.replace(self.config, cluster=cfg), record)
+                self.store.update_cluster(record.id, keeper_pid=pid)
         except BaseException as error:
             log.warning("start failed (%s); stopping what was started", error or type(error).__name__)
             cleaned = False
@@ -207,25 +238,18 @@ class Cluster:
                 client.close()
         return self.status()
 
-    def _warm_engines(self, client) -> None:
-        """Every engine loads the data set and the training code as part of `start`, so the first run after
-        it is as fast as the next. A failure here is only logged: the first run reports it in full."""
+    def _warm_engines(self, client, targets: Optional[list[int]] = None) -> None:
+        """Every engine (or ``targets``) loads the data set and the training code as part of `start` (or
+        `scale`), so the first run after it is as fast as the next. A failure here is only logged: the first
+        run reports it in full."""
         from engines.tasks import warm_up
 
-        loading = client[:].apply_async(warm_up, self.run_spec())
+        loading = client[targets if targets is not None else client.ids].apply_async(warm_up, self.run_spec())
         try:
             seconds = loading.get(timeout=self.config.cluster.engine_timeout)
             log.info("engines loaded the data set in %.1f s", max(seconds))
         except Exception as error:  # noqa: BLE001 - the data may be missing: `train` says so clearly
             log.warning("engines could not load the data set in advance (%s); the first run will", error)
-
-    @staticmethod
-    def _engine_env(threads: int) -> dict[str, str]:
-        engine_env = {
-            "OMP_NUM_THREADS": str(threads or ""), "MKL_NUM_THREADS": str(threads or ""),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
-        }
-        return {k: v for k, v in engine_env.items() if v}
 
     @staticmethod
     def _controller_alive(record: ClusterRecord) -> bool:
@@ -244,28 +268,37 @@ class Cluster:
         log.info("cleaning up what is left of cluster %s (%s, controller gone)", existing.id, existing.state)
         self._stop_record(existing)
 
-    def _record_engines(self, record: ClusterRecord, client, threads: int, nodes: list[NodeRecord]) -> None:
+    def _record_engines(self, record: ClusterRecord, client, threads: int, nodes: list[NodeRecord],
+                        engine_ids: Optional[list[int]] = None, ipp_cluster=None) -> None:
+        """The one path every new engine takes (at `start` and `scale`): it reports itself, installs the
+        drain handler (engines.tasks.engine_info), and is stored with the node it runs on."""
         from engines.tasks import engine_info
 
-        infos = client[:].apply_async(engine_info, threads).get(timeout=60)
-        self._watch_notices(client, record.provider)
+        ids = list(engine_ids) if engine_ids is not None else list(client.ids)
+        infos = client[ids].apply_async(engine_info, threads).get(timeout=60)
+        self._watch_notices(client, record.provider, ids)
         host_to_node = {n.host: n.node_id for n in nodes}
         host_to_node.update({n.private_ip: n.node_id for n in nodes if n.private_ip})
+        # local slaves share one host: their engine sets (named by node id) know their engines' pids
+        pid_to_node = {pid: node for pid, node in ipcluster.engine_set_pids(ipp_cluster).items()
+                       if node in {n.node_id for n in nodes}}
+        only = nodes[0].node_id if len(nodes) == 1 else ""
         now = time.time()
         self.store.record_engines(record.id, [
             EngineRecord(engine_id=engine_id, host=info["host"], pid=info["pid"], device=info["device"],
-                         threads=info["threads"], node_id=host_to_node.get(info["host"], nodes[0].node_id if len(nodes) == 1 else ""),
+                         threads=info["threads"],
+                         node_id=pid_to_node.get(info["pid"]) or host_to_node.get(info["host"], only),
                          registered_at=now)
-            for engine_id, info in zip(client.ids, infos)
+            for engine_id, info in zip(ids, infos)
         ])
 
-    def _watch_notices(self, client, provider: str) -> None:
-        """Every engine polls the metadata service for spot notices (engines/notices.py), where there is one."""
+    def _watch_notices(self, client, provider: str, engine_ids: list[int]) -> None:
+        """These engines poll the metadata service for spot notices (engines/notices.py), where there is one."""
         url = metadata_url(self.config.cluster, provider)
         if url:
             from engines.notices import watch
 
-            client[:].apply_async(watch, url).get(timeout=60)
+            client[engine_ids].apply_async(watch, url).get(timeout=60)
             log.info("engines watch %s for spot interruption notices", url)
 
     def stop(self, all_clusters: bool = False, any_owner: bool = False,
@@ -294,7 +327,10 @@ class Cluster:
         return self.provider().release_orphans(self.name, all_clusters, any_owner, only)
 
     def _stop_record(self, record: ClusterRecord) -> None:
+        from .elastic import keeper
+
         self.store.set_cluster_state(record.id, "stopping")
+        keeper.stop(record)  # first: it would replace the engines being stopped
         provider = self.provider(record.provider)
         ipp_cluster = ipcluster.load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
         self._teardown(record, provider, ipp_cluster)
@@ -340,6 +376,14 @@ class Cluster:
                 threads=engine.threads, state=state, uptime_s=now - (engine.registered_at or now),
                 queued=queues.get(engine.engine_id, {}).get("queue", 0), node_id=engine.node_id or ""))
         nodes = self.provider(record.provider).list(record)
+        released = {n.node_id for n in nodes if n.state in ("stopped", "terminated", "gone")}
+        leaving = self.store.leaving_engines(record.id)
+        for engine in engines:
+            engine.leaving = leaving.get(engine.id, "")
+            if engine.node_id in released and engine.state in ("dead", "unregistered"):
+                engine.state = "removed"
+        engines_shown = engines
+        engines = [e for e in engines if e.state != "removed"]
         alive = [e for e in engines if e.state in ("idle", "busy")]
         if not controller_alive:
             state = "failed"
@@ -349,11 +393,26 @@ class Cluster:
             state = "degraded"
         uptime = now - record.created_at
         price = sum(n.price_per_hour for n in nodes if n.state not in ("terminated", "stopped"))
+        from .elastic.resize import LIVE_NODE_STATES, PENDING_NODE_STATES
+
+        serving = [n for n in nodes if n.state in LIVE_NODE_STATES and n.state not in PENDING_NODE_STATES]
+        idle_stops = {}
+        if record.max_slaves and len(serving) > record.min_slaves:
+            idle_stops = {n.node_id: n.idle_since + record.idle_minutes * 60 for n in serving if n.idle_since}
+        keeper_alive = processes.is_marked(record.keeper_pid, profile, record.ipp_cluster_id)
         return ClusterStatus(
             name=self.name, state=state, provider=record.provider, cluster_id=record.id,
             profile_dir=str(profile), url_file=str(url),
+            target=record.target if record.target is not None else record.slaves, current=len(serving),
+            pending=sum(n.state in PENDING_NODE_STATES for n in nodes),
+            autoscale={"min_slaves": record.min_slaves or 0, "max_slaves": record.max_slaves or 0,
+                       "idle_minutes": record.idle_minutes or 0.0},
+            replace_lost=bool(record.replace_lost),
+            keeper={"pid": record.keeper_pid, "state": "running" if keeper_alive else
+                    ("dead" if record.keeper_pid else "none")},
+            idle_stops=idle_stops, events=self.store.events(record.id, limit=10),
             controller={"pid": record.controller_pid, "state": "running" if controller_alive else "dead"},
-            engines=engines, nodes=nodes, created_at=record.created_at, uptime_s=uptime,
+            engines=engines_shown, nodes=nodes, created_at=record.created_at, uptime_s=uptime,
             price_per_hour=price, cost_so_far=price * uptime / 3600, error=record.error,
             hint=self._controller_lost_hint(record, nodes) if not controller_alive else "")
 
@@ -377,6 +436,68 @@ class Cluster:
         parts.append("run `cluster stop` (ends them), then `cluster start`"
                      + (", then " + " and ".join(resume) if resume else ""))
         return "; ".join(parts)
+
+    # resizing -------------------------------------------------------------------
+    def scale(self, slaves: int, *, why: str = "") -> ClusterStatus:
+        """Turn slaves on or off until ``slaves`` serve; returns once the new engines joined (they take work
+        from a sweep or bench already running) or the removed ones were drained and released."""
+        from .elastic.resize import Resizer, choose_to_remove, live_nodes, resize_lock
+
+        if not 0 <= slaves <= 256:
+            raise UsageError(f"scale {slaves}: expected a number of slaves from 0 to 256")
+        record = self.record
+        if record.max_slaves and not (record.min_slaves or 0) <= slaves <= record.max_slaves:
+            raise UsageError(f"scale {slaves}: this cluster autoscales between {record.min_slaves} and "
+                             f"{record.max_slaves} slaves (min_slaves/max_slaves); stay in that range")
+        with resize_lock(self.config.state_dir, record.id):
+            record = self.record
+            nodes = [n for n in live_nodes(self.store, record.id)]
+            before = record.target if record.target is not None else len(nodes)
+            why = why or f"cluster scale {slaves}"
+            self.store.update_cluster(record.id, target=slaves)
+            self.store.add_event(record.id, "scale", f"target {before} -> {slaves} ({len(nodes)} serving): {why}")
+            resizer = Resizer(self)
+            if slaves > len(nodes):
+                try:
+                    resizer.add(slaves - len(nodes), why)
+                except BaseException as error:  # nothing was added: the target stays what it was
+                    self.store.update_cluster(record.id, target=before)
+                    self.store.add_event(record.id, "error", f"target back to {before}: {why} failed: {error}")
+                    raise
+            elif slaves < len(nodes):
+                resizer.remove(choose_to_remove(nodes, len(nodes) - slaves, self._busy_nodes(record)), why)
+        return self.status()
+
+    def remove(self, node_ids: list[str], *, why: str = "") -> ClusterStatus:
+        """Drain these slaves (their tasks stop at a batch boundary and go on elsewhere), then release them;
+        the cluster's target shrinks by as many."""
+        from .elastic.resize import Resizer, live_nodes, resize_lock
+
+        if not node_ids:
+            raise UsageError("remove: name at least one node (`cluster status` lists them)")
+        record = self.record
+        with resize_lock(self.config.state_dir, record.id):
+            record = self.record
+            live = {n.node_id: n for n in live_nodes(self.store, record.id)}
+            unknown = [n for n in node_ids if n not in live]
+            if unknown:
+                raise UsageError(f"remove {' '.join(unknown)}: no such running node; running: "
+                                 f"{', '.join(live) or 'none'}")
+            chosen = [live[n] for n in dict.fromkeys(node_ids)]
+            before = record.target if record.target is not None else len(live)
+            target = max(0, before - len(chosen))
+            why = why or f"cluster remove {' '.join(node_ids)}"
+            self.store.update_cluster(record.id, target=target)
+            self.store.add_event(record.id, "scale", f"target {before} -> {target}: {why}")
+            Resizer(self).remove(chosen, why)
+        return self.status()
+
+    def _busy_nodes(self, record: ClusterRecord) -> set[str]:
+        """Nodes with an engine that runs or holds a task now."""
+        client = self.client
+        queues = client.queue_status()
+        busy = {e for e, q in queues.items() if isinstance(e, int) and (q.get("tasks") or q.get("queue"))}
+        return {e.node_id for e in self.store.engines(record.id) if e.engine_id in busy}
 
     @staticmethod
     def _registered_engines(url: Path) -> tuple[set[int], dict]:

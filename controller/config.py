@@ -71,6 +71,14 @@ class ClusterConfig:
     metadata_url: str = _opt("", "instance metadata service the engines watch for spot interruption notices; "
                                  "empty = the provider's (aws: http://169.254.169.254, local/ssh: none), off = none",
                              pattern=METADATA_URL_PATTERN)
+    replace_lost: bool = _opt(True, "replace a slave whose engines died, whose instance ended or that failed its "
+                                    "health check, and one under a spot notice (the cluster keeps its size)")
+    min_slaves: int = _opt(1, "autoscaling: idle slaves are turned off down to this many", min=0, max=256)
+    max_slaves: int = _opt(0, "autoscaling: slaves are turned on for waiting jobs up to this many; 0 = no "
+                              "autoscaling (the cluster keeps the size `start`/`scale` gave it)", min=0, max=256)
+    idle_minutes: float = _opt(10.0, "autoscaling: a slave idle this long is turned off (fractions allowed)",
+                               min=0.0, max=10080.0)
+    drain_timeout: int = _opt(600, "seconds `scale`/`remove` wait for drained slaves' tasks to stop", min=1, max=86400)
 
 
 @dataclass(frozen=True)
@@ -336,6 +344,30 @@ def override(section, source: str, **values):
         raw = ",".join(value) if isinstance(value, (list, tuple)) else str(value)
         checked[key] = parse_value(raw, fields[key], kinds[key], f"{source} --{key.replace('_', '-')}")
     return dataclasses.replace(section, **checked)
+
+
+def config_to_dict(config: Config) -> dict:
+    """The whole configuration as plain JSON values (the keeper process gets exactly the caller's)."""
+    out: dict = {"source": config.source}
+    for name in SECTIONS:
+        section = getattr(config, name)
+        out[name] = {f.name: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                     for f in dataclasses.fields(section) for v in [getattr(section, f.name)]}
+    return out
+
+
+def config_from_dict(data: dict) -> Config:
+    """The inverse of ``config_to_dict``."""
+    sections = {}
+    for name, cls in SECTIONS.items():
+        kinds = field_kinds(cls)
+        values = {}
+        for key, value in data.get(name, {}).items():
+            if key not in kinds:
+                raise ConfigError(f"saved configuration: [{name}] unknown key {key!r}")
+            values[key] = Path(value) if kinds[key] is Path else tuple(value) if kinds[key] is tuple else value
+        sections[name] = cls(**values)
+    return Config(**sections, source=data.get("source", BUILTIN))
 
 
 def render_default_ini() -> str:

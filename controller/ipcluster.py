@@ -23,6 +23,18 @@ from .processes import process_marker
 log = logging.getLogger(__name__)
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def engine_environment(threads: int) -> dict[str, str]:
+    """The environment of a local engine: its torch threads, and this checkout's code on its path."""
+    env = {
+        "OMP_NUM_THREADS": str(threads or ""), "MKL_NUM_THREADS": str(threads or ""),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
+    }
+    return {k: v for k, v in env.items() if v}
+
+
 def profile_dir(state_dir: Path) -> Path:
     return Path(state_dir) / "profile"
 
@@ -128,6 +140,14 @@ def load_cluster(profile: Path, cluster_id: str) -> Optional[ipp.Cluster]:
         return ipp.Cluster.from_file(profile_dir=str(profile), cluster_id=cluster_id, log_level=logging.WARNING)
     except FileNotFoundError:
         return None
+
+
+def engine_set_pids(cluster: Optional[ipp.Cluster]) -> dict[int, str]:
+    """Engine pid -> the id of the engine set that started it (local launchers only)."""
+    if cluster is None:
+        return {}
+    return {launcher.pid: set_id for set_id, engine_set in cluster.engines.items()
+            for launcher in getattr(engine_set, "launchers", {}).values() if getattr(launcher, "pid", None)}
 
 
 def secure_files(profile: Path) -> None:

@@ -2,13 +2,20 @@
 
 ``cluster scale``/``remove`` (another process, maybe) marks the engines it drains; a scheduler marks an
 engine whose task came back with a spot interruption notice. Every scheduler reads the marks about once a
-second (controller/scheduler.py) and keeps those engines out of its load-balanced view.
+second (controller/scheduler.py) and keeps those engines out of its load-balanced view; it also reports
+how many jobs it could run at once, which the keeper autoscales to (controller/elastic).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Optional
 
 from .store import Store
+
+_SCHEDULERS = itertools.count(1)
 
 
 @dataclass
@@ -16,8 +23,19 @@ class StoreRoster:
     store: Store
     cluster_id: int
 
+    # who reports demand: one row per scheduler (several may run in one master process)
+    holder: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{next(_SCHEDULERS)}")
+
     def leaving(self) -> set[int]:
         return set(self.store.leaving_engines(self.cluster_id))
 
     def engine_leaving(self, engine_id: int, reason: str) -> None:
-        self.store.mark_engine_leaving(self.cluster_id, engine_id, reason)
+        # a drain is marked in the store by whoever started it (controller/elastic/resize.py), and unmarked
+        # when called off: a task that stopped for a drain the store no longer names must not mark it again
+        if reason != "drain":
+            self.store.mark_engine_leaving(self.cluster_id, engine_id, reason)
+
+    def report_demand(self, wanted: Optional[int]) -> None:
+        """How many jobs this master could run at once (None: none any more); the keeper autoscales to it.
+        Written every call (about once a second): a row that stops being refreshed ages out."""
+        self.store.set_demand(self.cluster_id, self.holder, wanted)

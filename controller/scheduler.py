@@ -85,6 +85,9 @@ class JobSource(Protocol):
     def exhausted(self) -> bool:
         """True when ``next_job`` will never return a job again."""
 
+    # optional: ``jobs_left() -> int``, the jobs ``next_job`` will still return (a sweep's trials not yet
+    # started); the scheduler adds it to the demand it reports for autoscaling
+
 
 class ProgressSink:
     """What the scheduler tells a display; every hook is optional (a no-op here)."""
@@ -157,6 +160,9 @@ class EngineRoster(Protocol):
     def engine_leaving(self, engine_id: int, reason: str) -> None:
         """A task came back early because its engine is going (reason: engines.stopping DRAIN or NOTICE)."""
 
+    # optional: ``report_demand(wanted: Optional[int])``, how many jobs this scheduler could run at once
+    # (None: it ended); the keeper turns slaves on for them (controller/elastic)
+
 
 # a task result's ``stopped``: why it ended before its epochs were done (engines/stopping.py); these two mean
 # the engine is going away, so it gets no further task
@@ -218,13 +224,16 @@ class Scheduler:
             self._excluded.add(engine_id)
             self._retarget()
 
-    def _refresh_roster(self) -> None:
+    def _refresh_roster(self, wanted: Optional[int] = None) -> None:
         now = time.monotonic()
         if self.roster is None or now - self._roster_checked < ROSTER_CHECK_S:
             return
         self._roster_checked = now
         self._excluded = set(self.roster.leaving())
         self._retarget()
+        report = getattr(self.roster, "report_demand", None)
+        if report is not None and wanted is not None:
+            report(wanted)
 
     def _retarget(self) -> None:
         """Point the load-balanced view at the usable engines; with nothing excluded and no chosen targets it
@@ -271,7 +280,7 @@ class Scheduler:
                         self._count_overheads()
                         return self.stats
                     time.sleep(self.poll_s)  # the source has nothing now but may later
-                    self._watch()
+                    self._watch(self._wanted(source, in_flight, ready))
                     continue
                 done, _ = concurrent.futures.wait(
                     [t.result for t in in_flight.values()], timeout=self.poll_s,
@@ -285,7 +294,7 @@ class Scheduler:
                     else:
                         self._report_progress(task, sink)
                 sink.tick()
-                self._watch()
+                self._watch(self._wanted(source, in_flight, ready))
         except BaseException:
             # Ctrl-C or a bug: queued tasks are withdrawn; tasks already running finish on
             # their engines and are ignored (their runs resume from the last stored checkpoint)
@@ -296,9 +305,22 @@ class Scheduler:
                 except Exception:  # the controller may be gone as well
                     log.debug("abort of %d pending tasks failed", len(pending), exc_info=True)
             raise
+        finally:
+            report = getattr(self.roster, "report_demand", None)
+            if report is not None:
+                try:
+                    report(None)
+                except Exception:  # noqa: BLE001 - the store may be what failed; the row ages out anyway
+                    log.debug("could not withdraw the demand report", exc_info=True)
 
-    def _watch(self) -> None:
-        self._refresh_roster()
+    @staticmethod
+    def _wanted(source: JobSource, in_flight: dict, ready: collections.deque) -> int:
+        """Jobs this scheduler could run at once: running or queued, ready, and not yet started."""
+        jobs_left = getattr(source, "jobs_left", None)
+        return len(in_flight) + len(ready) + (jobs_left() if jobs_left is not None else 0)
+
+    def _watch(self, wanted: Optional[int] = None) -> None:
+        self._refresh_roster(wanted)
         if self.watchdog is not None:
             self.watchdog.check(self._engine_count)
 

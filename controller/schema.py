@@ -183,6 +183,29 @@ ALTER TABLE bench_trials RENAME COLUMN bench_run_id TO measurement_id;
               (add_column("runs", "batches_done", "INTEGER DEFAULT 0"),
                add_column("runs", "epoch_batches", "INTEGER DEFAULT 0"),
                add_column("checkpoints", "batches_done", "INTEGER DEFAULT 0"))),
+    Migration(7, "an elastic cluster: its target size and autoscaling knobs, the keeper's pid, when a node went "
+                 "idle and why it was started or released, resize decisions, the masters' demand",
+              (add_column("clusters", "target", "INTEGER"),  # slaves to keep (`cluster scale`, the autoscaler)
+               add_column("clusters", "min_slaves", "INTEGER"), add_column("clusters", "max_slaves", "INTEGER"),
+               add_column("clusters", "idle_minutes", "REAL"), add_column("clusters", "replace_lost", "INTEGER"),
+               add_column("clusters", "keeper_pid", "INTEGER"),
+               add_column("nodes", "idle_since", "REAL"), add_column("nodes", "note", "TEXT"),
+               """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster_id INTEGER NOT NULL REFERENCES clusters(id),
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,             -- scale, add, remove, error
+    detail TEXT NOT NULL            -- what was decided and why
+);
+CREATE TABLE IF NOT EXISTS demand (
+    cluster_id INTEGER NOT NULL REFERENCES clusters(id),
+    holder TEXT NOT NULL,           -- host:pid:n of the scheduler that reports it
+    wanted INTEGER NOT NULL,        -- jobs it could run at once (running, ready and not yet started)
+    at REAL NOT NULL,
+    PRIMARY KEY (cluster_id, holder)
+);
+""")),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -96,6 +96,12 @@ class ClusterRecord:
     stopped_at: Optional[float] = None
     price_per_hour: float = 0.0
     error: Optional[str] = None
+    target: Optional[int] = None  # slaves to keep; None: as started (a store from before resizing)
+    min_slaves: int = 0
+    max_slaves: int = 0  # 0: no autoscaling
+    idle_minutes: float = 0.0
+    replace_lost: bool = False
+    keeper_pid: Optional[int] = None
 
 
 @dataclass
@@ -129,6 +135,18 @@ class NodeRecord:
     terminated_at: Optional[float] = None
     ssh_host: str = ""  # where bootstrap reached it over SSH: `cluster ssh` and stop use the same address
     ssh_port: int = 0
+    idle_since: Optional[float] = None  # every engine idle since then (autoscaling stops it after idle_minutes)
+    note: str = ""  # why it was started or released
+
+
+@dataclass
+class EventRecord:
+    """A resize decision or a fault handled, with its reason (shown by `cluster status`)."""
+
+    cluster_id: int
+    at: float
+    kind: str
+    detail: str
 
 
 @dataclass
@@ -326,8 +344,36 @@ class Store:
         self._insert("nodes", {"cluster_id": cluster_id, **dataclasses.asdict(node)}, replace=True)
 
     def nodes(self, cluster_id: int) -> list[NodeRecord]:
-        rows = self.db.execute("SELECT * FROM nodes WHERE cluster_id = ? ORDER BY node_id", (cluster_id,))
+        rows = self.db.execute("SELECT * FROM nodes WHERE cluster_id = ? ORDER BY launched_at, node_id", (cluster_id,))
         return [_row_to(NodeRecord, r) for r in rows]
+
+    def update_node(self, cluster_id: int, node_id: str, **values: Any) -> None:
+        self._update("nodes", {"cluster_id": cluster_id, "node_id": node_id}, values)
+
+    # resize decisions and demand --------------------------------------------------
+    def add_event(self, cluster_id: int, kind: str, detail: str) -> EventRecord:
+        event = EventRecord(cluster_id=cluster_id, at=time.time(), kind=kind, detail=detail)
+        self._insert("events", dataclasses.asdict(event))
+        return event
+
+    def events(self, cluster_id: int, limit: int = 20) -> list[EventRecord]:
+        """The newest ``limit`` events, oldest first."""
+        rows = self.db.execute("SELECT * FROM events WHERE cluster_id = ? ORDER BY id DESC LIMIT ?", (cluster_id, limit))
+        return [_row_to(EventRecord, r) for r in reversed(rows.fetchall())]
+
+    def set_demand(self, cluster_id: int, holder: str, wanted: Optional[int]) -> None:
+        """How many jobs ``holder``'s scheduler could run at once now (None: it ended, forget it)."""
+        if wanted is None:
+            self.db.execute("DELETE FROM demand WHERE cluster_id = ? AND holder = ?", (cluster_id, holder))
+        else:
+            self._insert("demand", dict(cluster_id=cluster_id, holder=holder, wanted=wanted, at=time.time()),
+                         replace=True)
+
+    def demand(self, cluster_id: int, fresh_s: float) -> int:
+        """Jobs wanted by every master that reported within ``fresh_s`` seconds (a killed master's row ages out)."""
+        row = self.db.execute("SELECT COALESCE(SUM(wanted), 0) FROM demand WHERE cluster_id = ? AND at >= ?",
+                              (cluster_id, time.time() - fresh_s)).fetchone()
+        return int(row[0])
 
     # runs -------------------------------------------------------------------
     def create_run(self, run: RunRecord) -> RunRecord:

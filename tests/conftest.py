@@ -114,6 +114,8 @@ _train.train_epochs = _held_train_epochs
 
 
 def make_config(tmp_path: Path, data_dir: Path, slaves: int = 2, extra: str = "", threads: int = 1):
+    """A cluster.ini for tests; no keeper process unless ``extra`` sets [cluster] replace_lost (or autoscaling):
+    tests that kill engines on purpose expect them to stay dead."""
     ini = write_ini(tmp_path / "cluster.ini", f"""
 [cluster]
 name = test
@@ -123,6 +125,7 @@ data_dir = {data_dir}
 threads_per_engine = {threads}
 download = false
 engine_timeout = 90
+{'' if 'replace_lost' in extra else 'replace_lost = false'}
 {extra}
 """)
     return load_config(ini, environ={})

@@ -654,3 +654,44 @@ def test_stop_by_tag_leaves_another_masters_cluster_of_the_same_name_alone(tmp_p
             if i["State"]["Name"] == "running"]
     assert live == [theirs]
     cluster.close()
+
+
+def test_scale_up_and_down_and_a_spot_notice_gets_a_replacement_instance(tmp_path, tiny_data_dir, moto_url, ec2,
+                                                                         hosts, mapped):
+    from controller.elastic.keeper import Keeper
+
+    cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1))
+    state_of = lambda i: ec2.describe_instances(InstanceIds=[i])["Reservations"][0]["Instances"][0]["State"]["Name"]  # noqa: E731
+    try:
+        (first,) = [n.instance_id for n in cluster.start().nodes]
+        status = cluster.scale(2)  # the same launch path as start: spot, types and zones in order
+        (second,) = [n.instance_id for n in status.nodes if n.instance_id != first]
+        assert sorted(e.host for e in status.engines if e.state == "idle") == ["slave11", "slave12"]
+        # the added slave's engines came back through tunnels of their own
+        assert list((cluster.config.state_dir / "tunnels" / "test").glob("add-*/tunnels.pid"))
+
+        status = cluster.scale(1)  # the newest goes: drained, engines stopped, instance terminated
+        assert state_of(second) == "terminated" and state_of(first) == "running"
+        assert {n.instance_id: n.state for n in status.nodes}[second] == "terminated"
+        del mapped[second]  # test mapping: its namespace host may serve the next instance
+
+        # a scheduler reported a spot interruption notice on the first slave's engine: the keeper asks for
+        # a replacement at once, then releases the noticed slave once drained
+        record = cluster.record
+        (engine,) = [e for e in cluster.store.engines(record.id) if e.node_id == first]
+        cluster.store.mark_engine_leaving(record.id, engine.engine_id, "notice")
+        cluster.store.update_cluster(record.id, replace_lost=1)
+        decision = Keeper(cluster, record.id).tick()
+        assert decision.add == 1 and decision.replaces == first and f"spot notice on {first}" in decision.add_why
+        (third,) = [i for i in tagged(ec2)["instances"] if i not in (first, second)]
+        assert state_of(third) == "running" and state_of(first) == "terminated"
+        status = cluster.status()
+        assert [e.host for e in status.engines if e.state == "idle"] == ["slave12"]
+        assert (status.target, status.current) == (1, 1)
+        assert any("(replacing " + first in e.detail for e in status.events)
+    finally:
+        cluster.stop()
+    assert tagged(ec2) == NOTHING
+    assert no_engines(hosts)
+    assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=20)
+    cluster.close()

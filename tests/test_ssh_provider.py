@@ -222,3 +222,37 @@ def test_a_command_filling_stderr_does_not_block_remote_run(tmp_path, hosts):
         # 4 MB on stderr before anything on stdout: more than the channel's window
         status, out, err = remote.run("head -c 4000000 /dev/zero | tr '\\0' x >&2; echo done", timeout=30)
     assert status == 0 and out.strip() == "done" and len(err) == 4_000_000
+
+
+def test_scale_takes_unused_hosts_and_remove_drains_one(tmp_path, tiny_data_dir, hosts):
+    addresses = ", ".join(h.address for h in hosts.hosts)
+    cluster = Cluster(make_config(tmp_path, tiny_data_dir, slaves=1, extra=f"""
+provider = ssh
+
+[ssh]
+hosts = {addresses}
+user = {SLAVE_USER}
+key_file = {hosts.key}
+python = {sys.executable}
+"""))
+    first, second = (h.address for h in hosts.hosts)
+    try:
+        status = cluster.start()
+        assert [n.node_id for n in status.nodes] == [first] and not hosts.hosts[1].engine_processes()
+        status = cluster.scale(2)  # the next unused host of [ssh] hosts
+        assert {n.node_id: n.state for n in status.nodes} == {first: "running", second: "running"}
+        assert sorted(e.host for e in status.engines if e.state == "idle") == ["slave1", "slave2"]
+        with pytest.raises(ProviderError, match=r"no unused host left in \[ssh\] hosts for 1 more slave\(s\): 0 free of 2"):
+            cluster.scale(3)
+        assert cluster.status().target == 2  # a failed scale leaves the target as it was
+
+        status = cluster.remove([first])  # drained (idle here), its engines stopped, the other goes on
+        assert {n.node_id: n.state for n in status.nodes} == {first: "stopped", second: "running"}
+        assert wait_until(lambda: not hosts.hosts[0].engine_processes(), timeout=20)
+        assert [e.host for e in status.engines if e.state == "idle"] == ["slave2"]
+        assert cluster.train(subset=100, epochs=1).run.host == "slave2"
+    finally:
+        cluster.stop()
+    assert wait_until(lambda: not any(h.engine_processes() for h in hosts.hosts), timeout=20)
+    assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=10)
+    cluster.close()

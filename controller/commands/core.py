@@ -15,6 +15,10 @@ def register(sub) -> None:
     p = sub.add_parser("start", help="start the controller and the slaves' engines in the background")
     p.add_argument("--slaves", type=int, help="number of slaves (default: [cluster] slaves)")
     p.add_argument("--provider", help="local, ssh or aws (default: [cluster] provider)")
+    p.add_argument("--min-slaves", type=int, help="autoscaling: idle slaves are turned off down to this many")
+    p.add_argument("--max-slaves", type=int,
+                   help="autoscaling: slaves are turned on for waiting jobs up to this many (0 = off)")
+    p.add_argument("--idle-minutes", type=float, help="autoscaling: a slave idle this long is turned off")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(handler=cmd_start)
 
@@ -65,7 +69,8 @@ def register(sub) -> None:
 def cmd_start(args, ctx: Context) -> int:
     cluster = ctx.cluster()
     ctx.err_console.print(f"starting cluster {cluster.name!r} ({args.provider or ctx.config.cluster.provider}) ...")
-    status = cluster.start(slaves=args.slaves, provider=args.provider)
+    status = cluster.start(slaves=args.slaves, provider=args.provider, min_slaves=args.min_slaves,
+                           max_slaves=args.max_slaves, idle_minutes=args.idle_minutes)
     if args.json:
         ctx.emit_json(status)
     else:
@@ -93,17 +98,35 @@ def show_status(ctx: Context, status) -> None:
         ctx.say(status.hint)
     if status.price_per_hour:
         ctx.say(f"cost: ${status.price_per_hour:.3f}/h, ${status.cost_so_far:.3f} so far")
-    ctx.emit_table("engines", ["id", "host", "pid", "device", "threads", "state", "uptime"], [
-        [e.id, e.host, e.pid, e.device, e.threads, e.state, duration(e.uptime_s)] for e in status.engines])
-    if status.provider != "local" and status.nodes:
+    scaling = status.autoscale or {}
+    size = f"slaves: target {status.target}, current {status.current}, pending {status.pending}"
+    if scaling.get("max_slaves"):
+        size += (f"; autoscaling {scaling['min_slaves']}..{scaling['max_slaves']}, idle slaves off after "
+                 f"{scaling['idle_minutes']:g} min")
+    size += "; lost slaves replaced" if status.replace_lost else "; lost slaves not replaced"
+    if status.keeper.get("pid"):
+        size += f" (keeper pid {status.keeper['pid']} {status.keeper.get('state')})"
+    ctx.say(size)
+    ctx.emit_table("engines", ["id", "node", "host", "pid", "device", "threads", "state", "leaving", "uptime"], [
+        [e.id, e.node_id, e.host, e.pid, e.device, e.threads, e.state, e.leaving, duration(e.uptime_s)]
+        for e in status.engines])
+    if status.nodes:
         now = time.time()
         up = {n.node_id: max(0.0, (n.terminated_at or now) - n.launched_at) if n.launched_at else None
               for n in status.nodes}
-        ctx.emit_table("nodes", ["node", "instance", "type", "zone", "market", "$/h", "uptime", "cost", "state",
-                                 "public ip"], [
-            [n.node_id, n.instance_id, n.instance_type, n.zone, n.market, f"{n.price_per_hour:.3f}",
-             duration(up[n.node_id]), f"${n.price_per_hour * (up[n.node_id] or 0) / 3600:.3f}", n.state,
-             n.public_ip] for n in status.nodes])
+        stops = {k: f"in {duration(max(0.0, v - now))}" for k, v in (status.idle_stops or {}).items()}
+        columns = ["node", "state", "engines", "uptime", "idle stop", "note"]
+        rows = [[n.node_id, n.state, n.engines, duration(up[n.node_id]), stops.get(n.node_id, ""), n.note or ""]
+                for n in status.nodes]
+        if status.provider != "local":
+            columns += ["instance", "type", "zone", "market", "$/h", "cost", "public ip"]
+            for row, n in zip(rows, status.nodes):
+                row += [n.instance_id, n.instance_type, n.zone, n.market, f"{n.price_per_hour:.3f}",
+                        f"${n.price_per_hour * (up[n.node_id] or 0) / 3600:.3f}", n.public_ip]
+        ctx.emit_table("nodes", columns, rows)
+    if status.events:
+        ctx.emit_table("resize decisions and faults (newest last)", ["at", "kind", "what and why"], [
+            [time.strftime("%H:%M:%S", time.localtime(e.at)), e.kind, e.detail] for e in status.events])
 
 
 def cmd_stop(args, ctx: Context) -> int:

@@ -272,34 +272,110 @@ class AwsProvider(Provider):
             type(self).on_step("key_pair")
             group = self.security_group(ec2, subnets[0]["VpcId"])
             type(self).on_step("security_group")
-            launched = self.launch(ec2, ami, subnets, key_name, group, slaves, required, launched_ids)
-            nodes = [self.node_of(i, ami) for i in launched]
-            for node in nodes:  # recorded at once: a crash from here on still finds them
-                self.store.record_node(cluster.id, node)
-            type(self).on_step("fleet")
-            ids = [i["InstanceId"] for i in launched]
-            self.wait(ec2, "running", ids)
-            instances = self.describe(ec2, ids)
-            type(self).on_step("running")
-            # as preflight decided: the controller already listens accordingly
-            tunnel = self._tunnel if self._tunnel is not None else self.use_tunnel(subnets)
-            targets = []
-            for instance in instances:
-                node = self.node_of(instance, ami, market_of={n.instance_id: n for n in nodes})
-                host = self.host_of(instance, key_file, tunnel)
-                # the address its host key gets recorded for: `cluster ssh` and stop must use the same one
-                node.ssh_host, node.ssh_port = host.address, host.port
-                self.store.record_node(cluster.id, node)
-                targets.append(Target(node, host))
-            # a fresh GPU instance takes a minute or three before its sshd answers
-            return self.engines(key_file).start(cluster, targets, tunnel=tunnel,
-                                                timeout=max(300, self.config.cluster.engine_timeout))
+            return self._bring_up(cluster, ec2, ami, subnets, key_name, key_file, group, slaves, required,
+                                  launched_ids, batch="")
         except BaseException as error:
             log.warning("aws start failed (%s); releasing everything of cluster %s", error, self.cluster_name)
             left = self.release(ec2, self.cluster_name, instance_ids=launched_ids).left
             if left:
                 log.error("%s", self.left_message(left))
             raise
+
+    def _bring_up(self, cluster: ClusterRecord, ec2, ami: str, subnets: list[dict], key_name: str, key_file: str,
+                  group: str, count: int, required: int, launched_ids: list[str], batch: str) -> list[NodeRecord]:
+        """Launch ``count`` instances (the fallback over types, zones and markets), wait for them, bootstrap
+        their engines: the one path of ``start`` and ``add``. Launched ids go to ``launched_ids`` at once."""
+        launched = self.launch(ec2, ami, subnets, key_name, group, count, required, launched_ids)
+        nodes = [self.node_of(i, ami) for i in launched]
+        for node in nodes:  # recorded at once: a crash from here on still finds them
+            self.store.record_node(cluster.id, node)
+        type(self).on_step("fleet")
+        ids = [i["InstanceId"] for i in launched]
+        self.wait(ec2, "running", ids)
+        instances = self.describe(ec2, ids)
+        type(self).on_step("running")
+        # as preflight decided: the controller already listens accordingly
+        tunnel = self._tunnel if self._tunnel is not None else self.use_tunnel(subnets)
+        targets = []
+        for instance in instances:
+            node = self.node_of(instance, ami, market_of={n.instance_id: n for n in nodes})
+            host = self.host_of(instance, key_file, tunnel)
+            # the address its host key gets recorded for: `cluster ssh` and stop must use the same one
+            node.ssh_host, node.ssh_port = host.address, host.port
+            self.store.record_node(cluster.id, node)
+            targets.append(Target(node, host))
+        # a fresh GPU instance takes a minute or three before its sshd answers
+        return self.engines(key_file).start(cluster, targets, tunnel=tunnel,
+                                            timeout=max(300, self.config.cluster.engine_timeout), batch=batch)
+
+    def add(self, cluster: ClusterRecord, ipp_cluster, count: int) -> list[NodeRecord]:
+        """``count`` more instances with the cluster's key pair and security group, the same fallback over
+        instance types, zones and markets as ``start``; on failure only the new instances are terminated."""
+        cfg = self.config.aws
+        ec2 = self.ec2()
+        folder = self.folder()
+        if cfg.key_name:
+            key_name, key_file = cfg.key_name, str(Path(cfg.key_file).expanduser())
+        else:
+            pem = next(iter(sorted(folder.glob(f"{TOOL}-*.pem"))), None)
+            if pem is None:
+                raise ClusterStateError(f"cluster {self.cluster_name!r} has no key pair under {folder}: it was not "
+                                        f"started from this state_dir; `cluster stop`, then `cluster start`")
+            key_name, key_file = pem.stem, str(pem)
+        group_file = folder / "security_group"
+        group = cfg.security_group or (group_file.read_text().strip() if group_file.exists() else "")
+        if not group:
+            raise ClusterStateError(f"cluster {self.cluster_name!r} has no security group recorded in {group_file}")
+        images = [n.image for n in self.store.nodes(cluster.id) if n.image]
+        ami = images[0] if images and cfg.ami == "auto" else self.ami(ec2)
+        subnets = self.subnets(ec2)
+        launched_ids: list[str] = []
+        try:
+            return self._bring_up(cluster, ec2, ami, subnets, key_name, key_file, group, count, count,
+                                  launched_ids, batch=f"add-{int(time.time() * 1000)}")
+        except BaseException as error:
+            log.warning("adding %d instance(s) failed (%s); terminating the new ones: %s", count, error,
+                        ", ".join(launched_ids) or "none")
+            self._terminate_nodes(cluster, ec2, launched_ids)
+            raise
+
+    def remove(self, cluster: ClusterRecord, ipp_cluster, nodes: list[NodeRecord]) -> None:
+        """Stop these nodes' engines (politely, best effort) and terminate their instances."""
+        key_file = str(next(iter(self.folder().glob("*.pem")), "")) or self.config.aws.key_file
+        hosts = {n.node_id: rm.Host(n.ssh_host, n.ssh_port or 22, self.config.aws.ssh_user, key_file)
+                 for n in nodes if n.ssh_host and n.state == "running"}
+        self.engines().stop_hosts(cluster.id, hosts, quiet=True)
+        self._terminate_nodes(cluster, self.ec2(), [n.instance_id for n in nodes if n.instance_id])
+
+    def _terminate_nodes(self, cluster: ClusterRecord, ec2, ids: list[str]) -> None:
+        """Terminate ``ids``, wait, record them; raise naming any instance still billed."""
+        if not ids:
+            return
+        result = self.terminate_and_check(ec2, ids)
+        now = time.time()
+        for instance_id in result.released:
+            self.store.update_node(cluster.id, instance_id, state="terminated", terminated_at=now)
+        if result.left:
+            raise ProviderError(self.left_message(result.left))
+
+    def terminate_and_check(self, ec2, ids: list[str]) -> Release:
+        """Terminate ``ids``, wait for it, then check each: what ended, and what is still billed and why."""
+        result = Release()
+        refused = self.terminate(ec2, ids)
+        accepted = [i for i in ids if i not in refused]
+        if accepted:
+            try:
+                self.wait(ec2, "terminated", accepted)
+            except ProviderError as error:  # checked below, instance by instance
+                log.warning("%s", error)
+        states = {i["InstanceId"]: i.get("State", {}).get("Name", "") for i in self.describe_ids(ec2, ids)}
+        for instance_id in ids:
+            state = states.get(instance_id, "terminated")  # not found any more: gone
+            if state in ENDED_STATES:
+                result.released.append(instance_id)
+            else:
+                result.left[instance_id] = f"{state}: {refused[instance_id]}" if instance_id in refused else state
+        return result
 
     def ami(self, ec2) -> str:
         cfg = self.config.aws
@@ -653,22 +729,7 @@ class AwsProvider(Provider):
             self.engines().stop(cluster_id, hosts, quiet=True)
         else:
             self.engines().stop_tunnels()
-        ids = [i["InstanceId"] for i in instances]
-        result = Release()
-        refused = self.terminate(ec2, ids)
-        accepted = [i for i in ids if i not in refused]
-        if accepted:
-            try:
-                self.wait(ec2, "terminated", accepted)
-            except ProviderError as error:  # checked below, instance by instance
-                log.warning("%s", error)
-        states = {i["InstanceId"]: i.get("State", {}).get("Name", "") for i in self.describe_ids(ec2, ids)}
-        for instance_id in ids:
-            state = states.get(instance_id, "terminated")  # not found any more: gone
-            if state in ENDED_STATES:
-                result.released.append(instance_id)
-            else:
-                result.left[instance_id] = f"{state}: {refused[instance_id]}" if instance_id in refused else state
+        result = self.terminate_and_check(ec2, [i["InstanceId"] for i in instances])
         if result.left:  # their group and key must stay: deleting them fails, or locks the owner out
             return result
         filters = self.tag_filter(name, everything, any_owner)

@@ -68,6 +68,15 @@ class Provider(abc.ABC):
         """
 
     @abc.abstractmethod
+    def add(self, cluster: "ClusterRecord", ipp_cluster: "ipp.Cluster", count: int) -> list["NodeRecord"]:
+        """Bring up ``count`` more slaves of a running cluster and start their engines (``start`` is this on an
+        empty cluster); return the new nodes (also stored). If it raises, what it created is released."""
+
+    @abc.abstractmethod
+    def remove(self, cluster: "ClusterRecord", ipp_cluster: Optional["ipp.Cluster"], nodes: list["NodeRecord"]) -> None:
+        """Stop the engines of these nodes and release them (the caller drained them first); the others go on."""
+
+    @abc.abstractmethod
     def stop(self, cluster: "ClusterRecord", ipp_cluster: Optional["ipp.Cluster"]) -> None:
         """Stop the engines and release every node; safe twice, and with ``ipp_cluster`` lost."""
 

@@ -1,7 +1,15 @@
-"""Slaves as processes on the master: ipyparallel's own local engine launcher."""
+"""Slaves as processes on the master: ipyparallel's own local engine launcher.
+
+Every slave is one engine set of ipyparallel's cluster, named by its node id (local-1, local-2, ...), so
+``cluster remove local-2`` stops exactly that set and the cluster file records which sets run.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
+import signal
 import socket
 import time
 from pathlib import Path
@@ -9,24 +17,64 @@ from typing import Optional
 
 import ipyparallel as ipp
 
-from .. import processes
+from .. import ipcluster, processes
 from ..store import ClusterRecord, NodeRecord
 from .base import Provider
 
 log = logging.getLogger(__name__)
+
+NODE_ID = re.compile(r"^local-(\d+)$")
 
 
 class LocalProvider(Provider):
     name = "local"
 
     def start(self, cluster: ClusterRecord, ipp_cluster: ipp.Cluster, slaves: int) -> list[NodeRecord]:
-        ipp_cluster.start_engines_sync(n=slaves)
-        node = NodeRecord(
-            node_id="local", provider=self.name, host=socket.gethostname(), state="running",
-            market="local", price_per_hour=self.config.cluster.price_per_hour, engines=slaves,
-            launched_at=time.time())
-        self.store.record_node(cluster.id, node)
-        return [node]
+        return self.add(cluster, ipp_cluster, slaves)
+
+    def add(self, cluster: ClusterRecord, ipp_cluster: ipp.Cluster, count: int) -> list[NodeRecord]:
+        # never reuse a node id: a removed node's rows (and events naming it) stay in the store
+        used = [int(m.group(1)) for n in self.store.nodes(cluster.id) for m in [NODE_ID.match(n.node_id)] if m]
+        first = max(used, default=0) + 1
+        environment = {**ipcluster.engine_environment(cluster.threads_per_engine),
+                       **processes.process_marker(Path(cluster.profile_dir), cluster.ipp_cluster_id)}
+        price = self.config.cluster.price_per_hour / max(1, cluster.target or cluster.slaves)
+        nodes = []
+        try:
+            for number in range(first, first + count):
+                node = NodeRecord(node_id=f"local-{number}", provider=self.name, host=socket.gethostname(),
+                                  state="starting", market="local", price_per_hour=price, engines=1,
+                                  launched_at=time.time())
+                self.store.record_node(cluster.id, node)
+                nodes.append(node)
+                ipp_cluster.start_engines_sync(n=1, engine_set_id=node.node_id, environment=environment)
+                node.state = "running"
+                self.store.record_node(cluster.id, node)
+        except BaseException:
+            self.remove(cluster, ipp_cluster, nodes)
+            raise
+        return nodes
+
+    def remove(self, cluster: ClusterRecord, ipp_cluster: Optional[ipp.Cluster], nodes: list[NodeRecord]) -> None:
+        profile = Path(cluster.profile_dir)
+        # every set told at once: an engine takes seconds to shut down, and the sets are stopped one by one
+        ids = {n.node_id for n in nodes}
+        for pid, set_id in ipcluster.engine_set_pids(ipp_cluster).items():
+            if set_id in ids and processes.is_marked(pid, profile, cluster.ipp_cluster_id):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        for node in nodes:
+            if ipp_cluster is not None and node.node_id in ipp_cluster.engines:
+                try:
+                    ipp_cluster.stop_engines_sync(node.node_id)
+                except Exception:  # a crashed launcher must not keep the node's processes alive
+                    log.warning("ipyparallel could not stop engine set %s cleanly", node.node_id, exc_info=True)
+            # whatever the launcher missed: this node's engines by their recorded pids, if still ours
+            for engine in self.store.engines(cluster.id):
+                if engine.node_id == node.node_id and processes.is_marked(engine.pid, profile, cluster.ipp_cluster_id):
+                    processes.kill_process_group(engine.pid)
+            node.state, node.terminated_at = "stopped", time.time()
+            self.store.update_node(cluster.id, node.node_id, state=node.state, terminated_at=node.terminated_at)
 
     def stop(self, cluster: ClusterRecord, ipp_cluster: Optional[ipp.Cluster]) -> None:
         if ipp_cluster is not None and ipp_cluster.engines:
@@ -37,8 +85,9 @@ class LocalProvider(Provider):
         # whatever the launchers missed (a lost cluster file): the cluster's marked processes
         processes.kill_cluster_processes(Path(cluster.profile_dir), cluster.ipp_cluster_id)
         for node in self.store.nodes(cluster.id):
-            node.state, node.terminated_at = "stopped", time.time()
-            self.store.record_node(cluster.id, node)
+            if node.state != "stopped":
+                node.state, node.terminated_at = "stopped", time.time()
+                self.store.record_node(cluster.id, node)
 
     def list(self, cluster: ClusterRecord) -> list[NodeRecord]:
         return self.store.nodes(cluster.id)

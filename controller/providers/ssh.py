@@ -121,8 +121,12 @@ class RemoteEngines:
         self.on_step = on_step
 
     # start ------------------------------------------------------------------------
-    def start(self, cluster: ClusterRecord, targets: list[Target], tunnel: bool, timeout: float = 300) -> list[NodeRecord]:
-        """Bootstrap every target in parallel; on any failure (Ctrl-C too) stop what was started, re-raise."""
+    def start(self, cluster: ClusterRecord, targets: list[Target], tunnel: bool, timeout: float = 300,
+              batch: str = "") -> list[NodeRecord]:
+        """Bootstrap every target in parallel; on any failure (Ctrl-C too) stop what was started, re-raise.
+
+        ``batch``: slaves added to a running cluster (``cluster scale``) get tunnels of their own, held
+        by a process of their own under ``tunnel_dir/batch``; the first batch's stay as they are."""
         if not targets:
             raise ProviderError("no slaves to bootstrap")
         connection = self._connection(cluster, timeout)
@@ -141,7 +145,8 @@ class RemoteEngines:
             self.on_step("ssh")
             try:
                 if tunnel:
-                    self._open_tunnels(targets, connection, cluster.ipp_cluster_id)
+                    self._open_tunnels(targets, connection, cluster.ipp_cluster_id,
+                                       self.tunnel_dir / batch if batch else self.tunnel_dir)
                     self.on_step("tunnels")
                 for target in targets:  # recorded before engines start (the store is used from this thread only)
                     target.node.state = "bootstrapping"
@@ -161,7 +166,10 @@ class RemoteEngines:
             # the workers' sockets are closed: they end at once, and engines a bootstrap started
             # just before are in its pid files, which the stop below reads
             pool.shutdown(wait=True, cancel_futures=True)
-            self.stop(cluster.id, [t.host for t in targets], quiet=True)
+            if batch:  # the cluster's other slaves go on
+                self.stop_hosts(cluster.id, {t.node.node_id: t.host for t in targets}, quiet=True)
+            else:
+                self.stop(cluster.id, [t.host for t in targets], quiet=True)
             raise
         finally:
             pool.shutdown(wait=True)
@@ -200,18 +208,42 @@ class RemoteEngines:
         self.store.record_node(cluster.id, node)
         return node
 
-    def _open_tunnels(self, targets: list[Target], connection: dict, cluster_id: str) -> None:
+    def _open_tunnels(self, targets: list[Target], connection: dict, cluster_id: str, folder: Path) -> None:
         from dataclasses import asdict
 
         spec = tunnels.TunnelSpec(hosts=[asdict(t.host) for t in targets], known_hosts=str(self.known_hosts),
                                   ports=rm.engine_ports(connection))
-        pid = tunnels.spawn(spec, self.tunnel_dir, profile=ipcluster.profile_dir(self.state_dir), cluster_id=cluster_id)
-        (self.tunnel_dir / "tunnels.pid").write_text(str(pid))
+        pid = tunnels.spawn(spec, folder, profile=ipcluster.profile_dir(self.state_dir), cluster_id=cluster_id)
+        (folder / "tunnels.pid").write_text(str(pid))
         log.info("SSH reverse tunnels up (pid %s) for %d slave(s)", pid, len(targets))
 
     # stop -------------------------------------------------------------------------
     def stop(self, cluster_id: Optional[int], hosts: list[rm.Host], quiet: bool = False) -> list[str]:
         """Stop the engines of this cluster on every host, then the tunnels. Returns the problems met."""
+        problems = self._stop_engines(cluster_id, hosts, quiet)
+        self.stop_tunnels()
+        if cluster_id is not None:
+            self.store.execute("DELETE FROM remote_engines WHERE cluster_id = ?", (cluster_id,))
+        return problems
+
+    def stop_hosts(self, cluster_id: int, hosts: dict[str, rm.Host], quiet: bool = False) -> list[str]:
+        """Stop the engines on these nodes (node id -> host) only, and the tunnels that served them alone."""
+        problems = self._stop_engines(cluster_id, list(hosts.values()), quiet)
+        for node_id in hosts:
+            self.store.execute("DELETE FROM remote_engines WHERE cluster_id = ? AND node_id = ?", (cluster_id, node_id))
+        gone = {(h.address, h.port) for h in hosts.values()}
+        for pid_file in self.tunnel_dir.glob("*/tunnels.pid"):  # the holders of added batches
+            try:
+                spec = tunnels.TunnelSpec.load(pid_file.parent / "tunnels.json")
+            except (OSError, ValueError, TypeError):
+                continue
+            if all((h["address"], h["port"]) in gone for h in spec.hosts):
+                (pid_file.parent / "tunnels.ready").unlink(missing_ok=True)
+                tunnels.kill(int(pid_file.read_text() or 0))
+                pid_file.unlink(missing_ok=True)
+        return problems
+
+    def _stop_engines(self, cluster_id: Optional[int], hosts: list[rm.Host], quiet: bool) -> list[str]:
         problems = []
         known: dict[str, list[int]] = {}
         if cluster_id is not None:
@@ -236,17 +268,16 @@ class RemoteEngines:
                     except Exception as error:  # one unreachable slave must not stop the clean-up of the others
                         problems.append(f"{host}: {error}")
                         (log.info if quiet else log.warning)("could not stop the engines on %s: %s", host, error)
-        self.stop_tunnels()
-        if cluster_id is not None:
-            self.store.execute("DELETE FROM remote_engines WHERE cluster_id = ?", (cluster_id,))
         return problems
 
     def stop_tunnels(self) -> None:
-        pid_file = self.tunnel_dir / "tunnels.pid"
-        (self.tunnel_dir / "tunnels.ready").unlink(missing_ok=True)  # the holder exits on its own too
-        if pid_file.exists():
-            tunnels.kill(int(pid_file.read_text() or 0))
-            pid_file.unlink(missing_ok=True)
+        """Every tunnel holder of the cluster: the first batch's and those of slaves added later."""
+        for folder in [self.tunnel_dir, *(p.parent for p in self.tunnel_dir.glob("*/tunnels.pid"))]:
+            pid_file = folder / "tunnels.pid"
+            (folder / "tunnels.ready").unlink(missing_ok=True)  # the holder exits on its own too
+            if pid_file.exists():
+                tunnels.kill(int(pid_file.read_text() or 0))
+                pid_file.unlink(missing_ok=True)
 
     def _key_recorded(self, host: rm.Host) -> bool:
         import paramiko
@@ -311,18 +342,46 @@ class SshProvider(Provider):
         if hosts[0].key_file:
             rm._load_key(hosts[0].key_file)  # a missing or unreadable key: say so now
         if self.config.ssh.tunnel != "always":
-            self._engine_ip = engine_address([source_address(h.address, h.port) for h in hosts[:slaves]])
+            # every configured host, not only the first ``slaves``: `cluster scale` may add any of them later
+            self._engine_ip = engine_address([source_address(h.address, h.port) for h in hosts])
 
     def start(self, cluster: ClusterRecord, ipp_cluster, slaves: int) -> list[NodeRecord]:
         self.preflight(slaves)
-        hosts = self.hosts()[:slaves]
-        price = self.config.cluster.price_per_hour / len(hosts)
+        return self._bring_up(cluster, self.hosts()[:slaves], batch="")
+
+    def add(self, cluster: ClusterRecord, ipp_cluster, count: int) -> list[NodeRecord]:
+        """The next ``count`` hosts of ``[ssh] hosts`` that no running node of the cluster uses."""
+        in_use = {n.node_id for n in self.store.nodes(cluster.id) if n.state not in ("stopped", "lost")}
+        free = [h for h in self.hosts() if str(h) not in in_use]
+        if len(free) < count:
+            raise ProviderError(
+                f"no unused host left in [ssh] hosts for {count} more slave(s): {len(free)} free of "
+                f"{len(self.hosts())} ({', '.join(sorted(in_use)) or 'none'} in use); add hosts to "
+                f"[ssh] hosts in {self.config.source}")
+        batch = f"add-{int(time.time() * 1000)}"
+        return self._bring_up(cluster, free[:count], batch=batch)
+
+    def _bring_up(self, cluster: ClusterRecord, hosts: list[rm.Host], batch: str) -> list[NodeRecord]:
+        """Bootstrap engines on ``hosts`` (the one path of ``start`` and ``add``)."""
+        price = self.config.cluster.price_per_hour / max(len(self.hosts()) if batch else len(hosts), 1)
         now = time.time()
         targets = [Target(NodeRecord(node_id=str(h), provider=self.name, host=h.address, state="starting",
                                      market="owned", price_per_hour=price, public_ip=h.address, launched_at=now), h)
                    for h in hosts]
         return self.engines().start(cluster, targets, tunnel=self.config.ssh.tunnel == "always",
-                                    timeout=self.config.cluster.engine_timeout)
+                                    timeout=self.config.cluster.engine_timeout, batch=batch)
+
+    def remove(self, cluster: ClusterRecord, ipp_cluster, nodes: list[NodeRecord]) -> None:
+        hosts = {n.node_id: rm.Host.parse(n.node_id, self.config.ssh.user, self.config.ssh.key_file) for n in nodes}
+        problems = self.engines().stop_hosts(cluster.id, hosts)
+        failed = {problem.split(": ", 1)[0] for problem in problems}
+        now = time.time()
+        for node in nodes:
+            if node.node_id not in failed:
+                self.store.update_node(cluster.id, node.node_id, state="stopped", terminated_at=now)
+        if problems:
+            raise ProviderError("could not stop the engines on " + "; ".join(problems)
+                                + ". Stop them there (`cluster ssh NODE`) or run `cluster remove` again")
 
     def stop(self, cluster: ClusterRecord, ipp_cluster) -> None:
         stored = {n.node_id for n in self.store.nodes(cluster.id)}

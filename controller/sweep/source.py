@@ -127,6 +127,10 @@ class SweepSource:
     def exhausted(self) -> bool:
         return not self.pending and self.asked >= self.n_trials
 
+    def jobs_left(self) -> int:
+        """Trials not started yet (resumed ones waiting, and those not asked for): the demand beyond the running."""
+        return len(self.pending) + max(0, self.n_trials - self.asked)
+
     # -----------------------------------------------------------------------------
     def finish(self, job: Job, state: TrialState, run: Optional[RunRecord], error: Optional[str] = None) -> None:
         trial: optuna.Trial = job.tag

@@ -1,0 +1,251 @@
+"""Adding and draining slaves of a running cluster (``cluster scale``, ``cluster remove``, the keeper).
+
+Adding: the provider brings up nodes (``Provider.add``); their engines register, are recorded through the
+one path every engine takes (which installs the drain handler) and load the data set. A scheduler already
+running sends them work at once: its view names no targets unless some engine is leaving.
+
+Draining: the nodes' engines are marked ``leaving = drain`` in the store (every scheduler stops sending
+them work within about a second) and sent SIGUSR1 (their running task stops at its next batch boundary
+with a checkpoint, which the scheduler sends on to another engine); once every one is idle, the provider
+stops them and releases the nodes.  One resize at a time per cluster: a lock file under state_dir.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterator, Optional, Protocol
+
+from .. import ipcluster
+from ..errors import ClusterStateError, ProviderError
+from ..providers import Provider
+from ..scheduler import ROSTER_CHECK_S
+from ..store import ClusterRecord, NodeRecord, Store
+
+log = logging.getLogger(__name__)
+
+# a node in one of these states serves the cluster (or soon will); the others are gone or going
+LIVE_NODE_STATES = ("starting", "bootstrapping", "running", "pending")
+PENDING_NODE_STATES = ("starting", "bootstrapping", "pending")
+LOCK_WAIT_S = 900.0
+
+
+class ResizeHost(Protocol):
+    """What resizing needs of the cluster (controller.api.Cluster provides it)."""
+
+    store: Store
+
+    @property
+    def config(self): ...
+
+    @property
+    def record(self) -> ClusterRecord: ...
+
+    @property
+    def client(self): ...
+
+    def provider(self, name: Optional[str] = None) -> Provider: ...
+
+    def _record_engines(self, record: ClusterRecord, client, threads: int, nodes: list[NodeRecord],
+                        engine_ids: Optional[list[int]] = None, ipp_cluster=None) -> None: ...
+
+    def _warm_engines(self, client, targets: Optional[list[int]] = None) -> None: ...
+
+
+def lock_path(state_dir: Path, cluster_id: int) -> Path:
+    return Path(state_dir) / f"resize-{cluster_id}.lock"
+
+
+@contextlib.contextmanager
+def resize_lock(state_dir: Path, cluster_id: int, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold the cluster's resize lock (an flock: released by the kernel when its holder dies, kill -9 too).
+
+    ``wait_s`` 0: raise at once when another resize holds it."""
+    path = lock_path(state_dir, cluster_id)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + wait_s
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                if time.monotonic() >= deadline:
+                    raise ClusterStateError(
+                        f"another resize of this cluster is running (pid {holder}, lock {path}); "
+                        f"try again when it ends") from None
+                if not told:
+                    log.info("waiting for another resize of this cluster (pid %s) to end", holder)
+                    told = True
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def live_nodes(store: Store, cluster_id: int) -> list[NodeRecord]:
+    return [n for n in store.nodes(cluster_id) if n.state in LIVE_NODE_STATES]
+
+
+class Resizer:
+    """Adds and drains nodes of the running cluster of ``host``; callers hold ``resize_lock``."""
+
+    def __init__(self, host: ResizeHost, poll_s: float = 0.2):
+        self.host = host
+        self.store = host.store
+        self.poll_s = poll_s
+
+    # adding -----------------------------------------------------------------------
+    def add(self, count: int, why: str, replaces: str = "") -> list[NodeRecord]:
+        """``count`` more nodes; returns once their engines registered, were recorded and warmed."""
+        record = self.host.record
+        provider = self.host.provider(record.provider)
+        ipp_cluster = self._ipp_cluster(record)
+        client = self.host.client
+        known = set(client.ids) | {e.engine_id for e in self.store.engines(record.id)}
+        self.store.add_event(record.id, "add", f"adding {count} slave(s): {why}")
+        log.info("adding %d slave(s): %s", count, why)
+        nodes = provider.add(record, ipp_cluster, count)
+        for node in nodes:
+            self.store.update_node(record.id, node.node_id, note=why)
+        expected = provider.expected_engines(nodes)
+        timeout = self.host.config.cluster.engine_timeout
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                new = sorted(set(client.ids) - known)
+                if len(new) >= expected:
+                    break
+                if time.monotonic() > deadline:
+                    raise ProviderError(
+                        f"only {len(new)} of {expected} engines of the new slave(s) "
+                        f"{', '.join(n.node_id for n in nodes)} registered within {timeout} s; their logs are in "
+                        f"{Path(record.profile_dir) / 'log'} (raise [cluster] engine_timeout if slaves are slow)")
+                time.sleep(self.poll_s)
+            self.host._record_engines(record, client, record.threads_per_engine, nodes, engine_ids=new,
+                                      ipp_cluster=ipp_cluster)
+            ipcluster.secure_files(Path(record.profile_dir))
+        except BaseException as error:
+            log.warning("the new slaves did not join (%s); releasing them", error)
+            self._release(record, provider, ipp_cluster, nodes, f"failed to join: {error}")
+            raise
+        self.host._warm_engines(client, targets=new)
+        self.store.add_event(record.id, "add", f"{', '.join(n.node_id for n in nodes)} joined with engine(s) "
+                             f"{', '.join(map(str, new))}" + (f" (replacing {replaces})" if replaces else ""))
+        return nodes
+
+    # draining and releasing ----------------------------------------------------------
+    def remove(self, nodes: list[NodeRecord], why: str, drain: bool = True) -> None:
+        """Drain ``nodes`` (unless ``drain`` is False: they are lost already), then release them."""
+        if not nodes:
+            return
+        record = self.host.record
+        provider = self.host.provider(record.provider)
+        ipp_cluster = self._ipp_cluster(record, required=False)
+        names = ", ".join(n.node_id for n in nodes)
+        self.store.add_event(record.id, "remove", f"{'draining' if drain else 'releasing'} {names}: {why}")
+        log.info("%s %s: %s", "draining" if drain else "releasing", names, why)
+        if drain:
+            self._drain(record, nodes)
+        self._release(record, provider, ipp_cluster, nodes, why)
+        self.store.add_event(record.id, "remove", f"released {names}")
+
+    def _drain(self, record: ClusterRecord, nodes: list[NodeRecord]) -> None:
+        ids = {n.node_id for n in nodes}
+        engines = [e for e in self.store.engines(record.id) if e.node_id in ids]
+        leaving = self.store.leaving_engines(record.id)
+        for engine in engines:
+            if engine.engine_id not in leaving:  # a notice or loss already recorded keeps its reason
+                self.store.mark_engine_leaving(record.id, engine.engine_id, "drain")
+        for node in nodes:
+            self.store.update_node(record.id, node.node_id, state="draining")
+        marked = time.monotonic()
+        client = self.host.client
+        live = [e.engine_id for e in engines if e.engine_id in client.ids]
+        if live:
+            # every one, idle too: the stop request is sticky, so a task the hub hands it before the
+            # schedulers re-read the marks comes straight back with its checkpoint
+            try:
+                client.send_signal("SIGUSR1", targets=live, block=True)
+            except Exception as error:  # noqa: BLE001 - an engine that died meanwhile: nothing to drain there
+                log.info("SIGUSR1 to engines %s: %s", live, error)
+        timeout = self.host.config.cluster.drain_timeout
+        deadline = marked + timeout
+        try:
+            while True:
+                busy = self._busy(client, live)
+                # every scheduler re-reads the marks within ROSTER_CHECK_S: after that, idle stays idle
+                if not busy and time.monotonic() - marked >= 2 * ROSTER_CHECK_S:
+                    return
+                if time.monotonic() > deadline:
+                    raise ClusterStateError(
+                        f"engine(s) {', '.join(map(str, busy))} of {', '.join(sorted(ids))} still busy after "
+                        f"[cluster] drain_timeout = {timeout} s; the drain is called off and they go on. Run the "
+                        f"command again later, or raise drain_timeout")
+                time.sleep(self.poll_s)
+        except BaseException:  # a timeout, Ctrl-C: the nodes serve again rather than hang half-drained
+            self._call_off(record, nodes, client, live)
+            raise
+
+    def _call_off(self, record: ClusterRecord, nodes: list[NodeRecord], client, live: list[int]) -> None:
+        from engines.stopping import clear
+
+        ids = {n.node_id for n in nodes}
+        leaving = self.store.leaving_engines(record.id)
+        for engine in self.store.engines(record.id):
+            if engine.node_id in ids and leaving.get(engine.engine_id) == "drain":
+                self.store.mark_engine_leaving(record.id, engine.engine_id, "")
+        for node in nodes:
+            self.store.update_node(record.id, node.node_id, state="running")
+        if live:
+            try:  # queued behind a running task, which stops at its boundary and goes on elsewhere
+                client[live].apply_async(clear, "drain")
+            except Exception as error:  # noqa: BLE001 - an engine gone meanwhile: nothing to call off there
+                log.info("could not call the drain off on engines %s: %s", live, error)
+        self.store.add_event(record.id, "remove", f"drain of {', '.join(sorted(ids))} called off")
+
+    @staticmethod
+    def _busy(client, engine_ids: list[int]) -> list[int]:
+        registered = set(client.ids)
+        queues = client.queue_status()
+        return [e for e in engine_ids if e in registered
+                and (queues.get(e, {}).get("tasks", 0) or queues.get(e, {}).get("queue", 0))]
+
+    def _release(self, record: ClusterRecord, provider: Provider, ipp_cluster, nodes: list[NodeRecord],
+                 why: str) -> None:
+        ids = {n.node_id for n in nodes}
+        for engine in self.store.engines(record.id):
+            if engine.node_id in ids and not engine.leaving:
+                self.store.mark_engine_leaving(record.id, engine.engine_id, "drain")
+        try:
+            provider.remove(record, ipp_cluster, nodes)
+        finally:
+            for node in nodes:
+                self.store.update_node(record.id, node.node_id, note=why)
+            if ipp_cluster is not None:
+                ipcluster.secure_files(Path(record.profile_dir))
+
+    @staticmethod
+    def _ipp_cluster(record: ClusterRecord, required: bool = True):
+        ipp_cluster = ipcluster.load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
+        if ipp_cluster is None and required:
+            raise ClusterStateError(f"the ipyparallel cluster file of cluster {record.ipp_cluster_id} is gone; "
+                                    f"run `cluster stop`, then `cluster start`")
+        return ipp_cluster
+
+
+def choose_to_remove(nodes: list[NodeRecord], count: int, busy_nodes: set[str]) -> list[NodeRecord]:
+    """``count`` nodes to turn off: idle ones first, the newest first within each (older ones have warm caches)."""
+    ordered = sorted(nodes, key=lambda n: (n.node_id in busy_nodes, -(n.launched_at or 0), n.node_id))
+    return ordered[:count]
