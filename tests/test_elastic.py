@@ -139,6 +139,7 @@ def test_one_resize_at_a_time_and_a_killed_holder_frees_the_lock(tmp_path):
 import sys, time
 sys.path.insert(0, {str(REPO)!r})
 from controller.elastic.resize import resize_lock
+from controller.task_result import TaskResult
 with resize_lock(__import__("pathlib").Path({str(tmp_path)!r}), 7):
     print("held", flush=True)
     time.sleep(120)
@@ -197,7 +198,7 @@ class OneJob:
 
     def __init__(self, job: Job):
         self.job, self.given = job, False
-        self.results: list[tuple[Optional[int], dict]] = []
+        self.results: list[tuple[Optional[int], TaskResult]] = []
         self.error: Optional[str] = None
 
     def next_job(self) -> Optional[Job]:
@@ -206,7 +207,7 @@ class OneJob:
         self.given = True
         return self.job
 
-    def on_result(self, job: Job, result: dict, engine_id: Optional[int]) -> bool:
+    def on_result(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> bool:
         self.results.append((engine_id, result))
         return True
 
@@ -282,13 +283,13 @@ def test_scale_up_during_a_sweep_then_down_mid_task(tmp_path, tiny_data_dir):
         assert not thread.is_alive() and "error" not in outcome and source.error is None, outcome
 
         (first_engine, first), *rest = source.results
-        assert first_engine == busy.engine_id and first["stopped"] == "drain"
-        assert json.loads(first["checkpoint"])["step"] == 3
+        assert first_engine == busy.engine_id and first.stopped == "drain"
+        assert json.loads(first.checkpoint)["step"] == 3
         assert busy.engine_id not in {engine for engine, _ in rest}
-        ran = json.loads(rest[-1][1]["checkpoint"])["ran"]
+        ran = json.loads(rest[-1][1].checkpoint)["ran"]
         assert len(ran) == 2 * 10  # every step once: nothing lost or redone beyond the drain checkpoint
         assert ran[:3] == [pid] * 3 and pid not in ran[3:]
-        assert rest[-1][1]["completed_epochs"] == 2
+        assert rest[-1][1].completed_epochs == 2
 
         # the store and status say what happened
         nodes = {n.node_id: n.state for n in status.nodes}
