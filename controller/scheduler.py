@@ -208,13 +208,17 @@ class Scheduler:
         self._result_bytes_since_collection = 0
 
     def usable_engines(self) -> list[int]:
-        base = self.targets if self.targets else self.client.ids
+        """Registered engines that may get a task: the chosen targets (all when none), less the leaving."""
+        registered = self.client.ids
+        base = [engine for engine in self.targets if engine in registered] if self.targets else registered
         return [engine for engine in base if engine not in self._excluded]
 
     def capacity(self) -> int:
         usable = len(self.usable_engines())
-        if not usable and self._excluded & set(self.client.ids):
-            return 0  # every engine is leaving: hold the work until one joins (the watchdog gives up later)
+        if not usable and (self.targets or self._excluded & set(self.client.ids)):
+            # every engine is leaving, or every chosen one is gone: hold the work until one joins
+            # (the watchdog gives up after engine_timeout)
+            return 0
         return max(1, usable) + self.prefetch
 
     def exclude(self, engine_id: int, reason: str) -> None:
@@ -239,11 +243,15 @@ class Scheduler:
         """Point the load-balanced view at the usable engines; with nothing excluded and no chosen targets it
         names none, so that engines joining later (``cluster scale``) get tasks at once."""
         wanted = None if not self._excluded and not self.targets else sorted(self.usable_engines())
+        if wanted == [] and not self.targets:
+            wanted = None  # the leaving engines are all gone too: any engine that joins may take the work
         if wanted != self._view_targets and (wanted is None or wanted):
             self._view_targets = wanted
             self.view = self.client.load_balanced_view(wanted)
 
     def submit(self, job: Job) -> _InFlight:
+        if self._view_targets is not None and not set(self._view_targets) <= set(self.client.ids):
+            self._retarget()  # an engine the view names died since: ipyparallel refuses to address it
         view, checkpoint = self.view, job.checkpoint
         if job.held_on is not None:  # only that engine has the newest checkpoint: the task goes there
             view = self.client.load_balanced_view([job.held_on])

@@ -279,6 +279,18 @@ class TestEnginesThatAreLeaving:
                 ListSource([job("r-1", 1)]))
         assert client.submitted == []
 
+    def test_an_engine_the_view_names_that_dies_is_dropped_from_the_view_before_the_next_task(self):
+        def answer(spec, ckpt, n, targets):
+            assert targets is None or set(targets) <= set(client.ids), "a task sent to a view naming a dead engine"
+            if len(client.submitted) == 1:
+                client.ids.remove(2)  # killed while running the first task
+            return (min(targets) if targets else 1), epoch_result(ckpt)
+
+        client = FakeClient(answer, ids=(0, 1, 2))
+        source = ListSource([job("r-1", 1), job("r-2", 1)])
+        Scheduler(client, poll_s=0, roster=FakeRoster(leaving=[0])).run(source)
+        assert client.views[2:] == [[1, 2], [1]] and len(source.results) == 2
+
 
 class TestCheckpointsKeptOnEngines:
     """checkpoint_minutes: an engine keeps the newest checkpoint; the master sends the run's next task there."""
