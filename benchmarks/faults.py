@@ -74,6 +74,7 @@ class Journal:
     last_progress: dict = field(default_factory=dict)  # run id -> (monotonic, update)
     faults: list[Fault] = field(default_factory=list)
     waiting: dict = field(default_factory=dict)  # run id -> the fault whose recovery is awaited
+    progress_reports: int = 0
 
     def fault_for(self, run_id: str) -> Optional[Fault]:
         """The newest fault not yet tied to a run: the task that just came back lost (or noticed)."""
@@ -89,6 +90,7 @@ class FaultSink(ProgressSink):
 
     def task_progress(self, job, update: dict) -> None:
         now = time.monotonic()
+        self.journal.progress_reports += 1
         with self.journal.lock:
             self.journal.last_progress[job.run_id] = (now, dict(update))
             fault = self.journal.waiting.pop(job.run_id, None)
@@ -247,7 +249,7 @@ def main() -> None:
               f"{recovery:>11} {back:>15}")
     kills = [f for f in faults if f.kind == "kill"]
     recoveries = [f.recovery_s for f in faults if f.recovery_s is not None]
-    counts = result.counts
+    counts = result.counts()
     lost = sum(n for state, n in counts.items() if state not in ("COMPLETE", "PRUNED"))
     summary = {
         "trials": len(result.trials), "trials_lost": lost, "kills": len(kills),
@@ -256,7 +258,7 @@ def main() -> None:
         "median_recovery_s": round(statistics.median(recoveries), 2) if recoveries else None,
         "max_recovery_s": round(max(recoveries), 2) if recoveries else None,
         "unrecovered": sum(1 for f in faults if f.recovery_s is None),
-        "engines_at_end": engines_at_end,
+        "engines_at_end": engines_at_end, "progress_reports": journal.progress_reports,
     }
     print(json.dumps(summary))
 

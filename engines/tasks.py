@@ -30,7 +30,7 @@ def _in_engine() -> bool:
     except ImportError:
         return False
     shell = get_ipython()
-    return shell is not None and getattr(shell, "data_pub_class", None) is not None
+    return shell is not None and getattr(shell, "data_pub", None) is not None  # set by ipyparallel's engine kernel
 
 
 def _publish(update: dict) -> None:

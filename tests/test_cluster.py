@@ -15,6 +15,7 @@ import torch
 
 from controller.api import Cluster
 from controller.store import Store
+from engines import tasks
 from engines.train import load_checkpoint
 from tests.conftest import cluster_pids, engines_holding_tasks, make_config, running_cluster, wait_until
 
@@ -152,6 +153,13 @@ class TestOnARunningCluster:
         everyone = local_cluster.client[:]
         everyone.execute("from engines import data as _data; _held = sorted(d for d, _ in _data._CACHE)", block=True)
         assert everyone.pull("_held", block=True) == [[str(tiny_data_dir.resolve())]] * 2
+
+    def test_engines_stream_training_progress_to_the_master(self, local_cluster):
+        """The live view's data: a task on a real engine publishes progress the master reads while it runs."""
+        assert local_cluster.client[:].apply_sync(tasks._in_engine) == [True] * len(local_cluster.client.ids)
+        published = local_cluster.client.load_balanced_view().apply_async(tasks._publish, {"epoch": 1, "batch": 3})
+        published.get(timeout=30)
+        assert wait_until(lambda: (published.data.get("progress") or {}).get("batch") == 3, timeout=30)
 
     def test_bad_training_parameters_are_refused_before_anything_runs(self, local_cluster):
         config = local_cluster.config.source
