@@ -11,7 +11,9 @@ engine. Measured per fault:
 - epochs redone: how far the lost task had got beyond the checkpoint it restarts from (its last
   progress report minus its checkpoint position; the <0.5 s between that report and the kill is not
   counted);
-- engines back: from the fault to the engine count being 4 again.
+- engines back: from the fault to the engine count being 4 again;
+- heard / resent: when the master learnt of the loss, and when it sent the task again (it waits for a
+  free slot: every engine busy and one task queued ahead, so a slow epoch end delays it).
 
 Prints a table of faults, then, last, one JSON line:
 {"trials", "trials_lost", "kills", "epochs_redone_per_kill", "median_recovery_s", "max_recovery_s",
@@ -59,6 +61,8 @@ class Fault:
     run_id: str = ""
     redone_epochs: float = 0.0
     recovered_at: Optional[float] = None
+    lost_at: Optional[float] = None  # when the master heard of it
+    resubmitted_at: Optional[float] = None
     engines_back_at: Optional[float] = None
 
     @property
@@ -88,6 +92,12 @@ class FaultSink(ProgressSink):
     def __init__(self, journal: Journal):
         self.journal = journal
 
+    def task_submitted(self, job) -> None:
+        with self.journal.lock:
+            fault = self.journal.waiting.get(job.run_id)
+            if fault is not None and fault.resubmitted_at is None:
+                fault.resubmitted_at = time.monotonic()
+
     def task_progress(self, job, update: dict) -> None:
         now = time.monotonic()
         self.journal.progress_reports += 1
@@ -110,6 +120,7 @@ class FaultSink(ProgressSink):
             if fault is None or fault.kind != kind:
                 return
             fault.run_id = job.run_id
+            fault.lost_at = time.monotonic()
             if redone is None:
                 _, update = self.journal.last_progress.get(job.run_id, (0, {}))
                 fault.redone_epochs = _redone(update, job)
@@ -229,7 +240,7 @@ def main() -> None:
             player.done.set()
             player.join(timeout=30)
             deadline = time.monotonic() + 60
-            while len(cluster.client.ids) < args.engines and time.monotonic() < deadline:
+            while len(cluster.client.ids) != args.engines and time.monotonic() < deadline:
                 time.sleep(0.2)  # the keeper may still be replacing the last engine
             engines_at_end = len(cluster.client.ids)
         finally:
@@ -241,12 +252,15 @@ def main() -> None:
     faults = journal.faults
     print(f"{args.trials} trials x {args.epochs} epochs of {args.subset:,} images on {args.engines} local engines "
           f"x {args.threads} thread, task_seconds {args.task_seconds:g}, replace_lost on; sweep {sweep_s:.0f} s")
-    print(f"{'fault':8} {'engine':>6} {'run':12} {'epochs redone':>14} {'recovery s':>11} {'engines back s':>15}")
+    print(f"{'fault':8} {'engine':>6} {'run':16} {'epochs redone':>14} {'heard s':>8} {'resent s':>9} "
+          f"{'recovery s':>11} {'engines back s':>15}")
     for fault in faults:
         back = "-" if fault.engines_back_at is None else f"{fault.engines_back_at - fault.at:.1f}"
         recovery = "-" if fault.recovery_s is None else f"{fault.recovery_s:.1f}"
-        print(f"{fault.kind:8} {fault.engine:>6} {fault.run_id or '-':12} {fault.redone_epochs:>14.3f} "
-              f"{recovery:>11} {back:>15}")
+        heard = "-" if fault.lost_at is None else f"{fault.lost_at - fault.at:.2f}"
+        resent = "-" if fault.resubmitted_at is None else f"{fault.resubmitted_at - fault.at:.2f}"
+        print(f"{fault.kind:8} {fault.engine:>6} {fault.run_id or '-':16} {fault.redone_epochs:>14.3f} {heard:>8} "
+              f"{resent:>9} {recovery:>11} {back:>15}")
     kills = [f for f in faults if f.kind == "kill"]
     recoveries = [f.recovery_s for f in faults if f.recovery_s is not None]
     counts = result.counts()

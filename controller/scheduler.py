@@ -293,14 +293,23 @@ class Scheduler:
                 done, _ = concurrent.futures.wait(
                     [t.result for t in in_flight.values()], timeout=self.poll_s,
                     return_when=concurrent.futures.FIRST_COMPLETED)
+                registered = set(self.client.ids)
                 for task in list(in_flight.values()):
                     if task.result in done:
                         del in_flight[task.result.msg_ids[0]]
                         follow_up = self._finish(task, source, sink)
-                        if follow_up is not None:
-                            ready.appendleft(follow_up)  # keep the chain on the freed engine's turn
+                    elif _running_on(task.result) not in registered | {None}:
+                        # the hub dropped its engine: ipyparallel's task scheduler fails such a task only
+                        # 5 s later (in case its result is still on the way); it goes elsewhere now
+                        del in_flight[task.result.msg_ids[0]]
+                        gone = ipp.error.EngineError(f"engine {_running_on(task.result)} is gone (unregistered "
+                                                     f"while running the task)")
+                        follow_up = self._lost(task.job, gone, source, sink)
                     else:
                         self._report_progress(task, sink)
+                        continue
+                    if follow_up is not None:
+                        ready.appendleft(follow_up)  # keep the chain on the freed engine's turn
                 sink.tick()
                 self._watch(self._wanted(source, in_flight, ready))
         except BaseException:
@@ -342,6 +351,23 @@ class Scheduler:
             task.last_update = dict(update)
             sink.task_progress(task.job, update)
 
+    def _lost(self, job: Job, error: BaseException, source: JobSource, sink: ProgressSink) -> Optional[Job]:
+        """A task that failed: the job again (its engine was lost, or only its kept checkpoint), or None."""
+        if job.held_on is not None and (is_engine_loss(error) or _remote_name(error) in HELD_LOST):
+            self._roll_back(job, source, error)
+            if not is_engine_loss(error):
+                return job  # the engine lives but dropped the checkpoint: nothing else went wrong
+        if is_engine_loss(error) and job.engine_losses + 1 < MAX_ENGINE_LOSSES:
+            job.engine_losses += 1
+            self.stats.engine_losses += 1
+            log.warning("run %s lost its engine (%s); sending the task to another engine", job.run_id, error)
+            sink.engine_lost(job, error)
+            return job
+        traceback = getattr(error, "traceback", None) or _format(error)
+        source.on_error(job, error, traceback)
+        sink.job_failed(job, error)
+        return None
+
     def _finish(self, task: _InFlight, source: JobSource, sink: ProgressSink) -> Optional[Job]:
         job = task.job
         try:
@@ -349,20 +375,7 @@ class Scheduler:
         except BaseException as error:  # noqa: BLE001 - every remote failure is sorted here
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
-            if job.held_on is not None and (is_engine_loss(error) or _remote_name(error) in HELD_LOST):
-                self._roll_back(job, source, error)
-                if not is_engine_loss(error):
-                    return job  # the engine lives but dropped the checkpoint: nothing else went wrong
-            if is_engine_loss(error) and job.engine_losses + 1 < MAX_ENGINE_LOSSES:
-                job.engine_losses += 1
-                self.stats.engine_losses += 1
-                log.warning("run %s lost its engine (%s); sending the task to another engine", job.run_id, error)
-                sink.engine_lost(job, error)
-                return job
-            traceback = getattr(error, "traceback", None) or _format(error)
-            source.on_error(job, error, traceback)
-            sink.job_failed(job, error)
-            return None
+            return self._lost(job, error, source, sink)
         engine_id = task.result.engine_id
         # the metadata, not a copy: its timestamps may land a moment after the result does
         self._timed.append((engine_id, _metadata(task.result)))
@@ -416,6 +429,14 @@ class Scheduler:
 
 
 _ASYNC_RESULT_CACHES = [method for method in vars(ipp.AsyncResult).values() if hasattr(method, "cache_clear")]
+
+
+def _running_on(result: ipp.AsyncResult) -> Optional[int]:
+    """The engine a task started on (the client learns it from the engine's first message), or None."""
+    try:
+        return _metadata(result).get("engine_id")
+    except (KeyError, IndexError, AttributeError):
+        return None
 
 
 def _metadata(result: ipp.AsyncResult) -> dict:

@@ -53,6 +53,8 @@ class FakeClient:
         result = FakeResult(f"m{len(self.submitted)}")
         engine_id, outcome = self.answer(spec, checkpoint, n_epochs, self.views[-1])
         result.engine_id = engine_id
+        if outcome is None:  # still running: the client knows where from the engine's first message
+            result.metadata = {"engine_id": engine_id}
         if isinstance(outcome, BaseException):
             result.set_exception(outcome)
         elif outcome is not None:
@@ -140,6 +142,18 @@ class TestALostEngine:
         assert [ckpt for _, ckpt in client.submitted] == [None, b"1", b"1"]
         assert source.results == [("r-1", 1, 1), ("r-1", 2, 0)] and not source.errors
         assert stats.engine_losses == 1
+
+    def test_a_task_whose_engine_unregisters_goes_elsewhere_without_waiting_for_ipyparallels_error(self):
+        def answer(spec, ckpt, n):
+            if len(client.submitted) == 1:
+                client.ids.remove(1)  # the hub drops the engine while the task runs; no reply comes yet
+                return 1, None
+            return 0, epoch_result(ckpt)
+
+        client = FakeClient(answer)
+        source = ListSource([job("r-1", 1)])
+        stats = Scheduler(client, poll_s=0).run(source)
+        assert source.results == [("r-1", 1, 0)] and stats.engine_losses == 1
 
     def test_a_task_that_keeps_killing_engines_fails_its_run_alone(self):
         def answer(spec, ckpt, n):
