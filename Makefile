@@ -50,6 +50,7 @@ bench: install
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/elastic.py
+	$(BIN)/python benchmarks/faults.py
 
 clean:
 	rm -rf $(VENV) .cluster build *.egg-info
