@@ -123,8 +123,14 @@ def registration_reply(url: str, connection: dict, curve: bool, timeout_ms: int)
         if curve:
             sock.curve_serverkey = connection["curve_serverkey"].encode()
             sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+        # a DEALER's send blocks while it has no ready peer, which is for ever when the handshake is
+        # refused (no CurveZMQ key): bounded, a send that cannot go counts as no reply
+        sock.sndtimeo = timeout_ms
         sock.connect(url)
-        session.send(sock, "connection_request")
+        try:
+            session.send(sock, "connection_request")
+        except zmq.Again:
+            return False
         return bool(sock.poll(timeout_ms, zmq.POLLIN))
     finally:
         sock.close()
