@@ -5,15 +5,17 @@ moments, kills a busy engine with SIGKILL (5 times) and then plays one spot inte
 busy engine through a local IMDSv2 server (`[cluster] metadata_url`). The keeper replaces each lost
 engine. Measured per fault:
 
-- recovery: from the kill (or notice) to the lost task's run training again on another engine (its
-  first progress report there: the engines report every 0.5 s, so this includes up to ~0.7 s of
-  reporting delay);
+- recovery: from the kill (or notice) to the lost task's run running again on another engine (the
+  engine's first word about the task, which the scheduler hears within its 0.2 s poll);
+- first progress: from the fault to the first progress report of the resumed task (engines report
+  after 0.5 s of training, so this is recovery plus the checkpoint load plus ~0.5 s);
 - epochs redone: how far the lost task had got beyond the checkpoint it restarts from (its last
   progress report minus its checkpoint position; the <0.5 s between that report and the kill is not
   counted);
 - engines back: from the fault to the engine count being 4 again;
-- heard / resent: when the master learnt of the loss, and when it sent the task again (it waits for a
-  free slot: every engine busy and one task queued ahead, so a slow epoch end delays it).
+- heard / resent: when the master learnt of the loss, and when it sent the task again (at once: when
+  no engine is free, a task still queued is withdrawn and the lost one takes its place; the number
+  withdrawn is printed).
 
 Prints a table of faults, then, last, one JSON line:
 {"trials", "trials_lost", "kills", "epochs_redone_per_kill", "median_recovery_s", "max_recovery_s",
@@ -60,7 +62,8 @@ class Fault:
     at: float  # time.monotonic()
     run_id: str = ""
     redone_epochs: float = 0.0
-    recovered_at: Optional[float] = None
+    recovered_at: Optional[float] = None  # the resumed task began on an engine
+    progress_at: Optional[float] = None  # its first progress report
     lost_at: Optional[float] = None  # when the master heard of it
     resubmitted_at: Optional[float] = None
     engines_back_at: Optional[float] = None
@@ -68,6 +71,10 @@ class Fault:
     @property
     def recovery_s(self) -> Optional[float]:
         return None if self.recovered_at is None else self.recovered_at - self.at
+
+    @property
+    def progress_s(self) -> Optional[float]:
+        return None if self.progress_at is None else self.progress_at - self.at
 
 
 @dataclass
@@ -79,6 +86,7 @@ class Journal:
     faults: list[Fault] = field(default_factory=list)
     waiting: dict = field(default_factory=dict)  # run id -> the fault whose recovery is awaited
     progress_reports: int = 0
+    withdrawn: int = 0  # queued tasks withdrawn so that a lost one went first
 
     def fault_for(self, run_id: str) -> Optional[Fault]:
         """The newest fault not yet tied to a run: the task that just came back lost (or noticed)."""
@@ -98,14 +106,25 @@ class FaultSink(ProgressSink):
             if fault is not None and fault.resubmitted_at is None:
                 fault.resubmitted_at = time.monotonic()
 
+    def task_started(self, job, engine_id: int) -> None:
+        with self.journal.lock:
+            fault = self.journal.waiting.get(job.run_id)
+            if fault is not None and fault.resubmitted_at is not None and fault.recovered_at is None:
+                fault.recovered_at = time.monotonic()
+
+    def task_withdrawn(self, job) -> None:
+        with self.journal.lock:
+            self.journal.withdrawn += 1
+
     def task_progress(self, job, update: dict) -> None:
         now = time.monotonic()
-        self.journal.progress_reports += 1
         with self.journal.lock:
+            self.journal.progress_reports += 1
             self.journal.last_progress[job.run_id] = (now, dict(update))
-            fault = self.journal.waiting.pop(job.run_id, None)
-            if fault is not None:
-                fault.recovered_at = now
+            fault = self.journal.waiting.get(job.run_id)
+            if fault is not None and fault.recovered_at is not None:
+                fault.progress_at = now
+                del self.journal.waiting[job.run_id]
 
     def engine_lost(self, job, error: BaseException) -> None:
         self._lost(job, "kill")
@@ -198,7 +217,7 @@ class FaultPlayer(threading.Thread):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.done.is_set():
             with self.journal.lock:
-                recovered = fault.recovered_at is not None
+                recovered = fault.progress_at is not None
             if fault.engines_back_at is None and len(client.ids) >= self.engines and fault.engine not in client.ids:
                 fault.engines_back_at = time.monotonic()
             if recovered and fault.engines_back_at is not None:
@@ -253,16 +272,19 @@ def main() -> None:
     print(f"{args.trials} trials x {args.epochs} epochs of {args.subset:,} images on {args.engines} local engines "
           f"x {args.threads} thread, task_seconds {args.task_seconds:g}, replace_lost on; sweep {sweep_s:.0f} s")
     print(f"{'fault':8} {'engine':>6} {'run':16} {'epochs redone':>14} {'heard s':>8} {'resent s':>9} "
-          f"{'recovery s':>11} {'engines back s':>15}")
+          f"{'recovery s':>11} {'first progress s':>17} {'engines back s':>15}")
     for fault in faults:
         back = "-" if fault.engines_back_at is None else f"{fault.engines_back_at - fault.at:.1f}"
-        recovery = "-" if fault.recovery_s is None else f"{fault.recovery_s:.1f}"
+        recovery = "-" if fault.recovery_s is None else f"{fault.recovery_s:.2f}"
+        progress = "-" if fault.progress_s is None else f"{fault.progress_s:.2f}"
         heard = "-" if fault.lost_at is None else f"{fault.lost_at - fault.at:.2f}"
         resent = "-" if fault.resubmitted_at is None else f"{fault.resubmitted_at - fault.at:.2f}"
         print(f"{fault.kind:8} {fault.engine:>6} {fault.run_id or '-':16} {fault.redone_epochs:>14.3f} {heard:>8} "
-              f"{resent:>9} {recovery:>11} {back:>15}")
+              f"{resent:>9} {recovery:>11} {progress:>17} {back:>15}")
+    print(f"queued tasks withdrawn so that a lost one went first: {journal.withdrawn}")
     kills = [f for f in faults if f.kind == "kill"]
     recoveries = [f.recovery_s for f in faults if f.recovery_s is not None]
+    to_progress = [f.progress_s for f in faults if f.progress_s is not None]
     counts = result.counts()
     lost = sum(n for state, n in counts.items() if state not in ("COMPLETE", "PRUNED"))
     summary = {
@@ -271,8 +293,10 @@ def main() -> None:
         "epochs_redone_per_kill": round(statistics.mean(f.redone_epochs for f in kills), 3) if kills else None,
         "median_recovery_s": round(statistics.median(recoveries), 2) if recoveries else None,
         "max_recovery_s": round(max(recoveries), 2) if recoveries else None,
+        "median_to_first_progress_s": round(statistics.median(to_progress), 2) if to_progress else None,
         "unrecovered": sum(1 for f in faults if f.recovery_s is None),
         "engines_at_end": engines_at_end, "progress_reports": journal.progress_reports,
+        "withdrawn": journal.withdrawn,
     }
     print(json.dumps(summary))
 

@@ -5,7 +5,9 @@ sweep).  The scheduler keeps every engine busy with one task each, takes the
 next job from a :class:`JobSource` as soon as an engine is free, and after each
 task hands the result to the source, which stores it and says whether the job
 goes on (Optuna's pruning lives there, not here).  A task lost with its engine
-is sent again, from the job's last checkpoint, to another engine.
+is sent again, from the job's last checkpoint, to another engine, ahead of every other job: when no
+engine is free it takes the place of a task still queued in ipyparallel's task scheduler, which is
+withdrawn (aborted) and sent again right after it (:class:`ReadyJobs`).
 
 A task may end mid-epoch (``task_seconds``, a drain, a spot notice): its checkpoint stands there and the
 next task goes on from it.  With ``checkpoint_minutes`` the engine keeps the newest checkpoint instead of
@@ -54,6 +56,7 @@ class Job:
     batches_done: int = 0  # of epoch epochs_done + 1: the run stands mid-epoch
     shipped: tuple[int, int] = (0, 0)  # (epochs, batches) where ``checkpoint`` stands
     held_on: Optional[int] = None  # the engine keeping a newer checkpoint than ``checkpoint``
+    moved: bool = False  # its last task was lost or handed back by a leaving engine: it goes first
 
     @property
     def finished(self) -> bool:
@@ -94,6 +97,12 @@ class ProgressSink:
 
     def task_submitted(self, job: Job) -> None: ...
 
+    def task_started(self, job: Job, engine_id: int) -> None:
+        """The task began on that engine (heard within the scheduler's poll interval)."""
+
+    def task_withdrawn(self, job: Job) -> None:
+        """A queued task was withdrawn to let a moved job go first; the job is sent again."""
+
     def task_progress(self, job: Job, update: dict) -> None: ...
 
     def task_done(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> None: ...
@@ -110,12 +119,49 @@ class _InFlight:
     job: Job
     result: ipp.AsyncResult
     last_update: Optional[dict] = None
+    started_on: Optional[int] = None  # the engine it runs on, once heard
+    moved: bool = False  # the task of a moved job (ReadyJobs): never withdrawn for another
+    withdrawn: bool = False  # aborted while queued: its job goes again once the abort comes back
+
+    @property
+    def queued(self) -> bool:
+        """Not yet begun on an engine, as far as the master knows: it can still be withdrawn."""
+        return self.started_on is None and _running_on(self.result) is None
+
+
+@dataclass
+class ReadyJobs:
+    """Jobs waiting to be sent, in the order they go.
+
+    ``moved`` jobs, whose task was lost with its engine or handed back by an engine that is leaving
+    (drain, spot notice), go first, oldest first: their runs stand still meanwhile, and a user wants
+    interrupted work resumed before new work starts.  ``next`` holds the rest: a finished task's
+    follow-up keeps the chain on the freed engine's turn, and a withdrawn task goes again where it was.
+    """
+    moved: collections.deque = field(default_factory=collections.deque)
+    next: collections.deque = field(default_factory=collections.deque)
+
+    def __len__(self) -> int:
+        return len(self.moved) + len(self.next)
+
+    def push(self, job: Job) -> None:
+        if job.moved:
+            self.moved.append(job)
+        else:
+            self.next.appendleft(job)  # a follow-up keeps the chain on the freed engine's turn
+
+    def pop(self) -> Optional[Job]:
+        if self.moved:
+            return self.moved.popleft()
+        return self.next.popleft() if self.next else None
 
 
 @dataclass
 class SchedulerStats:
     tasks: int = 0
     engine_losses: int = 0
+    withdrawn: int = 0  # queued tasks aborted so that a moved job went first
+    withdrawn_late: int = 0  # of those, tasks that had begun when the abort arrived (they ran as usual)
     dispatch_overheads: list[float] = field(default_factory=list)  # engine-idle seconds per task
     # per finished task: engine id and the epoch seconds of submit, start (on the engine), completion
     timings: list[tuple[Optional[int], float, float, float]] = field(default_factory=list)
@@ -187,8 +233,10 @@ def is_engine_loss(error: BaseException) -> bool:
 
 class Scheduler:
     def __init__(self, client: ipp.Client, poll_s: float = 0.2, targets: Optional[list[int]] = None,
-                 prefetch: int = 0, watchdog: Optional[Watchdog] = None, roster: Optional[EngineRoster] = None):
+                 prefetch: int = 0, watchdog: Optional[Watchdog] = None, roster: Optional[EngineRoster] = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.client = client
+        self.clock = clock
         self.watchdog = watchdog
         self.roster = roster
         self._excluded: set[int] = set()  # engines that get no new task (draining, spot notice)
@@ -229,7 +277,7 @@ class Scheduler:
             self._retarget()
 
     def _refresh_roster(self, wanted: Optional[int] = None) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if self.roster is None or now - self._roster_checked < ROSTER_CHECK_S:
             return
         self._roster_checked = now
@@ -269,20 +317,12 @@ class Scheduler:
 
     def run(self, source: JobSource, sink: Optional[ProgressSink] = None) -> SchedulerStats:
         sink = sink or ProgressSink()
-        ready: collections.deque[Job] = collections.deque()
+        ready = ReadyJobs()
         in_flight: dict[str, _InFlight] = {}
         self._refresh_roster()
         try:
             while True:
-                while len(in_flight) < self.capacity():
-                    job = ready.popleft() if ready else source.next_job()
-                    if job is None:
-                        break
-                    if job.held_on is not None and job.held_on not in self.client.ids:
-                        self._roll_back(job, source, "unregistered")
-                    task = self.submit(job)
-                    in_flight[task.result.msg_ids[0]] = task
-                    sink.task_submitted(job)
+                self._fill(source, sink, ready, in_flight)
                 if not in_flight:
                     if not ready and source.exhausted():
                         self._count_overheads()
@@ -297,6 +337,9 @@ class Scheduler:
                 for task in list(in_flight.values()):
                     if task.result in done:
                         del in_flight[task.result.msg_ids[0]]
+                        if self._withdrawal_confirmed(task):
+                            ready.next.appendleft(task.job)  # it was next in line: it goes next again
+                            continue
                         follow_up = self._finish(task, source, sink)
                     elif _running_on(task.result) not in registered | {None}:
                         # the hub dropped its engine: ipyparallel's task scheduler fails such a task only
@@ -306,10 +349,11 @@ class Scheduler:
                                                      f"while running the task)")
                         follow_up = self._lost(task.job, gone, source, sink)
                     else:
+                        self._note_start(task, sink)
                         self._report_progress(task, sink)
                         continue
                     if follow_up is not None:
-                        ready.appendleft(follow_up)  # keep the chain on the freed engine's turn
+                        ready.push(follow_up)
                 sink.tick()
                 self._watch(self._wanted(source, in_flight, ready))
         except BaseException:
@@ -330,8 +374,72 @@ class Scheduler:
                 except Exception:  # noqa: BLE001 - the store may be what failed; the row ages out anyway
                     log.debug("could not withdraw the demand report", exc_info=True)
 
+    def _fill(self, source: JobSource, sink: ProgressSink, ready: ReadyJobs, in_flight: dict[str, _InFlight]) -> None:
+        """Send jobs while there is room: moved jobs first, then follow-ups and withdrawn ones, then new
+        jobs.  A moved job finding no room takes a queued task's place (see :meth:`_withdraw_one`)."""
+        while True:
+            active = sum(1 for task in in_flight.values() if not task.withdrawn)
+            capacity = self.capacity()
+            # no capacity at all (every engine leaving): nothing can start, so nothing is withdrawn either
+            if active >= capacity and not (capacity and ready.moved and self._withdraw_one(in_flight, sink)):
+                return
+            job = ready.pop() or source.next_job()
+            if job is None:
+                return
+            if job.held_on is not None and job.held_on not in self.client.ids:
+                self._roll_back(job, source, "unregistered")
+            task = self.submit(job)
+            task.moved, job.moved = job.moved, False
+            in_flight[task.result.msg_ids[0]] = task
+            sink.task_submitted(job)
+
+    def _withdraw_one(self, in_flight: dict[str, _InFlight], sink: ProgressSink) -> bool:
+        """Abort the newest task that no engine has begun, so that a moved job is sent in its place.
+
+        ipyparallel queues a load-balanced task in its task scheduler until an engine is free (hwm 1); an
+        abort asks every engine to refuse it, so the first engine that frees up hands it straight back
+        (a round trip of milliseconds) and takes the moved job, queued behind it, instead.  The withdrawn
+        job loses nothing (it had not begun) and goes again as soon as its abort comes back.  When the
+        abort comes too late (an engine had just begun it), that task runs and is booked as usual.
+        """
+        queued = [task for task in in_flight.values() if not task.withdrawn and not task.moved and task.queued]
+        if not queued:
+            return False
+        task = queued[-1]  # the newest: the one that would have waited longest anyway
+        try:
+            self.client.abort([task.result], block=False)
+        except Exception:  # noqa: BLE001 - an engine unregistering meanwhile: the moved job just waits
+            log.debug("could not withdraw task %s", task.result.msg_ids, exc_info=True)
+            return False
+        task.withdrawn = True
+        self.stats.withdrawn += 1
+        log.info("run %s: queued task withdrawn so that a moved run goes first", task.job.run_id)
+        sink.task_withdrawn(task.job)
+        return True
+
+    def _withdrawal_confirmed(self, task: _InFlight) -> bool:
+        """A withdrawn task came back aborted (True), or ran after all because the abort came too late."""
+        if not task.withdrawn:
+            return False
+        try:
+            task.result.get(0)
+        except ipp.error.TaskAborted:
+            self._forget(task.result, 0)
+            return True
+        except BaseException:  # noqa: BLE001 - it began and failed: _finish sorts it as any other failure
+            return False
+        self.stats.withdrawn_late += 1
+        return False
+
+    def _note_start(self, task: _InFlight, sink: ProgressSink) -> None:
+        if task.started_on is None:
+            engine = _running_on(task.result)
+            if engine is not None:
+                task.started_on = engine
+                sink.task_started(task.job, engine)
+
     @staticmethod
-    def _wanted(source: JobSource, in_flight: dict, ready: collections.deque) -> int:
+    def _wanted(source: JobSource, in_flight: dict, ready: ReadyJobs) -> int:
         """Jobs this scheduler could run at once: running or queued, ready, and not yet started."""
         jobs_left = getattr(source, "jobs_left", None)
         return len(in_flight) + len(ready) + (jobs_left() if jobs_left is not None else 0)
@@ -356,12 +464,14 @@ class Scheduler:
         if job.held_on is not None and (is_engine_loss(error) or _remote_name(error) in HELD_LOST):
             self._roll_back(job, source, error)
             if not is_engine_loss(error):
+                job.moved = True
                 return job  # the engine lives but dropped the checkpoint: nothing else went wrong
         if is_engine_loss(error) and job.engine_losses + 1 < MAX_ENGINE_LOSSES:
             job.engine_losses += 1
             self.stats.engine_losses += 1
             log.warning("run %s lost its engine (%s); sending the task to another engine", job.run_id, error)
             sink.engine_lost(job, error)
+            job.moved = True
             return job
         traceback = getattr(error, "traceback", None) or _format(error)
         source.on_error(job, error, traceback)
@@ -390,6 +500,7 @@ class Scheduler:
         if result.batches_run or result.shipped:
             job.epochs_done, job.batches_done = result.position
         job.held_on = engine_id if result.held else None
+        job.moved = stopped in ENGINE_GOING
         sink.task_done(job, result, engine_id)
         go_on = source.on_result(job, result, engine_id)
         return job if go_on and not job.finished and not result.diverged else None

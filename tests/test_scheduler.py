@@ -1,8 +1,11 @@
-"""The scheduler's decisions, with a fake ipyparallel client (no controller, no engine, no clock).
+"""The scheduler's decisions, with fake ipyparallel clients (no controller, no engine, no clock).
 
-The fake stands in for ipyparallel only where these tests need to choose what an engine answers
-(a result, a lost engine, an error) and when; the same scheduler runs on real engines in
-test_cluster.py and test_sweep.py.
+The fakes stand in for ipyparallel only because these are unit tests of decision logic: a test chooses
+what an engine answers (a result, a lost engine, an error) and when, which real engines cannot be made
+to do deterministically.  ``FakeClient`` answers every task at once; ``FakeTaskScheduler`` queues tasks
+and hands them to free engines as ipyparallel's task scheduler does, and moves one step per loop of the
+scheduler, so that a test can kill an engine while another task waits in the queue.  The same scheduler
+runs on real engines in test_cluster.py, test_sweep.py, test_elastic.py and benchmarks/faults.py.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import ipyparallel as ipp
 import pytest
 
 from controller.errors import ClusterLostError
-from controller.scheduler import MAX_ENGINE_LOSSES, Job, Scheduler, Watchdog
+from controller.scheduler import MAX_ENGINE_LOSSES, ROSTER_CHECK_S, Job, ProgressSink, ReadyJobs, Scheduler, Watchdog
 
 
 class FakeResult(concurrent.futures.Future):
@@ -134,14 +137,22 @@ class TestAChainOfTasks:
 
 
 class TestALostEngine:
-    def test_the_task_goes_again_from_the_same_checkpoint(self):
+    @staticmethod
+    def second_epoch_lost_once():
         answers = iter([(1, epoch_result(None)), (1, engine_lost()), (0, epoch_result(b"1"))])
-        client = FakeClient(lambda spec, ckpt, n: next(answers))
+        return FakeClient(lambda spec, ckpt, n: next(answers))
+
+    def test_the_task_goes_again_from_the_same_checkpoint(self):
+        client = self.second_epoch_lost_once()
         source = ListSource([job("r-1", 2)])
-        stats = Scheduler(client, poll_s=0).run(source)
+        Scheduler(client, poll_s=0).run(source)
         assert [ckpt for _, ckpt in client.submitted] == [None, b"1", b"1"]
-        assert source.results == [("r-1", 1, 1), ("r-1", 2, 0)] and not source.errors
-        assert stats.engine_losses == 1
+        assert source.results == [("r-1", 1, 1), ("r-1", 2, 0)]
+
+    def test_a_loss_is_counted_not_reported_to_the_source_as_an_error(self):
+        source = ListSource([job("r-1", 2)])
+        stats = Scheduler(self.second_epoch_lost_once(), poll_s=0).run(source)
+        assert stats.engine_losses == 1 and source.errors == []
 
     def test_a_task_whose_engine_unregisters_goes_elsewhere_without_waiting_for_ipyparallels_error(self):
         def answer(spec, ckpt, n):
@@ -262,15 +273,27 @@ class TestEnginesThatAreLeaving:
             return engine, epoch_result(ckpt)
         return answer
 
-    @pytest.mark.parametrize("reason", ["drain", "notice"])
-    def test_a_task_stopped_because_its_engine_goes_continues_on_another_engine(self, reason):
+    def run_stopping_on_engine_0(self, reason: str) -> tuple[FakeClient, "FakeRoster", ListSource]:
         client = FakeClient(self.answer_stopping_on(0, reason))
         roster = FakeRoster()
         source = ListSource([job("r-1", 2)])
         Scheduler(client, poll_s=0, roster=roster).run(source)
-        assert roster.reported == [(0, reason)]
+        return client, roster, source
+
+    @pytest.mark.parametrize("reason", ["drain", "notice"])
+    def test_a_task_stopped_because_its_engine_goes_continues_on_another_engine(self, reason):
+        _, _, source = self.run_stopping_on_engine_0(reason)
         assert [engine for _, _, engine in source.results] == [0, 1, 1]
-        assert [done for _, done, _ in source.results] == [0, 1, 2]
+        assert [done for _, done, _ in source.results] == [0, 1, 2], "from the checkpoint it handed back"
+
+    @pytest.mark.parametrize("reason", ["drain", "notice"])
+    def test_the_engine_is_reported_leaving_to_the_roster(self, reason):
+        _, roster, _ = self.run_stopping_on_engine_0(reason)
+        assert roster.reported == [(0, reason)]
+
+    @pytest.mark.parametrize("reason", ["drain", "notice"])
+    def test_the_view_no_longer_names_the_leaving_engine(self, reason):
+        client, _, _ = self.run_stopping_on_engine_0(reason)
         assert client.views[-1] == [1]
 
     def test_engines_the_roster_marks_get_no_task(self):
@@ -336,5 +359,277 @@ class TestCheckpointsKeptOnEngines:
         source = ListSource([job("r-1", 1)])
         Scheduler(client, poll_s=0).run(source)
         assert client.submitted[3][1] == b"b1", "the bytes the master got last"
-        assert source.rollbacks == [("r-1", (0, 1))]
-        assert source.results[-1] == ("r-1", 1, 0)
+        assert source.rollbacks == [("r-1", (0, 1))], "the source forgets the progress after them"
+        assert source.results[-1] == ("r-1", 1, 0), "and the run ends on another engine"
+
+
+class FakeTaskScheduler:
+    """A fake ipyparallel client with a task scheduler: tasks wait in one queue, first in first out, and
+    each free engine takes the first one its view allows (hwm 1, as ipyparallel's).  An abort, as in
+    ipyparallel, goes to the engines registered at that moment, which refuse the task when it reaches
+    them (it comes back ``TaskAborted`` and the engine stays free); a task an engine has begun runs on.
+
+    The world moves one step per scheduler loop (``Steps.tick``): a task runs ``spec["steps"]`` steps,
+    then answers ``epoch_result``; ``at[step]`` lists what else happens then (an engine killed, ...).
+    ``heard_late``: run id -> steps before the client hears which engine began its task (others: at once).
+    """
+
+    def __init__(self, ids=(0, 1), heard_late: Optional[dict[str, int]] = None, leaving=()):
+        self.ids = list(ids)
+        self.now = 0
+        self.heard_late = heard_late or {}
+        self.leaving = set(leaving)  # engines that hand every task straight back with stopped=notice
+        self.running: dict[int, tuple[FakeResult, dict, Optional[bytes], int]] = {}  # engine -> task, end step
+        self.queue: list[tuple[FakeResult, dict, Optional[bytes], Optional[list[int]]]] = []
+        self.refused: dict[int, set[str]] = {engine: set() for engine in ids}
+        self.unheard: list[tuple[int, FakeResult, int]] = []  # (step heard, result, engine)
+        self.at: dict[int, list[Callable[[], None]]] = {}
+        self.views: list[Optional[list[int]]] = [None]
+        self.began: list[tuple[int, str, int]] = []  # (step, run id, engine)
+        self.aborted: list[str] = []
+        self.purged: list[str] = []
+
+    # what the scheduler calls
+    def load_balanced_view(self, targets=None):
+        self.views.append(targets)
+        return _FakeView(self, targets)
+
+    def abort(self, jobs, block=None):
+        msg_ids = [job.msg_ids[0] for job in jobs]
+        self.aborted.extend(msg_ids)
+        for engine in self.ids:
+            self.refused[engine].update(msg_ids)
+
+    def purge_local_results(self, result):
+        self.purged.append(result.msg_ids[0])
+
+    # what a test drives
+    def kill(self, engine: int) -> None:
+        """SIGKILL: the hub drops the engine; ipyparallel would fail its task only 5 s later, so it stays
+        unanswered here."""
+        self.ids.remove(engine)
+        self.running.pop(engine, None)
+
+    def step(self) -> None:
+        self.now += 1
+        for engine, (result, spec, checkpoint, ends) in list(self.running.items()):
+            if ends <= self.now:
+                del self.running[engine]
+                answer = epoch_result(checkpoint)
+                if engine in self.leaving:
+                    answer = {**answer, "completed_epochs": int(checkpoint or b"0"), "checkpoint": checkpoint or b"0",
+                              "stopped": "notice"}
+                result.set_result(answer)
+        for happening in self.at.pop(self.now, []):
+            happening()
+        self._hear()
+        self._dispatch()
+
+    def submit(self, spec: dict, checkpoint, targets) -> FakeResult:
+        result = FakeResult(f"m{len(self.began) + len(self.queue)}-{spec['run_id']}-{self.now}")
+        self.queue.append((result, spec, checkpoint, targets))
+        self._dispatch()
+        return result
+
+    def _dispatch(self) -> None:
+        for engine in self.ids:
+            for queued in list(self.queue):
+                if engine in self.running:
+                    break
+                result, spec, checkpoint, targets = queued
+                if targets is not None and engine not in targets:
+                    continue
+                self.queue.remove(queued)
+                if result.msg_ids[0] in self.refused[engine]:
+                    result.set_exception(ipp.error.TaskAborted(result.msg_ids[0]))
+                    continue
+                ends = self.now + (1 if engine in self.leaving else spec.get("steps", 2))
+                self.running[engine] = (result, spec, checkpoint, ends)
+                self.began.append((self.now, spec["run_id"], engine))
+                self.unheard.append((self.now + self.heard_late.get(spec["run_id"], 0), result, engine))
+        self._hear()
+
+    def _hear(self) -> None:
+        for item in list(self.unheard):
+            heard_at, result, engine = item
+            if heard_at <= self.now:
+                result.engine_id, result.metadata = engine, {"engine_id": engine}
+                self.unheard.remove(item)
+
+    def runs_begun_after(self, step: int) -> list[str]:
+        return [run for began_at, run, _ in self.began if began_at > step]
+
+
+class _FakeView:
+    def __init__(self, client: FakeTaskScheduler, targets):
+        self.client, self.targets = client, targets
+
+    def apply_async(self, task, spec, checkpoint, n_epochs):
+        return self.client.submit(spec, checkpoint, self.targets)
+
+
+class Steps(ProgressSink):
+    """Moves the fake world one step per scheduler loop, and hears what the scheduler tells a display."""
+
+    def __init__(self, client: FakeTaskScheduler, clock: Optional["FakeClock"] = None):
+        self.client, self.clock = client, clock
+        self.withdrawn: list[str] = []
+        self.started: list[tuple[str, int]] = []
+
+    def tick(self) -> None:
+        self.client.step()
+        if self.clock is not None:
+            self.clock.now += 0.5
+
+    def task_withdrawn(self, job: Job) -> None:
+        self.withdrawn.append(job.run_id)
+
+    def task_started(self, job: Job, engine_id: int) -> None:
+        self.started.append((job.run_id, engine_id))
+
+
+def timed_job(run_id: str, steps: int, epochs: int = 1) -> Job:
+    return Job(run_id=run_id, spec={"epochs": epochs, "run_id": run_id, "steps": steps})
+
+
+class TestALostTaskGoesFirst:
+    """A task lost with its engine runs again before any task that was waiting when it was lost."""
+
+    @staticmethod
+    def kill_engine_1_while_c_waits() -> tuple[FakeTaskScheduler, Steps, ListSource, Scheduler]:
+        """Two engines: A on 0 (3 steps), B on 1 (10 steps), C queued ahead (prefetch 1); engine 1 is killed
+        at step 1, so B is lost while C waits for an engine."""
+        client = FakeTaskScheduler(ids=(0, 1))
+        client.at[1] = [lambda: client.kill(1)]
+        source = ListSource([timed_job("A", 3), timed_job("B", 10), timed_job("C", 2)])
+        sink = Steps(client)
+        scheduler = Scheduler(client, poll_s=0, prefetch=1)
+        scheduler.run(source, sink)
+        return client, sink, source, scheduler
+
+    def test_the_lost_task_begins_on_the_first_engine_to_free_up_ahead_of_the_queued_one(self):
+        client, _, _, _ = self.kill_engine_1_while_c_waits()
+        assert client.runs_begun_after(1) == ["B", "C"]
+
+    def test_the_queued_task_is_withdrawn_to_make_way(self):
+        client, sink, _, scheduler = self.kill_engine_1_while_c_waits()
+        assert sink.withdrawn == ["C"] and scheduler.stats.withdrawn == 1
+        assert [msg_id.split("-")[1] for msg_id in client.aborted] == ["C"]
+
+    def test_the_withdrawn_task_loses_nothing_it_runs_once_after_the_lost_one(self):
+        _, _, source, scheduler = self.kill_engine_1_while_c_waits()
+        assert sorted(source.results) == [("A", 1, 0), ("B", 1, 0), ("C", 1, 0)]
+        assert source.errors == [] and scheduler.stats.engine_losses == 1
+
+    def test_a_withdrawn_task_that_an_engine_had_already_begun_runs_and_is_booked_once(self):
+        # D begins on engine 0 when A ends, but the client hears of it only 3 steps later: when engine 2 dies
+        # meanwhile, D looks queued, is withdrawn, and the abort reaches engine 0 too late
+        client = FakeTaskScheduler(ids=(0, 1, 2), heard_late={"D": 3})  # D is sent at step 2, heard at 5
+        client.at[3] = [lambda: client.kill(2)]
+        source = ListSource([timed_job("A", 1), timed_job("B", 9), timed_job("C", 9), timed_job("D", 4)])
+        scheduler = Scheduler(client, poll_s=0)
+        scheduler.run(source, Steps(client))
+        assert scheduler.stats.withdrawn == 1 and scheduler.stats.withdrawn_late == 1
+        assert sorted(source.results) == [("A", 1, 0), ("B", 1, 1), ("C", 1, 0), ("D", 1, 0)]
+
+    def test_without_a_loss_nothing_is_withdrawn(self):
+        client = FakeTaskScheduler(ids=(0, 1))
+        source = ListSource([timed_job(f"r-{n}", 2 + n % 3, epochs=2) for n in range(5)])
+        Scheduler(client, poll_s=0, prefetch=1).run(source, Steps(client))
+        assert client.aborted == [] and len(source.results) == 10
+
+    def test_with_nothing_queued_the_lost_task_waits_for_the_first_free_engine(self):
+        client = FakeTaskScheduler(ids=(0, 1, 2))
+        client.at[1] = [lambda: client.kill(2)]
+        source = ListSource([timed_job("A", 3), timed_job("B", 5), timed_job("C", 9)])
+        scheduler = Scheduler(client, poll_s=0)  # no prefetch: nothing waits in the queue to withdraw
+        scheduler.run(source, Steps(client))
+        assert client.aborted == []
+        assert client.began[3][1:] == ("C", 0), "on engine 0, the first to free up"
+
+    def test_lost_tasks_go_in_the_order_they_were_lost(self):
+        client = FakeTaskScheduler(ids=(0, 1, 2, 3))
+        client.at[1] = [lambda: client.kill(2)]
+        client.at[2] = [lambda: client.kill(3)]
+        source = ListSource([timed_job("A", 6), timed_job("B", 6), timed_job("C", 20), timed_job("D", 20),
+                             timed_job("E", 2), timed_job("F", 2)])
+        Scheduler(client, poll_s=0, prefetch=1).run(source, Steps(client))
+        assert client.runs_begun_after(2)[:2] == ["C", "D"]
+
+    def test_the_sink_hears_on_which_engine_each_task_began(self):
+        client, sink, _, _ = self.kill_engine_1_while_c_waits()
+        assert sink.started == [("A", 0), ("B", 1), ("B", 0), ("C", 0)]
+
+
+class TestARunHandedBackByALeavingEngineGoesFirst:
+    def test_it_resumes_before_a_task_queued_earlier_and_before_new_runs(self):
+        # engine 2 is under a spot notice: it hands B, and then the queued D, straight back
+        client = FakeTaskScheduler(ids=(0, 1, 2), leaving=[2])
+        source = ListSource([timed_job("A", 6), timed_job("C", 6), timed_job("B", 2), timed_job("D", 2),
+                             timed_job("E", 2)])
+        Scheduler(client, poll_s=0, prefetch=1, roster=FakeRoster()).run(source, Steps(client))
+        handed_back = [run for _, run, engine in client.began if engine == 2]
+        assert handed_back == ["B", "D"]
+        assert [run for _, run, engine in client.began if engine != 2][2:] == ["B", "D", "E"]
+
+
+class TestReadyJobs:
+    def test_moved_jobs_go_first_oldest_first_then_follow_ups_newest_first(self):
+        ready = ReadyJobs()
+        for run_id, moved in [("follow-1", False), ("lost-1", True), ("follow-2", False), ("lost-2", True)]:
+            ready.push(Job(run_id=run_id, spec={}, moved=moved))
+        assert [ready.pop().run_id for _ in range(len(ready))] == ["lost-1", "lost-2", "follow-2", "follow-1"]
+
+    def test_an_empty_queue_pops_none(self):
+        assert ReadyJobs().pop() is None
+
+
+class CountingSource(ListSource):
+    """A ListSource that also says how many jobs it will still hand out, as a sweep does."""
+
+    def jobs_left(self) -> int:
+        return len(self.jobs)
+
+
+class DemandRoster(FakeRoster):
+    def __init__(self, leaving=()):
+        super().__init__(leaving)
+        self.demand: list[Optional[int]] = []
+
+    def report_demand(self, wanted):
+        self.demand.append(wanted)
+
+
+class TestDemandAndTheRoster:
+    """The scheduler reads the roster and reports its demand about once a second, by its own clock."""
+
+    @staticmethod
+    def run(roster: DemandRoster, jobs: int = 4, ids=(0, 1), at: Optional[dict] = None) -> FakeTaskScheduler:
+        clock = FakeClock()
+        client = FakeTaskScheduler(ids=ids)
+        client.at.update(at or {})
+        source = CountingSource([timed_job(f"r-{n}", 2) for n in range(jobs)])
+        Scheduler(client, poll_s=0, prefetch=1, roster=roster, clock=clock).run(source, Steps(client, clock))
+        return client
+
+    def test_demand_counts_running_queued_and_not_yet_started_jobs(self):
+        roster = DemandRoster()
+        self.run(roster, jobs=6)
+        assert roster.demand[0] == 6, "3 sent (2 engines + 1 queued) and 3 the source still has"
+
+    def test_demand_is_reported_at_most_once_per_roster_interval(self):
+        roster = DemandRoster()
+        client = self.run(roster, jobs=6)
+        loops = client.now  # the clock moves 0.5 s per loop
+        assert len(roster.demand) - 1 <= loops * 0.5 / ROSTER_CHECK_S + 1
+
+    def test_demand_is_withdrawn_when_the_scheduler_ends(self):
+        roster = DemandRoster()
+        self.run(roster)
+        assert roster.demand[-1] is None
+
+    def test_an_engine_marked_leaving_mid_run_gets_no_further_task(self):
+        roster = DemandRoster()
+        client = self.run(roster, jobs=8, ids=(0, 1, 2), at={3: [lambda: roster.marked.update({1: "drain"})]})
+        assert [engine for began_at, _, engine in client.began if began_at >= 5] and all(
+            engine != 1 for began_at, _, engine in client.began if began_at >= 5)
