@@ -2,7 +2,8 @@
 
 ``cluster scale``/``remove`` (another process, maybe) marks the engines it drains; a scheduler marks an
 engine whose task came back with a spot interruption notice. Every scheduler reads the marks about once a
-second (controller/scheduler.py) and keeps those engines out of its load-balanced view; it also reports
+second (controller/scheduler.py) and keeps those engines out of its load-balanced view, as well as engines
+that have not reported themselves yet (just started: still importing torch); it also reports
 how many jobs it could run at once, which the keeper autoscales to (controller/elastic).
 """
 from __future__ import annotations
@@ -34,6 +35,11 @@ class StoreRoster:
         # when called off: a task that stopped for a drain the store no longer names must not mark it again
         if reason != "drain":
             self.store.mark_engine_leaving(self.cluster_id, engine_id, reason)
+
+    def ready(self) -> set[int]:
+        """Engines recorded in the store: controller.api records an engine once it has reported itself, with
+        torch and the training code imported, so a task sent to it does not wait for those imports."""
+        return {engine.engine_id for engine in self.store.engines(self.cluster_id)}
 
     def report_demand(self, wanted: Optional[int]) -> None:
         """How many jobs this master could run at once (None: none any more); the keeper autoscales to it.

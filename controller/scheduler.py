@@ -206,6 +206,9 @@ class EngineRoster(Protocol):
     def engine_leaving(self, engine_id: int, reason: str) -> None:
         """A task came back early because its engine is going (reason: engines.stopping DRAIN or NOTICE)."""
 
+    # optional: ``ready() -> set[int]``, the engines that have reported themselves (imported torch and the
+    # training code: controller.api records them then); only these get tasks, so that a task, above all one
+    # moved from a lost engine, does not wait on a just-started engine's imports
     # optional: ``report_demand(wanted: Optional[int])``, how many jobs this scheduler could run at once
     # (None: it ended); the keeper turns slaves on for them (controller/elastic)
 
@@ -240,6 +243,7 @@ class Scheduler:
         self.watchdog = watchdog
         self.roster = roster
         self._excluded: set[int] = set()  # engines that get no new task (draining, spot notice)
+        self._ready: Optional[set[int]] = None  # engines warm enough for a task; None: every engine
         self._roster_checked = float("-inf")
         # prefetch: tasks queued beyond one per engine; ipyparallel's scheduler (hwm=1) holds them until an
         # engine frees up, so engines start the next task while the master still books the last one
@@ -259,13 +263,15 @@ class Scheduler:
         """Registered engines that may get a task: the chosen targets (all when none), less the leaving."""
         registered = self.client.ids
         base = [engine for engine in self.targets if engine in registered] if self.targets else registered
-        return [engine for engine in base if engine not in self._excluded]
+        return [engine for engine in base
+                if engine not in self._excluded and (self._ready is None or engine in self._ready)]
 
     def capacity(self) -> int:
         usable = len(self.usable_engines())
-        if not usable and (self.targets or self._excluded & set(self.client.ids)):
-            # every engine is leaving, or every chosen one is gone: hold the work until one joins
-            # (the watchdog gives up after engine_timeout)
+        registered = set(self.client.ids)
+        if not usable and (self.targets or self._excluded & registered or self._ready is not None and registered):
+            # every engine is leaving or still starting, or every chosen one is gone: hold the work until one
+            # is usable (the watchdog gives up after engine_timeout)
             return 0
         return max(1, usable) + self.prefetch
 
@@ -282,15 +288,19 @@ class Scheduler:
             return
         self._roster_checked = now
         self._excluded = set(self.roster.leaving())
+        ready = getattr(self.roster, "ready", None)
+        self._ready = set(ready()) if ready is not None else None
         self._retarget()
         report = getattr(self.roster, "report_demand", None)
         if report is not None and wanted is not None:
             report(wanted)
 
     def _retarget(self) -> None:
-        """Point the load-balanced view at the usable engines; with nothing excluded and no chosen targets it
-        names none, so that engines joining later (``cluster scale``) get tasks at once."""
-        wanted = None if not self._excluded and not self.targets else sorted(self.usable_engines())
+        """Point the load-balanced view at the usable engines.  With nothing excluded, no chosen targets and no
+        roster saying which engines are ready it names none, so that engines joining later (``cluster scale``)
+        get tasks at once; with such a roster they get tasks once ready (within ROSTER_CHECK_S)."""
+        gated = self._excluded or self.targets or self._ready is not None
+        wanted = sorted(self.usable_engines()) if gated else None
         if wanted == [] and not self.targets:
             wanted = None  # the leaving engines are all gone too: any engine that joins may take the work
         if wanted != self._view_targets and (wanted is None or wanted):

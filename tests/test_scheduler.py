@@ -10,6 +10,7 @@ runs on real engines in test_cluster.py, test_sweep.py, test_elastic.py and benc
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import gc
 from typing import Callable, Optional
 
@@ -410,6 +411,11 @@ class FakeTaskScheduler:
         self.ids.remove(engine)
         self.running.pop(engine, None)
 
+    def join(self, engine: int) -> None:
+        """A new engine registers with the hub."""
+        self.ids.append(engine)
+        self.refused[engine] = set()
+
     def step(self) -> None:
         self.now += 1
         for engine, (result, spec, checkpoint, ends) in list(self.running.items()):
@@ -592,9 +598,12 @@ class CountingSource(ListSource):
 
 
 class DemandRoster(FakeRoster):
-    def __init__(self, leaving=()):
+    def __init__(self, leaving=(), ready=None):
         super().__init__(leaving)
         self.demand: list[Optional[int]] = []
+        if ready is not None:
+            self.recorded = set(ready)
+            self.ready = lambda: set(self.recorded)  # only a roster that knows says which engines are ready
 
     def report_demand(self, wanted):
         self.demand.append(wanted)
@@ -607,7 +616,8 @@ class TestDemandAndTheRoster:
     def run(roster: DemandRoster, jobs: int = 4, ids=(0, 1), at: Optional[dict] = None) -> FakeTaskScheduler:
         clock = FakeClock()
         client = FakeTaskScheduler(ids=ids)
-        client.at.update(at or {})
+        for step, happenings in (at or {}).items():  # each gets the client, which exists only from here
+            client.at[step] = [functools.partial(happening, client) for happening in happenings]
         source = CountingSource([timed_job(f"r-{n}", 2) for n in range(jobs)])
         Scheduler(client, poll_s=0, prefetch=1, roster=roster, clock=clock).run(source, Steps(client, clock))
         return client
@@ -630,6 +640,18 @@ class TestDemandAndTheRoster:
 
     def test_an_engine_marked_leaving_mid_run_gets_no_further_task(self):
         roster = DemandRoster()
-        client = self.run(roster, jobs=8, ids=(0, 1, 2), at={3: [lambda: roster.marked.update({1: "drain"})]})
+        client = self.run(roster, jobs=8, ids=(0, 1, 2), at={3: [lambda client: roster.marked.update({1: "drain"})]})
         assert [engine for began_at, _, engine in client.began if began_at >= 5] and all(
             engine != 1 for began_at, _, engine in client.began if began_at >= 5)
+
+    def test_an_engine_that_has_not_reported_itself_gets_no_task_until_it_has(self):
+        roster = DemandRoster(ready=[0, 1])
+        joined = {3: [lambda client: client.join(2)], 9: [lambda client: roster.recorded.add(2)]}
+        client = self.run(roster, jobs=12, at=joined)
+        on_2 = [began_at for began_at, _, engine in client.began if engine == 2]
+        assert on_2 and min(on_2) >= 9
+
+    def test_with_a_roster_that_knows_readiness_the_view_names_the_ready_engines(self):
+        roster = DemandRoster(ready=[0, 1])
+        client = self.run(roster, jobs=2)
+        assert client.views[-1] == [0, 1]
