@@ -111,7 +111,8 @@ class ProgressSink:
 
     def job_failed(self, job: Job, error: BaseException) -> None: ...
 
-    def tick(self) -> None: ...
+    def tick(self) -> None:
+        """Once per scheduler loop (about every ``poll_s``), whether or not anything is in flight."""
 
 
 @dataclass
@@ -222,6 +223,9 @@ ROSTER_CHECK_S = 1.0
 # a task sent to the engine holding its run's checkpoint failed because that engine no longer has it: it
 # dropped the checkpoint (engines.held), or it unregistered before the task reached it
 HELD_LOST = ("CheckpointNotHeld", "ImpossibleDependency")
+# a queued task whose view named only engines that are gone since: ipyparallel's task scheduler fails it as
+# impossible; it never began, so it goes again (on a view of the engines left) without counting as a loss
+TARGETS_GONE = "ImpossibleDependency"
 
 
 def _remote_name(error: BaseException) -> str:
@@ -337,7 +341,8 @@ class Scheduler:
                     if not ready and source.exhausted():
                         self._count_overheads()
                         return self.stats
-                    time.sleep(self.poll_s)  # the source has nothing now but may later
+                    time.sleep(self.poll_s)  # the source has nothing now, or no engine is usable, but may later
+                    sink.tick()
                     self._watch(self._wanted(source, in_flight, ready))
                     continue
                 done, _ = concurrent.futures.wait(
@@ -476,6 +481,10 @@ class Scheduler:
             if not is_engine_loss(error):
                 job.moved = True
                 return job  # the engine lives but dropped the checkpoint: nothing else went wrong
+        if _remote_name(error) == TARGETS_GONE and job.held_on is None:
+            log.info("run %s: the engines its task was queued for are gone; sending it again", job.run_id)
+            job.moved = True
+            return job
         if is_engine_loss(error) and job.engine_losses + 1 < MAX_ENGINE_LOSSES:
             job.engine_losses += 1
             self.stats.engine_losses += 1

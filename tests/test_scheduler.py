@@ -410,6 +410,11 @@ class FakeTaskScheduler:
         unanswered here."""
         self.ids.remove(engine)
         self.running.pop(engine, None)
+        for queued in list(self.queue):  # ipyparallel fails a task queued for engines that are all gone
+            result, _, _, targets = queued
+            if targets is not None and not set(targets) & set(self.ids):
+                self.queue.remove(queued)
+                result.set_exception(ipp.error.RemoteError("ImpossibleDependency", "unreachable", ""))
 
     def join(self, engine: int) -> None:
         """A new engine registers with the hub."""
@@ -655,3 +660,18 @@ class TestDemandAndTheRoster:
         roster = DemandRoster(ready=[0, 1])
         client = self.run(roster, jobs=2)
         assert client.views[-1] == [0, 1]
+
+
+class TestATaskQueuedForEnginesThatAreGone:
+    def test_it_goes_again_when_an_engine_is_ready_and_its_run_does_not_fail(self):
+        # engine 1 has not reported itself yet, so the view names engine 0 alone; engine 0 dies with A on it
+        # and B queued for it, which ipyparallel then fails as impossible
+        clock, roster = FakeClock(), DemandRoster(ready=[0])
+        client = FakeTaskScheduler(ids=(0, 1))
+        client.at[1] = [lambda: client.kill(0)]
+        client.at[4] = [lambda: roster.recorded.add(1)]
+        source = ListSource([timed_job("A", 5), timed_job("B", 2)])
+        stats = Scheduler(client, poll_s=0, prefetch=1, roster=roster, clock=clock).run(source, Steps(client, clock))
+        assert source.errors == []
+        assert sorted(source.results) == [("A", 1, 1), ("B", 1, 1)]
+        assert stats.engine_losses == 1, "B never began: only A's loss counts"
