@@ -35,7 +35,9 @@ from .task_result import TaskResult
 
 log = logging.getLogger(__name__)
 
-MAX_ENGINE_LOSSES = 3  # per job: a task that kills its engine three times is the task's fault
+# a job whose task is lost with its engine three times in a row (no task of it trained in between) fails: a
+# task that kills every engine it runs on (out of memory, a crash) is the task's fault, not bad luck
+MAX_ENGINE_LOSSES = 3
 # ipyparallel's AsyncResults sit in reference cycles with their own callbacks, so a finished one, with the
 # checkpoint it carries, is freed only by a full garbage collection, which Python runs rarely: one every
 # 32 MB of results keeps the master flat at a cost of ~0.1 s per 32 tasks of the paper's CNN
@@ -518,6 +520,8 @@ class Scheduler:
             job.checkpoint, job.shipped = result.checkpoint, result.position
         if result.batches_run or result.shipped:
             job.epochs_done, job.batches_done = result.position
+        if result.batches_run:
+            job.engine_losses = 0  # its tasks do run: losses before this one were the engines' bad luck
         job.held_on = engine_id if result.held else None
         job.moved = stopped in ENGINE_GOING
         sink.task_done(job, result, engine_id)

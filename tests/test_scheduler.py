@@ -183,6 +183,18 @@ class TestALostEngine:
         assert len(client.submitted) == MAX_ENGINE_LOSSES
         assert source.errors and "died" in source.errors[0][1]
 
+    def test_a_long_run_that_loses_an_engine_now_and_then_is_not_failed_for_it(self):
+        def every_other_task_lost(spec, ckpt, n):  # each epoch's first task dies with its engine
+            if len(client.submitted) % 2:
+                return 1, engine_lost()
+            return 0, {**epoch_result(ckpt), "batches_run": 1}
+
+        client = FakeClient(every_other_task_lost)
+        source = ListSource([job("r-1", MAX_ENGINE_LOSSES + 1)])
+        stats = Scheduler(client, poll_s=0).run(source)
+        assert source.errors == [] and source.results[-1][:2] == ("r-1", MAX_ENGINE_LOSSES + 1)
+        assert stats.engine_losses == MAX_ENGINE_LOSSES + 1
+
     def test_an_error_raised_by_the_task_is_not_retried(self):
         client = FakeClient(lambda spec, ckpt, n: (0, ValueError("bad spec")))
         source = ListSource([job("r-1", 3)])
