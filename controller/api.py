@@ -179,13 +179,13 @@ class Cluster:
         chosen.preflight(cfg.slaves)  # bad input, missing credentials: fail before anything starts
         threads = self.threads_per_engine(cfg.slaves, cfg.provider)
         profile = ipcluster.profile_dir(self.config.state_dir)
-        record = self.store.create_cluster(
+        record = self.store.clusters.create(
             name=self.name, provider=cfg.provider, slaves=cfg.slaves, threads_per_engine=threads,
             profile_dir=str(profile), ipp_cluster_id="", price_per_hour=cfg.price_per_hour)
-        self.store.update_cluster(record.id, ipp_cluster_id=f"{self.name}-{record.id}", target=cfg.slaves,
+        self.store.clusters.update(record.id, ipp_cluster_id=f"{self.name}-{record.id}", target=cfg.slaves,
                                   min_slaves=cfg.min_slaves, max_slaves=cfg.max_slaves, idle_minutes=cfg.idle_minutes,
                                   replace_lost=int(cfg.replace_lost))
-        record = self.store.cluster(record.id)
+        record = self.store.clusters.get(record.id)
         ipp_cluster = client = None
         try:
             ipp_cluster = ipcluster.new_cluster(
@@ -193,7 +193,7 @@ class Cluster:
                 engine_ip=chosen.controller_ip, engine_timeout=cfg.engine_timeout,
                 master_grace_minutes=cfg.master_grace_minutes)
             ipp_cluster.start_controller_sync()
-            self.store.update_cluster(record.id, controller_pid=ipcluster.controller_pid(ipp_cluster))
+            self.store.clusters.update(record.id, controller_pid=ipcluster.controller_pid(ipp_cluster))
             ipcluster.secure_files(profile)
             nodes = chosen.start(record, ipp_cluster, cfg.slaves)
             expected = chosen.expected_engines(nodes)
@@ -207,13 +207,13 @@ class Cluster:
                 ) from None
             self._record_engines(record, client, threads, nodes, ipp_cluster=ipp_cluster)
             ipcluster.secure_files(profile)
-            self.store.set_cluster_state(record.id, "running")
+            self.store.clusters.set_state(record.id, "running")
             self._warm_engines(client)
             if cfg.replace_lost or cfg.max_slaves:
                 from .elastic import keeper
 
                 pid = keeper.spawn(dataclasses.replace(self.config, cluster=cfg), record)
-                self.store.update_cluster(record.id, keeper_pid=pid)
+                self.store.clusters.update(record.id, keeper_pid=pid)
         except BaseException as error:
             log.warning("start failed (%s); stopping what was started", error or type(error).__name__)
             cleaned = False
@@ -227,9 +227,9 @@ class Cluster:
                 # never "stopped" while something may still run: a clean-up cut short (a second
                 # Ctrl-C) leaves the cluster "failed", which status shows and `cluster stop` finishes
                 if cleaned:
-                    self.store.set_cluster_state(record.id, "stopped", error=f"start failed: {error}")
+                    self.store.clusters.set_state(record.id, "stopped", error=f"start failed: {error}")
                 else:
-                    self.store.set_cluster_state(
+                    self.store.clusters.set_state(
                         record.id, "failed",
                         error=f"start failed: {error}; its clean-up did not finish: run `cluster stop`")
             raise
@@ -257,7 +257,7 @@ class Cluster:
         return processes.is_marked(record.controller_pid, Path(record.profile_dir), record.ipp_cluster_id)
 
     def _refuse_second_cluster(self) -> None:
-        existing = self.store.active_cluster(self.name)
+        existing = self.store.clusters.active(self.name)
         if existing is None:
             return
         if existing.state in ("starting", "running", "stopping") and self._controller_alive(existing):
@@ -284,7 +284,7 @@ class Cluster:
                        if node in {n.node_id for n in nodes}}
         only = nodes[0].node_id if len(nodes) == 1 else ""
         now = time.time()
-        self.store.record_engines(record.id, [
+        self.store.engines.put(record.id, [
             EngineRecord(engine_id=engine_id, host=info["host"], pid=info["pid"], device=info["device"],
                          threads=info["threads"],
                          node_id=pid_to_node.get(info["pid"]) or host_to_node.get(info["host"], only),
@@ -310,14 +310,14 @@ class Cluster:
         this master's (user@host) only, unless ``any_owner``; ``only`` limits that to
         the ids ``stop_plan`` listed and the user agreed to.
         """
-        record = self.store.active_cluster(self.name)
+        record = self.store.clusters.active(self.name)
         if self._client is not None:
             self._client.close()
             self._client = None
         if record is not None:
             self._stop_record(record)  # our own cluster first, whatever the cloud says next
         released = self._release_orphans(all_clusters, any_owner, only) if record is None or all_clusters else []
-        return Stopped(self.store.cluster(record.id) if record is not None else None, released)
+        return Stopped(self.store.clusters.get(record.id) if record is not None else None, released)
 
     def stop_plan(self, all_clusters: bool = False, any_owner: bool = False) -> "list[Resource]":
         """What ``stop(all_clusters, any_owner)`` would release by tag, beyond this cluster's own record."""
@@ -329,12 +329,12 @@ class Cluster:
     def _stop_record(self, record: ClusterRecord) -> None:
         from .elastic import keeper
 
-        self.store.set_cluster_state(record.id, "stopping")
+        self.store.clusters.set_state(record.id, "stopping")
         keeper.stop(record)  # first: it would replace the engines being stopped
         provider = self.provider(record.provider)
         ipp_cluster = ipcluster.load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
         self._teardown(record, provider, ipp_cluster)
-        self.store.set_cluster_state(record.id, "stopped")
+        self.store.clusters.set_state(record.id, "stopped")
 
     def _teardown(self, record: ClusterRecord, provider: Provider, ipp_cluster) -> None:
         """Engines and slaves first (they may need the controller to say goodbye), then the controller."""
@@ -352,9 +352,9 @@ class Cluster:
 
     # status -------------------------------------------------------------------
     def status(self) -> ClusterStatus:
-        record = self.store.active_cluster(self.name)
+        record = self.store.clusters.active(self.name)
         if record is None:
-            last = self.store.latest_cluster(self.name)
+            last = self.store.clusters.latest(self.name)
             return ClusterStatus(name=self.name, state="stopped" if last else "none",
                                  error=last.error if last else None)
         profile = Path(record.profile_dir)
@@ -363,7 +363,7 @@ class Cluster:
         registered, queues = self._registered_engines(url) if controller_alive else (set(), {})
         now = time.time()
         engines = []
-        for engine in self.store.engines(record.id):
+        for engine in self.store.engines.of(record.id):
             if record.provider == "local" and not processes.is_marked(engine.pid, profile, record.ipp_cluster_id):
                 state = "dead"
             elif engine.engine_id not in registered:
@@ -377,7 +377,7 @@ class Cluster:
                 queued=queues.get(engine.engine_id, {}).get("queue", 0), node_id=engine.node_id or ""))
         nodes = self.provider(record.provider).list(record)
         released = {n.node_id for n in nodes if n.state in ("stopped", "terminated", "gone")}
-        leaving = self.store.leaving_engines(record.id)
+        leaving = self.store.engines.leaving(record.id)
         for engine in engines:
             engine.leaving = leaving.get(engine.id, "")
             if engine.node_id in released and engine.state in ("dead", "unregistered"):
@@ -410,7 +410,7 @@ class Cluster:
             replace_lost=bool(record.replace_lost),
             keeper={"pid": record.keeper_pid, "state": "running" if keeper_alive else
                     ("dead" if record.keeper_pid else "none")},
-            idle_stops=idle_stops, events=self.store.events(record.id, limit=10),
+            idle_stops=idle_stops, events=self.store.events.latest(record.id, limit=10),
             controller={"pid": record.controller_pid, "state": "running" if controller_alive else "dead"},
             engines=engines_shown, nodes=nodes, created_at=record.created_at, uptime_s=uptime,
             price_per_hour=price, cost_so_far=price * uptime / 3600, error=record.error,
@@ -428,7 +428,7 @@ class Cluster:
         if up and record.provider != "local":
             parts.append(f"{len(up)} node(s) still up and billed; their engines wait "
                          f"{self.config.cluster.master_grace_minutes:g} min for a controller, then quit")
-        runs = [r for r in self.store.runs(limit=200)
+        runs = [r for r in self.store.runs.all(limit=200)
                 if r.cluster_id == record.id and r.state in ("running", "interrupted")]
         sweeps = sorted({r.sweep_id for r in runs if r.sweep_id})
         resume = [f"`cluster sweep --resume {s}`" for s in sweeps]
@@ -454,15 +454,15 @@ class Cluster:
             nodes = [n for n in live_nodes(self.store, record.id)]
             before = record.target if record.target is not None else len(nodes)
             why = why or f"cluster scale {slaves}"
-            self.store.update_cluster(record.id, target=slaves)
-            self.store.add_event(record.id, "scale", f"target {before} -> {slaves} ({len(nodes)} serving): {why}")
+            self.store.clusters.update(record.id, target=slaves)
+            self.store.events.add(record.id, "scale", f"target {before} -> {slaves} ({len(nodes)} serving): {why}")
             resizer = Resizer(self)
             if slaves > len(nodes):
                 try:
                     resizer.add(slaves - len(nodes), why)
                 except BaseException as error:  # nothing was added: the target stays what it was
-                    self.store.update_cluster(record.id, target=before)
-                    self.store.add_event(record.id, "error", f"target back to {before}: {why} failed: {error}")
+                    self.store.clusters.update(record.id, target=before)
+                    self.store.events.add(record.id, "error", f"target back to {before}: {why} failed: {error}")
                     raise
             elif slaves < len(nodes):
                 resizer.remove(choose_to_remove(nodes, len(nodes) - slaves, self._busy_nodes(record)), why)
@@ -487,8 +487,8 @@ class Cluster:
             before = record.target if record.target is not None else len(live)
             target = max(0, before - len(chosen))
             why = why or f"cluster remove {' '.join(node_ids)}"
-            self.store.update_cluster(record.id, target=target)
-            self.store.add_event(record.id, "scale", f"target {before} -> {target}: {why}")
+            self.store.clusters.update(record.id, target=target)
+            self.store.events.add(record.id, "scale", f"target {before} -> {target}: {why}")
             Resizer(self).remove(chosen, why)
         return self.status()
 
@@ -497,7 +497,7 @@ class Cluster:
         client = self.client
         queues = client.queue_status()
         busy = {e for e, q in queues.items() if isinstance(e, int) and (q.get("tasks") or q.get("queue"))}
-        return {e.node_id for e in self.store.engines(record.id) if e.engine_id in busy}
+        return {e.node_id for e in self.store.engines.of(record.id) if e.engine_id in busy}
 
     @staticmethod
     def _registered_engines(url: Path) -> tuple[set[int], dict]:
@@ -514,7 +514,7 @@ class Cluster:
     # the client -----------------------------------------------------------------
     @property
     def record(self) -> ClusterRecord:
-        record = self.store.active_cluster(self.name)
+        record = self.store.clusters.active(self.name)
         if record is None or record.state != "running":
             raise NotRunningError(
                 f"no cluster {self.name!r} is running under {self.config.state_dir}; start one with "
@@ -574,7 +574,7 @@ class Cluster:
         spec["run_id"] = run_id
         leases = Leases(self.store)
         with leases.hold("run", run_id):
-            self.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=self.record.id))
+            self.store.runs.create(RunRecord(id=run_id, params=spec, cluster_id=self.record.id))
             self.current_run_id = run_id
             if distributed:
                 return self._execute_distributed(Job(run_id=run_id, spec=spec), progress, engines)
@@ -586,7 +586,7 @@ class Cluster:
 
         A distributed run resumes distributed, on every engine or on ``engines`` (any count: the
         global batch stays the run's ``batch_size``)."""
-        run = self.store.run(run_id)
+        run = self.store.runs.get(run_id)
         if run is None:
             raise UsageError(f"--resume {run_id}: no such run; `cluster runs` lists them")
         if run.state == "completed":
@@ -598,11 +598,11 @@ class Cluster:
             leases.check_free("sweep", run.sweep_id)
         # before anything else: a second master must not touch the run (or its checkpoint files) at all
         with leases.hold("run", run_id):
-            stored = self.store.load_checkpoint(run_id)
+            stored = self.store.checkpoints.load(run_id)
             checkpoint = stored[1] if stored else None
             # progress recorded after the stored checkpoint (kept on an engine, checkpoint_minutes) is redone
             position = RunRecorder(self.store).resume_from_checkpoint(run_id)
-            self.store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=self.record.id)
+            self.store.runs.update(run_id, state="running", error=None, finished_at=None, cluster_id=self.record.id)
             job = Job(run_id=run_id, spec=self._resumed_spec(run.params), checkpoint=checkpoint,
                       epochs_done=position[0], batches_done=position[1], shipped=position, task=task_for(run.params))
             self.current_run_id = run_id
@@ -633,8 +633,8 @@ class Cluster:
 
         chosen = choose_engines(list(self.client.ids), engines)
         record = self.record
-        private = {n.node_id: n.private_ip for n in self.store.nodes(record.id) if n.private_ip}
-        addresses = {e.engine_id: private[e.node_id] for e in self.store.engines(record.id) if e.node_id in private}
+        private = {n.node_id: n.private_ip for n in self.store.nodes.of(record.id) if n.private_ip}
+        addresses = {e.engine_id: private[e.node_id] for e in self.store.engines.of(record.id) if e.node_id in private}
         try:
             DistributedRun(self.client, self.store, chosen, addresses=addresses).run(job, progress)
         except BaseException:
@@ -648,7 +648,7 @@ class Cluster:
             self.scheduler().run(source, progress)
         except BaseException as error:
             source.recorder.mark_interrupted([job.run_id])
-            run = self.store.run(job.run_id)
+            run = self.store.runs.get(job.run_id)
             if isinstance(error, ClusterLostError) and run is not None:
                 raise ClusterLostError(
                     f"{error}; run {run.id} is stored up to epoch {run.epochs_done}: `cluster stop`, "
@@ -659,13 +659,13 @@ class Cluster:
         return self.run_result(job.run_id)
 
     def run_result(self, run_id: str) -> RunResult:
-        run = self.store.run(run_id)
+        run = self.store.runs.get(run_id)
         if run is None:
             raise UsageError(f"no run {run_id!r}; `cluster runs` lists them")
-        return RunResult(run=run, epochs=self.store.epochs(run_id))
+        return RunResult(run=run, epochs=self.store.epochs.of(run_id))
 
     def runs(self, limit: Optional[int] = None, sweep_id: Optional[str] = None) -> list[RunRecord]:
-        return self.store.runs(limit=limit, sweep_id=sweep_id)
+        return self.store.runs.all(limit=limit, sweep_id=sweep_id)
 
     # inference -------------------------------------------------------------------
     def infer(self, run_id: Optional[str] = None, *, checkpoint: Optional[str | os.PathLike] = None,
@@ -686,11 +686,11 @@ class Cluster:
         if (run_id is None) == (checkpoint is None):
             raise UsageError("infer: give one of --run RUN_ID or --checkpoint PATH")
         if run_id is not None:
-            run = self.store.run(run_id)
+            run = self.store.runs.get(run_id)
             if run is None:
                 raise UsageError(f"--run {run_id}: no such run; `cluster runs` lists them")
             data_dir = data_dir or run.params.get("data_dir")
-            stored = self.store.load_checkpoint(run_id)
+            stored = self.store.checkpoints.load(run_id)
             if stored is None:
                 raise UsageError(f"--run {run_id}: the run has no checkpoint yet")
             data = stored[1]

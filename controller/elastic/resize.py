@@ -95,7 +95,7 @@ def resize_lock(state_dir: Path, cluster_id: int, wait_s: float = LOCK_WAIT_S) -
 
 
 def live_nodes(store: Store, cluster_id: int) -> list[NodeRecord]:
-    return [n for n in store.nodes(cluster_id) if n.state in LIVE_NODE_STATES]
+    return [n for n in store.nodes.of(cluster_id) if n.state in LIVE_NODE_STATES]
 
 
 class Resizer:
@@ -113,12 +113,12 @@ class Resizer:
         provider = self.host.provider(record.provider)
         ipp_cluster = self._ipp_cluster(record)
         client = self.host.client
-        known = set(client.ids) | {e.engine_id for e in self.store.engines(record.id)}
-        self.store.add_event(record.id, "add", f"adding {count} slave(s): {why}")
+        known = set(client.ids) | {e.engine_id for e in self.store.engines.of(record.id)}
+        self.store.events.add(record.id, "add", f"adding {count} slave(s): {why}")
         log.info("adding %d slave(s): %s", count, why)
         nodes = provider.add(record, ipp_cluster, count)
         for node in nodes:
-            self.store.update_node(record.id, node.node_id, note=why)
+            self.store.nodes.update(record.id, node.node_id, note=why)
         expected = provider.expected_engines(nodes)
         timeout = self.host.config.cluster.engine_timeout
         deadline = time.monotonic() + timeout
@@ -141,7 +141,7 @@ class Resizer:
             self._release(record, provider, ipp_cluster, nodes, f"failed to join: {error}")
             raise
         self.host._warm_engines(client, targets=new)
-        self.store.add_event(record.id, "add", f"{', '.join(n.node_id for n in nodes)} joined with engine(s) "
+        self.store.events.add(record.id, "add", f"{', '.join(n.node_id for n in nodes)} joined with engine(s) "
                              f"{', '.join(map(str, new))}" + (f" (replacing {replaces})" if replaces else ""))
         return nodes
 
@@ -154,22 +154,22 @@ class Resizer:
         provider = self.host.provider(record.provider)
         ipp_cluster = self._ipp_cluster(record, required=False)
         names = ", ".join(n.node_id for n in nodes)
-        self.store.add_event(record.id, "remove", f"{'draining' if drain else 'releasing'} {names}: {why}")
+        self.store.events.add(record.id, "remove", f"{'draining' if drain else 'releasing'} {names}: {why}")
         log.info("%s %s: %s", "draining" if drain else "releasing", names, why)
         if drain:
             self._drain(record, nodes)
         self._release(record, provider, ipp_cluster, nodes, why)
-        self.store.add_event(record.id, "remove", f"released {names}")
+        self.store.events.add(record.id, "remove", f"released {names}")
 
     def _drain(self, record: ClusterRecord, nodes: list[NodeRecord]) -> None:
         ids = {n.node_id for n in nodes}
-        engines = [e for e in self.store.engines(record.id) if e.node_id in ids]
-        leaving = self.store.leaving_engines(record.id)
+        engines = [e for e in self.store.engines.of(record.id) if e.node_id in ids]
+        leaving = self.store.engines.leaving(record.id)
         for engine in engines:
             if engine.engine_id not in leaving:  # a notice or loss already recorded keeps its reason
-                self.store.mark_engine_leaving(record.id, engine.engine_id, "drain")
+                self.store.engines.mark_leaving(record.id, engine.engine_id, "drain")
         for node in nodes:
-            self.store.update_node(record.id, node.node_id, state="draining")
+            self.store.nodes.update(record.id, node.node_id, state="draining")
         marked = time.monotonic()
         client = self.host.client
         live = [e.engine_id for e in engines if e.engine_id in client.ids]
@@ -202,18 +202,18 @@ class Resizer:
         from engines.stopping import clear
 
         ids = {n.node_id for n in nodes}
-        leaving = self.store.leaving_engines(record.id)
-        for engine in self.store.engines(record.id):
+        leaving = self.store.engines.leaving(record.id)
+        for engine in self.store.engines.of(record.id):
             if engine.node_id in ids and leaving.get(engine.engine_id) == "drain":
-                self.store.mark_engine_leaving(record.id, engine.engine_id, "")
+                self.store.engines.mark_leaving(record.id, engine.engine_id, "")
         for node in nodes:
-            self.store.update_node(record.id, node.node_id, state="running")
+            self.store.nodes.update(record.id, node.node_id, state="running")
         if live:
             try:  # queued behind a running task, which stops at its boundary and goes on elsewhere
                 client[live].apply_async(clear, "drain")
             except Exception as error:  # noqa: BLE001 - an engine gone meanwhile: nothing to call off there
                 log.info("could not call the drain off on engines %s: %s", live, error)
-        self.store.add_event(record.id, "remove", f"drain of {', '.join(sorted(ids))} called off")
+        self.store.events.add(record.id, "remove", f"drain of {', '.join(sorted(ids))} called off")
 
     @staticmethod
     def _busy(client, engine_ids: list[int]) -> list[int]:
@@ -225,14 +225,14 @@ class Resizer:
     def _release(self, record: ClusterRecord, provider: Provider, ipp_cluster, nodes: list[NodeRecord],
                  why: str) -> None:
         ids = {n.node_id for n in nodes}
-        for engine in self.store.engines(record.id):
+        for engine in self.store.engines.of(record.id):
             if engine.node_id in ids and not engine.leaving:
-                self.store.mark_engine_leaving(record.id, engine.engine_id, "drain")
+                self.store.engines.mark_leaving(record.id, engine.engine_id, "drain")
         try:
             provider.remove(record, ipp_cluster, nodes)
         finally:
             for node in nodes:
-                self.store.update_node(record.id, node.node_id, note=why)
+                self.store.nodes.update(record.id, node.node_id, note=why)
             if ipp_cluster is not None:
                 ipcluster.secure_files(Path(record.profile_dir))
 

@@ -179,13 +179,13 @@ class SweepResult:
 
 def collect(store: Store, sweep: SweepRecord, study) -> SweepResult:
     """Ranked trials of a sweep: Optuna's states and values, the store's metrics."""
-    runs: dict[str, RunRecord] = {r.id: r for r in store.runs(sweep_id=sweep.id)}
+    runs: dict[str, RunRecord] = {r.id: r for r in store.runs.all(sweep_id=sweep.id)}
     names = sweep.search_space.names
     trials = []
     for frozen in study.get_trials(deepcopy=False):
         run_id = run_id_for(sweep.id, frozen.number)
         run = runs.get(run_id)
-        epochs = store.epochs(run_id) if run else []
+        epochs = store.epochs.of(run_id) if run else []
         params = dict(frozen.params) or ({k: run.params.get(k) for k in names} if run else {})
         trials.append(TrialResult(
             number=frozen.number, state=frozen.state.name, params=params, value=frozen.value,
