@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from controller import processes
+from controller import joining, processes
 from controller.api import Cluster
 from controller.cli import main
 from controller.errors import ClusterStateError, ConfigError, CredentialsError, ProviderError
@@ -212,7 +212,7 @@ def test_failed_start_leaves_nothing(step, tmp_path, tiny_data_dir, moto_url, ec
 
     monkeypatch.setattr(aws.AwsProvider, "on_step", staticmethod(fail))
     if step == "registration":  # engines up, then the wait for registration fails
-        monkeypatch.setattr(Cluster, "_record_engines", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected")))
+        monkeypatch.setattr(joining, "record_engines", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected")))
     cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2)))
     with pytest.raises((RuntimeError, KeyboardInterrupt)):
         cluster.start()

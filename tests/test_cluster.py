@@ -77,7 +77,7 @@ def test_start_train_stop_end_to_end_leaves_no_process(env, isolated):
     assert wait_until(lambda: not cluster_pids(state_dir), timeout=20), cluster_pids(state_dir)
     assert "nothing to stop" in cli("stop", env=env, cwd=isolated).stdout
     assert "not running" in cli("status", env=env, cwd=isolated).stdout
-    assert Store(state_dir).runs()[0].state == "completed", "history is kept"
+    assert Store(state_dir).runs.all()[0].state == "completed", "history is kept"
 
 
 def test_a_crashed_engine_shows_in_status_and_stop_still_cleans_up(tmp_path, tiny_data_dir):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .. import ipcluster, processes
+from ..cluster_status import controller_alive
 from ..config import Config, config_to_dict
 from ..errors import ClusterError, ClusterStateError
 from ..store import ClusterRecord
@@ -76,7 +77,7 @@ class Keeper:
         record = self.store.clusters.get(self.cluster_id)
         if record.state in ("stopping", "stopped", "failed"):
             return False
-        return record.state == "starting" or self.cluster._controller_alive(record)
+        return record.state == "starting" or controller_alive(record)
 
     def tick(self) -> Optional[Decision]:
         """Look, decide, act; None when another resize holds the lock or the cluster is not running."""

@@ -17,10 +17,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol
 
-from .. import ipcluster
-from ..errors import ClusterStateError, ProviderError
+from .. import ipcluster, joining
+from ..config import Config
+from ..errors import ClusterStateError, ProviderError, UsageError
 from ..providers import Provider
 from ..scheduler import ROSTER_CHECK_S
 from ..store import ClusterRecord, NodeRecord, Store
@@ -39,7 +40,7 @@ class ResizeHost(Protocol):
     store: Store
 
     @property
-    def config(self): ...
+    def config(self) -> Config: ...
 
     @property
     def record(self) -> ClusterRecord: ...
@@ -49,10 +50,7 @@ class ResizeHost(Protocol):
 
     def provider(self, name: Optional[str] = None) -> Provider: ...
 
-    def _record_engines(self, record: ClusterRecord, client, threads: int, nodes: list[NodeRecord],
-                        engine_ids: Optional[list[int]] = None, ipp_cluster=None) -> None: ...
-
-    def _warm_engines(self, client, targets: Optional[list[int]] = None) -> None: ...
+    def run_spec(self, **overrides: Any) -> dict: ...
 
 
 def lock_path(state_dir: Path, cluster_id: int) -> Path:
@@ -133,14 +131,14 @@ class Resizer:
                         f"{', '.join(n.node_id for n in nodes)} registered within {timeout} s; their logs are in "
                         f"{Path(record.profile_dir) / 'log'} (raise [cluster] engine_timeout if slaves are slow)")
                 time.sleep(self.poll_s)
-            self.host._record_engines(record, client, record.threads_per_engine, nodes, engine_ids=new,
-                                      ipp_cluster=ipp_cluster)
+            joining.record_engines(self.store, self.host.config, record, client, record.threads_per_engine, nodes,
+                                   engine_ids=new, ipp_cluster=ipp_cluster)
             ipcluster.secure_files(Path(record.profile_dir))
         except BaseException as error:
             log.warning("the new slaves did not join (%s); releasing them", error)
             self._release(record, provider, ipp_cluster, nodes, f"failed to join: {error}")
             raise
-        self.host._warm_engines(client, targets=new)
+        joining.warm_engines(client, self.host.run_spec(), timeout, targets=new)
         self.store.events.add(record.id, "add", f"{', '.join(n.node_id for n in nodes)} joined with engine(s) "
                              f"{', '.join(map(str, new))}" + (f" (replacing {replaces})" if replaces else ""))
         return nodes
@@ -249,3 +247,61 @@ def choose_to_remove(nodes: list[NodeRecord], count: int, busy_nodes: set[str]) 
     """``count`` nodes to turn off: idle ones first, the newest first within each (older ones have warm caches)."""
     ordered = sorted(nodes, key=lambda n: (n.node_id in busy_nodes, -(n.launched_at or 0), n.node_id))
     return ordered[:count]
+
+
+def scale(host: ResizeHost, slaves: int, why: str = "") -> None:
+    """Turn slaves on or off until ``slaves`` serve (``cluster scale``): the target first, then nodes added,
+    or the idle ones drained and released; an add that fails leaves the target as it was."""
+    if not 0 <= slaves <= 256:
+        raise UsageError(f"scale {slaves}: expected a number of slaves from 0 to 256")
+    record = host.record
+    if record.max_slaves and not (record.min_slaves or 0) <= slaves <= record.max_slaves:
+        raise UsageError(f"scale {slaves}: this cluster autoscales between {record.min_slaves} and "
+                         f"{record.max_slaves} slaves (min_slaves/max_slaves); stay in that range")
+    store = host.store
+    with resize_lock(host.config.state_dir, record.id):
+        record = host.record
+        nodes = live_nodes(store, record.id)
+        before = record.target if record.target is not None else len(nodes)
+        why = why or f"cluster scale {slaves}"
+        store.clusters.update(record.id, target=slaves)
+        store.events.add(record.id, "scale", f"target {before} -> {slaves} ({len(nodes)} serving): {why}")
+        resizer = Resizer(host)
+        if slaves > len(nodes):
+            try:
+                resizer.add(slaves - len(nodes), why)
+            except BaseException as error:  # nothing was added: the target stays what it was
+                store.clusters.update(record.id, target=before)
+                store.events.add(record.id, "error", f"target back to {before}: {why} failed: {error}")
+                raise
+        elif slaves < len(nodes):
+            resizer.remove(choose_to_remove(nodes, len(nodes) - slaves, busy_nodes(host, record)), why)
+
+
+def remove(host: ResizeHost, node_ids: list[str], why: str = "") -> None:
+    """Drain these nodes, then release them (``cluster remove``); the target shrinks by as many."""
+    if not node_ids:
+        raise UsageError("remove: name at least one node (`cluster status` lists them)")
+    record = host.record
+    store = host.store
+    with resize_lock(host.config.state_dir, record.id):
+        record = host.record
+        live = {n.node_id: n for n in live_nodes(store, record.id)}
+        unknown = [n for n in node_ids if n not in live]
+        if unknown:
+            raise UsageError(f"remove {' '.join(unknown)}: no such running node; running: "
+                             f"{', '.join(live) or 'none'}")
+        chosen = [live[n] for n in dict.fromkeys(node_ids)]
+        before = record.target if record.target is not None else len(live)
+        target = max(0, before - len(chosen))
+        why = why or f"cluster remove {' '.join(node_ids)}"
+        store.clusters.update(record.id, target=target)
+        store.events.add(record.id, "scale", f"target {before} -> {target}: {why}")
+        Resizer(host).remove(chosen, why)
+
+
+def busy_nodes(host: ResizeHost, record: ClusterRecord) -> set[str]:
+    """Nodes with an engine that runs or holds a task now."""
+    queues = host.client.queue_status()
+    busy = {e for e, q in queues.items() if isinstance(e, int) and (q.get("tasks") or q.get("queue"))}
+    return {e.node_id for e in host.store.engines.of(record.id) if e.engine_id in busy}
