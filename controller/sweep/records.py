@@ -72,18 +72,13 @@ class SweepTable:
         values["space"] = json.dumps(record.space)
         values["overrides"] = json.dumps(record.overrides, sort_keys=True)
         values["base_spec"] = json.dumps(record.base_spec, sort_keys=True)
-        columns = ", ".join(values)
-        self.store.execute(f"INSERT INTO sweeps ({columns}) VALUES ({', '.join('?' for _ in values)})",
-                           values.values())
+        self.store.insert("sweeps", values)
         return record
 
     def update(self, sweep_id: str, **values: Any) -> None:
         if "state" in values and values["state"] not in SWEEP_STATES:
             raise ValueError(f"sweep state {values['state']!r}: expected one of {SWEEP_STATES}")
-        if not values:
-            return
-        sets = ", ".join(f"{k} = ?" for k in values)
-        self.store.execute(f"UPDATE sweeps SET {sets} WHERE id = ?", (*values.values(), sweep_id))
+        self.store.update("sweeps", {"id": sweep_id}, values)
 
     def get(self, sweep_id: str) -> Optional[SweepRecord]:
         row = self.store.execute("SELECT * FROM sweeps WHERE id = ?", (sweep_id,)).fetchone()
