@@ -461,12 +461,20 @@ class Cluster:
                 try:
                     resizer.add(slaves - len(nodes), why)
                 except BaseException as error:  # nothing was added: the target stays what it was
-                    self.store.update_cluster(record.id, target=before)
-                    self.store.add_event(record.id, "error", f"target back to {before}: {why} failed: {error}")
+                    self._target_back(record, before, why, error)
                     raise
             elif slaves < len(nodes):
-                resizer.remove(choose_to_remove(nodes, len(nodes) - slaves, self._busy_nodes(record)), why)
+                try:
+                    resizer.remove(choose_to_remove(nodes, len(nodes) - slaves, self._busy_nodes(record)), why)
+                except BaseException as error:  # the drain was called off: every node serves on
+                    self._target_back(record, before, why, error)
+                    raise
         return self.status()
+
+    def _target_back(self, record: ClusterRecord, before: int, why: str, error: BaseException) -> None:
+        """A resize that did not happen leaves the target where it was (the keeper would act on it)."""
+        self.store.update_cluster(record.id, target=before)
+        self.store.add_event(record.id, "error", f"target back to {before}: {why} failed: {error!r}")
 
     def remove(self, node_ids: list[str], *, why: str = "") -> ClusterStatus:
         """Drain these slaves (their tasks stop at a batch boundary and go on elsewhere), then release them;
@@ -489,7 +497,11 @@ class Cluster:
             why = why or f"cluster remove {' '.join(node_ids)}"
             self.store.update_cluster(record.id, target=target)
             self.store.add_event(record.id, "scale", f"target {before} -> {target}: {why}")
-            Resizer(self).remove(chosen, why)
+            try:
+                Resizer(self).remove(chosen, why)
+            except BaseException as error:
+                self._target_back(record, before, why, error)
+                raise
         return self.status()
 
     def _busy_nodes(self, record: ClusterRecord) -> set[str]:

@@ -116,13 +116,13 @@ class Resizer:
         known = set(client.ids) | {e.engine_id for e in self.store.engines(record.id)}
         self.store.add_event(record.id, "add", f"adding {count} slave(s): {why}")
         log.info("adding %d slave(s): %s", count, why)
-        nodes = provider.add(record, ipp_cluster, count)
-        for node in nodes:
-            self.store.update_node(record.id, node.node_id, note=why)
-        expected = provider.expected_engines(nodes)
-        timeout = self.host.config.cluster.engine_timeout
-        deadline = time.monotonic() + timeout
+        nodes = provider.add(record, ipp_cluster, count)  # if it raises, it released what it started
         try:
+            for node in nodes:
+                self.store.update_node(record.id, node.node_id, note=why)
+            expected = provider.expected_engines(nodes)
+            timeout = self.host.config.cluster.engine_timeout
+            deadline = time.monotonic() + timeout
             while True:
                 new = sorted(set(client.ids) - known)
                 if len(new) >= expected:
@@ -164,25 +164,25 @@ class Resizer:
     def _drain(self, record: ClusterRecord, nodes: list[NodeRecord]) -> None:
         ids = {n.node_id for n in nodes}
         engines = [e for e in self.store.engines(record.id) if e.node_id in ids]
-        leaving = self.store.leaving_engines(record.id)
-        for engine in engines:
-            if engine.engine_id not in leaving:  # a notice or loss already recorded keeps its reason
-                self.store.mark_engine_leaving(record.id, engine.engine_id, "drain")
-        for node in nodes:
-            self.store.update_node(record.id, node.node_id, state="draining")
-        marked = time.monotonic()
         client = self.host.client
         live = [e.engine_id for e in engines if e.engine_id in client.ids]
-        if live:
-            # every one, idle too: the stop request is sticky, so a task the hub hands it before the
-            # schedulers re-read the marks comes straight back with its checkpoint
-            try:
-                client.send_signal("SIGUSR1", targets=live, block=True)
-            except Exception as error:  # noqa: BLE001 - an engine that died meanwhile: nothing to drain there
-                log.info("SIGUSR1 to engines %s: %s", live, error)
-        timeout = self.host.config.cluster.drain_timeout
-        deadline = marked + timeout
-        try:
+        leaving = self.store.leaving_engines(record.id)
+        try:  # from the first mark on, a timeout or Ctrl-C calls the drain off: the nodes serve again
+            for engine in engines:
+                if engine.engine_id not in leaving:  # a notice or loss already recorded keeps its reason
+                    self.store.mark_engine_leaving(record.id, engine.engine_id, "drain")
+            for node in nodes:
+                self.store.update_node(record.id, node.node_id, state="draining")
+            marked = time.monotonic()
+            if live:
+                # every one, idle too: the stop request is sticky, so a task the hub hands it before the
+                # schedulers re-read the marks comes straight back with its checkpoint
+                try:
+                    client.send_signal("SIGUSR1", targets=live, block=True)
+                except Exception as error:  # noqa: BLE001 - an engine that died meanwhile: nothing to drain
+                    log.info("SIGUSR1 to engines %s: %s", live, error)
+            timeout = self.host.config.cluster.drain_timeout
+            deadline = marked + timeout
             while True:
                 busy = self._busy(client, live)
                 # every scheduler re-reads the marks within ROSTER_CHECK_S: after that, idle stays idle
@@ -194,7 +194,7 @@ class Resizer:
                         f"[cluster] drain_timeout = {timeout} s; the drain is called off and they go on. Run the "
                         f"command again later, or raise drain_timeout")
                 time.sleep(self.poll_s)
-        except BaseException:  # a timeout, Ctrl-C: the nodes serve again rather than hang half-drained
+        except BaseException:
             self._call_off(record, nodes, client, live)
             raise
 
