@@ -114,13 +114,13 @@ class Resizer:
         known = set(client.ids) | {e.engine_id for e in self.store.engines.of(record.id)}
         self.store.events.add(record.id, "add", f"adding {count} slave(s): {why}")
         log.info("adding %d slave(s): %s", count, why)
-        nodes = provider.add(record, ipp_cluster, count)
-        for node in nodes:
-            self.store.nodes.update(record.id, node.node_id, note=why)
-        expected = provider.expected_engines(nodes)
-        timeout = self.host.config.cluster.engine_timeout
-        deadline = time.monotonic() + timeout
+        nodes = provider.add(record, ipp_cluster, count)  # if it raises, it released what it started
         try:
+            for node in nodes:
+                self.store.nodes.update(record.id, node.node_id, note=why)
+            expected = provider.expected_engines(nodes)
+            timeout = self.host.config.cluster.engine_timeout
+            deadline = time.monotonic() + timeout
             while True:
                 new = sorted(set(client.ids) - known)
                 if len(new) >= expected:
@@ -162,25 +162,25 @@ class Resizer:
     def _drain(self, record: ClusterRecord, nodes: list[NodeRecord]) -> None:
         ids = {n.node_id for n in nodes}
         engines = [e for e in self.store.engines.of(record.id) if e.node_id in ids]
-        leaving = self.store.engines.leaving(record.id)
-        for engine in engines:
-            if engine.engine_id not in leaving:  # a notice or loss already recorded keeps its reason
-                self.store.engines.mark_leaving(record.id, engine.engine_id, "drain")
-        for node in nodes:
-            self.store.nodes.update(record.id, node.node_id, state="draining")
-        marked = time.monotonic()
         client = self.host.client
         live = [e.engine_id for e in engines if e.engine_id in client.ids]
-        if live:
-            # every one, idle too: the stop request is sticky, so a task the hub hands it before the
-            # schedulers re-read the marks comes straight back with its checkpoint
-            try:
-                client.send_signal("SIGUSR1", targets=live, block=True)
-            except Exception as error:  # noqa: BLE001 - an engine that died meanwhile: nothing to drain there
-                log.info("SIGUSR1 to engines %s: %s", live, error)
-        timeout = self.host.config.cluster.drain_timeout
-        deadline = marked + timeout
-        try:
+        leaving = self.store.engines.leaving(record.id)
+        try:  # from the first mark on, a timeout or Ctrl-C calls the drain off: the nodes serve again
+            for engine in engines:
+                if engine.engine_id not in leaving:  # a notice or loss already recorded keeps its reason
+                    self.store.engines.mark_leaving(record.id, engine.engine_id, "drain")
+            for node in nodes:
+                self.store.nodes.update(record.id, node.node_id, state="draining")
+            marked = time.monotonic()
+            if live:
+                # every one, idle too: the stop request is sticky, so a task the hub hands it before the
+                # schedulers re-read the marks comes straight back with its checkpoint
+                try:
+                    client.send_signal("SIGUSR1", targets=live, block=True)
+                except Exception as error:  # noqa: BLE001 - an engine that died meanwhile: nothing to drain
+                    log.info("SIGUSR1 to engines %s: %s", live, error)
+            timeout = self.host.config.cluster.drain_timeout
+            deadline = marked + timeout
             while True:
                 busy = self._busy(client, live)
                 # every scheduler re-reads the marks within ROSTER_CHECK_S: after that, idle stays idle
@@ -192,7 +192,7 @@ class Resizer:
                         f"[cluster] drain_timeout = {timeout} s; the drain is called off and they go on. Run the "
                         f"command again later, or raise drain_timeout")
                 time.sleep(self.poll_s)
-        except BaseException:  # a timeout, Ctrl-C: the nodes serve again rather than hang half-drained
+        except BaseException:
             self._call_off(record, nodes, client, live)
             raise
 
@@ -251,7 +251,7 @@ def choose_to_remove(nodes: list[NodeRecord], count: int, busy_nodes: set[str]) 
 
 def scale(host: ResizeHost, slaves: int, why: str = "") -> None:
     """Turn slaves on or off until ``slaves`` serve (``cluster scale``): the target first, then nodes added,
-    or the idle ones drained and released; an add that fails leaves the target as it was."""
+    or the idle ones drained and released; a resize that fails or is called off leaves the target as it was."""
     if not 0 <= slaves <= 256:
         raise UsageError(f"scale {slaves}: expected a number of slaves from 0 to 256")
     record = host.record
@@ -271,15 +271,19 @@ def scale(host: ResizeHost, slaves: int, why: str = "") -> None:
             try:
                 resizer.add(slaves - len(nodes), why)
             except BaseException as error:  # nothing was added: the target stays what it was
-                store.clusters.update(record.id, target=before)
-                store.events.add(record.id, "error", f"target back to {before}: {why} failed: {error}")
+                _target_back(store, record, before, why, error)
                 raise
         elif slaves < len(nodes):
-            resizer.remove(choose_to_remove(nodes, len(nodes) - slaves, busy_nodes(host, record)), why)
+            try:
+                resizer.remove(choose_to_remove(nodes, len(nodes) - slaves, busy_nodes(host, record)), why)
+            except BaseException as error:  # the drain was called off: every node serves on
+                _target_back(store, record, before, why, error)
+                raise
 
 
 def remove(host: ResizeHost, node_ids: list[str], why: str = "") -> None:
-    """Drain these nodes, then release them (``cluster remove``); the target shrinks by as many."""
+    """Drain these nodes, then release them (``cluster remove``); the target shrinks by as many (unless the
+    drain is called off)."""
     if not node_ids:
         raise UsageError("remove: name at least one node (`cluster status` lists them)")
     record = host.record
@@ -297,7 +301,17 @@ def remove(host: ResizeHost, node_ids: list[str], why: str = "") -> None:
         why = why or f"cluster remove {' '.join(node_ids)}"
         store.clusters.update(record.id, target=target)
         store.events.add(record.id, "scale", f"target {before} -> {target}: {why}")
-        Resizer(host).remove(chosen, why)
+        try:
+            Resizer(host).remove(chosen, why)
+        except BaseException as error:
+            _target_back(store, record, before, why, error)
+            raise
+
+
+def _target_back(store: Store, record: ClusterRecord, before: int, why: str, error: BaseException) -> None:
+    """A resize that did not happen leaves the target where it was (the keeper would act on it)."""
+    store.clusters.update(record.id, target=before)
+    store.events.add(record.id, "error", f"target back to {before}: {why} failed: {error!r}")
 
 
 def busy_nodes(host: ResizeHost, record: ClusterRecord) -> set[str]:
