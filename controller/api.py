@@ -25,7 +25,7 @@ from .config import ClusterConfig, Config, load_config, metadata_url, override, 
 from .errors import (AlreadyRunningError, ClusterLostError, ClusterStateError, NotRunningError, ProviderError,
                      TaskError, UsageError)
 from .leases import Leases
-from .providers import Provider, provider_class
+from .providers import NO_HOOKS, Hooks, Provider, make_provider
 from .providers.base import Resource
 from .report import report
 from .roster import StoreRoster
@@ -120,8 +120,10 @@ def check_autoscaling(cfg: ClusterConfig) -> None:
 class Cluster:
     """One named cluster under one state_dir: start, status, train, runs, stop."""
 
-    def __init__(self, config: Optional[Config] = None, *, config_file: Optional[str | os.PathLike] = None):
+    def __init__(self, config: Optional[Config] = None, *, config_file: Optional[str | os.PathLike] = None,
+                 provider_hooks: Hooks = NO_HOOKS):
         self.config = config if config is not None else load_config(config_file)
+        self.provider_hooks = provider_hooks  # tests only: where a provider's start fails, SSH addresses
         self.store = Store(self.config.state_dir)
         self._client = None
         self._client_cluster_id: Optional[int] = None
@@ -152,7 +154,7 @@ class Cluster:
 
     # lifecycle ----------------------------------------------------------------
     def provider(self, name: Optional[str] = None) -> Provider:
-        return provider_class(name or self.config.cluster.provider)(self.config, self.store)
+        return make_provider(name or self.config.cluster.provider, self.config, self.store, self.provider_hooks)
 
     def threads_per_engine(self, slaves: int, provider: str) -> int:
         if self.config.cluster.threads_per_engine:
@@ -176,7 +178,8 @@ class Cluster:
         check_autoscaling(cfg)
         self._refuse_second_cluster()
         chosen = self.provider(cfg.provider)
-        chosen.preflight(cfg.slaves)  # bad input, missing credentials: fail before anything starts
+        # bad input, missing credentials: fail before anything starts; where the controller must listen
+        engine_ip = chosen.preflight(cfg.slaves)
         threads = self.threads_per_engine(cfg.slaves, cfg.provider)
         profile = ipcluster.profile_dir(self.config.state_dir)
         record = self.store.create_cluster(
@@ -190,7 +193,7 @@ class Cluster:
         try:
             ipp_cluster = ipcluster.new_cluster(
                 profile, record.ipp_cluster_id, engine_env=ipcluster.engine_environment(threads),
-                engine_ip=chosen.controller_ip, engine_timeout=cfg.engine_timeout,
+                engine_ip=engine_ip, engine_timeout=cfg.engine_timeout,
                 master_grace_minutes=cfg.master_grace_minutes)
             ipp_cluster.start_controller_sync()
             self.store.update_cluster(record.id, controller_pid=ipcluster.controller_pid(ipp_cluster))
