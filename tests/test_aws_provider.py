@@ -459,8 +459,8 @@ def test_cluster_ssh_uses_the_address_bootstrap_used(tmp_path, tiny_data_dir, mo
         cluster.close()
 
 
-def test_prices_per_zone_beside_on_demand(tmp_path, tiny_data_dir, moto_url, ec2):
-    aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2))
+def test_prices_per_zone_beside_on_demand_before_any_start(tmp_path, tiny_data_dir, moto_url, ec2):
+    config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2))
     code, out, err = run_cli("--config", str(tmp_path / "cluster.ini"), "prices", "--instance-types",
                              "g4dn.xlarge,g5.xlarge", "--json")
     assert code == 0, err
@@ -471,6 +471,7 @@ def test_prices_per_zone_beside_on_demand(tmp_path, tiny_data_dir, moto_url, ec2
     assert {r["on_demand"] for r in rows if r["instance_type"] == "g5.xlarge"} == {1.006}
     code, out, err = run_cli("--config", str(tmp_path / "cluster.ini"), "prices")
     assert code == 0 and "g4dn.xlarge" in out
+    assert not config.state_dir.exists()  # no store, no provider: nothing written
 
 
 @pytest.mark.parametrize("extra, error, match", [

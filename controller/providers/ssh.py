@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 class SshProvider(Provider):
     name = "ssh"
-    STEPS = ("ssh", "tunnels", "bootstrap")
+    STEPS = ("ssh", "tunnels", "bootstrap")  # tunnels: only with [ssh] tunnel = always
 
     def hosts(self) -> list[rm.Host]:
         cfg = self.config.ssh
