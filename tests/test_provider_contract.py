@@ -158,7 +158,7 @@ known_hosts = {known}
 
     def address(instance: dict, key_file: str) -> tuple[str, int]:
         """Test-only: the instance is the namespace host; its key pair authorised there (cloud-init)."""
-        if key_file not in authorized:
+        if key_file and key_file not in authorized:  # '' once the state (and the private key) is lost
             host.authorize(key_file)
             authorized.add(key_file)
         return host.address, 22
