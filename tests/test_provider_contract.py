@@ -38,12 +38,24 @@ RELEASED = ("stopped", "terminated")
 pytestmark = pytest.mark.slow
 
 
+def failure_steps(kind: str) -> list[str]:
+    """The steps of ``kind``'s start to fail after. aws runs the ssh provider's remote steps (controller.
+    remote_engines) after its own; the ssh case fails after each of them, and for aws the last one
+    (as Ctrl-C) proves that its instances are released from there: each of the others would only repeat
+    that at half a minute apiece (the suite's time is kept flat)."""
+    steps = list(provider_class(kind).STEPS)
+    if kind == "aws":
+        shared = set(provider_class("ssh").STEPS)
+        steps = [s for s in steps if s not in shared] + steps[-1:]
+    return steps
+
+
 def pytest_generate_tests(metafunc):
     """Every test of the contract once per provider; the failure test once per step of each start."""
     if "world" not in metafunc.fixturenames:
         return
     if "step" in metafunc.fixturenames:
-        cases = [(kind, step) for kind in KINDS for step in provider_class(kind).STEPS]
+        cases = [(kind, step) for kind in KINDS for step in failure_steps(kind)]
         metafunc.parametrize(("world", "step"), cases, indirect=["world"], ids=[f"{k}-{s}" for k, s in cases])
     else:
         metafunc.parametrize("world", KINDS, indirect=True)
