@@ -26,7 +26,7 @@ from .elastic import resize
 from .errors import ClusterLostError, ClusterStateError, NotRunningError, TaskError, UsageError
 from .leases import Leases
 from .lifecycle import Lifecycle, Stopped
-from .providers import Provider, provider_class
+from .providers import NO_HOOKS, Hooks, Provider, make_provider
 from .providers.base import Resource
 from .report import report
 from .roster import StoreRoster
@@ -54,8 +54,10 @@ class RunResult:
 class Cluster:
     """One named cluster under one state_dir: start, status, train, runs, stop."""
 
-    def __init__(self, config: Optional[Config] = None, *, config_file: Optional[str | os.PathLike] = None):
+    def __init__(self, config: Optional[Config] = None, *, config_file: Optional[str | os.PathLike] = None,
+                 provider_hooks: Hooks = NO_HOOKS):
         self.config = config if config is not None else load_config(config_file)
+        self.provider_hooks = provider_hooks  # tests only: where a provider's start fails, SSH addresses
         self.store = Store(self.config.state_dir)
         self._client = None
         self._client_cluster_id: Optional[int] = None
@@ -91,7 +93,7 @@ class Cluster:
     # lifecycle (controller/lifecycle.py) and status (controller/cluster_status.py) -------------------------
     def provider(self, name: Optional[str] = None) -> Provider:
         """The provider ``name`` (default: [cluster] provider) over this cluster's config and store."""
-        return provider_class(name or self.config.cluster.provider)(self.config, self.store)
+        return make_provider(name or self.config.cluster.provider, self.config, self.store, self.provider_hooks)
 
     def start(self, slaves: Optional[int] = None, provider: Optional[str] = None, *,
               min_slaves: Optional[int] = None, max_slaves: Optional[int] = None,

@@ -82,7 +82,8 @@ class Lifecycle:
         check_autoscaling(cfg)
         self.refuse_second_cluster()
         chosen = self.provider(cfg.provider)
-        chosen.preflight(cfg.slaves)  # bad input, missing credentials: fail before anything starts
+        # bad input, missing credentials: fail before anything starts; where the controller must listen
+        engine_ip = chosen.preflight(cfg.slaves)
         threads = threads_per_engine(cfg)
         profile = ipcluster.profile_dir(self.config.state_dir)
         record = self.store.clusters.create(
@@ -96,7 +97,7 @@ class Lifecycle:
         try:
             ipp_cluster = ipcluster.new_cluster(
                 profile, record.ipp_cluster_id, engine_env=ipcluster.engine_environment(threads),
-                engine_ip=chosen.controller_ip, engine_timeout=cfg.engine_timeout,
+                engine_ip=engine_ip, engine_timeout=cfg.engine_timeout,
                 master_grace_minutes=cfg.master_grace_minutes)
             ipp_cluster.start_controller_sync()
             self.store.clusters.update(record.id, controller_pid=ipcluster.controller_pid(ipp_cluster))

@@ -19,7 +19,7 @@ import ipyparallel as ipp
 
 from .. import ipcluster, processes
 from ..store import ClusterRecord, NodeRecord
-from .base import Provider
+from .base import Provider, Resource
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ NODE_ID = re.compile(r"^local-(\d+)$")
 
 class LocalProvider(Provider):
     name = "local"
+    STEPS = ("engine_set",)
 
     def start(self, cluster: ClusterRecord, ipp_cluster: ipp.Cluster, slaves: int) -> list[NodeRecord]:
         return self.add(cluster, ipp_cluster, slaves)
@@ -50,6 +51,7 @@ class LocalProvider(Provider):
                 ipp_cluster.start_engines_sync(n=1, engine_set_id=node.node_id, environment=environment)
                 node.state = "running"
                 self.store.nodes.put(cluster.id, node)
+                self.hooks.on_step("engine_set")
         except BaseException:
             self.remove(cluster, ipp_cluster, nodes)
             raise
@@ -91,3 +93,32 @@ class LocalProvider(Provider):
 
     def list(self, cluster: ClusterRecord) -> list[NodeRecord]:
         return self.store.nodes.of(cluster.id)
+
+    def _orphans(self, name: str, everything: bool) -> dict[int, str]:
+        """pid -> cluster id of the processes this state_dir's clusters (of that name) left running.
+
+        Found by the markers in their environment (controller.processes), which outlive the store:
+        the profile they were started for and the cluster's ipyparallel id, ``<name>-<record id>``.
+        """
+        profile = ipcluster.profile_dir(self.config.state_dir)
+        own = re.compile(r"^.+-\d+$" if everything else rf"^{re.escape(name)}-\d+$")
+        found = {}
+        for pid in processes.marked_processes(profile):
+            cluster_id = processes.process_environment(pid).get(processes.CLUSTER_MARKER, "")
+            if own.match(cluster_id):
+                found[pid] = cluster_id
+        return found
+
+    def find_orphans(self, name: str, everything: bool = False, any_owner: bool = False) -> list[Resource]:
+        return [Resource("process", str(pid), cluster_id.rsplit("-", 1)[0], socket.gethostname())
+                for pid, cluster_id in self._orphans(name, everything).items()]
+
+    def release_orphans(self, name: str, everything: bool = False, any_owner: bool = False,
+                        only: Optional[set[str]] = None) -> list[str]:
+        """With the store lost: the cluster's controller, engines and helpers, by their process markers."""
+        released = []
+        for pid in self._orphans(name, everything):
+            if only is None or str(pid) in only:
+                processes.kill_process_group(pid)
+                released.append(str(pid))
+        return released
