@@ -499,14 +499,18 @@ for pid in {known}; do
     *ipyparallel.engine*"--profile-dir=$profile"*) pids="$pids $pid" ;;
   esac
 done
+pids=$(echo $pids | tr ' ' '\n' | sort -un)
 for pid in $pids; do kill -TERM -- -$pid 2>/dev/null || kill -TERM $pid 2>/dev/null; done
 for i in 1 2 3 4 5 6 7 8 9 10; do
   alive=; for pid in $pids; do kill -0 $pid 2>/dev/null && alive=1; done
   [ -z "$alive" ] && break; sleep 0.5
 done
 for pid in $pids; do kill -KILL -- -$pid 2>/dev/null; kill -KILL $pid 2>/dev/null; done
-sleep 0.2
-left=; for pid in $pids; do [ -d /proc/$pid ] && [ "$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null)" != Z ] && left="$left $pid"; done
+# a killed engine still frees its memory before it is gone: seconds on a busy slave, not a fixed 0.2 s
+for i in $(seq 1 40); do
+  left=; for pid in $pids; do [ -d /proc/$pid ] && [ "$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null)" != Z ] && left="$left $pid"; done
+  [ -z "$left" ] && break; sleep 0.25
+done
 [ -n "$left" ] && echo "left:$left"
 [ -d "$dir" ] && rm -rf "$dir"
 exit 0

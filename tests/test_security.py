@@ -21,10 +21,11 @@ from controller import ipcluster
 from controller.api import Cluster
 from controller.cli import main
 from controller.errors import ProviderError
-from controller.providers import aws
+from controller.providers.aws import network
 from tests.conftest import cluster_pids, make_config, running_cluster
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
-from tests.test_aws_provider import NOTHING, aws_config, ec2, image, mapped, moto_url, tagged  # noqa: F401 - fixtures
+from tests.test_aws_provider import (NOTHING, aws_config, ec2, image, mapped, moto_url,  # noqa: F401 - fixtures
+                                     set_provider_hooks, tagged)
 
 NETNS = unavailable()
 needs_netns = pytest.mark.skipif(bool(NETNS), reason=NETNS or "ok")
@@ -86,7 +87,7 @@ def test_local_cluster_listens_on_loopback_only_and_keeps_its_files_private(tmp_
         assert sockets and addresses(sockets) == {"127.0.0.1"}, sockets
         assert_private_files(cluster.config.state_dir)
         engine = json.loads(ipcluster.engine_file(ipcluster.profile_dir(cluster.config.state_dir),
-                                                 cluster.store.active_cluster("test").ipp_cluster_id).read_text())
+                                                 cluster.store.clusters.active("test").ipp_cluster_id).read_text())
         assert not engine.get("curve_serverkey")  # loopback only: the HMAC key signs every message
 
 
@@ -147,7 +148,7 @@ def test_ssh_client_ports_on_loopback_engine_ports_only_toward_the_slaves(tunnel
     try:
         status = cluster.start()
         assert [e.host for e in status.engines] == ["slave21"]  # registered (through CurveZMQ when direct)
-        record = cluster.store.active_cluster("test")
+        record = cluster.store.clusters.active("test")
         profile = ipcluster.profile_dir(cluster.config.state_dir)
         client = json.loads(ipcluster.url_file(profile, record.ipp_cluster_id).read_text())
         engine = json.loads(ipcluster.engine_file(profile, record.ipp_cluster_id).read_text())
@@ -190,7 +191,7 @@ def test_ssh_slaves_behind_two_interfaces_get_every_interface_with_curve_only(tm
     try:
         status = cluster.start()
         assert sorted(e.host for e in status.engines) == ["slave21", "slave22"]
-        record = cluster.store.active_cluster("test")
+        record = cluster.store.clusters.active("test")
         profile = ipcluster.profile_dir(cluster.config.state_dir)
         client = json.loads(ipcluster.url_file(profile, record.ipp_cluster_id).read_text())
         engine = json.loads(ipcluster.engine_file(profile, record.ipp_cluster_id).read_text())
@@ -224,14 +225,14 @@ def run_cli(*argv: str) -> tuple[int, str]:
 def captured_key(monkeypatch) -> list[str]:
     """The private key each start creates, read from its 0600 file (to look for it in the output)."""
     seen: list[str] = []
-    original = aws.AwsProvider.key_pair
+    original = network.key_pair
 
-    def key_pair(self, ec2):
-        name, path = original(self, ec2)
+    def key_pair(*args):
+        name, path = original(*args)
         seen.append(Path(path).read_text())
         return name, path
 
-    monkeypatch.setattr(aws.AwsProvider, "key_pair", key_pair)
+    monkeypatch.setattr(network, "key_pair", key_pair)
     return seen
 
 
@@ -254,7 +255,7 @@ def test_no_secret_in_the_output_at_any_verbosity(flags, tmp_path, tiny_data_dir
         if step == "security_group":
             raise ProviderError("injected failure after the key pair and the group")
 
-    monkeypatch.setattr(aws.AwsProvider, "on_step", staticmethod(fail))
+    set_provider_hooks(monkeypatch, on_step=fail)
     aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2))
     code, output = run_cli(*flags, "--config", str(tmp_path / "cluster.ini"), "start")
     assert code != 0 and "injected failure" in output

@@ -1,5 +1,8 @@
 """provider = ssh against real sshd's in network namespaces: paramiko, SFTP, engines across veths, tunnels.
 
+What every provider promises (start, list, stop twice, a failure after each start step, release after
+the store is lost) is in test_provider_contract.py; here what is ssh's own.
+
 Nothing is mocked: the slaves are namespaces with their own addresses and
 hostnames, each running Debian's OpenSSH server; engines start over SSH and
 register with the real controller across 10.213.x.0/24, and a real training
@@ -54,42 +57,6 @@ def engine_files(host) -> list[Path]:
     return list((host.dir / "home").glob(f".cluster-engine/run/test.{socket.gethostname()}/engine.json"))
 
 
-def test_two_slaves_register_train_and_stop(tmp_path, tiny_data_dir, hosts):
-    cluster = Cluster(ssh_config(tmp_path, tiny_data_dir, hosts))
-    try:
-        status = cluster.start()
-        assert status.state == "running"
-        assert sorted(e.host for e in status.engines) == ["slave1", "slave2"]  # each from its own namespace
-        assert {n.node_id for n in status.nodes} == {"10.213.1.2", "10.213.2.2"}
-        assert all(e.node_id for e in status.engines)
-        for host in hosts.hosts:
-            assert host.engine_count() == 1
-            # the connection file (HMAC key) landed 0600 in a 0700 directory, and never in a log
-            (conn,) = engine_files(host)
-            assert stat.S_IMODE(conn.stat().st_mode) == 0o600
-            assert stat.S_IMODE(conn.parent.stat().st_mode) == 0o700
-        key = json.loads(engine_files(hosts.hosts[0])[0].read_text())["key"]
-        for log in (hosts.hosts[0].dir / "home").rglob("*.log"):
-            assert key not in log.read_text(errors="replace")
-        # host keys were recorded on first contact
-        known = (cluster.config.state_dir / "known_hosts").read_text()
-        assert "10.213.1.2" in known and "10.213.2.2" in known
-        assert stat.S_IMODE((cluster.config.state_dir / "known_hosts").stat().st_mode) == 0o600
-
-        run = cluster.train(subset=200, epochs=1)
-        assert run.run.state == "completed"
-        assert run.run.host in ("slave1", "slave2")
-        target = cluster.provider().ssh_target(status.nodes[0])
-        assert "StrictHostKeyChecking=yes" in target.command()
-    finally:
-        cluster.stop()
-    assert wait_until(lambda: not any(h.engine_processes() for h in hosts.hosts), timeout=20)
-    assert not any(engine_files(h) for h in hosts.hosts)  # run dirs (and the HMAC key) removed
-    assert cluster.stop().cluster is None  # safe twice
-    assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=10)
-    cluster.close()
-
-
 def test_changed_host_key_is_refused(tmp_path, tiny_data_dir, hosts):
     known = tmp_path / "known_hosts"
     # a recorded key that is not the host's: as after a man-in-the-middle or a reinstall
@@ -101,44 +68,6 @@ def test_changed_host_key_is_refused(tmp_path, tiny_data_dir, hosts):
     assert cluster.status().state in ("stopped", "none")
     assert not hosts.hosts[0].engine_processes()
     cluster.close()
-
-
-def test_reverse_tunnels_and_lost_state(tmp_path, tiny_data_dir, hosts):
-    """tunnel = always: the controller listens on loopback only; engines come back through SSH."""
-    known = tmp_path / "keep" / "known_hosts"  # outside state_dir: survives the lost state below
-    known.parent.mkdir()
-    config = ssh_config(tmp_path, tiny_data_dir, hosts, slaves=1, tunnel="always", known_hosts=str(known))
-    cluster = Cluster(config)
-    try:
-        status = cluster.start()
-        assert [e.host for e in status.engines] == ["slave1"]
-        import json
-
-        url = json.loads(Path(status.url_file).read_text())
-        assert url["interface"] == "tcp://127.0.0.1"  # nothing listens beyond loopback
-        conn = json.loads(engine_files(hosts.hosts[0])[0].read_text())
-        assert conn["interface"] == "tcp://127.0.0.1"
-        assert cluster.train(subset=100, epochs=1).run.state == "completed"
-    except BaseException:
-        cluster.stop()
-        raise
-    # the local state is lost; the engines still run on the slave
-    controller_pid = cluster.store.active_cluster("test").controller_pid
-    cluster.close()
-    import shutil
-
-    shutil.rmtree(config.state_dir)
-    assert hosts.hosts[0].engine_processes()
-    fresh = Cluster(config)
-    stopped = fresh.stop()
-    assert stopped.cluster is None
-    assert stopped.released == ["10.213.1.2"]
-    assert wait_until(lambda: not hosts.hosts[0].engine_processes(), timeout=20)
-    fresh.close()
-    # the master's own controller was orphaned with the state too; not the provider's to find
-    from controller import processes
-
-    processes.kill_process_group(controller_pid)
 
 
 def test_stop_ends_engines_by_the_stored_pids_after_the_master_was_renamed(tmp_path, tiny_data_dir, hosts,
@@ -190,14 +119,25 @@ def test_a_slave_sees_none_of_the_masters_paths_and_is_not_root(tmp_path, tiny_d
         assert remote.run(f"{sys.executable} -c 'import torch, ipyparallel'", check=False)[0] == 0
 
 
-def test_slaves_train_from_their_own_data_dir_filled_from_the_master_with_no_master_path(
+def test_a_slave_trains_from_its_own_data_dir_filled_from_the_master_and_keeps_the_key_private(
         tmp_path, tiny_data_dir, hosts):
+    """No path of the master reaches the slave; the connection file (the controller's HMAC key) lands
+    0600 in a 0700 directory, never in a log, and goes with the engines; host keys are recorded 0600."""
     import hashlib
-    import json
 
     cluster = Cluster(ssh_config(tmp_path, tiny_data_dir, hosts, slaves=1))
     try:
-        cluster.start()
+        status = cluster.start()
+        assert [e.host for e in status.engines] == ["slave1"] and all(e.node_id for e in status.engines)
+        (conn,) = engine_files(hosts.hosts[0])
+        assert stat.S_IMODE(conn.stat().st_mode) == 0o600
+        assert stat.S_IMODE(conn.parent.stat().st_mode) == 0o700
+        key = json.loads(conn.read_text())["key"]
+        for log in (hosts.hosts[0].dir / "home").rglob("*.log"):
+            assert key not in log.read_text(errors="replace")
+        known = cluster.config.state_dir / "known_hosts"
+        assert hosts.hosts[0].address in known.read_text() and stat.S_IMODE(known.stat().st_mode) == 0o600
+        assert "StrictHostKeyChecking=yes" in cluster.provider().ssh_target(status.nodes[0]).command()
         raw = hosts.hosts[0].dir / "home" / ".cache" / "cluster" / "data" / "MNIST" / "raw"
         for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                      "t10k-labels-idx1-ubyte"):
@@ -212,6 +152,8 @@ def test_slaves_train_from_their_own_data_dir_filled_from_the_master_with_no_mas
     finally:
         cluster.stop()
         cluster.close()
+    assert wait_until(lambda: not hosts.hosts[0].engine_processes(), timeout=20)
+    assert not engine_files(hosts.hosts[0])  # the run dir (and the HMAC key) removed
 
 
 def test_a_command_filling_stderr_does_not_block_remote_run(tmp_path, hosts):

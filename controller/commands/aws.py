@@ -26,12 +26,12 @@ def register(sub) -> None:
 
 
 def cmd_prices(args, ctx: Context) -> int:
-    from ..providers.aws import AwsProvider
+    from ..providers.aws.prices import prices
 
     kinds = [k.strip() for k in args.instance_types.split(",") if k.strip()] if args.instance_types else None
     if args.instance_types is not None and not kinds:
         raise UsageError("--instance-types: give at least one instance type, e.g. g4dn.xlarge")
-    rows = AwsProvider(ctx.config, None).prices(kinds)  # type: ignore[arg-type] - prices needs no store
+    rows = prices(ctx.config, kinds)  # no store, no provider: works before any start
     if args.json:
         ctx.emit_json({"region": ctx.config.aws.region, "prices": rows})
         return 0

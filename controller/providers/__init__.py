@@ -6,9 +6,14 @@ local provider never imports boto3 or paramiko).
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from .base import Provider, SshTarget
+from .base import NO_HOOKS, Hooks, Provider, SshTarget
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..store import Store
 
 REGISTRY: dict[str, str] = {
     "local": "controller.providers.local:LocalProvider",
@@ -25,4 +30,9 @@ def provider_class(name: str) -> type[Provider]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-__all__ = ["Provider", "SshTarget", "REGISTRY", "provider_class"]
+def make_provider(name: str, config: "Config", store: "Store", hooks: Hooks = NO_HOOKS) -> Provider:
+    """The provider of that name for this config and store (``hooks``: tests only)."""
+    return provider_class(name)(config, store, hooks)
+
+
+__all__ = ["Hooks", "NO_HOOKS", "Provider", "SshTarget", "REGISTRY", "make_provider", "provider_class"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
 from ..errors import ProviderError
 
@@ -42,23 +42,51 @@ class SshTarget:
 class Resource:
     """Something a provider found by its tags and would release (``stop --all`` lists them first)."""
 
-    kind: str  # instance, security-group, key-pair, host
+    kind: str  # instance, security-group, key-pair, host, process
     id: str
     cluster: str = ""
     owner: str = ""  # user@host of the master that created it
     detail: str = ""
 
 
+def _no_step(step: str) -> None:
+    """The production ``on_step``: nothing."""
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Test hooks, passed to a provider's constructor; the defaults do nothing (production).
+
+    ``on_step`` is called after each step of ``start``/``add`` (a provider names its steps in
+    ``STEPS``), so a test can fail or interrupt a start at an exact point. ``address`` maps a cloud
+    instance to where SSH reaches it, ``(instance, key_file) -> (address, port)``: moto's instances
+    never boot, so the aws tests map each to a network-namespace host with a real sshd.
+    ``waiter_delay``: seconds between polls of the cloud while waiting for instances (moto answers at once).
+    """
+
+    on_step: Callable[[str], None] = _no_step
+    address: Optional[Callable[[dict, str], tuple[str, int]]] = None
+    waiter_delay: float = 5.0
+
+
+NO_HOOKS = Hooks()
+
+
 class Provider(abc.ABC):
-    """Base of every provider. Subclasses set ``name`` and implement the verbs."""
+    """Base of every provider. Subclasses set ``name`` and implement the verbs.
+
+    A provider keeps no state between verbs: each verb reads the config, the store and the cloud,
+    so ``start``, ``list``, ``add``, ``remove`` and ``stop`` may each be called on a fresh object.
+    """
 
     name: ClassVar[str]
-    # where the controller listens: engines on other machines need more than loopback
-    controller_ip: ClassVar[str] = "127.0.0.1"
+    # the steps of ``start`` after which ``Hooks.on_step`` is called, in order
+    STEPS: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: "Config", store: "Store"):
+    def __init__(self, config: "Config", store: "Store", hooks: Hooks = NO_HOOKS):
         self.config = config
         self.store = store
+        self.hooks = hooks
 
     @abc.abstractmethod
     def start(self, cluster: "ClusterRecord", ipp_cluster: "ipp.Cluster", slaves: int) -> list["NodeRecord"]:
@@ -89,8 +117,11 @@ class Provider(abc.ABC):
         a directory on the slave (the master's paths mean nothing there)."""
         return str(self.config.data_dir)
 
-    def preflight(self, slaves: int) -> None:
-        """Check configuration and credentials before anything (the controller included) is started."""
+    def preflight(self, slaves: int) -> str:
+        """Check configuration and credentials before anything (the controller included) is started;
+        return the address the controller's engine ports must listen on (loopback unless engines on
+        other machines connect to it directly)."""
+        return "127.0.0.1"
 
     def find_orphans(self, name: str, everything: bool = False, any_owner: bool = False) -> list[Resource]:
         """What ``release_orphans`` with these arguments would release."""

@@ -19,7 +19,7 @@ import ipyparallel as ipp
 
 from .. import ipcluster, processes
 from ..store import ClusterRecord, NodeRecord
-from .base import Provider
+from .base import Provider, Resource
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +28,14 @@ NODE_ID = re.compile(r"^local-(\d+)$")
 
 class LocalProvider(Provider):
     name = "local"
+    STEPS = ("engine_set",)
 
     def start(self, cluster: ClusterRecord, ipp_cluster: ipp.Cluster, slaves: int) -> list[NodeRecord]:
         return self.add(cluster, ipp_cluster, slaves)
 
     def add(self, cluster: ClusterRecord, ipp_cluster: ipp.Cluster, count: int) -> list[NodeRecord]:
         # never reuse a node id: a removed node's rows (and events naming it) stay in the store
-        used = [int(m.group(1)) for n in self.store.nodes(cluster.id) for m in [NODE_ID.match(n.node_id)] if m]
+        used = [int(m.group(1)) for n in self.store.nodes.of(cluster.id) for m in [NODE_ID.match(n.node_id)] if m]
         first = max(used, default=0) + 1
         environment = {**ipcluster.engine_environment(cluster.threads_per_engine),
                        **processes.process_marker(Path(cluster.profile_dir), cluster.ipp_cluster_id)}
@@ -45,11 +46,12 @@ class LocalProvider(Provider):
                 node = NodeRecord(node_id=f"local-{number}", provider=self.name, host=socket.gethostname(),
                                   state="starting", market="local", price_per_hour=price, engines=1,
                                   launched_at=time.time())
-                self.store.record_node(cluster.id, node)
+                self.store.nodes.put(cluster.id, node)
                 nodes.append(node)
                 ipp_cluster.start_engines_sync(n=1, engine_set_id=node.node_id, environment=environment)
                 node.state = "running"
-                self.store.record_node(cluster.id, node)
+                self.store.nodes.put(cluster.id, node)
+                self.hooks.on_step("engine_set")
         except BaseException:
             self.remove(cluster, ipp_cluster, nodes)
             raise
@@ -70,11 +72,11 @@ class LocalProvider(Provider):
                 except Exception:  # a crashed launcher must not keep the node's processes alive
                     log.warning("ipyparallel could not stop engine set %s cleanly", node.node_id, exc_info=True)
             # whatever the launcher missed: this node's engines by their recorded pids, if still ours
-            for engine in self.store.engines(cluster.id):
+            for engine in self.store.engines.of(cluster.id):
                 if engine.node_id == node.node_id and processes.is_marked(engine.pid, profile, cluster.ipp_cluster_id):
                     processes.kill_process_group(engine.pid)
             node.state, node.terminated_at = "stopped", time.time()
-            self.store.update_node(cluster.id, node.node_id, state=node.state, terminated_at=node.terminated_at)
+            self.store.nodes.update(cluster.id, node.node_id, state=node.state, terminated_at=node.terminated_at)
 
     def stop(self, cluster: ClusterRecord, ipp_cluster: Optional[ipp.Cluster]) -> None:
         if ipp_cluster is not None and ipp_cluster.engines:
@@ -84,10 +86,39 @@ class LocalProvider(Provider):
                 log.warning("ipyparallel could not stop the engines cleanly", exc_info=True)
         # whatever the launchers missed (a lost cluster file): the cluster's marked processes
         processes.kill_cluster_processes(Path(cluster.profile_dir), cluster.ipp_cluster_id)
-        for node in self.store.nodes(cluster.id):
+        for node in self.store.nodes.of(cluster.id):
             if node.state != "stopped":
                 node.state, node.terminated_at = "stopped", time.time()
-                self.store.record_node(cluster.id, node)
+                self.store.nodes.put(cluster.id, node)
 
     def list(self, cluster: ClusterRecord) -> list[NodeRecord]:
-        return self.store.nodes(cluster.id)
+        return self.store.nodes.of(cluster.id)
+
+    def _orphans(self, name: str, everything: bool) -> dict[int, str]:
+        """pid -> cluster id of the processes this state_dir's clusters (of that name) left running.
+
+        Found by the markers in their environment (controller.processes), which outlive the store:
+        the profile they were started for and the cluster's ipyparallel id, ``<name>-<record id>``.
+        """
+        profile = ipcluster.profile_dir(self.config.state_dir)
+        own = re.compile(r"^.+-\d+$" if everything else rf"^{re.escape(name)}-\d+$")
+        found = {}
+        for pid in processes.marked_processes(profile):
+            cluster_id = processes.process_environment(pid).get(processes.CLUSTER_MARKER, "")
+            if own.match(cluster_id):
+                found[pid] = cluster_id
+        return found
+
+    def find_orphans(self, name: str, everything: bool = False, any_owner: bool = False) -> list[Resource]:
+        return [Resource("process", str(pid), cluster_id.rsplit("-", 1)[0], socket.gethostname())
+                for pid, cluster_id in self._orphans(name, everything).items()]
+
+    def release_orphans(self, name: str, everything: bool = False, any_owner: bool = False,
+                        only: Optional[set[str]] = None) -> list[str]:
+        """With the store lost: the cluster's controller, engines and helpers, by their process markers."""
+        released = []
+        for pid in self._orphans(name, everything):
+            if only is None or str(pid) in only:
+                processes.kill_process_group(pid)
+                released.append(str(pid))
+        return released
