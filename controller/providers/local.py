@@ -57,12 +57,7 @@ class LocalProvider(Provider):
 
     def remove(self, cluster: ClusterRecord, ipp_cluster: Optional[ipp.Cluster], nodes: list[NodeRecord]) -> None:
         profile = Path(cluster.profile_dir)
-        # every set told at once: an engine takes seconds to shut down, and the sets are stopped one by one
-        ids = {n.node_id for n in nodes}
-        for pid, set_id in ipcluster.engine_set_pids(ipp_cluster).items():
-            if set_id in ids and processes.is_marked(pid, profile, cluster.ipp_cluster_id):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
+        self._terminate_all(cluster, ipp_cluster, {n.node_id for n in nodes})
         for node in nodes:
             if ipp_cluster is not None and node.node_id in ipp_cluster.engines:
                 try:
@@ -76,8 +71,19 @@ class LocalProvider(Provider):
             node.state, node.terminated_at = "stopped", time.time()
             self.store.update_node(cluster.id, node.node_id, state=node.state, terminated_at=node.terminated_at)
 
+    @staticmethod
+    def _terminate_all(cluster: ClusterRecord, ipp_cluster: Optional[ipp.Cluster], set_ids: set[str]) -> None:
+        """Every engine of these sets told at once: ipyparallel stops the sets one by one, waiting for each
+        engine to exit before it signals the next."""
+        profile = Path(cluster.profile_dir)
+        for pid, set_id in ipcluster.engine_set_pids(ipp_cluster).items():
+            if set_id in set_ids and processes.is_marked(pid, profile, cluster.ipp_cluster_id):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+
     def stop(self, cluster: ClusterRecord, ipp_cluster: Optional[ipp.Cluster]) -> None:
         if ipp_cluster is not None and ipp_cluster.engines:
+            self._terminate_all(cluster, ipp_cluster, set(ipp_cluster.engines))
             try:
                 ipp_cluster.stop_engines_sync()
             except Exception:  # a crashed launcher must not stop the clean-up
