@@ -106,6 +106,12 @@ def engine_args(master_grace_minutes: float) -> list[str]:
 LOCAL_ENGINE_STARTUP = "--IPEngine.startup_command=__import__('engines.fast_exit').fast_exit.install()"
 
 
+def local_engine_args(master_grace_minutes: float) -> list[str]:
+    """The arguments of every local engine.  Passed again by each start of an engine set: a Cluster
+    rebuilt from its file (``load_cluster``, as `scale` and the keeper do) has lost the config."""
+    return engine_args(master_grace_minutes) + [LOCAL_ENGINE_STARTUP]
+
+
 def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], engine_ip: str = LOOPBACK,
                 engines: str | type = "local", engine_timeout: int = 120,
                 master_grace_minutes: float = 10.0) -> ipp.Cluster:
@@ -122,7 +128,7 @@ def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], e
     config.LocalControllerLauncher.environment = controller_env
     config.LocalEngineSetLauncher.environment = {**engine_env, **marker}
     config.LocalEngineLauncher.environment = {**engine_env, **marker}
-    config.LocalEngineSetLauncher.engine_args = engine_args(master_grace_minutes) + [LOCAL_ENGINE_STARTUP]
+    config.LocalEngineSetLauncher.engine_args = local_engine_args(master_grace_minutes)
     profile.mkdir(parents=True, exist_ok=True)
     os.chmod(profile, 0o700)
     return ipp.Cluster(

@@ -38,6 +38,7 @@ class LocalProvider(Provider):
         first = max(used, default=0) + 1
         environment = {**ipcluster.engine_environment(cluster.threads_per_engine),
                        **processes.process_marker(Path(cluster.profile_dir), cluster.ipp_cluster_id)}
+        engine_args = ipcluster.local_engine_args(self.config.cluster.master_grace_minutes)
         price = self.config.cluster.price_per_hour / max(1, cluster.target or cluster.slaves)
         nodes = []
         try:
@@ -47,7 +48,8 @@ class LocalProvider(Provider):
                                   launched_at=time.time())
                 self.store.record_node(cluster.id, node)
                 nodes.append(node)
-                ipp_cluster.start_engines_sync(n=1, engine_set_id=node.node_id, environment=environment)
+                ipp_cluster.start_engines_sync(n=1, engine_set_id=node.node_id, environment=environment,
+                                               engine_args=engine_args)
                 node.state = "running"
                 self.store.record_node(cluster.id, node)
         except BaseException:
