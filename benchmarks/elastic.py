@@ -28,7 +28,7 @@ from pathlib import Path
 
 from common import REPO, data_dir
 
-from controller import ipcluster  # noqa: E402
+from controller import ipcluster, joining  # noqa: E402
 from controller.api import Cluster  # noqa: E402
 from controller.config import load_config  # noqa: E402
 from controller.elastic import keeper, resize  # noqa: E402
@@ -37,8 +37,8 @@ from controller.providers import local  # noqa: E402
 PHASES = [  # (owner, attribute, phase name)
     (ipcluster.ipp.Cluster, "start_controller", "controller start"),
     (local.LocalProvider, "add", "engine launch (ipyparallel launchers)"),
-    (Cluster, "_record_engines", "engines report themselves (engine_info)"),
-    (Cluster, "_warm_engines", "engines load the data set"),
+    (joining, "record_engines", "engines report themselves (engine_info)"),
+    (joining, "warm_engines", "engines load the data set"),
     (keeper, "spawn", "keeper spawn"),
     (resize.Resizer, "_drain", "drain (mark, SIGUSR1, wait idle)"),
     (local.LocalProvider, "remove", "engine sets stopped"),

@@ -183,7 +183,7 @@ class FaultPlayer(threading.Thread):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not self.done.is_set():
             queues = client.queue_status()
-            pids = {e.engine_id: e.pid for e in store.engines(self.cluster_id)
+            pids = {e.engine_id: e.pid for e in store.engines.of(self.cluster_id)
                     if not e.leaving and e.engine_id in client.ids}
             busy = [engine for engine, queue in queues.items()
                     if isinstance(engine, int) and queue.get("tasks") and engine in pids]

@@ -44,7 +44,7 @@ def main() -> None:
     with local_cluster(2, 1) as env:
         run, _ = cluster_train(env, "--epochs", "1", "--subset", "5000")
         with Store(Path(env["CLUSTER_STATE_DIR"])) as store:
-            _, checkpoint = store.load_checkpoint(run["id"])
+            _, checkpoint = store.checkpoints.load(run["id"])
         infer = ["--run", run["id"], "--split", args.split]
         first, _ = cluster_json(env, "infer", *infer)
         print(f"first call (checkpoint sent to both engines, data loaded): {first['images_per_s']:,.0f} images/s, "

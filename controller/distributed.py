@@ -148,7 +148,7 @@ class DistributedRun:
         """The stored run says it is distributed, on which engines, with which global batch."""
         job.spec["distributed"] = {"engines": list(self.engines), "world": len(self.engines),
                                    "global_batch": job.spec["batch_size"], "failovers": list(self.failovers)}
-        self.store.update_run(job.run_id, params=job.spec)
+        self.store.runs.update(job.run_id, params=job.spec)
 
     def _attempt(self, job: Job, sink: ProgressSink, hold: Optional[dict]) -> Attempt:
         attempt = Attempt()

@@ -27,15 +27,15 @@ class StoreRoster:
     holder: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{next(_SCHEDULERS)}")
 
     def leaving(self) -> set[int]:
-        return set(self.store.leaving_engines(self.cluster_id))
+        return set(self.store.engines.leaving(self.cluster_id))
 
     def engine_leaving(self, engine_id: int, reason: str) -> None:
         # a drain is marked in the store by whoever started it (controller/elastic/resize.py), and unmarked
         # when called off: a task that stopped for a drain the store no longer names must not mark it again
         if reason != "drain":
-            self.store.mark_engine_leaving(self.cluster_id, engine_id, reason)
+            self.store.engines.mark_leaving(self.cluster_id, engine_id, reason)
 
     def report_demand(self, wanted: Optional[int]) -> None:
         """How many jobs this master could run at once (None: none any more); the keeper autoscales to it.
         Written every call (about once a second): a row that stops being refreshed ages out."""
-        self.store.set_demand(self.cluster_id, self.holder, wanted)
+        self.store.demand.set(self.cluster_id, self.holder, wanted)

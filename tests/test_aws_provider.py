@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from controller import processes
+from controller import joining, processes
 from controller.api import Cluster
 from controller.cli import main
 from controller.errors import ClusterStateError, ConfigError, CredentialsError, ProviderError
@@ -212,13 +212,13 @@ def test_failed_start_leaves_nothing(step, tmp_path, tiny_data_dir, moto_url, ec
 
     monkeypatch.setattr(aws.AwsProvider, "on_step", staticmethod(fail))
     if step == "registration":  # engines up, then the wait for registration fails
-        monkeypatch.setattr(Cluster, "_record_engines", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected")))
+        monkeypatch.setattr(joining, "record_engines", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected")))
     cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2)))
     with pytest.raises((RuntimeError, KeyboardInterrupt)):
         cluster.start()
     assert tagged(ec2) == NOTHING
     assert no_engines(hosts)
-    assert not processes.pid_alive(cluster.store.latest_cluster("test").controller_pid)
+    assert not processes.pid_alive(cluster.store.clusters.latest("test").controller_pid)
     assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=10)  # schedulers too
     assert not list(cluster.config.state_dir.glob("aws/test/*.pem"))
     cluster.close()
@@ -292,7 +292,7 @@ def test_ctrl_c_during_a_start_whose_hosts_never_answer_ssh_exits_within_15_s_le
     assert tagged(ec2) == NOTHING
     assert not cluster_pids(config.state_dir)
     with Store(config.state_dir) as store:
-        assert store.latest_cluster("test").state == "stopped"
+        assert store.clusters.latest("test").state == "stopped"
     assert not list(config.state_dir.glob("aws/test/*.pem"))
 
 
@@ -304,7 +304,7 @@ def test_stop_finds_everything_after_local_state_is_lost(tmp_path, tiny_data_dir
     except BaseException:
         cluster.stop()
         raise
-    controller_pid = cluster.store.active_cluster("test").controller_pid
+    controller_pid = cluster.store.clusters.active("test").controller_pid
     cluster.close()
     assert len(tagged(ec2)["instances"]) == 1
     shutil.rmtree(config.state_dir)  # the laptop's state is gone; the instances are not
@@ -400,7 +400,7 @@ def test_stop_terminates_the_stored_instances_whoever_runs_it_and_says_what_stay
     assert code == 4 and node.instance_id in err and "NOT terminated" in err, err
     assert node.instance_id in running(ec2)
     with Store(config.state_dir) as store:
-        (stored,) = store.nodes(store.latest_cluster("test").id)
+        (stored,) = store.nodes.of(store.clusters.latest("test").id)
         assert stored.state == "running"  # the store tells the truth: still running, still billed
 
     ec2.modify_instance_attribute(InstanceId=node.instance_id, DisableApiTermination={"Value": False})
@@ -540,7 +540,7 @@ def test_bad_input_fails_clearly_and_creates_nothing(extra, error, match, tmp_pa
     with pytest.raises(error, match=match):
         cluster.start()
     assert tagged(ec2) == NOTHING
-    assert cluster.store.latest_cluster("test") is None  # refused before anything, the controller included
+    assert cluster.store.clusters.latest("test") is None  # refused before anything, the controller included
     cluster.close()
 
 
@@ -678,9 +678,9 @@ def test_scale_up_and_down_and_a_spot_notice_gets_a_replacement_instance(tmp_pat
         # a scheduler reported a spot interruption notice on the first slave's engine: the keeper asks for
         # a replacement at once, then releases the noticed slave once drained
         record = cluster.record
-        (engine,) = [e for e in cluster.store.engines(record.id) if e.node_id == first]
-        cluster.store.mark_engine_leaving(record.id, engine.engine_id, "notice")
-        cluster.store.update_cluster(record.id, replace_lost=1)
+        (engine,) = [e for e in cluster.store.engines.of(record.id) if e.node_id == first]
+        cluster.store.engines.mark_leaving(record.id, engine.engine_id, "notice")
+        cluster.store.clusters.update(record.id, replace_lost=1)
         decision = Keeper(cluster, record.id).tick()
         assert decision.add == 1 and decision.replaces == first and f"spot notice on {first}" in decision.add_why
         (third,) = [i for i in tagged(ec2)["instances"] if i not in (first, second)]

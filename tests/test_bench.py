@@ -205,7 +205,7 @@ def test_tiny_paper_bench_on_1_and_2_engines_stores_its_records(priced_cluster):
         assert [t.l1 for t in trials] == list(PAPER_L1)
         assert all(t.state == "completed" and t.epochs == 1 for t in trials)
         assert {t.engine_id for t in trials} == {e.engine_id for e in engines}
-        runs = [priced_cluster.store.run(t.run_id) for t in trials]
+        runs = [priced_cluster.store.runs.get(t.run_id) for t in trials]
         assert all(run.state == "completed" and run.params["l1"] == t.l1 for run, t in zip(runs, trials))
     # on 2 engines both took part
     assert all(e.tasks > 0 for e in BenchTable(priced_cluster.store).engines(result.records[1].id))

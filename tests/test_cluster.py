@@ -77,7 +77,7 @@ def test_start_train_stop_end_to_end_leaves_no_process(env, isolated):
     assert wait_until(lambda: not cluster_pids(state_dir), timeout=20), cluster_pids(state_dir)
     assert "nothing to stop" in cli("stop", env=env, cwd=isolated).stdout
     assert "not running" in cli("status", env=env, cwd=isolated).stdout
-    assert Store(state_dir).runs()[0].state == "completed", "history is kept"
+    assert Store(state_dir).runs.all()[0].state == "completed", "history is kept"
 
 
 @pytest.fixture(scope="class")
@@ -93,7 +93,7 @@ class TestEnginesThatDie:
 
     @staticmethod
     def victim(cluster: Cluster, node_id: str):
-        return next(e for e in cluster.store.engines(cluster.record.id) if e.node_id == node_id)
+        return next(e for e in cluster.store.engines.of(cluster.record.id) if e.node_id == node_id)
 
     def test_a_crashed_engine_shows_in_status_and_stop_still_cleans_up(self, cluster):
         victim = self.victim(cluster, "local-1")
@@ -201,17 +201,17 @@ class TestOnARunningCluster:
                 _, err = process.communicate(timeout=60)
             finally:
                 process.kill()
-        interrupted = next(r for r in store.runs(limit=2) if r.id != whole.run.id)
+        interrupted = next(r for r in store.runs.all(limit=2) if r.id != whole.run.id)
         assert process.returncode == 130, err
-        run = store.run(interrupted.id)
+        run = store.runs.get(interrupted.id)
         assert run.state == "interrupted" and run.epochs_done == 1
         assert f"cluster train --resume {run.id}" in err
 
         resumed = json.loads(cli("--config", config, "train", "--resume", run.id, "--json").stdout)
         assert resumed["state"] == "completed" and resumed["epochs_done"] == 4
         assert [e["epoch"] for e in resumed["epochs"]] == list(range(1, 5))
-        final = load_checkpoint(store.load_checkpoint(run.id)[1])["model"]
-        reference = load_checkpoint(store.load_checkpoint(whole.run.id)[1])["model"]
+        final = load_checkpoint(store.checkpoints.load(run.id)[1])["model"]
+        reference = load_checkpoint(store.checkpoints.load(whole.run.id)[1])["model"]
         assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 
@@ -244,7 +244,7 @@ class TestWorkThatCannotFinish:
 
     @staticmethod
     def assert_interrupted_with_hint(store: Store, err: str) -> None:
-        run = store.runs(limit=1)[0]
+        run = store.runs.all(limit=1)[0]
         assert run.state == "interrupted" and run.epochs_done == 1, run
         assert f"continue it with `cluster train --resume {run.id}`" in err, err
 
@@ -267,7 +267,7 @@ class TestWorkThatCannotFinish:
             impatient = tmp_path / "impatient.ini"
             impatient.write_text(Path(cluster.config.source).read_text().replace("engine_timeout = 90",
                                                                            "engine_timeout = 5"))
-            engines = cluster.store.engines(cluster.record.id)
+            engines = cluster.store.engines.of(cluster.record.id)
 
             def kill_every_engine() -> None:
                 for engine in engines:

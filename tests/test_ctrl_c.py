@@ -35,12 +35,12 @@ def test_a_second_ctrl_c_during_clean_up_leaves_the_cluster_failed_and_stop_fini
         with pytest.raises(KeyboardInterrupt):
             cluster.start()
         assert interrupts == ["start", "clean-up"]
-        record = cluster.store.latest_cluster("test")
+        record = cluster.store.clusters.latest("test")
         assert record.state == "failed" and "run `cluster stop`" in record.error, record
         assert cluster.status().state == "failed"  # shown, not hidden as stopped
 
         cluster.stop()
-        assert cluster.store.latest_cluster("test").state == "stopped"
+        assert cluster.store.clusters.latest("test").state == "stopped"
         assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=20)
     finally:
         cluster.stop()

@@ -74,7 +74,7 @@ def test_an_unreachable_rendezvous_fails_within_30_s_naming_address_and_port(tin
 def distributed_job(cluster, **overrides) -> Job:
     spec = cluster.run_spec(**overrides)
     spec["run_id"] = run_id = new_id("r-")
-    cluster.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=cluster.record.id))
+    cluster.store.runs.create(RunRecord(id=run_id, params=spec, cluster_id=cluster.record.id))
     return Job(run_id=run_id, spec=spec)
 
 
@@ -92,7 +92,7 @@ def test_two_engines_match_one_engine_at_the_same_global_batch(mnist_cluster):
     job = distributed_job(mnist_cluster, epochs=1, **SMALL)
     run = DistributedRun(mnist_cluster.client, mnist_cluster.store, [0, 1])
     run.run(job)
-    stored = mnist_cluster.store.run(job.run_id)
+    stored = mnist_cluster.store.runs.get(job.run_id)
     assert stored.state == "completed" and stored.epochs_done == 1
     assert abs(stored.test_accuracy - single.test_accuracy) <= 0.005, (stored.test_accuracy, single.test_accuracy)
     assert len(run.weights) == 2 and len(set(run.weights.values())) == 1, "both ranks hold identical weights"
@@ -107,10 +107,10 @@ def test_a_cifar_model_trains_data_parallel_too(mnist_cluster, tmp_path):
     cifar = write_cifar10_batches(tmp_path, per_batch=8, n_test=16)
     spec = {"model": "resnet18", "data_dir": str(cifar), "epochs": 1, "batch_size": 12, "threads": 1}
     spec["run_id"] = run_id = new_id("r-")
-    mnist_cluster.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=mnist_cluster.record.id))
+    mnist_cluster.store.runs.create(RunRecord(id=run_id, params=spec, cluster_id=mnist_cluster.record.id))
     run = DistributedRun(mnist_cluster.client, mnist_cluster.store, [0, 1])
     run.run(Job(run_id=run_id, spec=spec))
-    stored = mnist_cluster.store.run(run_id)
+    stored = mnist_cluster.store.runs.get(run_id)
     assert stored.state == "completed" and stored.test_accuracy is not None
     assert len(set(run.weights.values())) == 1
 
@@ -126,7 +126,7 @@ def test_a_distributed_run_resumes_distributed_on_another_engine_count(mnist_clu
     with pytest.raises(KeyboardInterrupt):
         mnist_cluster.train(distributed=True, epochs=2, progress=InterruptAfterFirstEpoch(), **SMALL)
     run_id = mnist_cluster.current_run_id
-    interrupted = mnist_cluster.store.run(run_id)
+    interrupted = mnist_cluster.store.runs.get(run_id)
     assert interrupted.state == "interrupted" and interrupted.epochs_done == 1
     assert interrupted.params["distributed"]["engines"] == [0, 1]
     resumed = mnist_cluster.resume(run_id, engines=[1]).run
@@ -163,11 +163,11 @@ def test_killing_one_of_three_engines_mid_epoch_completes_the_run_on_two(tmp_pat
             (hold_dir / "go").write_text("")
             killer.join(130)
         assert killed, "the ranks never reached the hold"
-        stored = cluster.store.run(job.run_id)
+        stored = cluster.store.runs.get(job.run_id)
         assert stored.state == "completed" and stored.epochs_done == 3
         assert [f["lost"] for f in run.failovers] == [[0]] and run.failovers[0]["epoch"] == 2
         assert stored.params["distributed"]["engines"] == [1, 2]
-        assert [e.epoch for e in cluster.store.epochs(job.run_id)] == [1, 2, 3]
+        assert [e.epoch for e in cluster.store.epochs.of(job.run_id)] == [1, 2, 3]
         assert len(set(run.weights.values())) == 1 and set(run.weights) == {1, 2}
 
 

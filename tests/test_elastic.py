@@ -116,21 +116,21 @@ def test_autoscaling_knobs_are_checked_with_one_clear_message(tmp_path, tiny_dat
 
 def test_masters_share_notices_and_their_demand_through_the_store(tmp_path):
     store = Store(tmp_path)
-    record = store.create_cluster(name="t", provider="local", slaves=2, threads_per_engine=1, profile_dir="",
+    record = store.clusters.create(name="t", provider="local", slaves=2, threads_per_engine=1, profile_dir="",
                                   ipp_cluster_id="t-1")
-    store.record_engines(record.id, [EngineRecord(engine_id=i, host="h", pid=1, device="cpu", threads=1)
+    store.engines.put(record.id, [EngineRecord(engine_id=i, host="h", pid=1, device="cpu", threads=1)
                                      for i in (0, 1)])
     one, two = StoreRoster(store, record.id), StoreRoster(store, record.id)
     one.engine_leaving(0, "notice")
     one.engine_leaving(1, "drain")  # drains are marked (and called off) by the resize that started them
-    assert store.leaving_engines(record.id) == {0: "notice"}
+    assert store.engines.leaving(record.id) == {0: "notice"}
     one.report_demand(3)
     two.report_demand(2)
-    assert store.demand(record.id, fresh_s=10) == 5
+    assert store.demand.total(record.id, fresh_s=10) == 5
     one.report_demand(None)  # its scheduler ended
-    assert store.demand(record.id, fresh_s=10) == 2
+    assert store.demand.total(record.id, fresh_s=10) == 2
     store.execute("UPDATE demand SET at = at - 60")  # a master killed without a word: its report ages out
-    assert store.demand(record.id, fresh_s=10) == 0
+    assert store.demand.total(record.id, fresh_s=10) == 0
     store.close()
 
 
@@ -255,12 +255,12 @@ def test_scale_up_during_a_sweep_then_down_mid_task(tmp_path, tiny_data_dir):
             new = {e.id for e in status.engines} - {0}
             assert len(new) == 2 and (status.target, status.current) == (3, 3)
             assert [n.node_id for n in status.nodes] == ["local-1", "local-2", "local-3"]
-            assert wait_until(lambda: {r.engine_id for r in cluster.store.runs() if r.state == "completed"} & new,
+            assert wait_until(lambda: {r.engine_id for r in cluster.store.runs.all() if r.state == "completed"} & new,
                               timeout=60), outcome
         thread.join(timeout=120)
         trials = outcome["value"].trials
         assert [t.state for t in trials] == ["COMPLETE"] * 3
-        used = {cluster.store.run(t.run_id).engine_id for t in trials}
+        used = {cluster.store.runs.get(t.run_id).engine_id for t in trials}
         assert 0 in used and used & new  # the held trial finished where it began
 
         # down: the job's first task holds at step 3 until the drain of its node reaches it
@@ -276,7 +276,7 @@ def test_scale_up_during_a_sweep_then_down_mid_task(tmp_path, tiny_data_dir):
         thread, outcome = in_thread(drive)
         assert wait_until(held_file.exists, timeout=60), outcome
         pid = int(held_file.read_text())
-        engines = {e.pid: e for e in cluster.store.engines(cluster.record.id)}
+        engines = {e.pid: e for e in cluster.store.engines.of(cluster.record.id)}
         busy = engines[pid]
         status = cluster.remove([busy.node_id])
         thread.join(timeout=120)
@@ -362,7 +362,7 @@ def test_idle_slaves_stop_and_waiting_jobs_turn_them_on_again(tmp_path, tiny_dat
             # two trials want engines: the keeper turns a slave on again (it may be idle and gone again
             # soon after its trial: the events, not a look at the engines, tell)
             def joined():
-                details = [e.detail for e in cluster.store.events(cluster.record.id, limit=50)]
+                details = [e.detail for e in cluster.store.events.latest(cluster.record.id, limit=50)]
                 decided = [i for i, d in enumerate(details) if "2 job(s) want engines, 1 slave(s) serve: "
                                                               "target 1 -> 2" in d]
                 return decided and any("joined" in d for d in details[decided[0]:])

@@ -75,20 +75,20 @@ def test_a_store_locked_past_the_busy_timeout_is_one_line_and_exit_3(tmp_path):
     holder = sqlite3.connect(tmp_path / "state" / "cluster.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
     try:
-        result = cli(tmp_path, "start", "--slaves", "1", code="import controller.store\n"
-                                                              "controller.store.BUSY_TIMEOUT_S = 1")
+        result = cli(tmp_path, "start", "--slaves", "1", code="import controller.store.database\n"
+                                                              "controller.store.database.BUSY_TIMEOUT_S = 1")
     finally:
         holder.execute("ROLLBACK")
         holder.close()
     assert_one_line(result, ExitStatus.CLUSTER_STATE, "cluster start: error:", "cluster.db: the store stayed "
                     "locked by another process for 1 s")
     with Store(tmp_path / "state") as store:
-        assert store.clusters() == [], "nothing was started"
+        assert store.clusters.all() == [], "nothing was started"
 
 
 def test_a_run_with_corrupt_json_in_the_store_is_one_line_and_exit_1(tmp_path):
     with Store(tmp_path / "state") as store:
-        store.create_run(RunRecord(id="r-1", params={"lr": 0.1}))
+        store.runs.create(RunRecord(id="r-1", params={"lr": 0.1}))
         store.execute("UPDATE runs SET params = ? WHERE id = ?", ('{"lr": 0.1', "r-1"))
     result = cli(tmp_path, "runs")
     assert_one_line(result, ExitStatus.ERROR, "cluster runs: error:", "cluster.db: the params of run r-1 "

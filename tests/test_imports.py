@@ -118,6 +118,18 @@ def test_no_module_under_controller_imports_itself_back_through_others():
         " <-> ".join(group) for group in found)
 
 
+def test_the_store_sits_below_everything_but_its_schema_and_errors():
+    """Subsystems read session -> their package -> store: the store never reaches back up."""
+    graph = import_graph()
+    allowed = {"controller.schema", "controller.errors"}
+    above = {}
+    for name, targets in graph.items():
+        outside = {t for t in targets if not t.startswith("controller.store")} - allowed
+        if name.startswith("controller.store") and outside:
+            above[name] = sorted(outside)
+    assert not above, f"store modules import from above the store: {above}"
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []

@@ -83,7 +83,7 @@ def single_process(checkpoint: bytes, images: torch.Tensor) -> tuple[np.ndarray,
 
 
 def test_two_engines_return_every_prediction_once_in_order_equal_to_one_process(cluster, mnist_run, data_dir):
-    _, checkpoint = cluster.store.load_checkpoint(mnist_run.id)
+    _, checkpoint = cluster.store.checkpoints.load(mnist_run.id)
     seen = []
     result = cluster.infer(mnist_run.id, shards_per_engine=2, progress=lambda done, total: seen.append((done, total)))
     test = load_mnist(data_dir).test
@@ -96,7 +96,7 @@ def test_two_engines_return_every_prediction_once_in_order_equal_to_one_process(
 
 
 def test_the_model_stays_loaded_on_each_engine_for_later_calls(cluster, mnist_run):
-    _, checkpoint = cluster.store.load_checkpoint(mnist_run.id)
+    _, checkpoint = cluster.store.checkpoints.load(mnist_run.id)
     job = Inference(cluster.client, [0, 1], threads=1)
     job.run(checkpoint, "val", str(cluster.config.data_dir))
     first = job.loaded_now
@@ -136,4 +136,4 @@ def test_cifar_runs_from_cluster_bench_predict_over_two_engines(cluster, data_di
     saved = np.load(tmp_path / "preds.npz")
     assert result.kind == "cifar" and result.images == len(test) == len(saved["predictions"])
     assert np.array_equal(saved["labels"], test.labels.numpy())
-    assert result.accuracy == pytest.approx(cluster.store.run(run_id).test_accuracy)
+    assert result.accuracy == pytest.approx(cluster.store.runs.get(run_id).test_accuracy)

@@ -25,10 +25,10 @@ NOT_RUNNING = "no cluster 'default' is running"
 @pytest.fixture
 def state(tmp_path) -> Path:
     with Store(tmp_path / "state") as store:
-        store.create_run(RunRecord(id="r-1", params={"epochs": 2}, state="interrupted"))
+        store.runs.create(RunRecord(id="r-1", params={"epochs": 2}, state="interrupted"))
         SweepTable(store).create(SweepRecord(id="s-1", space=[], sampler="grid", pruner="none", n_trials=1,
                                              state="interrupted"))
-        store.create_run(RunRecord(id="s-1-t000", params={"epochs": 2}, state="interrupted", sweep_id="s-1",
+        store.runs.create(RunRecord(id="s-1-t000", params={"epochs": 2}, state="interrupted", sweep_id="s-1",
                                    trial_number=0))
     return tmp_path / "state"
 

@@ -74,7 +74,7 @@ tunnel = always
         assert f"--IPEngine.max_heartbeat_misses={misses}".encode() in cmdline(engine)
         tag = f"test.{socket.gethostname()}"
         log = host.dir / "home" / ".cluster-engine" / "run" / tag / "engine-0.log"
-        controller = cluster.store.active_cluster("test").controller_pid
+        controller = cluster.store.clusters.active("test").controller_pid
         holder = int((config.state_dir / "tunnels" / tag / "tunnels.pid").read_text())
 
         for pid in (controller, holder):
@@ -209,12 +209,12 @@ def test_after_the_controller_died_status_says_what_to_do_and_stop_start_resume_
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
                 assert held.wait(process=train), "the run never reached its second task"
-                signal_group(cluster.store.active_cluster("test").controller_pid, signal.SIGKILL)
+                signal_group(cluster.store.clusters.active("test").controller_pid, signal.SIGKILL)
                 _, err = train.communicate(timeout=90)
             finally:
                 train.kill()
         assert train.returncode == 3, err
-        (run,) = cluster.store.runs(limit=1)
+        (run,) = cluster.store.runs.all(limit=1)
         assert run.state == "interrupted" and run.epochs_done == 1
 
         out = io.StringIO()

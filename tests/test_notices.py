@@ -88,7 +88,7 @@ class TestTheSetting:
 def test_a_spot_notice_moves_the_running_task_to_another_engine_and_nothing_is_lost(tmp_path, tiny_data_dir, imds):
     holder = tmp_path / "holder-pid"
     with running_cluster(tmp_path, tiny_data_dir, extra=f"metadata_url = {imds.url}") as cluster:
-        engines = {e.pid: e.engine_id for e in cluster.store.engines(cluster.record.id)}
+        engines = {e.pid: e.engine_id for e in cluster.store.engines.of(cluster.record.id)}
         assert wait_until(lambda: all(imds.requests(pid) for pid in engines), timeout=30), "every engine watches"
         outcome: list = []
 
@@ -112,7 +112,7 @@ def test_a_spot_notice_moves_the_running_task_to_another_engine_and_nothing_is_l
             # the watcher read the notice and polled again: the stop request is in before the task goes on
             assert wait_until(lambda: imds.read_and_polled_again(victim_pid), timeout=30)
             held.release()
-            assert wait_until(lambda: cluster.store.leaving_engines(cluster.record.id) == {victim: "notice"},
+            assert wait_until(lambda: cluster.store.engines.leaving(cluster.record.id) == {victim: "notice"},
                               timeout=60), "the engine is marked as leaving"
             noticed_s = time.monotonic() - flipped
             master.join(timeout=180)
@@ -122,8 +122,8 @@ def test_a_spot_notice_moves_the_running_task_to_another_engine_and_nothing_is_l
         assert noticed_s < 30, f"the task came back {noticed_s:.1f} s after the notice"
         print(f"notice to task back on the master: {noticed_s:.2f} s")
         # the task the notice stopped went on elsewhere: every epoch was finished by the survivor
-        assert [(e.epoch, e.engine_id) for e in cluster.store.epochs(run.id)] == [(1, survivor), (2, survivor)]
+        assert [(e.epoch, e.engine_id) for e in cluster.store.epochs.of(run.id)] == [(1, survivor), (2, survivor)]
         params = {**run.params, "task_seconds": 0}
         whole = load_checkpoint(train_epochs(params).checkpoint)["model"]
-        stored = load_checkpoint(cluster.store.load_checkpoint(run.id)[1])["model"]
+        stored = load_checkpoint(cluster.store.checkpoints.load(run.id)[1])["model"]
         assert all(torch.equal(whole[k], stored[k]) for k in whole), "the same weights as an uninterrupted run"

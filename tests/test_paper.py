@@ -44,7 +44,7 @@ def test_the_paper_preset_spans_the_curve(tmp_path):
     """
     with running_cluster(tmp_path, DATA) as cluster:
         result = cluster.sweep(preset="paper", epochs=1, subset=10_000)
-        params = cluster.store.run(result.trials[0].run_id).params
+        params = cluster.store.runs.get(result.trials[0].run_id).params
     assert params["l1_scale"] == "batches", "the stored run records its convention"
     by_l1 = {t.params["l1"]: t for t in result.trials}
     assert sorted(by_l1) == sorted(PAPER_L1) and all(t.state == "COMPLETE" for t in result.trials)

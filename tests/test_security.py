@@ -86,7 +86,7 @@ def test_local_cluster_listens_on_loopback_only_and_keeps_its_files_private(tmp_
         assert sockets and addresses(sockets) == {"127.0.0.1"}, sockets
         assert_private_files(cluster.config.state_dir)
         engine = json.loads(ipcluster.engine_file(ipcluster.profile_dir(cluster.config.state_dir),
-                                                 cluster.store.active_cluster("test").ipp_cluster_id).read_text())
+                                                 cluster.store.clusters.active("test").ipp_cluster_id).read_text())
         assert not engine.get("curve_serverkey")  # loopback only: the HMAC key signs every message
 
 
@@ -147,7 +147,7 @@ def test_ssh_client_ports_on_loopback_engine_ports_only_toward_the_slaves(tunnel
     try:
         status = cluster.start()
         assert [e.host for e in status.engines] == ["slave21"]  # registered (through CurveZMQ when direct)
-        record = cluster.store.active_cluster("test")
+        record = cluster.store.clusters.active("test")
         profile = ipcluster.profile_dir(cluster.config.state_dir)
         client = json.loads(ipcluster.url_file(profile, record.ipp_cluster_id).read_text())
         engine = json.loads(ipcluster.engine_file(profile, record.ipp_cluster_id).read_text())
@@ -190,7 +190,7 @@ def test_ssh_slaves_behind_two_interfaces_get_every_interface_with_curve_only(tm
     try:
         status = cluster.start()
         assert sorted(e.host for e in status.engines) == ["slave21", "slave22"]
-        record = cluster.store.active_cluster("test")
+        record = cluster.store.clusters.active("test")
         profile = ipcluster.profile_dir(cluster.config.state_dir)
         client = json.loads(ipcluster.url_file(profile, record.ipp_cluster_id).read_text())
         engine = json.loads(ipcluster.engine_file(profile, record.ipp_cluster_id).read_text())

@@ -208,29 +208,29 @@ def metrics(epoch: int, seconds: float) -> dict:
 
 def test_the_store_shows_a_run_part_way_into_an_epoch_and_resumes_it_from_its_last_shipped_checkpoint(tmp_path):
     store = Store(tmp_path)
-    store.create_run(RunRecord(id="r-1", params={"epochs": 3}))
+    store.runs.create(RunRecord(id="r-1", params={"epochs": 3}))
     recorder, job = RunRecorder(store), Job(run_id="r-1", spec={"epochs": 3})
     recorder.record_result(job, Result(epochs=[metrics(1, 2.0)], checkpoint=b"e1", completed_epochs=1,
                                        epoch_batches=5, batches_run=5), 0)
     recorder.record_result(job, Result(checkpoint=b"e1b2", completed_epochs=1, batches_done=2, epoch_batches=5,
                                        batches_run=2), 0)
-    run = store.run("r-1")
+    run = store.runs.get("r-1")
     assert epochs_progress(run.epochs_done, 3, run.batches_done, run.epoch_batches) == "1/3, epoch 2 40%"
-    assert store.checkpoint_position("r-1") == (1, 2) and store.load_checkpoint("r-1") == (1, b"e1b2")
+    assert store.checkpoints.position("r-1") == (1, 2) and store.checkpoints.load("r-1") == (1, b"e1b2")
     assert len(list((tmp_path / "checkpoints" / "r-1").iterdir())) == 1, "only the newest file is kept"
     # a task whose checkpoint its engine kept: progress is recorded, the stored checkpoint stays where it was
     recorder.record_result(job, Result(epochs=[metrics(2, 3.0)], checkpoint=None, held=True, completed_epochs=2,
                                        batches_done=1, epoch_batches=5, batches_run=4), 1)
-    assert (store.run("r-1").epochs_done, store.run("r-1").seconds) == (2, 5.0)
-    assert store.checkpoint_position("r-1") == (1, 2)
+    assert (store.runs.get("r-1").epochs_done, store.runs.get("r-1").seconds) == (2, 5.0)
+    assert store.checkpoints.position("r-1") == (1, 2)
     # resuming (that engine is gone) goes back to the stored checkpoint: epoch 2 is forgotten and redone
     assert recorder.resume_from_checkpoint("r-1") == (1, 2)
-    run = store.run("r-1")
+    run = store.runs.get("r-1")
     assert (run.epochs_done, run.batches_done, run.seconds) == (1, 2, 2.0)
-    assert [e.epoch for e in store.epochs("r-1")] == [1]
+    assert [e.epoch for e in store.epochs.of("r-1")] == [1]
     # a task that trained nothing (its engine was going) changes nothing
     recorder.record_result(job, Result(checkpoint=None, completed_epochs=0, stopped="drain"), 1)
-    assert store.run("r-1").epochs_done == 1
+    assert store.runs.get("r-1").epochs_done == 1
 
 
 def test_a_sweeps_pruner_hears_whole_epochs_only(tmp_path):
@@ -276,13 +276,13 @@ def uninterrupted_weights(params: dict) -> dict:
 def test_an_interrupted_run_resumes_mid_epoch_to_the_weights_of_an_uninterrupted_one(cluster):
     with pytest.raises(KeyboardInterrupt):
         cluster.train(_InterruptAt((0, 2)), epochs=2, subset=200, batch_size=50, task_seconds=EVERY_BATCH)
-    run = cluster.store.runs(limit=1)[0]
+    run = cluster.store.runs.all(limit=1)[0]
     assert (run.state, run.epochs_done, run.batches_done) == ("interrupted", 0, 2)
-    assert cluster.store.checkpoint_position(run.id) == (0, 2)
+    assert cluster.store.checkpoints.position(run.id) == (0, 2)
     resumed = cluster.resume(run.id).run
     assert resumed.state == "completed" and (resumed.epochs_done, resumed.batches_done) == (2, 0)
-    assert [e.epoch for e in cluster.store.epochs(run.id)] == [1, 2]
-    stored = load_checkpoint(cluster.store.load_checkpoint(run.id)[1])["model"]
+    assert [e.epoch for e in cluster.store.epochs.of(run.id)] == [1, 2]
+    stored = load_checkpoint(cluster.store.checkpoints.load(run.id)[1])["model"]
     whole = uninterrupted_weights(run.params)
     assert all(torch.equal(whole[k], stored[k]) for k in whole)
 
@@ -291,7 +291,7 @@ def test_a_run_keeps_its_checkpoint_on_its_engine_and_losing_that_engine_costs_o
         cluster, tmp_path):
     """Last in this module: it leaves the cluster with one engine."""
     holder = tmp_path / "holder-pid"
-    engines = {e.pid: e.engine_id for e in cluster.store.engines(cluster.record.id)}
+    engines = {e.pid: e.engine_id for e in cluster.store.engines.of(cluster.record.id)}
     outcome: list = []
 
     def train() -> None:  # the master, as `cluster train` runs it
@@ -311,12 +311,12 @@ def test_a_run_keeps_its_checkpoint_on_its_engine_and_losing_that_engine_costs_o
         assert held.wait(), "the run never reached epoch 2"
         victim_pid = int(holder.read_text())
         victim, survivor = engines[victim_pid], next(e for p, e in engines.items() if p != victim_pid)
-        run = cluster.store.runs(limit=1)[0]
+        run = cluster.store.runs.all(limit=1)[0]
         # every task so far went to the engine holding the checkpoint, and none crossed to the master:
         # the store shows the progress (epoch 2, 25% in) and still resumes (from scratch)
         assert (run.epochs_done, run.batches_done, run.epoch_batches) == (1, 1, 4)
-        assert [(e.epoch, e.engine_id) for e in cluster.store.epochs(run.id)] == [(1, victim)]
-        assert cluster.store.checkpoint_position(run.id) is None
+        assert [(e.epoch, e.engine_id) for e in cluster.store.epochs.of(run.id)] == [(1, victim)]
+        assert cluster.store.checkpoints.position(run.id) is None
         os.kill(victim_pid, signal.SIGKILL)
         held.release()  # the survivor passes the same point when it redoes the run
         master.join(timeout=180)
@@ -324,8 +324,8 @@ def test_a_run_keeps_its_checkpoint_on_its_engine_and_losing_that_engine_costs_o
     run = outcome[0].run
     assert run.state == "completed" and run.epochs_done == 2
     # rolled back to the last shipped checkpoint (none: the start) and redone on the survivor
-    assert [(e.epoch, e.engine_id) for e in cluster.store.epochs(run.id)] == [(1, survivor), (2, survivor)]
-    assert cluster.store.checkpoint_position(run.id) == (2, 0), "the end of the run ships the checkpoint"
+    assert [(e.epoch, e.engine_id) for e in cluster.store.epochs.of(run.id)] == [(1, survivor), (2, survivor)]
+    assert cluster.store.checkpoints.position(run.id) == (2, 0), "the end of the run ships the checkpoint"
     whole = uninterrupted_weights(run.params)
-    stored = load_checkpoint(cluster.store.load_checkpoint(run.id)[1])["model"]
+    stored = load_checkpoint(cluster.store.checkpoints.load(run.id)[1])["model"]
     assert all(torch.equal(whole[k], stored[k]) for k in whole), "the same weights as an uninterrupted run"

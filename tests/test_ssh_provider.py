@@ -123,7 +123,7 @@ def test_reverse_tunnels_and_lost_state(tmp_path, tiny_data_dir, hosts):
         cluster.stop()
         raise
     # the local state is lost; the engines still run on the slave
-    controller_pid = cluster.store.active_cluster("test").controller_pid
+    controller_pid = cluster.store.clusters.active("test").controller_pid
     cluster.close()
     import shutil
 

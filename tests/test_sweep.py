@@ -86,7 +86,7 @@ def test_bad_param_on_the_cli_exits_2_and_starts_nothing(isolated):
     assert out == ""
     assert not cluster_pids(isolated / "state")
     with Store(isolated / "state") as store:
-        assert store.clusters() == [] and store.runs() == []
+        assert store.clusters.all() == [] and store.runs.all() == []
     assert not (isolated / "state" / "sweeps.db").exists()
 
 
@@ -106,7 +106,7 @@ def test_grid_4_trials_2_epochs_on_2_engines(local_cluster):
     runs = local_cluster.runs(sweep_id=result.sweep_id)
     assert len(runs) == 4 and all(r.state == "completed" and r.epochs_done == 2 for r in runs)
     for run in runs:
-        epochs = local_cluster.store.epochs(run.id)
+        epochs = local_cluster.store.epochs.of(run.id)
         assert [e.epoch for e in epochs] == [1, 2] and all(e.engine_id is not None for e in epochs)
         assert run.seconds > 0 and run.trial_number is not None
     # load-balanced: both engines trained
@@ -142,7 +142,7 @@ def test_median_pruner_prunes_a_diverging_trial(local_cluster):
     by_lr = {t.params["lr"]: t for t in result.trials}
     assert by_lr[10.0].state == "PRUNED", [(t.params, t.state, t.epochs) for t in result.trials]
     assert by_lr[10.0].epochs_done < 3 or by_lr[10.0].val_accuracy < 0.5
-    assert local_cluster.store.run(by_lr[10.0].run_id).state == "pruned"
+    assert local_cluster.store.runs.get(by_lr[10.0].run_id).state == "pruned"
     assert result.counts()["COMPLETE"] >= 1 and result.counts()["FAIL"] == 0
 
 
@@ -161,7 +161,7 @@ def test_a_trial_that_raises_is_failed_with_its_traceback_and_the_sweep_goes_on(
     assert states == {13: "FAIL", 32: "COMPLETE", 64: "COMPLETE"}
     failed = next(t for t in result.trials if t.state == "FAIL")
     assert "hidden=13 is cursed" in failed.error and "RuntimeError" in failed.error
-    assert "hidden=13 is cursed" in local_cluster.store.run(failed.run_id).error
+    assert "hidden=13 is cursed" in local_cluster.store.runs.get(failed.run_id).error
     assert result.trials[-1] is failed  # failed trials rank last
 
 
@@ -171,10 +171,10 @@ def test_kill_the_master_mid_sweep_then_resume(local_cluster, tmp_path):
     cmd = [sys.executable, "-m", "controller", "--config", config, "sweep", "--param", "lr=0.003,0.005,0.01",
            "--param", "hidden=32,64", "--epochs", "5", "--json"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    before = {r.id for r in store.runs()}
+    before = {r.id for r in store.runs.all()}
 
     def sweep_runs():
-        return [r for r in store.runs() if r.id not in before and r.sweep_id]
+        return [r for r in store.runs.all() if r.id not in before and r.sweep_id]
 
     # SIGKILL at a fixed point: two trials completed, and the engines hold every task that starts after that
     # (so at least one trial, of the four left with five epochs each, is unfinished when the master dies)
@@ -200,7 +200,7 @@ def _completed_trials():
     sweep_id = runs[0].sweep_id
     finished = {r.id: (r.finished_at, r.seconds) for r in runs if r.state == "completed"}
     assert 2 <= len(finished) < 6, "the sweep ended before it could be killed"
-    epochs_before = {rid: [(e.epoch, e.finished_at) for e in store.epochs(rid)] for rid in finished}
+    epochs_before = {rid: [(e.epoch, e.finished_at) for e in store.epochs.of(rid)] for rid in finished}
 
     code, out, err = run_cli("--config", config, "sweeps", "--json")
     shown = next(s for s in json.loads(out)["sweeps"] if s["sweep_id"] == sweep_id)
@@ -214,12 +214,12 @@ def _completed_trials():
     assert len(data["trials"]) == 6 and {t["state"] for t in data["trials"]} == {"COMPLETE"}
     assert sorted((t["params"]["lr"], t["params"]["hidden"]) for t in data["trials"]) == sorted(
         (lr, h) for lr in (0.003, 0.005, 0.01) for h in (32, 64))
-    runs = [r for r in store.runs(sweep_id=sweep_id)]
+    runs = [r for r in store.runs.all(sweep_id=sweep_id)]
     assert len(runs) == 6 and all(r.state == "completed" and r.epochs_done == 5 for r in runs)
     for rid, (finished_at, seconds) in finished.items():  # finished trials were not trained again
-        run = store.run(rid)
+        run = store.runs.get(rid)
         assert (run.finished_at, run.seconds) == (finished_at, seconds)
-        assert [(e.epoch, e.finished_at) for e in store.epochs(rid)] == epochs_before[rid]
+        assert [(e.epoch, e.finished_at) for e in store.epochs.of(rid)] == epochs_before[rid]
     code, out, err = run_cli("--config", config, "sweep", "--resume", sweep_id)
     assert code == 2 and "already completed" in err
 
@@ -228,7 +228,7 @@ def test_ctrl_c_leaves_the_sweep_resumable(local_cluster, tmp_path):
     config = str(local_cluster.config.source)
     store = local_cluster.store
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    before = {r.id for r in store.runs()}
+    before = {r.id for r in store.runs.all()}
     # Ctrl-C at a fixed point: a trial's second task has started on an engine (its first epoch is stored)
     with engines_holding_tasks(local_cluster.client, tmp_path, when="checkpoint is not None") as held:
         master = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "sweep", "--param",
@@ -242,7 +242,7 @@ def test_ctrl_c_leaves_the_sweep_resumable(local_cluster, tmp_path):
             if master.poll() is None:
                 master.kill()
                 master.wait()
-    runs = [r for r in store.runs() if r.id not in before]
+    runs = [r for r in store.runs.all() if r.id not in before]
     sweep_id = runs[0].sweep_id
     assert master.returncode == 130, err
     assert f"cluster sweep --resume {sweep_id}" in err
@@ -251,7 +251,7 @@ def test_ctrl_c_leaves_the_sweep_resumable(local_cluster, tmp_path):
 
     result = local_cluster.sweep(resume=sweep_id)
     assert result.sweep.state == "completed" and [t.state for t in result.trials] == ["COMPLETE"] * 3
-    assert all(r.state == "completed" and r.epochs_done == 4 for r in store.runs(sweep_id=sweep_id))
+    assert all(r.state == "completed" and r.epochs_done == 4 for r in store.runs.all(sweep_id=sweep_id))
 
 
 class _InterruptAfterFirstTask(ProgressSink):
@@ -276,7 +276,7 @@ def test_resume_trains_the_sweeps_own_base_spec_and_reports_an_edited_config(loc
     with pytest.raises(KeyboardInterrupt):
         local_cluster.sweep(grid, epochs=1, subset=100, progress=lambda source: _InterruptAfterFirstTask())
     sweep_id = local_cluster.sweeps(limit=1)[0].sweep_id
-    asked_before = {r.id for r in local_cluster.store.runs(sweep_id=sweep_id)}
+    asked_before = {r.id for r in local_cluster.store.runs.all(sweep_id=sweep_id)}
     assert len(asked_before) < 4
 
     training = dataclasses.replace(local_cluster.config.training, lr=0.05, batch_size=64)  # edited in between
@@ -287,7 +287,7 @@ def test_resume_trains_the_sweeps_own_base_spec_and_reports_an_edited_config(loc
     finally:
         edited.close()
     assert [t.state for t in result.trials] == ["COMPLETE"] * 4
-    runs = local_cluster.store.runs(sweep_id=sweep_id)
+    runs = local_cluster.store.runs.all(sweep_id=sweep_id)
     assert set(asked_before) < {r.id for r in runs}
     assert {(r.params["lr"], r.params["batch_size"], r.params["subset"]) for r in runs} == {(0.01, 128, 100)}
     warning = next(r.getMessage() for r in caplog.records if "differs from the sweep's" in r.getMessage())
@@ -301,16 +301,16 @@ def test_a_trial_whose_checkpoint_is_lost_restarts_and_the_resumed_sweep_goes_on
                             progress=lambda source: _InterruptAfterFirstTask())
     sweep_id = local_cluster.sweeps(limit=1)[0].sweep_id
     store = local_cluster.store
-    (damaged,) = [r for r in store.runs(sweep_id=sweep_id) if r.epochs_done == 1]
-    path = next((store.checkpoint_dir / damaged.id).glob("epoch-*.pt"))
+    (damaged,) = [r for r in store.runs.all(sweep_id=sweep_id) if r.epochs_done == 1]
+    path = next((store.checkpoints.folder / damaged.id).glob("epoch-*.pt"))
     path.unlink() if damage == "missing" else path.write_bytes(b"garbage")
-    first_epoch_at = store.epochs(damaged.id)[0].finished_at
+    first_epoch_at = store.epochs.of(damaged.id)[0].finished_at
 
     result = local_cluster.sweep(resume=sweep_id)
     assert [t.state for t in result.trials] == ["COMPLETE"] * 2
-    run = store.run(damaged.id)
+    run = store.runs.get(damaged.id)
     assert run.state == "completed" and run.epochs_done == 2
-    epochs = store.epochs(damaged.id)
+    epochs = store.epochs.of(damaged.id)
     assert [e.epoch for e in epochs] == [1, 2] and epochs[0].finished_at > first_epoch_at  # trained again
 
 
@@ -327,22 +327,22 @@ def test_a_pruned_trial_is_stored_before_optuna_is_told(tmp_path):
     study = optuna.create_study(direction="maximize")
     source = SweepSource(study, store, "s-1", SearchSpace(), {}, n_trials=1)
     trial = study.ask()
-    store.create_run(RunRecord(id="s-1-t000", params={}, sweep_id="s-1", trial_number=0))
+    store.runs.create(RunRecord(id="s-1-t000", params={}, sweep_id="s-1", trial_number=0))
 
     def master_dies(*args, **kwargs):
         raise KeyboardInterrupt
 
     study.tell = master_dies
     with pytest.raises(KeyboardInterrupt):
-        source.finish(Job(run_id="s-1-t000", spec={}, tag=trial), TrialState.PRUNED, store.run("s-1-t000"))
-    assert store.run("s-1-t000").state == "pruned"
+        source.finish(Job(run_id="s-1-t000", spec={}, tag=trial), TrialState.PRUNED, store.runs.get("s-1-t000"))
+    assert store.runs.get("s-1-t000").state == "pruned"
 
 
 def test_a_lost_engine_costs_one_task_that_goes_to_another_engine(local_cluster, tmp_path):
     """Last in this module: it leaves the cluster with one engine."""
     import threading
 
-    victim = local_cluster.store.engines(local_cluster.record.id)[0]
+    victim = local_cluster.store.engines.of(local_cluster.record.id)[0]
     killed_at: list[float] = []
 
     def kill_when_training(held) -> None:
@@ -361,6 +361,6 @@ def test_a_lost_engine_costs_one_task_that_goes_to_another_engine(local_cluster,
     assert result.engine_losses >= 1
     for trial in result.trials:
         assert [e["epoch"] for e in trial.epochs] == list(range(1, 7))
-    later = [e for t in result.trials for e in local_cluster.store.epochs(t.run_id)
+    later = [e for t in result.trials for e in local_cluster.store.epochs.of(t.run_id)
              if e.finished_at > killed_at[0] + 1.0]
     assert later and all(e.engine_id != victim.engine_id for e in later)  # the survivor did the rest

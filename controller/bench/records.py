@@ -134,16 +134,11 @@ class BenchTable:
         values = dataclasses.asdict(record)
         values["params"] = json.dumps(record.params, sort_keys=True)
         with self.store.transaction():
-            self._insert("bench_measurements", values)
+            self.store.insert("bench_measurements", values, replace=True)
             for engine in engines:
-                self._insert("bench_engines", dataclasses.asdict(engine))
+                self.store.insert("bench_engines", dataclasses.asdict(engine), replace=True)
             for trial in trials:
-                self._insert("bench_trials", dataclasses.asdict(trial))
-
-    def _insert(self, table: str, values: dict) -> None:
-        columns = ", ".join(values)
-        marks = ", ".join("?" for _ in values)
-        self.store.execute(f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({marks})", values.values())
+                self.store.insert("bench_trials", dataclasses.asdict(trial), replace=True)
 
     def records(self, bench_ids: Optional[Sequence[str]] = None, workload: Optional[str] = None) -> list[BenchRecord]:
         """Measurements, oldest first (then by engine count): a stable order for reports."""

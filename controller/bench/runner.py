@@ -125,8 +125,8 @@ def run_bench(session: Session, workload: str = "paper", engines: Optional[Seque
             f"--engines {','.join(map(str, counts))}: cluster {session.name!r} has {len(alive)} live engine(s); "
             f"start more with `cluster start --slaves {max(counts)}`")
 
-    engine_nodes = {e.engine_id: e.node_id for e in session.store.engines(record.id)}
-    nodes = {n.node_id: n for n in session.store.nodes(record.id)}
+    engine_nodes = {e.engine_id: e.node_id for e in session.store.engines.of(record.id)}
+    nodes = {n.node_id: n for n in session.store.nodes.of(record.id)}
     placement = _Placement(
         infos=dict(zip(alive, client[alive].apply_async(hardware_info, record.threads_per_engine).get(timeout=120))),
         engine_nodes=engine_nodes, nodes=nodes,
@@ -168,7 +168,7 @@ def run_bench(session: Session, workload: str = "paper", engines: Optional[Seque
             job, message = source.errors[0]
             raise TaskError(f"bench {bench_id}: run {job.run_id} failed on its engine ({message}); "
                             f"`cluster runs` shows its traceback; the failed measurement is stored as "
-                            f"{measurement.id}", session.store.run(job.run_id).error or "")
+                            f"{measurement.id}", session.store.runs.get(job.run_id).error or "")
     return BenchResult(bench_id=bench_id, records=records)
 
 
@@ -210,7 +210,7 @@ def _jobs(session: Session, specs: list[tuple[str, dict]],
         spec = dict(spec)
         run_id = new_id("r-")
         spec["run_id"] = run_id
-        session.store.create_run(RunRecord(id=run_id, params=spec, cluster_id=session.record.id))
+        session.store.runs.create(RunRecord(id=run_id, params=spec, cluster_id=session.record.id))
         jobs.append(Job(run_id=run_id, spec=spec, task=task))
         labels.append(label)
     return jobs, labels
@@ -236,7 +236,7 @@ def _summarise(session: Session, bench_id: str, workload: Workload, targets: lis
             torch=info["torch"], cuda=info["cuda"]))
     trials = []
     for number, (job, label) in enumerate(zip(jobs, labels)):
-        run = store.run(job.run_id)
+        run = store.runs.get(job.run_id)
         trials.append(BenchTrial(
             measurement_id=measurement_id, trial=number, run_id=job.run_id, label=label, l1=job.spec.get("l1"),
             lr=job.spec.get("lr"), epochs=run.epochs_done, state=run.state, val_accuracy=run.val_accuracy,

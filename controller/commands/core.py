@@ -189,7 +189,7 @@ def cmd_train(args, ctx: Context) -> int:
             else:
                 result = cluster.train(progress=progress, distributed=args.distributed, engines=engines, **overrides)
         except KeyboardInterrupt:
-            run = cluster.store.run(cluster.current_run_id) if cluster.current_run_id else None
+            run = cluster.store.runs.get(cluster.current_run_id) if cluster.current_run_id else None
             if run is not None and run.state == "interrupted":
                 ctx.err_console.print(f"run {run.id} interrupted at epoch "
                                       f"{epochs_progress(run.epochs_done, run.params.get('epochs'), run.batches_done, run.epoch_batches)}; "

@@ -64,7 +64,7 @@ def cmd_sweep(args, ctx: Context) -> int:
 
     def view(source):
         running["sweep_id"] = source.sweep_id
-        return SweepProgress(source, console, engine_pids={e.pid: e.engine_id for e in cluster.store.engines(
+        return SweepProgress(source, console, engine_pids={e.pid: e.engine_id for e in cluster.store.engines.of(
             cluster.record.id)})
 
     try:

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: stop_event.set())
     with Cluster(config_from_dict(spec["config"])) as cluster:
-        end_with_the_controller(cluster.store.cluster(spec["cluster_id"]))
+        end_with_the_controller(cluster.store.clusters.get(spec["cluster_id"]))
         Keeper(cluster, spec["cluster_id"]).run(stop_event)
     return 0
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .. import ipcluster, processes
+from ..cluster_status import controller_alive
 from ..config import Config, config_to_dict
 from ..errors import ClusterError, ClusterStateError
 from ..store import ClusterRecord
@@ -73,14 +74,14 @@ class Keeper:
 
     def alive(self) -> bool:
         """False once the cluster is stopping or its controller is gone: the keeper then ends."""
-        record = self.store.cluster(self.cluster_id)
+        record = self.store.clusters.get(self.cluster_id)
         if record.state in ("stopping", "stopped", "failed"):
             return False
-        return record.state == "starting" or self.cluster._controller_alive(record)
+        return record.state == "starting" or controller_alive(record)
 
     def tick(self) -> Optional[Decision]:
         """Look, decide, act; None when another resize holds the lock or the cluster is not running."""
-        record = self.store.cluster(self.cluster_id)
+        record = self.store.clusters.get(self.cluster_id)
         if record.state != "running":
             return None
         try:
@@ -98,11 +99,11 @@ class Keeper:
         registered = set(client.ids)
         queues = client.queue_status()
         busy = {e for e, q in queues.items() if isinstance(e, int) and (q.get("tasks") or q.get("queue"))}
-        leaving = self.store.leaving_engines(record.id)
-        engines = self.store.engines(record.id)
+        leaving = self.store.engines.leaving(record.id)
+        engines = self.store.engines.of(record.id)
         states = self._states(record)
         views = []
-        for node in self.store.nodes(record.id):
+        for node in self.store.nodes.of(record.id):
             if node.state not in LIVE_NODE_STATES or node.state in PENDING_NODE_STATES:
                 continue
             mine = [e for e in engines if e.node_id == node.node_id]
@@ -114,11 +115,11 @@ class Keeper:
                 instance_state=states.get(node.node_id, node.state), launched_at=node.launched_at))
             idle_since = self.policy.idle_since.get(node.node_id)
             if idle_since != node.idle_since:
-                self.store.update_node(record.id, node.node_id, idle_since=idle_since)
+                self.store.nodes.update(record.id, node.node_id, idle_since=idle_since)
         per_node = [v.engines for v in views if v.engines]
         return Snapshot(
             now=self.clock(), target=record.target if record.target is not None else record.slaves, nodes=views,
-            wanted=self.store.demand(record.id, DEMAND_FRESH_S),
+            wanted=self.store.demand.total(record.id, DEMAND_FRESH_S),
             engines_per_node=max(1, round(sum(per_node) / len(per_node))) if per_node else 1,
             min_slaves=record.min_slaves or 0, max_slaves=record.max_slaves or 0,
             idle_minutes=record.idle_minutes or 0.0, replace_lost=bool(record.replace_lost))
@@ -142,8 +143,8 @@ class Keeper:
 
     def act(self, record: ClusterRecord, decision: Decision) -> None:
         if decision.target != (record.target if record.target is not None else record.slaves):
-            self.store.update_cluster(record.id, target=decision.target)
-            self.store.add_event(record.id, "scale", decision.target_why)
+            self.store.clusters.update(record.id, target=decision.target)
+            self.store.events.add(record.id, "scale", decision.target_why)
             log.info("%s", decision.target_why)
         resizer = Resizer(self.cluster)
         if decision.add:
@@ -152,24 +153,24 @@ class Keeper:
                 self.policy.add_succeeded()
             except ClusterError as error:
                 retry = self.policy.add_failed(self.clock())
-                self.store.add_event(record.id, "error", f"adding {decision.add} slave(s) failed: {error}; "
+                self.store.events.add(record.id, "error", f"adding {decision.add} slave(s) failed: {error}; "
                                      f"next try in {retry - self.clock():.0f} s")
                 log.warning("adding %d slave(s) failed: %s", decision.add, error)
-        nodes = {n.node_id: n for n in self.store.nodes(record.id)}
+        nodes = {n.node_id: n for n in self.store.nodes.of(record.id)}
         for release in decision.release:
             node = nodes.get(release.node_id)
             if node is None:
                 continue
             if not release.drain:
-                for engine in self.store.engines(record.id):
+                for engine in self.store.engines.of(record.id):
                     if engine.node_id == node.node_id:
-                        self.store.mark_engine_leaving(record.id, engine.engine_id, "lost")
-                self.store.update_node(record.id, node.node_id, state="lost")
+                        self.store.engines.mark_leaving(record.id, engine.engine_id, "lost")
+                self.store.nodes.update(record.id, node.node_id, state="lost")
                 node.state = "lost"
             try:
                 resizer.remove([node], release.why, drain=release.drain)
             except ClusterError as error:
-                self.store.add_event(record.id, "error", f"releasing {node.node_id} failed: {error}")
+                self.store.events.add(record.id, "error", f"releasing {node.node_id} failed: {error}")
                 log.warning("releasing %s failed: %s", node.node_id, error)
 
     def run(self, stop: threading.Event, tick_s: float = TICK_S) -> None:
@@ -180,7 +181,7 @@ class Keeper:
             except Exception as error:  # noqa: BLE001 - one bad tick must not end the keeper
                 log.exception("keeper tick failed")
                 try:
-                    self.store.add_event(self.cluster_id, "error", f"keeper: {type(error).__name__}: {error}")
+                    self.store.events.add(self.cluster_id, "error", f"keeper: {type(error).__name__}: {error}")
                 except Exception:  # noqa: BLE001 - the store itself may be the problem
                     pass
             stop.wait(max(0.0, tick_s - (time.monotonic() - started)))

@@ -17,10 +17,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol
 
-from .. import ipcluster
-from ..errors import ClusterStateError, ProviderError
+from .. import ipcluster, joining
+from ..config import Config
+from ..errors import ClusterStateError, ProviderError, UsageError
 from ..providers import Provider
 from ..scheduler import ROSTER_CHECK_S
 from ..store import ClusterRecord, NodeRecord, Store
@@ -39,7 +40,7 @@ class ResizeHost(Protocol):
     store: Store
 
     @property
-    def config(self): ...
+    def config(self) -> Config: ...
 
     @property
     def record(self) -> ClusterRecord: ...
@@ -49,10 +50,7 @@ class ResizeHost(Protocol):
 
     def provider(self, name: Optional[str] = None) -> Provider: ...
 
-    def _record_engines(self, record: ClusterRecord, client, threads: int, nodes: list[NodeRecord],
-                        engine_ids: Optional[list[int]] = None, ipp_cluster=None) -> None: ...
-
-    def _warm_engines(self, client, targets: Optional[list[int]] = None) -> None: ...
+    def run_spec(self, **overrides: Any) -> dict: ...
 
 
 def lock_path(state_dir: Path, cluster_id: int) -> Path:
@@ -95,7 +93,7 @@ def resize_lock(state_dir: Path, cluster_id: int, wait_s: float = LOCK_WAIT_S) -
 
 
 def live_nodes(store: Store, cluster_id: int) -> list[NodeRecord]:
-    return [n for n in store.nodes(cluster_id) if n.state in LIVE_NODE_STATES]
+    return [n for n in store.nodes.of(cluster_id) if n.state in LIVE_NODE_STATES]
 
 
 class Resizer:
@@ -113,16 +111,16 @@ class Resizer:
         provider = self.host.provider(record.provider)
         ipp_cluster = self._ipp_cluster(record)
         client = self.host.client
-        known = set(client.ids) | {e.engine_id for e in self.store.engines(record.id)}
-        self.store.add_event(record.id, "add", f"adding {count} slave(s): {why}")
+        known = set(client.ids) | {e.engine_id for e in self.store.engines.of(record.id)}
+        self.store.events.add(record.id, "add", f"adding {count} slave(s): {why}")
         log.info("adding %d slave(s): %s", count, why)
-        nodes = provider.add(record, ipp_cluster, count)
-        for node in nodes:
-            self.store.update_node(record.id, node.node_id, note=why)
-        expected = provider.expected_engines(nodes)
-        timeout = self.host.config.cluster.engine_timeout
-        deadline = time.monotonic() + timeout
+        nodes = provider.add(record, ipp_cluster, count)  # if it raises, it released what it started
         try:
+            for node in nodes:
+                self.store.nodes.update(record.id, node.node_id, note=why)
+            expected = provider.expected_engines(nodes)
+            timeout = self.host.config.cluster.engine_timeout
+            deadline = time.monotonic() + timeout
             while True:
                 new = sorted(set(client.ids) - known)
                 if len(new) >= expected:
@@ -133,15 +131,15 @@ class Resizer:
                         f"{', '.join(n.node_id for n in nodes)} registered within {timeout} s; their logs are in "
                         f"{Path(record.profile_dir) / 'log'} (raise [cluster] engine_timeout if slaves are slow)")
                 time.sleep(self.poll_s)
-            self.host._record_engines(record, client, record.threads_per_engine, nodes, engine_ids=new,
-                                      ipp_cluster=ipp_cluster)
+            joining.record_engines(self.store, self.host.config, record, client, record.threads_per_engine, nodes,
+                                   engine_ids=new, ipp_cluster=ipp_cluster)
             ipcluster.secure_files(Path(record.profile_dir))
         except BaseException as error:
             log.warning("the new slaves did not join (%s); releasing them", error)
             self._release(record, provider, ipp_cluster, nodes, f"failed to join: {error}")
             raise
-        self.host._warm_engines(client, targets=new)
-        self.store.add_event(record.id, "add", f"{', '.join(n.node_id for n in nodes)} joined with engine(s) "
+        joining.warm_engines(client, self.host.run_spec(), timeout, targets=new)
+        self.store.events.add(record.id, "add", f"{', '.join(n.node_id for n in nodes)} joined with engine(s) "
                              f"{', '.join(map(str, new))}" + (f" (replacing {replaces})" if replaces else ""))
         return nodes
 
@@ -154,35 +152,35 @@ class Resizer:
         provider = self.host.provider(record.provider)
         ipp_cluster = self._ipp_cluster(record, required=False)
         names = ", ".join(n.node_id for n in nodes)
-        self.store.add_event(record.id, "remove", f"{'draining' if drain else 'releasing'} {names}: {why}")
+        self.store.events.add(record.id, "remove", f"{'draining' if drain else 'releasing'} {names}: {why}")
         log.info("%s %s: %s", "draining" if drain else "releasing", names, why)
         if drain:
             self._drain(record, nodes)
         self._release(record, provider, ipp_cluster, nodes, why)
-        self.store.add_event(record.id, "remove", f"released {names}")
+        self.store.events.add(record.id, "remove", f"released {names}")
 
     def _drain(self, record: ClusterRecord, nodes: list[NodeRecord]) -> None:
         ids = {n.node_id for n in nodes}
-        engines = [e for e in self.store.engines(record.id) if e.node_id in ids]
-        leaving = self.store.leaving_engines(record.id)
-        for engine in engines:
-            if engine.engine_id not in leaving:  # a notice or loss already recorded keeps its reason
-                self.store.mark_engine_leaving(record.id, engine.engine_id, "drain")
-        for node in nodes:
-            self.store.update_node(record.id, node.node_id, state="draining")
-        marked = time.monotonic()
+        engines = [e for e in self.store.engines.of(record.id) if e.node_id in ids]
         client = self.host.client
         live = [e.engine_id for e in engines if e.engine_id in client.ids]
-        if live:
-            # every one, idle too: the stop request is sticky, so a task the hub hands it before the
-            # schedulers re-read the marks comes straight back with its checkpoint
-            try:
-                client.send_signal("SIGUSR1", targets=live, block=True)
-            except Exception as error:  # noqa: BLE001 - an engine that died meanwhile: nothing to drain there
-                log.info("SIGUSR1 to engines %s: %s", live, error)
-        timeout = self.host.config.cluster.drain_timeout
-        deadline = marked + timeout
-        try:
+        leaving = self.store.engines.leaving(record.id)
+        try:  # from the first mark on, a timeout or Ctrl-C calls the drain off: the nodes serve again
+            for engine in engines:
+                if engine.engine_id not in leaving:  # a notice or loss already recorded keeps its reason
+                    self.store.engines.mark_leaving(record.id, engine.engine_id, "drain")
+            for node in nodes:
+                self.store.nodes.update(record.id, node.node_id, state="draining")
+            marked = time.monotonic()
+            if live:
+                # every one, idle too: the stop request is sticky, so a task the hub hands it before the
+                # schedulers re-read the marks comes straight back with its checkpoint
+                try:
+                    client.send_signal("SIGUSR1", targets=live, block=True)
+                except Exception as error:  # noqa: BLE001 - an engine that died meanwhile: nothing to drain
+                    log.info("SIGUSR1 to engines %s: %s", live, error)
+            timeout = self.host.config.cluster.drain_timeout
+            deadline = marked + timeout
             while True:
                 busy = self._busy(client, live)
                 # every scheduler re-reads the marks within ROSTER_CHECK_S: after that, idle stays idle
@@ -194,7 +192,7 @@ class Resizer:
                         f"[cluster] drain_timeout = {timeout} s; the drain is called off and they go on. Run the "
                         f"command again later, or raise drain_timeout")
                 time.sleep(self.poll_s)
-        except BaseException:  # a timeout, Ctrl-C: the nodes serve again rather than hang half-drained
+        except BaseException:
             self._call_off(record, nodes, client, live)
             raise
 
@@ -202,18 +200,18 @@ class Resizer:
         from engines.stopping import clear
 
         ids = {n.node_id for n in nodes}
-        leaving = self.store.leaving_engines(record.id)
-        for engine in self.store.engines(record.id):
+        leaving = self.store.engines.leaving(record.id)
+        for engine in self.store.engines.of(record.id):
             if engine.node_id in ids and leaving.get(engine.engine_id) == "drain":
-                self.store.mark_engine_leaving(record.id, engine.engine_id, "")
+                self.store.engines.mark_leaving(record.id, engine.engine_id, "")
         for node in nodes:
-            self.store.update_node(record.id, node.node_id, state="running")
+            self.store.nodes.update(record.id, node.node_id, state="running")
         if live:
             try:  # queued behind a running task, which stops at its boundary and goes on elsewhere
                 client[live].apply_async(clear, "drain")
             except Exception as error:  # noqa: BLE001 - an engine gone meanwhile: nothing to call off there
                 log.info("could not call the drain off on engines %s: %s", live, error)
-        self.store.add_event(record.id, "remove", f"drain of {', '.join(sorted(ids))} called off")
+        self.store.events.add(record.id, "remove", f"drain of {', '.join(sorted(ids))} called off")
 
     @staticmethod
     def _busy(client, engine_ids: list[int]) -> list[int]:
@@ -225,14 +223,14 @@ class Resizer:
     def _release(self, record: ClusterRecord, provider: Provider, ipp_cluster, nodes: list[NodeRecord],
                  why: str) -> None:
         ids = {n.node_id for n in nodes}
-        for engine in self.store.engines(record.id):
+        for engine in self.store.engines.of(record.id):
             if engine.node_id in ids and not engine.leaving:
-                self.store.mark_engine_leaving(record.id, engine.engine_id, "drain")
+                self.store.engines.mark_leaving(record.id, engine.engine_id, "drain")
         try:
             provider.remove(record, ipp_cluster, nodes)
         finally:
             for node in nodes:
-                self.store.update_node(record.id, node.node_id, note=why)
+                self.store.nodes.update(record.id, node.node_id, note=why)
             if ipp_cluster is not None:
                 ipcluster.secure_files(Path(record.profile_dir))
 
@@ -249,3 +247,75 @@ def choose_to_remove(nodes: list[NodeRecord], count: int, busy_nodes: set[str]) 
     """``count`` nodes to turn off: idle ones first, the newest first within each (older ones have warm caches)."""
     ordered = sorted(nodes, key=lambda n: (n.node_id in busy_nodes, -(n.launched_at or 0), n.node_id))
     return ordered[:count]
+
+
+def scale(host: ResizeHost, slaves: int, why: str = "") -> None:
+    """Turn slaves on or off until ``slaves`` serve (``cluster scale``): the target first, then nodes added,
+    or the idle ones drained and released; a resize that fails or is called off leaves the target as it was."""
+    if not 0 <= slaves <= 256:
+        raise UsageError(f"scale {slaves}: expected a number of slaves from 0 to 256")
+    record = host.record
+    if record.max_slaves and not (record.min_slaves or 0) <= slaves <= record.max_slaves:
+        raise UsageError(f"scale {slaves}: this cluster autoscales between {record.min_slaves} and "
+                         f"{record.max_slaves} slaves (min_slaves/max_slaves); stay in that range")
+    store = host.store
+    with resize_lock(host.config.state_dir, record.id):
+        record = host.record
+        nodes = live_nodes(store, record.id)
+        before = record.target if record.target is not None else len(nodes)
+        why = why or f"cluster scale {slaves}"
+        store.clusters.update(record.id, target=slaves)
+        store.events.add(record.id, "scale", f"target {before} -> {slaves} ({len(nodes)} serving): {why}")
+        resizer = Resizer(host)
+        if slaves > len(nodes):
+            try:
+                resizer.add(slaves - len(nodes), why)
+            except BaseException as error:  # nothing was added: the target stays what it was
+                _target_back(store, record, before, why, error)
+                raise
+        elif slaves < len(nodes):
+            try:
+                resizer.remove(choose_to_remove(nodes, len(nodes) - slaves, busy_nodes(host, record)), why)
+            except BaseException as error:  # the drain was called off: every node serves on
+                _target_back(store, record, before, why, error)
+                raise
+
+
+def remove(host: ResizeHost, node_ids: list[str], why: str = "") -> None:
+    """Drain these nodes, then release them (``cluster remove``); the target shrinks by as many (unless the
+    drain is called off)."""
+    if not node_ids:
+        raise UsageError("remove: name at least one node (`cluster status` lists them)")
+    record = host.record
+    store = host.store
+    with resize_lock(host.config.state_dir, record.id):
+        record = host.record
+        live = {n.node_id: n for n in live_nodes(store, record.id)}
+        unknown = [n for n in node_ids if n not in live]
+        if unknown:
+            raise UsageError(f"remove {' '.join(unknown)}: no such running node; running: "
+                             f"{', '.join(live) or 'none'}")
+        chosen = [live[n] for n in dict.fromkeys(node_ids)]
+        before = record.target if record.target is not None else len(live)
+        target = max(0, before - len(chosen))
+        why = why or f"cluster remove {' '.join(node_ids)}"
+        store.clusters.update(record.id, target=target)
+        store.events.add(record.id, "scale", f"target {before} -> {target}: {why}")
+        try:
+            Resizer(host).remove(chosen, why)
+        except BaseException as error:
+            _target_back(store, record, before, why, error)
+            raise
+
+
+def _target_back(store: Store, record: ClusterRecord, before: int, why: str, error: BaseException) -> None:
+    """A resize that did not happen leaves the target where it was (the keeper would act on it)."""
+    store.clusters.update(record.id, target=before)
+    store.events.add(record.id, "error", f"target back to {before}: {why} failed: {error!r}")
+
+
+def busy_nodes(host: ResizeHost, record: ClusterRecord) -> set[str]:
+    """Nodes with an engine that runs or holds a task now."""
+    queues = host.client.queue_status()
+    busy = {e for e, q in queues.items() if isinstance(e, int) and (q.get("tasks") or q.get("queue"))}
+    return {e.node_id for e in host.store.engines.of(record.id) if e.engine_id in busy}

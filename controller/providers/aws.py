@@ -288,7 +288,7 @@ class AwsProvider(Provider):
         launched = self.launch(ec2, ami, subnets, key_name, group, count, required, launched_ids)
         nodes = [self.node_of(i, ami) for i in launched]
         for node in nodes:  # recorded at once: a crash from here on still finds them
-            self.store.record_node(cluster.id, node)
+            self.store.nodes.put(cluster.id, node)
         type(self).on_step("fleet")
         ids = [i["InstanceId"] for i in launched]
         self.wait(ec2, "running", ids)
@@ -302,7 +302,7 @@ class AwsProvider(Provider):
             host = self.host_of(instance, key_file, tunnel)
             # the address its host key gets recorded for: `cluster ssh` and stop must use the same one
             node.ssh_host, node.ssh_port = host.address, host.port
-            self.store.record_node(cluster.id, node)
+            self.store.nodes.put(cluster.id, node)
             targets.append(Target(node, host))
         # a fresh GPU instance takes a minute or three before its sshd answers
         return self.engines(key_file).start(cluster, targets, tunnel=tunnel,
@@ -326,7 +326,7 @@ class AwsProvider(Provider):
         group = cfg.security_group or (group_file.read_text().strip() if group_file.exists() else "")
         if not group:
             raise ClusterStateError(f"cluster {self.cluster_name!r} has no security group recorded in {group_file}")
-        images = [n.image for n in self.store.nodes(cluster.id) if n.image]
+        images = [n.image for n in self.store.nodes.of(cluster.id) if n.image]
         ami = images[0] if images and cfg.ami == "auto" else self.ami(ec2)
         subnets = self.subnets(ec2)
         launched_ids: list[str] = []
@@ -354,7 +354,7 @@ class AwsProvider(Provider):
         result = self.terminate_and_check(ec2, ids)
         now = time.time()
         for instance_id in result.released:
-            self.store.update_node(cluster.id, instance_id, state="terminated", terminated_at=now)
+            self.store.nodes.update(cluster.id, instance_id, state="terminated", terminated_at=now)
         if result.left:
             raise ProviderError(self.left_message(result.left))
 
@@ -637,7 +637,7 @@ class AwsProvider(Provider):
         """
         if self._refused:  # they belong to another start of this cluster; `cluster stop` releases them
             return
-        nodes = self.store.nodes(cluster.id)
+        nodes = self.store.nodes.of(cluster.id)
         by_region: dict[str, list[str]] = {}
         for node in nodes:
             if node.instance_id and node.state != "terminated":
@@ -659,7 +659,7 @@ class AwsProvider(Provider):
                 node.state = result.left[node.instance_id].split(":")[0]
             elif node.state != "terminated":
                 node.state, node.terminated_at = "terminated", node.terminated_at or now
-            self.store.record_node(cluster.id, node)
+            self.store.nodes.put(cluster.id, node)
         if result.left:
             raise ProviderError(self.left_message(result.left))
 
@@ -712,7 +712,7 @@ class AwsProvider(Provider):
         instances += [i for i in self.describe_ids(ec2, extra) if i.get("State", {}).get("Name") in LIVE_STATES]
         if not everything:
             hosts = []
-            reached = {n.instance_id: n for n in self.store.nodes(cluster_id) if n.ssh_host} if cluster_id else {}
+            reached = {n.instance_id: n for n in self.store.nodes.of(cluster_id) if n.ssh_host} if cluster_id else {}
             key_file = str(next(iter(self.folder(name).glob("*.pem")), "")) or self.config.aws.key_file
             for instance in instances:
                 if instance.get("State", {}).get("Name") != "running":
@@ -816,7 +816,7 @@ class AwsProvider(Provider):
     # listing ------------------------------------------------------------------------------
     def list(self, cluster: ClusterRecord) -> list[NodeRecord]:
         """The store's nodes with their state from AWS, plus tagged instances the store does not know."""
-        nodes = {n.node_id: n for n in self.store.nodes(cluster.id)}
+        nodes = {n.node_id: n for n in self.store.nodes.of(cluster.id)}
         try:
             ec2 = self.ec2()
             live = {i["InstanceId"]: i for i in self.instances(ec2, self.cluster_name)}

@@ -34,7 +34,7 @@ class LocalProvider(Provider):
 
     def add(self, cluster: ClusterRecord, ipp_cluster: ipp.Cluster, count: int) -> list[NodeRecord]:
         # never reuse a node id: a removed node's rows (and events naming it) stay in the store
-        used = [int(m.group(1)) for n in self.store.nodes(cluster.id) for m in [NODE_ID.match(n.node_id)] if m]
+        used = [int(m.group(1)) for n in self.store.nodes.of(cluster.id) for m in [NODE_ID.match(n.node_id)] if m]
         first = max(used, default=0) + 1
         environment = {**ipcluster.engine_environment(cluster.threads_per_engine),
                        **processes.process_marker(Path(cluster.profile_dir), cluster.ipp_cluster_id)}
@@ -46,12 +46,12 @@ class LocalProvider(Provider):
                 node = NodeRecord(node_id=f"local-{number}", provider=self.name, host=socket.gethostname(),
                                   state="starting", market="local", price_per_hour=price, engines=1,
                                   launched_at=time.time())
-                self.store.record_node(cluster.id, node)
+                self.store.nodes.put(cluster.id, node)
                 nodes.append(node)
                 ipp_cluster.start_engines_sync(n=1, engine_set_id=node.node_id, environment=environment,
                                                engine_args=engine_args)
                 node.state = "running"
-                self.store.record_node(cluster.id, node)
+                self.store.nodes.put(cluster.id, node)
         except BaseException:
             self.remove(cluster, ipp_cluster, nodes)
             raise
@@ -67,11 +67,11 @@ class LocalProvider(Provider):
                 except Exception:  # a crashed launcher must not keep the node's processes alive
                     log.warning("ipyparallel could not stop engine set %s cleanly", node.node_id, exc_info=True)
             # whatever the launcher missed: this node's engines by their recorded pids, if still ours
-            for engine in self.store.engines(cluster.id):
+            for engine in self.store.engines.of(cluster.id):
                 if engine.node_id == node.node_id and processes.is_marked(engine.pid, profile, cluster.ipp_cluster_id):
                     processes.kill_process_group(engine.pid)
             node.state, node.terminated_at = "stopped", time.time()
-            self.store.update_node(cluster.id, node.node_id, state=node.state, terminated_at=node.terminated_at)
+            self.store.nodes.update(cluster.id, node.node_id, state=node.state, terminated_at=node.terminated_at)
 
     @staticmethod
     def _terminate_all(cluster: ClusterRecord, ipp_cluster: Optional[ipp.Cluster], set_ids: set[str]) -> None:
@@ -92,10 +92,10 @@ class LocalProvider(Provider):
                 log.warning("ipyparallel could not stop the engines cleanly", exc_info=True)
         # whatever the launchers missed (a lost cluster file): the cluster's marked processes
         processes.kill_cluster_processes(Path(cluster.profile_dir), cluster.ipp_cluster_id)
-        for node in self.store.nodes(cluster.id):
+        for node in self.store.nodes.of(cluster.id):
             if node.state != "stopped":
                 node.state, node.terminated_at = "stopped", time.time()
-                self.store.record_node(cluster.id, node)
+                self.store.nodes.put(cluster.id, node)
 
     def list(self, cluster: ClusterRecord) -> list[NodeRecord]:
-        return self.store.nodes(cluster.id)
+        return self.store.nodes.of(cluster.id)

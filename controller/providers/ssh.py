@@ -150,7 +150,7 @@ class RemoteEngines:
                     self.on_step("tunnels")
                 for target in targets:  # recorded before engines start (the store is used from this thread only)
                     target.node.state = "bootstrapping"
-                    self.store.record_node(cluster.id, target.node)
+                    self.store.nodes.put(cluster.id, target.node)
                 futures = [pool.submit(self._bootstrap_one, t, r, connection, tunnel, cancelled)
                            for t, r in zip(targets, remotes)]
                 nodes = []
@@ -205,7 +205,7 @@ class RemoteEngines:
             self.store.execute("INSERT OR REPLACE INTO remote_engines VALUES (?, ?, ?, ?)",
                                (cluster.id, node.node_id, pid, result.remote_dir))
         node.host, node.engines, node.state = result.hostname, len(result.pids), "running"
-        self.store.record_node(cluster.id, node)
+        self.store.nodes.put(cluster.id, node)
         return node
 
     def _open_tunnels(self, targets: list[Target], connection: dict, cluster_id: str, folder: Path) -> None:
@@ -351,7 +351,7 @@ class SshProvider(Provider):
 
     def add(self, cluster: ClusterRecord, ipp_cluster, count: int) -> list[NodeRecord]:
         """The next ``count`` hosts of ``[ssh] hosts`` that no running node of the cluster uses."""
-        in_use = {n.node_id for n in self.store.nodes(cluster.id) if n.state not in ("stopped", "lost")}
+        in_use = {n.node_id for n in self.store.nodes.of(cluster.id) if n.state not in ("stopped", "lost")}
         free = [h for h in self.hosts() if str(h) not in in_use]
         if len(free) < count:
             raise ProviderError(
@@ -378,23 +378,23 @@ class SshProvider(Provider):
         now = time.time()
         for node in nodes:
             if node.node_id not in failed:
-                self.store.update_node(cluster.id, node.node_id, state="stopped", terminated_at=now)
+                self.store.nodes.update(cluster.id, node.node_id, state="stopped", terminated_at=now)
         if problems:
             raise ProviderError("could not stop the engines on " + "; ".join(problems)
                                 + ". Stop them there (`cluster ssh NODE`) or run `cluster remove` again")
 
     def stop(self, cluster: ClusterRecord, ipp_cluster) -> None:
-        stored = {n.node_id for n in self.store.nodes(cluster.id)}
+        stored = {n.node_id for n in self.store.nodes.of(cluster.id)}
         # the configured hosts too: engines of this cluster may run where the store does not know
         hosts = {str(h): h for h in self.hosts()} if self.config.ssh.hosts else {}
         for node_id in stored - set(hosts):
             hosts[node_id] = rm.Host.parse(node_id, self.config.ssh.user, self.config.ssh.key_file)
         problems = self.engines().stop(cluster.id, list(hosts.values()))
         failed = {problem.split(": ", 1)[0] for problem in problems}
-        for node in self.store.nodes(cluster.id):
+        for node in self.store.nodes.of(cluster.id):
             if node.state != "stopped" and node.node_id not in failed:
                 node.state, node.terminated_at = "stopped", time.time()
-                self.store.record_node(cluster.id, node)
+                self.store.nodes.put(cluster.id, node)
         if problems:  # engines may still run there: say so, and let `cluster stop` be run again
             raise ProviderError(
                 "could not stop the engines on " + "; ".join(problems)
@@ -412,7 +412,7 @@ class SshProvider(Provider):
         return [str(h) for h in self.hosts() if str(h) not in failed]
 
     def list(self, cluster: ClusterRecord) -> list[NodeRecord]:
-        return self.store.nodes(cluster.id)
+        return self.store.nodes.of(cluster.id)
 
     def ssh_target(self, node: NodeRecord) -> SshTarget:
         host = rm.Host.parse(node.node_id, self.config.ssh.user, self.config.ssh.key_file)

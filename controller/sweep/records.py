@@ -72,18 +72,13 @@ class SweepTable:
         values["space"] = json.dumps(record.space)
         values["overrides"] = json.dumps(record.overrides, sort_keys=True)
         values["base_spec"] = json.dumps(record.base_spec, sort_keys=True)
-        columns = ", ".join(values)
-        self.store.execute(f"INSERT INTO sweeps ({columns}) VALUES ({', '.join('?' for _ in values)})",
-                           values.values())
+        self.store.insert("sweeps", values)
         return record
 
     def update(self, sweep_id: str, **values: Any) -> None:
         if "state" in values and values["state"] not in SWEEP_STATES:
             raise ValueError(f"sweep state {values['state']!r}: expected one of {SWEEP_STATES}")
-        if not values:
-            return
-        sets = ", ".join(f"{k} = ?" for k in values)
-        self.store.execute(f"UPDATE sweeps SET {sets} WHERE id = ?", (*values.values(), sweep_id))
+        self.store.update("sweeps", {"id": sweep_id}, values)
 
     def get(self, sweep_id: str) -> Optional[SweepRecord]:
         row = self.store.execute("SELECT * FROM sweeps WHERE id = ?", (sweep_id,)).fetchone()
@@ -179,13 +174,13 @@ class SweepResult:
 
 def collect(store: Store, sweep: SweepRecord, study) -> SweepResult:
     """Ranked trials of a sweep: Optuna's states and values, the store's metrics."""
-    runs: dict[str, RunRecord] = {r.id: r for r in store.runs(sweep_id=sweep.id)}
+    runs: dict[str, RunRecord] = {r.id: r for r in store.runs.all(sweep_id=sweep.id)}
     names = sweep.search_space.names
     trials = []
     for frozen in study.get_trials(deepcopy=False):
         run_id = run_id_for(sweep.id, frozen.number)
         run = runs.get(run_id)
-        epochs = store.epochs(run_id) if run else []
+        epochs = store.epochs.of(run_id) if run else []
         params = dict(frozen.params) or ({k: run.params.get(k) for k in names} if run else {})
         trials.append(TrialResult(
             number=frozen.number, state=frozen.state.name, params=params, value=frozen.value,

@@ -125,18 +125,18 @@ def _resume(session: Session, table: SweepTable, sweep: SweepRecord, progress: O
         trial = optuna.trial.Trial(study, frozen._trial_id)
         job = job_for(trial, session.store, sweep_id, space, base_spec, record.id)
         # epochs the store has but Optuna never heard of (the master died in between)
-        for epoch in session.store.epochs(job.run_id):
+        for epoch in session.store.epochs.of(job.run_id):
             if epoch.epoch <= job.epochs_done and epoch.epoch not in frozen.intermediate_values:
                 trial.report(epoch.val_accuracy, epoch.epoch)
         (settled if job.finished else resumed).append(job)
     source = SweepSource(study, session.store, sweep_id, space, base_spec, sweep.n_trials, record.id,
                          resumed=resumed, task=task)
     for job in settled:  # trained to the end, but never told
-        run = session.store.run(job.run_id)
+        run = session.store.runs.get(job.run_id)
         if run.state != "completed":
-            session.store.update_run(job.run_id, state="completed", finished_at=time.time())
+            session.store.runs.update(job.run_id, state="completed", finished_at=time.time())
         state = TrialState.PRUNED if job.tag.should_prune() else TrialState.COMPLETE  # as on_result decides
-        source.finish(job, state, session.store.run(job.run_id))
+        source.finish(job, state, session.store.runs.get(job.run_id))
     log.info("resuming sweep %s: %d trials from checkpoints, %d told now, %d of %d asked before",
              sweep_id, len(resumed), len(settled), source.asked, sweep.n_trials)
     return _drive(session, table, sweep, source, progress)

@@ -122,7 +122,7 @@ class SweepSource:
 
     def on_error(self, job: Job, error: BaseException, traceback: str) -> None:
         self.recorder.record_failure(job, traceback)
-        self.finish(job, TrialState.FAIL, self.store.run(job.run_id), error=traceback)
+        self.finish(job, TrialState.FAIL, self.store.runs.get(job.run_id), error=traceback)
 
     def exhausted(self) -> bool:
         return not self.pending and self.asked >= self.n_trials
@@ -139,7 +139,7 @@ class SweepSource:
         value = run.val_accuracy if run is not None else None
         if state == TrialState.PRUNED:  # stored first: a master dying in between leaves a trial to resume,
             # never one Optuna calls pruned while the store says it still runs
-            self.store.update_run(job.run_id, state="pruned", finished_at=time.time())
+            self.store.runs.update(job.run_id, state="pruned", finished_at=time.time())
         if state == TrialState.COMPLETE:
             self.study.tell(trial, value)
         else:
@@ -154,20 +154,20 @@ def job_for(trial: optuna.Trial, store: Store, sweep_id: str, space: SearchSpace
     """The job of a trial, from its last stored checkpoint; its runs row is created when missing."""
     params = space.suggest(trial)  # a resumed trial gets its own values back
     run_id = run_id_for(sweep_id, trial.number)
-    run = store.run(run_id)
+    run = store.runs.get(run_id)
     if run is None:
         spec: dict[str, Any] = {**base_spec, **params, "run_id": run_id}
-        store.create_run(RunRecord(id=run_id, params=spec, cluster_id=cluster_id, sweep_id=sweep_id,
+        store.runs.create(RunRecord(id=run_id, params=spec, cluster_id=cluster_id, sweep_id=sweep_id,
                                    trial_number=trial.number))
         return Job(run_id=run_id, spec=spec, tag=trial)
     try:
-        stored = store.load_checkpoint(run_id)
+        stored = store.checkpoints.load(run_id)
     except CheckpointError as error:  # one trial's lost file must not end the whole sweep: train it again
         log.warning("%s; trial %d starts again from scratch", error, trial.number)
-        store.forget_checkpoint(run_id)
+        RunRecorder(store).start_over(run_id)
         stored = None
     checkpoint = stored[1] if stored else None
-    position = store.checkpoint_position(run_id) or (0, 0)
+    position = store.checkpoints.position(run_id) or (0, 0)
     # how the sweep cuts runs into tasks comes from its base spec (the current configuration)
     spec = {**stored_params(run.params), **{k: base_spec[k] for k in TASK_KEYS if k in base_spec}}
     job = Job(run_id=run_id, spec=spec, checkpoint=checkpoint, epochs_done=position[0],
@@ -176,5 +176,5 @@ def job_for(trial: optuna.Trial, store: Store, sweep_id: str, space: SearchSpace
         # epochs stored after the last checkpoint (the master died between the two, or the newest checkpoint
         # was kept on an engine) are trained again
         RunRecorder(store).roll_back(run_id, position)
-        store.update_run(run_id, state="running", error=None, finished_at=None, cluster_id=cluster_id)
+        store.runs.update(run_id, state="running", error=None, finished_at=None, cluster_id=cluster_id)
     return job

@@ -1,0 +1,65 @@
+"""The one path every new engine takes, at ``cluster start`` and when a resize adds slaves.
+
+It reports itself (host, pid, device, threads) and installs the drain handler
+(``engines.tasks.engine_info``), watches the metadata service for spot notices where there
+is one, is stored with the node it runs on, and loads the data set ahead of the first run.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+from . import ipcluster
+from .config import Config, metadata_url
+from .store import ClusterRecord, EngineRecord, NodeRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+def record_engines(store: Store, config: Config, record: ClusterRecord, client, threads: int,
+                   nodes: list[NodeRecord], engine_ids: Optional[list[int]] = None, ipp_cluster=None) -> None:
+    """Ask the engines ``engine_ids`` (default: every registered one) who they are, and store each with its
+    node: local slaves by their engine set's pids (they share one host), remote ones by their address."""
+    from engines.tasks import engine_info
+
+    ids = list(engine_ids) if engine_ids is not None else list(client.ids)
+    infos = client[ids].apply_async(engine_info, threads).get(timeout=60)
+    watch_notices(config, client, record.provider, ids)
+    host_to_node = {n.host: n.node_id for n in nodes}
+    host_to_node.update({n.private_ip: n.node_id for n in nodes if n.private_ip})
+    pid_to_node = {pid: node for pid, node in ipcluster.engine_set_pids(ipp_cluster).items()
+                   if node in {n.node_id for n in nodes}}
+    only = nodes[0].node_id if len(nodes) == 1 else ""
+    now = time.time()
+    store.engines.put(record.id, [
+        EngineRecord(engine_id=engine_id, host=info["host"], pid=info["pid"], device=info["device"],
+                     threads=info["threads"],
+                     node_id=pid_to_node.get(info["pid"]) or host_to_node.get(info["host"], only),
+                     registered_at=now)
+        for engine_id, info in zip(ids, infos)
+    ])
+
+
+def watch_notices(config: Config, client, provider: str, engine_ids: list[int]) -> None:
+    """These engines poll the metadata service for spot notices (engines/notices.py), where there is one."""
+    url = metadata_url(config.cluster, provider)
+    if url:
+        from engines.notices import watch
+
+        client[engine_ids].apply_async(watch, url).get(timeout=60)
+        log.info("engines watch %s for spot interruption notices", url)
+
+
+def warm_engines(client, spec: dict, timeout: float, targets: Optional[list[int]] = None) -> None:
+    """Every engine (or ``targets``) loads the data set and the training code of ``spec`` now, so the first
+    run after `start` (or `scale`) is as fast as the next. A failure here is only logged: the first run
+    reports it in full."""
+    from engines.tasks import warm_up
+
+    loading = client[targets if targets is not None else client.ids].apply_async(warm_up, spec)
+    try:
+        seconds = loading.get(timeout=timeout)
+        log.info("engines loaded the data set in %.1f s", max(seconds))
+    except Exception as error:  # noqa: BLE001 - the data may be missing: `train` says so clearly
+        log.warning("engines could not load the data set in advance (%s); the first run will", error)

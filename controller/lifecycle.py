@@ -1,0 +1,207 @@
+"""Starting and stopping one named cluster under one state_dir: ``cluster start`` and ``cluster stop``.
+
+Start: refuse a second live cluster of the name (clean up what is left of a dead one), check the
+provider can start (bad input, credentials) before anything runs, then the controller, the slaves, the
+wait for their engines, the keeper. Any failure on the way, Ctrl-C included, tears down what was
+started. Stop: the keeper, the engines and slaves, then the controller; with the local state lost, or
+for every cluster of this tool, the provider also finds nodes by its tags and releases them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from . import ipcluster, joining, processes
+from .cluster_status import controller_alive
+from .config import ClusterConfig, Config, override
+from .errors import AlreadyRunningError, ProviderError, UsageError
+from .providers import Provider
+from .providers.base import Resource
+from .store import ClusterRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stopped:
+    """What ``Cluster.stop`` ended: this cluster's record (None when none was running) and what the
+    provider found by its tags and released (local state lost, or ``--all``)."""
+
+    cluster: Optional[ClusterRecord] = None
+    released: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.cluster is not None or bool(self.released)
+
+    def to_dict(self) -> dict:
+        return {"stopped": self.cluster is not None, "cluster": self.cluster, "released": self.released}
+
+
+def check_autoscaling(cfg: ClusterConfig) -> None:
+    """min_slaves <= slaves <= max_slaves when autoscaling (max_slaves > 0)."""
+    if cfg.max_slaves and not cfg.min_slaves <= cfg.slaves <= cfg.max_slaves:
+        raise UsageError(f"cluster start: slaves = {cfg.slaves} must lie between min_slaves = {cfg.min_slaves} "
+                         f"and max_slaves = {cfg.max_slaves} (autoscaling is on: max_slaves > 0)")
+
+
+def threads_per_engine(cfg: ClusterConfig) -> int:
+    """Torch threads per engine: as configured, else the master's cores shared by local engines (remote
+    engines use their slave's own cores: 0)."""
+    if cfg.threads_per_engine:
+        return cfg.threads_per_engine
+    if cfg.provider != "local":
+        return 0  # the slave's own cores; GPU engines need few
+    return max(1, (os.cpu_count() or 1) // cfg.slaves)
+
+
+class Lifecycle:
+    """Start and stop the cluster of ``config``; ``provider`` builds the provider of a name (the API's one
+    spot that does), ``run_spec`` is the training spec the engines warm up with."""
+
+    def __init__(self, config: Config, store: Store, provider: Callable[[str], Provider],
+                 run_spec: Callable[[], dict]):
+        self.config = config
+        self.store = store
+        self.provider = provider
+        self.run_spec = run_spec
+
+    @property
+    def name(self) -> str:
+        return self.config.cluster.name
+
+    # starting ---------------------------------------------------------------------
+    def start(self, **overrides: Any) -> ClusterRecord:
+        """Start the controller and the slaves; returns the running cluster's record once every engine
+        registered. ``overrides``: [cluster] slaves, provider, min_slaves, max_slaves, idle_minutes."""
+        cfg = override(self.config.cluster, "cluster start", **overrides)
+        check_autoscaling(cfg)
+        self.refuse_second_cluster()
+        chosen = self.provider(cfg.provider)
+        chosen.preflight(cfg.slaves)  # bad input, missing credentials: fail before anything starts
+        threads = threads_per_engine(cfg)
+        profile = ipcluster.profile_dir(self.config.state_dir)
+        record = self.store.clusters.create(
+            name=self.name, provider=cfg.provider, slaves=cfg.slaves, threads_per_engine=threads,
+            profile_dir=str(profile), ipp_cluster_id="", price_per_hour=cfg.price_per_hour)
+        self.store.clusters.update(record.id, ipp_cluster_id=f"{self.name}-{record.id}", target=cfg.slaves,
+                                   min_slaves=cfg.min_slaves, max_slaves=cfg.max_slaves,
+                                   idle_minutes=cfg.idle_minutes, replace_lost=int(cfg.replace_lost))
+        record = self.store.clusters.get(record.id)
+        ipp_cluster = client = None
+        try:
+            ipp_cluster = ipcluster.new_cluster(
+                profile, record.ipp_cluster_id, engine_env=ipcluster.engine_environment(threads),
+                engine_ip=chosen.controller_ip, engine_timeout=cfg.engine_timeout,
+                master_grace_minutes=cfg.master_grace_minutes)
+            ipp_cluster.start_controller_sync()
+            self.store.clusters.update(record.id, controller_pid=ipcluster.controller_pid(ipp_cluster))
+            ipcluster.secure_files(profile)
+            nodes = chosen.start(record, ipp_cluster, cfg.slaves)
+            client = ipp_cluster.connect_client_sync(timeout=cfg.engine_timeout)
+            self._wait_for_engines(client, chosen.expected_engines(nodes), cfg.engine_timeout, profile)
+            joining.record_engines(self.store, self.config, record, client, threads, nodes, ipp_cluster=ipp_cluster)
+            ipcluster.secure_files(profile)
+            self.store.clusters.set_state(record.id, "running")
+            joining.warm_engines(client, self.run_spec(), cfg.engine_timeout)
+            if cfg.replace_lost or cfg.max_slaves:
+                from .elastic import keeper
+
+                pid = keeper.spawn(dataclasses.replace(self.config, cluster=cfg), record)
+                self.store.clusters.update(record.id, keeper_pid=pid)
+        except BaseException as error:
+            self._undo_start(record, chosen, ipp_cluster, error)
+            raise
+        finally:
+            if client is not None:
+                client.close()
+        return self.store.clusters.get(record.id)
+
+    @staticmethod
+    def _wait_for_engines(client, expected: int, timeout: float, profile: Path) -> None:
+        try:
+            client.wait_for_engines(expected, timeout=timeout)
+        except TimeoutError:
+            raise ProviderError(
+                f"only {len(client.ids)} of {expected} engines registered within {timeout} s; "
+                f"their logs are in {profile / 'log'} (raise [cluster] engine_timeout if slaves are slow)"
+            ) from None
+
+    def _undo_start(self, record: ClusterRecord, provider: Provider, ipp_cluster, error: BaseException) -> None:
+        log.warning("start failed (%s); stopping what was started", error or type(error).__name__)
+        cleaned = False
+        try:
+            self.teardown(record, provider, ipp_cluster)
+            cleaned = True
+        except Exception:  # the original error is the one to report; this one goes to the log
+            log.exception("clean-up after the failed start failed too")
+            cleaned = True  # it ran to its end; what it could not reach, it logged
+        finally:
+            # never "stopped" while something may still run: a clean-up cut short (a second
+            # Ctrl-C) leaves the cluster "failed", which status shows and `cluster stop` finishes
+            if cleaned:
+                self.store.clusters.set_state(record.id, "stopped", error=f"start failed: {error}")
+            else:
+                self.store.clusters.set_state(
+                    record.id, "failed",
+                    error=f"start failed: {error}; its clean-up did not finish: run `cluster stop`")
+
+    def refuse_second_cluster(self) -> None:
+        """AlreadyRunningError while a cluster of this name lives; what is left of a dead one is stopped."""
+        existing = self.store.clusters.active(self.name)
+        if existing is None:
+            return
+        if existing.state in ("starting", "running", "stopping") and controller_alive(existing):
+            raise AlreadyRunningError(
+                f"cluster {self.name!r} is already running (started {time.ctime(existing.created_at)}, "
+                f"state_dir {self.config.state_dir}); run `cluster stop` first, or use another "
+                f"[cluster] name or state_dir")
+        log.info("cleaning up what is left of cluster %s (%s, controller gone)", existing.id, existing.state)
+        self.stop_record(existing)
+
+    # stopping ---------------------------------------------------------------------
+    def stop(self, all_clusters: bool = False, any_owner: bool = False,
+             only: Optional[set[str]] = None) -> Stopped:
+        """Stop this cluster (if its record is there); without a record, or with ``all_clusters``, release
+        what the provider finds by its tags: this master's only unless ``any_owner``, and of those only
+        ``only`` when given."""
+        record = self.store.clusters.active(self.name)
+        if record is not None:
+            self.stop_record(record)  # our own cluster first, whatever the cloud says next
+        released = []
+        if record is None or all_clusters:
+            released = self.provider(self.config.cluster.provider).release_orphans(
+                self.name, all_clusters, any_owner, only)
+        return Stopped(self.store.clusters.get(record.id) if record is not None else None, released)
+
+    def stop_plan(self, all_clusters: bool = False, any_owner: bool = False) -> list[Resource]:
+        """What ``stop(all_clusters, any_owner)`` would release by tag, beyond this cluster's own record."""
+        return self.provider(self.config.cluster.provider).find_orphans(self.name, all_clusters, any_owner)
+
+    def stop_record(self, record: ClusterRecord) -> None:
+        from .elastic import keeper
+
+        self.store.clusters.set_state(record.id, "stopping")
+        keeper.stop(record)  # first: it would replace the engines being stopped
+        ipp_cluster = ipcluster.load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
+        self.teardown(record, self.provider(record.provider), ipp_cluster)
+        self.store.clusters.set_state(record.id, "stopped")
+
+    @staticmethod
+    def teardown(record: ClusterRecord, provider: Provider, ipp_cluster) -> None:
+        """Engines and slaves first (they may need the controller to say goodbye), then the controller."""
+        try:
+            provider.stop(record, ipp_cluster)
+        finally:
+            if ipp_cluster is not None:
+                try:
+                    ipp_cluster.stop_controller_sync()
+                except Exception:
+                    log.warning("ipyparallel could not stop the controller cleanly", exc_info=True)
+                ipp_cluster.remove_cluster_file()
+            # every provider: a controller stopped while still starting can orphan its schedulers
+            processes.kill_cluster_processes(Path(record.profile_dir), record.ipp_cluster_id)

@@ -1,0 +1,138 @@
+"""Lifecycle and status of a cluster, at the level of the store and the processes it names.
+
+The whole path (a real controller and engines) is in tests/test_cluster.py; here a plain process
+carrying a cluster's marker stands for its controller, so the rules around it are cheap to pin down:
+one live cluster per name, what status shows once the controller is gone, what stop returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from controller import processes
+from controller.api import Cluster
+from controller.cluster_status import controller_lost_hint
+from controller.config import load_config, override
+from controller.errors import AlreadyRunningError, UsageError
+from controller.lifecycle import Lifecycle, Stopped, check_autoscaling, threads_per_engine
+from controller.store import EngineRecord, NodeRecord, RunRecord
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    ini = tmp_path / "cluster.ini"
+    ini.write_text(f"[cluster]\nname = c\nstate_dir = {tmp_path / 'state'}\n")
+    with Cluster(load_config(ini, environ={})) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def stand_in():
+    """Start a process marked as a cluster's controller (``stand_in(profile, cluster_id)`` -> Popen)."""
+    started: list[subprocess.Popen] = []
+
+    def start(profile: Path, ipp_cluster_id: str) -> subprocess.Popen:
+        env = {**os.environ, **processes.process_marker(profile, ipp_cluster_id)}
+        process = subprocess.Popen(["sleep", "300"], env=env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def recorded(cluster: Cluster, state: str = "running", controller_pid=None):
+    """A cluster row as `start` leaves it, with one node and one engine."""
+    store = cluster.store
+    profile = Path(cluster.config.state_dir) / "profile"
+    record = store.clusters.create(name=cluster.name, provider="local", slaves=1, threads_per_engine=1,
+                                   profile_dir=str(profile), ipp_cluster_id="c-1")
+    store.clusters.update(record.id, controller_pid=controller_pid)
+    store.clusters.set_state(record.id, state)
+    store.nodes.put(record.id, NodeRecord(node_id="local-1", provider="local", host="h", state="running",
+                                          engines=1))
+    store.engines.put(record.id, [EngineRecord(engine_id=0, host="h", pid=2 ** 22 + 1, device="cpu",
+                                               threads=1, node_id="local-1")])
+    return store.clusters.get(record.id)
+
+
+class TestOneClusterPerName:
+    def test_a_second_start_is_refused_while_the_controller_lives(self, cluster, stand_in):
+        record = recorded(cluster, controller_pid=None)
+        controller = stand_in(Path(record.profile_dir), record.ipp_cluster_id)
+        cluster.store.clusters.update(record.id, controller_pid=controller.pid)
+        with pytest.raises(AlreadyRunningError, match="cluster 'c' is already running .* run `cluster stop` first"):
+            cluster.start(slaves=1)
+        assert [c.id for c in cluster.store.clusters.all()] == [record.id], "nothing new was recorded"
+        assert controller.poll() is None, "the running cluster was left alone"
+
+    def test_what_is_left_of_a_cluster_whose_controller_died_is_stopped_first(self, cluster, stand_in):
+        record = recorded(cluster)
+        controller = stand_in(Path(record.profile_dir), record.ipp_cluster_id)
+        cluster.store.clusters.update(record.id, controller_pid=controller.pid)
+        controller.kill()
+        controller.wait()
+        Lifecycle(cluster.config, cluster.store, cluster.provider, cluster.run_spec).refuse_second_cluster()
+        left = cluster.store.clusters.get(record.id)
+        assert left.state == "stopped" and left.stopped_at
+        assert [n.state for n in cluster.store.nodes.of(record.id)] == ["stopped"]
+
+    def test_autoscaling_bounds_are_checked_before_anything_starts(self, cluster):
+        with pytest.raises(UsageError, match="slaves = 5 must lie between min_slaves = 1 and max_slaves = 4"):
+            check_autoscaling(override(cluster.config.cluster, "t", slaves=5, min_slaves=1, max_slaves=4))
+        check_autoscaling(override(cluster.config.cluster, "t", slaves=5))  # max_slaves 0: no autoscaling
+
+    def test_local_engines_share_the_masters_cores_and_remote_ones_use_their_own(self, cluster):
+        local = override(cluster.config.cluster, "t", slaves=2, provider="local")
+        assert threads_per_engine(local) == max(1, (os.cpu_count() or 1) // 2)
+        assert threads_per_engine(override(local, "t", provider="ssh")) == 0
+        assert threads_per_engine(override(local, "t", threads_per_engine=3)) == 3
+
+
+class TestStatus:
+    def test_a_name_never_started_is_none_and_a_stopped_one_keeps_its_error(self, cluster):
+        assert cluster.status().state == "none"
+        record = recorded(cluster)
+        cluster.store.clusters.set_state(record.id, "stopped", error="start failed: boom")
+        status = cluster.status()
+        assert (status.state, status.error) == ("stopped", "start failed: boom")
+
+    def test_after_the_controller_died_status_is_failed_and_says_what_to_resume(self, cluster):
+        record = recorded(cluster, controller_pid=None)
+        cluster.store.runs.create(RunRecord(id="r-1", params={}, cluster_id=record.id))
+        cluster.store.runs.create(RunRecord(id="r-2", params={}, cluster_id=record.id, sweep_id="s-1"))
+        cluster.store.runs.create(RunRecord(id="r-3", params={}, cluster_id=record.id, state="completed"))
+        status = cluster.status()
+        assert status.state == "failed" and status.controller == {"pid": None, "state": "dead"}
+        assert [(e.id, e.state, e.node_id) for e in status.engines] == [(0, "dead", "local-1")]
+        assert status.hint == ("the controller is gone (the master restarted, or it was killed); run `cluster stop` "
+                               "(ends them), then `cluster start`, then `cluster sweep --resume s-1` and "
+                               "`cluster train --resume r-1`")
+
+    def test_the_hint_counts_remote_nodes_still_billed(self, cluster):
+        record = recorded(cluster)
+        nodes = [NodeRecord(node_id="i-1", provider="aws", state="running"),
+                 NodeRecord(node_id="i-2", provider="aws", state="terminated")]
+        hint = controller_lost_hint(cluster.config, cluster.store, dataclasses.replace(record, provider="aws"), nodes)
+        assert "1 node(s) still up and billed; their engines wait" in hint
+
+    def test_an_engine_of_a_released_node_is_shown_removed_and_does_not_degrade_the_cluster(self, cluster, stand_in):
+        record = recorded(cluster)
+        controller = stand_in(Path(record.profile_dir), record.ipp_cluster_id)
+        cluster.store.clusters.update(record.id, controller_pid=controller.pid)
+        cluster.store.nodes.update(record.id, "local-1", state="stopped")
+        status = cluster.status()
+        assert [e.state for e in status.engines] == ["removed"]
+        assert status.state == "running" and status.current == 0
+
+
+def test_stop_with_nothing_running_returns_an_empty_stopped(cluster):
+    stopped = cluster.stop()
+    assert stopped == Stopped() and not stopped
+    assert stopped.to_dict() == {"stopped": False, "cluster": None, "released": []}
