@@ -276,5 +276,3 @@ class TestWorkThatCannotFinish:
             code, err = self.run_held_at_its_second_task(cluster, tmp_path, impatient, kill_every_engine)
             assert code == 3 and "no engine has been registered for 5 s ([cluster] engine_timeout = 5)" in err, err
             self.assert_interrupted_with_hint(cluster.store, err)
-
-
