@@ -101,6 +101,17 @@ def engine_args(master_grace_minutes: float) -> list[str]:
     return [f"--IPEngine.max_heartbeat_misses={misses}"]
 
 
+# local engines (this checkout on their path) leave at once when stopped: engines/fast_exit.py;
+# __import__ leaves no name behind in the engine's namespace
+LOCAL_ENGINE_STARTUP = "--IPEngine.startup_command=__import__('engines.fast_exit').fast_exit.install()"
+
+
+def local_engine_args(master_grace_minutes: float) -> list[str]:
+    """The arguments of every local engine.  Passed again by each start of an engine set: a Cluster
+    rebuilt from its file (``load_cluster``, as `scale` and the keeper do) has lost the config."""
+    return engine_args(master_grace_minutes) + [LOCAL_ENGINE_STARTUP]
+
+
 def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], engine_ip: str = LOOPBACK,
                 engines: str | type = "local", engine_timeout: int = 120,
                 master_grace_minutes: float = 10.0) -> ipp.Cluster:
@@ -117,7 +128,7 @@ def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], e
     config.LocalControllerLauncher.environment = controller_env
     config.LocalEngineSetLauncher.environment = {**engine_env, **marker}
     config.LocalEngineLauncher.environment = {**engine_env, **marker}
-    config.LocalEngineSetLauncher.engine_args = engine_args(master_grace_minutes)
+    config.LocalEngineSetLauncher.engine_args = local_engine_args(master_grace_minutes)
     profile.mkdir(parents=True, exist_ok=True)
     os.chmod(profile, 0o700)
     return ipp.Cluster(
@@ -137,7 +148,9 @@ def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], e
 def load_cluster(profile: Path, cluster_id: str) -> Optional[ipp.Cluster]:
     """Rebuild the Cluster from its file; None when the file is gone."""
     try:
-        return ipp.Cluster.from_file(profile_dir=str(profile), cluster_id=cluster_id, log_level=logging.WARNING)
+        # load_profile=False as in new_cluster: our profiles hold no config files, and looking costs a second
+        return ipp.Cluster.from_file(profile_dir=str(profile), cluster_id=cluster_id, log_level=logging.WARNING,
+                                     load_profile=False)
     except FileNotFoundError:
         return None
 

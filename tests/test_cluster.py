@@ -80,31 +80,46 @@ def test_start_train_stop_end_to_end_leaves_no_process(env, isolated):
     assert Store(state_dir).runs.all()[0].state == "completed", "history is kept"
 
 
-def test_a_crashed_engine_shows_in_status_and_stop_still_cleans_up(tmp_path, tiny_data_dir):
-    cluster = Cluster(make_config(tmp_path, tiny_data_dir, slaves=2))
-    try:
-        cluster.start()
-        victim = cluster.status().engines[0]
+@pytest.fixture(scope="class")
+def cluster(tmp_path_factory, tiny_data_dir):
+    """A 2-engine cluster shared by the tests of one class."""
+    with running_cluster(tmp_path_factory.mktemp("cluster"), tiny_data_dir) as cluster:
+        yield cluster
+
+
+class TestEnginesThatDie:
+    """One 2-engine cluster for the class: each test takes an engine of its own (``victim``), and the
+    fixture's stop (running_cluster) checks that nothing of the cluster is left running."""
+
+    @staticmethod
+    def victim(cluster: Cluster, node_id: str):
+        return next(e for e in cluster.store.engines.of(cluster.record.id) if e.node_id == node_id)
+
+    def test_a_crashed_engine_shows_in_status_and_stop_still_cleans_up(self, cluster):
+        victim = self.victim(cluster, "local-1")
         os.kill(victim.pid, signal.SIGKILL)
-        status = wait_until(lambda: (s := cluster.status()).state == "degraded" and s, timeout=10)
+        # the other test's victim may be gone already: wait for this one's own death, then the state
+        status = wait_until(lambda: (s := cluster.status()).state == "degraded"
+                            and {e.id: e.state for e in s.engines}[victim.engine_id] == "dead" and s, timeout=10)
         assert status, cluster.status()
-        assert {e.id: e.state for e in status.engines}[victim.id] == "dead"
-    finally:
-        cluster.stop()
-    assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=20)
 
+    def test_a_frozen_engine_is_dropped_within_seconds(self, cluster):
+        """A slave that vanishes without a word (a spot instance taken back) leaves no nanny to tell the
+        controller; the hub's heartbeat (0.8 s x 4 misses) drops it within 5 s, ipyparallel's default 33 s."""
+        import time
 
-def test_a_crashed_controller_shows_in_status_and_stop_still_cleans_up(tmp_path, tiny_data_dir):
-    cluster = Cluster(make_config(tmp_path, tiny_data_dir, slaves=1))
-    try:
-        cluster.start()
-        os.kill(cluster.status().controller["pid"], signal.SIGKILL)
-        status = wait_until(lambda: (s := cluster.status()).state == "failed" and s, timeout=10)
-        assert status and status.controller["state"] == "dead"
-    finally:
-        cluster.stop()
-    assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=20), cluster_pids(cluster.config.state_dir)
-    assert cluster.status().state == "stopped"
+        victim = self.victim(cluster, "local-2")
+        client = cluster.client
+        assert victim.engine_id in client.ids
+        os.kill(victim.pid, signal.SIGSTOP)  # frozen: its nanny sees it alive, only the heartbeat can tell
+        frozen_at = time.monotonic()
+        try:
+            dropped = wait_until(lambda: victim.engine_id not in client.ids, timeout=60, interval=0.05)
+            elapsed = time.monotonic() - frozen_at
+        finally:
+            os.kill(victim.pid, signal.SIGKILL)
+        assert dropped, "the hub never dropped the frozen engine"
+        assert elapsed < 10, f"the frozen engine was dropped after {elapsed:.1f} s (expected about 4 s)"
 
 
 def test_two_clusters_in_one_state_dir_are_stopped_apart(tmp_path, tiny_data_dir):
@@ -171,14 +186,14 @@ class TestOnARunningCluster:
     def test_an_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(self, local_cluster, tmp_path):
         config = local_cluster.config.source
         store = local_cluster.store
-        whole = local_cluster.train(epochs=12, seed=5)
+        whole = local_cluster.train(epochs=4, seed=5)
         assert whole.run.state == "completed"
 
         # The interrupt comes at a fixed point, not after a sleep: every engine holds the run's second task
         # (the first that starts from a checkpoint, so epoch 1 is stored) until the test lets it go.
         with engines_holding_tasks(local_cluster.client, tmp_path, when="checkpoint is not None") as held:
             process = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "train",
-                                        "--epochs", "12", "--seed", "5"],
+                                        "--epochs", "4", "--seed", "5"],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
                 assert held.wait(), "the run never reached its second task"
@@ -193,17 +208,28 @@ class TestOnARunningCluster:
         assert f"cluster train --resume {run.id}" in err
 
         resumed = json.loads(cli("--config", config, "train", "--resume", run.id, "--json").stdout)
-        assert resumed["state"] == "completed" and resumed["epochs_done"] == 12
-        assert [e["epoch"] for e in resumed["epochs"]] == list(range(1, 13))
+        assert resumed["state"] == "completed" and resumed["epochs_done"] == 4
+        assert [e["epoch"] for e in resumed["epochs"]] == list(range(1, 5))
         final = load_checkpoint(store.checkpoints.load(run.id)[1])["model"]
         reference = load_checkpoint(store.checkpoints.load(whole.run.id)[1])["model"]
         assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 
+@pytest.fixture(scope="class")
+def controller_killed_mid_run(cluster, tmp_path_factory):
+    """The class's cluster, its controller SIGKILLed while a `cluster train` held its second task:
+    (cluster, the run's exit code, its stderr)."""
+    controller = cluster.status().controller["pid"]
+    code, err = TestWorkThatCannotFinish.run_held_at_its_second_task(
+        cluster, tmp_path_factory.mktemp("held"), cluster.config.source, lambda: os.kill(controller, signal.SIGKILL))
+    return cluster, code, err
+
+
 class TestWorkThatCannotFinish:
     """A run never waits forever: it ends with a clear error and a resume hint, and keeps what it had."""
 
-    def run_held_at_its_second_task(self, cluster: Cluster, folder: Path, config: Path, fault) -> tuple[int, str]:
+    @staticmethod
+    def run_held_at_its_second_task(cluster: Cluster, folder: Path, config: Path, fault) -> tuple[int, str]:
         """`cluster train --epochs 5` in a subprocess; ``fault()`` strikes while an engine holds epoch 2."""
         with engines_holding_tasks(cluster.client, folder, when="checkpoint is not None") as held:
             process = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "train",
@@ -216,18 +242,25 @@ class TestWorkThatCannotFinish:
                 process.kill()
         return process.returncode, err
 
-    def assert_interrupted_with_hint(self, store: Store, err: str) -> None:
+    @staticmethod
+    def assert_interrupted_with_hint(store: Store, err: str) -> None:
         run = store.runs.all(limit=1)[0]
         assert run.state == "interrupted" and run.epochs_done == 1, run
         assert f"continue it with `cluster train --resume {run.id}`" in err, err
 
-    def test_a_dead_controller_ends_the_run_at_once(self, tmp_path, tiny_data_dir):
-        with running_cluster(tmp_path, tiny_data_dir) as cluster:
-            controller = cluster.status().controller["pid"]
-            code, err = self.run_held_at_its_second_task(
-                cluster, tmp_path, cluster.config.source, lambda: os.kill(controller, signal.SIGKILL))
-            assert code == 3 and "error: the cluster's controller died" in err, err
-            self.assert_interrupted_with_hint(cluster.store, err)
+    def test_a_dead_controller_ends_the_run_at_once(self, controller_killed_mid_run):
+        cluster, code, err = controller_killed_mid_run
+        assert code == 3 and "error: the cluster's controller died" in err, err
+        self.assert_interrupted_with_hint(cluster.store, err)
+
+    def test_a_crashed_controller_shows_in_status_and_stop_still_cleans_up(self, controller_killed_mid_run):
+        cluster = controller_killed_mid_run[0]
+        status = wait_until(lambda: (s := cluster.status()).state == "failed" and s, timeout=10)
+        assert status and status.controller["state"] == "dead"
+        cluster.stop()
+        state_dir = cluster.config.state_dir
+        assert wait_until(lambda: not cluster_pids(state_dir), timeout=20), cluster_pids(state_dir)
+        assert cluster.status().state == "stopped"
 
     def test_no_engine_left_ends_the_run_after_engine_timeout(self, tmp_path, tiny_data_dir):
         with running_cluster(tmp_path, tiny_data_dir) as cluster:
@@ -243,23 +276,3 @@ class TestWorkThatCannotFinish:
             code, err = self.run_held_at_its_second_task(cluster, tmp_path, impatient, kill_every_engine)
             assert code == 3 and "no engine has been registered for 5 s ([cluster] engine_timeout = 5)" in err, err
             self.assert_interrupted_with_hint(cluster.store, err)
-
-
-def test_a_frozen_engine_is_dropped_within_seconds(tmp_path, tiny_data_dir):
-    """A slave that vanishes without a word (a spot instance taken back) leaves no nanny to tell the
-    controller; the hub's heartbeat (0.8 s x 4 misses) drops it within 5 s, ipyparallel's default 33 s."""
-    import time
-
-    with running_cluster(tmp_path, tiny_data_dir) as cluster:
-        victim = cluster.store.engines.of(cluster.record.id)[0]
-        client = cluster.client
-        assert victim.engine_id in client.ids
-        os.kill(victim.pid, signal.SIGSTOP)  # frozen: its nanny sees it alive, only the heartbeat can tell
-        frozen_at = time.monotonic()
-        try:
-            dropped = wait_until(lambda: victim.engine_id not in client.ids, timeout=60, interval=0.05)
-            elapsed = time.monotonic() - frozen_at
-        finally:
-            os.kill(victim.pid, signal.SIGKILL)
-        assert dropped, "the hub never dropped the frozen engine"
-        assert elapsed < 10, f"the frozen engine was dropped after {elapsed:.1f} s (expected about 4 s)"

@@ -322,6 +322,11 @@ def test_a_killed_engine_is_replaced_by_the_keeper(tmp_path, tiny_data_dir):
         assert nodes["local-2"].state == "stopped" and nodes["local-3"].state == "running"
         assert nodes["local-3"].note == "engines died on local-2"
         assert {e.id: e.state for e in status.engines}[victim.id] == "removed"
+        # the keeper rebuilt ipyparallel's cluster from its file, which keeps no engine arguments: the
+        # replacement still gets the first engines' (the master's grace, leaving at once when stopped)
+        first, replacement = (next(e for e in status.engines if e.node_id == node) for node in ("local-1", "local-3"))
+        assert engine_arguments(replacement.pid) == engine_arguments(first.pid)
+        assert any("max_heartbeat_misses" in a for a in engine_arguments(replacement.pid))
         assert any("joined" in e.detail and "(replacing local-2)" in e.detail for e in status.events)
         assert status.state == "running"
         # the keeper ends with the controller
@@ -329,6 +334,12 @@ def test_a_killed_engine_is_replaced_by_the_keeper(tmp_path, tiny_data_dir):
         assert wait_until(lambda: cluster.status().keeper["state"] == "dead", timeout=30), cluster.status().keeper
     finally:
         stop_and_check(cluster)  # the keeper too: it carries the cluster's marker
+
+
+def engine_arguments(pid: int) -> list[str]:
+    """An engine process's command-line options (those after ``-m ipyparallel.engine``)."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return [a for a in argv if a.startswith("--")]
 
 
 def engines_up(cluster: Cluster) -> int:

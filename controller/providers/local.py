@@ -39,6 +39,7 @@ class LocalProvider(Provider):
         first = max(used, default=0) + 1
         environment = {**ipcluster.engine_environment(cluster.threads_per_engine),
                        **processes.process_marker(Path(cluster.profile_dir), cluster.ipp_cluster_id)}
+        engine_args = ipcluster.local_engine_args(self.config.cluster.master_grace_minutes)
         price = self.config.cluster.price_per_hour / max(1, cluster.target or cluster.slaves)
         nodes = []
         try:
@@ -48,7 +49,8 @@ class LocalProvider(Provider):
                                   launched_at=time.time())
                 self.store.nodes.put(cluster.id, node)
                 nodes.append(node)
-                ipp_cluster.start_engines_sync(n=1, engine_set_id=node.node_id, environment=environment)
+                ipp_cluster.start_engines_sync(n=1, engine_set_id=node.node_id, environment=environment,
+                                               engine_args=engine_args)
                 node.state = "running"
                 self.store.nodes.put(cluster.id, node)
                 self.hooks.on_step("engine_set")
@@ -59,12 +61,7 @@ class LocalProvider(Provider):
 
     def remove(self, cluster: ClusterRecord, ipp_cluster: Optional[ipp.Cluster], nodes: list[NodeRecord]) -> None:
         profile = Path(cluster.profile_dir)
-        # every set told at once: an engine takes seconds to shut down, and the sets are stopped one by one
-        ids = {n.node_id for n in nodes}
-        for pid, set_id in ipcluster.engine_set_pids(ipp_cluster).items():
-            if set_id in ids and processes.is_marked(pid, profile, cluster.ipp_cluster_id):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
+        self._terminate_all(cluster, ipp_cluster, {n.node_id for n in nodes})
         for node in nodes:
             if ipp_cluster is not None and node.node_id in ipp_cluster.engines:
                 try:
@@ -78,8 +75,19 @@ class LocalProvider(Provider):
             node.state, node.terminated_at = "stopped", time.time()
             self.store.nodes.update(cluster.id, node.node_id, state=node.state, terminated_at=node.terminated_at)
 
+    @staticmethod
+    def _terminate_all(cluster: ClusterRecord, ipp_cluster: Optional[ipp.Cluster], set_ids: set[str]) -> None:
+        """Every engine of these sets told at once: ipyparallel stops the sets one by one, waiting for each
+        engine to exit before it signals the next."""
+        profile = Path(cluster.profile_dir)
+        for pid, set_id in ipcluster.engine_set_pids(ipp_cluster).items():
+            if set_id in set_ids and processes.is_marked(pid, profile, cluster.ipp_cluster_id):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+
     def stop(self, cluster: ClusterRecord, ipp_cluster: Optional[ipp.Cluster]) -> None:
         if ipp_cluster is not None and ipp_cluster.engines:
+            self._terminate_all(cluster, ipp_cluster, set(ipp_cluster.engines))
             try:
                 ipp_cluster.stop_engines_sync()
             except Exception:  # a crashed launcher must not stop the clean-up
