@@ -111,9 +111,15 @@ def warm_up(spec: dict, kind: str = "mnist") -> float:
         load_cifar10(Path(spec["data_dir"]))
     else:
         from .data import load_mnist
-        from .train import train_epochs  # noqa: F401 - the import is part of the warm-up
+        from .train import train_epochs
 
-        load_mnist(Path(spec["data_dir"]), bool(spec.get("download", False)))
+        data = load_mnist(Path(spec["data_dir"]), bool(spec.get("download", False)))
+        # two real batches and one evaluation at the run's shapes and threads: torch builds its CPU kernels
+        # (oneDNN primitives) on their first use, which cost the first run after `start` seconds more than
+        # the next; a throwaway run id, nothing kept on the engine
+        batch = int(spec.get("batch_size") or 128)
+        train_epochs({**spec, "run_id": "warm-up", "epochs": 1, "subset": 2 * batch, "task_seconds": 0.0,
+                      "checkpoint_minutes": 0.0}, data=data)
     return time.perf_counter() - started
 
 
