@@ -217,8 +217,7 @@ class Resizer:
     def _busy(client, engine_ids: list[int]) -> list[int]:
         registered = set(client.ids)
         queues = client.queue_status()
-        return [e for e in engine_ids if e in registered
-                and (queues.get(e, {}).get("tasks", 0) or queues.get(e, {}).get("queue", 0))]
+        return [e for e in engine_ids if e in registered and _holds_task(queues.get(e, {}))]
 
     def _release(self, record: ClusterRecord, provider: Provider, ipp_cluster, nodes: list[NodeRecord],
                  why: str) -> None:
@@ -264,21 +263,12 @@ def scale(host: ResizeHost, slaves: int, why: str = "") -> None:
         nodes = live_nodes(store, record.id)
         before = record.target if record.target is not None else len(nodes)
         why = why or f"cluster scale {slaves}"
-        store.clusters.update(record.id, target=slaves)
-        store.events.add(record.id, "scale", f"target {before} -> {slaves} ({len(nodes)} serving): {why}")
-        resizer = Resizer(host)
-        if slaves > len(nodes):
-            try:
+        with _new_target(store, record, before, slaves, why, f"({len(nodes)} serving)"):
+            resizer = Resizer(host)
+            if slaves > len(nodes):
                 resizer.add(slaves - len(nodes), why)
-            except BaseException as error:  # nothing was added: the target stays what it was
-                _target_back(store, record, before, why, error)
-                raise
-        elif slaves < len(nodes):
-            try:
+            elif slaves < len(nodes):
                 resizer.remove(choose_to_remove(nodes, len(nodes) - slaves, busy_nodes(host, record)), why)
-            except BaseException as error:  # the drain was called off: every node serves on
-                _target_back(store, record, before, why, error)
-                raise
 
 
 def remove(host: ResizeHost, node_ids: list[str], why: str = "") -> None:
@@ -299,23 +289,32 @@ def remove(host: ResizeHost, node_ids: list[str], why: str = "") -> None:
         before = record.target if record.target is not None else len(live)
         target = max(0, before - len(chosen))
         why = why or f"cluster remove {' '.join(node_ids)}"
-        store.clusters.update(record.id, target=target)
-        store.events.add(record.id, "scale", f"target {before} -> {target}: {why}")
-        try:
+        with _new_target(store, record, before, target, why):
             Resizer(host).remove(chosen, why)
-        except BaseException as error:
-            _target_back(store, record, before, why, error)
-            raise
 
 
-def _target_back(store: Store, record: ClusterRecord, before: int, why: str, error: BaseException) -> None:
-    """A resize that did not happen leaves the target where it was (the keeper would act on it)."""
-    store.clusters.update(record.id, target=before)
-    store.events.add(record.id, "error", f"target back to {before}: {why} failed: {error!r}")
+@contextlib.contextmanager
+def _new_target(store: Store, record: ClusterRecord, before: int, target: int, why: str,
+                serving: str = "") -> Iterator[None]:
+    """The cluster's target is ``target`` while the resize runs; one that fails or is called off (Ctrl-C too:
+    nothing was added, or the drained nodes serve on) puts it back to ``before``, which the keeper acts on."""
+    store.clusters.update(record.id, target=target)
+    store.events.add(record.id, "scale", f"target {before} -> {target}{' ' + serving if serving else ''}: {why}")
+    try:
+        yield
+    except BaseException as error:
+        store.clusters.update(record.id, target=before)
+        store.events.add(record.id, "error", f"target back to {before}: {why} failed: {error!r}")
+        raise
 
 
 def busy_nodes(host: ResizeHost, record: ClusterRecord) -> set[str]:
     """Nodes with an engine that runs or holds a task now."""
     queues = host.client.queue_status()
-    busy = {e for e, q in queues.items() if isinstance(e, int) and (q.get("tasks") or q.get("queue"))}
+    busy = {e for e, q in queues.items() if isinstance(e, int) and _holds_task(q)}
     return {e.node_id for e in host.store.engines.of(record.id) if e.engine_id in busy}
+
+
+def _holds_task(queue: dict) -> bool:
+    """Whether an engine's entry of ``Client.queue_status()`` shows a task running or queued on it."""
+    return bool(queue.get("tasks") or queue.get("queue"))
