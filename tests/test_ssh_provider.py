@@ -37,8 +37,9 @@ def hosts(tmp_path_factory):
         yield made
 
 
-def ssh_config(tmp_path, data_dir, hosts, *, slaves=2, tunnel="never", known_hosts=""):
-    addresses = ", ".join(h.address for h in hosts.hosts[:slaves])
+def ssh_config(tmp_path, data_dir, hosts, *, slaves=2, listed=0, tunnel="never", known_hosts=""):
+    """[ssh] hosts names the first ``listed`` namespace hosts (default: as many as ``slaves``)."""
+    addresses = ", ".join(h.address for h in hosts.hosts[:listed or slaves])
     return make_config(tmp_path, data_dir, slaves=slaves, extra=f"""
 provider = ssh
 
@@ -167,16 +168,7 @@ def test_a_command_filling_stderr_does_not_block_remote_run(tmp_path, hosts):
 
 
 def test_scale_takes_unused_hosts_and_remove_drains_one(tmp_path, tiny_data_dir, hosts):
-    addresses = ", ".join(h.address for h in hosts.hosts)
-    cluster = Cluster(make_config(tmp_path, tiny_data_dir, slaves=1, extra=f"""
-provider = ssh
-
-[ssh]
-hosts = {addresses}
-user = {SLAVE_USER}
-key_file = {hosts.key}
-python = {sys.executable}
-"""))
+    cluster = Cluster(ssh_config(tmp_path, tiny_data_dir, hosts, slaves=1, listed=len(hosts.hosts)))
     first, second = (h.address for h in hosts.hosts)
     try:
         status = cluster.start()
