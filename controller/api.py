@@ -22,7 +22,7 @@ from .bench.runner import run_bench
 from .bench.workloads import workload as find_workload
 from .cluster_status import ClusterStatus, EngineStatus, controller_alive
 from .config import Config, load_config, override, task_keys
-from .elastic import resize
+from .elastic import keeper, resize
 from .errors import ClusterLostError, ClusterStateError, NotRunningError, TaskError, UsageError
 from .leases import Leases
 from .lifecycle import Lifecycle, Stopped
@@ -127,8 +127,14 @@ class Cluster:
 
     def status(self) -> ClusterStatus:
         """The cluster now: its engines and nodes, size, keeper, cost so far; after the controller died,
-        a hint on how to go on."""
+        a hint on how to go on. A keeper that died is started again first."""
+        self._revive_keeper()
         return cluster_status.snapshot(self.name, self.config, self.store, self.provider)
+
+    def _revive_keeper(self) -> None:
+        record = self.store.clusters.active(self.name)
+        if record is not None and record.state == "running":
+            keeper.revive(self.config.state_dir, self.store, record)
 
     # resizing (controller/elastic/resize.py) ---------------------------------------------------------------
     def scale(self, slaves: int, *, why: str = "") -> ClusterStatus:
@@ -168,6 +174,7 @@ class Cluster:
             except (OSError, TimeoutError) as error:  # the file vanished, or the controller hangs
                 raise ClusterStateError(f"{gone} ({error})") from None
             self._client_cluster_id = record.id
+            self._revive_keeper()
         return self._client
 
     @property

@@ -112,8 +112,7 @@ class Lifecycle:
             if cfg.replace_lost or cfg.max_slaves:
                 from .elastic import keeper
 
-                pid = keeper.spawn(dataclasses.replace(self.config, cluster=cfg), record)
-                self.store.clusters.update(record.id, keeper_pid=pid)
+                keeper.spawn(dataclasses.replace(self.config, cluster=cfg), record, self.store)
         except BaseException as error:
             self._undo_start(record, chosen, ipp_cluster, error)
             raise
