@@ -113,6 +113,7 @@ class Keeper:
         self.policy = policy or Policy()
         self.clock = clock
         self._instance_states: dict[str, str] = {}
+        self._failing: dict[str, str] = {}
         self._listed_at = float("-inf")
 
     def alive(self) -> bool:
@@ -144,7 +145,7 @@ class Keeper:
         busy = {e for e, q in queues.items() if isinstance(e, int) and (q.get("tasks") or q.get("queue"))}
         leaving = self.store.engines.leaving(record.id)
         engines = self.store.engines.of(record.id)
-        states = self._states(record)
+        states, failing = self._states(record)
         views = []
         for node in self.store.nodes.of(record.id):
             if node.state not in LIVE_NODE_STATES or node.state in PENDING_NODE_STATES:
@@ -155,7 +156,8 @@ class Keeper:
                 alive=sum(e.engine_id in registered for e in mine),
                 busy=any(e.engine_id in busy for e in mine),
                 notice=any(leaving.get(e.engine_id) == "notice" for e in mine),
-                instance_state=states.get(node.node_id, node.state), launched_at=node.launched_at))
+                instance_state=states.get(node.node_id, node.state), failing=failing.get(node.node_id, ""),
+                launched_at=node.launched_at))
             idle_since = self.policy.idle_since.get(node.node_id)
             if idle_since != node.idle_since:
                 self.store.nodes.update(record.id, node.node_id, idle_since=idle_since)
@@ -167,18 +169,21 @@ class Keeper:
             min_slaves=record.min_slaves or 0, max_slaves=record.max_slaves or 0,
             idle_minutes=record.idle_minutes or 0.0, replace_lost=bool(record.replace_lost))
 
-    def _states(self, record: ClusterRecord) -> dict[str, str]:
-        """Node id -> the provider's word on it (a cloud is asked every CLOUD_LIST_EVERY_S at most)."""
+    def _states(self, record: ClusterRecord) -> tuple[dict[str, str], dict[str, str]]:
+        """Node id -> the provider's word on it, and node id -> the health check it fails (a cloud is asked
+        every CLOUD_LIST_EVERY_S at most)."""
         if record.provider in ("local", "ssh"):
-            return {}
+            return {}, {}
         now = time.monotonic()
         if now - self._listed_at >= CLOUD_LIST_EVERY_S:
             self._listed_at = now
+            provider = self.cluster.provider(record.provider)
             try:
-                self._instance_states = {n.node_id: n.state for n in self.cluster.provider(record.provider).list(record)}
+                self._instance_states = {n.node_id: n.state for n in provider.list(record)}
+                self._failing = provider.failing_health_checks(record)
             except ClusterError as error:
                 log.warning("could not list the cluster's instances: %s", error)
-        return self._instance_states
+        return self._instance_states, self._failing
 
     def refresh(self) -> None:
         """Ask the cloud again at the next tick (a test, or a notice that wants a fresh look)."""
