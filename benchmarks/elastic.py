@@ -10,8 +10,16 @@ and splits each into its phases by timing the functions that do the work (wrappe
 measurement only); "waiting for engines to register" is what is left of an add once the launch,
 recording and warm-up are counted.
 
+Every absolute time here depends on how loaded the machine is, so ``start`` and ``stop`` are also
+compared with the floor ipyparallel itself sets, measured in the same run, round by round beside
+ours: plain ``ipyparallel.Cluster(n=4)`` with the same engine launcher (``local``) and the same
+engine environment (torch threads, path), ``start_and_connect``, ``wait_for_engines(4)``, then
+``import torch`` on every engine (an engine is no use to us before), and ``stop_cluster``.
+Printed: the medians of the rounds and the ratios ours / baseline.
+
     python benchmarks/elastic.py              # real MNIST from ../shared/data or $CLUSTER_DATA_DIR
     python benchmarks/elastic.py --json
+    python benchmarks/elastic.py --rounds 3   # more rounds of start/stop beside the baseline
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import functools
 import inspect
 import json
 import logging
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -89,13 +98,44 @@ class Phases:
                      "phases": {k: round(v, 2) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}})
 
 
+def _import_torch() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def baseline(tmp: Path, round_no: int, engines: int, threads: int) -> dict[str, float]:
+    """Plain ipyparallel: start ``engines`` local engines with our engine environment, wait for them,
+    import torch on each; then stop. Seconds of each."""
+    from traitlets.config import Config
+
+    config = Config()
+    config.LocalEngineSetLauncher.environment = ipcluster.engine_environment(threads)
+    plain = ipcluster.ipp.Cluster(n=engines, engines="local", profile_dir=str(tmp / f"baseline-{round_no}"),
+                                  cluster_id=f"baseline-{round_no}", shutdown_atexit=False, config=config,
+                                  log_level=logging.WARNING, load_profile=False)
+    started = time.perf_counter()
+    client = plain.start_and_connect_sync()
+    try:
+        client.wait_for_engines(engines, timeout=300)
+        client[:].apply_sync(_import_torch)
+        start_s = time.perf_counter() - started
+    finally:
+        client.close()
+        stopping = time.perf_counter()
+        plain.stop_cluster_sync()
+    return {"start": start_s, "stop": time.perf_counter() - stopping}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per engine")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of start/stop, each beside the baseline's")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     phases = Phases()
+    rounds: list[dict[str, list[dict]]] = []
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         ini = Path(tmp) / "cluster.ini"
@@ -104,10 +144,14 @@ def main() -> None:
         ini.chmod(0o600)
         cluster = Cluster(load_config(ini, environ={}))
         try:
-            with phases.step(rows, "start --slaves 4"):
-                cluster.start(slaves=4)
-            with phases.step(rows, "stop (4 slaves)"):
-                cluster.stop()
+            for number in range(args.rounds):
+                ours: list[dict] = []
+                plain = baseline(Path(tmp), number, 4, args.threads)
+                with phases.step(ours, "start --slaves 4"):
+                    cluster.start(slaves=4)
+                with phases.step(ours, "stop (4 slaves)"):
+                    cluster.stop()
+                rounds.append({"ours": ours, "baseline": plain})
             cluster.start(slaves=1)
             with phases.step(rows, "scale 1 -> 4"):
                 cluster.scale(4)
@@ -116,15 +160,33 @@ def main() -> None:
         finally:
             cluster.stop()
             cluster.close()
+    rows[:0] = [median_row([r["ours"][i] for r in rounds]) for i in range(2)]
+    ratios = {}
+    for row, key in zip(rows, ("start", "stop")):
+        plain = statistics.median(r["baseline"][key] for r in rounds)
+        row["baseline_seconds"] = round(plain, 2)
+        ratios[key] = row["ratio"] = round(row["seconds"] / plain, 2)
     if args.json:
         print(json.dumps(rows))
         return
+    print(f"{len(rounds)} round(s) of start/stop, medians; baseline: plain ipyparallel, 4 engines, import torch")
     for row in rows:
-        print(f"{row['step']:<20} {row['seconds']:6.2f} s")
+        beside = (f"   baseline {row['baseline_seconds']:6.2f} s   ours/baseline {row['ratio']:.2f}x"
+                  if "ratio" in row else "")
+        print(f"{row['step']:<20} {row['seconds']:6.2f} s{beside}")
         for phase, seconds in row["phases"].items():
             if seconds >= 0.005:
                 print(f"    {phase:<46} {seconds:6.2f} s")
-    print(json.dumps({row["step"]: row["seconds"] for row in rows}))
+    print(json.dumps({**{row["step"]: row["seconds"] for row in rows},
+                      **{f"{key} ours/baseline": ratio for key, ratio in ratios.items()}}))
+
+
+def median_row(rows: list[dict]) -> dict:
+    """One step's rounds as one row: the median total, and each phase's median."""
+    phases = {name for row in rows for name in row["phases"]}
+    medians = {name: round(statistics.median(row["phases"].get(name, 0.0) for row in rows), 2) for name in phases}
+    return {"step": rows[0]["step"], "seconds": round(statistics.median(row["seconds"] for row in rows), 2),
+            "phases": dict(sorted(medians.items(), key=lambda kv: -kv[1]))}
 
 
 if __name__ == "__main__":
