@@ -14,7 +14,9 @@ Every absolute time here depends on how loaded the machine is, so ``start`` and 
 compared with the floor ipyparallel itself sets, measured in the same run, round by round beside
 ours: plain ``ipyparallel.Cluster(n=4)`` with the same engine launcher (``local``) and the same
 engine environment (torch threads, path), ``start_and_connect``, ``wait_for_engines(4)``, then
-``import torch`` on every engine (an engine is no use to us before), and ``stop_cluster``.
+``import torch`` on every engine (an engine is no use to us before), and ``stop_cluster``; and the
+same again with an optimizer built after the import, which is what a training run first needs
+beyond torch (the first optimizer imports torch._dynamo, nearly as long again as torch).
 Printed: the medians of the rounds and the ratios ours / baseline.
 
     python benchmarks/elastic.py              # real MNIST from ../shared/data or $CLUSTER_DATA_DIR
@@ -46,8 +48,8 @@ from controller.providers import local  # noqa: E402
 PHASES = [  # (owner, attribute, phase name)
     (ipcluster.ipp.Cluster, "start_controller", "controller start"),
     (local.LocalProvider, "add", "engine launch (ipyparallel launchers)"),
-    (joining, "record_engines", "engines report themselves (engine_info)"),
-    (joining, "warm_engines", "engines load the data set"),
+    (joining, "record_engines", "engines report themselves (engine_info: imports)"),
+    (joining, "warm_engines", "engines load the data set (warm-up)"),
     (keeper, "spawn", "keeper spawn"),
     (resize.Resizer, "_drain", "drain (mark, SIGUSR1, wait idle)"),
     (local.LocalProvider, "remove", "engine sets stopped"),
@@ -58,10 +60,12 @@ PHASES = [  # (owner, attribute, phase name)
 
 
 class Phases:
-    """Seconds per phase, for the step being measured (wrappers around the functions above)."""
+    """Seconds per phase, for the step being measured (wrappers around the functions above); a phase timed
+    inside another (the warm-up inside record_engines) counts for itself only."""
 
     def __init__(self):
         self.seconds: dict[str, float] = collections.defaultdict(float)
+        self._open: list[str] = []
         for owner, name, phase in PHASES:
             setattr(owner, name, self._timed(getattr(owner, name), phase))
 
@@ -69,21 +73,28 @@ class Phases:
         if inspect.iscoroutinefunction(fn):  # ipyparallel's *_sync methods call these
             @functools.wraps(fn)
             async def timed_async(*args, **kwargs):
-                started = time.perf_counter()
-                try:
+                with self._timing(phase):
                     return await fn(*args, **kwargs)
-                finally:
-                    self.seconds[phase] += time.perf_counter() - started
             return timed_async
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            started = time.perf_counter()
-            try:
+            with self._timing(phase):
                 return fn(*args, **kwargs)
-            finally:
-                self.seconds[phase] += time.perf_counter() - started
         return wrapper
+
+    @contextlib.contextmanager
+    def _timing(self, phase: str):
+        started = time.perf_counter()
+        self._open.append(phase)
+        try:
+            yield
+        finally:
+            self._open.pop()
+            seconds = time.perf_counter() - started
+            self.seconds[phase] += seconds
+            if self._open:
+                self.seconds[self._open[-1]] -= seconds
 
     @contextlib.contextmanager
     def step(self, rows: list, name: str):
@@ -104,21 +115,32 @@ def _import_torch() -> str:
     return torch.__version__
 
 
-def baseline(tmp: Path, round_no: int, engines: int, threads: int) -> dict[str, float]:
+def _build_optimizer() -> str:
+    """What every training run does first beyond importing torch: the first optimizer imports torch._dynamo."""
+    import torch
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    return torch.__version__
+
+
+BASELINES = {"import torch": _import_torch, "import torch, build an optimizer": _build_optimizer}
+
+
+def baseline(tmp: Path, name: str, engines: int, threads: int, ready=_import_torch) -> dict[str, float]:
     """Plain ipyparallel: start ``engines`` local engines with our engine environment, wait for them,
-    import torch on each; then stop. Seconds of each."""
+    run ``ready`` on each; then stop. Seconds of each."""
     from traitlets.config import Config
 
     config = Config()
     config.LocalEngineSetLauncher.environment = ipcluster.engine_environment(threads)
-    plain = ipcluster.ipp.Cluster(n=engines, engines="local", profile_dir=str(tmp / f"baseline-{round_no}"),
-                                  cluster_id=f"baseline-{round_no}", shutdown_atexit=False, config=config,
+    plain = ipcluster.ipp.Cluster(n=engines, engines="local", profile_dir=str(tmp / name),
+                                  cluster_id=name, shutdown_atexit=False, config=config,
                                   log_level=logging.WARNING, load_profile=False)
     started = time.perf_counter()
     client = plain.start_and_connect_sync()
     try:
         client.wait_for_engines(engines, timeout=300)
-        client[:].apply_sync(_import_torch)
+        client[:].apply_sync(ready)
         start_s = time.perf_counter() - started
     finally:
         client.close()
@@ -146,7 +168,8 @@ def main() -> None:
         try:
             for number in range(args.rounds):
                 ours: list[dict] = []
-                plain = baseline(Path(tmp), number, 4, args.threads)
+                plain = {label: baseline(Path(tmp), f"baseline-{number}-{i}", 4, args.threads, ready)
+                         for i, (label, ready) in enumerate(BASELINES.items())}
                 with phases.step(ours, "start --slaves 4"):
                     cluster.start(slaves=4)
                 with phases.step(ours, "stop (4 slaves)"):
@@ -163,22 +186,25 @@ def main() -> None:
     rows[:0] = [median_row([r["ours"][i] for r in rounds]) for i in range(2)]
     ratios = {}
     for row, key in zip(rows, ("start", "stop")):
-        plain = statistics.median(r["baseline"][key] for r in rounds)
-        row["baseline_seconds"] = round(plain, 2)
-        ratios[key] = row["ratio"] = round(row["seconds"] / plain, 2)
+        row["baselines"] = {}
+        for label in BASELINES:
+            plain = statistics.median(r["baseline"][label][key] for r in rounds)
+            row["baselines"][label] = {"seconds": round(plain, 2), "ratio": round(row["seconds"] / plain, 2)}
+            ratios[f"{key} ours/baseline ({label})"] = round(row["seconds"] / plain, 2)
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"{len(rounds)} round(s) of start/stop, medians; baseline: plain ipyparallel, 4 engines, import torch")
+    print(f"{len(rounds)} round(s) of start/stop beside plain ipyparallel (4 local engines, same environment); "
+          f"medians")
     for row in rows:
-        beside = (f"   baseline {row['baseline_seconds']:6.2f} s   ours/baseline {row['ratio']:.2f}x"
-                  if "ratio" in row else "")
-        print(f"{row['step']:<20} {row['seconds']:6.2f} s{beside}")
+        print(f"{row['step']:<62} {row['seconds']:6.2f} s")
+        for label, plain in row.get("baselines", {}).items():
+            print(f"    {'baseline: ipyparallel + ' + label:<58} {plain['seconds']:6.2f} s   "
+                  f"ours/baseline {plain['ratio']:.2f}x")
         for phase, seconds in row["phases"].items():
             if seconds >= 0.005:
-                print(f"    {phase:<46} {seconds:6.2f} s")
-    print(json.dumps({**{row["step"]: row["seconds"] for row in rows},
-                      **{f"{key} ours/baseline": ratio for key, ratio in ratios.items()}}))
+                print(f"    {phase:<58} {seconds:6.2f} s")
+    print(json.dumps({**{row["step"]: row["seconds"] for row in rows}, **ratios}))
 
 
 def median_row(rows: list[dict]) -> dict:
