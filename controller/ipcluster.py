@@ -101,9 +101,9 @@ def engine_args(master_grace_minutes: float) -> list[str]:
     return [f"--IPEngine.max_heartbeat_misses={misses}"]
 
 
-# local engines (this checkout on their path) leave at once when stopped: engines/fast_exit.py;
-# __import__ leaves no name behind in the engine's namespace
-LOCAL_ENGINE_STARTUP = "--IPEngine.startup_command=__import__('engines.fast_exit').fast_exit.install()"
+# local engines (this checkout on their path) leave at once when stopped, and begin importing torch as soon
+# as they registered: engines/startup.py; __import__ leaves no name behind in the engine's namespace
+LOCAL_ENGINE_STARTUP = "--IPEngine.startup_command=__import__('engines.startup').startup.install()"
 
 
 def local_engine_args(master_grace_minutes: float) -> list[str]:

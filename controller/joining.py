@@ -16,6 +16,10 @@ from .store import ClusterRecord, EngineRecord, NodeRecord, Store
 
 log = logging.getLogger(__name__)
 
+# engine_info waits for the imports a local engine began at startup (engines/startup.py): torch and
+# torch._dynamo, four engines at once on two loaded cores took 25 s
+REPORT_TIMEOUT_S = 120
+
 
 def record_engines(store: Store, config: Config, record: ClusterRecord, client, threads: int,
                    nodes: list[NodeRecord], engine_ids: Optional[list[int]] = None, ipp_cluster=None) -> None:
@@ -24,7 +28,7 @@ def record_engines(store: Store, config: Config, record: ClusterRecord, client, 
     from engines.tasks import engine_info
 
     ids = list(engine_ids) if engine_ids is not None else list(client.ids)
-    infos = client[ids].apply_async(engine_info, threads).get(timeout=60)
+    infos = client[ids].apply_async(engine_info, threads).get(timeout=REPORT_TIMEOUT_S)
     watch_notices(config, client, record.provider, ids)
     host_to_node = {n.host: n.node_id for n in nodes}
     host_to_node.update({n.private_ip: n.node_id for n in nodes if n.private_ip})

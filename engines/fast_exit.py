@@ -8,8 +8,8 @@ at that point: its results went to the hub, the nanny tells the hub it is gone o
 has, and our own log handlers are flushed here first.
 
 Only a SIGTERM'd exit is cut short: an engine that ends any other way (a lost hub, a fatal error)
-finalises as before and keeps its exit status.  Installed in local engines as their startup
-command (controller.ipcluster.new_cluster), after ipyparallel set its own SIGTERM handler.
+finalises as before and keeps its exit status.  Installed in local engines by their startup
+command (engines/startup.py), after ipyparallel set its own SIGTERM handler.
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ import platform
 import socket
 from typing import Optional, Union
 
+from . import startup
+
 # The L1 convention a run's params record (RunSpec.l1_scale): "batches" divides l1 * sum(|w|) by the
 # training batches per epoch, as the paper's code does; runs stored without the key used "none".
 L1_SCALE = "batches"
@@ -54,6 +56,7 @@ def train_task(spec: dict, checkpoint: Union[bytes, dict, None], n_epochs: Optio
 
 def engine_info(threads: int = 0) -> dict:
     """Who this engine is: host, pid, device, threads, versions (also sets the thread count)."""
+    startup.wait()  # the import of torch this engine began when it started (engines/startup.py)
     import torch
 
     from . import stopping
@@ -104,6 +107,7 @@ def warm_up(spec: dict, kind: str = "mnist") -> float:
     import time
     from pathlib import Path
 
+    startup.wait()
     started = time.perf_counter()
     if kind == "cifar":
         from .cifar import load_cifar10
@@ -111,16 +115,32 @@ def warm_up(spec: dict, kind: str = "mnist") -> float:
         load_cifar10(Path(spec["data_dir"]))
     else:
         from .data import load_mnist
-        from .train import train_epochs
+        from .train import RunSpec, mnist_setup, run_task
 
         data = load_mnist(Path(spec["data_dir"]), bool(spec.get("download", False)))
         # two real batches and one evaluation at the run's shapes and threads: torch builds its CPU kernels
         # (oneDNN primitives) on their first use, which cost the first run after `start` seconds more than
         # the next; a throwaway run id, nothing kept on the engine
         batch = int(spec.get("batch_size") or 128)
-        train_epochs({**spec, "run_id": "warm-up", "epochs": 1, "subset": 2 * batch, "task_seconds": 0.0,
-                      "checkpoint_minutes": 0.0}, data=data)
+        warm = RunSpec.from_dict({**spec, "run_id": "warm-up", "epochs": 1, "subset": 2 * batch,
+                                  "task_seconds": 0.0, "checkpoint_minutes": 0.0})
+
+        def setup(device):
+            work = mnist_setup(warm, device, data)
+            work.val, work.test = (_one_of_each_batch(split, work.eval_batch) for split in (work.val, work.test))
+            return work
+
+        run_task(warm, setup)
     return time.perf_counter() - started
+
+
+def _one_of_each_batch(split, batch: int):
+    """The first images of ``split`` that make one evaluation batch of each shape the whole split has: a
+    full one and the last, partial one (kernels are built per shape; evaluating the rest builds none)."""
+    from .data import Split
+
+    n = min(len(split), batch + len(split) % batch)
+    return Split(split.images[:n], split.labels[:n])
 
 
 def task_for(spec: dict):
