@@ -89,7 +89,7 @@ CONTROLLER_ARGS = [
 ENGINE_CHECK_MS = HEARTBEAT_MS + 500
 
 
-def engine_args(master_grace_minutes: float) -> list[str]:
+def grace_args(master_grace_minutes: float) -> list[str]:
     """How long an engine waits for a silent controller before it quits: ``[cluster] master_grace_minutes``.
 
     ipyparallel's engine gives up after 50 missed checks (about 65 s at our heartbeat): a laptop that
@@ -101,15 +101,16 @@ def engine_args(master_grace_minutes: float) -> list[str]:
     return [f"--IPEngine.max_heartbeat_misses={misses}"]
 
 
-# local engines (this checkout on their path) leave at once when stopped, and begin importing torch as soon
-# as they registered: engines/startup.py; __import__ leaves no name behind in the engine's namespace
-LOCAL_ENGINE_STARTUP = "--IPEngine.startup_command=__import__('engines.startup').startup.install()"
+# every engine (local: this checkout on its path; remote: the engines package uploaded by bootstrap) leaves
+# at once when stopped, and begins importing torch as soon as it registered: engines/startup.py;
+# __import__ leaves no name behind in the engine's namespace
+ENGINE_STARTUP = "--IPEngine.startup_command=__import__('engines.startup').startup.install()"
 
 
-def local_engine_args(master_grace_minutes: float) -> list[str]:
-    """The arguments of every local engine.  Passed again by each start of an engine set: a Cluster
-    rebuilt from its file (``load_cluster``, as `scale` and the keeper do) has lost the config."""
-    return engine_args(master_grace_minutes) + [LOCAL_ENGINE_STARTUP]
+def engine_args(master_grace_minutes: float) -> list[str]:
+    """The arguments of every engine, local or remote.  Passed again by each start of a local engine set: a
+    Cluster rebuilt from its file (``load_cluster``, as `scale` and the keeper do) has lost the config."""
+    return grace_args(master_grace_minutes) + [ENGINE_STARTUP]
 
 
 def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], engine_ip: str = LOOPBACK,
@@ -128,7 +129,7 @@ def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], e
     config.LocalControllerLauncher.environment = controller_env
     config.LocalEngineSetLauncher.environment = {**engine_env, **marker}
     config.LocalEngineLauncher.environment = {**engine_env, **marker}
-    config.LocalEngineSetLauncher.engine_args = local_engine_args(master_grace_minutes)
+    config.LocalEngineSetLauncher.engine_args = engine_args(master_grace_minutes)
     profile.mkdir(parents=True, exist_ok=True)
     os.chmod(profile, 0o700)
     return ipp.Cluster(

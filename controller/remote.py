@@ -331,7 +331,7 @@ class EngineSpec:
     engines: int = 0  # fixed count; 0 = engines_per_gpu per GPU (1 on a machine without GPU)
     env: dict = field(default_factory=dict)
     install: bool = True  # pip-install the engine requirements when the check fails
-    args: tuple = ()  # extra ipengine arguments (controller.ipcluster.engine_args: the grace for a silent master)
+    args: tuple = ()  # extra ipengine arguments (controller.ipcluster.engine_args: the grace for a silent master, the startup command)
 
 
 @dataclass

@@ -8,7 +8,7 @@ at that point: its results went to the hub, the nanny tells the hub it is gone o
 has, and our own log handlers are flushed here first.
 
 Only a SIGTERM'd exit is cut short: an engine that ends any other way (a lost hub, a fatal error)
-finalises as before and keeps its exit status.  Installed in local engines by their startup
+finalises as before and keeps its exit status.  Installed in every engine by its startup
 command (engines/startup.py), after ipyparallel set its own SIGTERM handler.
 """
 from __future__ import annotations

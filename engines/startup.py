@@ -1,4 +1,4 @@
-"""What a local engine does the moment it has registered: leave fast when stopped, and import torch now.
+"""What an engine does the moment it has registered: leave fast when stopped, and import torch now.
 
 Importing torch is most of what makes a new engine slow to be of use (2.5 s of CPU on an idle
 machine, and 2 s more for torch._dynamo, which the first optimizer imports; four engines at once on
@@ -15,7 +15,7 @@ them, and no task imports torch's modules alongside the thread (two threads impo
 import each other can meet in the import locks, and one then sees a half-initialised module).  A failed background
 import is only logged: the task's own import afterwards raises the real error where the master sees it.
 
-Installed in local engines as their startup command (``controller.ipcluster.LOCAL_ENGINE_STARTUP``).
+Installed in every engine, local or remote, as its startup command (``controller.ipcluster.ENGINE_STARTUP``).
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def one_engine(tmp_path):
     cluster.start_controller_sync()
     client = None
     try:
-        cluster.start_engines_sync(n=1, engine_args=ipcluster.local_engine_args(1.0))
+        cluster.start_engines_sync(n=1, engine_args=ipcluster.engine_args(1.0))
         client = cluster.connect_client_sync(timeout=60)
         client.wait_for_engines(1, timeout=90)
         yield client

@@ -39,7 +39,7 @@ class LocalProvider(Provider):
         first = max(used, default=0) + 1
         environment = {**ipcluster.engine_environment(cluster.threads_per_engine),
                        **processes.process_marker(Path(cluster.profile_dir), cluster.ipp_cluster_id)}
-        engine_args = ipcluster.local_engine_args(self.config.cluster.master_grace_minutes)
+        engine_args = ipcluster.engine_args(self.config.cluster.master_grace_minutes)
         price = self.config.cluster.price_per_hour / max(1, cluster.target or cluster.slaves)
         nodes = []
         try:
