@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from controller import processes
+from controller import ipcluster, processes
 from controller.api import Cluster
 from controller.cli import main
 from controller.errors import ClusterStateError, ConfigError, CredentialsError, ProviderError
@@ -28,6 +28,7 @@ from controller.providers import Hooks, aws
 from controller.providers.aws import ec2 as ec2_calls
 from controller.providers.aws import network
 from controller.store import Store
+from tests import exposure
 from tests.conftest import cluster_pids, make_config, wait_until
 from tests.netns import SLAVE_USER, NetnsHosts, unavailable
 
@@ -170,23 +171,36 @@ class Started:
     mapped: dict
     status: object
     folder: object
+    output: str = ""  # what `cluster -vv start` wrote, when the CLI started it
+    key: str = ""  # the private key that start created
 
 
 @contextlib.contextmanager
-def started_cluster(folder, data_dir, moto_url, hosts, slaves: int = 1, **environ):
+def started_cluster(folder, data_dir, moto_url, hosts, slaves: int = 1, cli: bool = False, **environ):
     """A fresh moto, then an aws cluster of ``slaves`` started on the namespace hosts (``environ`` set
-    meanwhile), stopped and closed at the end whatever the tests did to it."""
+    meanwhile; with ``cli`` by `cluster -vv start` in this process), stopped and closed at the end
+    whatever the tests did to it."""
     with pytest.MonkeyPatch.context() as patch:
         client = fresh_ec2(moto_url, patch)
         assigned = map_instances(hosts, patch)
         for name, value in environ.items():
             patch.setenv(name, value)
         config = aws_config(folder, data_dir, moto_url, image(client), slaves=slaves)
-        cluster = Cluster(config)
+        keys = exposure.capture_keys(patch)
+        cluster = None
         try:
-            yield Started(cluster, client, assigned, cluster.start(), folder)
+            if cli:
+                code, output = exposure.run_cli("-vv", "--config", str(config.source), "start")
+                assert code == 0, output
+                cluster = Cluster(config)
+                status = cluster.status()
+            else:
+                cluster, output = Cluster(config), ""
+                status = cluster.start()
+            yield Started(cluster, client, assigned, status, folder, output, keys[0] if keys else "")
         finally:
-            cluster.close()  # (a test may have closed it already: a session that ended)
+            if cluster is not None:
+                cluster.close()  # (a test may have closed it already: a session that ended)
             with Cluster(config) as last:
                 last.stop()
 
@@ -197,7 +211,7 @@ def running_nodes(cluster: Cluster) -> list:
 
 @pytest.fixture(scope="class")
 def spot(tmp_path_factory, tiny_data_dir, moto_url, hosts):
-    with started_cluster(tmp_path_factory.mktemp("spot"), tiny_data_dir, moto_url, hosts) as started:
+    with started_cluster(tmp_path_factory.mktemp("spot"), tiny_data_dir, moto_url, hosts, cli=True) as started:
         yield started
 
 
@@ -225,6 +239,25 @@ class TestASpotSlave:
                 assert [p["GroupId"] for p in rule["UserIdGroupPairs"]] == [group["GroupId"]]
         (key_file,) = (config.state_dir / "aws" / "test").glob("*.pem")
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+    def test_a_vv_start_logs_no_key_listens_on_loopback_and_keeps_keys_private(self, spot):
+        """The issue's case: `cluster -vv start` on EC2 printed the new key pair's private key twice."""
+        assert spot.key, "the start never created its key pair"
+        assert exposure.secrets_in(spot.output, spot.key) == []
+        state_dir = spot.cluster.config.state_dir
+        # moto's subnets are not this master's: engines come back through SSH tunnels to loopback
+        sockets = exposure.listening(state_dir)
+        assert sockets and exposure.addresses(sockets) == {"127.0.0.1"}, sockets
+        exposure.assert_private_files(state_dir)
+        folder = state_dir / "aws" / "test"
+        assert exposure.mode(folder) == 0o700
+        (pem,) = folder.glob("*.pem")
+        assert exposure.mode(pem) == 0o600 and exposure.mode(folder / "known_hosts") == 0o600
+        tunnel_spec = state_dir / "tunnels" / "test" / "tunnels.json"
+        assert exposure.mode(tunnel_spec) == 0o600
+        (engine_file,) = (ipcluster.profile_dir(state_dir) / "security").glob("*-engine.json")
+        hmac_key = json.loads(engine_file.read_text())["key"]
+        assert hmac_key and hmac_key not in tunnel_spec.read_text()  # the spec names hosts and ports, no key
 
     def test_engines_come_back_through_ssh_reverse_tunnels(self, spot, hosts):
         """moto's subnets are not the master's: the engines' connection file points at their loopback."""
@@ -302,7 +335,10 @@ class TestASpotSlave:
         monkeypatch.setenv("CLUSTER_CONFIG", str(cluster.config.source))
         code, out, _ = run_cli("status")
         assert code == 0 and "untracked" in out
-        cluster.stop()
+        cluster.close()  # this session ends; `cluster -vv stop` stops it, and logs no key either
+        code, output = exposure.run_cli("-vv", "--config", str(cluster.config.source), "stop")
+        assert code == 0, output
+        assert exposure.secrets_in(output, spot.key) == []
         assert tagged(ec2) == NOTHING
         assert no_engines(hosts)
         assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=20)
