@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -29,6 +30,18 @@ def no_outside_configuration():
              if name in os.environ}
     yield
     os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_as_under_a_terminal():
+    """A shell starts a background job (`make test &`, a CI step run that way) with SIGINT ignored, and every
+    process it starts inherits that: the tests that Ctrl-C a `cluster` process, or this one, would wait
+    for an interrupt that never comes. SIGINT here as a terminal delivers it; children get the default."""
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ store is lost) is in test_provider_contract.py; here what is aws's own.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -19,7 +20,7 @@ import sys
 
 import pytest
 
-from controller import processes
+from controller import ipcluster, processes
 from controller.api import Cluster
 from controller.cli import main
 from controller.errors import ClusterStateError, ConfigError, CredentialsError, ProviderError
@@ -27,6 +28,7 @@ from controller.providers import Hooks, aws
 from controller.providers.aws import ec2 as ec2_calls
 from controller.providers.aws import network
 from controller.store import Store
+from tests import exposure
 from tests.conftest import cluster_pids, make_config, wait_until
 from tests.netns import SLAVE_USER, NetnsHosts, unavailable
 
@@ -69,8 +71,8 @@ def set_provider_hooks(monkeypatch, **changes) -> Hooks:
     return hooks
 
 
-@pytest.fixture
-def ec2(moto_url, monkeypatch):
+def fresh_ec2(moto_url: str, monkeypatch):
+    """An empty moto EC2, test credentials only, waiters polling fast; ``monkeypatch`` undoes the settings."""
     import boto3
     import urllib.request
 
@@ -86,7 +88,11 @@ def ec2(moto_url, monkeypatch):
 
 
 @pytest.fixture
-def mapped(hosts, monkeypatch):
+def ec2(moto_url, monkeypatch):
+    return fresh_ec2(moto_url, monkeypatch)
+
+
+def map_instances(hosts, monkeypatch) -> dict:
     """Test-only: instance -> namespace host, in launch order; the key pair authorised there (cloud-init)."""
     assigned: dict[str, object] = {}
     for host in hosts.hosts:
@@ -103,6 +109,11 @@ def mapped(hosts, monkeypatch):
 
     set_provider_hooks(monkeypatch, address=hook)
     return assigned
+
+
+@pytest.fixture
+def mapped(hosts, monkeypatch):
+    return map_instances(hosts, monkeypatch)
 
 
 _IMAGE: list[str] = []
@@ -151,22 +162,74 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def test_a_spot_slave_trains_shows_in_status_ip_and_ssh_and_stop_ends_it_without_leaks(
-        tmp_path, tiny_data_dir, moto_url, ec2, hosts, mapped, monkeypatch):
-    config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1)
-    cluster = Cluster(config)
-    try:
-        status = cluster.start()
+@dataclasses.dataclass
+class Started:
+    """A cluster a class's tests share, with the EC2 client, instance -> host mapping and what start said."""
+
+    cluster: Cluster
+    ec2: object
+    mapped: dict
+    status: object
+    folder: object
+    output: str = ""  # what `cluster -vv start` wrote, when the CLI started it
+    key: str = ""  # the private key that start created
+
+
+@contextlib.contextmanager
+def started_cluster(folder, data_dir, moto_url, hosts, slaves: int = 1, cli: bool = False, **environ):
+    """A fresh moto, then an aws cluster of ``slaves`` started on the namespace hosts (``environ`` set
+    meanwhile; with ``cli`` by `cluster -vv start` in this process), stopped and closed at the end
+    whatever the tests did to it."""
+    with pytest.MonkeyPatch.context() as patch:
+        client = fresh_ec2(moto_url, patch)
+        assigned = map_instances(hosts, patch)
+        for name, value in environ.items():
+            patch.setenv(name, value)
+        config = aws_config(folder, data_dir, moto_url, image(client), slaves=slaves)
+        keys = exposure.capture_keys(patch)
+        cluster = None
+        try:
+            if cli:
+                code, output = exposure.run_cli("-vv", "--config", str(config.source), "start")
+                assert code == 0, output
+                cluster = Cluster(config)
+                status = cluster.status()
+            else:
+                cluster, output = Cluster(config), ""
+                status = cluster.start()
+            yield Started(cluster, client, assigned, status, folder, output, keys[0] if keys else "")
+        finally:
+            if cluster is not None:
+                cluster.close()  # (a test may have closed it already: a session that ended)
+            with Cluster(config) as last:
+                last.stop()
+
+
+def running_nodes(cluster: Cluster) -> list:
+    return [n for n in cluster.status().nodes if n.state == "running"]
+
+
+@pytest.fixture(scope="class")
+def spot(tmp_path_factory, tiny_data_dir, moto_url, hosts):
+    with started_cluster(tmp_path_factory.mktemp("spot"), tiny_data_dir, moto_url, hosts, cli=True) as started:
+        yield started
+
+
+class TestASpotSlave:
+    """One 1-slave spot cluster for the class (a start costs more than every check on it together).
+    Each test asserts one property of it; the last two change it (scale, then stop)."""
+
+    def test_starts_tagged_with_a_group_open_only_to_ssh_from_the_master_and_a_private_key(self, spot):
+        status, config = spot.status, spot.cluster.config
         assert status.state == "running"
         assert [e.host for e in status.engines] == ["slave11"]
-        nodes = [n for n in status.nodes]
+        nodes = status.nodes
         assert len(nodes) == 1 and all(n.market == "spot" and n.instance_type == "g4dn.xlarge" for n in nodes)
         assert all(n.price_per_hour > 0 and n.zone for n in nodes)  # the price each instance runs at
-        # tags, the security group and the key pair
-        found = tagged(ec2)
-        assert sorted(found["instances"]) == sorted(n.instance_id for n in nodes)
+        found = tagged(spot.ec2)
+        assert sorted(found["instances"]) == sorted(n.instance_id for n in running_nodes(spot.cluster))
         assert len(found["groups"]) == 1 and len(found["key_pairs"]) == 1
-        (group,) = ec2.describe_security_groups(GroupIds=found["groups"])["SecurityGroups"]
+        (group,) = spot.ec2.describe_security_groups(GroupIds=found["groups"])["SecurityGroups"]
         for rule in group["IpPermissions"]:
             assert all(r["CidrIp"] != "0.0.0.0/0" for r in rule.get("IpRanges", []))  # nothing open to the world
             if rule.get("IpRanges"):
@@ -176,36 +239,159 @@ def test_a_spot_slave_trains_shows_in_status_ip_and_ssh_and_stop_ends_it_without
                 assert [p["GroupId"] for p in rule["UserIdGroupPairs"]] == [group["GroupId"]]
         (key_file,) = (config.state_dir / "aws" / "test").glob("*.pem")
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-        # moto's subnets are not the master's: engines came back through SSH reverse tunnels
+
+    def test_a_vv_start_logs_no_key_listens_on_loopback_and_keeps_keys_private(self, spot):
+        """The issue's case: `cluster -vv start` on EC2 printed the new key pair's private key twice."""
+        assert spot.key, "the start never created its key pair"
+        assert exposure.secrets_in(spot.output, spot.key) == []
+        state_dir = spot.cluster.config.state_dir
+        # moto's subnets are not this master's: engines come back through SSH tunnels to loopback
+        sockets = exposure.listening(state_dir)
+        assert sockets and exposure.addresses(sockets) == {"127.0.0.1"}, sockets
+        exposure.assert_private_files(state_dir)
+        folder = state_dir / "aws" / "test"
+        assert exposure.mode(folder) == 0o700
+        (pem,) = folder.glob("*.pem")
+        assert exposure.mode(pem) == 0o600 and exposure.mode(folder / "known_hosts") == 0o600
+        tunnel_spec = state_dir / "tunnels" / "test" / "tunnels.json"
+        assert exposure.mode(tunnel_spec) == 0o600
+        (engine_file,) = (ipcluster.profile_dir(state_dir) / "security").glob("*-engine.json")
+        hmac_key = json.loads(engine_file.read_text())["key"]
+        assert hmac_key and hmac_key not in tunnel_spec.read_text()  # the spec names hosts and ports, no key
+
+    def test_engines_come_back_through_ssh_reverse_tunnels(self, spot, hosts):
+        """moto's subnets are not the master's: the engines' connection file points at their loopback."""
         conn = json.loads(next((hosts.hosts[0].dir / "home").glob(".cluster-engine/run/test/engine.json")).read_text())
         assert conn["interface"] == "tcp://127.0.0.1"
-        assert (config.state_dir / "tunnels" / "test" / "tunnels.pid").exists()
+        assert (spot.cluster.config.state_dir / "tunnels" / "test" / "tunnels.pid").exists()
 
-        run = cluster.train(subset=200, epochs=1)
-        assert run.run.state == "completed" and run.run.host == "slave11"
+    def test_trains(self, spot):
+        run = spot.cluster.train(subset=200, epochs=1)
+        assert run.run.state == "completed" and run.run.host in {e.host for e in spot.cluster.status().engines}
 
-        # an instance with the cluster's tag that the store does not know: status shows it, stop ends it
-        stray = ec2.run_instances(ImageId=image(ec2), InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
-                                  TagSpecifications=[{"ResourceType": "instance", "Tags": [
-                                      {"Key": "gpu-cluster:tool", "Value": "gpu-cluster"},
-                                      {"Key": "gpu-cluster:cluster", "Value": "test"},
-                                      {"Key": "gpu-cluster:owner", "Value": aws.owner()}]}])["Instances"][0]["InstanceId"]
-        states = {n.node_id: n.state for n in cluster.status().nodes}
-        assert states[stray].startswith("untracked")
-
-        monkeypatch.setenv("CLUSTER_CONFIG", str(tmp_path / "cluster.ini"))
+    def test_status_ip_and_ssh_show_the_slave(self, spot, monkeypatch):
+        nodes = running_nodes(spot.cluster)
+        monkeypatch.setenv("CLUSTER_CONFIG", str(spot.cluster.config.source))
         code, out, _ = run_cli("status")
-        assert code == 0 and "spot" in out and "g4dn.xlarge" in out and "untracked" in out
+        assert code == 0 and "spot" in out and "g4dn.xlarge" in out
         code, out, _ = run_cli("ip", "--json")
         assert code == 0 and {n["node"] for n in json.loads(out)["nodes"]} >= {n.instance_id for n in nodes}
         code, out, _ = run_cli("ssh", nodes[0].instance_id, "--print")
         assert code == 0 and "StrictHostKeyChecking=yes" in out and f"{SLAVE_USER}@" in out
-    finally:
-        cluster.stop()
-    assert tagged(ec2) == NOTHING
-    assert no_engines(hosts)
-    assert not list((config.state_dir / "aws" / "test").glob("*.pem"))
-    cluster.close()
+
+    def test_cluster_ssh_uses_the_address_bootstrap_used(self, spot, monkeypatch):
+        """known_hosts holds the key under the address bootstrap reached; `cluster ssh` must use that one."""
+        import shlex
+        import subprocess
+
+        node = running_nodes(spot.cluster)[0]
+        monkeypatch.setenv("CLUSTER_CONFIG", str(spot.cluster.config.source))
+        code, out, err = run_cli("ssh", node.instance_id, "--print")
+        assert code == 0, err
+        command = shlex.split(out.strip())
+        host = spot.mapped[node.instance_id]
+        assert command[-1] == f"{SLAVE_USER}@{host.address}"  # not the public address moto gave the instance
+        done = subprocess.run(command[:-1] + ["-o", "BatchMode=yes", command[-1], "hostname"], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.strip() == host.hostname, done.stderr
+
+    def test_scale_up_and_down_and_a_spot_notice_gets_a_replacement_instance(self, spot):
+        from controller.elastic.keeper import Keeper
+
+        cluster, ec2, mapped = spot.cluster, spot.ec2, spot.mapped
+        state_of = lambda i: ec2.describe_instances(InstanceIds=[i])["Reservations"][0]["Instances"][0]["State"]["Name"]  # noqa: E731
+        (first,) = [n.instance_id for n in running_nodes(cluster)]
+        status = cluster.scale(2)  # the same launch path as start: spot, types and zones in order
+        (second,) = [n.instance_id for n in status.nodes if n.state == "running" and n.instance_id != first]
+        assert sorted(e.host for e in status.engines if e.state == "idle") == ["slave11", "slave12"]
+        # the added slave's engines came back through tunnels of their own
+        assert list((cluster.config.state_dir / "tunnels" / "test").glob("add-*/tunnels.pid"))
+
+        status = cluster.scale(1)  # the newest goes: drained, engines stopped, instance terminated
+        assert state_of(second) == "terminated" and state_of(first) == "running"
+        assert {n.instance_id: n.state for n in status.nodes}[second] == "terminated"
+        del mapped[second]  # test mapping: its namespace host may serve the next instance
+
+        # a scheduler reported a spot interruption notice on the first slave's engine: the keeper asks for
+        # a replacement at once, then releases the noticed slave once drained
+        record = cluster.record
+        (engine,) = [e for e in cluster.store.engines.of(record.id) if e.node_id == first]
+        cluster.store.engines.mark_leaving(record.id, engine.engine_id, "notice")
+        cluster.store.clusters.update(record.id, replace_lost=1)
+        decision = Keeper(cluster, record.id).tick()
+        assert decision.add == 1 and decision.replaces == first and f"spot notice on {first}" in decision.add_why
+        (third,) = [i for i in tagged(ec2)["instances"] if i not in (first, second)]
+        assert state_of(third) == "running" and state_of(first) == "terminated"
+        status = cluster.status()
+        assert [e.host for e in status.engines if e.state == "idle"] == ["slave12"]
+        assert (status.target, status.current) == (1, 1)
+        assert any("(replacing " + first in e.detail for e in status.events)
+
+    def test_stop_ends_it_and_an_untracked_instance_of_the_cluster_without_leaks(self, spot, hosts, monkeypatch):
+        """An instance with the cluster's tag that the store does not know: status shows it, stop ends it."""
+        cluster, ec2 = spot.cluster, spot.ec2
+        stray = tagged_instance(ec2, "test", aws.owner())
+        assert {n.node_id: n.state for n in cluster.status().nodes}[stray].startswith("untracked")
+        monkeypatch.setenv("CLUSTER_CONFIG", str(cluster.config.source))
+        code, out, _ = run_cli("status")
+        assert code == 0 and "untracked" in out
+        cluster.close()  # this session ends; `cluster -vv stop` stops it, and logs no key either
+        code, output = exposure.run_cli("-vv", "--config", str(cluster.config.source), "stop")
+        assert code == 0, output
+        assert exposure.secrets_in(output, spot.key) == []
+        assert tagged(ec2) == NOTHING
+        assert no_engines(hosts)
+        assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=20)
+        assert not list((cluster.config.state_dir / "aws" / "test").glob("*.pem"))
+
+
+@pytest.fixture(scope="class")
+def alices(tmp_path_factory, tiny_data_dir, moto_url, hosts):
+    """alice started a 1-slave cluster (the owner tag says alice@host) and closed her session."""
+    with started_cluster(tmp_path_factory.mktemp("alice"), tiny_data_dir, moto_url, hosts,
+                         USER="alice", LOGNAME="alice") as started:
+        started.cluster.close()
+        yield started
+
+
+class TestStopOfTheStoredInstances:
+    """One start of alice's for the class; bob stops it, once refused, once with [aws] region edited."""
+
+    @staticmethod
+    def as_bob(monkeypatch):
+        monkeypatch.setenv("USER", "bob")
+        monkeypatch.setenv("LOGNAME", "bob")
+
+    def test_an_instance_ec2_refuses_to_terminate_is_named_with_exit_4_never_marked_terminated(self, alices,
+                                                                                             monkeypatch):
+        self.as_bob(monkeypatch)
+        config, ec2 = alices.cluster.config, alices.ec2
+        (node,) = alices.status.nodes
+        assert tagged(ec2)["instances"] == [node.instance_id]
+        ec2.modify_instance_attribute(InstanceId=node.instance_id, DisableApiTermination={"Value": True})
+        try:
+            code, out, err = run_cli("--config", str(config.source), "stop")
+            assert code == 4 and node.instance_id in err and "NOT terminated" in err, err
+            assert node.instance_id in running(ec2)
+            with Store(config.state_dir) as store:
+                (stored,) = store.nodes.of(store.clusters.latest("test").id)
+                assert stored.state == "running"  # the store tells the truth: still running, still billed
+        finally:
+            ec2.modify_instance_attribute(InstanceId=node.instance_id, DisableApiTermination={"Value": False})
+
+    def test_whoever_stops_it_ends_the_stored_instances_in_the_region_they_were_launched_in(
+            self, alices, tiny_data_dir, moto_url, hosts, monkeypatch):
+        """bob runs the stop, [aws] region edited since the start: the stored ids end where they run."""
+        self.as_bob(monkeypatch)
+        assert alices.status.nodes[0].zone.startswith(REGION)
+        edited = Cluster(aws_config(alices.folder, tiny_data_dir, moto_url, image(alices.ec2), slaves=1,
+                                    extra="region = us-west-2"))
+        try:
+            edited.stop()
+        finally:
+            edited.close()
+        assert tagged(alices.ec2) == NOTHING  # in us-east-1: the instance, alice's group and key pair too
+        assert no_engines(hosts)
 
 
 # `cluster start` in its own process; test-only: every instance's SSH address is the test's silent listener
@@ -334,59 +520,6 @@ def test_stop_all_asks_on_a_terminal(answer, ended, tmp_path, tiny_data_dir, mot
     assert (mine in running(ec2)) is not ended
 
 
-def test_stop_terminates_the_stored_instances_whoever_runs_it_and_says_what_stayed(
-        tmp_path, tiny_data_dir, moto_url, ec2, hosts, mapped, monkeypatch):
-    """alice starts, bob stops (the owner tag says alice@host): the stored instance ids still end, and an
-    instance EC2 refuses to terminate is named, with exit code 4, never marked terminated."""
-    config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1)
-    monkeypatch.setenv("USER", "alice")
-    monkeypatch.setenv("LOGNAME", "alice")
-    cluster = Cluster(config)
-    try:
-        status = cluster.start()
-    except BaseException:
-        cluster.stop()
-        raise
-    cluster.close()
-    (node,) = status.nodes
-    assert tagged(ec2)["instances"] == [node.instance_id]
-
-    monkeypatch.setenv("USER", "bob")
-    monkeypatch.setenv("LOGNAME", "bob")
-    ini = str(config.source)
-    ec2.modify_instance_attribute(InstanceId=node.instance_id, DisableApiTermination={"Value": True})
-    code, out, err = run_cli("--config", ini, "stop")
-    assert code == 4 and node.instance_id in err and "NOT terminated" in err, err
-    assert node.instance_id in running(ec2)
-    with Store(config.state_dir) as store:
-        (stored,) = store.nodes.of(store.clusters.latest("test").id)
-        assert stored.state == "running"  # the store tells the truth: still running, still billed
-
-    ec2.modify_instance_attribute(InstanceId=node.instance_id, DisableApiTermination={"Value": False})
-    code, out, err = run_cli("--config", ini, "stop")
-    assert code == 0, err
-    assert tagged(ec2) == NOTHING  # the instance, and alice's group and key pair too
-    assert no_engines(hosts)
-
-
-def test_stop_terminates_instances_in_the_region_they_were_launched_in(tmp_path, tiny_data_dir, moto_url, ec2, hosts,
-                                                                      mapped):
-    """[aws] region edited after start: the stored instances are terminated where they run."""
-    cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1))
-    try:
-        (node,) = cluster.start().nodes
-    except BaseException:
-        cluster.stop()
-        raise
-    cluster.close()
-    assert node.zone.startswith(REGION)
-    edited = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1, extra="region = us-west-2"))
-    edited.stop()
-    edited.close()
-    assert tagged(ec2) == NOTHING  # in us-east-1: the instance, its group and its key pair
-    assert no_engines(hosts)
-
-
 def test_release_after_a_failed_start_uses_the_launch_replies(tmp_path, tiny_data_dir, moto_url, ec2, monkeypatch):
     """describe-by-tag is eventually consistent: right after the launch it may list nothing."""
     hidden: list[str] = []
@@ -433,30 +566,6 @@ def test_slaves_launch_with_imdsv2_required(tmp_path, tiny_data_dir, moto_url, e
         assert options["HttpTokens"] == "required" and options["HttpPutResponseHopLimit"] == 1
         provider.release(client, "test")
     assert tagged(ec2) == NOTHING
-
-
-def test_cluster_ssh_uses_the_address_bootstrap_used(tmp_path, tiny_data_dir, moto_url, ec2, hosts, mapped,
-                                                     monkeypatch):
-    """known_hosts holds the key under the address bootstrap reached; `cluster ssh` must use that one."""
-    import shlex
-    import subprocess
-
-    config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1)
-    cluster = Cluster(config)
-    try:
-        (node,) = cluster.start().nodes
-        monkeypatch.setenv("CLUSTER_CONFIG", str(config.source))
-        code, out, err = run_cli("ssh", node.instance_id, "--print")
-        assert code == 0, err
-        command = shlex.split(out.strip())
-        address = mapped[node.instance_id].address
-        assert command[-1] == f"{SLAVE_USER}@{address}"  # not the public address moto gave the instance
-        done = subprocess.run(command[:-1] + ["-o", "BatchMode=yes", command[-1], "hostname"], capture_output=True,
-                              text=True, timeout=60)
-        assert done.returncode == 0 and done.stdout.strip() == "slave11", done.stderr
-    finally:
-        cluster.stop()
-        cluster.close()
 
 
 def test_prices_per_zone_beside_on_demand_before_any_start(tmp_path, tiny_data_dir, moto_url, ec2):
@@ -613,45 +722,4 @@ def test_stop_by_tag_leaves_another_masters_cluster_of_the_same_name_alone(tmp_p
     live = [i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
             if i["State"]["Name"] == "running"]
     assert live == [theirs]
-    cluster.close()
-
-
-def test_scale_up_and_down_and_a_spot_notice_gets_a_replacement_instance(tmp_path, tiny_data_dir, moto_url, ec2,
-                                                                         hosts, mapped):
-    from controller.elastic.keeper import Keeper
-
-    cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1))
-    state_of = lambda i: ec2.describe_instances(InstanceIds=[i])["Reservations"][0]["Instances"][0]["State"]["Name"]  # noqa: E731
-    try:
-        (first,) = [n.instance_id for n in cluster.start().nodes]
-        status = cluster.scale(2)  # the same launch path as start: spot, types and zones in order
-        (second,) = [n.instance_id for n in status.nodes if n.instance_id != first]
-        assert sorted(e.host for e in status.engines if e.state == "idle") == ["slave11", "slave12"]
-        # the added slave's engines came back through tunnels of their own
-        assert list((cluster.config.state_dir / "tunnels" / "test").glob("add-*/tunnels.pid"))
-
-        status = cluster.scale(1)  # the newest goes: drained, engines stopped, instance terminated
-        assert state_of(second) == "terminated" and state_of(first) == "running"
-        assert {n.instance_id: n.state for n in status.nodes}[second] == "terminated"
-        del mapped[second]  # test mapping: its namespace host may serve the next instance
-
-        # a scheduler reported a spot interruption notice on the first slave's engine: the keeper asks for
-        # a replacement at once, then releases the noticed slave once drained
-        record = cluster.record
-        (engine,) = [e for e in cluster.store.engines.of(record.id) if e.node_id == first]
-        cluster.store.engines.mark_leaving(record.id, engine.engine_id, "notice")
-        cluster.store.clusters.update(record.id, replace_lost=1)
-        decision = Keeper(cluster, record.id).tick()
-        assert decision.add == 1 and decision.replaces == first and f"spot notice on {first}" in decision.add_why
-        (third,) = [i for i in tagged(ec2)["instances"] if i not in (first, second)]
-        assert state_of(third) == "running" and state_of(first) == "terminated"
-        status = cluster.status()
-        assert [e.host for e in status.engines if e.state == "idle"] == ["slave12"]
-        assert (status.target, status.current) == (1, 1)
-        assert any("(replacing " + first in e.detail for e in status.events)
-    finally:
-        cluster.stop()
-    assert tagged(ec2) == NOTHING
-    assert no_engines(hosts)
-    assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=20)
     cluster.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import signal
@@ -13,11 +14,20 @@ import ipyparallel as ipp
 import pytest
 import torch
 
+from controller import processes
 from controller.api import Cluster
+from controller.cli import main
 from controller.store import Store
 from engines import tasks
 from engines.train import load_checkpoint
 from tests.conftest import cluster_pids, engines_holding_tasks, make_config, running_cluster, wait_until
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """The CLI in this process (for refusals: the exit code and message, no process of its own needed)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
 
 
 def cli(*argv, env=None, cwd=None, check=True, timeout=240) -> subprocess.CompletedProcess:
@@ -87,15 +97,23 @@ def cluster(tmp_path_factory, tiny_data_dir):
         yield cluster
 
 
+@pytest.fixture(scope="class")
+def three_engines(tmp_path_factory, tiny_data_dir):
+    with running_cluster(tmp_path_factory.mktemp("cluster"), tiny_data_dir, slaves=3) as cluster:
+        yield cluster
+
+
 class TestEnginesThatDie:
-    """One 2-engine cluster for the class: each test takes an engine of its own (``victim``), and the
-    fixture's stop (running_cluster) checks that nothing of the cluster is left running."""
+    """One 3-engine cluster for the class: each test takes an engine of its own (``victim``), the last
+    every engine still alive, and the fixture's stop (running_cluster) checks that nothing of the
+    cluster is left running."""
 
     @staticmethod
     def victim(cluster: Cluster, node_id: str):
         return next(e for e in cluster.store.engines.of(cluster.record.id) if e.node_id == node_id)
 
-    def test_a_crashed_engine_shows_in_status_and_stop_still_cleans_up(self, cluster):
+    def test_a_crashed_engine_shows_in_status_and_stop_still_cleans_up(self, three_engines):
+        cluster = three_engines
         victim = self.victim(cluster, "local-1")
         os.kill(victim.pid, signal.SIGKILL)
         # the other test's victim may be gone already: wait for this one's own death, then the state
@@ -103,13 +121,13 @@ class TestEnginesThatDie:
                             and {e.id: e.state for e in s.engines}[victim.engine_id] == "dead" and s, timeout=10)
         assert status, cluster.status()
 
-    def test_a_frozen_engine_is_dropped_within_seconds(self, cluster):
+    def test_a_frozen_engine_is_dropped_within_seconds(self, three_engines):
         """A slave that vanishes without a word (a spot instance taken back) leaves no nanny to tell the
         controller; the hub's heartbeat (0.8 s x 4 misses) drops it within 5 s, ipyparallel's default 33 s."""
         import time
 
-        victim = self.victim(cluster, "local-2")
-        client = cluster.client
+        victim = self.victim(three_engines, "local-2")
+        client = three_engines.client
         assert victim.engine_id in client.ids
         os.kill(victim.pid, signal.SIGSTOP)  # frozen: its nanny sees it alive, only the heartbeat can tell
         frozen_at = time.monotonic()
@@ -120,6 +138,32 @@ class TestEnginesThatDie:
             os.kill(victim.pid, signal.SIGKILL)
         assert dropped, "the hub never dropped the frozen engine"
         assert elapsed < 10, f"the frozen engine was dropped after {elapsed:.1f} s (expected about 4 s)"
+
+    def test_no_engine_left_ends_the_run_after_engine_timeout(self, three_engines, tmp_path):
+        """Last in the class: it kills every engine the others left (all three when it runs alone)."""
+        cluster = three_engines
+        engines = cluster.store.engines.of(cluster.record.id)
+
+        def alive() -> list:
+            return [e for e in engines if processes.pid_alive(e.pid)]
+
+        # the run must hold on a live engine: wait until the others' victims are gone (a SIGKILL lands a
+        # moment later) and the client lists exactly the engines still alive
+        assert wait_until(lambda: alive() and set(cluster.client.ids) == {e.engine_id for e in alive()},
+                          timeout=30), (cluster.client.ids, alive())
+        survivors = alive()
+        impatient = tmp_path / "impatient.ini"
+        impatient.write_text(Path(cluster.config.source).read_text().replace("engine_timeout = 90",
+                                                                       "engine_timeout = 5"))
+
+        def kill_every_engine() -> None:
+            for engine in survivors:
+                os.kill(engine.pid, signal.SIGKILL)
+
+        code, err = TestWorkThatCannotFinish.run_held_at_its_second_task(cluster, tmp_path, impatient,
+                                                                        kill_every_engine)
+        assert code == 3 and "no engine has been registered for 5 s ([cluster] engine_timeout = 5)" in err, err
+        TestWorkThatCannotFinish.assert_interrupted_with_hint(cluster.store, err)
 
 
 def test_two_clusters_in_one_state_dir_are_stopped_apart(tmp_path, tiny_data_dir):
@@ -156,11 +200,11 @@ def test_stale_pids_are_never_signalled(tmp_path):
         stranger.wait()
 
 
-def test_training_needs_a_running_cluster_and_valid_parameters(env, isolated):
-    result = cli("train", env=env, cwd=isolated, check=False)
-    assert result.returncode == 3 and "no cluster 'default' is running" in result.stderr
-    result = cli("train", "--resume", "r-x", "--lr", "0.1", env=env, cwd=isolated, check=False)
-    assert result.returncode in (2, 3)
+def test_training_needs_a_running_cluster_and_valid_parameters(isolated):
+    code, _, err = run_cli("train")
+    assert code == 3 and "no cluster 'default' is running" in err
+    code, _, err = run_cli("train", "--resume", "r-x", "--lr", "0.1")
+    assert code in (2, 3)
 
 
 class TestOnARunningCluster:
@@ -177,11 +221,11 @@ class TestOnARunningCluster:
         assert wait_until(lambda: (published.data.get("progress") or {}).get("batch") == 3, timeout=30)
 
     def test_bad_training_parameters_are_refused_before_anything_runs(self, local_cluster):
-        config = local_cluster.config.source
-        result = cli("--config", config, "train", "--optimizer", "rmsprop", check=False)
-        assert result.returncode == 2 and "train --optimizer = 'rmsprop': expected one of adam, sgd" in result.stderr
-        result = cli("--config", config, "train", "--resume", "r-nope", check=False)
-        assert result.returncode == 2 and "--resume r-nope: no such run" in result.stderr
+        config = str(local_cluster.config.source)
+        code, _, err = run_cli("--config", config, "train", "--optimizer", "rmsprop")
+        assert code == 2 and "train --optimizer = 'rmsprop': expected one of adam, sgd" in err
+        code, _, err = run_cli("--config", config, "train", "--resume", "r-nope")
+        assert code == 2 and "--resume r-nope: no such run" in err
 
     def test_an_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(self, local_cluster, tmp_path):
         config = local_cluster.config.source
@@ -261,18 +305,3 @@ class TestWorkThatCannotFinish:
         state_dir = cluster.config.state_dir
         assert wait_until(lambda: not cluster_pids(state_dir), timeout=20), cluster_pids(state_dir)
         assert cluster.status().state == "stopped"
-
-    def test_no_engine_left_ends_the_run_after_engine_timeout(self, tmp_path, tiny_data_dir):
-        with running_cluster(tmp_path, tiny_data_dir) as cluster:
-            impatient = tmp_path / "impatient.ini"
-            impatient.write_text(Path(cluster.config.source).read_text().replace("engine_timeout = 90",
-                                                                           "engine_timeout = 5"))
-            engines = cluster.store.engines.of(cluster.record.id)
-
-            def kill_every_engine() -> None:
-                for engine in engines:
-                    os.kill(engine.pid, signal.SIGKILL)
-
-            code, err = self.run_held_at_its_second_task(cluster, tmp_path, impatient, kill_every_engine)
-            assert code == 3 and "no engine has been registered for 5 s ([cluster] engine_timeout = 5)" in err, err
-            self.assert_interrupted_with_hint(cluster.store, err)

@@ -3,28 +3,24 @@
 Every provider starts for real (local engines; sshd in network namespaces for ssh; moto's EC2 server and
 namespace hosts for aws), then the test looks at the controller's listening sockets with psutil, at the
 modes of state_dir, keys and connection files, and at everything the CLI wrote at each verbosity.
+The aws cluster that starts at -vv is test_aws_provider.py's spot cluster (TestASpotSlave): one start
+serves its checks and these.
 """
 from __future__ import annotations
 
-import io
 import json
-import logging
-import stat
 import sys
-from pathlib import Path
 
-import psutil
 import pytest
 import zmq
 
 from controller import ipcluster
 from controller.api import Cluster
-from controller.cli import main
 from controller.errors import ProviderError
-from controller.providers.aws import network
-from tests.conftest import cluster_pids, make_config, running_cluster
+from tests.conftest import make_config, running_cluster
+from tests.exposure import addresses, assert_private_files, capture_keys, listening, run_cli, secrets_in
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
-from tests.test_aws_provider import (NOTHING, aws_config, ec2, image, mapped, moto_url,  # noqa: F401 - fixtures
+from tests.test_aws_provider import (NOTHING, aws_config, ec2, image, moto_url,  # noqa: F401 - fixtures
                                      set_provider_hooks, tagged)
 
 NETNS = unavailable()
@@ -44,20 +40,6 @@ def hosts(tmp_path_factory):
         yield made
 
 
-def listening(state_dir: Path) -> dict[int, set[str]]:
-    """Port -> addresses of every TCP socket that the cluster's local processes listen on."""
-    pids = set(cluster_pids(state_dir))
-    found: dict[int, set[str]] = {}
-    for c in psutil.net_connections(kind="tcp"):
-        if c.status == psutil.CONN_LISTEN and c.pid in pids:
-            found.setdefault(c.laddr.port, set()).add(c.laddr.ip)
-    return found
-
-
-def addresses(sockets: dict[int, set[str]], ports=None) -> set[str]:
-    return {ip for port, ips in sockets.items() if ports is None or port in ports for ip in ips}
-
-
 def ports_of(connection: dict) -> set[int]:
     ports = set()
     for key, value in connection.items():
@@ -65,20 +47,6 @@ def ports_of(connection: dict) -> set[int]:
                    "broadcast"):
             ports.update(value if isinstance(value, list) else [value])
     return ports
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
-def assert_private_files(state_dir: Path) -> None:
-    """state_dir and the profile 0700; connection files (HMAC or CurveZMQ key) 0600 in a 0700 folder."""
-    assert mode(state_dir) == 0o700
-    security = ipcluster.profile_dir(state_dir) / "security"
-    assert mode(ipcluster.profile_dir(state_dir)) == 0o700 and mode(security) == 0o700
-    files = list(security.glob("*.json"))
-    assert any(f.name.endswith("-client.json") for f in files) and any(f.name.endswith("-engine.json") for f in files)
-    assert all(mode(f) == 0o600 for f in files), {f.name: oct(mode(f)) for f in files}
 
 
 def test_local_cluster_listens_on_loopback_only_and_keeps_its_files_private(tmp_path, tiny_data_dir):
@@ -205,42 +173,9 @@ def test_ssh_slaves_behind_two_interfaces_get_every_interface_with_curve_only(tm
         cluster.close()
 
 
-def run_cli(*argv: str) -> tuple[int, str]:
-    """The CLI in-process with a bare root logger, as a fresh `cluster` process has it: stdout + stderr."""
-    root = logging.getLogger()
-    saved = [(logger, logger.level, logger.handlers[:]) for logger in
-             (root, logging.getLogger("controller"), logging.getLogger("engines"))]
-    root.handlers = []  # pytest's capture handlers are put back below
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        code = main(list(argv), stdout=out, stderr=err)
-    finally:
-        for logger, level, handlers in saved:
-            logger.setLevel(level)
-            logger.handlers = handlers
-    return code, out.getvalue() + err.getvalue()
-
-
 @pytest.fixture
 def captured_key(monkeypatch) -> list[str]:
-    """The private key each start creates, read from its 0600 file (to look for it in the output)."""
-    seen: list[str] = []
-    original = network.key_pair
-
-    def key_pair(*args):
-        name, path = original(*args)
-        seen.append(Path(path).read_text())
-        return name, path
-
-    monkeypatch.setattr(network, "key_pair", key_pair)
-    return seen
-
-
-def secrets_in(output: str, key: str) -> list[str]:
-    body = [line for line in key.splitlines() if len(line) > 20 and "-----" not in line]
-    found = [line for line in body if line in output]
-    found += [word for word in ("PRIVATE KEY", "session-token-do-not-log") if word in output]
-    return found
+    return capture_keys(monkeypatch)
 
 
 @needs_netns
@@ -267,39 +202,6 @@ def test_no_secret_in_the_output_at_any_verbosity(flags, tmp_path, tiny_data_dir
         assert "redacted]" in output  # the key was in botocore's debug output, and the filter took it out
     if "-vv" in flags:
         assert "DEBUG controller" in output or "INFO controller" in output
-    assert tagged(ec2) == NOTHING
-
-
-@needs_netns
-@pytest.mark.slow
-def test_aws_vv_start_logs_no_key_listens_on_loopback_and_keeps_keys_private(
-        tmp_path, tiny_data_dir, moto_url, ec2, hosts, mapped, captured_key, monkeypatch):
-    """The issue's case: `cluster -vv start` on EC2 printed the new key pair's private key twice."""
-    config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=1,
-                        extra=f"ssh_from = {hosts.hosts[0].master_address}/32")
-    ini = str(tmp_path / "cluster.ini")
-    code, output = run_cli("-vv", "--config", ini, "start")
-    try:
-        assert code == 0, output
-        assert secrets_in(output, captured_key[0]) == []
-        state_dir = config.state_dir
-        # moto's subnets are not this master's: engines come back through SSH tunnels to loopback
-        sockets = listening(state_dir)
-        assert sockets and addresses(sockets) == {"127.0.0.1"}, sockets
-        assert_private_files(state_dir)
-        folder = state_dir / "aws" / "test"
-        assert mode(folder) == 0o700
-        (pem,) = folder.glob("*.pem")
-        assert mode(pem) == 0o600 and mode(folder / "known_hosts") == 0o600
-        tunnel_spec = state_dir / "tunnels" / "test" / "tunnels.json"
-        assert mode(tunnel_spec) == 0o600
-        (engine_file,) = (ipcluster.profile_dir(state_dir) / "security").glob("*-engine.json")
-        hmac_key = json.loads(engine_file.read_text())["key"]
-        assert hmac_key and hmac_key not in tunnel_spec.read_text()  # the spec names hosts and ports, no key
-    finally:
-        code, output = run_cli("-vv", "--config", ini, "stop")
-    assert code == 0, output
-    assert secrets_in(output, captured_key[0]) == []
     assert tagged(ec2) == NOTHING
 
 

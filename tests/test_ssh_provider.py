@@ -120,15 +120,41 @@ def test_a_slave_sees_none_of_the_masters_paths_and_is_not_root(tmp_path, tiny_d
         assert remote.run(f"{sys.executable} -c 'import torch, ipyparallel'", check=False)[0] == 0
 
 
-def test_a_slave_trains_from_its_own_data_dir_filled_from_the_master_and_keeps_the_key_private(
-        tmp_path, tiny_data_dir, hosts):
-    """No path of the master reaches the slave; the connection file (the controller's HMAC key) lands
-    0600 in a 0700 directory, never in a log, and goes with the engines; host keys are recorded 0600."""
-    import hashlib
+def test_a_command_filling_stderr_does_not_block_remote_run(tmp_path, hosts):
+    from controller.remote import Host, Remote
 
-    cluster = Cluster(ssh_config(tmp_path, tiny_data_dir, hosts, slaves=1))
+    host = Host(hosts.hosts[0].address, user=SLAVE_USER, key_file=str(hosts.key))
+    with Remote.connect(host, tmp_path / "known_hosts") as remote:
+        # 4 MB on stderr before anything on stdout: more than the channel's window
+        status, out, err = remote.run("head -c 4000000 /dev/zero | tr '\\0' x >&2; echo done", timeout=30)
+    assert status == 0 and out.strip() == "done" and len(err) == 4_000_000
+
+
+@pytest.fixture(scope="class")
+def one_of_two(tmp_path_factory, tiny_data_dir, hosts):
+    """A 1-slave cluster whose [ssh] hosts lists both namespace hosts (the second unused), for a class."""
+    cluster = Cluster(ssh_config(tmp_path_factory.mktemp("ssh"), tiny_data_dir, hosts, slaves=1,
+                                 listed=len(hosts.hosts)))
     try:
-        status = cluster.start()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        cluster.close()
+
+
+class TestASlaveOfTwoHosts:
+    """One start for the class (it costs more than the checks on it together); each test asserts one
+    property; the last two change the cluster (scale and remove, then stop)."""
+
+    def test_trains_from_its_own_data_dir_filled_from_the_master_and_keeps_the_key_private(
+            self, one_of_two, tiny_data_dir, hosts):
+        """No path of the master reaches the slave; the connection file (the controller's HMAC key) lands
+        0600 in a 0700 directory, never in a log; host keys are recorded 0600."""
+        import hashlib
+
+        cluster = one_of_two
+        status = cluster.status()
         assert [e.host for e in status.engines] == ["slave1"] and all(e.node_id for e in status.engines)
         (conn,) = engine_files(hosts.hosts[0])
         assert stat.S_IMODE(conn.stat().st_mode) == 0o600
@@ -150,28 +176,11 @@ def test_a_slave_trains_from_its_own_data_dir_filled_from_the_master_and_keeps_t
         received = engine_files(hosts.hosts[0])[0].read_text() + json.dumps(run.run.params)
         for path in (tiny_data_dir, cluster.config.state_dir, Path(__file__).resolve().parent.parent):
             assert str(path) not in received
-    finally:
-        cluster.stop()
-        cluster.close()
-    assert wait_until(lambda: not hosts.hosts[0].engine_processes(), timeout=20)
-    assert not engine_files(hosts.hosts[0])  # the run dir (and the HMAC key) removed
 
-
-def test_a_command_filling_stderr_does_not_block_remote_run(tmp_path, hosts):
-    from controller.remote import Host, Remote
-
-    host = Host(hosts.hosts[0].address, user=SLAVE_USER, key_file=str(hosts.key))
-    with Remote.connect(host, tmp_path / "known_hosts") as remote:
-        # 4 MB on stderr before anything on stdout: more than the channel's window
-        status, out, err = remote.run("head -c 4000000 /dev/zero | tr '\\0' x >&2; echo done", timeout=30)
-    assert status == 0 and out.strip() == "done" and len(err) == 4_000_000
-
-
-def test_scale_takes_unused_hosts_and_remove_drains_one(tmp_path, tiny_data_dir, hosts):
-    cluster = Cluster(ssh_config(tmp_path, tiny_data_dir, hosts, slaves=1, listed=len(hosts.hosts)))
-    first, second = (h.address for h in hosts.hosts)
-    try:
-        status = cluster.start()
+    def test_scale_takes_unused_hosts_and_remove_drains_one(self, one_of_two, hosts):
+        cluster = one_of_two
+        first, second = (h.address for h in hosts.hosts)
+        status = cluster.status()
         assert [n.node_id for n in status.nodes] == [first] and not hosts.hosts[1].engine_processes()
         status = cluster.scale(2)  # the next unused host of [ssh] hosts
         assert {n.node_id: n.state for n in status.nodes} == {first: "running", second: "running"}
@@ -185,8 +194,10 @@ def test_scale_takes_unused_hosts_and_remove_drains_one(tmp_path, tiny_data_dir,
         assert wait_until(lambda: not hosts.hosts[0].engine_processes(), timeout=20)
         assert [e.host for e in status.engines if e.state == "idle"] == ["slave2"]
         assert cluster.train(subset=100, epochs=1).run.host == "slave2"
-    finally:
+
+    def test_stop_ends_every_engine_and_removes_the_run_dir_with_the_key(self, one_of_two, hosts):
+        cluster = one_of_two
         cluster.stop()
-    assert wait_until(lambda: not any(h.engine_processes() for h in hosts.hosts), timeout=20)
-    assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=10)
-    cluster.close()
+        assert wait_until(lambda: not any(h.engine_processes() for h in hosts.hosts), timeout=20)
+        assert not any(engine_files(h) for h in hosts.hosts)  # the run dir (and the HMAC key) removed
+        assert wait_until(lambda: not cluster_pids(cluster.config.state_dir), timeout=10)
