@@ -264,6 +264,7 @@ class RemoteEngines:
                 self.store.execute("DELETE FROM remote_engines WHERE cluster_id = ? AND node_id = ?",
                                    (cluster.id, target.node.node_id))
                 adopted.append(self._record(cluster, target.node, started))
+                self.on_step("adopt")  # not one of the providers' STEPS: those are start's
         except BaseException:
             cancelled.set()
             pool.shutdown(wait=True, cancel_futures=True)

@@ -8,6 +8,7 @@ with a real sshd (tests/netns.py); EC2 is moto's server over HTTP (instances map
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import signal
@@ -202,7 +203,7 @@ def aws_cluster(tmp_path, tiny_data_dir, moto_url, ec2, slaves: int) -> Cluster:
     return Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=slaves))
 
 
-def test_aws_instances_are_adopted_without_launching_or_terminating_any(tmp_path, tiny_data_dir, moto_url, ec2,
+def test_aws_instances_are_adopted_without_launching_or_terminating_any_and_ctrl_c_releases_them(tmp_path, tiny_data_dir, moto_url, ec2,
                                                                         slaves, mapped):
     cluster = aws_cluster(tmp_path, tiny_data_dir, moto_url, ec2, slaves=1)
     try:
@@ -217,6 +218,23 @@ def test_aws_instances_are_adopted_without_launching_or_terminating_any(tmp_path
         assert wait_until(lambda: not any(processes.pid_alive(p) for pids in old.values() for p in pids), timeout=20)
         run = cluster.train(subset=200, epochs=1)  # the new engine serves
         assert run.run.state == "completed" and run.run.host == mapped[next(iter(before))].hostname
+
+        # the master restarts again, and this time the adopting start is interrupted (Ctrl-C) once the
+        # node has its new engine: like an interrupted start, it releases everything
+        master_restarts(cluster)
+        record = cluster.store.clusters.active("test")
+
+        def interrupt(step: str) -> None:
+            if step == "adopt":
+                raise KeyboardInterrupt
+
+        hooks = dataclasses.replace(Cluster.__init__.__kwdefaults__["provider_hooks"], on_step=interrupt)
+        with Cluster(cluster.config, provider_hooks=hooks) as interrupted, pytest.raises(KeyboardInterrupt):
+            interrupted.start()
+        assert cluster.store.clusters.get(record.id).state == "stopped"
+        assert set(every_instance(ec2).values()) == {"terminated"}
+        assert not processes.marked_processes(Path(record.profile_dir))
+        assert wait_until(lambda: not any(h.engine_processes() for h in slaves.hosts), timeout=20)
     finally:
         cluster.stop()
         cluster.close()
