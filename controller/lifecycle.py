@@ -20,7 +20,7 @@ from . import ipcluster, joining, processes
 from .cluster_status import controller_alive
 from .config import ClusterConfig, Config, override
 from .elastic.resize import LIVE_NODE_STATES
-from .errors import AlreadyRunningError, ProviderError, UsageError
+from .errors import AlreadyRunningError, ClusterError, ProviderError, UsageError
 from .providers import Provider
 from .providers.base import Resource
 from .store import ClusterRecord, NodeRecord, Store
@@ -200,7 +200,7 @@ class Lifecycle:
             self.store.clusters.update(record.id, controller_pid=ipcluster.controller_pid(ipp_cluster))
             ipcluster.secure_files(profile)
             adopted = chosen.adopt(record, ipp_cluster, nodes)
-            added = chosen.add(record, ipp_cluster, cfg.slaves - len(adopted)) if len(adopted) < cfg.slaves else []
+            added, short = self._make_up(record, chosen, ipp_cluster, cfg.slaves - len(adopted), bool(adopted))
             target = max(cfg.slaves, len(adopted))
             self.store.clusters.update(record.id, slaves=target, target=target)
             client = ipp_cluster.connect_client_sync(timeout=cfg.engine_timeout)
@@ -208,7 +208,7 @@ class Lifecycle:
             joining.record_engines(self.store, self.config, record, client, threads, adopted + added,
                                    ipp_cluster=ipp_cluster)
             ipcluster.secure_files(profile)
-            message = adoption_message(self.name, nodes, adopted, added, cfg.slaves)
+            message = adoption_message(self.name, nodes, adopted, added, cfg.slaves) + short
             self.store.events.add(record.id, "adopt", message)
             log.info("%s", message)
             self.store.clusters.set_state(record.id, "running")
@@ -223,6 +223,22 @@ class Lifecycle:
             if client is not None:
                 client.close()
         return self.store.clusters.get(record.id)
+
+    @staticmethod
+    def _make_up(record: ClusterRecord, provider: Provider, ipp_cluster, count: int,
+                 adopted: bool) -> tuple[list[NodeRecord], str]:
+        """``count`` slaves added the normal way, for those lost; returns them and what to add to the adoption
+        message. With slaves adopted, a failed add (it released what it started) keeps them: the keeper,
+        where one runs, tries again for the target."""
+        if count <= 0:
+            return [], ""
+        try:
+            return provider.add(record, ipp_cluster, count), ""
+        except ClusterError as error:
+            if not adopted:
+                raise
+            log.warning("adding %d slave(s) for those lost failed: %s", count, error)
+            return [], f"; adding {count} slave(s) for those lost failed: {error}"
 
     @staticmethod
     def _wait_for_engines(client, expected: int, timeout: float, profile: Path) -> None:
