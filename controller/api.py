@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,34 +20,22 @@ from . import cluster_status, ipcluster
 from .bench.runner import run_bench
 from .bench.workloads import workload as find_workload
 from .cluster_status import ClusterStatus, EngineStatus, controller_alive
-from .config import Config, load_config, override, task_keys
-from .elastic import resize
-from .errors import ClusterLostError, ClusterStateError, NotRunningError, TaskError, UsageError
-from .leases import Leases
+from .config import Config, load_config, override
+from .elastic import keeper, resize
+from .errors import ClusterStateError, NotRunningError, UsageError
 from .lifecycle import Lifecycle, Stopped
 from .providers import NO_HOOKS, Hooks, Provider, make_provider
 from .providers.base import Resource
 from .report import report
 from .roster import StoreRoster
-from .runs import RunRecorder, SingleRun
-from .scheduler import Job, ProgressSink, Scheduler, Watchdog
-from .store import ClusterRecord, EpochRecord, RunRecord, Store, new_id
+from .scheduler import ProgressSink, Scheduler, Watchdog
+from .store import ClusterRecord, RunRecord, Store
+from .training import RunResult, Training, run_result
 from .sweep.records import SweepResult
 
 __all__ = ["Cluster", "ClusterStatus", "EngineStatus", "RunResult", "Stopped"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunResult:
-    run: RunRecord
-    epochs: list[EpochRecord]
-
-    def to_dict(self) -> dict:
-        record = dataclasses.asdict(self.run)
-        record["epochs"] = [dataclasses.asdict(e) for e in self.epochs]
-        return record
 
 
 class Cluster:
@@ -61,7 +48,7 @@ class Cluster:
         self.store = Store(self.config.state_dir)
         self._client = None
         self._client_cluster_id: Optional[tuple[int, Optional[int]]] = None
-        self.current_run_id: Optional[str] = None  # the run train()/resume() is on (for Ctrl-C hints)
+        self._training = Training(self)
         self._lifecycle = Lifecycle(self.config, self.store, self.provider, self.run_spec)
 
     @classmethod
@@ -132,8 +119,14 @@ class Cluster:
 
     def status(self) -> ClusterStatus:
         """The cluster now: its engines and nodes, size, keeper, cost so far; after the controller died,
-        a hint on how to go on."""
+        a hint on how to go on. A keeper that died is started again first."""
+        self._revive_keeper()
         return cluster_status.snapshot(self.name, self.config, self.store, self.provider)
+
+    def _revive_keeper(self) -> None:
+        record = self.store.clusters.active(self.name)
+        if record is not None and record.state == "running":
+            keeper.revive(self.config.state_dir, self.store, record)
 
     # resizing (controller/elastic/resize.py) ---------------------------------------------------------------
     def scale(self, slaves: int, *, why: str = "") -> ClusterStatus:
@@ -174,6 +167,7 @@ class Cluster:
             except (OSError, TimeoutError) as error:  # the file vanished, or the controller hangs
                 raise ClusterStateError(f"{gone} ({error})") from None
             self._client_cluster_id = (record.id, record.controller_pid)
+            self._revive_keeper()
         return self._client
 
     @property
@@ -205,18 +199,7 @@ class Cluster:
         ``distributed=True``: one model on every engine (or on ``engines``, ids) with torch.distributed,
         the global batch ``batch_size`` split over them (controller/distributed.py).
         """
-        if engines is not None and not distributed:
-            raise UsageError("--engines chooses the engines of a --distributed run; add --distributed")
-        spec = self.run_spec(**overrides)
-        run_id = new_id("r-")
-        spec["run_id"] = run_id
-        leases = Leases(self.store)
-        with leases.hold("run", run_id):
-            self.store.runs.create(RunRecord(id=run_id, params=spec, cluster_id=self.record.id))
-            self.current_run_id = run_id
-            if distributed:
-                return self._execute_distributed(Job(run_id=run_id, spec=spec), progress, engines)
-            return self._execute(Job(run_id=run_id, spec=spec), progress)
+        return self._training.train(progress, distributed=distributed, engines=engines, **overrides)
 
     def resume(self, run_id: str, progress: Optional[ProgressSink] = None,
                engines: Optional[list[int]] = None) -> RunResult:
@@ -224,38 +207,12 @@ class Cluster:
 
         A distributed run resumes distributed, on every engine or on ``engines`` (any count: the
         global batch stays the run's ``batch_size``)."""
-        run = self.store.runs.get(run_id)
-        if run is None:
-            raise UsageError(f"--resume {run_id}: no such run; `cluster runs` lists them")
-        if run.state == "completed":
-            raise UsageError(f"--resume {run_id}: the run already completed all {run.epochs_done} epochs")
-        from engines.tasks import task_for
+        return self._training.resume(run_id, progress, engines)
 
-        leases = Leases(self.store)
-        if run.sweep_id:  # a trial: its sweep's master may be training it right now
-            leases.check_free("sweep", run.sweep_id)
-        # before anything else: a second master must not touch the run (or its checkpoint files) at all
-        with leases.hold("run", run_id):
-            stored = self.store.checkpoints.load(run_id)
-            checkpoint = stored[1] if stored else None
-            # progress recorded after the stored checkpoint (kept on an engine, checkpoint_minutes) is redone
-            position = RunRecorder(self.store).resume_from_checkpoint(run_id)
-            self.store.runs.update(run_id, state="running", error=None, finished_at=None, cluster_id=self.record.id)
-            job = Job(run_id=run_id, spec=self._resumed_spec(run.params), checkpoint=checkpoint,
-                      epochs_done=position[0], batches_done=position[1], shipped=position, task=task_for(run.params))
-            self.current_run_id = run_id
-            if run.params.get("distributed"):
-                return self._execute_distributed(job, progress, engines)
-            if engines is not None:
-                raise UsageError(f"--engines: run {run_id} is not distributed; it resumes on one free engine")
-            return self._execute(job, progress)
-
-    def _resumed_spec(self, params: dict) -> dict:
-        """A stored run's spec, with how this cluster cuts it into tasks (not what it trains) from now."""
-        from engines.tasks import stored_params
-
-        training = self.config.training
-        return {**stored_params(params), **task_keys(training)}
+    @property
+    def current_run_id(self) -> Optional[str]:
+        """The run train()/resume() is on, or was last (for Ctrl-C hints)."""
+        return self._training.run_id
 
     def scheduler(self, **options: Any) -> Scheduler:
         """A scheduler on this cluster's engines that gives up, rather than waits forever, when the
@@ -265,42 +222,8 @@ class Cluster:
                             engine_timeout=self.config.cluster.engine_timeout)
         return Scheduler(self.client, watchdog=watchdog, roster=StoreRoster(self.store, record.id), **options)
 
-    def _execute_distributed(self, job: Job, progress: Optional[ProgressSink],
-                             engines: Optional[list[int]]) -> RunResult:
-        from .distributed import DistributedRun, choose_engines
-
-        chosen = choose_engines(list(self.client.ids), engines)
-        record = self.record
-        private = {n.node_id: n.private_ip for n in self.store.nodes.of(record.id) if n.private_ip}
-        addresses = {e.engine_id: private[e.node_id] for e in self.store.engines.of(record.id) if e.node_id in private}
-        try:
-            DistributedRun(self.client, self.store, chosen, addresses=addresses).run(job, progress)
-        except BaseException:
-            RunRecorder(self.store).mark_interrupted([job.run_id])
-            raise
-        return self.run_result(job.run_id)
-
-    def _execute(self, job: Job, progress: Optional[ProgressSink]) -> RunResult:
-        source = SingleRun(self.store, job)
-        try:
-            self.scheduler().run(source, progress)
-        except BaseException as error:
-            source.recorder.mark_interrupted([job.run_id])
-            run = self.store.runs.get(job.run_id)
-            if isinstance(error, ClusterLostError) and run is not None:
-                raise ClusterLostError(
-                    f"{error}; run {run.id} is stored up to epoch {run.epochs_done}: `cluster stop`, "
-                    f"`cluster start`, then continue it with `cluster train --resume {run.id}`") from None
-            raise
-        if source.error is not None:
-            raise TaskError(f"run {job.run_id} failed on its engine: {source.error}", source.traceback)
-        return self.run_result(job.run_id)
-
     def run_result(self, run_id: str) -> RunResult:
-        run = self.store.runs.get(run_id)
-        if run is None:
-            raise UsageError(f"no run {run_id!r}; `cluster runs` lists them")
-        return RunResult(run=run, epochs=self.store.epochs.of(run_id))
+        return run_result(self.store, run_id)
 
     def runs(self, limit: Optional[int] = None, sweep_id: Optional[str] = None) -> list[RunRecord]:
         return self.store.runs.all(limit=limit, sweep_id=sweep_id)

@@ -137,8 +137,7 @@ class Lifecycle:
             if cfg.replace_lost or cfg.max_slaves:
                 from .elastic import keeper
 
-                pid = keeper.spawn(dataclasses.replace(self.config, cluster=cfg), record)
-                self.store.clusters.update(record.id, keeper_pid=pid)
+                keeper.spawn(dataclasses.replace(self.config, cluster=cfg), record, self.store)
         except BaseException as error:
             self._undo_start(record, chosen, ipp_cluster, error)
             raise
@@ -214,8 +213,9 @@ class Lifecycle:
             self.store.clusters.set_state(record.id, "running")
             joining.warm_engines(client, self.run_spec(), cfg.engine_timeout)
             if cfg.replace_lost or cfg.max_slaves:
-                pid = keeper.spawn(dataclasses.replace(self.config, cluster=cfg), record)
-                self.store.clusters.update(record.id, keeper_pid=pid)
+                keeper.spawn(dataclasses.replace(self.config, cluster=cfg), record, self.store)
+            else:  # the old start's keeper spec would have the next command revive a keeper not wanted now
+                (Path(self.config.state_dir) / f"keeper-{record.id}.json").unlink(missing_ok=True)
         except BaseException as error:
             self._undo_start(record, chosen, ipp_cluster, error)
             raise

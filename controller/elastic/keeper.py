@@ -12,6 +12,8 @@ goes to the store's events, with its reason, and to the log.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -20,13 +22,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from .. import ipcluster, processes
 from ..cluster_status import controller_alive
-from ..config import Config, config_to_dict
+from ..config import Config, config_from_dict, config_to_dict
 from ..errors import ClusterError, ClusterStateError
-from ..store import ClusterRecord
+from ..store import ClusterRecord, Store
 from .policy import Decision, NodeView, Policy, Snapshot
 from .resize import LIVE_NODE_STATES, PENDING_NODE_STATES, Resizer, resize_lock
 
@@ -37,8 +39,48 @@ DEMAND_FRESH_S = 10.0  # a master that has not reported for this long (killed) w
 CLOUD_LIST_EVERY_S = 15.0  # how often a cloud provider is asked for its instances' states
 
 
-def spawn(config: Config, record: ClusterRecord) -> int:
-    """Start the keeper of ``record`` in its own session; returns its pid."""
+def spawn(config: Config, record: ClusterRecord, store: Store) -> int:
+    """Start the keeper of ``record`` in its own session and record its pid; returns the pid."""
+    with _keeper_lock(Path(config.state_dir), record.id):
+        return _spawn(config, record, store)
+
+
+def revive(state_dir: Path, store: Store, record: ClusterRecord) -> Optional[int]:
+    """Start the keeper of a running cluster again if it died (killed, out of memory); its pid, or None
+    when there was nothing to do: no keeper wanted, still alive, or the cluster not running.
+
+    The API calls it whenever it looks at a running cluster (status, and every command that talks to the
+    controller), so a dead keeper costs at most the time until the next command. The spec ``spawn``
+    wrote is the keeper's whole input, so the new one holds the cluster to the same knobs.
+    """
+    spec = Path(state_dir) / f"keeper-{record.id}.json"
+    if not spec.exists():  # started without replace_lost or autoscaling: no keeper wanted
+        return None
+    with _keeper_lock(Path(state_dir), record.id):
+        record = store.clusters.get(record.id)
+        if record.state != "running" or not controller_alive(record):
+            return None  # the keeper ends with the cluster; stop or a dead controller is not its death
+        if record.keeper_pid and processes.is_marked(record.keeper_pid, Path(record.profile_dir),
+                                                     record.ipp_cluster_id):
+            return None
+        pid = _spawn(config_from_dict(json.loads(spec.read_text())["config"]), record, store)
+        store.events.add(record.id, "keeper", f"the keeper (pid {record.keeper_pid}) had died; started it again "
+                                              f"(pid {pid})")
+        log.warning("the keeper of cluster %s (pid %s) had died; started it again (pid %d)",
+                    record.id, record.keeper_pid, pid)
+        return pid
+
+
+@contextlib.contextmanager
+def _keeper_lock(state_dir: Path, cluster_id: int) -> Iterator[None]:
+    """Held while a keeper is started and its pid recorded: two commands that find it dead at once start
+    one, and a new keeper (its first look revives a dead one) never sees a pid not yet recorded."""
+    with open(state_dir / f"keeper-{cluster_id}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _spawn(config: Config, record: ClusterRecord, store: Store) -> int:
     state_dir = Path(config.state_dir)
     spec = state_dir / f"keeper-{record.id}.json"
     fd = os.open(spec, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -49,6 +91,7 @@ def spawn(config: Config, record: ClusterRecord) -> int:
         process = subprocess.Popen([sys.executable, "-m", "controller.elastic", str(spec)],
                                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True, cwd=str(ipcluster.REPO_ROOT), env=env)
+    store.clusters.update(record.id, keeper_pid=process.pid)
     log.info("keeper of cluster %s started (pid %d)", record.id, process.pid)
     return process.pid
 
@@ -70,6 +113,7 @@ class Keeper:
         self.policy = policy or Policy()
         self.clock = clock
         self._instance_states: dict[str, str] = {}
+        self._failing: dict[str, str] = {}
         self._listed_at = float("-inf")
 
     def alive(self) -> bool:
@@ -101,7 +145,7 @@ class Keeper:
         busy = {e for e, q in queues.items() if isinstance(e, int) and (q.get("tasks") or q.get("queue"))}
         leaving = self.store.engines.leaving(record.id)
         engines = self.store.engines.of(record.id)
-        states = self._states(record)
+        states, failing = self._states(record)
         views = []
         for node in self.store.nodes.of(record.id):
             if node.state not in LIVE_NODE_STATES or node.state in PENDING_NODE_STATES:
@@ -112,7 +156,8 @@ class Keeper:
                 alive=sum(e.engine_id in registered for e in mine),
                 busy=any(e.engine_id in busy for e in mine),
                 notice=any(leaving.get(e.engine_id) == "notice" for e in mine),
-                instance_state=states.get(node.node_id, node.state), launched_at=node.launched_at))
+                instance_state=states.get(node.node_id, node.state), failing=failing.get(node.node_id, ""),
+                launched_at=node.launched_at))
             idle_since = self.policy.idle_since.get(node.node_id)
             if idle_since != node.idle_since:
                 self.store.nodes.update(record.id, node.node_id, idle_since=idle_since)
@@ -124,18 +169,21 @@ class Keeper:
             min_slaves=record.min_slaves or 0, max_slaves=record.max_slaves or 0,
             idle_minutes=record.idle_minutes or 0.0, replace_lost=bool(record.replace_lost))
 
-    def _states(self, record: ClusterRecord) -> dict[str, str]:
-        """Node id -> the provider's word on it (a cloud is asked every CLOUD_LIST_EVERY_S at most)."""
+    def _states(self, record: ClusterRecord) -> tuple[dict[str, str], dict[str, str]]:
+        """Node id -> the provider's word on it, and node id -> the health check it fails (a cloud is asked
+        every CLOUD_LIST_EVERY_S at most)."""
         if record.provider in ("local", "ssh"):
-            return {}
+            return {}, {}
         now = time.monotonic()
         if now - self._listed_at >= CLOUD_LIST_EVERY_S:
             self._listed_at = now
+            provider = self.cluster.provider(record.provider)
             try:
-                self._instance_states = {n.node_id: n.state for n in self.cluster.provider(record.provider).list(record)}
+                self._instance_states = {n.node_id: n.state for n in provider.list(record)}
+                self._failing = provider.failing_health_checks(record)
             except ClusterError as error:
                 log.warning("could not list the cluster's instances: %s", error)
-        return self._instance_states
+        return self._instance_states, self._failing
 
     def refresh(self) -> None:
         """Ask the cloud again at the next tick (a test, or a notice that wants a fresh look)."""

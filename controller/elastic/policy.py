@@ -23,6 +23,7 @@ class NodeView:
     busy: bool  # an engine of it runs or holds a task
     notice: bool = False  # an engine of it is under a spot interruption notice
     instance_state: str = "running"  # the provider's word (aws: EC2's state; local/ssh: the store's)
+    failing: str = ""  # the provider's health check it fails, if any (aws: EC2's status checks)
     launched_at: float = 0.0
 
 
@@ -76,18 +77,20 @@ class Policy:
     def decide(self, snap: Snapshot) -> Decision:
         self._observe(snap)
         lost = {n.node_id: why for n in snap.nodes for why in [self._lost(n, snap.now)] if why}
-        noticed = [n for n in snap.nodes if n.notice and n.node_id not in lost]
-        healthy = [n for n in snap.nodes if n.node_id not in lost and not n.notice]
+        # nodes that still serve but must go: drained first, so their tasks checkpoint and move
+        leaving = {n.node_id: self._leaving(n) for n in snap.nodes if n.node_id not in lost and self._leaving(n)}
+        healthy = [n for n in snap.nodes if n.node_id not in lost and n.node_id not in leaving]
         decision = Decision(target=snap.target)
         idle_off = self._autoscale(snap, healthy, decision) if snap.max_slaves else []
         decision.release += idle_off
         if snap.replace_lost:
             decision.release += [Release(node_id, why, drain=False) for node_id, why in lost.items()]
-            decision.release += [Release(n.node_id, "spot interruption notice", drain=True) for n in noticed]
+            decision.release += [Release(node_id, why, drain=True) for node_id, why in leaving.items()]
         missing = decision.target - (len(healthy) - len(idle_off))
         if missing > 0 and (snap.replace_lost or snap.max_slaves) and snap.now >= self.retry_at:
-            replaced = [n.node_id for n in snap.nodes if n.node_id in lost or n.notice] if snap.replace_lost else []
-            reasons = [f"{lost[r]} on {r}" if r in lost else f"spot notice on {r}" for r in replaced[:missing]]
+            replaced = [n.node_id for n in snap.nodes if n.node_id in lost or n.node_id in leaving] \
+                if snap.replace_lost else []
+            reasons = [f"{lost.get(r) or leaving[r]} on {r}" for r in replaced[:missing]]
             if decision.target_why:
                 reasons.append(decision.target_why)
             decision.add = missing
@@ -113,10 +116,19 @@ class Policy:
     def _lost(self, node: NodeView, now: float) -> str:
         if node.instance_state in ENDED:
             return f"instance {node.instance_state}"
+        if node.failing and node.alive == 0:  # nothing left to drain
+            return f"failed its health check ({node.failing})"
         since = self.missing_since.get(node.node_id)
         if since is not None and now - since >= self.lost_after_s:
             return "engines died" if node.instance_state == "running" else f"no engine ({node.instance_state})"
         return ""
+
+    @staticmethod
+    def _leaving(node: NodeView) -> str:
+        """Why a node that still serves must be drained and replaced ('' if it need not)."""
+        if node.notice:
+            return "spot notice"
+        return f"failed its health check ({node.failing})" if node.failing else ""
 
     def _autoscale(self, snap: Snapshot, healthy: list[NodeView], decision: Decision) -> list[Release]:
         """Sets the target from the demand; returns the idle nodes to turn off."""

@@ -123,6 +123,12 @@ class Provider(abc.ABC):
     def list(self, cluster: "ClusterRecord") -> list["NodeRecord"]:
         """The cluster's nodes as the provider sees them now (the cloud's tags are the truth)."""
 
+    def failing_health_checks(self, cluster: "ClusterRecord") -> dict[str, str]:
+        """Node id -> the provider's health check it fails now, for nodes whose engines may still answer
+        (a cloud's own status checks). Engines that die are noticed by the controller's heartbeat on
+        every provider; local and ssh nodes have no check beyond it."""
+        return {}
+
     def engine_data_dir(self) -> str:
         """data_dir as the engines see it: the master's own for local engines; remote providers name
         a directory on the slave (the master's paths mean nothing there)."""

@@ -124,6 +124,22 @@ def describe_ids(ec2: Any, ids: list[str]) -> list[dict]:
     return found
 
 
+def failing_checks(ec2: Any, ids: list[str]) -> dict[str, str]:
+    """Instance id -> the EC2 status checks it fails ("system status impaired"); running instances only
+    (EC2 checks no other), the checks that pass or are still initializing are not failures."""
+    if not ids:
+        return {}
+    reply = call("describing instance status checks", ec2.describe_instance_status, InstanceIds=ids)
+    failing = {}
+    for status in reply.get("InstanceStatuses", []):
+        failed = [f"{scope} status {status[key]['Status']}"
+                  for scope, key in (("system", "SystemStatus"), ("instance", "InstanceStatus"))
+                  if status.get(key, {}).get("Status") == "impaired"]
+        if failed:
+            failing[status["InstanceId"]] = ", ".join(failed)
+    return failing
+
+
 def instances(ec2: Any, name: str, everything: bool = False, any_owner: bool = False) -> list[dict]:
     """Live instances carrying the cluster's tag (or any cluster's, with ``everything``)."""
     filters = tag_filter(name, everything, any_owner) + [{"Name": "instance-state-name", "Values": LIVE_STATES}]

@@ -414,6 +414,18 @@ class AwsProvider(Provider):
                 nodes[instance_id] = node
         return list(nodes.values())
 
+    def failing_health_checks(self, cluster: ClusterRecord) -> dict[str, str]:
+        """EC2's status checks: a slave whose hardware (system) or OS (instance) check is impaired."""
+        by_region: dict[str, dict[str, str]] = {}
+        for node in self.store.nodes.of(cluster.id):
+            if node.instance_id and node.state == "running":
+                by_region.setdefault(region_of(node.zone) or self.config.aws.region, {})[node.instance_id] = node.node_id
+        failing = {}
+        for region, nodes in by_region.items():
+            for instance_id, why in ec2_calls.failing_checks(self.ec2(region), list(nodes)).items():
+                failing[nodes[instance_id]] = f"EC2 {why}"
+        return failing
+
     def ssh_target(self, node: NodeRecord) -> SshTarget:
         key_file = network.key_file_of(self.config, self.cluster_name)
         if node.ssh_host:  # the address bootstrap used: known_hosts holds the key under that name
