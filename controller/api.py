@@ -47,7 +47,7 @@ class Cluster:
         self.provider_hooks = provider_hooks  # tests only: where a provider's start fails, SSH addresses
         self.store = Store(self.config.state_dir)
         self._client = None
-        self._client_cluster_id: Optional[int] = None
+        self._client_cluster_id: Optional[tuple[int, Optional[int]]] = None
         self._training = Training(self)
         self._lifecycle = Lifecycle(self.config, self.store, self.provider, self.run_spec)
 
@@ -84,16 +84,21 @@ class Cluster:
 
     def start(self, slaves: Optional[int] = None, provider: Optional[str] = None, *,
               min_slaves: Optional[int] = None, max_slaves: Optional[int] = None,
-              idle_minutes: Optional[float] = None) -> ClusterStatus:
+              idle_minutes: Optional[float] = None, fresh: bool = False) -> ClusterStatus:
         """Start the controller and ``slaves`` slaves; returns once every engine registered.
 
         ``max_slaves`` > 0 turns autoscaling on: slaves are added for waiting jobs up to it, and slaves idle
         for ``idle_minutes`` are turned off down to ``min_slaves``. With ``[cluster] replace_lost`` or
         autoscaling, a background keeper process holds the cluster to its target (controller/elastic).
         On any failure, Ctrl-C included, everything started so far is stopped again.
+
+        After the master restarted (the cluster's controller gone, its slaves still up), the slaves are
+        adopted by a new controller, same cluster record (docs/elastic.md); ``fresh`` releases them and
+        starts new ones instead.
         """
-        self._lifecycle.start(slaves=slaves, provider=provider, min_slaves=min_slaves, max_slaves=max_slaves,
-                              idle_minutes=idle_minutes)
+        self._close_client()  # a client of an earlier controller of this cluster would talk to no one
+        self._lifecycle.start(fresh=fresh, slaves=slaves, provider=provider, min_slaves=min_slaves,
+                              max_slaves=max_slaves, idle_minutes=idle_minutes)
         return self.status()
 
     def stop(self, all_clusters: bool = False, any_owner: bool = False,
@@ -149,7 +154,8 @@ class Cluster:
     @property
     def client(self):
         record = self.record
-        if self._client is None or self._client_cluster_id != record.id:
+        # keyed by the controller too: an adopting start gives the same record a new controller
+        if self._client is None or self._client_cluster_id != (record.id, record.controller_pid):
             gone = ClusterStateError(
                 f"the controller of cluster {self.name!r} (pid {record.controller_pid}) is gone; "
                 f"run `cluster stop` to clean up, then `cluster start`")
@@ -160,7 +166,7 @@ class Cluster:
                 self._client = ipcluster.connect(url, timeout=15)
             except (OSError, TimeoutError) as error:  # the file vanished, or the controller hangs
                 raise ClusterStateError(f"{gone} ({error})") from None
-            self._client_cluster_id = record.id
+            self._client_cluster_id = (record.id, record.controller_pid)
             self._revive_keeper()
         return self._client
 

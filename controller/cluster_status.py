@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .providers import Provider
 
 # node states that no longer bill
-RELEASED_NODE_STATES = ("terminated", "stopped", "gone")
+RELEASED_NODE_STATES = ("terminated", "stopped", "gone", "lost")
 
 
 @dataclass
@@ -94,7 +94,7 @@ def snapshot(name: str, config: Config, store: Store, provider: "Callable[[str],
         state = "degraded"
     now = time.time()
     uptime = now - record.created_at
-    price = sum(n.price_per_hour for n in nodes if n.state not in ("terminated", "stopped"))
+    price = sum(n.price_per_hour for n in nodes if n.state not in RELEASED_NODE_STATES)
     live = [n for n in nodes if n.state in LIVE_NODE_STATES and n.state not in PENDING_NODE_STATES]
     idle_stops = {}
     if record.max_slaves and len(live) > record.min_slaves:
@@ -161,12 +161,14 @@ def _registered_engines(url: Path) -> tuple[set[int], dict]:
 def controller_lost_hint(config: Config, store: Store, record: ClusterRecord, nodes: list[NodeRecord]) -> str:
     """After the master restarted (or its controller died): what still runs and bills, and how to go on.
 
-    A new controller cannot adopt the engines that wait for the old one (docs/elastic.md says why),
-    so the way on is stop, start, and resume what was running from its checkpoints.
+    ``cluster start`` adopts the nodes still up (a new controller, new engines on the same slaves,
+    the same cluster record: docs/elastic.md); then the runs and sweeps that were running resume
+    from their checkpoints.
     """
     up = [n for n in nodes if n.state not in (*RELEASED_NODE_STATES, "shutting-down")]
     parts = ["the controller is gone (the master restarted, or it was killed)"]
-    if up and record.provider != "local":
+    remote = record.provider != "local"
+    if up and remote:
         parts.append(f"{len(up)} node(s) still up and billed; their engines wait "
                      f"{config.cluster.master_grace_minutes:g} min for a controller, then quit")
     runs = [r for r in store.runs.all(limit=200)
@@ -174,6 +176,11 @@ def controller_lost_hint(config: Config, store: Store, record: ClusterRecord, no
     sweeps = sorted({r.sweep_id for r in runs if r.sweep_id})
     resume = [f"`cluster sweep --resume {s}`" for s in sweeps]
     resume += [f"`cluster train --resume {r.id}`" for r in runs if not r.sweep_id]
-    parts.append("run `cluster stop` (ends them), then `cluster start`"
-                 + (", then " + " and ".join(resume) if resume else ""))
+    then = (", then " + " and ".join(resume)) if resume else ""
+    if up and remote:
+        parts.append(f"run `cluster start` (it adopts them: a new controller, new engines on the same "
+                     f"slaves){then}; `cluster start --fresh` releases them and starts new ones, "
+                     f"`cluster stop` ends them")
+    else:
+        parts.append(f"run `cluster start` (it starts the engines again for this cluster){then}")
     return "; ".join(parts)

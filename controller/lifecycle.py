@@ -19,10 +19,11 @@ from typing import Any, Callable, Optional
 from . import ipcluster, joining, processes
 from .cluster_status import controller_alive
 from .config import ClusterConfig, Config, override
-from .errors import AlreadyRunningError, ProviderError, UsageError
+from .elastic.resize import LIVE_NODE_STATES
+from .errors import AlreadyRunningError, ClusterError, ProviderError, UsageError
 from .providers import Provider
 from .providers.base import Resource
-from .store import ClusterRecord, Store
+from .store import ClusterRecord, NodeRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,24 @@ def threads_per_engine(cfg: ClusterConfig) -> int:
     return max(1, (os.cpu_count() or 1) // cfg.slaves)
 
 
+def adoption_message(name: str, nodes: list[NodeRecord], adopted: list[NodeRecord], added: list[NodeRecord],
+                     slaves: int) -> str:
+    """What ``cluster start`` did with the nodes of a cluster whose master restarted (logged, stored, printed)."""
+    kept = {n.node_id for n in adopted}
+    parts = [f"adopted {len(adopted)} slave(s) of cluster {name!r} still up"
+             + (f": {', '.join(sorted(kept))}" if kept else "")]
+    lost = sorted(n.node_id for n in nodes if n.node_id not in kept)
+    if lost and not adopted and not any(n.provider != "local" for n in nodes):
+        parts = [f"restarted the engines of cluster {name!r} (local engines do not outlive their master)"]
+    elif lost:
+        parts.append(f"lost {', '.join(lost)}")
+    if added:
+        parts.append(f"added {', '.join(n.node_id for n in added)}")
+    if len(adopted) > slaves:
+        parts.append(f"kept all {len(adopted)} (asked for {slaves}; `cluster scale {slaves}` turns the rest off)")
+    return "; ".join(parts)
+
+
 class Lifecycle:
     """Start and stop the cluster of ``config``; ``provider`` builds the provider of a name (the API's one
     spot that does), ``run_spec`` is the training spec the engines warm up with."""
@@ -75,11 +94,17 @@ class Lifecycle:
         return self.config.cluster.name
 
     # starting ---------------------------------------------------------------------
-    def start(self, **overrides: Any) -> ClusterRecord:
+    def start(self, fresh: bool = False, **overrides: Any) -> ClusterRecord:
         """Start the controller and the slaves; returns the running cluster's record once every engine
-        registered. ``overrides``: [cluster] slaves, provider, min_slaves, max_slaves, idle_minutes."""
+        registered. ``overrides``: [cluster] slaves, provider, min_slaves, max_slaves, idle_minutes.
+
+        A cluster of this name whose controller is gone (the master restarted) but whose nodes are still
+        up is adopted (``adopt``) unless ``fresh``: then, as always, its nodes are released first."""
         cfg = override(self.config.cluster, "cluster start", **overrides)
         check_autoscaling(cfg)
+        adoptable = None if fresh else self.adoptable(cfg)
+        if adoptable is not None:
+            return self.adopt(*adoptable, cfg)
         self.refuse_second_cluster()
         chosen = self.provider(cfg.provider)
         # bad input, missing credentials: fail before anything starts; where the controller must listen
@@ -120,6 +145,100 @@ class Lifecycle:
             if client is not None:
                 client.close()
         return self.store.clusters.get(record.id)
+
+    # adopting ---------------------------------------------------------------------
+    def adoptable(self, cfg: ClusterConfig) -> Optional[tuple[ClusterRecord, list[NodeRecord]]]:
+        """The running cluster of this name whose controller is gone, and its nodes the provider still sees
+        up; None when there is none (a live controller, a stop or start cut short, another provider)."""
+        existing = self.store.clusters.active(self.name)
+        if existing is None or existing.state != "running" or controller_alive(existing):
+            return None
+        if existing.provider != cfg.provider:
+            log.info("cluster %s ran on %s, not %s: its nodes are released, not adopted", existing.id,
+                     existing.provider, cfg.provider)
+            return None
+        if not any(n.state == "running" for n in self.provider(existing.provider).list(existing)):
+            return None
+        # every node the cluster had, not only those up: ``adopt`` records the others lost
+        return existing, [n for n in self.store.nodes.of(existing.id) if n.state in LIVE_NODE_STATES]
+
+    def adopt(self, record: ClusterRecord, nodes: list[NodeRecord], cfg: ClusterConfig) -> ClusterRecord:
+        """A new controller for the cluster ``record`` (same record: its runs, sweeps and cost so far stay
+        with it), which takes over ``nodes``: no instance launched or released for them. Nodes gone are
+        recorded lost; fewer adopted than ``cfg.slaves`` are made up with ``add``; more are all kept (the
+        target becomes their count; `cluster scale` turns the extra off). On any failure, Ctrl-C included,
+        everything of the cluster is released as after a failed start."""
+        from .elastic import keeper
+
+        profile = Path(record.profile_dir)
+        keeper.stop(record)
+        # what is left of the old master side (schedulers, tunnel holders, local engines in their grace)
+        # ends before the new controller starts: it carries the same marker
+        processes.kill_cluster_processes(profile, record.ipp_cluster_id)
+        # the old controller's files (ipyparallel's cluster file, the connection files): ipyparallel would
+        # read stale ones as the new controller's, which writes its own (new ports, new key)
+        for path in (profile / "security" / f"cluster-{record.ipp_cluster_id}.json",
+                     ipcluster.url_file(profile, record.ipp_cluster_id),
+                     ipcluster.engine_file(profile, record.ipp_cluster_id)):
+            path.unlink(missing_ok=True)
+        chosen = self.provider(record.provider)
+        engine_ip = chosen.preflight(max(cfg.slaves, len(nodes)), adopting=True)
+        threads = threads_per_engine(cfg)
+        self.store.execute("DELETE FROM engines WHERE cluster_id = ?", (record.id,))  # the old hub's ids
+        self.store.clusters.update(record.id, state="starting", error=None, controller_pid=None, keeper_pid=None,
+                                   threads_per_engine=threads, min_slaves=cfg.min_slaves, max_slaves=cfg.max_slaves,
+                                   idle_minutes=cfg.idle_minutes, replace_lost=int(cfg.replace_lost))
+        record = self.store.clusters.get(record.id)
+        ipp_cluster = client = None
+        try:
+            ipp_cluster = ipcluster.new_cluster(
+                profile, record.ipp_cluster_id, engine_env=ipcluster.engine_environment(threads),
+                engine_ip=engine_ip, engine_timeout=cfg.engine_timeout,
+                master_grace_minutes=cfg.master_grace_minutes)
+            ipp_cluster.start_controller_sync()
+            self.store.clusters.update(record.id, controller_pid=ipcluster.controller_pid(ipp_cluster))
+            ipcluster.secure_files(profile)
+            adopted = chosen.adopt(record, ipp_cluster, nodes)
+            added, short = self._make_up(record, chosen, ipp_cluster, cfg.slaves - len(adopted), bool(adopted))
+            target = max(cfg.slaves, len(adopted))
+            self.store.clusters.update(record.id, slaves=target, target=target)
+            client = ipp_cluster.connect_client_sync(timeout=cfg.engine_timeout)
+            self._wait_for_engines(client, chosen.expected_engines(adopted + added), cfg.engine_timeout, profile)
+            joining.record_engines(self.store, self.config, record, client, threads, adopted + added,
+                                   ipp_cluster=ipp_cluster)
+            ipcluster.secure_files(profile)
+            message = adoption_message(self.name, nodes, adopted, added, cfg.slaves) + short
+            self.store.events.add(record.id, "adopt", message)
+            log.info("%s", message)
+            self.store.clusters.set_state(record.id, "running")
+            joining.warm_engines(client, self.run_spec(), cfg.engine_timeout)
+            if cfg.replace_lost or cfg.max_slaves:
+                keeper.spawn(dataclasses.replace(self.config, cluster=cfg), record, self.store)
+            else:  # the old start's keeper spec would have the next command revive a keeper not wanted now
+                (Path(self.config.state_dir) / f"keeper-{record.id}.json").unlink(missing_ok=True)
+        except BaseException as error:
+            self._undo_start(record, chosen, ipp_cluster, error)
+            raise
+        finally:
+            if client is not None:
+                client.close()
+        return self.store.clusters.get(record.id)
+
+    @staticmethod
+    def _make_up(record: ClusterRecord, provider: Provider, ipp_cluster, count: int,
+                 adopted: bool) -> tuple[list[NodeRecord], str]:
+        """``count`` slaves added the normal way, for those lost; returns them and what to add to the adoption
+        message. With slaves adopted, a failed add (it released what it started) keeps them: the keeper,
+        where one runs, tries again for the target."""
+        if count <= 0:
+            return [], ""
+        try:
+            return provider.add(record, ipp_cluster, count), ""
+        except ClusterError as error:
+            if not adopted:
+                raise
+            log.warning("adding %d slave(s) for those lost failed: %s", count, error)
+            return [], f"; adding {count} slave(s) for those lost failed: {error}"
 
     @staticmethod
     def _wait_for_engines(client, expected: int, timeout: float, profile: Path) -> None:

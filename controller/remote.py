@@ -426,6 +426,53 @@ def run_dir(base: str, tag: str) -> str:
     return f"{base}/run/{tag}"
 
 
+def engines_digest() -> str:
+    """sha256 over the ``engines`` package's sources (names and contents): what a slave's stamp must match."""
+    digest = hashlib.sha256()
+    for path in sorted(ENGINES_PACKAGE.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+STAMP = "engines.stamp"  # under remote_dir: the sources and interpreter the last bootstrap verified
+
+
+def stamp_for(spec: EngineSpec, torch_version: str, gpus: int) -> dict:
+    return {"sources": engines_digest(), "python": spec.python, "torch": torch_version, "gpus": gpus}
+
+
+def stamped(remote: Remote, spec: EngineSpec) -> Optional[tuple[str, dict]]:
+    """(base, stamp) when an earlier bootstrap left this master's engine code verified with this python on the
+    slave (an adopted slave after a master restart): its engines can start without upload or import check."""
+    base = resolve_dir(remote, spec.remote_dir)
+    q = shlex.quote
+    _, out, _ = remote.run(f"cat {q(base)}/{STAMP} 2>/dev/null", check=False)
+    try:
+        stamp = json.loads(out)
+    except ValueError:
+        return None
+    if not isinstance(stamp, dict) or {k: stamp.get(k) for k in ("sources", "python")} != {
+            "sources": engines_digest(), "python": spec.python}:
+        return None
+    return base, stamp
+
+
+def restart(remote: Remote, spec: EngineSpec, cancelled: Optional[threading.Event] = None) -> Bootstrapped:
+    """Start engines on a slave bootstrapped before: by its stamp in seconds, else by a full ``bootstrap``."""
+    found = stamped(remote, spec)
+    if found is None:
+        log.info("%s: no matching bootstrap stamp; bootstrapping again", remote.host)
+        return bootstrap(remote, spec, cancelled)
+    base, stamp = found
+    gpus = int(stamp.get("gpus") or 0)
+    _, hostname, _ = remote.run("hostname")
+    if cancelled is not None and cancelled.is_set():
+        raise ProviderError(f"{remote.host}: cancelled before engines were started")
+    pids = start_engines(remote, base, spec, spec.engines or spec.engines_per_gpu * max(gpus, 1), gpus, f"{base}/src")
+    return Bootstrapped(hostname=hostname.strip(), gpus=gpus, pids=pids, remote_dir=base,
+                        torch=str(stamp.get("torch", "")))
+
+
 def bootstrap(remote: Remote, spec: EngineSpec, cancelled: Optional[threading.Event] = None) -> Bootstrapped:
     """Install/verify the engine environment, upload the connection file, start the engines.
 
@@ -436,6 +483,7 @@ def bootstrap(remote: Remote, spec: EngineSpec, cancelled: Optional[threading.Ev
     base = resolve_dir(remote, spec.remote_dir)
     q = shlex.quote
     src = f"{base}/src"
+    remote.run(f"rm -f {q(base)}/{STAMP}")  # stale while the code below changes under it
     remote.run(f"mkdir -p {q(src)}")
     remote.put(engines_tarball(), f"{base}/engines.tar.gz", mode=0o600)
     remote.run(f"rm -rf {q(src)}/engines && tar -xzf {q(base)}/engines.tar.gz -C {q(src)}")
@@ -453,6 +501,7 @@ def bootstrap(remote: Remote, spec: EngineSpec, cancelled: Optional[threading.Ev
     torch_version, _, gpu_text = out.strip().splitlines()[-1].partition(" ")
     gpus = int(gpu_text or 0)
     _, hostname, _ = remote.run("hostname")
+    remote.put(json.dumps(stamp_for(spec, torch_version, gpus)).encode(), f"{base}/{STAMP}", mode=0o600)
     count = spec.engines or spec.engines_per_gpu * max(gpus, 1)
     if cancelled is not None and cancelled.is_set():
         raise ProviderError(f"{remote.host}: start cancelled before engines were started")

@@ -26,6 +26,10 @@ from .store import ClusterRecord, NodeRecord, Store
 
 log = logging.getLogger(__name__)
 
+# how long an adopting master tries to reach each node of the old controller: a node that does not answer
+# SSH by then is lost (it died or was taken back while the master was away)
+ADOPT_CONNECT_S = 15.0
+
 
 def local_addresses() -> list[ipaddress.IPv4Interface]:
     """The master's IPv4 interface addresses (empty when ``ip`` is not there: then nothing is 'local')."""
@@ -189,18 +193,91 @@ class RemoteEngines:
         finally:
             pool.shutdown(wait=True)
 
-    def _bootstrap_one(self, target: Target, remote: rm.Remote, connection: dict, tunnel: bool,
-                       cancelled: threading.Event) -> rm.Bootstrapped:
-        """In a worker thread: remote work only (the store belongs to the calling thread)."""
+    def _spec(self, remote: rm.Remote, connection: dict, tunnel: bool) -> rm.EngineSpec:
         address = "127.0.0.1" if tunnel else remote.local_address
         env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)} if self.threads else {}
-        spec = rm.EngineSpec(tag=self.tag, connection=rm.connection_for(connection, address), python=self.python,
+        return rm.EngineSpec(tag=self.tag, connection=rm.connection_for(connection, address), python=self.python,
                              remote_dir=self.remote_dir, engines_per_gpu=self.engines_per_gpu,
                              engines=self.engines_per_host, env=env,
                              args=tuple(ipcluster.engine_args(self.master_grace_minutes)))
+
+    def _bootstrap_one(self, target: Target, remote: rm.Remote, connection: dict, tunnel: bool,
+                       cancelled: threading.Event) -> rm.Bootstrapped:
+        """In a worker thread: remote work only (the store belongs to the calling thread)."""
+        spec = self._spec(remote, connection, tunnel)
         if self.data_dir and self.master_data_dir is not None:
             rm.sync_data(remote, self.master_data_dir, self.data_dir)
         return rm.bootstrap(remote, spec, cancelled)
+
+    # adopt --------------------------------------------------------------------------
+    def adopt(self, cluster: ClusterRecord, targets: list[Target], tunnel: bool, timeout: float = 300,
+              connect_timeout: float = ADOPT_CONNECT_S) -> tuple[list[NodeRecord], dict[str, str]]:
+        """A new controller takes over these nodes, still up after the master restarted: on each one the old
+        engines are stopped (recorded pids and pid files, as ``stop``) and new ones started against the new
+        controller (connection file uploaded again; by the bootstrap stamp, without upload or import check
+        when the code there is this master's). The old tunnel holders end; the adopted nodes get new ones.
+
+        Returns the adopted nodes and, by node id, why each other one is lost (no SSH answer within
+        ``connect_timeout``, or its engines would not restart); lost nodes are recorded ``lost``. On Ctrl-C
+        (any BaseException) the workers are cancelled at once and it re-raises with the nodes still recorded:
+        the caller releases them as after a failed start."""
+        connection = engine_connection(cluster, timeout)
+        known: dict[str, tuple[int, ...]] = {}
+        for row in self.store.execute("SELECT node_id, pid FROM remote_engines WHERE cluster_id = ?", (cluster.id,)):
+            known[row[0]] = (*known.get(row[0], ()), row[1])
+        cancelled = rm.Cancel()
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, max(1, len(targets))))
+
+        def connect(target: Target) -> rm.Remote:
+            # record_new=False: an adopted node must show the host key its bootstrap recorded
+            remote = rm.Remote.connect(target.host, self.known_hosts, timeout=connect_timeout, record_new=False,
+                                       cancelled=cancelled)
+            cancelled.on_cancel(remote.close)
+            return remote
+
+        def restart(target: Target, remote: rm.Remote) -> rm.Bootstrapped:
+            left = rm.stop_engines(remote, self.remote_dir, self.tag, known.get(target.node.node_id, ()))
+            if left:
+                raise ProviderError(f"its old engine(s) {', '.join(map(str, left))} still run after SIGKILL")
+            return rm.restart(remote, self._spec(remote, connection, tunnel), cancelled)
+
+        lost: dict[str, str] = {}
+        remotes: dict[str, rm.Remote] = {}
+        adopted: list[NodeRecord] = []
+        try:
+            for target, future in [(t, pool.submit(connect, t)) for t in targets]:
+                try:
+                    remotes[target.node.node_id] = result(future)
+                except Exception as error:  # noqa: BLE001 - a node gone while the master was away
+                    lost[target.node.node_id] = f"no SSH answer: {error}"
+            reached = [t for t in targets if t.node.node_id in remotes]
+            self.stop_tunnels()  # the old controller's (dead after a machine restart, alive after a process one)
+            if tunnel and reached:
+                self._open_tunnels(reached, connection, cluster.ipp_cluster_id, self.tunnel_dir)
+            futures = [(t, pool.submit(restart, t, remotes[t.node.node_id])) for t in reached]
+            for target, future in futures:
+                try:
+                    started = result(future)
+                except Exception as error:  # noqa: BLE001 - one broken node must not cost the others
+                    lost[target.node.node_id] = str(error)
+                    continue
+                self.store.execute("DELETE FROM remote_engines WHERE cluster_id = ? AND node_id = ?",
+                                   (cluster.id, target.node.node_id))
+                adopted.append(self._record(cluster, target.node, started))
+                self.on_step("adopt")  # not one of the providers' STEPS: those are start's
+        except BaseException:
+            cancelled.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            for remote in remotes.values():
+                remote.close()
+            pool.shutdown(wait=True)
+        now = time.time()
+        for node_id, why in lost.items():
+            log.warning("node %s of cluster %s is lost: %s", node_id, cluster.id, why)
+            self.store.nodes.update(cluster.id, node_id, state="lost", terminated_at=now)
+        return adopted, lost
 
     def _record(self, cluster: ClusterRecord, node: NodeRecord, result: rm.Bootstrapped) -> NodeRecord:
         for pid in result.pids:

@@ -18,7 +18,7 @@ from controller.api import Cluster
 from controller.cluster_status import controller_lost_hint
 from controller.config import load_config, override
 from controller.errors import AlreadyRunningError, UsageError
-from controller.lifecycle import Lifecycle, Stopped, check_autoscaling, threads_per_engine
+from controller.lifecycle import Lifecycle, Stopped, adoption_message, check_autoscaling, threads_per_engine
 from controller.store import EngineRecord, NodeRecord, RunRecord
 
 
@@ -111,9 +111,9 @@ class TestStatus:
         status = cluster.status()
         assert status.state == "failed" and status.controller == {"pid": None, "state": "dead"}
         assert [(e.id, e.state, e.node_id) for e in status.engines] == [(0, "dead", "local-1")]
-        assert status.hint == ("the controller is gone (the master restarted, or it was killed); run `cluster stop` "
-                               "(ends them), then `cluster start`, then `cluster sweep --resume s-1` and "
-                               "`cluster train --resume r-1`")
+        assert status.hint == ("the controller is gone (the master restarted, or it was killed); run `cluster start` "
+                               "(it starts the engines again for this cluster), then `cluster sweep --resume s-1` "
+                               "and `cluster train --resume r-1`")
 
     def test_the_hint_counts_remote_nodes_still_billed(self, cluster):
         record = recorded(cluster)
@@ -121,6 +121,8 @@ class TestStatus:
                  NodeRecord(node_id="i-2", provider="aws", state="terminated")]
         hint = controller_lost_hint(cluster.config, cluster.store, dataclasses.replace(record, provider="aws"), nodes)
         assert "1 node(s) still up and billed; their engines wait" in hint
+        assert hint.endswith("run `cluster start` (it adopts them: a new controller, new engines on the same slaves); "
+                             "`cluster start --fresh` releases them and starts new ones, `cluster stop` ends them")
 
     def test_an_engine_of_a_released_node_is_shown_removed_and_does_not_degrade_the_cluster(self, cluster, stand_in):
         record = recorded(cluster)
@@ -130,6 +132,52 @@ class TestStatus:
         status = cluster.status()
         assert [e.state for e in status.engines] == ["removed"]
         assert status.state == "running" and status.current == 0
+
+
+class TestWhatStartAdopts:
+    """After the master restarted, `start` adopts a running cluster whose controller is gone and whose
+    provider still sees a node up; anything else is cleaned up and started afresh, as before."""
+
+    @staticmethod
+    def lifecycle(cluster: Cluster) -> Lifecycle:
+        return Lifecycle(cluster.config, cluster.store, cluster.provider, cluster.run_spec)
+
+    def test_a_running_cluster_with_its_controller_gone_and_a_node_up_is_adopted(self, cluster):
+        record = recorded(cluster)
+        cluster.store.nodes.put(record.id, NodeRecord(node_id="local-0", provider="local", state="stopped"))
+        found, nodes = self.lifecycle(cluster).adoptable(cluster.config.cluster)
+        assert found.id == record.id and [n.node_id for n in nodes] == ["local-1"]  # the released one is not
+
+    def test_a_live_controller_a_start_or_stop_cut_short_and_another_provider_are_not_adopted(self, cluster, stand_in):
+        record = recorded(cluster)
+        lifecycle = self.lifecycle(cluster)
+        assert lifecycle.adoptable(override(cluster.config.cluster, "t", provider="ssh")) is None
+        for state in ("starting", "stopping", "failed"):
+            cluster.store.clusters.set_state(record.id, state)
+            assert lifecycle.adoptable(cluster.config.cluster) is None, state
+        cluster.store.clusters.set_state(record.id, "running")
+        controller = stand_in(Path(record.profile_dir), record.ipp_cluster_id)
+        cluster.store.clusters.update(record.id, controller_pid=controller.pid)
+        assert lifecycle.adoptable(cluster.config.cluster) is None  # `start` refuses it instead
+
+    def test_no_node_up_is_nothing_to_adopt(self, cluster):
+        record = recorded(cluster)
+        cluster.store.nodes.update(record.id, "local-1", state="stopped")
+        assert self.lifecycle(cluster).adoptable(cluster.config.cluster) is None
+
+    def test_what_start_says_it_adopted_lost_added_and_kept(self):
+        def node(node_id: str, provider: str = "aws") -> NodeRecord:
+            return NodeRecord(node_id=node_id, provider=provider, state="running")
+
+        nodes = [node("i-1"), node("i-2"), node("i-3")]
+        assert adoption_message("c", nodes, nodes[:2], [node("i-4")], 3) == \
+            "adopted 2 slave(s) of cluster 'c' still up: i-1, i-2; lost i-3; added i-4"
+        assert adoption_message("c", nodes, nodes, [], 1) == \
+            "adopted 3 slave(s) of cluster 'c' still up: i-1, i-2, i-3; kept all 3 (asked for 1; " \
+            "`cluster scale 1` turns the rest off)"
+        local = [node("local-1", "local")]
+        assert adoption_message("c", local, [], [node("local-2", "local")], 1) == \
+            "restarted the engines of cluster 'c' (local engines do not outlive their master); added local-2"
 
 
 def test_stop_with_nothing_running_returns_an_empty_stopped(cluster):

@@ -192,17 +192,19 @@ def test_the_tunnel_holder_reconnects_and_waits_for_the_forward_the_slave_still_
         assert not holder.is_alive()
 
 
-def test_after_the_controller_died_status_says_what_to_do_and_stop_start_resume_finish_the_run(
+def test_after_the_controller_died_status_says_what_to_do_and_start_adopts_and_resume_finishes_the_run(
         tmp_path, tiny_data_dir):
-    """The master machine restarted: the controller is gone mid-run. ipyparallel cannot hand the old
-    engines to a new controller, so status names the way on: stop, start, resume from the checkpoint."""
+    """The master's controller died mid-run (its engine lives on, waiting out its grace). Status names the way
+    on; `cluster start` gives the same cluster a new controller and a fresh local engine (the old one ends:
+    a local engine is not worth keeping), and the run resumes from its checkpoint."""
     from controller.cli import main
     import io
 
     config = make_config(tmp_path, tiny_data_dir, slaves=1)
     cluster = Cluster(config)
     try:
-        cluster.start()
+        first = cluster.start()
+        (old_engine,) = [e.pid for e in first.engines]
         with engines_holding_tasks(cluster.client, tmp_path, when="checkpoint is not None") as held:
             train = subprocess.Popen([sys.executable, "-m", "controller", "--config", str(config.source), "train",
                                       "--epochs", "3", "--subset", "200"],
@@ -216,15 +218,17 @@ def test_after_the_controller_died_status_says_what_to_do_and_stop_start_resume_
         assert train.returncode == 3, err
         (run,) = cluster.store.runs.all(limit=1)
         assert run.state == "interrupted" and run.epochs_done == 1
+        assert processes.pid_alive(old_engine)  # in its grace, waiting for a controller that is gone
 
         out = io.StringIO()
         assert main(["--config", str(config.source), "status"], stdout=out, stderr=io.StringIO()) == 0
         assert "failed" in out.getvalue() and "the controller is gone" in out.getvalue()
-        assert f"run `cluster stop` (ends them), then `cluster start`, then `cluster train --resume {run.id}`" \
-            in out.getvalue().replace("\n", " "), out.getvalue()
+        assert f"run `cluster start` (it starts the engines again for this cluster), then `cluster train --resume " \
+            f"{run.id}`" in out.getvalue().replace("\n", " "), out.getvalue()
 
-        cluster.stop()
-        cluster.start()
+        status = cluster.start()
+        assert status.cluster_id == first.cluster_id and [e.state for e in status.engines] == ["idle"]
+        assert wait_until(lambda: not processes.pid_alive(old_engine), timeout=10)
         resumed = cluster.resume(run.id)
         assert resumed.run.state == "completed" and resumed.run.epochs_done == 3
         assert [e.epoch for e in resumed.epochs] == [1, 2, 3]

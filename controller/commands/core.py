@@ -19,6 +19,9 @@ def register(sub) -> None:
     p.add_argument("--max-slaves", type=int,
                    help="autoscaling: slaves are turned on for waiting jobs up to this many (0 = off)")
     p.add_argument("--idle-minutes", type=float, help="autoscaling: a slave idle this long is turned off")
+    p.add_argument("--fresh", action="store_true",
+                   help="after a master restart: release the slaves still up and start new ones, instead of "
+                        "adopting them (the default)")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(handler=cmd_start)
 
@@ -69,8 +72,12 @@ def register(sub) -> None:
 def cmd_start(args, ctx: Context) -> int:
     cluster = ctx.cluster()
     ctx.err_console.print(f"starting cluster {cluster.name!r} ({args.provider or ctx.config.cluster.provider}) ...")
+    began = time.time()
     status = cluster.start(slaves=args.slaves, provider=args.provider, min_slaves=args.min_slaves,
-                           max_slaves=args.max_slaves, idle_minutes=args.idle_minutes)
+                           max_slaves=args.max_slaves, idle_minutes=args.idle_minutes, fresh=args.fresh)
+    for event in status.events:  # after a master restart: what was adopted, lost, added
+        if event.kind == "adopt" and event.at >= began:
+            ctx.err_console.print(event.detail, markup=False, highlight=False, soft_wrap=True)
     if args.json:
         ctx.emit_json(status)
     else:

@@ -2,7 +2,8 @@
 
 A provider brings up slaves for a cluster whose controller already runs on
 the master, starts engines on them that register with that controller, lists
-the slaves, names an SSH target for each, and releases them all again.
+the slaves, names an SSH target for each, and releases them all again; after the master restarted, a new
+controller adopts the slaves still up.
 """
 from __future__ import annotations
 
@@ -101,6 +102,16 @@ class Provider(abc.ABC):
         empty cluster); return the new nodes (also stored). If it raises, what it created is released."""
 
     @abc.abstractmethod
+    def adopt(self, cluster: "ClusterRecord", ipp_cluster: "ipp.Cluster", nodes: list["NodeRecord"]) -> list["NodeRecord"]:
+        """A new controller (``ipp_cluster``, already running) takes over ``nodes``: the cluster's nodes still up
+        after the master restarted, whose engines wait for the old, dead controller. Their old engines are
+        stopped and new ones started against the new controller; nothing is launched or released. Returns
+        the nodes adopted (also stored); the others are recorded ``lost`` (and released where they bill).
+
+        If it raises (Ctrl-C included), nothing is half-done on the master and every node is still recorded:
+        the caller releases them all, as after a failed ``start``."""
+
+    @abc.abstractmethod
     def remove(self, cluster: "ClusterRecord", ipp_cluster: Optional["ipp.Cluster"], nodes: list["NodeRecord"]) -> None:
         """Stop the engines of these nodes and release them (the caller drained them first); the others go on."""
 
@@ -123,10 +134,11 @@ class Provider(abc.ABC):
         a directory on the slave (the master's paths mean nothing there)."""
         return str(self.config.data_dir)
 
-    def preflight(self, slaves: int) -> str:
+    def preflight(self, slaves: int, adopting: bool = False) -> str:
         """Check configuration and credentials before anything (the controller included) is started;
         return the address the controller's engine ports must listen on (loopback unless engines on
-        other machines connect to it directly)."""
+        other machines connect to it directly). ``adopting``: the cluster's nodes are up already (``adopt``
+        follows), so what refuses a second set of them does not apply."""
         return "127.0.0.1"
 
     def find_orphans(self, name: str, everything: bool = False, any_owner: bool = False) -> list[Resource]:

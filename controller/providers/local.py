@@ -59,6 +59,17 @@ class LocalProvider(Provider):
             raise
         return nodes
 
+    def adopt(self, cluster: ClusterRecord, ipp_cluster: ipp.Cluster, nodes: list[NodeRecord]) -> list[NodeRecord]:
+        """Nothing worth keeping: local engines live on the master, so after a machine restart none is left and
+        after a process restart the old ones only wait out their grace for a controller that is gone. The
+        caller ended them with the old master's other processes, before the new controller (which carries
+        the same marker) started; here their nodes are recorded stopped, and the caller starts fresh ones
+        with ``add``."""
+        now = time.time()
+        for node in nodes:
+            self.store.nodes.update(cluster.id, node.node_id, state="stopped", terminated_at=now)
+        return []
+
     def remove(self, cluster: ClusterRecord, ipp_cluster: Optional[ipp.Cluster], nodes: list[NodeRecord]) -> None:
         profile = Path(cluster.profile_dir)
         self._terminate_all(cluster, ipp_cluster, {n.node_id for n in nodes})

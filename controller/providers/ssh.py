@@ -55,7 +55,7 @@ class SshProvider(Provider):
     def engine_data_dir(self) -> str:
         return self.config.ssh.data_dir
 
-    def preflight(self, slaves: int) -> str:
+    def preflight(self, slaves: int, adopting: bool = False) -> str:
         hosts = self.hosts()
         if slaves > len(hosts):
             raise ConfigError(f"--slaves {slaves}: [ssh] hosts lists only {len(hosts)} machine(s)")
@@ -72,9 +72,12 @@ class SshProvider(Provider):
         return self._bring_up(cluster, self.hosts()[:slaves], batch="")
 
     def add(self, cluster: ClusterRecord, ipp_cluster, count: int) -> list[NodeRecord]:
-        """The next ``count`` hosts of ``[ssh] hosts`` that no running node of the cluster uses."""
-        in_use = {n.node_id for n in self.store.nodes.of(cluster.id) if n.state not in ("stopped", "lost")}
-        free = [h for h in self.hosts() if str(h) not in in_use]
+        """The next ``count`` hosts of ``[ssh] hosts`` that no running node of the cluster uses (hosts lost
+        last: they did not answer the last time)."""
+        nodes = self.store.nodes.of(cluster.id)
+        in_use = {n.node_id for n in nodes if n.state not in ("stopped", "lost")}
+        lost = {n.node_id for n in nodes if n.state == "lost"}
+        free = sorted((h for h in self.hosts() if str(h) not in in_use), key=lambda h: str(h) in lost)
         if len(free) < count:
             raise ProviderError(
                 f"no unused host left in [ssh] hosts for {count} more slave(s): {len(free)} free of "
@@ -92,6 +95,14 @@ class SshProvider(Provider):
                    for h in hosts]
         return self.engines().start(cluster, targets, tunnel=self.config.ssh.tunnel == "always",
                                     timeout=self.config.cluster.engine_timeout, batch=batch)
+
+    def adopt(self, cluster: ClusterRecord, ipp_cluster, nodes: list[NodeRecord]) -> list[NodeRecord]:
+        """The hosts of ``nodes`` that answer SSH: old engines stopped, new ones started (see ``RemoteEngines.adopt``)."""
+        cfg = self.config.ssh
+        targets = [Target(node, rm.Host.parse(node.node_id, cfg.user, cfg.key_file)) for node in nodes]
+        adopted, _ = self.engines().adopt(cluster, targets, tunnel=cfg.tunnel == "always",
+                                          timeout=self.config.cluster.engine_timeout)
+        return adopted
 
     def remove(self, cluster: ClusterRecord, ipp_cluster, nodes: list[NodeRecord]) -> None:
         hosts = {n.node_id: rm.Host.parse(n.node_id, self.config.ssh.user, self.config.ssh.key_file) for n in nodes}
@@ -113,10 +124,15 @@ class SshProvider(Provider):
             hosts[node_id] = rm.Host.parse(node_id, self.config.ssh.user, self.config.ssh.key_file)
         problems = self.engines().stop(cluster.id, list(hosts.values()))
         failed = {problem.split(": ", 1)[0] for problem in problems}
+        lost = {n.node_id for n in self.store.nodes.of(cluster.id) if n.state == "lost"}
         for node in self.store.nodes.of(cluster.id):
-            if node.state != "stopped" and node.node_id not in failed:
+            if node.state not in ("stopped", "lost") and node.node_id not in failed:
                 node.state, node.terminated_at = "stopped", time.time()
                 self.store.nodes.put(cluster.id, node)
+        # a host lost while the master was away may never answer again: its engines quit after their grace
+        for problem in [p for p in problems if p.split(": ", 1)[0] in lost]:
+            log.warning("could not stop the engines on lost host %s (they quit after master_grace_minutes)", problem)
+        problems = [p for p in problems if p.split(": ", 1)[0] not in lost]
         if problems:  # engines may still run there: say so, and let `cluster stop` be run again
             raise ProviderError(
                 "could not stop the engines on " + "; ".join(problems)

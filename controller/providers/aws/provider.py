@@ -78,16 +78,17 @@ class AwsProvider(Provider):
                 f"{', '.join(i['InstanceId'] for i in existing)}; run `cluster stop` first")
 
     # start ------------------------------------------------------------------------------
-    def preflight(self, slaves: int) -> str:
-        """Config, credentials, the AMI and no instances of this cluster yet; the controller listens on
-        loopback for tunnels, else on the master's address inside the slaves' subnets (every interface
-        when it has none there: tunnel = never from outside)."""
+    def preflight(self, slaves: int, adopting: bool = False) -> str:
+        """Config, credentials, the AMI and no instances of this cluster yet (unless ``adopting`` them); the
+        controller listens on loopback for tunnels, else on the master's address inside the slaves' subnets
+        (every interface when it has none there: tunnel = never from outside)."""
         ec2 = self.ec2()
         self.check_config(ec2)
         if self.config.aws.min_slaves > slaves:
             raise ConfigError(f"[aws] min_slaves = {self.config.aws.min_slaves} is more than --slaves {slaves}")
         ec2_calls.ami(ec2, self.config.aws)
-        self.refuse_existing(ec2)
+        if not adopting:
+            self.refuse_existing(ec2)
         subnets = network.subnets(ec2, self.config.aws)
         if network.use_tunnel(self.config.aws, subnets):
             return "127.0.0.1"
@@ -180,6 +181,46 @@ class AwsProvider(Provider):
                         ", ".join(launched_ids) or "none")
             self._terminate_nodes(cluster, ec2, launched_ids)
             raise
+
+    def adopt(self, cluster: ClusterRecord, ipp_cluster, nodes: list[NodeRecord]) -> list[NodeRecord]:
+        """The instances of ``nodes`` still running, reached where their bootstrap reached them (the cluster's
+        key pair under state_dir, their recorded host keys): old engines stopped, new ones started. An
+        instance gone meanwhile (a spot instance taken back) is recorded lost; one running but unreachable
+        is terminated and recorded lost, since it would only bill. Nothing is launched."""
+        cfg = self.config.aws
+        timeout = max(300, self.config.cluster.engine_timeout)
+        tunnel = tunnelled(engine_connection(cluster, timeout))
+        key_file = network.key_file_of(self.config, self.cluster_name)
+        by_region: dict[str, list[NodeRecord]] = {}
+        for node in nodes:
+            by_region.setdefault(region_of(node.zone) or cfg.region, []).append(node)
+        targets, gone = [], []
+        for region, members in by_region.items():
+            live = {i["InstanceId"]: i for i in ec2_calls.describe_ids(self.ec2(region), [n.instance_id for n in members])}
+            for node in members:
+                instance = live.get(node.instance_id)
+                if instance is None or instance.get("State", {}).get("Name") != "running":
+                    gone.append(node)
+                    continue
+                host = (rm.Host(node.ssh_host, node.ssh_port or 22, cfg.ssh_user, key_file) if node.ssh_host
+                        else network.host_of(instance, cfg, key_file, tunnel, self.hooks.address))
+                node.ssh_host, node.ssh_port = host.address, host.port
+                targets.append(Target(node, host))
+        now = time.time()
+        for node in gone:
+            log.warning("instance %s of cluster %s is gone (not running in EC2); recorded lost", node.instance_id,
+                        cluster.id)
+            self.store.nodes.update(cluster.id, node.node_id, state="lost", terminated_at=now)
+        if not targets:
+            return []
+        adopted, lost = self.engines().adopt(cluster, targets, tunnel=tunnel, timeout=timeout)
+        unreachable = [t.node.instance_id for t in targets if t.node.node_id in lost]
+        if unreachable:
+            log.warning("terminating instance(s) %s: running but not adoptable", ", ".join(unreachable))
+            self._terminate_nodes(cluster, self.ec2(), unreachable)
+            for instance_id in unreachable:
+                self.store.nodes.update(cluster.id, instance_id, state="lost")
+        return adopted
 
     def remove(self, cluster: ClusterRecord, ipp_cluster, nodes: list[NodeRecord]) -> None:
         """Stop these nodes' engines (politely, best effort) and terminate their instances."""
