@@ -22,7 +22,7 @@ from .bench.workloads import workload as find_workload
 from .cluster_status import ClusterStatus, EngineStatus, controller_alive
 from .config import Config, load_config, override
 from .elastic import keeper, resize
-from .errors import ClusterStateError, NotRunningError, UsageError
+from .errors import CONTROLLER_GONE_WAY_ON, ClusterStateError, NotRunningError, UsageError
 from .lifecycle import Lifecycle, Stopped
 from .providers import NO_HOOKS, Hooks, Provider, make_provider
 from .providers.base import Resource
@@ -158,7 +158,7 @@ class Cluster:
         if self._client is None or self._client_cluster_id != (record.id, record.controller_pid):
             gone = ClusterStateError(
                 f"the controller of cluster {self.name!r} (pid {record.controller_pid}) is gone; "
-                f"run `cluster stop` to clean up, then `cluster start`")
+                f"run {CONTROLLER_GONE_WAY_ON}")
             if not controller_alive(record):
                 raise gone
             url = ipcluster.url_file(Path(record.profile_dir), record.ipp_cluster_id)

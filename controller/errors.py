@@ -50,7 +50,17 @@ class AlreadyRunningError(ClusterStateError):
 
 
 class ClusterLostError(ClusterStateError):
-    """Work cannot go on: the controller died, or no engine is left and none came within engine_timeout."""
+    """Work cannot go on: the controller died, or no engine is left and none came within engine_timeout.
+
+    ``way_on``: the commands that bring the cluster back, for the resume hints of train, sweep and bench."""
+
+    def __init__(self, message: str, way_on: str = "`cluster stop`, `cluster start`"):
+        super().__init__(message)
+        self.way_on = way_on
+
+
+# after the controller died: the slaves still up are adopted by a new one (controller/lifecycle.py)
+CONTROLLER_GONE_WAY_ON = "`cluster start` (it adopts the slaves still up)"
 
 
 class ProviderError(ClusterError):
@@ -79,6 +89,6 @@ class TaskError(ClusterError):
 # engines share with the master (engines.errors.DataError: not a ClusterError, slaves have no controller)
 REPORTED = (ClusterError, DataError)
 
-__all__ = ["REPORTED", "AlreadyRunningError", "CapacityError", "ClusterError", "ClusterLostError",
+__all__ = ["CONTROLLER_GONE_WAY_ON", "REPORTED", "AlreadyRunningError", "CapacityError", "ClusterError", "ClusterLostError",
            "ClusterStateError", "ConfigError", "CredentialsError", "DataError", "ExitStatus", "NotRunningError",
            "ProviderError", "TaskError", "UsageError"]

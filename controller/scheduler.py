@@ -30,7 +30,7 @@ import ipyparallel as ipp
 from engines.held import reference as held_reference
 from engines.tasks import train_task
 
-from .errors import ClusterLostError
+from .errors import CONTROLLER_GONE_WAY_ON, ClusterLostError
 from .task_result import TaskResult
 
 log = logging.getLogger(__name__)
@@ -190,14 +190,15 @@ class Watchdog:
             return
         self._next_check = now + self.check_every_s
         if not self.controller_alive():
-            raise ClusterLostError("the cluster's controller died")
+            raise ClusterLostError("the cluster's controller died", way_on=CONTROLLER_GONE_WAY_ON)
         if engine_count() > 0:
             self._engineless_since = None
         elif self._engineless_since is None:
             self._engineless_since = now
         elif now - self._engineless_since >= self.engine_timeout:
             raise ClusterLostError(f"no engine has been registered for {now - self._engineless_since:.0f} s "
-                                   f"([cluster] engine_timeout = {self.engine_timeout:g})")
+                                   f"([cluster] engine_timeout = {self.engine_timeout:g})",
+                                   way_on="`cluster scale N` (slaves with engines again)")
 
 
 class EngineRoster(Protocol):

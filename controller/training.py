@@ -129,8 +129,8 @@ class Training:
             run = self.store.runs.get(job.run_id)
             if isinstance(error, ClusterLostError) and run is not None:
                 raise ClusterLostError(
-                    f"{error}; run {run.id} is stored up to epoch {run.epochs_done}: `cluster stop`, "
-                    f"`cluster start`, then continue it with `cluster train --resume {run.id}`") from None
+                    f"{error}; run {run.id} is stored up to epoch {run.epochs_done}: {error.way_on}, "
+                    f"then continue it with `cluster train --resume {run.id}`", error.way_on) from None
             raise
         if source.error is not None:
             raise TaskError(f"run {job.run_id} failed on its engine: {source.error}", source.traceback)

@@ -163,6 +163,7 @@ class TestEnginesThatDie:
         code, err = TestWorkThatCannotFinish.run_held_at_its_second_task(cluster, tmp_path, impatient,
                                                                         kill_every_engine)
         assert code == 3 and "no engine has been registered for 5 s ([cluster] engine_timeout = 5)" in err, err
+        assert "`cluster scale N` (slaves with engines again), then continue it with" in err, err
         TestWorkThatCannotFinish.assert_interrupted_with_hint(cluster.store, err)
 
 
@@ -296,6 +297,7 @@ class TestWorkThatCannotFinish:
         cluster, code, err = controller_killed_mid_run
         assert code == 3 and "error: the cluster's controller died" in err, err
         self.assert_interrupted_with_hint(cluster.store, err)
+        assert "`cluster start` (it adopts the slaves still up), then continue it with" in err, err
 
     def test_a_crashed_controller_shows_in_status_and_stop_still_cleans_up(self, controller_killed_mid_run):
         cluster = controller_killed_mid_run[0]

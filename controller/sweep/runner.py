@@ -178,8 +178,7 @@ def _drive(session: Session, table: SweepTable, sweep: SweepRecord, source: Swee
                      seconds=sweep.seconds + time.time() - started, error=None if interrupted else repr(error))
         if isinstance(error, ClusterLostError):
             raise ClusterLostError(f"{error}; sweep {sweep.id} keeps its finished trials and checkpoints: "
-                                   f"`cluster stop`, `cluster start`, then `cluster sweep --resume {sweep.id}`"
-                                   ) from None
+                                   f"{error.way_on}, then `cluster sweep --resume {sweep.id}`", error.way_on) from None
         raise
     makespan = time.time() - started
     table.update(sweep.id, state="completed", finished_at=time.time(), seconds=sweep.seconds + makespan)
