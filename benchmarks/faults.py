@@ -132,6 +132,14 @@ class FaultSink(ProgressSink):
     def task_done(self, job, result, engine_id) -> None:
         if result.stopped == "notice":
             self._lost(job, "notice", redone=0.0)
+            return
+        with self.journal.lock:
+            # a resumed task can end before its first progress report (the rest of its epoch was short):
+            # its result is its first progress, or the fault thread would wait for a report that never comes
+            fault = self.journal.waiting.get(job.run_id)
+            if fault is not None and fault.recovered_at is not None:
+                fault.progress_at = time.monotonic()
+                del self.journal.waiting[job.run_id]
 
     def _lost(self, job, kind: str, redone: Optional[float] = None) -> None:
         with self.journal.lock:
