@@ -118,33 +118,8 @@ class Lifecycle:
                                    min_slaves=cfg.min_slaves, max_slaves=cfg.max_slaves,
                                    idle_minutes=cfg.idle_minutes, replace_lost=int(cfg.replace_lost))
         record = self.store.clusters.get(record.id)
-        ipp_cluster = client = None
-        try:
-            ipp_cluster = ipcluster.new_cluster(
-                profile, record.ipp_cluster_id, engine_env=ipcluster.engine_environment(threads),
-                engine_ip=engine_ip, engine_timeout=cfg.engine_timeout,
-                master_grace_minutes=cfg.master_grace_minutes)
-            ipp_cluster.start_controller_sync()
-            self.store.clusters.update(record.id, controller_pid=ipcluster.controller_pid(ipp_cluster))
-            ipcluster.secure_files(profile)
-            nodes = chosen.start(record, ipp_cluster, cfg.slaves)
-            client = ipp_cluster.connect_client_sync(timeout=cfg.engine_timeout)
-            self._wait_for_engines(client, chosen.expected_engines(nodes), cfg.engine_timeout, profile)
-            joining.record_engines(self.store, self.config, record, client, threads, nodes, ipp_cluster=ipp_cluster)
-            ipcluster.secure_files(profile)
-            self.store.clusters.set_state(record.id, "running")
-            joining.warm_engines(client, self.run_spec(), cfg.engine_timeout)
-            if cfg.replace_lost or cfg.max_slaves:
-                from .elastic import keeper
-
-                keeper.spawn(dataclasses.replace(self.config, cluster=cfg), record, self.store)
-        except BaseException as error:
-            self._undo_start(record, chosen, ipp_cluster, error)
-            raise
-        finally:
-            if client is not None:
-                client.close()
-        return self.store.clusters.get(record.id)
+        return self._run(record, cfg, chosen, engine_ip, threads,
+                         lambda ipp_cluster: chosen.start(record, ipp_cluster, cfg.slaves))
 
     # adopting ---------------------------------------------------------------------
     def adoptable(self, cfg: ClusterConfig) -> Optional[tuple[ClusterRecord, list[NodeRecord]]]:
@@ -189,6 +164,27 @@ class Lifecycle:
                                    threads_per_engine=threads, min_slaves=cfg.min_slaves, max_slaves=cfg.max_slaves,
                                    idle_minutes=cfg.idle_minutes, replace_lost=int(cfg.replace_lost))
         record = self.store.clusters.get(record.id)
+
+        def take_over(ipp_cluster) -> list[NodeRecord]:
+            adopted = chosen.adopt(record, ipp_cluster, nodes)
+            added, short = self._make_up(record, chosen, ipp_cluster, cfg.slaves - len(adopted), bool(adopted))
+            target = max(cfg.slaves, len(adopted))
+            self.store.clusters.update(record.id, slaves=target, target=target)
+            message = adoption_message(self.name, nodes, adopted, added, cfg.slaves) + short
+            self.store.events.add(record.id, "adopt", message)
+            log.info("%s", message)
+            return adopted + added
+
+        return self._run(record, cfg, chosen, engine_ip, threads, take_over)
+
+    def _run(self, record: ClusterRecord, cfg: ClusterConfig, chosen: Provider, engine_ip: str, threads: int,
+             bring_up: Callable[[Any], list[NodeRecord]]) -> ClusterRecord:
+        """The one path of ``start`` and ``adopt``: the controller, the nodes ``bring_up(ipp_cluster)`` returns,
+        the wait for their engines, their warm-up, the keeper. Any failure, Ctrl-C included, tears down
+        what was started."""
+        from .elastic import keeper
+
+        profile = Path(record.profile_dir)
         ipp_cluster = client = None
         try:
             ipp_cluster = ipcluster.new_cluster(
@@ -198,24 +194,17 @@ class Lifecycle:
             ipp_cluster.start_controller_sync()
             self.store.clusters.update(record.id, controller_pid=ipcluster.controller_pid(ipp_cluster))
             ipcluster.secure_files(profile)
-            adopted = chosen.adopt(record, ipp_cluster, nodes)
-            added, short = self._make_up(record, chosen, ipp_cluster, cfg.slaves - len(adopted), bool(adopted))
-            target = max(cfg.slaves, len(adopted))
-            self.store.clusters.update(record.id, slaves=target, target=target)
+            nodes = bring_up(ipp_cluster)
             client = ipp_cluster.connect_client_sync(timeout=cfg.engine_timeout)
-            self._wait_for_engines(client, chosen.expected_engines(adopted + added), cfg.engine_timeout, profile)
-            joining.record_engines(self.store, self.config, record, client, threads, adopted + added,
-                                   ipp_cluster=ipp_cluster)
+            self._wait_for_engines(client, chosen.expected_engines(nodes), cfg.engine_timeout, profile)
+            joining.record_engines(self.store, self.config, record, client, threads, nodes, ipp_cluster=ipp_cluster)
             ipcluster.secure_files(profile)
-            message = adoption_message(self.name, nodes, adopted, added, cfg.slaves) + short
-            self.store.events.add(record.id, "adopt", message)
-            log.info("%s", message)
             self.store.clusters.set_state(record.id, "running")
             joining.warm_engines(client, self.run_spec(), cfg.engine_timeout)
             if cfg.replace_lost or cfg.max_slaves:
                 keeper.spawn(dataclasses.replace(self.config, cluster=cfg), record, self.store)
-            else:  # the old start's keeper spec would have the next command revive a keeper not wanted now
-                (Path(self.config.state_dir) / f"keeper-{record.id}.json").unlink(missing_ok=True)
+            else:  # an adopted cluster's old spec would have the next command revive a keeper not wanted now
+                keeper.forget(self.config.state_dir, record.id)
         except BaseException as error:
             self._undo_start(record, chosen, ipp_cluster, error)
             raise

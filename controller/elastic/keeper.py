@@ -71,6 +71,12 @@ def revive(state_dir: Path, store: Store, record: ClusterRecord) -> Optional[int
         return pid
 
 
+def forget(state_dir: Path, cluster_id: int) -> None:
+    """No keeper is wanted for this cluster any more (an adopting start without replace_lost or autoscaling):
+    drop the spec ``revive`` would start one from."""
+    (Path(state_dir) / f"keeper-{cluster_id}.json").unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def _keeper_lock(state_dir: Path, cluster_id: int) -> Iterator[None]:
     """Held while a keeper is started and its pid recorded: two commands that find it dead at once start
