@@ -25,7 +25,7 @@ from controller.providers import Hooks
 from controller.providers.aws import ec2 as ec2_calls
 from tests.conftest import make_config, wait_until
 from tests.netns import SLAVE_ROOT, SLAVE_USER, NetnsHosts, client_key, unavailable
-from tests.test_aws_provider import aws_config, image, moto_url  # noqa: F401 - moto_url: fixture
+from tests.test_aws_provider import aws_config, fresh_ec2, image, moto_url  # noqa: F401 - moto_url: fixture
 
 REASON = unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON or "ok")]
@@ -159,19 +159,8 @@ tunnel = always
 # aws -----------------------------------------------------------------------------------------------
 @pytest.fixture
 def ec2(moto_url, monkeypatch):
-    """A clean moto, test credentials only; every Cluster of the test maps instances to the namespace hosts."""
-    import urllib.request
-
-    import boto3
-
-    urllib.request.urlopen(urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST")).read()
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    return boto3.client("ec2", region_name="us-east-1", endpoint_url=moto_url)
+    """A clean moto, test credentials only (``mapped`` maps every Cluster's instances to the namespace hosts)."""
+    return fresh_ec2(moto_url, monkeypatch)
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from controller.providers import Hooks, Provider, make_provider, provider_class
 from controller.store import ClusterRecord
 from tests.conftest import cluster_pids, make_config, wait_until
 from tests.netns import SLAVE_USER, NetnsHost, NetnsHosts, client_key, unavailable
-from tests.test_aws_provider import NOTHING, aws_config, image, moto_url, tagged  # noqa: F401 - moto_url: fixture
+from tests.test_aws_provider import NOTHING, aws_config, fresh_ec2, image, moto_url, tagged  # noqa: F401 - moto_url: fixture
 
 REASON = unavailable()
 KINDS = ("local", "ssh", "aws")
@@ -74,18 +74,7 @@ def slave(tmp_path_factory):
 @pytest.fixture
 def ec2_client(moto_url, monkeypatch):
     """A clean moto with test credentials only (never a real account's)."""
-    import urllib.request
-
-    import boto3
-
-    urllib.request.urlopen(urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST")).read()
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    return boto3.client("ec2", region_name="us-east-1", endpoint_url=moto_url)
+    return fresh_ec2(moto_url, monkeypatch)
 
 
 def stray_processes(host: NetnsHost) -> list[int]:
