@@ -222,9 +222,7 @@ class RemoteEngines:
         (any BaseException) the workers are cancelled at once and it re-raises with the nodes still recorded:
         the caller releases them as after a failed start."""
         connection = engine_connection(cluster, timeout)
-        known: dict[str, tuple[int, ...]] = {}
-        for row in self.store.execute("SELECT node_id, pid FROM remote_engines WHERE cluster_id = ?", (cluster.id,)):
-            known[row[0]] = (*known.get(row[0], ()), row[1])
+        known = self._recorded_pids(cluster.id)
         cancelled = rm.Cancel()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, max(1, len(targets))))
 
@@ -320,12 +318,17 @@ class RemoteEngines:
                 pid_file.unlink(missing_ok=True)
         return problems
 
+    def _recorded_pids(self, cluster_id: int) -> dict[str, tuple[int, ...]]:
+        """Node id -> the pids of the engines started there for the cluster, as recorded at their start."""
+        known: dict[str, tuple[int, ...]] = {}
+        for node_id, pid in self.store.execute("SELECT node_id, pid FROM remote_engines WHERE cluster_id = ?",
+                                               (cluster_id,)):
+            known[node_id] = (*known.get(node_id, ()), pid)
+        return known
+
     def _stop_engines(self, cluster_id: Optional[int], hosts: list[rm.Host], quiet: bool) -> list[str]:
         problems = []
-        known: dict[str, list[int]] = {}
-        if cluster_id is not None:
-            for row in self.store.execute("SELECT node_id, pid FROM remote_engines WHERE cluster_id = ?", (cluster_id,)):
-                known.setdefault(row[0], []).append(row[1])
+        known = self._recorded_pids(cluster_id) if cluster_id is not None else {}
 
         def stop_one(host: rm.Host) -> None:
             # a host never contacted has no recorded key: nothing of ours can run there
