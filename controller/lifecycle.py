@@ -191,6 +191,7 @@ class Lifecycle:
                 profile, record.ipp_cluster_id, engine_env=ipcluster.engine_environment(threads),
                 engine_ip=engine_ip, engine_timeout=cfg.engine_timeout,
                 master_grace_minutes=cfg.master_grace_minutes)
+            chosen.prepare(record)
             ipp_cluster.start_controller_sync()
             self.store.clusters.update(record.id, controller_pid=ipcluster.controller_pid(ipp_cluster))
             ipcluster.secure_files(profile)

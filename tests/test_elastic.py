@@ -325,8 +325,8 @@ def test_a_killed_engine_is_replaced_by_the_keeper(tmp_path, tiny_data_dir):
         # the keeper rebuilt ipyparallel's cluster from its file, which keeps no engine arguments: the
         # replacement still gets the first engines' (the master's grace, leaving at once when stopped)
         first, replacement = (next(e for e in status.engines if e.node_id == node) for node in ("local-1", "local-3"))
-        assert engine_arguments(replacement.pid) == engine_arguments(first.pid)
-        assert any("max_heartbeat_misses" in a for a in engine_arguments(replacement.pid))
+        assert engine_arguments(cluster, replacement.id) == engine_arguments(cluster, first.id)
+        assert any("max_heartbeat_misses" in a for a in engine_arguments(cluster, replacement.id))
         assert any("joined" in e.detail and "(replacing local-2)" in e.detail for e in status.events)
         assert status.state == "running"
         # the keeper ends with the controller
@@ -336,9 +336,10 @@ def test_a_killed_engine_is_replaced_by_the_keeper(tmp_path, tiny_data_dir):
         stop_and_check(cluster)  # the keeper too: it carries the cluster's marker
 
 
-def engine_arguments(pid: int) -> list[str]:
-    """An engine process's command-line options (those after ``-m ipyparallel.engine``)."""
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+def engine_arguments(cluster: Cluster, engine_id: int) -> list[str]:
+    """An engine's command-line options (those after ``-m ipyparallel.engine``), as the engine itself got them:
+    a local engine is forked from the cluster's fork server, so /proc shows the server's command line."""
+    argv = cluster.client[engine_id].apply_sync(eval, "__import__('sys').argv")
     return [a for a in argv if a.startswith("--")]
 
 

@@ -96,6 +96,10 @@ class Provider(abc.ABC):
         If it raises (Ctrl-C included), whatever it created is already released.
         """
 
+    def prepare(self, cluster: "ClusterRecord") -> None:
+        """Begin, before the controller starts, what can overlap its start (local: the engine fork server's
+        imports). Nothing to undo: whatever it starts ends with the cluster's other processes."""
+
     @abc.abstractmethod
     def add(self, cluster: "ClusterRecord", ipp_cluster: "ipp.Cluster", count: int) -> list["NodeRecord"]:
         """Bring up ``count`` more slaves of a running cluster and start their engines (``start`` is this on an

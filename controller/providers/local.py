@@ -17,7 +17,7 @@ from typing import Optional
 
 import ipyparallel as ipp
 
-from .. import ipcluster, processes
+from .. import forked_engines, ipcluster, processes
 from ..store import ClusterRecord, NodeRecord
 from .base import Provider, Resource
 
@@ -33,12 +33,20 @@ class LocalProvider(Provider):
     def start(self, cluster: ClusterRecord, ipp_cluster: ipp.Cluster, slaves: int) -> list[NodeRecord]:
         return self.add(cluster, ipp_cluster, slaves)
 
+    def prepare(self, cluster: ClusterRecord) -> None:
+        forked_engines.start_server(cluster.profile_dir, cluster.ipp_cluster_id,
+                                    self._engine_environment(cluster))
+
+    @staticmethod
+    def _engine_environment(cluster: ClusterRecord) -> dict[str, str]:
+        return {**ipcluster.engine_environment(cluster.threads_per_engine),
+                **processes.process_marker(Path(cluster.profile_dir), cluster.ipp_cluster_id)}
+
     def add(self, cluster: ClusterRecord, ipp_cluster: ipp.Cluster, count: int) -> list[NodeRecord]:
         # never reuse a node id: a removed node's rows (and events naming it) stay in the store
         used = [int(m.group(1)) for n in self.store.nodes.of(cluster.id) for m in [NODE_ID.match(n.node_id)] if m]
         first = max(used, default=0) + 1
-        environment = {**ipcluster.engine_environment(cluster.threads_per_engine),
-                       **processes.process_marker(Path(cluster.profile_dir), cluster.ipp_cluster_id)}
+        environment = self._engine_environment(cluster)
         engine_args = ipcluster.engine_args(self.config.cluster.master_grace_minutes)
         price = self.config.cluster.price_per_hour / max(1, cluster.target or cluster.slaves)
         nodes = []
