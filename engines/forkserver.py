@@ -201,6 +201,9 @@ def _become_engine(argv: list[str], env: dict[str, str], cwd: str, output: str, 
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)
+        logging.getLogger().handlers.clear()  # the server's handler; a plain engine starts with none
+        if "numpy" in sys.modules:  # its global generator would be every sibling's (Python's own reseeds itself)
+            sys.modules["numpy"].random.seed()
         sys.argv = [sys.argv[0], *argv]
         from ipyparallel.engine.app import main
 

@@ -16,6 +16,8 @@ import each other can meet in the import locks, and one then sees a half-initial
 import is only logged: the task's own import afterwards raises the real error where the master sees it.
 
 Installed in every engine, local or remote, as its startup command (``controller.ipcluster.ENGINE_STARTUP``).
+A local engine is forked from its cluster's fork server (engines/forkserver.py) with these modules imported
+already: there the thread finds them loaded and ends at once.
 """
 from __future__ import annotations
 

@@ -75,9 +75,20 @@ def kill_namespace(ns: str) -> None:
 
 def ensure_slave_user() -> None:
     if subprocess.run(["id", "-u", SLAVE_USER], capture_output=True).returncode != 0:
-        sh("useradd", "--system", "--user-group", "--no-create-home", "--home-dir", str(SLAVE_ROOT / "home"),
-           "--shell", "/bin/sh", SLAVE_USER)
-    sh("usermod", "-p", "*", SLAVE_USER)  # no password, but not locked: sshd without PAM refuses locked ones
+        # another test worker may add it at the same moment: whoever loses finds it there
+        added = sh("useradd", "--system", "--user-group", "--no-create-home", "--home-dir", str(SLAVE_ROOT / "home"),
+                   "--shell", "/bin/sh", SLAVE_USER, check=False)
+        if subprocess.run(["id", "-u", SLAVE_USER], capture_output=True).returncode != 0:
+            raise RuntimeError(f"useradd {SLAVE_USER} failed: {added.stderr.strip()}")
+    # no password, but not locked: sshd without PAM refuses locked ones; usermod takes /etc/passwd's lock,
+    # which another test worker may hold for a moment
+    for attempt in range(50):
+        if sh("getent", "shadow", SLAVE_USER, check=False).stdout.split(":")[1:2] == ["*"]:
+            return
+        if sh("usermod", "-p", "*", SLAVE_USER, check=False).returncode == 0:
+            return
+        time.sleep(0.1)
+    sh("usermod", "-p", "*", SLAVE_USER)
 
 
 def _outermost(paths: list[Path]) -> list[Path]:

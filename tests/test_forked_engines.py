@@ -48,6 +48,10 @@ class TestALocalCluster:
         for pid, _parent in engine_processes(cluster.client).values():
             assert os.getsid(pid) == pid and os.getpgid(pid) == pid
 
+    def test_forked_engines_do_not_share_numpy_s_random_state(self, cluster):
+        draws = cluster.client[:].apply_sync(eval, "__import__('numpy').random.randint(1 << 30)")
+        assert len(set(draws)) == len(draws), draws
+
     def test_each_engine_is_named_ipengine_for_ps_and_top(self, cluster):
         for pid, _parent in engine_processes(cluster.client).values():
             assert psutil.Process(pid).name() == "ipengine"

@@ -54,7 +54,7 @@ def holders(profile: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
-    with NetnsHosts(1, tmp_path_factory.mktemp("netns"), first_subnet=31) as made:
+    with NetnsHosts(1, tmp_path_factory.mktemp("netns"), first_subnet=41) as made:
         made.key = client_key(made.workdir)
         made.hosts[0].authorize(made.key)
         yield made
