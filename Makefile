@@ -12,7 +12,8 @@ CLUSTER_DATA_DIR ?= $(if $(wildcard ../shared/data/MNIST/raw/train-images-idx3-u
 DEMO_SLAVES ?= 4
 PYTEST_ARGS ?=
 # test files run two at a time (pytest-xdist): a file's tests stay on one worker, so its shared clusters and
-# slave namespaces are started once; TEST_WORKERS=0 runs them one after another
+# slave namespaces are started once; in the order tests/conftest.py puts them (longest first);
+# TEST_WORKERS=0 runs them one after another
 TEST_WORKERS ?= 2
 
 .PHONY: demo test install system-deps clean bench
@@ -42,7 +43,7 @@ demo: install
 	$(BIN)/cluster runs --limit 5
 
 test: install system-deps
-	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 bench: export CLUSTER_DATA_DIR := $(CLUSTER_DATA_DIR)
 bench: install

@@ -22,6 +22,13 @@ def real_mnist_dir() -> Path | None:
     return SHARED_DATA if (SHARED_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").exists() else None
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The files that bring up slave hosts (network namespaces with sshd, remote engines) first: they are
+    the longest, and `make test` hands whole files to two workers in this order (pytest-xdist, loadfile,
+    no reordering), so the short ones fill in at the end instead of one long file running alone."""
+    items.sort(key=lambda item: not hasattr(item.module, "NetnsHosts") if item.module is not None else True)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def no_outside_configuration():
     """Tests say where their config, data and state are; `make test` (or a user's shell) may have set
