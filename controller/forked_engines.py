@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 120.0
 
 
+# abstract Unix sockets and SO_PEERCRED are Linux's; elsewhere engines start the plain way
+FORKING = sys.platform.startswith("linux")
+
+
 class ForkServerUnavailable(RuntimeError):
     pass
 
@@ -74,6 +78,8 @@ def server_log(profile_dir: str | Path, cluster_id: str) -> Path:
 def start_server(profile_dir: str | Path, cluster_id: str, environment: dict[str, str]) -> None:
     """Start the cluster's fork server now unless one runs, so that its imports overlap whatever the caller
     does next (the controller's start); engines launched with ``environment`` then come from it."""
+    if not FORKING:
+        return
     name = server_name(str(profile_dir), cluster_id, environment)
     try:
         _connect(name).close()
@@ -103,7 +109,7 @@ def fork_engine(name: str, argv: list[str], env: dict[str, str], cwd: str, outpu
         request = {"argv": argv, "env": env, "cwd": cwd, "output": output}
         try:
             connection.sendall(json.dumps(request).encode() + b"\n")
-            reply = json.loads(forkserver._read_line(connection) or b"{}")
+            reply = json.loads(forkserver.read_line(connection) or b"{}")
         except (OSError, ValueError) as error:
             raise ForkServerUnavailable(f"the fork server did not answer (see {log_file}): {error}")
     if "pid" not in reply:
@@ -116,7 +122,7 @@ class ForkedEngineLauncher(LocalEngineLauncher):
 
     def start(self):
         args = self.args
-        if not sys.platform.startswith("linux") or args[:len(ipengine_cmd_argv)] != ipengine_cmd_argv:
+        if not FORKING or args[:len(ipengine_cmd_argv)] != ipengine_cmd_argv:
             return super().start()  # a configured engine command is not ours to replace
         env = {**os.environ, **self.get_env()}
         name = server_name(self.profile_dir, self.cluster_id, self.environment)

@@ -116,7 +116,7 @@ class ForkServer:
                                                             struct.calcsize("3i")))[1]
             if uid != os.getuid():
                 raise PermissionError(f"uid {uid} may not ask for an engine (only {os.getuid()})")
-            request = json.loads(_read_line(connection))
+            request = json.loads(read_line(connection))
             reply = {"pid": self._fork(request, connection)}
         except Exception as error:  # noqa: BLE001 - the client reports it, and starts its engine itself
             log.warning("could not fork an engine: %s", error)
@@ -155,7 +155,7 @@ class ForkServer:
         return len(self.children)
 
 
-def _read_line(connection: socket.socket) -> bytes:
+def read_line(connection: socket.socket) -> bytes:
     data = b""
     while not data.endswith(b"\n"):
         chunk = connection.recv(65536)
