@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -151,6 +152,46 @@ tunnel = always
     finally:
         if train is not None and train.poll() is None:
             train.kill()
+        cluster.stop()
+        cluster.close()
+    assert wait_until(lambda: not any(h.engine_processes() for h in slaves.hosts), timeout=20)
+
+
+def test_an_ssh_host_that_died_while_the_master_was_away_is_lost_and_the_other_adopted(tmp_path, tiny_data_dir,
+                                                                                     slaves):
+    """One of two ssh slaves went down with the master (its engines gone, its network unreachable). `cluster
+    start` adopts the other and records that one lost; the add that would make up `--slaves 2` can only try
+    the dead host again, fails, and the adopted slave serves on (the keeper, where one runs, tries again)."""
+    config = make_config(tmp_path, tiny_data_dir, slaves=2, extra=f"""
+provider = ssh
+
+[ssh]
+hosts = {', '.join(h.address for h in slaves.hosts)}
+user = {SLAVE_USER}
+key_file = {slaves.key}
+python = {sys.executable}
+""")
+    cluster = Cluster(config)
+    alive, dead = slaves.hosts
+    try:
+        cluster.start()
+        master_restarts(cluster)
+        for pid in dead.engine_processes():
+            processes.kill_process_group(pid)
+        subprocess.run(["ip", "link", "set", dead.veth, "down"], check=True)  # the master's way to it is gone
+
+        printed = start_cli(config)
+        assert (f"adopted 1 slave(s) of cluster 'test' still up: {alive.address}; lost {dead.address}; "
+                f"adding 1 slave(s) for those lost failed") in printed, printed
+        # the add did not wait a second time for the host the adoption had just found unreachable
+        assert re.search(rf"{re.escape(dead.address)} was lost \d+ s ago, unreachable \(tried again 120 s after\)",
+                         printed), printed
+        status = cluster.status()
+        assert {n.node_id: n.state for n in status.nodes if n.node_id == dead.address} == {dead.address: "lost"}
+        assert [e.state for e in status.engines] == ["idle"] and alive.engine_count() == 1
+        assert cluster.train(epochs=1, subset=200).run.state == "completed"
+    finally:
+        subprocess.run(["ip", "link", "set", dead.veth, "up"], check=False)
         cluster.stop()
         cluster.close()
     assert wait_until(lambda: not any(h.engine_processes() for h in slaves.hosts), timeout=20)

@@ -22,6 +22,10 @@ from .base import Provider, SshTarget
 log = logging.getLogger(__name__)
 
 
+# a host an adoption found unreachable is not tried again for this long (see ``SshProvider.add``)
+UNANSWERED_RETRY_S = 120.0
+
+
 class SshProvider(Provider):
     name = "ssh"
     STEPS = ("ssh", "tunnels", "bootstrap")  # tunnels: only with [ssh] tunnel = always
@@ -73,15 +77,25 @@ class SshProvider(Provider):
 
     def add(self, cluster: ClusterRecord, ipp_cluster, count: int) -> list[NodeRecord]:
         """The next ``count`` hosts of ``[ssh] hosts`` that no running node of the cluster uses (hosts lost
-        last: they did not answer the last time)."""
+        last: their engines died the last time). A host an adoption found unreachable less than
+        ``UNANSWERED_RETRY_S`` ago is not tried: a dead machine would hold the add for a whole connect
+        timeout (the adoption that just found it dead would wait for it twice)."""
         nodes = self.store.nodes.of(cluster.id)
+        now = time.time()
         in_use = {n.node_id for n in nodes if n.state not in ("stopped", "lost")}
         lost = {n.node_id for n in nodes if n.state == "lost"}
-        free = sorted((h for h in self.hosts() if str(h) not in in_use), key=lambda h: str(h) in lost)
+        # lost with a time: recorded by an adoption that could not reach the host or restart its engines (the
+        # keeper's lost nodes, whose engines died on a host that may well answer, have none)
+        unanswered = {n.node_id: now - n.terminated_at for n in nodes
+                      if n.state == "lost" and n.terminated_at and now - n.terminated_at < UNANSWERED_RETRY_S}
+        free = sorted((h for h in self.hosts() if str(h) not in in_use and str(h) not in unanswered),
+                      key=lambda h: str(h) in lost)
         if len(free) < count:
+            waiting = "".join(f"; {host} was lost {age:.0f} s ago, unreachable (tried again "
+                              f"{UNANSWERED_RETRY_S:.0f} s after)" for host, age in sorted(unanswered.items()))
             raise ProviderError(
                 f"no unused host left in [ssh] hosts for {count} more slave(s): {len(free)} free of "
-                f"{len(self.hosts())} ({', '.join(sorted(in_use)) or 'none'} in use); add hosts to "
+                f"{len(self.hosts())} ({', '.join(sorted(in_use)) or 'none'} in use{waiting}); add hosts to "
                 f"[ssh] hosts in {self.config.source}")
         batch = f"add-{int(time.time() * 1000)}"
         return self._bring_up(cluster, free[:count], batch=batch)
