@@ -49,6 +49,20 @@ def slaves(hosts):
     return hosts
 
 
+def ssh_config(tmp_path: Path, data_dir: Path, slaves, more: str = ""):
+    """A 2-slave ssh cluster on the namespace hosts (``more``: further [ssh] keys)."""
+    return make_config(tmp_path, data_dir, slaves=2, extra=f"""
+provider = ssh
+
+[ssh]
+hosts = {', '.join(h.address for h in slaves.hosts)}
+user = {SLAVE_USER}
+key_file = {slaves.key}
+python = {sys.executable}
+{more}
+""")
+
+
 def master_restarts(cluster: Cluster, *others: subprocess.Popen) -> None:
     """SIGKILL every local process of the cluster, and ``others`` (commands the master was running)."""
     record = cluster.store.clusters.active("test")
@@ -98,16 +112,7 @@ def test_ssh_slaves_are_adopted_with_new_engines_and_the_run_resumes(tmp_path, t
     """Two slaves behind SSH tunnels; a run holds its second task (a checkpoint stored) when the master
     restarts. `cluster start` adopts both hosts: their old engines end, new ones register through new
     tunnels, and `train --resume` finishes the run on them."""
-    config = make_config(tmp_path, tiny_data_dir, slaves=2, extra=f"""
-provider = ssh
-
-[ssh]
-hosts = {', '.join(h.address for h in slaves.hosts)}
-user = {SLAVE_USER}
-key_file = {slaves.key}
-python = {sys.executable}
-tunnel = always
-""")
+    config = ssh_config(tmp_path, tiny_data_dir, slaves, "tunnel = always")
     cluster = Cluster(config)
     train = None
     try:
@@ -160,17 +165,10 @@ tunnel = always
 def test_an_ssh_host_that_died_while_the_master_was_away_is_lost_and_the_other_adopted(tmp_path, tiny_data_dir,
                                                                                      slaves):
     """One of two ssh slaves went down with the master (its engines gone, its network unreachable). `cluster
-    start` adopts the other and records that one lost; the add that would make up `--slaves 2` can only try
-    the dead host again, fails, and the adopted slave serves on (the keeper, where one runs, tries again)."""
-    config = make_config(tmp_path, tiny_data_dir, slaves=2, extra=f"""
-provider = ssh
-
-[ssh]
-hosts = {', '.join(h.address for h in slaves.hosts)}
-user = {SLAVE_USER}
-key_file = {slaves.key}
-python = {sys.executable}
-""")
+    start` adopts the other and records that one lost; the add that would make up `--slaves 2` has only the
+    dead host, which it does not try again so soon: it fails at once, and the adopted slave serves on (the
+    keeper, where one runs, tries again later)."""
+    config = ssh_config(tmp_path, tiny_data_dir, slaves)
     cluster = Cluster(config)
     alive, dead = slaves.hosts
     try:
