@@ -173,3 +173,23 @@ def local_cluster(tmp_path_factory, tiny_data_dir):
     """A real 2-engine local cluster on tiny data, shared by a module's tests."""
     with running_cluster(tmp_path_factory.mktemp("cluster"), tiny_data_dir) as cluster:
         yield cluster
+
+
+def master_restarts(cluster, *others) -> None:
+    """SIGKILL every local process of the cluster (controller, its schedulers, the keeper, tunnel holders,
+    local engines and their fork server), and ``others`` (``Popen``s of commands the master was running):
+    what a restart of the master machine leaves is the store, state_dir and the remote slaves."""
+    record = cluster.store.clusters.active(cluster.name)
+    for process in others:
+        process.kill()
+        process.wait()
+    cluster._close_client()  # the test's own client of the old controller, as a restart ends it
+    marked = processes.marked_processes(Path(record.profile_dir), record.ipp_cluster_id)
+    assert record.controller_pid in marked
+    for pid in marked:
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert wait_until(lambda: not processes.marked_processes(Path(record.profile_dir), record.ipp_cluster_id),
+                      timeout=20)

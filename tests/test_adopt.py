@@ -24,7 +24,7 @@ from controller.api import Cluster
 from controller.cli import main
 from controller.providers import Hooks
 from controller.providers.aws import ec2 as ec2_calls
-from tests.conftest import make_config, wait_until
+from tests.conftest import make_config, master_restarts, wait_until
 from tests.netns import SLAVE_ROOT, SLAVE_USER, NetnsHosts, client_key, unavailable
 from tests.test_aws_provider import aws_config, fresh_ec2, image, moto_url  # noqa: F401 - moto_url: fixture
 
@@ -61,24 +61,6 @@ key_file = {slaves.key}
 python = {sys.executable}
 {more}
 """)
-
-
-def master_restarts(cluster: Cluster, *others: subprocess.Popen) -> None:
-    """SIGKILL every local process of the cluster, and ``others`` (commands the master was running)."""
-    record = cluster.store.clusters.active("test")
-    for process in others:
-        process.kill()
-        process.wait()
-    cluster._close_client()  # the test's own client of the old controller, as a restart ends it
-    marked = processes.marked_processes(Path(record.profile_dir), record.ipp_cluster_id)
-    assert record.controller_pid in marked
-    for pid in marked:
-        try:
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert wait_until(lambda: not processes.marked_processes(Path(record.profile_dir), record.ipp_cluster_id),
-                      timeout=20)
 
 
 def engine_pids(hosts) -> dict[str, set[int]]:

@@ -21,7 +21,7 @@ from controller.sweep.runner import plan
 from controller.sweep.space import ACCEPTED_FORMS
 from controller.errors import UsageError
 
-from conftest import REPO, cluster_pids, engines_holding_tasks, wait_until
+from conftest import REPO, cluster_pids, engines_holding_tasks, make_config, master_restarts, wait_until
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -163,6 +163,42 @@ def test_a_trial_that_raises_is_failed_with_its_traceback_and_the_sweep_goes_on(
     assert "hidden=13 is cursed" in failed.error and "RuntimeError" in failed.error
     assert "hidden=13 is cursed" in local_cluster.store.runs.get(failed.run_id).error
     assert result.trials[-1] is failed  # failed trials rank last
+
+
+def test_a_sweep_cut_by_a_master_restart_resumes_once_start_has_adopted_the_cluster(tmp_path, tiny_data_dir):
+    """The whole master goes down mid-sweep (the sweep command, the controller, the local engines). `cluster
+    start` takes the same cluster record up again, and `sweep --resume` finishes the sweep on it."""
+    from controller.api import Cluster
+
+    cluster = Cluster(make_config(tmp_path, tiny_data_dir, slaves=2))
+    config = str(cluster.config.source)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        first = cluster.start()
+        store = cluster.store
+        # the master restarts at a fixed point: a trial's second epoch is about to start (its first is stored)
+        with engines_holding_tasks(cluster.client, tmp_path, when="checkpoint is not None") as held:
+            master = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "sweep", "--param",
+                                       "lr=0.003,0.005,0.01", "--epochs", "2", "--json"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            assert held.wait(process=master), master.stderr.read().decode() if master.poll() is not None else "slow"
+            master_restarts(cluster, master)
+        (sweep_id,) = {r.sweep_id for r in store.runs.all() if r.sweep_id}
+
+        code, _out, err = run_cli("--config", config, "start")
+        assert code == 0 and "restarted the engines of cluster 'test'" in err, err
+        assert cluster.status().cluster_id == first.cluster_id  # the same record: the sweep's runs stay with it
+
+        resumed = subprocess.run([sys.executable, "-m", "controller", "--config", config, "sweep", "--resume",
+                                  sweep_id, "--json"], capture_output=True, text=True, env=env, timeout=240)
+        assert resumed.returncode == 0, resumed.stderr
+        data = json.loads(resumed.stdout)
+        assert data["state"] == "completed" and sorted(t["params"]["lr"] for t in data["trials"]) == [0.003, 0.005, 0.01]
+        assert {t["state"] for t in data["trials"]} == {"COMPLETE"}
+        assert all(r.state == "completed" and r.epochs_done == 2 for r in store.runs.all(sweep_id=sweep_id))
+    finally:
+        cluster.stop()
+        cluster.close()
 
 
 def test_kill_the_master_mid_sweep_then_resume(local_cluster, tmp_path):
