@@ -193,7 +193,8 @@ def test_a_sweep_cut_by_a_master_restart_resumes_once_start_has_adopted_the_clus
                                   sweep_id, "--json"], capture_output=True, text=True, env=env, timeout=240)
         assert resumed.returncode == 0, resumed.stderr
         data = json.loads(resumed.stdout)
-        assert data["state"] == "completed" and sorted(t["params"]["lr"] for t in data["trials"]) == [0.003, 0.005, 0.01]
+        assert data["state"] == "completed"
+        assert sorted(t["params"]["lr"] for t in data["trials"]) == [0.003, 0.005, 0.01]
         assert {t["state"] for t in data["trials"]} == {"COMPLETE"}
         assert all(r.state == "completed" and r.epochs_done == 2 for r in store.runs.all(sweep_id=sweep_id))
     finally:
