@@ -29,6 +29,8 @@ from ipyparallel.cluster.launcher import LocalEngineLauncher, LocalEngineSetLaun
 
 from engines import forkserver
 
+from . import ipcluster
+
 log = logging.getLogger(__name__)
 
 # the server's imports take about 5 s on an idle machine; four engine starts at once on 2 cores, more
@@ -62,17 +64,21 @@ def _connect(name: str) -> socket.socket:
     return connection
 
 
-def _start_server(name: str, env: dict[str, str], cwd: str, output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "ab") as log_file, open(os.devnull, "rb") as stdin:
-        # a session of its own, as ipyparallel starts engines: a Ctrl-C at the master's terminal is not for it
-        subprocess.Popen([sys.executable, "-m", "engines.forkserver", name], stdin=stdin, stdout=log_file,
-                         stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
-    os.chmod(output, 0o600)
-
-
 def server_log(profile_dir: str | Path, cluster_id: str) -> Path:
     return Path(profile_dir) / "log" / f"forkserver-{cluster_id}.log"
+
+
+def _start_server(name: str, profile_dir: str | Path, cluster_id: str, env: dict[str, str], cwd: str) -> None:
+    output = server_log(profile_dir, cluster_id)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # it leaves once the controller's engine connection file is gone (with no engine of its own left)
+    command = [sys.executable, "-m", "engines.forkserver", name,
+               "--controller-file", str(ipcluster.engine_file(Path(profile_dir), cluster_id))]
+    with open(output, "ab") as log_file, open(os.devnull, "rb") as stdin:
+        # a session of its own, as ipyparallel starts engines: a Ctrl-C at the master's terminal is not for it
+        subprocess.Popen(command, stdin=stdin, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                         start_new_session=True)
+    os.chmod(output, 0o600)
 
 
 def start_server(profile_dir: str | Path, cluster_id: str, environment: dict[str, str]) -> None:
@@ -84,17 +90,17 @@ def start_server(profile_dir: str | Path, cluster_id: str, environment: dict[str
     try:
         _connect(name).close()
     except OSError:
-        env = {**os.environ, **environment, "IPP_CLUSTER_ID": cluster_id, "IPP_PROFILE_DIR": str(profile_dir)}
-        _start_server(name, env, os.getcwd(), server_log(profile_dir, cluster_id))
+        _start_server(name, profile_dir, cluster_id, {**os.environ, **environment}, os.getcwd())
 
 
-def fork_engine(name: str, argv: list[str], env: dict[str, str], cwd: str, output: str, log_file: Path,
-                timeout: float = CONNECT_TIMEOUT) -> int:
+def fork_engine(name: str, profile_dir: str, cluster_id: str, argv: list[str], env: dict[str, str], cwd: str,
+                output: str, timeout: float = CONNECT_TIMEOUT) -> int:
     """The pid of a new engine forked by server ``name`` (started first when none answers)."""
+    log_file = server_log(profile_dir, cluster_id)
     try:
         connection = _connect(name)
     except OSError:
-        _start_server(name, env, cwd, log_file)
+        _start_server(name, profile_dir, cluster_id, env, cwd)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -127,8 +133,8 @@ class ForkedEngineLauncher(LocalEngineLauncher):
         env = {**os.environ, **self.get_env()}
         name = server_name(self.profile_dir, self.cluster_id, self.environment)
         try:
-            pid = fork_engine(name, args[len(ipengine_cmd_argv):], env, os.path.abspath(self.work_dir),
-                              self.output_file, server_log(self.profile_dir, self.cluster_id))
+            pid = fork_engine(name, self.profile_dir, self.cluster_id, args[len(ipengine_cmd_argv):], env,
+                              os.path.abspath(self.work_dir), self.output_file)
         except (ForkServerUnavailable, OSError) as error:
             log.warning("engine %s starts without the fork server: %s", self.identifier, error)
             return super().start()

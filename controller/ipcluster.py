@@ -114,13 +114,11 @@ def engine_args(master_grace_minutes: float) -> list[str]:
 
 
 def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], engine_ip: str = LOOPBACK,
-                engines: str | type | None = None, engine_timeout: int = 120,
+                engines: str | type = "local", engine_timeout: int = 120,
                 master_grace_minutes: float = 10.0) -> ipp.Cluster:
-    """An ipyparallel Cluster that outlives this process (shutdown_atexit=False); local engines come from a
-    fork server that imported torch once (controller/forked_engines.py) unless ``engines`` says otherwise."""
+    """An ipyparallel Cluster that outlives this process (shutdown_atexit=False). ``engines``: the local engine
+    launcher (a cluster's own: controller/forked_engines.py, engines forked from a server)."""
     from traitlets.config import Config
-
-    from .forked_engines import ForkedEngineSetLauncher
 
     config = Config()
     marker = process_marker(profile, cluster_id)
@@ -141,7 +139,7 @@ def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], e
         shutdown_atexit=False,
         controller_ip="",  # not --ip: that would bind client and monitor ports to the engines' address too
         controller_args=CONTROLLER_ARGS + controller_args(engine_ip),
-        engines=engines or ForkedEngineSetLauncher,
+        engines=engines,
         engine_timeout=engine_timeout,
         config=config,
         log_level=logging.WARNING,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import ipcluster, joining, processes
+from . import forked_engines, ipcluster, joining, processes
 from .cluster_status import controller_alive
 from .config import ClusterConfig, Config, override
 from .elastic.resize import LIVE_NODE_STATES
@@ -190,7 +190,7 @@ class Lifecycle:
             ipp_cluster = ipcluster.new_cluster(
                 profile, record.ipp_cluster_id, engine_env=ipcluster.engine_environment(threads),
                 engine_ip=engine_ip, engine_timeout=cfg.engine_timeout,
-                master_grace_minutes=cfg.master_grace_minutes)
+                master_grace_minutes=cfg.master_grace_minutes, engines=forked_engines.ForkedEngineSetLauncher)
             chosen.prepare(record)
             ipp_cluster.start_controller_sync()
             self.store.clusters.update(record.id, controller_pid=ipcluster.controller_pid(ipp_cluster))

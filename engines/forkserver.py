@@ -226,12 +226,10 @@ def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engines.forkserver", description=__doc__.split("\n")[0])
     parser.add_argument("name", help="the server's name: clients find it by this")
     parser.add_argument("--idle-seconds", type=float, default=IDLE_SECONDS)
+    parser.add_argument("--controller-file", type=Path, help="the controller's engine connection file")
     options = parser.parse_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s forkserver %(levelname)s %(message)s")
-    profile, cluster_id = os.environ.get("IPP_PROFILE_DIR"), os.environ.get("IPP_CLUSTER_ID")
-    controller_file = (Path(profile) / "security" / f"ipcontroller-{cluster_id}-engine.json"
-                       if profile and cluster_id else None)
-    server = ForkServer(options.name, options.idle_seconds, controller_file)
+    server = ForkServer(options.name, options.idle_seconds, options.controller_file)
     if not server.bind():
         log.info("another fork server holds %s: leaving", options.name)
         return 0
