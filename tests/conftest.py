@@ -87,6 +87,19 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.2):
     return predicate()
 
 
+def hub_log(cluster, *words: str, lines: int = 40) -> str:
+    """What the controller and the engines' nannies logged about engines leaving (and any of ``words``): the
+    story behind an engine the hub still lists after it died, for an assertion's message."""
+    log_dir = Path(cluster.config.state_dir) / "profile" / "log"
+    pattern = ("unregist", "heart", "stopped", "Nanny", "Parent", *words)
+    picked = []
+    for path in sorted(log_dir.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if any(word in line for word in pattern):
+                picked.append(f"{path.name}: {line}")
+    return "\n".join(picked[-lines:])
+
+
 class HeldTasks:
     """What ``engines_holding_tasks`` yields: ``wait`` for a held task, ``release`` every one."""
 

@@ -20,7 +20,7 @@ from controller.cli import main
 from controller.store import Store
 from engines import tasks
 from engines.train import load_checkpoint
-from tests.conftest import cluster_pids, engines_holding_tasks, make_config, running_cluster, wait_until
+from tests.conftest import cluster_pids, engines_holding_tasks, hub_log, make_config, running_cluster, wait_until
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -120,6 +120,9 @@ class TestEnginesThatDie:
         status = wait_until(lambda: (s := cluster.status()).state == "degraded"
                             and {e.id: e.state for e in s.engines}[victim.engine_id] == "dead" and s, timeout=10)
         assert status, cluster.status()
+        # the hub hears it from the engine's nanny at once (its heartbeat would take 4 s)
+        assert wait_until(lambda: victim.engine_id not in cluster.client.ids, timeout=15), \
+            (cluster.client.ids, hub_log(cluster))
 
     def test_a_frozen_engine_is_dropped_within_seconds(self, three_engines):
         """A slave that vanishes without a word (a spot instance taken back) leaves no nanny to tell the
@@ -136,7 +139,7 @@ class TestEnginesThatDie:
             elapsed = time.monotonic() - frozen_at
         finally:
             os.kill(victim.pid, signal.SIGKILL)
-        assert dropped, "the hub never dropped the frozen engine"
+        assert dropped, f"the hub never dropped the frozen engine\n{hub_log(three_engines)}"
         assert elapsed < 10, f"the frozen engine was dropped after {elapsed:.1f} s (expected about 4 s)"
 
     def test_no_engine_left_ends_the_run_after_engine_timeout(self, three_engines, tmp_path):
@@ -150,7 +153,7 @@ class TestEnginesThatDie:
         # the run must hold on a live engine: wait until the others' victims are gone (a SIGKILL lands a
         # moment later) and the client lists exactly the engines still alive
         assert wait_until(lambda: alive() and set(cluster.client.ids) == {e.engine_id for e in alive()},
-                          timeout=30), (cluster.client.ids, alive())
+                          timeout=30), (cluster.client.ids, alive(), hub_log(cluster))
         survivors = alive()
         impatient = tmp_path / "impatient.ini"
         impatient.write_text(Path(cluster.config.source).read_text().replace("engine_timeout = 90",
