@@ -216,10 +216,12 @@ class Cluster:
 
     def scheduler(self, **options: Any) -> Scheduler:
         """A scheduler on this cluster's engines that gives up, rather than waits forever, when the
-        controller dies or no engine is left for ``[cluster] engine_timeout`` seconds."""
+        controller dies or no engine is left for ``[cluster] engine_timeout`` seconds, and kills the engine of
+        a task silent for ``[cluster] stall_minutes`` (the task goes on elsewhere)."""
         record = self.record
         watchdog = Watchdog(controller_alive=lambda: controller_alive(record),
                             engine_timeout=self.config.cluster.engine_timeout)
+        options.setdefault("stall_s", self.config.cluster.stall_minutes * 60)
         return Scheduler(self.client, watchdog=watchdog, roster=StoreRoster(self.store, record.id), **options)
 
     def run_result(self, run_id: str) -> RunResult:

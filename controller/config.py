@@ -67,6 +67,9 @@ class ClusterConfig:
     engine_timeout: int = _opt(120, "seconds to wait for engines to register", min=5, max=3600)
     master_grace_minutes: float = _opt(10.0, "minutes engines wait for a silent master (a sleeping laptop) "
                                              "before they quit", min=0.1, max=1440.0)
+    stall_minutes: float = _opt(10.0, "a training task that reports no progress for this long (a hung CUDA kernel "
+                                      "or NCCL call, a deadlock) has its engine killed and goes on from its "
+                                      "checkpoint on another engine; 0 = never", min=0.0, max=1440.0)
     price_per_hour: float = _opt(0.0, "$/hour of the whole local or ssh cluster, for cost reports", min=0.0)
     metadata_url: str = _opt("", "instance metadata service the engines watch for spot interruption notices; "
                                  "empty = the provider's (aws: http://169.254.169.254, local/ssh: none), off = none",

@@ -72,5 +72,10 @@ class RunProgress(ProgressSink):
         self.progress.console.print(f"{job.run_id}: engine lost ({error}); retrying on another engine",
                                     style="yellow", highlight=False)
 
+    def task_stalled(self, job: Job, engine_id: int, silent_s: float) -> None:
+        self.progress.console.print(f"{job.run_id}: no progress for {silent_s:.0f} s on engine {engine_id} "
+                                    f"([cluster] stall_minutes); killing that engine", style="yellow",
+                                    highlight=False)
+
     def job_failed(self, job: Job, error: BaseException) -> None:
         self.progress.console.print(f"{job.run_id} failed: {error}", style="red", highlight=False)

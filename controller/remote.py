@@ -503,6 +503,7 @@ def bootstrap(remote: Remote, spec: EngineSpec, cancelled: Optional[threading.Ev
     _, hostname, _ = remote.run("hostname")
     remote.put(json.dumps(stamp_for(spec, torch_version, gpus)).encode(), f"{base}/{STAMP}", mode=0o600)
     count = spec.engines or spec.engines_per_gpu * max(gpus, 1)
+    stop_leftovers(remote, base, spec.tag)
     if cancelled is not None and cancelled.is_set():
         raise ProviderError(f"{remote.host}: start cancelled before engines were started")
     pids = start_engines(remote, base, spec, count, gpus, src)
@@ -540,15 +541,17 @@ def start_engines(remote: Remote, base: str, spec: EngineSpec, count: int, gpus:
 STOP_SCRIPT = r"""
 dir={rundir}
 profile={profile}
-pids=$(cat "$dir"/engine-*.pid 2>/dev/null)
-# pids the master's store holds: the run dir may carry another name (the tag includes the master's
-# hostname); such a pid is signalled only while it is still an engine of this remote_dir, never a reused one
-for pid in {known}; do
+# the run dir's pid files, and pids the master's store holds (the run dir may carry another name: the tag
+# includes the master's hostname); a pid is signalled only while it is still an engine of this remote_dir,
+# never a pid reused since (a pid file can outlive a reboot of the slave)
+pids=
+for pid in $(cat "$dir"/engine-*.pid 2>/dev/null) {known}; do
   case "$(tr '\0' ' ' < /proc/$pid/cmdline 2>/dev/null)" in
     *ipyparallel.engine*"--profile-dir=$profile"*) pids="$pids $pid" ;;
   esac
 done
 pids=$(echo $pids | tr ' ' '\n' | sort -un)
+[ -n "$pids" ] && echo "found:" $pids
 for pid in $pids; do kill -TERM -- -$pid 2>/dev/null || kill -TERM $pid 2>/dev/null; done
 for i in 1 2 3 4 5 6 7 8 9 10; do
   alive=; for pid in $pids; do kill -0 $pid 2>/dev/null && alive=1; done
@@ -566,17 +569,43 @@ exit 0
 """
 
 
-def stop_engines(remote: Remote, remote_dir: str, tag: str, pids: tuple[int, ...] = ()) -> list[int]:
-    """Stop the engines of ``tag`` on this slave (pid files, plus pids the store knows), remove its run dir.
+@dataclass(frozen=True)
+class Stopped:
+    """What a stop found on a slave: the engines it signalled, and those still alive afterwards."""
+    found: list[int]
+    left: list[int]
 
-    Returns the pids still alive afterwards (nothing, normally)."""
-    base = resolve_dir(remote, remote_dir)
+
+def _stop(remote: Remote, base: str, tag: str, pids: tuple[int, ...] = ()) -> Stopped:
     known = " ".join(str(int(p)) for p in pids)
     script = STOP_SCRIPT.format(rundir=shlex.quote(run_dir(base, tag)), profile=shlex.quote(f"{base}/profile"),
                                 known=known)
     _, out, _ = remote.run(f"sh -c {shlex.quote(script)}", timeout=60)
-    left = [line for line in out.splitlines() if line.startswith("left:")]
-    return [int(p) for p in left[0][5:].split()] if left else []
+
+    def listed(prefix: str) -> list[int]:
+        return [int(p) for line in out.splitlines() if line.startswith(prefix) for p in line[len(prefix):].split()]
+
+    return Stopped(found=listed("found:"), left=listed("left:"))
+
+
+def stop_engines(remote: Remote, remote_dir: str, tag: str, pids: tuple[int, ...] = ()) -> list[int]:
+    """Stop the engines of ``tag`` on this slave (pid files, plus pids the store knows), remove its run dir.
+
+    Returns the pids still alive afterwards (nothing, normally)."""
+    return _stop(remote, resolve_dir(remote, remote_dir), tag, pids).left
+
+
+def stop_leftovers(remote: Remote, base: str, tag: str) -> None:
+    """Before a bootstrap starts engines: stop those an earlier start of this cluster left in its run dir (a
+    slave that was lost and came back, a master that lost its state dir). They wait for their old controller
+    for up to master_grace_minutes, holding their GPU all that time."""
+    stopped = _stop(remote, base, tag)
+    if stopped.found:
+        log.warning("%s: stopped %d engine(s) an earlier start of this cluster left running (pids %s)",
+                    remote.host, len(stopped.found), " ".join(map(str, stopped.found)))
+    if stopped.left:
+        raise ProviderError(f"{remote.host}: engines left by an earlier start of this cluster (pids "
+                            f"{' '.join(map(str, stopped.left))}) did not stop; stop them there and start again")
 
 
 def engine_ports(connection: dict) -> list[int]:

@@ -111,6 +111,9 @@ class ProgressSink:
 
     def engine_lost(self, job: Job, error: BaseException) -> None: ...
 
+    def task_stalled(self, job: Job, engine_id: int, silent_s: float) -> None:
+        """The task reported no progress for ``silent_s``: its engine is being killed (``engine_lost`` follows)."""
+
     def job_failed(self, job: Job, error: BaseException) -> None: ...
 
     def tick(self) -> None:
@@ -123,6 +126,7 @@ class _InFlight:
     result: ipp.AsyncResult
     last_update: Optional[dict] = None
     started_on: Optional[int] = None  # the engine it runs on, once heard
+    heard_at: float = 0.0  # when it began, last reported progress, or its engine was last told to die
     moved: bool = False  # the task of a moved job (ReadyJobs): never withdrawn for another
     withdrawn: bool = False  # aborted while queued: its job goes again once the abort comes back
 
@@ -165,6 +169,7 @@ class SchedulerStats:
     engine_losses: int = 0
     withdrawn: int = 0  # queued tasks aborted so that a moved job went first
     withdrawn_late: int = 0  # of those, tasks that had begun when the abort arrived (they ran as usual)
+    stalls: int = 0  # engines killed because their task reported no progress for stall_s
     dispatch_overheads: list[float] = field(default_factory=list)  # engine-idle seconds per task
     # per finished task: engine id and the epoch seconds of submit, start (on the engine), completion
     timings: list[tuple[Optional[int], float, float, float]] = field(default_factory=list)
@@ -220,6 +225,8 @@ class EngineRoster(Protocol):
 # a task result's ``stopped``: why it ended before its epochs were done (engines/stopping.py); these two mean
 # the engine is going away, so it gets no further task
 ENGINE_GOING = ("drain", "notice")
+# a gap this long between two looks at the tasks is a pause of the master, not silence of the engines
+MASTER_PAUSE_S = 10.0
 ROSTER_CHECK_S = 1.0
 
 
@@ -244,9 +251,13 @@ def is_engine_loss(error: BaseException) -> bool:
 class Scheduler:
     def __init__(self, client: ipp.Client, poll_s: float = 0.2, targets: Optional[list[int]] = None,
                  prefetch: int = 0, watchdog: Optional[Watchdog] = None, roster: Optional[EngineRoster] = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, stall_s: float = 0.0):
         self.client = client
         self.clock = clock
+        # a task that began and then reports no progress for stall_s (0: never) has its engine killed: a hung
+        # CUDA kernel or NCCL call keeps the engine's heartbeat thread alive, so nothing else would notice
+        self.stall_s = stall_s
+        self._listened_at: Optional[float] = None  # the last time this scheduler looked at its tasks
         self.watchdog = watchdog
         self.roster = roster
         self._excluded: set[int] = set()  # engines that get no new task (draining, spot notice)
@@ -352,6 +363,7 @@ class Scheduler:
                     [t.result for t in in_flight.values()], timeout=self.poll_s,
                     return_when=concurrent.futures.FIRST_COMPLETED)
                 registered = set(self.client.ids)
+                self._discount_pause(in_flight)
                 for task in list(in_flight.values()):
                     if task.result in done:
                         del in_flight[task.result.msg_ids[0]]
@@ -369,6 +381,7 @@ class Scheduler:
                     else:
                         self._note_start(task, sink)
                         self._report_progress(task, sink)
+                        self._check_stall(task, sink)
                         continue
                     if follow_up is not None:
                         ready.push(follow_up)
@@ -454,7 +467,41 @@ class Scheduler:
             engine = _running_on(task.result)
             if engine is not None:
                 task.started_on = engine
+                task.heard_at = self.clock()
                 sink.task_started(task.job, engine)
+
+    def _discount_pause(self, in_flight: dict[str, _InFlight]) -> None:
+        """Silence counts only while the master listens: after a pause of the master (a frozen or sleeping
+        process; the client's thread then still has the engines' progress to read), every task's silence
+        starts again, so that no engine is killed for what the master did not hear."""
+        if not self.stall_s:
+            return
+        now = self.clock()
+        if self._listened_at is not None and now - self._listened_at > MASTER_PAUSE_S:
+            for task in in_flight.values():
+                task.heard_at += now - self._listened_at
+        self._listened_at = now
+
+    def _check_stall(self, task: _InFlight, sink: ProgressSink) -> None:
+        """Kill the engine of a task silent for ``stall_s`` (through its nanny, which answers while the engine
+        is stuck). The hub then drops the engine and the task goes on elsewhere as after any lost engine, from
+        its checkpoint; a task that stalls engine after engine fails its run after MAX_ENGINE_LOSSES."""
+        if not self.stall_s or task.started_on is None:
+            return
+        now = self.clock()
+        silent = now - task.heard_at
+        if silent < self.stall_s:
+            return
+        task.heard_at = now  # told again after another stall_s if the signal is lost (nanny unreachable)
+        self.stats.stalls += 1
+        log.warning("run %s: its task on engine %d reported no progress for %.0f s ([cluster] stall_minutes = %g); "
+                    "killing that engine, the task goes on elsewhere", task.job.run_id, task.started_on, silent,
+                    self.stall_s / 60)
+        sink.task_stalled(task.job, task.started_on, silent)
+        try:
+            self.client.send_signal("SIGKILL", targets=[task.started_on], block=False)
+        except Exception:  # noqa: BLE001 - gone already: the hub drops it, and the task moves the same way
+            log.debug("could not signal engine %d", task.started_on, exc_info=True)
 
     @staticmethod
     def _wanted(source: JobSource, in_flight: dict, ready: ReadyJobs) -> int:
@@ -475,6 +522,7 @@ class Scheduler:
         update = data.get("progress") if isinstance(data, dict) else None
         if update and update != task.last_update:
             task.last_update = dict(update)
+            task.heard_at = self.clock()
             sink.task_progress(task.job, update)
 
     def _lost(self, job: Job, error: BaseException, source: JobSource, sink: ProgressSink) -> Optional[Job]:

@@ -173,15 +173,19 @@ class NetnsHost:
                 found.append(pid)
         return found
 
-    def engine_count(self) -> int:
+    def engine_pids(self) -> list[int]:
         """Engines, not their nanny processes."""
-        count = 0
+        found = []
         for pid in self.engine_processes():
             try:
-                count += b"nanny" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"nanny" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
             except OSError:
                 pass
-        return count
+        return found
+
+    def engine_count(self) -> int:
+        return len(self.engine_pids())
 
 
 class NetnsHosts:

@@ -170,6 +170,28 @@ class TestEnginesThatDie:
         TestWorkThatCannotFinish.assert_interrupted_with_hint(cluster.store, err)
 
 
+def test_a_task_that_hangs_has_its_engine_killed_and_the_run_finishes_on_another(tmp_path, tiny_data_dir, caplog):
+    """A hung CUDA kernel or NCCL call keeps the engine's heartbeat alive: only the task's silence tells. The
+    run's first task hangs before its first batch (held, never released); after [cluster] stall_minutes (15 s)
+    the scheduler kills that engine through its nanny, and the run finishes on the other engine. Were it not
+    killed, the hold would end after two minutes and the run would finish on the hung engine."""
+    import logging
+
+    (tmp_path / "cluster").mkdir()
+    with running_cluster(tmp_path / "cluster", tiny_data_dir, extra="stall_minutes = 0.25") as cluster:
+        engines = cluster.store.engines.of(cluster.record.id)
+        first_task_only = f"not os.path.exists({str(tmp_path / 'task-held')!r})"
+        with engines_holding_tasks(cluster.client, tmp_path, when=first_task_only) as held, \
+                caplog.at_level(logging.WARNING, logger="controller.scheduler"):
+            result = cluster.train(epochs=1)
+            assert held.reached.exists()
+        [hung] = [e for e in engines if not processes.pid_alive(e.pid)]
+        assert result.run.state == "completed" and result.run.epochs_done == 1
+        assert result.run.engine_id != hung.engine_id
+        assert f"its task on engine {hung.engine_id} reported no progress for" in caplog.text
+        assert "stall_minutes = 0.25" in caplog.text
+
+
 def test_two_clusters_in_one_state_dir_are_stopped_apart(tmp_path, tiny_data_dir):
     first = Cluster(make_config(tmp_path, tiny_data_dir, slaves=1))
     (tmp_path / "b").mkdir()

@@ -258,6 +258,99 @@ class TestTheWatchdog:
         assert len(client.aborted) == 1  # the queued task was withdrawn
 
 
+class TestAStalledTask:
+    """A task that began and then reports nothing for stall_s (a hung CUDA kernel or NCCL call: the engine's
+    heartbeat thread goes on) has its engine killed through its nanny; the hub then drops the engine, and the
+    task goes on elsewhere as after any lost engine."""
+
+    @staticmethod
+    def killable(answer, ids=(0, 1)) -> FakeClient:
+        client = FakeClient(answer, ids=ids)
+        client.signalled = []
+
+        def send_signal(sig, targets=None, block=None):
+            client.signalled.append((sig, list(targets)))
+            for engine in targets:  # the nanny kills it; the hub drops it
+                client.ids.remove(engine)
+
+        client.send_signal = send_signal
+        return client
+
+    def test_its_engine_is_killed_after_stall_s_of_silence_and_the_task_goes_on_elsewhere(self):
+        def answer(spec, ckpt, n):
+            return (1, None) if len(client.submitted) == 1 else (0, epoch_result(ckpt))  # engine 1 hangs
+
+        client = self.killable(answer)
+        ticking = TickingClock()
+
+        def clock() -> float:
+            assert ticking.now < 10_000, "the hung task was never ended"
+            return ticking()
+
+        source = ListSource([job("r-1", 1)])
+        stats = Scheduler(client, poll_s=0, clock=clock, stall_s=30).run(source)
+        assert client.signalled == [("SIGKILL", [1])]
+        assert source.results == [("r-1", 1, 0)] and source.errors == []
+        assert (stats.stalls, stats.engine_losses) == (1, 1)
+
+    def one_long_task(self, clock: TickingClock, finished_at: float, progress_every_s: Optional[float]):
+        """A client whose one task runs on engine 1 until ``finished_at`` on ``clock``, reporting a batch every
+        ``progress_every_s`` (None: never); and the clock the scheduler reads, which moves the task along."""
+        client = self.killable(lambda spec, ckpt, n: (1, None))
+        sent: list[FakeResult] = []
+        apply_async = client.apply_async
+        client.apply_async = lambda *args: sent.append(apply_async(*args)) or sent[-1]
+
+        def reading() -> float:
+            now = clock()
+            if sent and not sent[-1].done():
+                if progress_every_s:
+                    sent[-1].data = {"progress": {"batch": int(now // progress_every_s)}}
+                if now > finished_at:
+                    sent[-1].set_result(epoch_result(None))
+            return now
+
+        return client, reading
+
+    def test_a_task_that_reports_progress_is_never_killed_however_long_it_runs(self):
+        client, clock = self.one_long_task(TickingClock(), finished_at=200, progress_every_s=10)
+        source = ListSource([job("r-1", 1)])
+        stats = Scheduler(client, poll_s=0, clock=clock, stall_s=30).run(source)
+        assert client.signalled == [] and stats.stalls == 0
+        assert source.results == [("r-1", 1, 1)]
+
+    def test_a_pause_of_the_master_is_not_silence_of_the_engine(self):
+        """The master sleeps 500 s (stall_s is 30); when it wakes, the engine's progress reaches it a little
+        later (its client's thread reads it first): the engine is not killed."""
+        client = self.killable(lambda spec, ckpt, n: (1, None))
+        sent: list[FakeResult] = []
+        apply_async = client.apply_async
+        client.apply_async = lambda *args: sent.append(apply_async(*args)) or sent[-1]
+        ticking = TickingClock()
+
+        def reading() -> float:
+            now = ticking()
+            if now == 50:
+                ticking.now = now = 550  # the laptop lid closes at 50 s and opens at 550 s
+            if sent and not sent[-1].done():
+                if now < 50 or now >= 560:  # what the engine reported while the master slept arrives at 560 s
+                    sent[-1].data = {"progress": {"batch": int(now // 10)}}
+                if now > 700:
+                    sent[-1].set_result(epoch_result(None))
+            return now
+
+        source = ListSource([job("r-1", 1)])
+        stats = Scheduler(client, poll_s=0, clock=reading, stall_s=30).run(source)
+        assert client.signalled == [] and stats.stalls == 0
+        assert source.results == [("r-1", 1, 1)]
+
+    def test_with_stall_s_0_a_silent_task_is_left_alone(self):
+        client, clock = self.one_long_task(TickingClock(), finished_at=1000, progress_every_s=None)
+        source = ListSource([job("r-1", 1)])
+        Scheduler(client, poll_s=0, clock=clock, stall_s=0).run(source)
+        assert client.signalled == [] and source.results == [("r-1", 1, 1)]
+
+
 class FakeRoster:
     def __init__(self, leaving=()):
         self.marked = dict.fromkeys(leaving, "drain")

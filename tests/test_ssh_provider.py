@@ -20,7 +20,7 @@ import pytest
 
 from controller.api import Cluster
 from controller.errors import ProviderError
-from tests.conftest import cluster_pids, make_config, wait_until
+from tests.conftest import cluster_pids, make_config, master_restarts, wait_until
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
 
 REASON = unavailable()
@@ -97,6 +97,41 @@ def test_stop_ends_engines_by_the_stored_pids_after_the_master_was_renamed(tmp_p
             os.kill(pid, 9)
         cluster.stop()
         cluster.close()
+
+
+def test_a_master_that_lost_its_state_dir_stops_the_engine_its_earlier_start_left_before_starting_one(
+        tmp_path, tiny_data_dir, hosts):
+    """Its old engine would wait for the dead controller for master_grace_minutes, holding the slave's GPU
+    beside the new one. A pid file naming another program (a pid reused since) leaves that program alone."""
+    import os
+
+    host = hosts.hosts[0]
+    (tmp_path / "lost").mkdir()
+    (tmp_path / "new").mkdir()
+    before = Cluster(ssh_config(tmp_path / "lost", tiny_data_dir, hosts, slaves=1))
+    after = Cluster(ssh_config(tmp_path / "new", tiny_data_dir, hosts, slaves=1))
+    try:
+        before.start()
+        [left_behind] = host.engine_pids()
+        master_restarts(before)  # and its state dir is never seen again
+        sshd = next(p for p in host.processes() if b"sshd" in Path(f"/proc/{p}/cmdline").read_bytes())
+        [run_dir] = [f.parent for f in engine_files(host)]
+        (run_dir / "engine-7.pid").write_text(f"{sshd}\n")
+
+        status = after.start()
+
+        assert left_behind not in host.processes()
+        assert sshd in host.processes()
+        assert host.engine_count() == 1
+        [engine] = status.engines
+        assert engine.state == "idle" and host.engine_pids() == [engine.pid]
+    finally:
+        for pid in host.engine_processes():  # whatever the start under test left behind
+            os.kill(pid, 9)
+        after.stop()
+        before.stop()  # its controller, when the test failed before the restart
+        after.close()
+        before.close()
 
 
 def test_a_slave_sees_none_of_the_masters_paths_and_is_not_root(tmp_path, tiny_data_dir, hosts):

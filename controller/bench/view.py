@@ -47,5 +47,8 @@ class BenchProgress(BenchSink):
     def engine_lost(self, job: Job, error: BaseException) -> None:
         self.runs.engine_lost(job, error)
 
+    def task_stalled(self, job: Job, engine_id: int, silent_s: float) -> None:
+        self.runs.task_stalled(job, engine_id, silent_s)
+
     def job_failed(self, job: Job, error: BaseException) -> None:
         self.runs.job_failed(job, error)

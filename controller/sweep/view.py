@@ -73,6 +73,10 @@ class SweepProgress(ProgressSink):
         self._print(Text(f"trial {job.tag.number}: engine lost ({error}); its task goes to another engine",
                          style="yellow"))
 
+    def task_stalled(self, job: Job, engine_id: int, silent_s: float) -> None:
+        self._print(Text(f"trial {job.tag.number}: no progress for {silent_s:.0f} s on engine {engine_id} "
+                         f"([cluster] stall_minutes); killing that engine", style="yellow"))
+
     def tick(self) -> None:
         if self.enabled:
             self.live.update(self.render(), refresh=True)
