@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 ENGINES_PACKAGE = Path(__file__).resolve().parent.parent / "engines"
 # what an engine imports; checked on every slave before engines start
 VERIFY_IMPORTS = "import engines, ipyparallel, torch, numpy; print(torch.__version__, torch.cuda.device_count())"
+# the same modules, only looked for: what a slave verified before must still be installed
+FIND_MODULES = ("import importlib.util as u; "
+                "print(' '.join(m for m in ('engines', 'ipyparallel', 'torch', 'numpy') if u.find_spec(m) is None))")
 # installed with the slave's own pip when the check fails (a DL AMI already has torch)
 ENGINE_REQUIREMENTS = ("ipyparallel>=8.6", "numpy", "torch")
 # the controller's engine-facing ports in an ipyparallel engine connection file
@@ -443,7 +446,7 @@ def stamp_for(spec: EngineSpec, torch_version: str, gpus: int) -> dict:
 
 def stamped(remote: Remote, spec: EngineSpec) -> Optional[tuple[str, dict]]:
     """(base, stamp) when an earlier bootstrap left this master's engine code verified with this python on the
-    slave (an adopted slave after a master restart): its engines can start without upload or import check."""
+    slave, and the modules it needs are still there: its engines can start without upload or import check."""
     base = resolve_dir(remote, spec.remote_dir)
     q = shlex.quote
     _, out, _ = remote.run(f"cat {q(base)}/{STAMP} 2>/dev/null", check=False)
@@ -454,18 +457,27 @@ def stamped(remote: Remote, spec: EngineSpec) -> Optional[tuple[str, dict]]:
     if not isinstance(stamp, dict) or {k: stamp.get(k) for k in ("sources", "python")} != {
             "sources": engines_digest(), "python": spec.python}:
         return None
+    # found, not imported: milliseconds, where the import check takes seconds (torch)
+    status, out, _ = remote.run(f"cd {q(base)} && PYTHONPATH={q(base)}/src {q(spec.python)} -c {q(FIND_MODULES)}",
+                                check=False)
+    if status != 0 or out.strip():
+        log.info("%s: %s since the last bootstrap", remote.host,
+                 f"{out.strip()} missing" if status == 0 else "its python does not run")
+        return None
     return base, stamp
 
 
-def restart(remote: Remote, spec: EngineSpec, cancelled: Optional[threading.Event] = None) -> Bootstrapped:
-    """Start engines on a slave bootstrapped before: by its stamp in seconds, else by a full ``bootstrap``."""
+def start(remote: Remote, spec: EngineSpec, cancelled: Optional[threading.Event] = None) -> Bootstrapped:
+    """Start engines on a slave: at once when a bootstrap verified this code with this python there before (a
+    slave started again, or adopted after a master restart), else after a full ``bootstrap``."""
     found = stamped(remote, spec)
     if found is None:
-        log.info("%s: no matching bootstrap stamp; bootstrapping again", remote.host)
         return bootstrap(remote, spec, cancelled)
     base, stamp = found
+    log.info("%s: engine code and python as verified by an earlier bootstrap; starting engines", remote.host)
     gpus = int(stamp.get("gpus") or 0)
     _, hostname, _ = remote.run("hostname")
+    stop_leftovers(remote, base, spec.tag)
     if cancelled is not None and cancelled.is_set():
         raise ProviderError(f"{remote.host}: cancelled before engines were started")
     pids = start_engines(remote, base, spec, spec.engines or spec.engines_per_gpu * max(gpus, 1), gpus, f"{base}/src")

@@ -207,7 +207,7 @@ class RemoteEngines:
         spec = self._spec(remote, connection, tunnel)
         if self.data_dir and self.master_data_dir is not None:
             rm.sync_data(remote, self.master_data_dir, self.data_dir)
-        return rm.bootstrap(remote, spec, cancelled)
+        return rm.start(remote, spec, cancelled)
 
     # adopt --------------------------------------------------------------------------
     def adopt(self, cluster: ClusterRecord, targets: list[Target], tunnel: bool, timeout: float = 300,
@@ -237,7 +237,7 @@ class RemoteEngines:
             left = rm.stop_engines(remote, self.remote_dir, self.tag, known.get(target.node.node_id, ()))
             if left:
                 raise ProviderError(f"its old engine(s) {', '.join(map(str, left))} still run after SIGKILL")
-            return rm.restart(remote, self._spec(remote, connection, tunnel), cancelled)
+            return rm.start(remote, self._spec(remote, connection, tunnel), cancelled)
 
         lost: dict[str, str] = {}
         remotes: dict[str, rm.Remote] = {}

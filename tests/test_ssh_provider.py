@@ -17,9 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from controller.api import Cluster
 from controller.errors import ProviderError
+from controller.remote import engines_digest
 from tests.conftest import cluster_pids, make_config, master_restarts, wait_until
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
 
@@ -100,29 +102,47 @@ def test_stop_ends_engines_by_the_stored_pids_after_the_master_was_renamed(tmp_p
 
 
 def test_a_master_that_lost_its_state_dir_stops_the_engine_its_earlier_start_left_before_starting_one(
-        tmp_path, tiny_data_dir, hosts):
+        tmp_path, tiny_data_dir, hosts, caplog):
     """Its old engine would wait for the dead controller for master_grace_minutes, holding the slave's GPU
-    beside the new one. A pid file naming another program (a pid reused since) leaves that program alone."""
+    beside the new one. A pid file naming another program (a pid reused since) leaves that program alone.
+    The second start finds the code the first verified there (its stamp): no upload, no import check."""
+    import logging
     import os
+    import shutil
 
     host = hosts.hosts[0]
     (tmp_path / "lost").mkdir()
     (tmp_path / "new").mkdir()
     before = Cluster(ssh_config(tmp_path / "lost", tiny_data_dir, hosts, slaves=1))
     after = Cluster(ssh_config(tmp_path / "new", tiny_data_dir, hosts, slaves=1))
+    # the slave as an earlier bootstrap left it, then lost its copy of the engine code: bootstrapped in full
+    remote_dir = host.dir / "home" / ".cluster-engine"
+    remote_dir.mkdir(exist_ok=True)
+    shutil.chown(remote_dir, SLAVE_USER, SLAVE_USER)
+    shutil.rmtree(remote_dir / "src" / "engines", ignore_errors=True)
+    stamp = remote_dir / "engines.stamp"
+    stamp.write_text(json.dumps({"sources": engines_digest(), "python": sys.executable, "torch": "?", "gpus": 0}))
+    shutil.chown(stamp, SLAVE_USER, SLAVE_USER)
     try:
-        before.start()
+        with caplog.at_level(logging.INFO, logger="controller.remote"):
+            before.start()
+        assert "engines missing since the last bootstrap" in caplog.text
+        assert json.loads(stamp.read_text())["torch"] == torch.__version__
         [left_behind] = host.engine_pids()
         master_restarts(before)  # and its state dir is never seen again
         sshd = next(p for p in host.processes() if b"sshd" in Path(f"/proc/{p}/cmdline").read_bytes())
         [run_dir] = [f.parent for f in engine_files(host)]
         (run_dir / "engine-7.pid").write_text(f"{sshd}\n")
+        caplog.clear()
 
-        status = after.start()
+        with caplog.at_level(logging.INFO, logger="controller.remote"):
+            status = after.start()
 
+        assert "engine code and python as verified by an earlier bootstrap" in caplog.text
+        assert f"stopped 1 engine(s) an earlier start of this cluster left running (pids {left_behind})" \
+            in caplog.text
         assert left_behind not in host.processes()
         assert sshd in host.processes()
-        assert host.engine_count() == 1
         [engine] = status.engines
         assert engine.state == "idle" and host.engine_pids() == [engine.pid]
     finally:
