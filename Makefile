@@ -56,6 +56,7 @@ bench: install
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/elastic.py
 	$(BIN)/python benchmarks/faults.py
+	$(BIN)/python benchmarks/ssh_start.py
 
 clean:
 	rm -rf $(VENV) .cluster build *.egg-info
