@@ -293,9 +293,11 @@ class TestAStalledTask:
         assert source.results == [("r-1", 1, 0)] and source.errors == []
         assert (stats.stalls, stats.engine_losses) == (1, 1)
 
-    def one_long_task(self, clock: TickingClock, finished_at: float, progress_every_s: Optional[float]):
-        """A client whose one task runs on engine 1 until ``finished_at`` on ``clock``, reporting a batch every
-        ``progress_every_s`` (None: never); and the clock the scheduler reads, which moves the task along."""
+    def one_long_task(self, clock: Callable[[], float], finished_at: float,
+                      batch_at: Callable[[float], Optional[int]]):
+        """A client whose one task runs on engine 1 until ``finished_at`` on ``clock``, reporting the batch
+        ``batch_at(now)`` (None: nothing new reaches the master then); and the clock the scheduler reads,
+        which moves the task along."""
         client = self.killable(lambda spec, ckpt, n: (1, None))
         sent: list[FakeResult] = []
         apply_async = client.apply_async
@@ -304,8 +306,9 @@ class TestAStalledTask:
         def reading() -> float:
             now = clock()
             if sent and not sent[-1].done():
-                if progress_every_s:
-                    sent[-1].data = {"progress": {"batch": int(now // progress_every_s)}}
+                batch = batch_at(now)
+                if batch is not None:
+                    sent[-1].data = {"progress": {"batch": batch}}
                 if now > finished_at:
                     sent[-1].set_result(epoch_result(None))
             return now
@@ -313,7 +316,7 @@ class TestAStalledTask:
         return client, reading
 
     def test_a_task_that_reports_progress_is_never_killed_however_long_it_runs(self):
-        client, clock = self.one_long_task(TickingClock(), finished_at=200, progress_every_s=10)
+        client, clock = self.one_long_task(TickingClock(), finished_at=200, batch_at=lambda now: int(now // 10))
         source = ListSource([job("r-1", 1)])
         stats = Scheduler(client, poll_s=0, clock=clock, stall_s=30).run(source)
         assert client.signalled == [] and stats.stalls == 0
@@ -322,30 +325,25 @@ class TestAStalledTask:
     def test_a_pause_of_the_master_is_not_silence_of_the_engine(self):
         """The master sleeps 500 s (stall_s is 30); when it wakes, the engine's progress reaches it a little
         later (its client's thread reads it first): the engine is not killed."""
-        client = self.killable(lambda spec, ckpt, n: (1, None))
-        sent: list[FakeResult] = []
-        apply_async = client.apply_async
-        client.apply_async = lambda *args: sent.append(apply_async(*args)) or sent[-1]
         ticking = TickingClock()
 
-        def reading() -> float:
+        def sleeping_clock() -> float:
             now = ticking()
             if now == 50:
                 ticking.now = now = 550  # the laptop lid closes at 50 s and opens at 550 s
-            if sent and not sent[-1].done():
-                if now < 50 or now >= 560:  # what the engine reported while the master slept arrives at 560 s
-                    sent[-1].data = {"progress": {"batch": int(now // 10)}}
-                if now > 700:
-                    sent[-1].set_result(epoch_result(None))
             return now
 
+        def batch_at(now: float) -> Optional[int]:  # what the engine sent during the sleep arrives at 560 s
+            return int(now // 10) if now < 50 or now >= 560 else None
+
+        client, clock = self.one_long_task(sleeping_clock, finished_at=700, batch_at=batch_at)
         source = ListSource([job("r-1", 1)])
-        stats = Scheduler(client, poll_s=0, clock=reading, stall_s=30).run(source)
+        stats = Scheduler(client, poll_s=0, clock=clock, stall_s=30).run(source)
         assert client.signalled == [] and stats.stalls == 0
         assert source.results == [("r-1", 1, 1)]
 
     def test_with_stall_s_0_a_silent_task_is_left_alone(self):
-        client, clock = self.one_long_task(TickingClock(), finished_at=1000, progress_every_s=None)
+        client, clock = self.one_long_task(TickingClock(), finished_at=1000, batch_at=lambda now: None)
         source = ListSource([job("r-1", 1)])
         Scheduler(client, poll_s=0, clock=clock, stall_s=0).run(source)
         assert client.signalled == [] and source.results == [("r-1", 1, 1)]
