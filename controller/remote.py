@@ -469,29 +469,29 @@ def stamped(remote: Remote, spec: EngineSpec) -> Optional[tuple[str, dict]]:
 
 def start(remote: Remote, spec: EngineSpec, cancelled: Optional[threading.Event] = None) -> Bootstrapped:
     """Start engines on a slave: at once when a bootstrap verified this code with this python there before (a
-    slave started again, or adopted after a master restart), else after a full ``bootstrap``."""
+    slave started again, or adopted after a master restart), else after a full ``bootstrap``.
+
+    Engines an earlier start of the cluster left there are stopped first. ``cancelled`` is checked just
+    before engines start, so a failing or interrupted ``cluster start`` never leaves engines behind on a
+    slave that was still bootstrapping.
+    """
     found = stamped(remote, spec)
-    if found is None:
-        return bootstrap(remote, spec, cancelled)
-    base, stamp = found
-    log.info("%s: engine code and python as verified by an earlier bootstrap; starting engines", remote.host)
+    if found is not None:
+        log.info("%s: engine code and python as verified by an earlier bootstrap; starting engines", remote.host)
+    base, stamp = found if found is not None else bootstrap(remote, spec)
     gpus = int(stamp.get("gpus") or 0)
     _, hostname, _ = remote.run("hostname")
     stop_leftovers(remote, base, spec.tag)
     if cancelled is not None and cancelled.is_set():
-        raise ProviderError(f"{remote.host}: cancelled before engines were started")
+        raise ProviderError(f"{remote.host}: start cancelled before engines were started")
     pids = start_engines(remote, base, spec, spec.engines or spec.engines_per_gpu * max(gpus, 1), gpus, f"{base}/src")
     return Bootstrapped(hostname=hostname.strip(), gpus=gpus, pids=pids, remote_dir=base,
                         torch=str(stamp.get("torch", "")))
 
 
-def bootstrap(remote: Remote, spec: EngineSpec, cancelled: Optional[threading.Event] = None) -> Bootstrapped:
-    """Install/verify the engine environment, upload the connection file, start the engines.
-
-    ``cancelled`` is checked before anything is started, so a failing or
-    interrupted ``cluster start`` never leaves engines behind on a slave that
-    was still bootstrapping.
-    """
+def bootstrap(remote: Remote, spec: EngineSpec) -> tuple[str, dict]:
+    """Upload the engine code, verify (or install) the engine environment, and stamp the slave with what was
+    verified; returns (base, stamp)."""
     base = resolve_dir(remote, spec.remote_dir)
     q = shlex.quote
     src = f"{base}/src"
@@ -511,15 +511,9 @@ def bootstrap(remote: Remote, spec: EngineSpec, cancelled: Optional[threading.Ev
         raise ProviderError(f"{remote.host}: the engine environment does not work with {python}: "
                             f"{(err.strip() or out.strip())[-1500:]}")
     torch_version, _, gpu_text = out.strip().splitlines()[-1].partition(" ")
-    gpus = int(gpu_text or 0)
-    _, hostname, _ = remote.run("hostname")
-    remote.put(json.dumps(stamp_for(spec, torch_version, gpus)).encode(), f"{base}/{STAMP}", mode=0o600)
-    count = spec.engines or spec.engines_per_gpu * max(gpus, 1)
-    stop_leftovers(remote, base, spec.tag)
-    if cancelled is not None and cancelled.is_set():
-        raise ProviderError(f"{remote.host}: start cancelled before engines were started")
-    pids = start_engines(remote, base, spec, count, gpus, src)
-    return Bootstrapped(hostname=hostname.strip(), gpus=gpus, pids=pids, remote_dir=base, torch=torch_version)
+    stamp = stamp_for(spec, torch_version, int(gpu_text or 0))
+    remote.put(json.dumps(stamp).encode(), f"{base}/{STAMP}", mode=0o600)
+    return base, stamp
 
 
 def start_engines(remote: Remote, base: str, spec: EngineSpec, count: int, gpus: int, src: str) -> list[int]:
