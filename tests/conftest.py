@@ -87,6 +87,18 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.2):
     return predicate()
 
 
+def hub_engines(cluster) -> set[int]:
+    """The engines the hub has registered now, as a new client hears them on connecting; a long-lived client's
+    ``ids`` are what it has read of the hub's notifications so far (``queue_status`` lists an engine until
+    the hub has also given up its tasks, seconds after it dropped the engine)."""
+    record = cluster.record
+    client = ipcluster.connect(ipcluster.url_file(Path(record.profile_dir), record.ipp_cluster_id), timeout=10)
+    try:
+        return set(client.ids)
+    finally:
+        client.close()
+
+
 def hub_log(cluster, *words: str, lines: int = 40) -> str:
     """What the controller and the engines' nannies logged about engines leaving (and any of ``words``): the
     story behind an engine the hub still lists after it died, for an assertion's message."""
@@ -139,7 +151,9 @@ def _held_train_epochs(spec, checkpoint, n_epochs, *args, _unheld=_train._unheld
 _train.train_epochs = _held_train_epochs
 """
     view = client[targets if targets is not None else client.ids]
-    view.execute(install, block=True)
+    # the reply only: execute(block=True) also waits, with no time limit, for each engine's output to end on
+    # the iopub channel, and a suite run once hung there for good
+    view.execute(install, block=False).get(timeout=60)
     try:
         yield held
     finally:
