@@ -127,6 +127,7 @@ class _InFlight:
     last_update: Optional[dict] = None
     started_on: Optional[int] = None  # the engine it runs on, once heard
     heard_at: float = 0.0  # when it began, last reported progress, or its engine was last told to die
+    kills: int = 0  # SIGKILLs sent to its engine for its silence
     moved: bool = False  # the task of a moved job (ReadyJobs): never withdrawn for another
     withdrawn: bool = False  # aborted while queued: its job goes again once the abort comes back
 
@@ -227,6 +228,9 @@ class EngineRoster(Protocol):
 ENGINE_GOING = ("drain", "notice")
 # a gap this long between two looks at the tasks is a pause of the master, not silence of the engines
 MASTER_PAUSE_S = 10.0
+# an engine still registered after this many kills for a stalled task (its nanny died, or the signal is lost
+# on the way) is given up on: its task goes elsewhere and the engine gets no other
+STALL_KILLS = 2
 ROSTER_CHECK_S = 1.0
 
 
@@ -260,7 +264,8 @@ class Scheduler:
         self._listened_at: Optional[float] = None  # the last time this scheduler looked at its tasks
         self.watchdog = watchdog
         self.roster = roster
-        self._excluded: set[int] = set()  # engines that get no new task (draining, spot notice)
+        self._excluded: set[int] = set()  # engines that get no new task (draining, spot notice, hung)
+        self._hung: set[int] = set()  # engines that outlived STALL_KILLS kills: excluded for good
         self._ready: Optional[set[int]] = None  # engines warm enough for a task; None: every engine
         self._roster_checked = float("-inf")
         # prefetch: tasks queued beyond one per engine; ipyparallel's scheduler (hwm=1) holds them until an
@@ -305,7 +310,7 @@ class Scheduler:
         if self.roster is None or now - self._roster_checked < ROSTER_CHECK_S:
             return
         self._roster_checked = now
-        self._excluded = set(self.roster.leaving())
+        self._excluded = set(self.roster.leaving()) | self._hung
         ready = getattr(self.roster, "ready", None)
         self._ready = set(ready()) if ready is not None else None
         self._retarget()
@@ -363,7 +368,10 @@ class Scheduler:
                     [t.result for t in in_flight.values()], timeout=self.poll_s,
                     return_when=concurrent.futures.FIRST_COMPLETED)
                 registered = set(self.client.ids)
-                self._discount_pause(in_flight)
+                # one reading of the clock for the whole pass: a pause of the master that falls within it is
+                # then discounted from every task's silence, wherever in the pass it fell
+                now = self.clock()
+                self._discount_pause(in_flight, now)
                 for task in list(in_flight.values()):
                     if task.result in done:
                         del in_flight[task.result.msg_ids[0]]
@@ -379,10 +387,12 @@ class Scheduler:
                                                      f"while running the task)")
                         follow_up = self._lost(task.job, gone, source, sink)
                     else:
-                        self._note_start(task, sink)
-                        self._report_progress(task, sink)
-                        self._check_stall(task, sink)
-                        continue
+                        self._note_start(task, sink, now)
+                        self._report_progress(task, sink, now)
+                        if not self._check_stall(task, sink, now):
+                            continue
+                        del in_flight[task.result.msg_ids[0]]
+                        follow_up = self._give_up_on_hung_engine(task, source, sink)
                     if follow_up is not None:
                         ready.push(follow_up)
                 sink.tick()
@@ -462,38 +472,41 @@ class Scheduler:
         self.stats.withdrawn_late += 1
         return False
 
-    def _note_start(self, task: _InFlight, sink: ProgressSink) -> None:
+    def _note_start(self, task: _InFlight, sink: ProgressSink, now: float) -> None:
         if task.started_on is None:
             engine = _running_on(task.result)
             if engine is not None:
                 task.started_on = engine
-                task.heard_at = self.clock()
+                task.heard_at = now
                 sink.task_started(task.job, engine)
 
-    def _discount_pause(self, in_flight: dict[str, _InFlight]) -> None:
+    def _discount_pause(self, in_flight: dict[str, _InFlight], now: float) -> None:
         """Silence counts only while the master listens: after a pause of the master (a frozen or sleeping
         process; the client's thread then still has the engines' progress to read), every task's silence
         starts again, so that no engine is killed for what the master did not hear."""
         if not self.stall_s:
             return
-        now = self.clock()
         if self._listened_at is not None and now - self._listened_at > MASTER_PAUSE_S:
             for task in in_flight.values():
                 task.heard_at += now - self._listened_at
         self._listened_at = now
 
-    def _check_stall(self, task: _InFlight, sink: ProgressSink) -> None:
+    def _check_stall(self, task: _InFlight, sink: ProgressSink, now: float) -> bool:
         """Kill the engine of a task silent for ``stall_s`` (through its nanny, which answers while the engine
         is stuck). The hub then drops the engine and the task goes on elsewhere as after any lost engine, from
-        its checkpoint; a task that stalls engine after engine fails its run after MAX_ENGINE_LOSSES."""
+        its checkpoint; a task that stalls engine after engine fails its run after MAX_ENGINE_LOSSES.
+        True when the engine outlived STALL_KILLS kills: the caller gives the task up on it."""
         if not self.stall_s or task.started_on is None:
-            return
-        now = self.clock()
+            return False
         silent = now - task.heard_at
         if silent < self.stall_s:
-            return
+            return False
+        if task.kills >= STALL_KILLS:
+            return True
         task.heard_at = now  # told again after another stall_s if the signal is lost (nanny unreachable)
-        self.stats.stalls += 1
+        task.kills += 1
+        if task.kills == 1:
+            self.stats.stalls += 1
         log.warning("run %s: its task on engine %d reported no progress for %.0f s ([cluster] stall_minutes = %g); "
                     "killing that engine, the task goes on elsewhere", task.job.run_id, task.started_on, silent,
                     self.stall_s / 60)
@@ -502,6 +515,18 @@ class Scheduler:
             self.client.send_signal("SIGKILL", targets=[task.started_on], block=False)
         except Exception:  # noqa: BLE001 - gone already: the hub drops it, and the task moves the same way
             log.debug("could not signal engine %d", task.started_on, exc_info=True)
+        return False
+
+    def _give_up_on_hung_engine(self, task: _InFlight, source: JobSource, sink: ProgressSink) -> Optional[Job]:
+        """The engine was told to die STALL_KILLS times and is still registered: the task goes on elsewhere, as
+        after a lost engine, and the engine gets no new task (its late result, if any, is not read)."""
+        engine = task.started_on
+        assert engine is not None
+        self._hung.add(engine)
+        self.exclude(engine, f"still registered after {STALL_KILLS} kills for a stalled task")
+        gone = ipp.error.EngineError(f"engine {engine} did not die after {STALL_KILLS} kills for a stalled task "
+                                     f"(its nanny may be gone); it gets no new task")
+        return self._lost(task.job, gone, source, sink)
 
     @staticmethod
     def _wanted(source: JobSource, in_flight: dict, ready: ReadyJobs) -> int:
@@ -517,12 +542,12 @@ class Scheduler:
     def _engine_count(self) -> int:
         return len(set(self.client.ids) & set(self.usable_engines()))
 
-    def _report_progress(self, task: _InFlight, sink: ProgressSink) -> None:
+    def _report_progress(self, task: _InFlight, sink: ProgressSink, now: float) -> None:
         data = task.result.data
         update = data.get("progress") if isinstance(data, dict) else None
         if update and update != task.last_update:
             task.last_update = dict(update)
-            task.heard_at = self.clock()
+            task.heard_at = now
             sink.task_progress(task.job, update)
 
     def _lost(self, job: Job, error: BaseException, source: JobSource, sink: ProgressSink) -> Optional[Job]:

@@ -322,25 +322,50 @@ class TestAStalledTask:
         assert client.signalled == [] and stats.stalls == 0
         assert source.results == [("r-1", 1, 1)]
 
-    def test_a_pause_of_the_master_is_not_silence_of_the_engine(self):
+    @pytest.mark.parametrize("lid_closes_at", range(44, 56))
+    def test_a_pause_of_the_master_is_not_silence_of_the_engine(self, lid_closes_at):
         """The master sleeps 500 s (stall_s is 30); when it wakes, the engine's progress reaches it a little
-        later (its client's thread reads it first): the engine is not killed."""
+        later (its client's thread reads it first): the engine is not killed, whichever of the scheduler's
+        readings of the clock the pause falls on."""
         ticking = TickingClock()
 
         def sleeping_clock() -> float:
             now = ticking()
-            if now == 50:
-                ticking.now = now = 550  # the laptop lid closes at 50 s and opens at 550 s
+            if now == lid_closes_at:
+                ticking.now = now = lid_closes_at + 500
             return now
 
-        def batch_at(now: float) -> Optional[int]:  # what the engine sent during the sleep arrives at 560 s
-            return int(now // 10) if now < 50 or now >= 560 else None
+        def batch_at(now: float) -> Optional[int]:  # what the engine sent during the sleep arrives 10 s after
+            return int(now // 10) if now < lid_closes_at or now >= lid_closes_at + 510 else None
 
         client, clock = self.one_long_task(sleeping_clock, finished_at=700, batch_at=batch_at)
         source = ListSource([job("r-1", 1)])
         stats = Scheduler(client, poll_s=0, clock=clock, stall_s=30).run(source)
         assert client.signalled == [] and stats.stalls == 0
         assert source.results == [("r-1", 1, 1)]
+
+    def test_an_engine_that_outlives_two_kills_is_given_up_and_the_task_goes_on_elsewhere(self):
+        """Its nanny is gone (or the signals are lost): the engine stays registered and silent. After the
+        second kill the task goes to another engine, and the hung one gets no new task."""
+        def answer(spec, ckpt, n):
+            return (1, None) if len(client.submitted) == 1 else (0, epoch_result(ckpt))  # engine 1 hangs
+
+        client = FakeClient(answer, ids=(0, 1))
+        client.signalled = []
+        client.send_signal = lambda sig, targets=None, block=None: client.signalled.append((sig, list(targets)))
+        ticking = TickingClock()
+
+        def clock() -> float:
+            assert ticking.now < 10_000, "the task was never taken off the hung engine"
+            return ticking()
+
+        source = ListSource([job("r-1", 1)])
+        scheduler = Scheduler(client, poll_s=0, clock=clock, stall_s=30)
+        stats = scheduler.run(source)
+        assert client.signalled == [("SIGKILL", [1]), ("SIGKILL", [1])]
+        assert source.results == [("r-1", 1, 0)] and source.errors == []
+        assert (stats.stalls, stats.engine_losses) == (1, 1)
+        assert scheduler.usable_engines() == [0]
 
     def test_with_stall_s_0_a_silent_task_is_left_alone(self):
         client, clock = self.one_long_task(TickingClock(), finished_at=1000, batch_at=lambda now: None)
