@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .errors import ClusterStateError
-from .processes import pid_alive
+from .processes import pid_alive, process_identity
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -28,17 +28,6 @@ log = logging.getLogger(__name__)
 
 class LeaseError(ClusterStateError):
     """Another live master holds the run or sweep."""
-
-
-def process_identity(pid: int) -> str:
-    """``boot_id:start_ticks`` of a live process, '' when it is gone (the same pid later names another)."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    # field 22 (starttime), counted after the command name, which may itself hold spaces and ')'
-    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"
 
 
 @dataclass(frozen=True)

@@ -96,3 +96,14 @@ def kill_cluster_processes(profile: Path, cluster_id: str) -> None:
     for pid in marked_processes(profile, cluster_id):
         if pid_alive(pid):
             kill_process_group(pid)
+
+
+def process_identity(pid: int) -> str:
+    """``boot_id:start_ticks`` of a live process, '' when it is gone (the same pid later names another)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # field 22 (starttime), counted after the command name, which may itself hold spaces and ')'
+    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"

@@ -36,6 +36,7 @@ from typing import Callable, Iterator, Optional
 import paramiko
 
 from .errors import CredentialsError, ProviderError
+from .processes import process_identity
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +336,7 @@ class EngineSpec:
     env: dict = field(default_factory=dict)
     install: bool = True  # pip-install the engine requirements when the check fails
     args: tuple = ()  # extra ipengine arguments (controller.ipcluster.engine_args: the grace for a silent master, the startup command)
+    owner: str = ""  # the controller the engines serve, on this master (``owner_of``): written to the run dir
 
 
 @dataclass
@@ -481,6 +483,7 @@ def start(remote: Remote, spec: EngineSpec, cancelled: Optional[threading.Event]
     base, stamp = found if found is not None else bootstrap(remote, spec)
     gpus = int(stamp.get("gpus") or 0)
     _, hostname, _ = remote.run("hostname")
+    refuse_a_live_owner(remote, base, spec)
     stop_leftovers(remote, base, spec.tag)
     if cancelled is not None and cancelled.is_set():
         raise ProviderError(f"{remote.host}: start cancelled before engines were started")
@@ -523,6 +526,8 @@ def start_engines(remote: Remote, base: str, spec: EngineSpec, count: int, gpus:
     connection = f"{rundir}/engine.json"
     # by SFTP, 0600 from the first byte: it carries the controller's HMAC key
     remote.put(json.dumps(spec.connection).encode(), connection, mode=0o600)
+    if spec.owner:
+        remote.put(spec.owner.encode(), f"{rundir}/{OWNER}", mode=0o600)
     pids = []
     for index in range(count):
         env = {"PYTHONPATH": src, **spec.env}
@@ -551,7 +556,7 @@ profile={profile}
 # includes the master's hostname); a pid is signalled only while it is still an engine of this remote_dir,
 # never a pid reused since (a pid file can outlive a reboot of the slave)
 pids=
-for pid in $(cat "$dir"/engine-*.pid 2>/dev/null) {known}; do
+for pid in $(cat {pid_files} 2>/dev/null) {known}; do
   case "$(tr '\0' ' ' < /proc/$pid/cmdline 2>/dev/null)" in
     *ipyparallel.engine*"--profile-dir=$profile"*) pids="$pids $pid" ;;
   esac
@@ -570,7 +575,7 @@ for i in $(seq 1 40); do
   [ -z "$left" ] && break; sleep 0.25
 done
 [ -n "$left" ] && echo "left:$left"
-[ -d "$dir" ] && rm -rf "$dir"
+[ -d "$dir" ] && {cleanup}
 exit 0
 """
 
@@ -582,10 +587,12 @@ class Stopped:
     left: list[int]
 
 
-def _stop(remote: Remote, base: str, tag: str, pids: tuple[int, ...] = ()) -> Stopped:
+def _stop(remote: Remote, base: str, tag: str, pids: tuple[int, ...] = (), run_dir_too: bool = True) -> Stopped:
+    """``run_dir_too``: the engines its pid files name as well, and the run dir removed afterwards."""
     known = " ".join(str(int(p)) for p in pids)
     script = STOP_SCRIPT.format(rundir=shlex.quote(run_dir(base, tag)), profile=shlex.quote(f"{base}/profile"),
-                                known=known)
+                                known=known, pid_files='"$dir"/engine-*.pid' if run_dir_too else "/dev/null",
+                                cleanup='rm -rf "$dir"' if run_dir_too else "true")
     _, out, _ = remote.run(f"sh -c {shlex.quote(script)}", timeout=60)
 
     def listed(prefix: str) -> list[int]:
@@ -594,11 +601,57 @@ def _stop(remote: Remote, base: str, tag: str, pids: tuple[int, ...] = ()) -> St
     return Stopped(found=listed("found:"), left=listed("left:"))
 
 
-def stop_engines(remote: Remote, remote_dir: str, tag: str, pids: tuple[int, ...] = ()) -> list[int]:
+def stop_engines(remote: Remote, remote_dir: str, tag: str, pids: tuple[int, ...] = (), owner: str = "") -> list[int]:
     """Stop the engines of ``tag`` on this slave (pid files, plus pids the store knows), remove its run dir.
+    When the run dir is another running cluster's (``owner``: this cluster's controller, see ``owner_of``),
+    only the pids the store knows are stopped, and the run dir stays.
 
     Returns the pids still alive afterwards (nothing, normally)."""
-    return _stop(remote, resolve_dir(remote, remote_dir), tag, pids).left
+    base = resolve_dir(remote, remote_dir)
+    other = other_live_owner(remote, base, tag, owner)
+    if other is not None:
+        log.info("%s: %s is another running cluster's (controller pid %d): only this cluster's recorded engines "
+                 "are stopped there", remote.host, run_dir(base, tag), other)
+    return _stop(remote, base, tag, pids, run_dir_too=other is None).left
+
+
+OWNER = "owner"  # in a run dir: the controller its engines serve, as ``owner_of`` wrote it
+
+
+def owner_of(controller_pid: int) -> str:
+    """A controller as a run dir records it: its pid and that process's identity on this master (the tag
+    names the master's host, so the controller of a run dir's engines ran here)."""
+    return f"{controller_pid} {process_identity(controller_pid)}"
+
+
+def live_owner(text: str) -> Optional[int]:
+    """The pid of the controller a run dir's ``owner`` names, while that same process still runs here."""
+    pid_text, _, identity = text.strip().partition(" ")
+    if not pid_text.isdigit() or not identity:
+        return None
+    return int(pid_text) if process_identity(int(pid_text)) == identity else None
+
+
+def other_live_owner(remote: Remote, base: str, tag: str, owner: str) -> Optional[int]:
+    """The controller pid of another cluster whose engines use this run dir and which still runs (two checkouts,
+    or two state dirs, on this master with one cluster name); None when the run dir is ours, free or left."""
+    _, text, _ = remote.run(f"cat {shlex.quote(run_dir(base, tag))}/{OWNER} 2>/dev/null", check=False)
+    if not text.strip() or text.strip() == owner.strip():
+        return None
+    return live_owner(text)
+
+
+def refuse_a_live_owner(remote: Remote, base: str, spec: EngineSpec) -> None:
+    """The run dir is another live cluster's: its engines are not leftovers, and stopping them would end that
+    cluster's work."""
+    rundir = run_dir(base, spec.tag)
+    pid = other_live_owner(remote, base, spec.tag, spec.owner)
+    if pid is not None:
+        raise ProviderError(
+            f"{remote.host}: {rundir} holds the engines of another cluster of this master that is still running "
+            f"(its controller, pid {pid}, was started from another state_dir with the same [cluster] name): "
+            f"stop that cluster first (`cluster stop` where it was started), or give this one another "
+            f"[cluster] name")
 
 
 def stop_leftovers(remote: Remote, base: str, tag: str) -> None:

@@ -149,6 +149,7 @@ class RemoteEngines:
         if not targets:
             raise ProviderError("no slaves to bootstrap")
         connection = engine_connection(cluster, timeout)
+        owner = self._owner(cluster.id)
         # set on any failure, Ctrl-C included: it breaks every connect attempt, command and upload in
         # flight, so the worker threads end in a moment instead of after their timeouts (minutes)
         cancelled = rm.Cancel()
@@ -170,7 +171,7 @@ class RemoteEngines:
                 for target in targets:  # recorded before engines start (the store is used from this thread only)
                     target.node.state = "bootstrapping"
                     self.store.nodes.put(cluster.id, target.node)
-                futures = [pool.submit(self._bootstrap_one, t, r, connection, tunnel, cancelled)
+                futures = [pool.submit(self._bootstrap_one, t, r, connection, tunnel, owner, cancelled)
                            for t, r in zip(targets, remotes)]
                 nodes = []
                 for target, future in zip(targets, futures):  # the first failure raises here
@@ -193,18 +194,24 @@ class RemoteEngines:
         finally:
             pool.shutdown(wait=True)
 
-    def _spec(self, remote: rm.Remote, connection: dict, tunnel: bool) -> rm.EngineSpec:
+    def _owner(self, cluster_id: Optional[int]) -> str:
+        """The cluster's controller as its slaves' run dirs record it (read here: the store is this thread's)."""
+        record = self.store.clusters.get(cluster_id) if cluster_id is not None else None
+        pid = record.controller_pid if record is not None else None
+        return rm.owner_of(pid) if pid else ""
+
+    def _spec(self, remote: rm.Remote, connection: dict, tunnel: bool, owner: str) -> rm.EngineSpec:
         address = "127.0.0.1" if tunnel else remote.local_address
         env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)} if self.threads else {}
         return rm.EngineSpec(tag=self.tag, connection=rm.connection_for(connection, address), python=self.python,
                              remote_dir=self.remote_dir, engines_per_gpu=self.engines_per_gpu,
                              engines=self.engines_per_host, env=env,
-                             args=tuple(ipcluster.engine_args(self.master_grace_minutes)))
+                             args=tuple(ipcluster.engine_args(self.master_grace_minutes)), owner=owner)
 
-    def _bootstrap_one(self, target: Target, remote: rm.Remote, connection: dict, tunnel: bool,
+    def _bootstrap_one(self, target: Target, remote: rm.Remote, connection: dict, tunnel: bool, owner: str,
                        cancelled: threading.Event) -> rm.Bootstrapped:
         """In a worker thread: remote work only (the store belongs to the calling thread)."""
-        spec = self._spec(remote, connection, tunnel)
+        spec = self._spec(remote, connection, tunnel, owner)
         if self.data_dir and self.master_data_dir is not None:
             rm.sync_data(remote, self.master_data_dir, self.data_dir)
         return rm.start(remote, spec, cancelled)
@@ -222,6 +229,7 @@ class RemoteEngines:
         (any BaseException) the workers are cancelled at once and it re-raises with the nodes still recorded:
         the caller releases them as after a failed start."""
         connection = engine_connection(cluster, timeout)
+        owner = self._owner(cluster.id)
         known = self._recorded_pids(cluster.id)
         cancelled = rm.Cancel()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, max(1, len(targets))))
@@ -234,10 +242,10 @@ class RemoteEngines:
             return remote
 
         def restart(target: Target, remote: rm.Remote) -> rm.Bootstrapped:
-            left = rm.stop_engines(remote, self.remote_dir, self.tag, known.get(target.node.node_id, ()))
+            left = rm.stop_engines(remote, self.remote_dir, self.tag, known.get(target.node.node_id, ()), owner)
             if left:
                 raise ProviderError(f"its old engine(s) {', '.join(map(str, left))} still run after SIGKILL")
-            return rm.start(remote, self._spec(remote, connection, tunnel), cancelled)
+            return rm.start(remote, self._spec(remote, connection, tunnel, owner), cancelled)
 
         lost: dict[str, str] = {}
         remotes: dict[str, rm.Remote] = {}
@@ -329,6 +337,7 @@ class RemoteEngines:
     def _stop_engines(self, cluster_id: Optional[int], hosts: list[rm.Host], quiet: bool) -> list[str]:
         problems = []
         known = self._recorded_pids(cluster_id) if cluster_id is not None else {}
+        owner = self._owner(cluster_id)
 
         def stop_one(host: rm.Host) -> None:
             # a host never contacted has no recorded key: nothing of ours can run there
@@ -336,7 +345,7 @@ class RemoteEngines:
                 return
             with rm.Remote.connect(host, self.known_hosts, timeout=20, record_new=False) as remote:
                 pids = tuple(p for node_id, ps in known.items() if node_id in (str(host), host.address) for p in ps)
-                left = rm.stop_engines(remote, self.remote_dir, self.tag, pids)
+                left = rm.stop_engines(remote, self.remote_dir, self.tag, pids, owner)
             if left:
                 raise ProviderError(f"engine process(es) {', '.join(map(str, left))} still running after SIGKILL")
 

@@ -10,9 +10,11 @@ run executes on one of them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,6 +62,19 @@ def engine_files(host) -> list[Path]:
     return list((host.dir / "home").glob(f".cluster-engine/run/test.{socket.gethostname()}/engine.json"))
 
 
+@contextlib.contextmanager
+def program_of_the_slave_user():
+    """The pid of a program of the slave's user that is not an engine, as a pid file or the store may name it once
+    the pid was reused: the stop script could signal it (same user), so only its command-line check spares it."""
+    program = subprocess.Popen(["setpriv", f"--reuid={SLAVE_USER}", f"--regid={SLAVE_USER}", "--clear-groups",
+                                "sleep", "600"])
+    try:
+        yield program
+    finally:
+        program.kill()
+        program.wait()
+
+
 def test_changed_host_key_is_refused(tmp_path, tiny_data_dir, hosts):
     known = tmp_path / "known_hosts"
     # a recorded key that is not the host's: as after a man-in-the-middle or a reinstall
@@ -80,25 +95,27 @@ def test_stop_ends_engines_by_the_stored_pids_after_the_master_was_renamed(tmp_p
 
     host = hosts.hosts[0]
     cluster = Cluster(ssh_config(tmp_path, tiny_data_dir, hosts, slaves=1))
+    stack = contextlib.ExitStack()
     try:
         status = cluster.start()
         assert host.engine_count() == 1
-        # a pid the store holds that now belongs to another program (here the slave's sshd): left alone
-        sshd = next(p for p in host.processes() if b"sshd" in Path(f"/proc/{p}/cmdline").read_bytes())
+        # a pid the store holds that now belongs to another program of the slave's user: left alone
+        reused = stack.enter_context(program_of_the_slave_user())
         remote_dir = cluster.store.execute("SELECT remote_dir FROM remote_engines").fetchone()[0]
         cluster.store.execute("INSERT INTO remote_engines VALUES (?, ?, ?, ?)",
-                              (status.cluster_id, host.address, sshd, remote_dir))
+                              (status.cluster_id, host.address, reused.pid, remote_dir))
         monkeypatch.setattr(socket, "gethostname", lambda: "renamed-master")
         cluster.stop()
         monkeypatch.undo()
         assert wait_until(lambda: not host.engine_processes(), timeout=20)
-        assert sshd in host.processes()
+        assert reused.poll() is None, "the program under a reused pid was signalled"
     finally:
         monkeypatch.undo()
         for pid in host.engine_processes():  # whatever the stop under test left behind
             os.kill(pid, 9)
         cluster.stop()
         cluster.close()
+        stack.close()
 
 
 def test_a_master_that_lost_its_state_dir_stops_the_engine_its_earlier_start_left_before_starting_one(
@@ -123,6 +140,7 @@ def test_a_master_that_lost_its_state_dir_stops_the_engine_its_earlier_start_lef
     stamp = remote_dir / "engines.stamp"
     stamp.write_text(json.dumps({"sources": engines_digest(), "python": sys.executable, "torch": "?", "gpus": 0}))
     shutil.chown(stamp, SLAVE_USER, SLAVE_USER)
+    stack = contextlib.ExitStack()
     try:
         with caplog.at_level(logging.INFO, logger="controller.remote"):
             before.start()
@@ -130,9 +148,9 @@ def test_a_master_that_lost_its_state_dir_stops_the_engine_its_earlier_start_lef
         assert json.loads(stamp.read_text())["torch"] == torch.__version__
         [left_behind] = host.engine_pids()
         master_restarts(before)  # and its state dir is never seen again
-        sshd = next(p for p in host.processes() if b"sshd" in Path(f"/proc/{p}/cmdline").read_bytes())
+        reused = stack.enter_context(program_of_the_slave_user())
         [run_dir] = [f.parent for f in engine_files(host)]
-        (run_dir / "engine-7.pid").write_text(f"{sshd}\n")
+        (run_dir / "engine-7.pid").write_text(f"{reused.pid}\n")
         caplog.clear()
 
         with caplog.at_level(logging.INFO, logger="controller.remote"):
@@ -142,7 +160,7 @@ def test_a_master_that_lost_its_state_dir_stops_the_engine_its_earlier_start_lef
         assert f"stopped 1 engine(s) an earlier start of this cluster left running (pids {left_behind})" \
             in caplog.text
         assert left_behind not in host.processes()
-        assert sshd in host.processes()
+        assert reused.poll() is None, "the program under a reused pid was signalled"
         [engine] = status.engines
         assert engine.state == "idle" and host.engine_pids() == [engine.pid]
     finally:
@@ -152,6 +170,42 @@ def test_a_master_that_lost_its_state_dir_stops_the_engine_its_earlier_start_lef
         before.stop()  # its controller, when the test failed before the restart
         after.close()
         before.close()
+        stack.close()
+
+
+def test_a_second_cluster_of_the_same_name_from_another_state_dir_is_refused_and_the_first_serves_on(
+        tmp_path, tiny_data_dir, hosts):
+    """Two checkouts on one master, both with the default cluster name, name the same slave: they share its run
+    dir. The engines there are the first cluster's, still working, not leftovers: the second start stops
+    nothing, says whose they are and what to do, and leaves nothing of its own behind."""
+    import os
+
+    host = hosts.hosts[0]
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first = Cluster(ssh_config(tmp_path / "first", tiny_data_dir, hosts, slaves=1))
+    second = Cluster(ssh_config(tmp_path / "second", tiny_data_dir, hosts, slaves=1))
+    try:
+        first.start()
+        [engine] = host.engine_pids()
+        controller = first.store.clusters.active("test").controller_pid
+
+        with pytest.raises(ProviderError) as refused:
+            second.start()
+
+        assert f"holds the engines of another cluster of this master that is still running (its controller, " \
+               f"pid {controller}" in str(refused.value)
+        assert "give this one another [cluster] name" in str(refused.value)
+        assert host.engine_pids() == [engine]
+        assert second.status().state in ("stopped", "none") and not cluster_pids(second.config.state_dir)
+        assert first.train(subset=200, epochs=1).run.state == "completed"
+    finally:
+        for pid in host.engine_processes():
+            os.kill(pid, 9)
+        second.stop()
+        first.stop()
+        second.close()
+        first.close()
 
 
 def test_a_slave_sees_none_of_the_masters_paths_and_is_not_root(tmp_path, tiny_data_dir, hosts):
