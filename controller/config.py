@@ -24,10 +24,13 @@ STATE_DIR_ENV = "CLUSTER_STATE_DIR"
 BUILTIN = "<built-in defaults>"
 
 
-def _opt(default, help: str, *, choices=None, min=None, max=None, factory=None, path=False, pattern=None):
+def _opt(default, help: str, *, choices=None, min=None, max=None, factory=None, path=False, pattern=None,
+         zero_is_off=False):
     """A config field: its default, its help line and what values are allowed (``path``: a file name;
-    ``pattern``: (regular expression the whole value must match, what it allows in words))."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path, "pattern": pattern}
+    ``pattern``: (regular expression the whole value must match, what it allows in words); ``zero_is_off``:
+    0 turns the feature off and is allowed besides ``min`` to ``max``)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path, "pattern": pattern,
+            "zero_is_off": zero_is_off}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -69,7 +72,8 @@ class ClusterConfig:
                                              "before they quit", min=0.1, max=1440.0)
     stall_minutes: float = _opt(10.0, "a training task that reports no progress for this long (a hung CUDA kernel "
                                       "or NCCL call, a deadlock) has its engine killed and goes on from its "
-                                      "checkpoint on another engine; 0 = never", min=0.0, max=1440.0)
+                                      "checkpoint on another engine; 0 = never", min=0.25, max=1440.0,
+                                zero_is_off=True)
     price_per_hour: float = _opt(0.0, "$/hour of the whole local or ssh cluster, for cost reports", min=0.0)
     metadata_url: str = _opt("", "instance metadata service the engines watch for spot interruption notices; "
                                  "empty = the provider's (aws: http://169.254.169.254, local/ssh: none), off = none",
@@ -199,6 +203,8 @@ def describe_allowed(f: dataclasses.Field, kind: type) -> str:
         return "true or false"
     name = {int: "an integer", float: "a number", tuple: "a comma-separated list", Path: "a path", str: "text"}[kind]
     lo, hi = m.get("min"), m.get("max")
+    if m.get("zero_is_off"):
+        return f"0 (off) or {name} from {lo} to {hi}"
     if lo is not None and hi is not None:
         return f"{name} from {lo} to {hi}"
     if lo is not None:
@@ -246,6 +252,8 @@ def parse_value(raw: str, f: dataclasses.Field, kind: type, where: str):
     if pattern and not re.fullmatch(pattern[0], value):
         raise bad()
     lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if f.metadata.get("zero_is_off") and value == 0:
+        return value
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise bad("out of range")
     return value

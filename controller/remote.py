@@ -336,7 +336,7 @@ class EngineSpec:
     env: dict = field(default_factory=dict)
     install: bool = True  # pip-install the engine requirements when the check fails
     args: tuple = ()  # extra ipengine arguments (controller.ipcluster.engine_args: the grace for a silent master, the startup command)
-    owner: str = ""  # the controller the engines serve, on this master (``owner_of``): written to the run dir
+    owner: str = ""  # the cluster the engines serve (``owner_of``: state dir, controller): written to the run dir
 
 
 @dataclass
@@ -459,12 +459,18 @@ def stamped(remote: Remote, spec: EngineSpec) -> Optional[tuple[str, dict]]:
     if not isinstance(stamp, dict) or {k: stamp.get(k) for k in ("sources", "python")} != {
             "sources": engines_digest(), "python": spec.python}:
         return None
-    # found, not imported: milliseconds, where the import check takes seconds (torch)
-    status, out, _ = remote.run(f"cd {q(base)} && PYTHONPATH={q(base)}/src {q(spec.python)} -c {q(FIND_MODULES)}",
-                                check=False)
-    if status != 0 or out.strip():
+    # found, not imported: milliseconds, where the import check takes seconds (torch); and the GPUs the driver
+    # shows, so that a GPU gone (or added) since is counted again by torch, in a full bootstrap
+    status, out, _ = remote.run(f"ls -d /dev/nvidia[0-9]* 2>/dev/null | wc -l; cd {q(base)} && "
+                                f"PYTHONPATH={q(base)}/src {q(spec.python)} -c {q(FIND_MODULES)}", check=False)
+    device_files, _, missing = out.strip().partition("\n")
+    if status != 0 or missing.strip():
         log.info("%s: %s since the last bootstrap", remote.host,
-                 f"{out.strip()} missing" if status == 0 else "its python does not run")
+                 f"{missing.strip()} missing" if status == 0 else "its python does not run")
+        return None
+    if device_files.strip().isdigit() and int(device_files) != int(stamp.get("gpus") or 0):
+        log.info("%s: %s GPU device(s) where the last bootstrap counted %s", remote.host, device_files.strip(),
+                 stamp.get("gpus"))
         return None
     return base, stamp
 
@@ -610,48 +616,54 @@ def stop_engines(remote: Remote, remote_dir: str, tag: str, pids: tuple[int, ...
     base = resolve_dir(remote, remote_dir)
     other = other_live_owner(remote, base, tag, owner)
     if other is not None:
-        log.info("%s: %s is another running cluster's (controller pid %d): only this cluster's recorded engines "
-                 "are stopped there", remote.host, run_dir(base, tag), other)
+        log.info("%s: %s is another running cluster's (controller pid %d, state_dir %s): only this cluster's "
+                 "recorded engines are stopped there", remote.host, run_dir(base, tag), other.controller_pid,
+                 other.state_dir)
     return _stop(remote, base, tag, pids, run_dir_too=other is None).left
 
 
 OWNER = "owner"  # in a run dir: the controller its engines serve, as ``owner_of`` wrote it
 
 
-def owner_of(controller_pid: int) -> str:
-    """A controller as a run dir records it: its pid and that process's identity on this master (the tag
-    names the master's host, so the controller of a run dir's engines ran here)."""
-    return f"{controller_pid} {process_identity(controller_pid)}"
+def owner_of(controller_pid: Optional[int], state_dir: Path) -> str:
+    """The cluster a run dir's engines serve, as the run dir records it: the master's state dir, and its
+    controller (pid and that process's identity on this master: the tag names the master's host)."""
+    return json.dumps({"state_dir": str(Path(state_dir).resolve()), "controller_pid": controller_pid or 0,
+                       "identity": process_identity(controller_pid) if controller_pid else ""})
 
 
-def live_owner(text: str) -> Optional[int]:
-    """The pid of the controller a run dir's ``owner`` names, while that same process still runs here."""
-    pid_text, _, identity = text.strip().partition(" ")
-    if not pid_text.isdigit() or not identity:
-        return None
-    return int(pid_text) if process_identity(int(pid_text)) == identity else None
+@dataclass(frozen=True)
+class OtherCluster:
+    controller_pid: int
+    state_dir: str
 
 
-def other_live_owner(remote: Remote, base: str, tag: str, owner: str) -> Optional[int]:
-    """The controller pid of another cluster whose engines use this run dir and which still runs (two checkouts,
-    or two state dirs, on this master with one cluster name); None when the run dir is ours, free or left."""
+def other_live_owner(remote: Remote, base: str, tag: str, owner: str) -> Optional[OtherCluster]:
+    """Another cluster whose engines use this run dir and whose controller still runs (two checkouts, or two
+    state dirs, on this master with one cluster name); None when the run dir is this state dir's (now or from
+    an earlier start), free, or left by a controller that is gone."""
     _, text, _ = remote.run(f"cat {shlex.quote(run_dir(base, tag))}/{OWNER} 2>/dev/null", check=False)
-    if not text.strip() or text.strip() == owner.strip():
+    try:
+        theirs, ours = json.loads(text), json.loads(owner or "{}")
+        pid, identity, state_dir = theirs["controller_pid"], theirs["identity"], theirs["state_dir"]
+    except (ValueError, KeyError, TypeError):
         return None
-    return live_owner(text)
+    if state_dir == ours.get("state_dir") or not isinstance(pid, int) or pid <= 0 or not identity:
+        return None
+    return OtherCluster(pid, str(state_dir)) if process_identity(pid) == identity else None
 
 
 def refuse_a_live_owner(remote: Remote, base: str, spec: EngineSpec) -> None:
     """The run dir is another live cluster's: its engines are not leftovers, and stopping them would end that
     cluster's work."""
     rundir = run_dir(base, spec.tag)
-    pid = other_live_owner(remote, base, spec.tag, spec.owner)
-    if pid is not None:
+    other = other_live_owner(remote, base, spec.tag, spec.owner)
+    if other is not None:
         raise ProviderError(
             f"{remote.host}: {rundir} holds the engines of another cluster of this master that is still running "
-            f"(its controller, pid {pid}, was started from another state_dir with the same [cluster] name): "
-            f"stop that cluster first (`cluster stop` where it was started), or give this one another "
-            f"[cluster] name")
+            f"(its controller, pid {other.controller_pid}, of the state_dir {other.state_dir}, with the same "
+            f"[cluster] name): stop that cluster first (`cluster stop` with its configuration), or give this one "
+            f"another [cluster] name")
 
 
 def stop_leftovers(remote: Remote, base: str, tag: str) -> None:

@@ -195,10 +195,9 @@ class RemoteEngines:
             pool.shutdown(wait=True)
 
     def _owner(self, cluster_id: Optional[int]) -> str:
-        """The cluster's controller as its slaves' run dirs record it (read here: the store is this thread's)."""
+        """This cluster as its slaves' run dirs record it (the controller read here: the store is this thread's)."""
         record = self.store.clusters.get(cluster_id) if cluster_id is not None else None
-        pid = record.controller_pid if record is not None else None
-        return rm.owner_of(pid) if pid else ""
+        return rm.owner_of(record.controller_pid if record is not None else None, self.state_dir)
 
     def _spec(self, remote: rm.Remote, connection: dict, tunnel: bool, owner: str) -> rm.EngineSpec:
         address = "127.0.0.1" if tunnel else remote.local_address

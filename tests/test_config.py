@@ -76,6 +76,9 @@ def test_relative_paths_in_a_file_are_relative_to_that_file(isolated, monkeypatc
     ("[cluster]\ndownload = maybe\n", "[cluster] download = 'maybe': expected true or false"),
     ("[aws]\ntunnel = sometimes\n", "[aws] tunnel = 'sometimes': expected one of auto, always, never"),
     ("slaves = 2\n", "not a valid INI file"),
+    # a hung-task limit shorter than a task's set-up would kill every engine
+    ("[cluster]\nstall_minutes = 0.01\n",
+     "[cluster] stall_minutes = '0.01': expected 0 (off) or a number from 0.25 to 1440.0 (out of range)"),
 ])
 def test_each_bad_value_gets_one_clear_message_and_exit_2(isolated, text, expected):
     path = isolated / "bad.ini"
@@ -85,6 +88,13 @@ def test_each_bad_value_gets_one_clear_message_and_exit_2(isolated, text, expect
     assert str(path) in err and expected in err
     assert out == ""
     assert not (isolated / "state").exists(), "nothing may be started or created on a bad config"
+
+
+@pytest.mark.parametrize("value", ["0", "0.25", "10"])
+def test_stall_minutes_is_off_at_0_or_at_least_a_quarter_minute(isolated, value):
+    path = isolated / "c.ini"
+    path.write_text(f"[cluster]\nstall_minutes = {value}\n")
+    assert load_config(path).cluster.stall_minutes == float(value)
 
 
 def test_a_missing_config_file_is_named(isolated):

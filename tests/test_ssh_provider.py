@@ -208,6 +208,25 @@ def test_a_second_cluster_of_the_same_name_from_another_state_dir_is_refused_and
         first.close()
 
 
+def test_a_stamp_whose_gpu_count_the_slave_no_longer_shows_means_a_full_bootstrap(tmp_path, hosts, caplog):
+    """A GPU gone (or added) since the last bootstrap: the engines would be pinned to devices torch does not
+    see. The slave's device files are counted at every start; a count unlike the stamp's is verified again."""
+    import logging
+
+    from controller import remote as rm
+
+    spec = rm.EngineSpec(tag="stamp-test", connection={}, python=sys.executable, remote_dir="~/.cluster-engine-stamp")
+    host = rm.Host(hosts.hosts[1].address, user=SLAVE_USER, key_file=str(hosts.key))
+    with rm.Remote.connect(host, tmp_path / "known_hosts") as remote:
+        base, stamp = rm.bootstrap(remote, spec)
+        assert stamp["gpus"] == 0 and rm.stamped(remote, spec) == (base, stamp)
+        remote.put(json.dumps({**stamp, "gpus": 1}).encode(), f"{base}/{rm.STAMP}", mode=0o600)
+        with caplog.at_level(logging.INFO, logger="controller.remote"):
+            assert rm.stamped(remote, spec) is None
+        remote.run(f"rm -rf {base}")
+    assert "0 GPU device(s) where the last bootstrap counted 1" in caplog.text
+
+
 def test_a_slave_sees_none_of_the_masters_paths_and_is_not_root(tmp_path, tiny_data_dir, hosts):
     """The namespace slaves are honest: another user, and the master's checkout, home, state_dir and
     data_dir do not exist there; only the Python environment is."""
