@@ -251,17 +251,17 @@ class TestProviderContract:
         fresh = world.cluster()
         try:
             stopped = fresh.stop()
+            assert stopped.cluster is None
+            if world.kind == "local":
+                assert stopped.released and not cluster_pids(world.config.state_dir)
+            elif world.kind == "ssh":
+                assert stopped.released == [status.nodes[0].node_id]
+                assert wait_until(lambda: not world.host.engine_processes(), timeout=20)
+            else:
+                (instance,) = [n.instance_id for n in status.nodes]
+                assert instance in stopped.released and len(stopped.released) == 3  # + security group, key pair
+                assert tagged(world.ec2) == NOTHING
         finally:
             fresh.close()
-        assert stopped.cluster is None
-        if world.kind == "local":
-            assert stopped.released and not cluster_pids(world.config.state_dir)
-        elif world.kind == "ssh":
-            assert stopped.released == [status.nodes[0].node_id]
-            assert wait_until(lambda: not world.host.engine_processes(), timeout=20)
-        else:
-            (instance,) = [n.instance_id for n in status.nodes]
-            assert instance in stopped.released and len(stopped.released) == 3  # + security group, key pair
-            assert tagged(world.ec2) == NOTHING
-        release_by_hand(world, record.controller_pid)
+            release_by_hand(world, record.controller_pid)  # also when an assertion failed: no orphan controller
         assert_nothing_left(world)
