@@ -9,6 +9,7 @@ import pytest
 from controller.cli import main
 from controller.config import Config, load_config, render_default_ini
 from controller.errors import ConfigError, ExitStatus
+from tests.conftest import cluster_pids
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,6 +96,15 @@ def test_stall_minutes_is_off_at_0_or_at_least_a_quarter_minute(isolated, value)
     path = isolated / "c.ini"
     path.write_text(f"[cluster]\nstall_minutes = {value}\n")
     assert load_config(path).cluster.stall_minutes == float(value)
+
+
+def test_an_ssh_slave_listed_twice_is_refused_before_anything_starts(isolated):
+    path = isolated / "c.ini"
+    path.write_text("[cluster]\nprovider = ssh\n\n[ssh]\nhosts = gpu1, gpu2, gpu1:22\n")
+    code, out, err = run_cli("--config", str(path), "start")
+    assert code == ExitStatus.USAGE
+    assert "[ssh] hosts names one slave twice ('gpu1' and 'gpu1:22'); list each slave once" in err, err
+    assert not cluster_pids(isolated / "state"), "a refused start leaves nothing running"
 
 
 def test_a_missing_config_file_is_named(isolated):

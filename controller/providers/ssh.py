@@ -40,6 +40,13 @@ class SshProvider(Provider):
                 hosts.append(rm.Host.parse(text, cfg.user, str(Path(cfg.key_file).expanduser()) if cfg.key_file else ""))
             except ValueError:
                 raise ConfigError(f"{self.config.source}: [ssh] hosts: {text!r} is not host or host:port") from None
+        seen: dict[tuple[str, int], str] = {}
+        for text, host in zip(cfg.hosts, hosts):
+            # two nodes on one slave would share its run dir: the second's start would stop the first's engines
+            if (host.address, host.port) in seen:
+                raise ConfigError(f"{self.config.source}: [ssh] hosts names one slave twice ({seen[host.address, host.port]!r} "
+                                  f"and {text!r}); list each slave once (engines_per_host sets engines per slave)")
+            seen[host.address, host.port] = text
         return hosts
 
     def known_hosts(self) -> Path:
