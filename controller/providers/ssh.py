@@ -40,13 +40,6 @@ class SshProvider(Provider):
                 hosts.append(rm.Host.parse(text, cfg.user, str(Path(cfg.key_file).expanduser()) if cfg.key_file else ""))
             except ValueError:
                 raise ConfigError(f"{self.config.source}: [ssh] hosts: {text!r} is not host or host:port") from None
-        seen: dict[tuple[str, int], str] = {}
-        for text, host in zip(cfg.hosts, hosts):
-            # two nodes on one slave would share its run dir: the second's start would stop the first's engines
-            if (host.address, host.port) in seen:
-                raise ConfigError(f"{self.config.source}: [ssh] hosts names one slave twice ({seen[host.address, host.port]!r} "
-                                  f"and {text!r}); list each slave once (engines_per_host sets engines per slave)")
-            seen[host.address, host.port] = text
         return hosts
 
     def known_hosts(self) -> Path:
@@ -68,6 +61,15 @@ class SshProvider(Provider):
 
     def preflight(self, slaves: int, adopting: bool = False) -> str:
         hosts = self.hosts()
+        seen: dict[tuple[str, int], str] = {}
+        for text, host in zip(self.config.ssh.hosts, hosts):
+            # two nodes on one slave would share its run dir: the second's start would stop the first's engines
+            # (only a start refuses: `stop` must still reach every host a cluster may have used)
+            if (host.address, host.port) in seen:
+                raise ConfigError(f"{self.config.source}: [ssh] hosts names one slave twice "
+                                  f"({seen[host.address, host.port]!r} and {text!r}); list each slave once "
+                                  f"(engines_per_host sets engines per slave)")
+            seen[host.address, host.port] = text
         if slaves > len(hosts):
             raise ConfigError(f"--slaves {slaves}: [ssh] hosts lists only {len(hosts)} machine(s)")
         if hosts[0].key_file:
