@@ -266,7 +266,8 @@ class Cluster:
         if out is not None and Path(out).suffix not in (".csv", ".npz"):
             raise UsageError(f"--out {out}: expected a .csv or .npz file name")
         job = Inference(self.client, choose_engines(list(self.client.ids), engines),
-                        shards_per_engine=shards_per_engine, threads=self.record.threads_per_engine)
+                        shards_per_engine=shards_per_engine, threads=self.record.threads_per_engine,
+                        stall_s=self.config.cluster.stall_minutes * 60)
         result = job.run(data, split, data_dir or str(self.config.data_dir), run_id=run_id, expect_kind=expect_kind,
                          progress=progress)
         if out is not None:

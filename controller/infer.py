@@ -22,7 +22,7 @@ import numpy as np
 from engines.tasks import infer_task, load_model_task, split_size_task
 
 from .errors import TaskError, UsageError
-from .scheduler import is_engine_loss
+from .scheduler import MASTER_PAUSE_S, STALL_KILLS, is_engine_loss, running_on
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,25 @@ def write_predictions(result: InferenceResult, path: Path) -> Path:
     return path
 
 
+@dataclass
+class _Shard:
+    """A shard running on an engine, as the master last heard of it."""
+    engine: int
+    heard_at: float  # when it began, last reported images done, or its engine was last told to die
+    done: int = 0
+    kills: int = 0
+
+
 class Inference:
-    """One inference job over ``engines`` of a connected ipyparallel client."""
+    """One inference job over ``engines`` of a connected ipyparallel client.
+
+    ``stall_s`` (``[cluster] stall_minutes``; 0: never): a shard that began and reports no images done for that
+    long (a hung CUDA kernel: the engine's heartbeat goes on) has its engine killed through its nanny, and is
+    sent again like a shard whose engine was lost."""
 
     def __init__(self, client, engines: list[int], *, shards_per_engine: int = 1, threads: int = 0,
-                 device: str = "auto", poll_s: float = 0.1):
+                 device: str = "auto", poll_s: float = 0.1, stall_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
         if shards_per_engine < 1:
             raise UsageError(f"--shards-per-engine {shards_per_engine}: expected 1 or more")
         self.client = client
@@ -116,6 +130,8 @@ class Inference:
         self.threads = threads
         self.device = device
         self.poll_s = poll_s
+        self.stall_s = stall_s
+        self.clock = clock
         self.loaded_now: list[int] = []  # engines the checkpoint was sent to by this call
 
     def ensure_model(self, key: str, checkpoint: bytes) -> dict:
@@ -161,11 +177,19 @@ class Inference:
         view = self.client.load_balanced_view(self.engines)
         pending = {view.apply_async(infer_task, key, kind, data_dir, split, a, b): (a, b, 0) for a, b in bounds}
         parts: dict[int, dict] = {}
+        running: dict[object, _Shard] = {}
+        listened_at: Optional[float] = None
         try:
             while pending:
                 done, _ = concurrent.futures.wait(list(pending), timeout=self.poll_s,
                                                   return_when=concurrent.futures.FIRST_COMPLETED)
+                now = self.clock()
+                if listened_at is not None and now - listened_at > MASTER_PAUSE_S:
+                    for shard in running.values():  # the master was frozen: not the engines' silence
+                        shard.heard_at += now - listened_at
+                listened_at = now
                 for result in done:
+                    running.pop(result, None)
                     a, b, resends = pending.pop(result)
                     try:
                         parts[a] = result.get()
@@ -175,6 +199,8 @@ class Inference:
                                             getattr(error, "traceback", "") or "") from None
                         log.warning("images %d:%d lost their engine; sending them again", a, b)
                         pending[view.apply_async(infer_task, key, kind, data_dir, split, a, b)] = (a, b, resends + 1)
+                if self.stall_s:
+                    self._kill_stalled(pending, running, now)
                 if progress is not None:
                     in_flight = sum(r.data.get("infer", {}).get("done", 0) for r in pending
                                     if isinstance(r.data, dict))
@@ -186,3 +212,29 @@ class Inference:
                 log.debug("abort failed", exc_info=True)
             raise
         return parts
+
+    def _kill_stalled(self, pending: dict, running: dict[object, _Shard], now: float) -> None:
+        for result, (a, b, _) in pending.items():
+            engine = running_on(result)
+            if engine is None:
+                continue  # queued behind another shard: not silent, waiting
+            done = result.data.get("infer", {}).get("done", 0) if isinstance(result.data, dict) else 0
+            shard = running.setdefault(result, _Shard(engine, now, done))
+            if done != shard.done:
+                shard.done, shard.heard_at = done, now
+                continue
+            silent = now - shard.heard_at
+            if silent < self.stall_s:
+                continue
+            if shard.kills >= STALL_KILLS:
+                raise TaskError(f"inference of images {a}:{b}: engine {engine} reported nothing for {silent:.0f} s "
+                                f"and did not die after {STALL_KILLS} kills (its nanny may be gone); stop the "
+                                f"cluster's engines on that slave by hand", "")
+            shard.kills += 1
+            shard.heard_at = now
+            log.warning("images %d:%d: engine %d reported nothing for %.0f s ([cluster] stall_minutes = %g); killing "
+                        "that engine, the images go to another", a, b, engine, silent, self.stall_s / 60)
+            try:
+                self.client.send_signal("SIGKILL", targets=[engine], block=False)
+            except Exception:  # noqa: BLE001 - gone already: its shard comes back as lost and is sent again
+                log.debug("could not signal engine %d", engine, exc_info=True)

@@ -134,7 +134,7 @@ class _InFlight:
     @property
     def queued(self) -> bool:
         """Not yet begun on an engine, as far as the master knows: it can still be withdrawn."""
-        return self.started_on is None and _running_on(self.result) is None
+        return self.started_on is None and running_on(self.result) is None
 
 
 @dataclass
@@ -379,11 +379,11 @@ class Scheduler:
                             ready.next.appendleft(task.job)  # it was next in line: it goes next again
                             continue
                         follow_up = self._finish(task, source, sink)
-                    elif _running_on(task.result) not in registered | {None}:
+                    elif running_on(task.result) not in registered | {None}:
                         # the hub dropped its engine: ipyparallel's task scheduler fails such a task only
                         # 5 s later (in case its result is still on the way); it goes elsewhere now
                         del in_flight[task.result.msg_ids[0]]
-                        gone = ipp.error.EngineError(f"engine {_running_on(task.result)} is gone (unregistered "
+                        gone = ipp.error.EngineError(f"engine {running_on(task.result)} is gone (unregistered "
                                                      f"while running the task)")
                         follow_up = self._lost(task.job, gone, source, sink)
                     else:
@@ -474,7 +474,7 @@ class Scheduler:
 
     def _note_start(self, task: _InFlight, sink: ProgressSink, now: float) -> None:
         if task.started_on is None:
-            engine = _running_on(task.result)
+            engine = running_on(task.result)
             if engine is not None:
                 task.started_on = engine
                 task.heard_at = now
@@ -639,7 +639,7 @@ class Scheduler:
 _ASYNC_RESULT_CACHES = [method for method in vars(ipp.AsyncResult).values() if hasattr(method, "cache_clear")]
 
 
-def _running_on(result: ipp.AsyncResult) -> Optional[int]:
+def running_on(result: ipp.AsyncResult) -> Optional[int]:
     """The engine a task started on (the client learns it from the engine's first message), or None."""
     try:
         return _metadata(result).get("engine_id")

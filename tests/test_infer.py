@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+import ipyparallel as ipp
 import numpy as np
 import pytest
 import torch
@@ -13,11 +14,12 @@ import torch
 from controller.bench import BenchTable
 from controller.cli import main
 from controller.infer import EVAL_BATCH, Inference, InferenceResult, shard_bounds, write_predictions
-from controller.errors import UsageError
+from controller.errors import TaskError, UsageError
 from engines.cifar import load_cifar10, write_cifar10_batches
 from engines.data import load_mnist
 from engines.infer import build, predict
 from tests.conftest import real_mnist_dir, running_cluster
+from tests.test_scheduler import FakeResult, TickingClock
 
 DATA = real_mnist_dir()
 
@@ -30,6 +32,107 @@ def test_shards_are_contiguous_cover_everything_once_and_start_on_batch_boundari
         assert all(b == a2 for (_, b), (a2, _) in zip(bounds, bounds[1:])), "contiguous, in order"
         assert all(a % EVAL_BATCH == 0 for a, _ in bounds)
     assert len(shard_bounds(10_000, 4)) == 4 and len(shard_bounds(2_500, 8)) == 3  # no shard without a batch
+
+
+class HangingShards:
+    """A client whose load-balanced view hands shards to its engines in turn: ``hung`` engines
+    take their shard and go silent; the others answer at once. A SIGKILL ends a hung engine's shard as the hub
+    does when the engine dies (EngineError), unless ``dies`` is False (its nanny is gone)."""
+
+    def __init__(self, hung=(1,), dies=True):
+        self.hung, self.dies = set(hung), dies
+        self.ids = [0, 1]
+        self.signalled: list[tuple[str, list[int]]] = []
+        self.started: list[tuple[int, int]] = []  # (engine, first image) of each shard sent
+        self.running: dict[int, FakeResult] = {}
+
+    def load_balanced_view(self, targets=None):
+        return self
+
+    def apply_async(self, task, key, kind, data_dir, split, a, b):
+        engine = self.ids[len(self.started) % len(self.ids)]
+        self.started.append((engine, a))
+        result = FakeResult(f"m{len(self.started)}")
+        result.metadata = {"engine_id": engine}
+        if engine in self.hung:
+            self.running[engine] = result
+        else:
+            result.set_result({"start": a, "stop": b})
+        return result
+
+    def send_signal(self, sig, targets=None, block=None):
+        self.signalled.append((sig, list(targets)))
+        for engine in targets:
+            if self.dies:
+                self.hung.discard(engine)
+                self.ids.remove(engine)
+                self.running.pop(engine).set_exception(ipp.error.EngineError(f"engine {engine} died"))
+
+    def abort(self, pending):
+        pass
+
+
+def bounded_clock():
+    """A second passes at each reading; a job still waiting after 10,000 of them never ends."""
+    clock = TickingClock()
+
+    def read() -> float:
+        assert clock.now < 10_000, "the hung shard was never ended"
+        return clock()
+
+    return read
+
+
+class TestAHungShard:
+    """A shard that began and reports no images for stall_s (a hung CUDA kernel: the heartbeat goes on) has its
+    engine killed, and its images go to another engine."""
+
+    def test_its_engine_is_killed_and_the_images_go_to_another(self):
+        client = HangingShards(hung=(1,))
+        job = Inference(client, [0, 1], poll_s=0, stall_s=30, clock=bounded_clock())
+        parts = job._predict("k", "mnist", "d", "test", [(0, 100), (100, 200)], 200, progress=None)
+        assert sorted(parts) == [0, 100]
+        assert client.signalled == [("SIGKILL", [1])]
+        assert client.started[-1] == (0, 100), "the hung engine's images went to the other engine"
+
+    def test_an_engine_that_outlives_two_kills_fails_the_job_by_name(self):
+        client = HangingShards(hung=(1,), dies=False)
+        job = Inference(client, [0, 1], poll_s=0, stall_s=30, clock=bounded_clock())
+        with pytest.raises(TaskError, match=r"images 100:200: engine 1 reported nothing for \d+ s and did not die "
+                                            r"after 2 kills"):
+            job._predict("k", "mnist", "d", "test", [(0, 100), (100, 200)], 200, progress=None)
+        assert client.signalled == [("SIGKILL", [1])] * 2
+
+    def test_a_pause_of_the_master_is_not_silence_of_the_engine(self):
+        """The master is frozen for 500 s (stall_s is 30) while the shard runs; it then finishes."""
+        client = HangingShards(hung=(1,))
+        clock = TickingClock()
+
+        def freezing_clock() -> float:
+            now = clock()
+            if now == 10:
+                clock.now = now = 510
+            if now == 515:  # the shard ends soon after the master wakes
+                client.running.pop(1).set_result({"start": 100, "stop": 200})
+            return now
+
+        job = Inference(client, [0, 1], poll_s=0, stall_s=30, clock=freezing_clock)
+        parts = job._predict("k", "mnist", "d", "test", [(0, 100), (100, 200)], 200, progress=None)
+        assert sorted(parts) == [0, 100] and client.signalled == []
+
+    def test_with_stall_s_0_a_silent_shard_is_left_alone(self):
+        client = HangingShards(hung=(1,))
+        clock = TickingClock()
+
+        def ending_clock() -> float:
+            now = clock()
+            if now == 1000:
+                client.running.pop(1).set_result({"start": 100, "stop": 200})
+            return now
+
+        job = Inference(client, [0, 1], poll_s=0, stall_s=0, clock=ending_clock)
+        assert sorted(job._predict("k", "mnist", "d", "test", [(0, 100), (100, 200)], 200, progress=None)) == [0, 100]
+        assert client.signalled == []
 
 
 def example_result() -> InferenceResult:
