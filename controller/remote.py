@@ -609,8 +609,8 @@ def _stop(remote: Remote, base: str, tag: str, pids: tuple[int, ...] = (), run_d
 
 def stop_engines(remote: Remote, remote_dir: str, tag: str, pids: tuple[int, ...] = (), owner: str = "") -> list[int]:
     """Stop the engines of ``tag`` on this slave (pid files, plus pids the store knows), remove its run dir.
-    When the run dir is another running cluster's (``owner``: this cluster's controller, see ``owner_of``),
-    only the pids the store knows are stopped, and the run dir stays.
+    When the run dir is another running cluster's (``owner``: this cluster, as ``owner_of`` writes it), only
+    the pids the store knows are stopped, and the run dir stays.
 
     Returns the pids still alive afterwards (nothing, normally)."""
     base = resolve_dir(remote, remote_dir)
