@@ -22,7 +22,7 @@ import numpy as np
 from engines.tasks import infer_task, load_model_task, split_size_task
 
 from .errors import TaskError, UsageError
-from .scheduler import MASTER_PAUSE_S, STALL_KILLS, is_engine_loss, running_on
+from .scheduler import STALL_KILLS, discount_pause, is_engine_loss, kill_through_nanny, running_on
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +184,7 @@ class Inference:
                 done, _ = concurrent.futures.wait(list(pending), timeout=self.poll_s,
                                                   return_when=concurrent.futures.FIRST_COMPLETED)
                 now = self.clock()
-                if listened_at is not None and now - listened_at > MASTER_PAUSE_S:
-                    for shard in running.values():  # the master was frozen: not the engines' silence
-                        shard.heard_at += now - listened_at
-                listened_at = now
+                listened_at = discount_pause(running.values(), listened_at, now)
                 for result in done:
                     running.pop(result, None)
                     a, b, resends = pending.pop(result)
@@ -219,7 +216,9 @@ class Inference:
             if engine is None:
                 continue  # queued behind another shard: not silent, waiting
             done = result.data.get("infer", {}).get("done", 0) if isinstance(result.data, dict) else 0
-            shard = running.setdefault(result, _Shard(engine, now, done))
+            shard = running.get(result)
+            if shard is None:
+                running[result] = shard = _Shard(engine, now, done)
             if done != shard.done:
                 shard.done, shard.heard_at = done, now
                 continue
@@ -234,7 +233,4 @@ class Inference:
             shard.heard_at = now
             log.warning("images %d:%d: engine %d reported nothing for %.0f s ([cluster] stall_minutes = %g); killing "
                         "that engine, the images go to another", a, b, engine, silent, self.stall_s / 60)
-            try:
-                self.client.send_signal("SIGKILL", targets=[engine], block=False)
-            except Exception:  # noqa: BLE001 - gone already: its shard comes back as lost and is sent again
-                log.debug("could not signal engine %d", engine, exc_info=True)
+            kill_through_nanny(self.client, engine)

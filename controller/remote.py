@@ -622,7 +622,7 @@ def stop_engines(remote: Remote, remote_dir: str, tag: str, pids: tuple[int, ...
     return _stop(remote, base, tag, pids, run_dir_too=other is None).left
 
 
-OWNER = "owner"  # in a run dir: the controller its engines serve, as ``owner_of`` wrote it
+OWNER = "owner"  # in a run dir: the cluster its engines serve (state dir, controller), as ``owner_of`` wrote it
 
 
 def owner_of(controller_pid: Optional[int], state_dir: Path) -> str:

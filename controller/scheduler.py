@@ -23,7 +23,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import ipyparallel as ipp
 
@@ -484,12 +484,8 @@ class Scheduler:
         """Silence counts only while the master listens: after a pause of the master (a frozen or sleeping
         process; the client's thread then still has the engines' progress to read), every task's silence
         starts again, so that no engine is killed for what the master did not hear."""
-        if not self.stall_s:
-            return
-        if self._listened_at is not None and now - self._listened_at > MASTER_PAUSE_S:
-            for task in in_flight.values():
-                task.heard_at += now - self._listened_at
-        self._listened_at = now
+        if self.stall_s:
+            self._listened_at = discount_pause(in_flight.values(), self._listened_at, now)
 
     def _check_stall(self, task: _InFlight, sink: ProgressSink, now: float) -> bool:
         """Kill the engine of a task silent for ``stall_s`` (through its nanny, which answers while the engine
@@ -511,10 +507,7 @@ class Scheduler:
                     "killing that engine, the task goes on elsewhere", task.job.run_id, task.started_on, silent,
                     self.stall_s / 60)
         sink.task_stalled(task.job, task.started_on, silent)
-        try:
-            self.client.send_signal("SIGKILL", targets=[task.started_on], block=False)
-        except Exception:  # noqa: BLE001 - gone already: the hub drops it, and the task moves the same way
-            log.debug("could not signal engine %d", task.started_on, exc_info=True)
+        kill_through_nanny(self.client, task.started_on)
         return False
 
     def _give_up_on_hung_engine(self, task: _InFlight, source: JobSource, sink: ProgressSink) -> Optional[Job]:
@@ -637,6 +630,25 @@ class Scheduler:
 
 
 _ASYNC_RESULT_CACHES = [method for method in vars(ipp.AsyncResult).values() if hasattr(method, "cache_clear")]
+
+
+def discount_pause(watched: Iterable, listened_at: Optional[float], now: float) -> float:
+    """Shift every watched item's ``heard_at`` by a pause of the master (a gap over MASTER_PAUSE_S since it last
+    looked, ``listened_at``): the engines' silence counts only while the master listens. Returns ``now``, the
+    new ``listened_at``."""
+    if listened_at is not None and now - listened_at > MASTER_PAUSE_S:
+        for item in watched:
+            item.heard_at += now - listened_at
+    return now
+
+
+def kill_through_nanny(client: ipp.Client, engine: int) -> None:
+    """SIGKILL a stuck engine through its nanny, which answers while the engine's own threads do not. The hub
+    then drops it, and its task comes back as lost."""
+    try:
+        client.send_signal("SIGKILL", targets=[engine], block=False)
+    except Exception:  # noqa: BLE001 - gone already: the hub drops it, and its task comes back the same way
+        log.debug("could not signal engine %d", engine, exc_info=True)
 
 
 def running_on(result: ipp.AsyncResult) -> Optional[int]:
