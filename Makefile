@@ -55,6 +55,7 @@ bench: install
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/elastic.py
+	$(BIN)/python benchmarks/first_step.py
 	$(BIN)/python benchmarks/faults.py
 	$(BIN)/python benchmarks/ssh_start.py
 

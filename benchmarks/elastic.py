@@ -15,8 +15,9 @@ compared with the floor ipyparallel itself sets, measured in the same run, round
 ours: plain ``ipyparallel.Cluster(n=4)`` with the same engine launcher (``local``) and the same
 engine environment (torch threads, path), ``start_and_connect``, ``wait_for_engines(4)``, then
 ``import torch`` on every engine (an engine is no use to us before), and ``stop_cluster``; and the
-same again with an optimizer built after the import, which is what a training run first needs
-beyond torch (the first optimizer imports torch._dynamo, nearly as long again as torch).
+same again with a torch.optim optimizer built after the import, which is what a training run with
+plain PyTorch first needs beyond torch (the first optimizer imports torch._dynamo, nearly as long again
+as torch; our engines train with engines/optim.py and need no more than torch and our code).
 Printed: the medians of the rounds and the ratios ours / baseline.
 
     python benchmarks/elastic.py              # real MNIST from ../shared/data or $CLUSTER_DATA_DIR
@@ -116,7 +117,8 @@ def _import_torch() -> str:
 
 
 def _build_optimizer() -> str:
-    """What every training run does first beyond importing torch: the first optimizer imports torch._dynamo."""
+    """What a plain PyTorch training run does first beyond importing torch: its first torch.optim optimizer
+    imports torch._dynamo."""
     import torch
 
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)

@@ -16,8 +16,9 @@ from .store import ClusterRecord, EngineRecord, NodeRecord, Store
 
 log = logging.getLogger(__name__)
 
-# engine_info waits for the imports a local engine began at startup (engines/startup.py): torch and
-# torch._dynamo, four engines at once on two loaded cores took 25 s
+# engine_info waits for the imports a local engine began at startup (engines/startup.py): torch and our
+# training code (with torch._dynamo too, as before engines/optim.py, four engines at once on two loaded
+# cores took 25 s)
 REPORT_TIMEOUT_S = 120
 
 

@@ -1,7 +1,7 @@
 """One process per local cluster that imports what an engine needs once, then forks engines ready-made.
 
 A new engine spends most of its start importing: ipyparallel's engine (zmq, tornado, ipykernel), torch,
-our training code and torch._dynamo, about 5 s of CPU each on an idle machine.  Four engines started
+and our training code, about 3 s of CPU each on an idle machine.  Four engines started
 at once on a 2-core master import side by side, and every `cluster scale` up pays it again.  This
 server pays it once: it imports, then for each request forks a child that is an ipyparallel engine with
 everything already in memory (shared copy-on-write with its siblings), as a plain
@@ -43,7 +43,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # ipyparallel's engine app and what it imports, then what engines/startup.py would import in the engine
-PRELOAD = ("ipyparallel.engine.app", "torch", "engines.train", "torch._dynamo")
+PRELOAD = ("ipyparallel.engine.app", "torch", "engines.train")
 IDLE_SECONDS = 120.0
 MAX_REQUEST = 1 << 20
 

@@ -1,8 +1,9 @@
 """What an engine does the moment it has registered: leave fast when stopped, and import torch now.
 
 Importing torch is most of what makes a new engine slow to be of use (2.5 s of CPU on an idle
-machine, and 2 s more for torch._dynamo, which the first optimizer imports; four engines at once on
-two cores at `cluster start`).  Until now the first task an engine
+machine; four engines at once on two cores at `cluster start`).  Training needs no more of torch than
+that: engines/optim.py stands in for torch.optim, whose first optimizer would import torch._dynamo,
+nearly as long again.  Until now the first task an engine
 got (``engines.tasks.engine_info``) paid for it, and the master asks that only once every engine has
 registered, so an engine that registered early sat idle while the others started, then all imported
 together.  Here a background thread starts the import as soon as the engine runs its startup command
@@ -30,10 +31,8 @@ from . import fast_exit
 
 log = logging.getLogger(__name__)
 
-# torch; our training code (numpy, torch.nn, the model); and torch._dynamo, which torch imports when the
-# first optimizer is built (torch.optim.Optimizer.__init__ is wrapped by torch._disable_dynamo): as long
-# again as torch itself, and every training run needs it
-PRELOAD = ("torch", "engines.train", "torch._dynamo")
+# torch, and our training code (numpy, torch.nn, the model, engines/optim.py)
+PRELOAD = ("torch", "engines.train")
 
 _thread: Optional[threading.Thread] = None
 _imported: list[str] = []  # what the background thread imported, in order

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import held, stopping
+from . import held, optim, stopping
 from .data import DataError, Mnist, Split, load_mnist, normalise
 from .model import MnistCNN, l1_penalty
 from .tasks import L1_SCALE, LEGACY_L1_SCALE
@@ -156,23 +156,22 @@ def build_optimizer(spec, model: nn.Module, steps_per_epoch: int):
     """Adam or SGD (momentum, Nesterov with ``spec.nesterov``), one-cycle or constant learning rate."""
     weight_decay = getattr(spec, "weight_decay", 0.0)
     if spec.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=weight_decay)
+        optimizer = optim.Adam(model.parameters(), lr=spec.lr, weight_decay=weight_decay)
     elif spec.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
-                                    weight_decay=weight_decay,
-                                    nesterov=getattr(spec, "nesterov", False) and spec.momentum > 0)
+        optimizer = optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=weight_decay,
+                              nesterov=getattr(spec, "nesterov", False) and spec.momentum > 0)
     else:
         raise ValueError(f"optimizer {spec.optimizer!r}: expected adam or sgd")
     total_steps = spec.epochs * steps_per_epoch
     if spec.schedule == "onecycle" and total_steps >= 3:
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        scheduler = optim.OneCycle(
             optimizer, max_lr=spec.lr, total_steps=total_steps,
             # a short warm-up matters most when the whole budget is one epoch; at least 2 steps of it,
-            # or OneCycleLR divides by zero on tiny data sets
+            # or the one-cycle schedule divides by zero on tiny data sets
             pct_start=max(0.25, 2 / total_steps), cycle_momentum=spec.optimizer == "sgd",
         )
     elif spec.schedule in ("constant", "onecycle"):  # fewer than 3 steps in all: no cycle to speak of
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        scheduler = optim.Constant(optimizer)
     else:
         raise ValueError(f"schedule {spec.schedule!r}: expected onecycle or constant")
     return optimizer, scheduler
