@@ -72,7 +72,8 @@ class ClusterConfig:
                                              "before they quit", min=0.1, max=1440.0)
     stall_minutes: float = _opt(10.0, "a training task that reports no progress for this long (a hung CUDA kernel "
                                       "or NCCL call, a deadlock) has its engine killed and goes on from its "
-                                      "checkpoint on another engine; 0 = never", min=0.25, max=1440.0,
+                                      "checkpoint on another engine (an inference shard too; a data-parallel run "
+                                      "has every rank killed and fails, resumable); 0 = never", min=0.25, max=1440.0,
                                 zero_is_off=True)
     price_per_hour: float = _opt(0.0, "$/hour of the whole local or ssh cluster, for cost reports", min=0.0)
     metadata_url: str = _opt("", "instance metadata service the engines watch for spot interruption notices; "

@@ -7,6 +7,11 @@ surviving ranks fail out of their collectives (a dead peer's sockets break at on
 otherwise the collective timeout ends them), the lost engine is dropped, and the epoch
 runs again on the rest from the last checkpoint.  The global batch stays the run's
 ``batch_size`` on any engine count.
+
+A rank that hangs (a stuck CUDA kernel or NCCL call: its engine's heartbeat goes on) is killed through its
+engine's nanny, which frees its GPU and lets the keeper replace the engine: a rank still silent
+``grace_s`` after another failed, and every rank when rank 0 reports no progress for ``stall_s``
+(``[cluster] stall_minutes``) while none has failed.
 """
 from __future__ import annotations
 
@@ -14,13 +19,13 @@ import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from engines.tasks import distributed_task, rendezvous_port
 
 from .errors import TaskError, UsageError
 from .runs import RunRecorder
-from .scheduler import Job, ProgressSink, is_engine_loss
+from .scheduler import Job, ProgressSink, discount_pause, is_engine_loss, kill_through_nanny
 from .store import Store
 from .task_result import TaskResult
 
@@ -74,6 +79,12 @@ class Attempt:
     results: dict[int, dict] = field(default_factory=dict)  # engine id -> its rank's result
     errors: dict[int, BaseException] = field(default_factory=dict)  # engine id -> what it raised
     lost: list[int] = field(default_factory=list)  # engines gone (EngineError, or silent past the grace)
+    stalled: list[int] = field(default_factory=list)  # engines killed: rank 0 reported no progress for stall_s
+
+
+@dataclass
+class _Silence:
+    heard_at: float  # when rank 0 last reported progress (or the attempt began); moved by a pause of the master
 
 
 class DistributedRun:
@@ -85,12 +96,15 @@ class DistributedRun:
 
     def __init__(self, client, store: Store, engines: list[int], *, poll_s: float = 0.2,
                  grace_s: float = STRAGGLER_GRACE_S, hold: Optional[dict] = None,
-                 addresses: Optional[dict[int, str]] = None):
+                 addresses: Optional[dict[int, str]] = None, stall_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.client = client
         self.store = store
         self.engines = list(engines)
         self.poll_s = poll_s
         self.grace_s = grace_s
+        self.stall_s = stall_s  # 0: never
+        self.clock = clock
         self.hold = hold
         self.addresses = addresses or {}  # engine id -> its node's private address, where the provider knows it
         self.recorder = RunRecorder(store)
@@ -133,6 +147,12 @@ class DistributedRun:
             survivors = [e for e in self.engines if e not in attempt.lost]
             if not survivors:
                 message = f"distributed run {job.run_id}: every engine of {self.engines} was lost"
+                if attempt.stalled:
+                    message = (f"distributed run {job.run_id}: rank 0 reported no progress for "
+                               f"{self.stall_s / 60:g} min ([cluster] stall_minutes); the engines "
+                               f"{', '.join(map(str, attempt.stalled))} were killed. Continue the run from its last "
+                               f"checkpoint with `cluster train --resume {job.run_id}` once engines are back "
+                               f"(`cluster status`)")
                 self.recorder.record_failure(job, message)
                 raise TaskError(message)
             self.failovers.append({"epoch": job.epochs_done + 1, "lost": attempt.lost, "engines": survivors})
@@ -143,6 +163,14 @@ class DistributedRun:
                 f"engines {', '.join(map(str, survivors))} from the last checkpoint"))
             self.engines = survivors
             self._describe(job)
+
+    def _kill(self, attempt: Attempt, pending: dict) -> None:
+        """Hung ranks: their engines are killed through their nannies (a hung engine answers nothing itself)
+        and counted lost; their tasks are not waited for."""
+        for engine in pending:
+            kill_through_nanny(self.client, engine)
+        attempt.lost.extend(pending)
+        pending.clear()
 
     def _describe(self, job: Job) -> None:
         """The stored run says it is distributed, on which engines, with which global batch."""
@@ -168,10 +196,13 @@ class DistributedRun:
                 distributed_task, job.spec, job.checkpoint, job.epochs_per_task, rendezvous, hold)
         first_failure: Optional[float] = None
         last_update: Optional[dict] = None
+        silence, listened_at = _Silence(self.clock()), None
         try:
             while pending:
                 done, _ = concurrent.futures.wait(list(pending.values()), timeout=self.poll_s,
                                                   return_when=concurrent.futures.FIRST_COMPLETED)
+                now = self.clock()  # one reading per pass: a pause of the master between two would count as silence
+                listened_at = discount_pause([silence], listened_at, now)
                 for engine, result in list(pending.items()):
                     if result not in done:
                         continue
@@ -183,20 +214,27 @@ class DistributedRun:
                             attempt.lost.append(engine)
                         else:
                             attempt.errors[engine] = error
-                        first_failure = first_failure or time.monotonic()
+                        first_failure = first_failure or now
                 leader = pending.get(self.engines[0])
                 data = leader.data if leader is not None else None
                 update = data.get("progress") if isinstance(data, dict) else None
                 if update and update != last_update:
                     last_update = dict(update)
+                    silence.heard_at = now
                     sink.task_progress(job, update)
                 sink.tick()
-                if first_failure is not None and pending and time.monotonic() - first_failure > self.grace_s:
-                    # a live rank leaves its collectives within the timeout; one silent past it is gone
-                    attempt.lost.extend(pending)
-                    log.warning("engines %s silent %.0f s after a rank failed; counted as lost",
+                if first_failure is not None and pending and now - first_failure > self.grace_s:
+                    # a live rank leaves its collectives within the timeout; one silent past it is hung or gone
+                    log.warning("engines %s silent %.0f s after a rank failed; killing them, counted as lost",
                                 list(pending), self.grace_s)
-                    pending.clear()
+                    self._kill(attempt, pending)
+                elif (self.stall_s and first_failure is None and pending
+                      and now - silence.heard_at >= self.stall_s):
+                    log.warning("run %s: rank 0 reported no progress for %.0f s ([cluster] stall_minutes = %g); "
+                                "killing engines %s", job.run_id, now - silence.heard_at, self.stall_s / 60,
+                                list(pending))
+                    attempt.stalled.extend(pending)
+                    self._kill(attempt, pending)
         except BaseException:
             # Ctrl-C: tasks still queued are withdrawn; running ranks end with the group (or its timeout)
             try:

@@ -114,7 +114,8 @@ class Training:
         private = {n.node_id: n.private_ip for n in self.store.nodes.of(record.id) if n.private_ip}
         addresses = {e.engine_id: private[e.node_id] for e in self.store.engines.of(record.id) if e.node_id in private}
         try:
-            DistributedRun(self.session.client, self.store, chosen, addresses=addresses).run(job, progress)
+            DistributedRun(self.session.client, self.store, chosen, addresses=addresses,
+                           stall_s=self.session.config.cluster.stall_minutes * 60).run(job, progress)
         except BaseException:
             RunRecorder(self.store).mark_interrupted([job.run_id])
             raise

@@ -3,19 +3,23 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
 
+import ipyparallel as ipp
 import pytest
 import torch
 
 from controller.distributed import DistributedRun, choose_engines, parse_engine_ids, rendezvous_address
-from controller.errors import UsageError
+from controller.errors import TaskError, UsageError
 from controller.scheduler import Job, ProgressSink
-from controller.store import RunRecord, new_id
+from controller.store import RunRecord, Store, new_id
 from engines.distributed import RendezvousError, backend_for, free_port, train_ranked
+from engines.tasks import distributed_task, rendezvous_port
 from tests.conftest import real_mnist_dir, running_cluster, wait_until
+from tests.test_scheduler import FakeResult, TickingClock
 
 DATA = real_mnist_dir()
 needs_mnist = pytest.mark.skipif(DATA is None, reason="real MNIST is not in ../shared/data")
@@ -74,6 +78,128 @@ def test_an_unreachable_rendezvous_fails_within_its_timeout_naming_address_and_p
         assert f"127.0.0.1:{ports[number]}" in str(error)
         assert 3 <= seconds < 15, f"rank {number} gave up after {seconds:.1f} s (timeout 3 s)"
     assert not torch.distributed.is_initialized(), "a failed rendezvous leaves no process group behind"
+
+
+class HangingRanks:
+    """A client for DistributedRun (a mock: a real rank cannot be made to hang in a CUDA kernel here).
+
+    ``plan[engine]`` says what each of that engine's rank tasks does, one entry per attempt: "hang" (never
+    answers), "fail" (raises at once, as a rank whose collective timed out), or an int N (rank 0 reports a new
+    progress step at each of the run's first N clock readings, then hangs). A SIGKILL ends a rank as the hub
+    does when its engine dies."""
+
+    def __init__(self, plan: dict[int, list], clock: TickingClock):
+        self.plan, self.clock = plan, clock
+        self.ids = sorted(plan)
+        self.signalled: list[tuple[str, list[int]]] = []
+        self.killed_at: dict[int, float] = {}
+        self.running: dict[int, FakeResult] = {}
+
+    def __getitem__(self, targets):
+        return _RankView(self, targets)
+
+    def send_signal(self, sig, targets=None, block=None):
+        self.signalled.append((sig, list(targets)))
+        for engine in targets:
+            self.killed_at[engine] = self.clock.now
+            self.ids.remove(engine)
+            self.running.pop(engine).set_exception(ipp.error.EngineError(f"engine {engine} died"))
+
+    def abort(self, pending):
+        pass
+
+
+class _RankView:
+    def __init__(self, client: HangingRanks, targets):
+        self.client, self.targets = client, targets
+
+    def apply_async(self, task, *args):
+        result = FakeResult(f"m-{task.__name__}-{self.targets}")
+        if task is socket.gethostname:
+            result.set_result(["slave"] * len(self.targets))
+        elif task is rendezvous_port:
+            result.set_result({"address": "127.0.0.1", "port": 1, "host": "slave"})
+        else:
+            assert task is distributed_task
+            engine = self.targets
+            what = self.client.plan[engine].pop(0)
+            if what == "fail":
+                result.set_exception(RuntimeError("the collective timed out"))
+                return result
+            if isinstance(what, int):
+                result.data = _Progress(self.client.clock, until=what)
+            self.client.running[engine] = result
+        return result
+
+
+class _Progress(dict):
+    """Rank 0's published data: a new step at every reading of the run's clock up to ``until``, then none."""
+
+    def __init__(self, clock: TickingClock, until: int):
+        super().__init__()
+        self.clock, self.until = clock, until
+
+    def get(self, key, default=None):
+        return {"batch": min(self.clock.now, self.until)} if key == "progress" else default
+
+
+class TestHungRanks:
+    """A rank that hangs (a stuck CUDA kernel or NCCL call: its engine's heartbeat goes on) has its engine killed
+    through the nanny, whether another rank failed first (after the grace) or every rank hangs (after
+    [cluster] stall_minutes of no progress from rank 0)."""
+
+    @staticmethod
+    def run(tmp_path, plan, clock=None, **options):
+        clock = clock or TickingClock()
+        client = HangingRanks(plan, clock)
+        store = Store(tmp_path)
+        spec = {"run_id": "r-ddp", "epochs": 1, "batch_size": 100}
+        store.runs.create(RunRecord(id="r-ddp", params=spec))
+        run = DistributedRun(client, store, sorted(plan), poll_s=0, clock=clock, **options)
+        with pytest.raises(TaskError) as raised:
+            run.run(Job(run_id="r-ddp", spec=spec))
+        return client, run, raised.value, store
+
+    def test_when_every_rank_hangs_their_engines_are_killed_after_stall_minutes_and_the_run_says_how_to_resume(
+            self, tmp_path):
+        client, _, error, store = self.run(tmp_path, {0: ["hang"], 1: ["hang"]}, stall_s=60)
+        assert client.signalled == [("SIGKILL", [0]), ("SIGKILL", [1])]
+        assert 60 <= client.killed_at[0] <= 63
+        assert "no progress for 1 min ([cluster] stall_minutes)" in str(error)
+        assert "engines 0, 1 were killed" in str(error) and "cluster train --resume r-ddp" in str(error)
+        assert store.runs.get("r-ddp").state == "failed"
+
+    def test_progress_from_rank_0_keeps_the_ranks_alive(self, tmp_path):
+        client, _, _, _ = self.run(tmp_path, {0: [40], 1: ["hang"]}, stall_s=60)
+        assert 100 <= client.killed_at[0] <= 103, "killed stall_s after the last progress, not after the start"
+
+    def test_a_pause_of_the_master_is_not_silence_of_the_ranks(self, tmp_path):
+        class PausingClock(TickingClock):
+            def __call__(self):
+                self.now += 3600 if self.now == 30 else 1  # the laptop slept an hour at the 30th reading
+                return self.now
+
+        client, _, _, _ = self.run(tmp_path, {0: ["hang"], 1: ["hang"]}, clock=PausingClock(), stall_s=60)
+        assert client.killed_at[0] >= 3600 + 60 - 1, "the hour asleep counted as the ranks' silence"
+
+    def test_a_rank_silent_past_the_grace_after_another_failed_is_killed_and_the_epoch_goes_on_without_it(
+            self, tmp_path):
+        client, run, error, _ = self.run(tmp_path, {0: ["hang", "x"], 1: ["fail", "hang"]}, grace_s=40,
+                                         stall_s=600)
+        assert client.signalled[0] == ("SIGKILL", [0]) and 40 <= client.killed_at[0] <= 43
+        assert [f["lost"] for f in run.failovers] == [[0]], "the epoch went on, on engine 1 alone"
+        assert client.signalled[1] == ("SIGKILL", [1]), "then engine 1 hung alone, past stall_minutes"
+        assert "no progress for 10 min" in str(error)
+
+    def test_no_stall_limit_means_no_kill(self, tmp_path):
+        class BoundedClock(TickingClock):
+            def __call__(self):
+                if self.now >= 5000:
+                    raise TaskError("the test's clock ran out")
+                return super().__call__()
+
+        client, _, error, _ = self.run(tmp_path, {0: ["hang"], 1: ["hang"]}, clock=BoundedClock(), stall_s=0)
+        assert client.signalled == [] and "clock ran out" in str(error)
 
 
 def distributed_job(cluster, **overrides) -> Job:
