@@ -174,7 +174,7 @@ class Inference:
 
     def _predict(self, key: str, kind: str, data_dir: str, split: str, bounds: list[tuple[int, int]], n: int,
                  progress: Optional[ProgressFn]) -> dict[int, dict]:
-        view = self.client.load_balanced_view(self.engines)
+        view = self._view()
         pending = {view.apply_async(infer_task, key, kind, data_dir, split, a, b): (a, b, 0) for a, b in bounds}
         parts: dict[int, dict] = {}
         running: dict[object, _Shard] = {}
@@ -195,6 +195,8 @@ class Inference:
                             raise TaskError(f"inference of images {a}:{b} failed: {error}",
                                             getattr(error, "traceback", "") or "") from None
                         log.warning("images %d:%d lost their engine; sending them again", a, b)
+                        # a view names its engines: one that still names the lost engine refuses new tasks
+                        view = self._view()
                         pending[view.apply_async(infer_task, key, kind, data_dir, split, a, b)] = (a, b, resends + 1)
                 if self.stall_s:
                     self._kill_stalled(pending, running, now)
@@ -209,6 +211,14 @@ class Inference:
                 log.debug("abort failed", exc_info=True)
             raise
         return parts
+
+    def _view(self):
+        """A load-balanced view over the job's engines still registered."""
+        registered = set(self.client.ids)
+        live = [engine for engine in self.engines if engine in registered]
+        if not live:
+            raise TaskError(f"inference: every engine of {self.engines} was lost; `cluster status` shows the engines")
+        return self.client.load_balanced_view(live)
 
     def _kill_stalled(self, pending: dict, running: dict[object, _Shard], now: float) -> None:
         for result, (a, b, _) in pending.items():

@@ -47,7 +47,7 @@ class HangingShards:
         self.running: dict[int, FakeResult] = {}
 
     def load_balanced_view(self, targets=None):
-        return self
+        return _ShardView(self, targets)
 
     def apply_async(self, task, key, kind, data_dir, split, a, b):
         engine = self.ids[len(self.started) % len(self.ids)]
@@ -70,6 +70,19 @@ class HangingShards:
 
     def abort(self, pending):
         pass
+
+
+class _ShardView:
+    """As ipyparallel's view: one that names an engine no longer registered refuses new tasks (KeyError)."""
+
+    def __init__(self, client: HangingShards, targets):
+        self.client, self.targets = client, targets
+
+    def apply_async(self, *args):
+        for engine in self.targets or ():
+            if engine not in self.client.ids:
+                raise KeyError(engine)
+        return self.client.apply_async(*args)
 
 
 def bounded_clock():
@@ -240,3 +253,51 @@ def test_cifar_runs_from_cluster_bench_predict_over_two_engines(cluster, data_di
     assert result.kind == "cifar" and result.images == len(test) == len(saved["predictions"])
     assert np.array_equal(saved["labels"], test.labels.numpy())
     assert result.accuracy == pytest.approx(cluster.store.runs.get(run_id).test_accuracy)
+
+
+def test_a_shard_that_hangs_on_a_real_engine_has_it_killed_and_its_images_go_to_the_other(
+        cluster, mnist_run, data_dir, tmp_path, caplog):
+    """Last in this file: it kills one of the module cluster's two engines.
+
+    The first shard to begin (on whichever engine) is held before its first image until the test lets go (at
+    most two minutes), as a hung CUDA kernel would hold it while the engine's heartbeat goes on. After 15 s
+    of silence the master kills that engine through its nanny and the other engine predicts those images
+    too: every prediction comes back once, equal to one process's. Were the engine not killed, the hold would
+    end after two minutes and the job would finish on the held engine."""
+    import logging
+    import os
+
+    from controller import processes
+
+    held, gate = tmp_path / "held", tmp_path / "go"
+    install = f"""
+import os, time
+import engines.infer as _infer
+_infer._unheld_predict_shard = getattr(_infer, "_unheld_predict_shard", _infer.predict_shard)
+def _held_predict_shard(*args, _unheld=_infer._unheld_predict_shard, **kwargs):
+    try:  # O_EXCL: of two shards that begin at once, one only is held
+        os.close(os.open({str(held)!r}, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return _unheld(*args, **kwargs)
+    deadline = time.monotonic() + 120
+    while not os.path.exists({str(gate)!r}) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return _unheld(*args, **kwargs)
+_infer.predict_shard = _held_predict_shard
+"""
+    _, checkpoint = cluster.store.checkpoints.load(mnist_run.id)
+    engines = cluster.store.engines.of(cluster.record.id)
+    cluster.client[:].execute(install, block=False).get(timeout=60)
+    try:
+        with caplog.at_level(logging.WARNING, logger="controller.infer"):
+            result = Inference(cluster.client, [0, 1], threads=1, stall_s=15).run(
+                checkpoint, "test", str(data_dir), run_id=mnist_run.id)
+    finally:
+        gate.touch()
+    assert held.exists(), "no shard was held"
+    [hung] = [e for e in engines if not processes.pid_alive(e.pid)]
+    test = load_mnist(data_dir).test
+    assert result.images == len(test) and np.array_equal(result.labels, test.labels.numpy())
+    predictions, _ = single_process(checkpoint, test.images)
+    assert np.array_equal(result.predictions, predictions)
+    assert f"engine {hung.engine_id} reported nothing for" in caplog.text, caplog.text
