@@ -10,8 +10,10 @@ runs again on the rest from the last checkpoint.  The global batch stays the run
 
 A rank that hangs (a stuck CUDA kernel or NCCL call: its engine's heartbeat goes on) is killed through its
 engine's nanny, which frees its GPU and lets the keeper replace the engine: a rank still silent
-``grace_s`` after another failed, and every rank when rank 0 reports no progress for ``stall_s``
-(``[cluster] stall_minutes``) while none has failed.
+``grace_s`` after another failed, and every rank when rank 0, once begun, reports no progress for
+``stall_s`` (``[cluster] stall_minutes``) while none has failed (rank 0 reports while it trains and while
+it evaluates; another rank's return counts as progress).  A rank still queued behind another task on its
+engine is withdrawn instead of killed.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from engines.tasks import distributed_task, rendezvous_port
 
 from .errors import TaskError, UsageError
 from .runs import RunRecorder
-from .scheduler import Job, ProgressSink, discount_pause, is_engine_loss, kill_through_nanny
+from .scheduler import Job, ProgressSink, discount_pause, is_engine_loss, kill_through_nanny, running_on
 from .store import Store
 from .task_result import TaskResult
 
@@ -105,6 +107,7 @@ class DistributedRun:
         self.grace_s = grace_s
         self.stall_s = stall_s  # 0: never
         self.clock = clock
+        self.stalled: list[int] = []  # engines stopped because rank 0 reported no progress for stall_s
         self.hold = hold
         self.addresses = addresses or {}  # engine id -> its node's private address, where the provider knows it
         self.recorder = RunRecorder(store)
@@ -150,7 +153,7 @@ class DistributedRun:
                 if attempt.stalled:
                     message = (f"distributed run {job.run_id}: rank 0 reported no progress for "
                                f"{self.stall_s / 60:g} min ([cluster] stall_minutes); the engines "
-                               f"{', '.join(map(str, attempt.stalled))} were killed. Continue the run from its last "
+                               f"{', '.join(map(str, self.stalled))} were stopped. Continue the run from its last "
                                f"checkpoint with `cluster train --resume {job.run_id}` once engines are back "
                                f"(`cluster status`)")
                 self.recorder.record_failure(job, message)
@@ -165,10 +168,18 @@ class DistributedRun:
             self._describe(job)
 
     def _kill(self, attempt: Attempt, pending: dict) -> None:
-        """Hung ranks: their engines are killed through their nannies (a hung engine answers nothing itself)
-        and counted lost; their tasks are not waited for."""
-        for engine in pending:
-            kill_through_nanny(self.client, engine)
+        """Hung ranks: the engines whose rank began are killed through their nannies (a hung engine answers
+        nothing itself); a rank still queued behind another task on its engine is withdrawn instead, and
+        that engine (busy) leaves the set. All are counted lost; their tasks are not waited for."""
+        queued = [result for result in pending.values() if running_on(result) is None]
+        for engine, result in pending.items():
+            if result not in queued:
+                kill_through_nanny(self.client, engine)
+        if queued:
+            try:
+                self.client.abort(queued)
+            except Exception:  # noqa: BLE001 - it began meanwhile, or its engine is gone: nothing to withdraw
+                log.debug("abort failed", exc_info=True)
         attempt.lost.extend(pending)
         pending.clear()
 
@@ -194,7 +205,7 @@ class DistributedRun:
             rendezvous = {"address": address, "port": port["port"], "rank": rank, "world": world}
             pending[engine] = self.client[engine].apply_async(
                 distributed_task, job.spec, job.checkpoint, job.epochs_per_task, rendezvous, hold)
-        first_failure: Optional[float] = None
+        first_failure: Optional[_Silence] = None  # heard_at: when the first rank failed
         last_update: Optional[dict] = None
         silence, listened_at = _Silence(self.clock()), None
         try:
@@ -202,20 +213,23 @@ class DistributedRun:
                 done, _ = concurrent.futures.wait(list(pending.values()), timeout=self.poll_s,
                                                   return_when=concurrent.futures.FIRST_COMPLETED)
                 now = self.clock()  # one reading per pass: a pause of the master between two would count as silence
-                listened_at = discount_pause([silence], listened_at, now)
+                listened_at = discount_pause([silence] + ([first_failure] if first_failure else []), listened_at, now)
                 for engine, result in list(pending.items()):
                     if result not in done:
                         continue
                     del pending[engine]
                     try:
                         attempt.results[engine] = result.get()
+                        silence.heard_at = now  # the ranks got this far together: rank 0 evaluates now
                     except Exception as error:  # noqa: BLE001 - a lost engine, or the task raised
                         if is_engine_loss(error):
                             attempt.lost.append(engine)
                         else:
                             attempt.errors[engine] = error
-                        first_failure = first_failure or now
+                        first_failure = first_failure or _Silence(now)
                 leader = pending.get(self.engines[0])
+                if leader is not None and running_on(leader) is None:
+                    silence.heard_at = now  # rank 0 has not begun (its engine is busy with another task)
                 data = leader.data if leader is not None else None
                 update = data.get("progress") if isinstance(data, dict) else None
                 if update and update != last_update:
@@ -223,16 +237,17 @@ class DistributedRun:
                     silence.heard_at = now
                     sink.task_progress(job, update)
                 sink.tick()
-                if first_failure is not None and pending and now - first_failure > self.grace_s:
+                if first_failure is not None and pending and now - first_failure.heard_at > self.grace_s:
                     # a live rank leaves its collectives within the timeout; one silent past it is hung or gone
-                    log.warning("engines %s silent %.0f s after a rank failed; killing them, counted as lost",
+                    log.warning("engines %s silent %.0f s after a rank failed; stopping them, counted as lost",
                                 list(pending), self.grace_s)
                     self._kill(attempt, pending)
                 elif (self.stall_s and first_failure is None and pending
                       and now - silence.heard_at >= self.stall_s):
                     log.warning("run %s: rank 0 reported no progress for %.0f s ([cluster] stall_minutes = %g); "
-                                "killing engines %s", job.run_id, now - silence.heard_at, self.stall_s / 60,
+                                "stopping engines %s", job.run_id, now - silence.heard_at, self.stall_s / 60,
                                 list(pending))
+                    self.stalled.extend(pending)
                     attempt.stalled.extend(pending)
                     self._kill(attempt, pending)
         except BaseException:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import importlib
 import logging
 import socket
 import time
@@ -215,6 +216,11 @@ def train_ranked(spec: dict, checkpoint: Optional[bytes], n_epochs: Optional[int
         return HoldAt(net, place.rank, int(hold["step"]), hold["dir"]) if hold else net
 
     if place.world > 1:  # one engine left (or chosen) trains as a plain run would: no group, no DDP hooks
+        # DistributedDataParallel imports torch._dynamo as it is built (2 s of CPU and more on a loaded
+        # slave, once per engine; engines/optim.py spares every other task it): here, before the group
+        # forms, so that no rank makes the others wait for it inside their first collective
+        importlib.import_module("torch._dynamo")  # not `import torch._dynamo`: that makes `torch` local here
+
         join_group(place, device)
     try:
         result = run_task(run_spec, keep, checkpoint, n_epochs, progress if place.rank == 0 else None,

@@ -59,9 +59,11 @@ class Optimizer:
         self.state = {}
         for index, entry in state_dict["state"].items():
             param = self.params[int(index)]
-            # as torch.optim: the step count stays where it was (a CPU scalar), the rest follows its parameter
+            # as torch.optim: the step count stays where it was (a CPU scalar; a plain number in checkpoints of
+            # torch before 1.12), the rest follows its parameter
             self.state[int(index)] = {
-                key: value if key == "step" or not isinstance(value, torch.Tensor)
+                key: (value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float32))
+                if key == "step" else value if not isinstance(value, torch.Tensor)
                 else value.to(device=param.device, dtype=param.dtype if value.is_floating_point() else value.dtype)
                 for key, value in entry.items()
             }
@@ -137,15 +139,18 @@ class SGD(Optimizer):
         if weight_decay != 0:
             grads = torch._foreach_add(grads, params, alpha=weight_decay)
         if momentum != 0:
-            buffers = []
-            for index, grad in zip(indices, grads):
-                buffer = self.state.get(index, {}).get("momentum_buffer")
-                if buffer is None:  # the first step: the gradient itself, as torch.optim starts it
-                    buffer = grad.detach().clone()
-                    self.state[index] = {"momentum_buffer": buffer}
-                else:
-                    buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
-                buffers.append(buffer)
+            buffers = [self.state.get(index, {}).get("momentum_buffer") for index in indices]
+            if all(buffer is not None for buffer in buffers):  # every step but the first: two kernels in all
+                torch._foreach_mul_(buffers, momentum)
+                torch._foreach_add_(buffers, grads, alpha=1 - dampening)
+            else:
+                for position, (index, grad) in enumerate(zip(indices, grads)):
+                    buffer = buffers[position]
+                    if buffer is None:  # the first step: the gradient itself, as torch.optim starts it
+                        buffers[position] = grad.detach().clone()
+                        self.state[index] = {"momentum_buffer": buffers[position]}
+                    else:
+                        buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
             if nesterov:
                 grads = torch._foreach_add(grads, buffers, alpha=momentum)
             else:

@@ -221,7 +221,9 @@ def load_checkpoint(data: bytes) -> dict:
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, split: Split, normalise: Callable = normalise, batch: int = EVAL_BATCH) -> float:
+def accuracy(model: nn.Module, split: Split, normalise: Callable = normalise, batch: int = EVAL_BATCH,
+             on_batch: Optional[Callable[[int], None]] = None) -> float:
+    """The share of ``split`` the model gets right; ``on_batch(images done)`` after each batch."""
     model.eval()
     device = next(model.parameters()).device
     correct = 0
@@ -229,7 +231,22 @@ def accuracy(model: nn.Module, split: Split, normalise: Callable = normalise, ba
         images = normalise(split.images[start:start + batch].to(device, non_blocking=True))
         labels = split.labels[start:start + batch].to(device, non_blocking=True)
         correct += (model(images).argmax(1) == labels).sum().item()
+        if on_batch is not None:
+            on_batch(start + len(labels))
     return correct / max(1, len(split))
+
+
+def evaluation_heartbeat(progress: ProgressFn, update: dict, split: str) -> Callable[[int], None]:
+    """Progress while evaluating, at most every PROGRESS_EVERY_S: the master's stall watch
+    ([cluster] stall_minutes) hears an engine evaluating a big split (CIFAR on a CPU: minutes) as alive."""
+    last = [time.perf_counter()]
+
+    def beat(images: int) -> None:
+        if time.perf_counter() - last[0] >= PROGRESS_EVERY_S:
+            last[0] = time.perf_counter()
+            progress({**update, "evaluating": split, "images": images})
+
+    return beat
 
 
 def run_task(spec, setup: Callable[[torch.device], Setup], checkpoint: Union[bytes, dict, None] = None,
@@ -407,8 +424,12 @@ def _train_one_epoch(spec, work: Setup, net: nn.Module, optimizer, scheduler, ep
     train_seconds = seconds_before + time.perf_counter() - started
     # the other ranks hold the same weights: only the leader spends time on evaluation
     evaluated = time.perf_counter()
-    val = accuracy(model, work.val, work.normalise, work.eval_batch) if shard.leader else math.nan
-    test = accuracy(model, work.test, work.normalise, work.eval_batch) if shard.leader else math.nan
+    reported = {"run_id": spec.run_id, "epoch": epoch, "epochs": spec.epochs, "batch": batches, "batches": batches}
+    val = test = math.nan
+    if shard.leader:
+        beat = (lambda split: evaluation_heartbeat(progress, reported, split)) if progress else lambda split: None
+        val = accuracy(model, work.val, work.normalise, work.eval_batch, beat("val"))
+        test = accuracy(model, work.test, work.normalise, work.eval_batch, beat("test"))
     metrics = EpochMetrics(
         epoch=epoch,
         train_loss=float(total_loss) / batches,
@@ -420,8 +441,7 @@ def _train_one_epoch(spec, work: Setup, net: nn.Module, optimizer, scheduler, ep
         lr=optimizer.param_groups[0]["lr"],
     )
     if shard.leader and progress is not None:
-        progress({"run_id": spec.run_id, "epoch": epoch, "epochs": spec.epochs, "batch": batches,
-                  "batches": batches, "done": dataclasses.asdict(metrics)})
+        progress({**reported, "done": dataclasses.asdict(metrics)})
     return metrics
 
 

@@ -80,18 +80,38 @@ def test_an_unreachable_rendezvous_fails_within_its_timeout_naming_address_and_p
     assert not torch.distributed.is_initialized(), "a failed rendezvous leaves no process group behind"
 
 
+class ScriptedClock(TickingClock):
+    """A second passes at each reading; ``at[t]`` runs when the clock reaches t; past 10,000 readings the test
+    fails instead of running on for good."""
+
+    def __init__(self):
+        super().__init__()
+        self.at: dict[int, list] = {}
+
+    def __call__(self) -> float:
+        now = super().__call__()
+        assert now < 10_000, "the run never ended"
+        for action in self.at.pop(int(now), []):
+            action()
+        return now
+
+
 class HangingRanks:
     """A client for DistributedRun (a mock: a real rank cannot be made to hang in a CUDA kernel here).
 
-    ``plan[engine]`` says what each of that engine's rank tasks does, one entry per attempt: "hang" (never
-    answers), "fail" (raises at once, as a rank whose collective timed out), or an int N (rank 0 reports a new
-    progress step at each of the run's first N clock readings, then hangs). A SIGKILL ends a rank as the hub
-    does when its engine dies."""
+    ``plan[engine]`` says what each of that engine's rank tasks does, one entry per attempt:
+    - "hang": begins at once and never answers;
+    - "fail": raises at once, as a rank whose collective timed out;
+    - ("ok", t): begins at once and returns at second t;
+    - ("queued", t): waits behind another task on its engine until second t, then hangs;
+    - an int t: rank 0 begins at once, reports a new progress step every second up to t, then hangs.
+    A SIGKILL ends a rank as the hub does when its engine dies, unless ``dies`` is False (its nanny is gone)."""
 
-    def __init__(self, plan: dict[int, list], clock: TickingClock):
-        self.plan, self.clock = plan, clock
+    def __init__(self, plan: dict[int, list], clock: ScriptedClock, dies: bool = True):
+        self.plan, self.clock, self.dies = plan, clock, dies
         self.ids = sorted(plan)
         self.signalled: list[tuple[str, list[int]]] = []
+        self.aborted: list[int] = []
         self.killed_at: dict[int, float] = {}
         self.running: dict[int, FakeResult] = {}
 
@@ -101,12 +121,26 @@ class HangingRanks:
     def send_signal(self, sig, targets=None, block=None):
         self.signalled.append((sig, list(targets)))
         for engine in targets:
-            self.killed_at[engine] = self.clock.now
-            self.ids.remove(engine)
-            self.running.pop(engine).set_exception(ipp.error.EngineError(f"engine {engine} died"))
+            self.killed_at.setdefault(engine, self.clock.now)
+            if self.dies:
+                self.ids.remove(engine)
+                self.running.pop(engine).set_exception(ipp.error.EngineError(f"engine {engine} died"))
 
-    def abort(self, pending):
-        pass
+    def abort(self, results):
+        for engine, result in list(self.running.items()):
+            if result in results:
+                self.aborted.append(engine)
+
+
+class _Began(dict):
+    """A result's metadata: the engine id once the task began (ipyparallel learns it from the engine)."""
+
+    def __init__(self, engine: int, clock: ScriptedClock, at: int):
+        super().__init__()
+        self.engine, self.clock, self.at = engine, clock, at
+
+    def get(self, key, default=None):
+        return self.engine if key == "engine_id" and self.clock.now >= self.at else default
 
 
 class _RankView:
@@ -114,28 +148,34 @@ class _RankView:
         self.client, self.targets = client, targets
 
     def apply_async(self, task, *args):
+        client, clock = self.client, self.client.clock
         result = FakeResult(f"m-{task.__name__}-{self.targets}")
         if task is socket.gethostname:
             result.set_result(["slave"] * len(self.targets))
-        elif task is rendezvous_port:
+            return result
+        if task is rendezvous_port:
             result.set_result({"address": "127.0.0.1", "port": 1, "host": "slave"})
-        else:
-            assert task is distributed_task
-            engine = self.targets
-            what = self.client.plan[engine].pop(0)
-            if what == "fail":
-                result.set_exception(RuntimeError("the collective timed out"))
-                return result
-            if isinstance(what, int):
-                result.data = _Progress(self.client.clock, until=what)
-            self.client.running[engine] = result
+            return result
+        assert task is distributed_task
+        engine = self.targets
+        what = client.plan[engine].pop(0)
+        if what == "fail":
+            result.set_exception(RuntimeError("the collective timed out"))
+            return result
+        began = what[1] if isinstance(what, tuple) and what[0] == "queued" else 0
+        result.metadata = _Began(engine, clock, began)
+        if isinstance(what, tuple) and what[0] == "ok":
+            clock.at.setdefault(what[1], []).append(lambda: result.set_result({"rank": engine}))
+        if isinstance(what, int):
+            result.data = _Progress(clock, until=what)
+        client.running[engine] = result
         return result
 
 
 class _Progress(dict):
     """Rank 0's published data: a new step at every reading of the run's clock up to ``until``, then none."""
 
-    def __init__(self, clock: TickingClock, until: int):
+    def __init__(self, clock: ScriptedClock, until: int):
         super().__init__()
         self.clock, self.until = clock, until
 
@@ -146,12 +186,12 @@ class _Progress(dict):
 class TestHungRanks:
     """A rank that hangs (a stuck CUDA kernel or NCCL call: its engine's heartbeat goes on) has its engine killed
     through the nanny, whether another rank failed first (after the grace) or every rank hangs (after
-    [cluster] stall_minutes of no progress from rank 0)."""
+    [cluster] stall_minutes of no progress from rank 0, once it began)."""
 
     @staticmethod
-    def run(tmp_path, plan, clock=None, **options):
-        clock = clock or TickingClock()
-        client = HangingRanks(plan, clock)
+    def run(tmp_path, plan, clock=None, dies=True, **options):
+        clock = clock or ScriptedClock()
+        client = HangingRanks(plan, clock, dies=dies)
         store = Store(tmp_path)
         spec = {"run_id": "r-ddp", "epochs": 1, "batch_size": 100}
         store.runs.create(RunRecord(id="r-ddp", params=spec))
@@ -166,21 +206,32 @@ class TestHungRanks:
         assert client.signalled == [("SIGKILL", [0]), ("SIGKILL", [1])]
         assert 60 <= client.killed_at[0] <= 63
         assert "no progress for 1 min ([cluster] stall_minutes)" in str(error)
-        assert "engines 0, 1 were killed" in str(error) and "cluster train --resume r-ddp" in str(error)
+        assert "engines 0, 1 were stopped" in str(error) and "cluster train --resume r-ddp" in str(error)
         assert store.runs.get("r-ddp").state == "failed"
 
     def test_progress_from_rank_0_keeps_the_ranks_alive(self, tmp_path):
         client, _, _, _ = self.run(tmp_path, {0: [40], 1: ["hang"]}, stall_s=60)
         assert 100 <= client.killed_at[0] <= 103, "killed stall_s after the last progress, not after the start"
 
+    def test_rank_0_queued_behind_another_task_is_not_silent_until_it_begins(self, tmp_path):
+        client, _, _, _ = self.run(tmp_path, {0: [("queued", 50)], 1: ["hang"]}, stall_s=60)
+        assert client.killed_at[0] >= 100, "its wait in the queue counted as silence"
+
+    def test_rank_0_evaluating_after_the_others_returned_is_timed_from_their_return(self, tmp_path):
+        client, run, error, _ = self.run(tmp_path, {0: ["hang"], 1: [("ok", 30), "hang"]}, stall_s=60)
+        assert client.killed_at[0] >= 90, "the other ranks' return did not count as progress"
+        assert [f["lost"] for f in run.failovers] == [[0]]
+        assert "engines 0, 1 were stopped" in str(error), "every engine stopped for a stall is named"
+
     def test_a_pause_of_the_master_is_not_silence_of_the_ranks(self, tmp_path):
-        class PausingClock(TickingClock):
+        class PausingClock(ScriptedClock):
             def __call__(self):
-                self.now += 3600 if self.now == 30 else 1  # the laptop slept an hour at the 30th reading
-                return self.now
+                if self.now == 30:
+                    self.now += 3600  # the laptop slept an hour at the 30th reading
+                return super().__call__()
 
         client, _, _, _ = self.run(tmp_path, {0: ["hang"], 1: ["hang"]}, clock=PausingClock(), stall_s=60)
-        assert client.killed_at[0] >= 3600 + 60 - 1, "the hour asleep counted as the ranks' silence"
+        assert client.killed_at[0] >= 3600 + 60, "the hour asleep counted as the ranks' silence"
 
     def test_a_rank_silent_past_the_grace_after_another_failed_is_killed_and_the_epoch_goes_on_without_it(
             self, tmp_path):
@@ -191,8 +242,34 @@ class TestHungRanks:
         assert client.signalled[1] == ("SIGKILL", [1]), "then engine 1 hung alone, past stall_minutes"
         assert "no progress for 10 min" in str(error)
 
+    def test_after_a_failure_the_grace_not_stall_minutes_decides(self, tmp_path):
+        client, run, _, _ = self.run(tmp_path, {0: ["hang", "x"], 1: ["fail", "hang"]}, grace_s=40, stall_s=15)
+        assert client.killed_at[0] > 40 and run.stalled == [1], "a rank was stopped as stalled during the grace"
+
+    def test_a_pause_of_the_master_does_not_use_up_the_grace(self, tmp_path):
+        class PausingClock(ScriptedClock):
+            def __call__(self):
+                if self.now == 10:
+                    self.now += 3600
+                return super().__call__()
+
+        client, _, _, _ = self.run(tmp_path, {0: ["hang", "x"], 1: ["fail", "hang"]}, clock=PausingClock(),
+                                   grace_s=40, stall_s=600)
+        assert client.killed_at[0] >= 3600 + 40
+
+    def test_a_rank_still_queued_past_the_grace_is_withdrawn_not_killed(self, tmp_path):
+        client, run, _, _ = self.run(tmp_path, {0: ["fail", "hang"], 1: [("queued", 9000)]}, grace_s=40,
+                                     stall_s=600)
+        assert client.aborted == [1] and ("SIGKILL", [1]) not in client.signalled
+        assert [f["lost"] for f in run.failovers] == [[1]]
+
+    def test_a_kill_that_never_arrives_still_ends_the_attempt_and_each_engine_is_signalled_once(self, tmp_path):
+        client, _, error, _ = self.run(tmp_path, {0: ["hang"], 1: ["hang"]}, dies=False, stall_s=60)
+        assert client.signalled == [("SIGKILL", [0]), ("SIGKILL", [1])]
+        assert "engines 0, 1 were stopped" in str(error)
+
     def test_no_stall_limit_means_no_kill(self, tmp_path):
-        class BoundedClock(TickingClock):
+        class BoundedClock(ScriptedClock):
             def __call__(self):
                 if self.now >= 5000:
                     raise TaskError("the test's clock ran out")

@@ -119,9 +119,14 @@ def test_state_follows_its_parameter_and_the_step_count_stays_a_cpu_scalar():
     optimizer.step()
     saved = optimizer.state_dict()
     saved["state"][0]["exp_avg"] = saved["state"][0]["exp_avg"].double()
+    saved["state"][1]["step"] = 1.0  # as torch before 1.12 saved it
     optimizer.load_state_dict(saved)
     assert optimizer.state[0]["exp_avg"].dtype == torch.float32
-    assert optimizer.state[0]["step"].dtype == torch.float32 and optimizer.state[0]["step"].item() == 1.0
+    for index in (0, 1):
+        step = optimizer.state[index]["step"]
+        assert step.dtype == torch.float32 and step.device.type == "cpu" and step.item() == 1.0
+    optimizer.step()
+    assert optimizer.state[1]["step"].item() == 2.0
 
 
 def test_a_state_dict_for_another_model_is_refused_by_name():

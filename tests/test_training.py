@@ -95,6 +95,22 @@ def test_progress_is_reported_while_training(tiny_data_dir):
     assert updates[-1]["done"]["epoch"] == 1 and updates[-1]["batch"] == updates[-1]["batches"]
 
 
+def test_evaluation_reports_progress_too_so_a_long_one_is_not_taken_for_a_hang(tiny_data_dir, monkeypatch):
+    """The master kills an engine whose task reports nothing for [cluster] stall_minutes; evaluating CIFAR's
+    15,000 images takes minutes on a CPU. Here a report may follow every batch (the limit between reports
+    set to 0)."""
+    import engines.train as train
+
+    monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)
+    updates = []
+    train_epochs(spec(tiny_data_dir, epochs=1), progress=updates.append)
+    evaluating = [(u["evaluating"], u["images"]) for u in updates if "evaluating" in u]
+    splits = [split for split, _ in evaluating]
+    assert splits == sorted(splits, key=["val", "test"].index) and set(splits) == {"val", "test"}, evaluating
+    assert all(images > 0 for _, images in evaluating)
+    assert "done" in updates[-1] and "evaluating" not in updates[-1]
+
+
 def test_device_is_picked_automatically_and_cuda_on_demand_is_checked():
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
