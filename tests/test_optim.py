@@ -145,8 +145,9 @@ def test_a_schedule_stepped_past_its_end_says_so():
         scheduler.step()
 
 
-def test_an_engine_that_trains_never_imports_torch_dynamo():
-    """The point of engines/optim.py: torch._dynamo costs an engine about 2.4 s of CPU to import."""
+def test_an_engine_that_trains_mnist_never_imports_torch_dynamo():
+    """The point of engines/optim.py: torch._dynamo costs an engine about 2.4 s of CPU to import. (CIFAR tasks
+    import it with torchvision, data-parallel ranks with DistributedDataParallel: docs/elastic.md.)"""
     script = (
         "import sys, torch\n"
         "from types import SimpleNamespace\n"
