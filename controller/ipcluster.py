@@ -13,12 +13,14 @@ import logging
 import math
 import os
 import secrets
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import ipyparallel as ipp
 
-from .processes import process_marker
+from .errors import ProviderError
+from .processes import pid_alive, process_marker
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +179,56 @@ def secure_files(profile: Path) -> None:
 def controller_pid(cluster: ipp.Cluster) -> Optional[int]:
     launcher = cluster.controller
     return getattr(launcher, "pid", None) if launcher is not None else None
+
+
+# ipyparallel's controller picks its ports by binding port 0, closing, and binding again later: another
+# process (a busy master opens connections all the time) can take one in between, and the controller exits
+CONTROLLER_STARTS = 3
+PORT_TAKEN = "Address already in use"
+
+
+class ControllerExited(Exception):
+    """The controller process ended before it wrote its connection files; ``output``: what it printed."""
+
+    def __init__(self, pid: Optional[int], output: str):
+        self.pid, self.output = pid, output
+        lines = [line for line in output.strip().splitlines() if line.strip()]
+        super().__init__(f"the controller (pid {pid}) exited as it started: "
+                         f"{' / '.join(lines[-3:]) if lines else 'it printed nothing'}")
+
+
+def wait_for_controller(cluster: ipp.Cluster, timeout: float, poll_s: float = 0.1) -> None:
+    """Until the controller has written its engine connection file (the last it writes, once its sockets are
+    bound). ControllerExited when it ends first; ProviderError after ``timeout``."""
+    launcher, path = cluster.controller, engine_file(Path(cluster.profile_dir), cluster.cluster_id)
+    pid = controller_pid(cluster)
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if not pid_alive(pid):
+            raise ControllerExited(pid, launcher.get_output() if launcher is not None else "")
+        if time.monotonic() > deadline:
+            raise ProviderError(f"the controller (pid {pid}) wrote no engine connection file {path} within "
+                                f"{timeout:.0f} s")
+        time.sleep(poll_s)
+
+
+def start_controller(cluster: ipp.Cluster, timeout: float, on_start: Callable[[Optional[int]], None] = lambda pid: None,
+                     starts: int = CONTROLLER_STARTS) -> None:
+    """Start the controller and wait until it listens; again (up to ``starts`` in all) when it exited because
+    a port it had picked was taken meanwhile. Any other early exit is a ProviderError with its last words.
+    ``on_start(pid)`` as each controller process starts, before the wait."""
+    for attempt in range(1, starts + 1):
+        cluster.start_controller_sync()
+        on_start(controller_pid(cluster))
+        try:
+            wait_for_controller(cluster, timeout)
+            return
+        except ControllerExited as exited:
+            cluster.stop_controller_sync()  # forgets the dead launcher, so that another can start
+            if PORT_TAKEN not in exited.output or attempt == starts:
+                raise ProviderError(str(exited)) from None
+            log.warning("the controller could not bind a port it had picked (%s; attempt %d of %d); starting "
+                        "it again", PORT_TAKEN, attempt, starts)
 
 
 def connect(url: Path, timeout: float = 10) -> ipp.Client:

@@ -192,8 +192,8 @@ class Lifecycle:
                 engine_ip=engine_ip, engine_timeout=cfg.engine_timeout,
                 master_grace_minutes=cfg.master_grace_minutes, engines=forked_engines.ForkedEngineSetLauncher)
             chosen.prepare(record)
-            ipp_cluster.start_controller_sync()
-            self.store.clusters.update(record.id, controller_pid=ipcluster.controller_pid(ipp_cluster))
+            ipcluster.start_controller(ipp_cluster, cfg.engine_timeout,
+                                       on_start=lambda pid: self.store.clusters.update(record.id, controller_pid=pid))
             ipcluster.secure_files(profile)
             nodes = bring_up(ipp_cluster)
             client = ipp_cluster.connect_client_sync(timeout=cfg.engine_timeout)

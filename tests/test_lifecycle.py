@@ -184,3 +184,66 @@ def test_stop_with_nothing_running_returns_an_empty_stopped(cluster):
     stopped = cluster.stop()
     assert stopped == Stopped() and not stopped
     assert stopped.to_dict() == {"stopped": False, "cluster": None, "released": []}
+
+
+class ControllerStarts:
+    """An ipyparallel Cluster as far as ``ipcluster.start_controller`` uses it. Each start runs the next of
+    ``scripts`` as a real process (shell), its output in a log file as ipyparallel's launcher keeps it: the
+    port race that makes a real controller exit cannot be produced at will, so a script stands for it."""
+
+    def __init__(self, profile: Path, scripts: list[str]):
+        self.profile_dir, self.cluster_id = str(profile), "c-1"
+        self.scripts, self.controller, self.started = list(scripts), None, 0
+        (profile / "security").mkdir(parents=True)
+
+    def start_controller_sync(self):
+        self.started += 1
+        log = Path(self.profile_dir) / f"controller-{self.started}.log"
+        engine_json = Path(self.profile_dir) / "security" / f"ipcontroller-{self.cluster_id}-engine.json"
+        script = self.scripts.pop(0).format(engine_json=engine_json)
+        with open(log, "w") as output:
+            process = subprocess.Popen(["sh", "-c", script], stdout=output, stderr=subprocess.STDOUT)
+        self.controller = dataclasses.make_dataclass("Launcher", ["pid", "process", "log"])(process.pid, process, log)
+        self.controller.get_output = lambda: self.controller.log.read_text()
+
+    def stop_controller_sync(self):
+        if self.controller is not None and self.controller.process.poll() is None:
+            self.controller.process.kill()
+        self.controller.process.wait()
+        self.controller = None
+
+
+PORT_TAKEN = "echo 'zmq.error.ZMQError: Address already in use (addr=tcp://127.0.0.1:50001)'; exit 1"
+LISTENS = "echo '{{}}' > {engine_json}; exec sleep 60"
+
+
+class TestTheControllerStart:
+    def test_a_controller_that_lost_a_port_it_had_picked_is_started_again(self, tmp_path, caplog):
+        from controller import ipcluster
+
+        cluster = ControllerStarts(tmp_path, [PORT_TAKEN, LISTENS])
+        pids = []
+        try:
+            ipcluster.start_controller(cluster, timeout=30, on_start=pids.append)
+            assert cluster.started == 2 and pids[-1] == cluster.controller.pid and len(pids) == 2
+            assert "could not bind a port it had picked" in caplog.text
+        finally:
+            cluster.stop_controller_sync()
+
+    def test_a_controller_that_exits_for_another_reason_is_an_error_with_its_last_words_at_once(self, tmp_path):
+        from controller import ipcluster
+        from controller.errors import ProviderError
+
+        cluster = ControllerStarts(tmp_path, ["echo 'Traceback: ValueError: bad config'; exit 2", LISTENS])
+        with pytest.raises(ProviderError, match=r"exited as it started: Traceback: ValueError: bad config"):
+            ipcluster.start_controller(cluster, timeout=30)
+        assert cluster.started == 1 and cluster.controller is None
+
+    def test_a_port_lost_every_time_ends_after_three_starts(self, tmp_path):
+        from controller import ipcluster
+        from controller.errors import ProviderError
+
+        cluster = ControllerStarts(tmp_path, [PORT_TAKEN] * 3)
+        with pytest.raises(ProviderError, match="Address already in use"):
+            ipcluster.start_controller(cluster, timeout=30)
+        assert cluster.started == 3
