@@ -182,9 +182,6 @@ class Schedule:
     def _lr(self, group: Group) -> float:
         raise NotImplementedError
 
-    def get_last_lr(self) -> list[float]:
-        return self._last_lr
-
     def state_dict(self) -> dict[str, Any]:
         return {key: value for key, value in vars(self).items() if key != "optimizer"}
 
