@@ -11,10 +11,11 @@ STAMP := $(VENV)/.installed-stamp
 CLUSTER_DATA_DIR ?= $(if $(wildcard ../shared/data/MNIST/raw/train-images-idx3-ubyte),$(abspath ../shared/data),$(HOME)/.cache/cluster/data)
 DEMO_SLAVES ?= 4
 PYTEST_ARGS ?=
-# test files run two at a time (pytest-xdist): a file's tests stay on one worker, so its shared clusters and
-# slave namespaces are started once; in the order tests/conftest.py puts them (longest first);
-# TEST_WORKERS=0 runs them one after another
-TEST_WORKERS ?= 2
+# test files run four at a time (pytest-xdist): a file's tests stay on one worker, so its shared clusters and
+# slave namespaces are started once; in the order tests/conftest.py puts them (longest first). Four on two
+# cores: much of a file's time is spent waiting for the processes it started (2 workers leave the cores 30 %
+# idle, 4 keep them 95 % busy). TEST_WORKERS=0 runs them one after another
+TEST_WORKERS ?= 4
 
 .PHONY: demo test install system-deps clean bench
 

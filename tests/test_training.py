@@ -121,5 +121,7 @@ def test_device_is_picked_automatically_and_cuda_on_demand_is_checked():
 @pytest.mark.skipif(real_mnist_dir() is None, reason="real MNIST is not at ../shared/data")
 def test_the_default_recipe_reaches_98_5_percent_on_real_mnist_in_one_epoch():
     data = load_mnist(real_mnist_dir())
-    result = train_epochs(RunSpec(data_dir=str(real_mnist_dir()), epochs=1, threads=2), data=data)
+    # one thread: the suite runs test files side by side, and a second thread's spin-waits on a busy
+    # machine cost more CPU than the whole epoch (40 s instead of 12 s); the recipe is the same
+    result = train_epochs(RunSpec(data_dir=str(real_mnist_dir()), epochs=1, threads=1), data=data)
     assert result.epochs[0]["test_accuracy"] >= 0.985, result.epochs
