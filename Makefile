@@ -59,6 +59,7 @@ bench: install
 	$(BIN)/python benchmarks/first_step.py
 	$(BIN)/python benchmarks/faults.py
 	$(BIN)/python benchmarks/ssh_start.py
+	$(BIN)/python benchmarks/ec2_client.py
 
 clean:
 	rm -rf $(VENV) .cluster build *.egg-info

@@ -648,6 +648,25 @@ def test_ec2_errors_are_sorted_into_capacity_credentials_and_the_rest(code, kind
     assert isinstance(aws.classify(NoCredentialsError(), "x"), CredentialsError)
 
 
+def test_each_client_signs_with_the_credentials_there_are_when_it_is_made(tmp_path, tiny_data_dir, moto_url, ec2,
+                                                                          monkeypatch):
+    """Clients share EC2's parsed service data (a process makes many: every status makes one), never
+    credentials: a key rotated in the environment is the next client's."""
+    config = aws_config(tmp_path, tiny_data_dir, moto_url, "ami-unused")
+
+    def key_of_a_new_client() -> str:
+        signed: list[str] = []
+        client = ec2_calls.client(config)
+        client.meta.events.register("before-send.ec2",
+                                    lambda request, **_: signed.append(str(request.headers["Authorization"])))
+        client.describe_instances()
+        return signed[0]
+
+    assert "Credential=testing/" in key_of_a_new_client()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rotated")
+    assert "Credential=rotated/" in key_of_a_new_client()
+
+
 def refuse_spot(client, kinds: set[str]) -> list[str]:
     """Test-only: EC2 answers InsufficientInstanceCapacity to spot requests for ``kinds``.
 
