@@ -71,8 +71,9 @@ def engine_info(threads: int = 0) -> dict:
         "pid": os.getpid(),
         "device": f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda or "",
+        # plain str: torch.__version__ is torch's TorchVersion, and unpickling one makes the master import torch
+        "torch": str(torch.__version__),
+        "cuda": str(torch.version.cuda or ""),
         "cpu": platform.processor() or platform.machine(),
     }
 

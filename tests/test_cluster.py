@@ -31,11 +31,24 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+# `python -m controller`, saying at exit whether the master imported torch: only engines need it (1.5 s of CPU
+# and 500 MB per command); a reply that pickles a torch object, even a version string, would import it
+MASTER = """
+import runpy, sys
+try:
+    runpy.run_module("controller", run_name="__main__", alter_sys=True)
+finally:
+    if "torch" in sys.modules:
+        sys.stderr.write("[the master imported torch]\\n")
+"""
+
+
 def cli(*argv, env=None, cwd=None, check=True, timeout=240) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "controller", *argv], env=env, cwd=cwd,
+    result = subprocess.run([sys.executable, "-c", MASTER, *argv], env=env, cwd=cwd,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"cluster {' '.join(argv)} exited {result.returncode}:\n{result.stderr}")
+    assert "[the master imported torch]" not in result.stderr, f"cluster {' '.join(argv)}"
     return result
 
 
