@@ -31,8 +31,8 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-# `python -m controller`, saying at exit whether the master imported torch: only engines need it (1.5 s of CPU
-# and 500 MB per command); a reply that pickles a torch object, even a version string, would import it
+# `python -m controller`, saying at exit whether the master imported torch: only engines need it (1.6 s of CPU
+# and 600 MB per command); a reply that pickles a torch object, even a version string, would import it
 MASTER = """
 import runpy, sys
 try:

@@ -7,6 +7,7 @@ by those tags, so nothing leaks when the local store is lost. Functions here tak
 """
 from __future__ import annotations
 
+import functools
 import getpass
 import logging
 import re
@@ -47,20 +48,13 @@ def region_of(zone: str) -> str:
     return match.group(1) if match else ""
 
 
-_loader: Any = None
-_loader_lock = threading.Lock()
-
-
+@functools.cache
 def _shared_loader() -> Any:
     """One botocore data loader for every client of this process: a new session's loader parses EC2's
     service model and the endpoint tables again (0.2 s of CPU per client, on every `cluster status`)."""
-    global _loader
-    with _loader_lock:
-        if _loader is None:
-            from botocore.loaders import create_loader
+    from botocore.loaders import create_loader
 
-            _loader = create_loader()
-        return _loader
+    return create_loader()
 
 
 def client(config: Config, region: str = "") -> Any:
