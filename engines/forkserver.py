@@ -40,10 +40,12 @@ import time
 import traceback
 from pathlib import Path
 
+from . import startup
+
 log = logging.getLogger(__name__)
 
 # ipyparallel's engine app and what it imports, then what engines/startup.py would import in the engine
-PRELOAD = ("ipyparallel.engine.app", "torch", "engines.train")
+PRELOAD = ("ipyparallel.engine.app", *startup.PRELOAD)
 IDLE_SECONDS = 120.0
 MAX_REQUEST = 1 << 20
 
