@@ -166,6 +166,8 @@ class Cluster:
                 self._client = ipcluster.connect(url, timeout=15)
             except (OSError, TimeoutError) as error:  # the file vanished, or the controller hangs
                 raise ClusterStateError(f"{gone} ({error})") from None
+            # a new client misses engine output until its subscription lands; `%px` would wait for ever
+            ipcluster.confirm_client_output(self._client, timeout=10)
             self._client_cluster_id = (record.id, record.controller_pid)
             self._revive_keeper()
         return self._client

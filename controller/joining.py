@@ -2,7 +2,8 @@
 
 It reports itself (host, pid, device, threads) and installs the drain handler
 (``engines.tasks.engine_info``), watches the metadata service for spot notices where there
-is one, is stored with the node it runs on, and loads the data set ahead of the first run.
+is one, is stored with the node it runs on, gets its output through to the master (a PUB drops
+messages until a subscription lands), and loads the data set ahead of the first run.
 """
 from __future__ import annotations
 
@@ -57,12 +58,14 @@ def watch_notices(config: Config, client, provider: str, engine_ids: list[int]) 
 
 
 def warm_engines(client, spec: dict, timeout: float, targets: Optional[list[int]] = None) -> None:
-    """Every engine (or ``targets``) loads the data set and the training code of ``spec`` now, so the first
-    run after `start` (or `scale`) is as fast as the next. A failure here is only logged: the first run
+    """Every engine (or ``targets``) gets its output through to the master, and loads the data set and the
+    training code of ``spec`` now, so the first run after `start` (or `scale`) is as fast as the next. A failure here is only logged: the first run
     reports it in full."""
     from engines.tasks import warm_up
 
-    loading = client[targets if targets is not None else client.ids].apply_async(warm_up, spec)
+    targets = list(targets if targets is not None else client.ids)
+    ipcluster.confirm_output(client, targets, timeout)
+    loading = client[targets].apply_async(warm_up, spec)
     try:
         seconds = loading.get(timeout=timeout)
         log.info("engines loaded the data set in %.1f s", max(seconds))
