@@ -690,9 +690,16 @@ def engine_ports(connection: dict) -> list[int]:
     return ports
 
 
-def connection_for(connection: dict, controller_address: str) -> dict:
-    """The engine connection file as one slave must see it: the controller at ``controller_address``."""
+def connection_for(connection: dict, controller_address: str, ports: Optional[dict[int, int]] = None) -> dict:
+    """The engine connection file as one slave must see it: the controller at ``controller_address``, on the
+    ports ``ports`` maps the controller's to (a slave's ends of its SSH reverse tunnels), or on its own."""
     copy = dict(connection)
+    for key in ENGINE_PORT_KEYS if ports else ():
+        value = copy.get(key)
+        if isinstance(value, int):
+            copy[key] = ports[value]
+        elif isinstance(value, list):
+            copy[key] = [ports[int(v)] for v in value]
     copy["interface"] = f"tcp://{controller_address}"
     copy["location"] = controller_address
     copy.pop("ssh", None)

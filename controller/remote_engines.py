@@ -164,14 +164,17 @@ class RemoteEngines:
             remotes = [result(f) for f in [pool.submit(connect, t) for t in targets]]
             self.on_step("ssh")
             try:
+                slave_ports: dict[str, dict[int, int]] = {}
                 if tunnel:
-                    self._open_tunnels(targets, connection, cluster.ipp_cluster_id,
-                                       self.tunnel_dir / batch if batch else self.tunnel_dir)
+                    slave_ports = self._open_tunnels(targets, connection, cluster.ipp_cluster_id,
+                                                     self.tunnel_dir / batch if batch else self.tunnel_dir)
                     self.on_step("tunnels")
                 for target in targets:  # recorded before engines start (the store is used from this thread only)
                     target.node.state = "bootstrapping"
                     self.store.nodes.put(cluster.id, target.node)
-                futures = [pool.submit(self._bootstrap_one, t, r, connection, tunnel, owner, cancelled)
+                futures = [pool.submit(self._bootstrap_one, t, r,
+                                       self._spec(r, connection, tunnel, owner, slave_ports.get(t.node.node_id)),
+                                       cancelled)
                            for t, r in zip(targets, remotes)]
                 nodes = []
                 for target, future in zip(targets, futures):  # the first failure raises here
@@ -199,18 +202,20 @@ class RemoteEngines:
         record = self.store.clusters.get(cluster_id) if cluster_id is not None else None
         return rm.owner_of(record.controller_pid if record is not None else None, self.state_dir)
 
-    def _spec(self, remote: rm.Remote, connection: dict, tunnel: bool, owner: str) -> rm.EngineSpec:
+    def _spec(self, remote: rm.Remote, connection: dict, tunnel: bool, owner: str,
+              slave_ports: Optional[dict[int, int]] = None) -> rm.EngineSpec:
+        """What starts the engines on one slave; through tunnels, on that slave's ends of them."""
         address = "127.0.0.1" if tunnel else remote.local_address
         env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)} if self.threads else {}
-        return rm.EngineSpec(tag=self.tag, connection=rm.connection_for(connection, address), python=self.python,
+        return rm.EngineSpec(tag=self.tag, connection=rm.connection_for(connection, address, slave_ports),
+                             python=self.python,
                              remote_dir=self.remote_dir, engines_per_gpu=self.engines_per_gpu,
                              engines=self.engines_per_host, env=env,
                              args=tuple(ipcluster.engine_args(self.master_grace_minutes)), owner=owner)
 
-    def _bootstrap_one(self, target: Target, remote: rm.Remote, connection: dict, tunnel: bool, owner: str,
+    def _bootstrap_one(self, target: Target, remote: rm.Remote, spec: rm.EngineSpec,
                        cancelled: threading.Event) -> rm.Bootstrapped:
         """In a worker thread: remote work only (the store belongs to the calling thread)."""
-        spec = self._spec(remote, connection, tunnel, owner)
         if self.data_dir and self.master_data_dir is not None:
             rm.sync_data(remote, self.master_data_dir, self.data_dir)
         return rm.start(remote, spec, cancelled)
@@ -244,7 +249,8 @@ class RemoteEngines:
             left = rm.stop_engines(remote, self.remote_dir, self.tag, known.get(target.node.node_id, ()), owner)
             if left:
                 raise ProviderError(f"its old engine(s) {', '.join(map(str, left))} still run after SIGKILL")
-            return rm.start(remote, self._spec(remote, connection, tunnel, owner), cancelled)
+            spec = self._spec(remote, connection, tunnel, owner, slave_ports.get(target.node.node_id))
+            return rm.start(remote, spec, cancelled)
 
         lost: dict[str, str] = {}
         remotes: dict[str, rm.Remote] = {}
@@ -257,8 +263,9 @@ class RemoteEngines:
                     lost[target.node.node_id] = f"no SSH answer: {error}"
             reached = [t for t in targets if t.node.node_id in remotes]
             self.stop_tunnels()  # the old controller's (dead after a machine restart, alive after a process one)
+            slave_ports: dict[str, dict[int, int]] = {}
             if tunnel and reached:
-                self._open_tunnels(reached, connection, cluster.ipp_cluster_id, self.tunnel_dir)
+                slave_ports = self._open_tunnels(reached, connection, cluster.ipp_cluster_id, self.tunnel_dir)
             futures = [(t, pool.submit(restart, t, remotes[t.node.node_id])) for t in reached]
             for target, future in futures:
                 try:
@@ -292,12 +299,17 @@ class RemoteEngines:
         self.store.nodes.put(cluster.id, node)
         return node
 
-    def _open_tunnels(self, targets: list[Target], connection: dict, cluster_id: str, folder: Path) -> None:
+    def _open_tunnels(self, targets: list[Target], connection: dict, cluster_id: str,
+                      folder: Path) -> dict[str, dict[int, int]]:
+        """A holder process for the reverse tunnels of ``targets``; by node id, each one's port for each of the
+        controller's engine ports."""
         spec = tunnels.TunnelSpec(hosts=[asdict(t.host) for t in targets], known_hosts=str(self.known_hosts),
                                   ports=rm.engine_ports(connection))
-        pid = tunnels.spawn(spec, folder, profile=ipcluster.profile_dir(self.state_dir), cluster_id=cluster_id)
+        pid, slave_ports = tunnels.spawn(spec, folder, profile=ipcluster.profile_dir(self.state_dir),
+                                         cluster_id=cluster_id)
         (folder / "tunnels.pid").write_text(str(pid))
         log.info("SSH reverse tunnels up (pid %s) for %d slave(s)", pid, len(targets))
+        return {t.node.node_id: ports for t, ports in zip(targets, slave_ports)}
 
     # stop -------------------------------------------------------------------------
     def stop(self, cluster_id: Optional[int], hosts: list[rm.Host], quiet: bool = False) -> list[str]:

@@ -7,6 +7,13 @@ of the controller's engine ports (``Transport.request_port_forward``); every
 connection an engine makes there comes back through SSH to the controller on
 the master's loopback.  The controller itself then listens on loopback only.
 
+The slave's port for each forward is one its sshd picks free (port 0), not the
+controller's number: that number can be taken on the slave, by a connection's
+local port (an old engine's, or one in TIME_WAIT for a minute after it ended),
+and a listener cannot bind it then.  The holder writes the ports it got into
+its ready file, and each slave's engine connection file names them.  After a
+reconnect it asks for the same ports again: the engines there know only those.
+
 The tunnels must outlive ``cluster start`` (a CLI process), so they are held by
 ``python -m controller.tunnels SPEC``, started in its own session; ``stop``
 kills it by its pid.  The spec file names hosts, key files and ports, never
@@ -43,7 +50,7 @@ ROUND_SECONDS = 2.0  # how often the holder checks its sessions
 class TunnelSpec:
     hosts: list[dict]  # Host fields
     known_hosts: str
-    ports: list[int]  # the controller's engine ports, forwarded 1:1
+    ports: list[int]  # the controller's engine ports; each slave gets a port of its own for each
     target: str = "127.0.0.1"  # where the controller listens on the master
     ready_file: str = ""
     probe_seconds: float = 15.0  # how often each session must prove it still carries traffic
@@ -80,9 +87,13 @@ def _pump(channel, sock: socket.socket) -> None:
         sock.close()
 
 
-def _forward_handler(target: str):
+def _forward_handler(target: str, controller_port_of: dict[int, int]):
+    """Connections to a slave port go to the controller port it was asked for (``controller_port_of``)."""
     def handler(channel, origin, server) -> None:
-        port = server[1]
+        port = controller_port_of.get(server[1])
+        if port is None:  # a forward of an earlier request that this holder no longer serves
+            channel.close()
+            return
         try:
             sock = socket.create_connection((target, port), timeout=10)
         except OSError as error:
@@ -116,7 +127,9 @@ class Holder:
         self.host = host
         self.spec = spec
         self.remote: Optional[Remote] = None
-        self.forwarded: set[int] = set()
+        self.forwarded: set[int] = set()  # controller ports forwarded on the current session
+        self.slave_ports: dict[int, int] = {}  # controller port -> the slave's port for it, kept across sessions
+        self._controller_port_of: dict[int, int] = {}
         self.probed = 0.0
 
     @property
@@ -141,13 +154,23 @@ class Holder:
             transport = self.remote.client.get_transport()
         missing = sorted(set(self.spec.ports) - self.forwarded)
         for port in missing:
+            asked = self.slave_ports.get(port, 0)
             try:
-                transport.request_port_forward("127.0.0.1", port, handler=_forward_handler(self.spec.target))
-                self.forwarded.add(port)
+                bound = transport.request_port_forward(
+                    "127.0.0.1", asked, handler=_forward_handler(self.spec.target, self._controller_port_of))
             except paramiko.SSHException as error:
-                # the slave's sshd may still hold the old session's forward until it notices that session
-                # is dead (ClientAliveInterval, TCP timeouts): ask again next round until it lets go
-                log.warning("tunnel to %s: port %d still held on the slave (%s); retrying", self.host, port, error)
+                if asked:
+                    # the slave's sshd may still hold the old session's forward until it notices that session
+                    # is dead (ClientAliveInterval, TCP timeouts): ask again next round until it lets go
+                    log.warning("tunnel to %s: port %d (controller port %d) still held on the slave (%s); "
+                                "retrying", self.host, asked, port, error)
+                else:
+                    log.warning("tunnel to %s: the slave's sshd refused to forward a port (%s; is "
+                                "AllowTcpForwarding on there?); retrying", self.host, error)
+                continue
+            self.slave_ports[port] = bound
+            self._controller_port_of[bound] = port
+            self.forwarded.add(port)
         if missing and self.complete:
             log.info("tunnel to %s: %d ports forwarded", self.host, len(self.forwarded))
 
@@ -173,7 +196,7 @@ def hold(spec: TunnelSpec, stop: Optional[threading.Event] = None) -> None:
             if not ready and all(h.complete for h in holders):
                 ready = True
                 if spec.ready_file:
-                    Path(spec.ready_file).write_text(str(os.getpid()))
+                    _write_ready(Path(spec.ready_file), [h.slave_ports for h in holders])
             if stop.wait(ROUND_SECONDS if ready else 0.5):
                 break
             if ready and spec.ready_file and not Path(spec.ready_file).exists():
@@ -183,9 +206,23 @@ def hold(spec: TunnelSpec, stop: Optional[threading.Event] = None) -> None:
             holder.close()
 
 
+def _write_ready(path: Path, slave_ports: list[dict[int, int]]) -> None:
+    """Whole or not at all (``spawn`` reads it as soon as it exists): the pid, and each host's ports."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"pid": os.getpid(), "ports": [{str(k): v for k, v in ports.items()}
+                                                                  for ports in slave_ports]}))
+    partial.replace(path)
+
+
+def slave_ports(ready_file: Path) -> list[dict[int, int]]:
+    """From a holder's ready file: for each host of its spec, in order, controller port -> the slave's port."""
+    return [{int(k): v for k, v in ports.items()} for ports in json.loads(Path(ready_file).read_text())["ports"]]
+
+
 def spawn(spec: TunnelSpec, folder: Path, timeout: float = 60, profile: Optional[Path] = None,
-          cluster_id: str = "") -> int:
-    """Start the holder process; returns its pid once every forward is up (or raises).
+          cluster_id: str = "") -> tuple[int, list[dict[int, int]]]:
+    """Start the holder process; once every forward is up, returns its pid and, for each host of ``spec``
+    in order, the slave's port for each controller port (or raises).
 
     It carries the cluster's process marker (``profile`` and ``cluster_id``) from its
     first instruction, like the controller and the engines: the clean-up that sweeps a
@@ -208,7 +245,7 @@ def spawn(spec: TunnelSpec, folder: Path, timeout: float = 60, profile: Optional
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready.exists():
-            return process.pid
+            return process.pid, slave_ports(ready)
         if process.poll() is not None:
             tail = (folder / "tunnels.log").read_text(errors="replace")[-1500:]
             raise ProviderError(f"the SSH tunnel process exited ({process.returncode}): {tail}")

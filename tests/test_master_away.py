@@ -6,6 +6,7 @@ waits for a condition (a line in an engine's log, a line in the holder's log), n
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -131,20 +132,12 @@ class Lines(logging.Handler):
         return any(text in line for line in self.lines)
 
 
-@needs_netns
-def test_the_tunnel_holder_reconnects_and_waits_for_the_forward_the_slave_still_holds(tmp_path, hosts):
-    """The session under the tunnels stops answering (the slave's sshd process for it is frozen, as a
-    session lost in a laptop sleep looks); the holder gives up on it, reconnects, finds the port still
-    held by the old session, asks again until the slave lets go, and the forward carries traffic again."""
-    host = hosts.hosts[0]
-    slave = Host(host.address, 22, SLAVE_USER, str(hosts.key))
-    known_hosts = tmp_path / "known_hosts"
-    Remote.connect(slave, known_hosts, timeout=20).close()  # records the host key, as start does
-
-    with socket.socket() as server:  # the "controller": echoes what comes through the tunnel
+@contextlib.contextmanager
+def echo_server():
+    """The "controller" on the master's loopback: echoes what comes through the tunnel. Yields its port."""
+    with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(8)
-        port = server.getsockname()[1]
 
         def echo() -> None:
             while True:
@@ -156,6 +149,64 @@ def test_the_tunnel_holder_reconnects_and_waits_for_the_forward_the_slave_still_
                     connection.sendall(connection.recv(4))
 
         threading.Thread(target=echo, daemon=True).start()
+        yield server.getsockname()[1]
+
+
+# on the slave: a connection whose local port is argv[1] (as an engine's may be), held until stdin closes
+CONNECTION_FROM_PORT = """
+import socket, sys
+listener = socket.create_server(("127.0.0.1", 0))
+client = socket.socket()
+client.bind(("127.0.0.1", int(sys.argv[1])))
+client.connect(listener.getsockname())
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@needs_netns
+def test_a_controller_port_taken_on_the_slave_by_a_connection_is_forwarded_from_a_free_one(tmp_path, hosts):
+    """A listener cannot bind a port that a connection uses as its local port (an old engine's, or one in
+    TIME_WAIT for a minute after), so the slave's end of each forward is a port its sshd picks free, and
+    the holder says which: asking for the controller's own number there once failed a start for 60 s."""
+    host = hosts.hosts[0]
+    slave = Host(host.address, 22, SLAVE_USER, str(hosts.key))
+    known_hosts = tmp_path / "known_hosts"
+    Remote.connect(slave, known_hosts, timeout=20).close()  # records the host key, as start does
+    with echo_server() as port:
+        taken = subprocess.Popen(["ip", "netns", "exec", host.ns, sys.executable, "-c", CONNECTION_FROM_PORT,
+                                  str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        stop = threading.Event()
+        ready = tmp_path / "ready"
+        holder = threading.Thread(target=tunnels.hold, args=(tunnels.TunnelSpec(
+            hosts=[asdict(slave)], known_hosts=str(known_hosts), ports=[port], ready_file=str(ready)), stop),
+            daemon=True)
+        try:
+            assert taken.stdout.readline() == "held\n"
+            holder.start()
+            assert wait_until(ready.exists, timeout=60)
+            slave_port = tunnels.slave_ports(ready)[0][port]
+            assert slave_port != port
+            assert through_slave(host, slave_port)
+        finally:
+            stop.set()
+            taken.kill()
+            taken.wait()
+            holder.join(timeout=30)
+        assert not holder.is_alive()
+
+
+@needs_netns
+def test_the_tunnel_holder_reconnects_and_waits_for_the_forward_the_slave_still_holds(tmp_path, hosts):
+    """The session under the tunnels stops answering (the slave's sshd process for it is frozen, as a
+    session lost in a laptop sleep looks); the holder gives up on it, reconnects, finds the port still
+    held by the old session, asks again until the slave lets go, and the forward carries traffic again."""
+    host = hosts.hosts[0]
+    slave = Host(host.address, 22, SLAVE_USER, str(hosts.key))
+    known_hosts = tmp_path / "known_hosts"
+    Remote.connect(slave, known_hosts, timeout=20).close()  # records the host key, as start does
+
+    with echo_server() as port:
         ready = tmp_path / "ready"
         spec = tunnels.TunnelSpec(hosts=[asdict(slave)], known_hosts=str(known_hosts), ports=[port],
                                   ready_file=str(ready), probe_seconds=1, probe_timeout=2)
@@ -167,18 +218,21 @@ def test_the_tunnel_holder_reconnects_and_waits_for_the_forward_the_slave_still_
         try:
             holder.start()
             assert wait_until(ready.exists, timeout=60)
-            assert wait_until(lambda: through_slave(host, port), timeout=30)
+            slave_port = tunnels.slave_ports(ready)[0][port]  # a port the slave's sshd picked free
+            assert wait_until(lambda: through_slave(host, slave_port), timeout=30)
 
             old = ssh_sessions(host)
             assert old
             for pid in old:
                 os.kill(pid, signal.SIGSTOP)  # the session is silent; its listening port stays taken
             assert wait_until(lambda: lines.saw("no answer within"), timeout=60), lines.lines
-            assert wait_until(lambda: lines.saw(f"port {port} still held"), timeout=60), lines.lines
+            # the engines there know only that port: the new session asks for it again
+            assert wait_until(lambda: lines.saw(f"port {slave_port} (controller port {port}) still held"),
+                              timeout=60), lines.lines
 
             for pid in old:  # the slave's sshd gives up on the old session at last
                 os.kill(pid, signal.SIGKILL)
-            assert wait_until(lambda: through_slave(host, port), timeout=60), lines.lines
+            assert wait_until(lambda: through_slave(host, slave_port), timeout=60), lines.lines
             assert holder.is_alive()
         finally:
             stop.set()
