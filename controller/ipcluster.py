@@ -240,9 +240,9 @@ def connect(url: Path, timeout: float = 10) -> ipp.Client:
 
 def idle_engines(client: ipp.Client) -> list[int]:
     """The engines registered with ``client`` that have nothing queued or running, as the controller sees now."""
-    queues = client.queue_status()
+    queues, registered = client.queue_status(), set(client.ids)
     return sorted(engine for engine, queue in queues.items()
-                  if engine in client.ids and queue["queue"] == 0 and queue["tasks"] == 0)
+                  if engine in registered and queue["queue"] == 0 and queue["tasks"] == 0)
 
 
 def confirm_output(client: ipp.Client, targets: list[int], timeout: float) -> list[int]:
@@ -268,7 +268,7 @@ def confirm_client_output(client: ipp.Client, timeout: float) -> bool:
     """Make sure a client just connected gets engine output: its own link to the relay is confirmed once any
     idle engine's empty cell reports back (each engine's link was confirmed when it joined, by
     ``confirm_output``). False if no engine is idle, or none reported within ``timeout``."""
-    idle = idle_engines(client)
+    idle = idle_engines(client)[:4]  # one answer is enough; a few in case one is frozen
     confirmed, gone = _run_cells_until_output(client, idle, timeout, enough=1)
     if idle and not confirmed and set(idle) - gone:
         log.warning("no engine output reached this client within %g s; what engines print may be lost", timeout)
