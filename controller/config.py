@@ -133,7 +133,8 @@ def task_keys(training: TrainingConfig) -> dict:
 
 @dataclass(frozen=True)
 class SshConfig:
-    hosts: tuple = _opt((), "slaves you already own: host or host:port, comma separated", factory=tuple)
+    hosts: tuple = _opt((), "slaves you already own: host or host:port, comma separated, each machine once "
+                            "(engines_per_host sets its engines)", factory=tuple)
     user: str = _opt("", "SSH user on the slaves; empty = the current user")
     key_file: str = _opt("", "private key for the slaves; empty = SSH agent / default keys", path=True)
     known_hosts: str = _opt("", "known_hosts file; empty = STATE_DIR/known_hosts (recorded on first contact)",

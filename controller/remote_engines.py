@@ -105,6 +105,26 @@ def tunnelled(connection: dict) -> bool:
     return ipcluster.is_loopback(str(connection.get("interface", "")).split("://")[-1])
 
 
+def refuse_one_machine_twice(targets: list["Target"], remotes: list[rm.Remote]) -> None:
+    """Two names of one machine (an address and a DNS name, two ports of one sshd) would share its run dir,
+    and the second bootstrap would stop the engines the first started. One boot id and one hostname make one
+    machine: network namespaces and containers on one kernel share the boot id, not the hostname."""
+    if len(targets) < 2:
+        return
+    seen: dict[tuple[str, str], Target] = {}
+    for target, remote in zip(targets, remotes):
+        _, out, _ = remote.run("cat /proc/sys/kernel/random/boot_id; hostname", check=False)
+        lines = out.split()
+        if len(lines) != 2:  # no boot id there (not Linux): nothing to compare by
+            continue
+        boot_id, hostname = lines
+        if (boot_id, hostname) in seen:
+            raise ProviderError(
+                f"{seen[boot_id, hostname].host} and {target.host} are one machine ({hostname}, boot id {boot_id}): "
+                f"list it once in [ssh] hosts (engines_per_host sets how many engines it runs)")
+        seen[boot_id, hostname] = target
+
+
 @dataclass
 class Target:
     """One node to bootstrap and how to reach it."""
@@ -162,6 +182,7 @@ class RemoteEngines:
 
         try:
             remotes = [result(f) for f in [pool.submit(connect, t) for t in targets]]
+            refuse_one_machine_twice(targets, remotes)
             self.on_step("ssh")
             try:
                 slave_ports: dict[str, dict[int, int]] = {}

@@ -133,6 +133,7 @@ class NetnsHost:
     veth: str
     address: str  # the slave's address
     master_address: str
+    alias: str  # a second address of the same slave, as a DNS name beside an IP address would be
     hostname: str
     dir: Path
     sshd: subprocess.Popen | None = None
@@ -223,7 +224,7 @@ class NetnsHosts:
         folder = self.workdir / f"host{n}"
         folder.mkdir(parents=True, exist_ok=True)
         host = NetnsHost(index=i, ns=ns, veth=veth, address=f"{SUBNET}.{n}.2", master_address=f"{SUBNET}.{n}.1",
-                         hostname=f"slave{n}", dir=folder)
+                         alias=f"{SUBNET}.{n}.3", hostname=f"slave{n}", dir=folder)
         self.hosts.append(host)  # registered first: close() removes even a half-made host
         sh("ip", "netns", "add", ns)
         sh("ip", "link", "add", veth, "type", "veth", "peer", "name", peer)
@@ -231,6 +232,7 @@ class NetnsHosts:
         sh("ip", "addr", "add", f"{host.master_address}/24", "dev", veth)
         sh("ip", "link", "set", veth, "up")
         sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{host.address}/24", "dev", peer)
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{host.alias}/24", "dev", peer)
         sh("ip", "netns", "exec", ns, "ip", "link", "set", peer, "up")
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host_key"))
@@ -243,6 +245,7 @@ class NetnsHosts:
         config.write_text(f"""
 Port 22
 ListenAddress {host.address}
+ListenAddress {host.alias}
 HostKey {SLAVE_ROOT / 'host_key'}
 PidFile {SLAVE_ROOT / 'sshd.pid'}
 AuthorizedKeysFile {SLAVE_ROOT / 'authorized_keys'}

@@ -88,6 +88,30 @@ def test_changed_host_key_is_refused(tmp_path, tiny_data_dir, hosts):
     cluster.close()
 
 
+def test_one_machine_under_two_names_is_refused_before_any_engine_starts(tmp_path, tiny_data_dir, hosts):
+    """Its address and a second name (here its second address): both bootstraps would use one run dir, and
+    the second would stop the engines the first had started. The other slave, a machine of its own with the
+    same boot id (one kernel), is not mistaken for it."""
+    one, other = hosts.hosts
+    config = make_config(tmp_path, tiny_data_dir, slaves=3, extra=f"""
+provider = ssh
+
+[ssh]
+hosts = {one.address}, {other.address}, {one.alias}
+user = {SLAVE_USER}
+key_file = {hosts.key}
+python = {sys.executable}
+""")
+    cluster = Cluster(config)
+    with pytest.raises(ProviderError, match=rf"{one.address} and {one.alias} are one machine \({one.hostname}, "
+                                            r"boot id [0-9a-f-]+\): list it once in \[ssh\] hosts"):
+        cluster.start()
+    assert cluster.status().state in ("stopped", "none")
+    assert not one.engine_processes() and not other.engine_processes()
+    assert not cluster_pids(config.state_dir)
+    cluster.close()
+
+
 def test_stop_ends_engines_by_the_stored_pids_after_the_master_was_renamed(tmp_path, tiny_data_dir, hosts,
                                                                            monkeypatch):
     """The run dir on the slave is named by the master's hostname: after a rename only the pids find them."""
