@@ -253,8 +253,10 @@ def confirm_output(client: ipp.Client, targets: list[int], timeout: float) -> li
     an engine just registered, can therefore lose its first messages: among them the "idle" status that
     ``view.execute(block=True)`` and ``%px`` wait for with no timeout, so they hang for ever (1 in 50 new
     clients on an idle 2-core master, 4 in 100 on a loaded one). Nothing tells a SUB when it is subscribed,
-    so each engine runs empty cells until one's status comes back. Call it for idle engines only: a cell
-    queues behind a running task. An engine that leaves meanwhile is neither confirmed nor returned.
+    so each engine runs empty cells until one's status comes back; as each round sends a new cell, a request
+    lost on its way (a ROUTER drops what it has no connected peer for) is made good too. Call it for idle
+    engines only: a cell queues behind a running task. An engine that leaves meanwhile is neither confirmed
+    nor returned.
     """
     confirmed, gone = _run_cells_until_output(client, targets, timeout, enough=len(targets))
     unconfirmed = sorted(set(targets) - confirmed - gone)

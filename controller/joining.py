@@ -2,8 +2,8 @@
 
 It reports itself (host, pid, device, threads) and installs the drain handler
 (``engines.tasks.engine_info``), watches the metadata service for spot notices where there
-is one, is stored with the node it runs on, gets its output through to the master (a PUB drops
-messages until a subscription lands), and loads the data set ahead of the first run.
+is one, is stored with the node it runs on, and loads the data set ahead of the first run. Before all
+that, its requests and its output are confirmed to get through (``ipcluster.confirm_output``).
 """
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ def record_engines(store: Store, config: Config, record: ClusterRecord, client, 
     from engines.tasks import engine_info
 
     ids = list(engine_ids) if engine_ids is not None else list(client.ids)
+    # the first contact: an engine just registered may not be connected to every scheduler and relay yet,
+    # and ZeroMQ drops what is sent to a peer not there yet (a PUB its output; a ROUTER, unless told
+    # otherwise, a request), so empty cells go until each engine's output comes back
+    ipcluster.confirm_output(client, ids, REPORT_TIMEOUT_S)
     infos = client[ids].apply_async(engine_info, threads).get(timeout=REPORT_TIMEOUT_S)
     watch_notices(config, client, record.provider, ids)
     host_to_node = {n.host: n.node_id for n in nodes}
@@ -58,14 +62,12 @@ def watch_notices(config: Config, client, provider: str, engine_ids: list[int]) 
 
 
 def warm_engines(client, spec: dict, timeout: float, targets: Optional[list[int]] = None) -> None:
-    """Every engine (or ``targets``) gets its output through to the master, and loads the data set and the
-    training code of ``spec`` now, so the first run after `start` (or `scale`) is as fast as the next. A failure here is only logged: the first run
+    """Every engine (or ``targets``) loads the data set and the training code of ``spec`` now, so the first
+    run after `start` (or `scale`) is as fast as the next. A failure here is only logged: the first run
     reports it in full."""
     from engines.tasks import warm_up
 
-    targets = list(targets if targets is not None else client.ids)
-    ipcluster.confirm_output(client, targets, timeout)
-    loading = client[targets].apply_async(warm_up, spec)
+    loading = client[targets if targets is not None else client.ids].apply_async(warm_up, spec)
     try:
         seconds = loading.get(timeout=timeout)
         log.info("engines loaded the data set in %.1f s", max(seconds))
