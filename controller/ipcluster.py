@@ -238,11 +238,21 @@ def connect(url: Path, timeout: float = 10) -> ipp.Client:
     return ipp.Client(str(url), timeout=timeout)
 
 
+def holds_task(queue: dict) -> bool:
+    """Whether an engine's entry of ``Client.queue_status()`` shows a task running or queued on it."""
+    return bool(queue.get("tasks") or queue.get("queue"))
+
+
+def busy_engines(client: ipp.Client) -> set[int]:
+    """The engines that run or hold a task now, as the controller sees them."""
+    return {engine for engine, queue in client.queue_status().items()
+            if isinstance(engine, int) and holds_task(queue)}
+
+
 def idle_engines(client: ipp.Client) -> list[int]:
     """The engines registered with ``client`` that have nothing queued or running, as the controller sees now."""
     queues, registered = client.queue_status(), set(client.ids)
-    return sorted(engine for engine, queue in queues.items()
-                  if engine in registered and queue["queue"] == 0 and queue["tasks"] == 0)
+    return sorted(engine for engine, queue in queues.items() if engine in registered and not holds_task(queue))
 
 
 def confirm_output(client: ipp.Client, targets: list[int], timeout: float) -> list[int]:

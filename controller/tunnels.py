@@ -87,10 +87,12 @@ def _pump(channel, sock: socket.socket) -> None:
         sock.close()
 
 
-def _forward_handler(target: str, controller_port_of: dict[int, int]):
-    """Connections to a slave port go to the controller port it was asked for (``controller_port_of``)."""
+def _forward_handler(target: str, slave_ports: dict[int, int]):
+    """Connections to a slave port go to the controller port it was asked for (``slave_ports``: controller
+    port -> slave port, as the holder keeps it)."""
     def handler(channel, origin, server) -> None:
-        port = controller_port_of.get(server[1])
+        # dict(): one copy made under the GIL, as the holder may add a port meanwhile from its own thread
+        port = {theirs: ours for ours, theirs in dict(slave_ports).items()}.get(server[1])
         if port is None:  # a forward of an earlier request that this holder no longer serves
             channel.close()
             return
@@ -129,7 +131,6 @@ class Holder:
         self.remote: Optional[Remote] = None
         self.forwarded: set[int] = set()  # controller ports forwarded on the current session
         self.slave_ports: dict[int, int] = {}  # controller port -> the slave's port for it, kept across sessions
-        self._controller_port_of: dict[int, int] = {}
         self.probed = 0.0
 
     @property
@@ -157,7 +158,7 @@ class Holder:
             asked = self.slave_ports.get(port, 0)
             try:
                 bound = transport.request_port_forward(
-                    "127.0.0.1", asked, handler=_forward_handler(self.spec.target, self._controller_port_of))
+                    "127.0.0.1", asked, handler=_forward_handler(self.spec.target, self.slave_ports))
             except paramiko.SSHException as error:
                 if asked:
                     # the slave's sshd may still hold the old session's forward until it notices that session
@@ -169,7 +170,6 @@ class Holder:
                                 "AllowTcpForwarding on there?); retrying", self.host, error)
                 continue
             self.slave_ports[port] = bound
-            self._controller_port_of[bound] = port
             self.forwarded.add(port)
         if missing and self.complete:
             log.info("tunnel to %s: %d ports forwarded", self.host, len(self.forwarded))

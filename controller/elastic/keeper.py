@@ -147,8 +147,7 @@ class Keeper:
     def snapshot(self, record: ClusterRecord) -> Snapshot:
         client = self.cluster.client
         registered = set(client.ids)
-        queues = client.queue_status()
-        busy = {e for e, q in queues.items() if isinstance(e, int) and (q.get("tasks") or q.get("queue"))}
+        busy = ipcluster.busy_engines(client)
         leaving = self.store.engines.leaving(record.id)
         engines = self.store.engines.of(record.id)
         states, failing = self._states(record)

@@ -215,9 +215,8 @@ class Resizer:
 
     @staticmethod
     def _busy(client, engine_ids: list[int]) -> list[int]:
-        registered = set(client.ids)
-        queues = client.queue_status()
-        return [e for e in engine_ids if e in registered and _holds_task(queues.get(e, {}))]
+        registered, busy = set(client.ids), ipcluster.busy_engines(client)
+        return [e for e in engine_ids if e in registered and e in busy]
 
     def _release(self, record: ClusterRecord, provider: Provider, ipp_cluster, nodes: list[NodeRecord],
                  why: str) -> None:
@@ -310,11 +309,5 @@ def _new_target(store: Store, record: ClusterRecord, before: int, target: int, w
 
 def busy_nodes(host: ResizeHost, record: ClusterRecord) -> set[str]:
     """Nodes with an engine that runs or holds a task now."""
-    queues = host.client.queue_status()
-    busy = {e for e, q in queues.items() if isinstance(e, int) and _holds_task(q)}
+    busy = ipcluster.busy_engines(host.client)
     return {e.node_id for e in host.store.engines.of(record.id) if e.engine_id in busy}
-
-
-def _holds_task(queue: dict) -> bool:
-    """Whether an engine's entry of ``Client.queue_status()`` shows a task running or queued on it."""
-    return bool(queue.get("tasks") or queue.get("queue"))
