@@ -57,6 +57,7 @@ bench: install
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/elastic.py
 	$(BIN)/python benchmarks/first_step.py
+	$(BIN)/python benchmarks/eval_batch.py
 	$(BIN)/python benchmarks/faults.py
 	$(BIN)/python benchmarks/ssh_start.py
 	$(BIN)/python benchmarks/ec2_client.py

@@ -2,7 +2,7 @@
 
 Trains one small model on a local 2-engine cluster (1 torch thread per engine), then predicts
 the 50,000-image training split, interleaving per round:
-- the in-process loop (engines.infer.predict: model, normalise, softmax in batches of 1,000;
+- the in-process loop (engines.infer.predict: model, normalise, softmax in batches of 250 on a CPU;
   plain PyTorch, the work each shard does) with 1 and with 2 threads;
 - `cluster infer --engines 0` and `--engines 0,1` (the model already kept on the engines: the
   first call, which sends the checkpoint, is run before the rounds and shown apart).

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -274,6 +275,26 @@ def confirm_output(client: ipp.Client, targets: list[int], timeout: float) -> li
         log.warning("no output of engine(s) %s reached the master within %g s; what they print may be lost",
                     unconfirmed, timeout)
     return unconfirmed
+
+
+def silence_report(client: ipp.Client, engines: list[int], timeout: float = 5.0) -> str:
+    """What the controller says of ``engines`` that ``client`` hears nothing from: their queues as the hub
+    counts them (work done there means replies were lost on the way), or that the hub does not answer this
+    client either (then the client's own connection is what is broken)."""
+    answer: dict = {}
+    asking = threading.Thread(target=lambda: answer.update(queues=client.queue_status()), daemon=True)
+    asking.start()
+    asking.join(timeout)
+    io_thread = getattr(client, "_io_thread", None)
+    io = "" if io_thread is None or io_thread.is_alive() else "; the client's IO thread has ended"
+    if "queues" not in answer:
+        return f"the controller did not answer this client within {timeout:g} s either{io}"
+    queues = answer["queues"]
+    return "the controller counts " + "; ".join(
+        f"engine {engine}: " + (", ".join(f"{key} {len(value) if isinstance(value, list) else value}"
+                                          for key, value in sorted(queues[engine].items()))
+                                if engine in queues else "not registered")
+        for engine in engines) + io
 
 
 def confirm_client_output(client: ipp.Client, timeout: float) -> bool:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Optional
 
 from . import ipcluster
 from .config import Config, metadata_url
+from .errors import ProviderError
 from .store import ClusterRecord, EngineRecord, NodeRecord, Store
 
 log = logging.getLogger(__name__)
@@ -21,6 +23,9 @@ log = logging.getLogger(__name__)
 # training code (with torch._dynamo too, as before engines/optim.py, four engines at once on two loaded
 # cores took 25 s)
 REPORT_TIMEOUT_S = 120
+# a registered engine answers its first empty cell in well under a second (seconds, when it is remote and
+# its host busy): one silent for this long is asked again through a new client
+FIRST_CONTACT_S = 40
 
 
 def record_engines(store: Store, config: Config, record: ClusterRecord, client, threads: int,
@@ -30,12 +35,13 @@ def record_engines(store: Store, config: Config, record: ClusterRecord, client, 
     from engines.tasks import engine_info
 
     ids = list(engine_ids) if engine_ids is not None else list(client.ids)
-    # the first contact: an engine just registered may not be connected to every scheduler and relay yet,
-    # and ZeroMQ drops what is sent to a peer not there yet (a PUB its output; a ROUTER, unless told
-    # otherwise, a request), so empty cells go until each engine's output comes back
-    ipcluster.confirm_output(client, ids, REPORT_TIMEOUT_S)
-    infos = client[ids].apply_async(engine_info, threads).get(timeout=REPORT_TIMEOUT_S)
-    watch_notices(config, client, record.provider, ids)
+    asking = first_contact(client, ids, record)
+    try:
+        infos = asking[ids].apply_async(engine_info, threads).get(timeout=REPORT_TIMEOUT_S)
+        watch_notices(config, asking, record.provider, ids)
+    finally:
+        if asking is not client:
+            asking.close()
     host_to_node = {n.host: n.node_id for n in nodes}
     host_to_node.update({n.private_ip: n.node_id for n in nodes if n.private_ip})
     pid_to_node = {pid: node for pid, node in ipcluster.engine_set_pids(ipp_cluster).items()
@@ -49,6 +55,34 @@ def record_engines(store: Store, config: Config, record: ClusterRecord, client, 
                      registered_at=now)
         for engine_id, info in zip(ids, infos)
     ])
+
+
+def first_contact(client, ids: list[int], record: ClusterRecord):
+    """The client to ask the new engines ``ids`` through: ``client``, or a new one when they stay silent to it.
+
+    An engine just registered may not be connected to every scheduler and relay yet, and ZeroMQ drops what
+    is sent to a peer not there yet (a PUB its output; a ROUTER, unless told otherwise, a request), so empty
+    cells go until each engine's output comes back. Engines that registered and then stayed silent to the
+    master for minutes were seen twice in some 25 runs of the test suite on a loaded 2-core master (once one
+    engine, once both of a cluster), and the cause is not known: after FIRST_CONTACT_S they are asked again
+    through a new client, and what the controller says of them is logged, so that the next occurrence shows
+    where the messages stopped."""
+    silent = ipcluster.confirm_output(client, ids, FIRST_CONTACT_S)
+    if not silent:
+        return client
+    report = ipcluster.silence_report(client, silent)
+    log.warning("engine(s) %s silent to the master for %d s (%s); asking again through a new client",
+                silent, FIRST_CONTACT_S, report)
+    fresh = ipcluster.connect(ipcluster.url_file(Path(record.profile_dir), record.ipp_cluster_id), timeout=15)
+    still = ipcluster.confirm_output(fresh, silent, REPORT_TIMEOUT_S - FIRST_CONTACT_S)
+    if still:
+        report = ipcluster.silence_report(fresh, still)
+        fresh.close()
+        raise ProviderError(f"engine(s) {', '.join(map(str, still))} registered but answered nothing within "
+                            f"{REPORT_TIMEOUT_S} s, through two clients ({report}); their logs are in "
+                            f"{Path(record.profile_dir) / 'log'}")
+    log.warning("engine(s) %s answered a new client: the first client had stopped hearing them", silent)
+    return fresh
 
 
 def watch_notices(config: Config, client, provider: str, engine_ids: list[int]) -> None:

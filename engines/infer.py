@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .data import Split, load_mnist, normalise as mnist_normalise
-from .train import EVAL_BATCH, load_checkpoint, pick_device
+from .train import EVAL_BATCH, load_checkpoint, mnist_eval_batch, pick_device
 
 SPLITS = ("test", "val", "train")
 PROGRESS_EVERY_S = 0.5
@@ -32,6 +32,11 @@ class LoadedModel:
     device: torch.device
     kind: str  # mnist or cifar
     spec: dict  # the spec stored in the checkpoint
+
+    @property
+    def batch(self) -> int:
+        """Images a batch: what the model evaluates fastest on its device (CIFAR's models: any size on a CPU)."""
+        return mnist_eval_batch(self.device) if self.kind == "mnist" else EVAL_BATCH
 
 
 _MODELS: dict[str, LoadedModel] = {}  # this engine's loaded models, by checkpoint key
@@ -87,9 +92,11 @@ def split_of(kind: str, data_dir: str, split: str) -> Split:
 
 
 @torch.inference_mode()
-def predict(loaded: LoadedModel, images: torch.Tensor, batch: int = EVAL_BATCH,
+def predict(loaded: LoadedModel, images: torch.Tensor, batch: Optional[int] = None,
             progress: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted class per image, int64; class probabilities, float32 N x classes) in batches of ``batch``."""
+    """(predicted class per image, int64; class probabilities, float32 N x classes) in batches of ``batch``
+    (default: the model's own, ``LoadedModel.batch``)."""
+    batch = batch or loaded.batch
     predictions, probabilities = [], []
     last = time.perf_counter()
     for start in range(0, len(images), batch):

@@ -285,6 +285,38 @@ class TestConfirmingEngineOutput:
         assert client.cells[1] == 3
 
 
+
+class TestFirstContactWithNewEngines:
+    """Engines that registered but stay silent to the master's client are asked again through a new client.
+
+    A client is made deaf for real by ending its IO thread (every request and reply of an ipyparallel client
+    passes there): the controller and the engines are as they were, so a new client must reach them."""
+
+    def test_engines_silent_to_a_deaf_client_are_recorded_through_a_new_one(self, local_cluster, monkeypatch,
+                                                                             caplog):
+        from controller import joining
+
+        monkeypatch.setattr(joining, "FIRST_CONTACT_S", 1)
+        monkeypatch.setattr(joining, "REPORT_TIMEOUT_S", 20)
+        record = local_cluster.record
+        before = {engine.engine_id: engine.pid for engine in local_cluster.store.engines.of(record.id)}
+        deaf = ipcluster.connect(local_cluster.url_file)
+        deaf._stop_io_thread()
+        try:
+            joining.record_engines(local_cluster.store, local_cluster.config, record, deaf, record.threads_per_engine,
+                                   local_cluster.store.nodes.of(record.id))
+        finally:
+            deaf.close()
+        assert {engine.engine_id: engine.pid for engine in local_cluster.store.engines.of(record.id)} == before
+        assert "engine(s) [0, 1] silent to the master for 1 s (the controller did not answer this client" in caplog.text
+        assert "the client's IO thread has ended" in caplog.text
+        assert "answered a new client" in caplog.text
+
+    def test_the_report_on_silent_engines_gives_the_controllers_count_of_their_work(self, local_cluster):
+        report = ipcluster.silence_report(local_cluster.client, [0, 1, 7])
+        assert report.startswith("the controller counts engine 0: completed ")
+        assert "engine 7: not registered" in report
+
 def test_stale_pids_are_never_signalled(tmp_path):
     from controller import ipcluster, processes
 

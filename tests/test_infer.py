@@ -17,7 +17,7 @@ from controller.infer import EVAL_BATCH, Inference, InferenceResult, shard_bound
 from controller.errors import TaskError, UsageError
 from engines.cifar import load_cifar10, write_cifar10_batches
 from engines.data import load_mnist
-from engines.infer import build, predict
+from engines.infer import LoadedModel, build, predict
 from tests.conftest import real_mnist_dir, running_cluster
 from tests.test_scheduler import FakeResult, TickingClock
 
@@ -33,6 +33,16 @@ def test_shards_are_contiguous_cover_everything_once_and_start_on_batch_boundari
         assert all(a % EVAL_BATCH == 0 for a, _ in bounds)
     assert len(shard_bounds(10_000, 4)) == 4 and len(shard_bounds(2_500, 8)) == 3  # no shard without a batch
 
+
+
+@pytest.mark.parametrize("kind", ["mnist", "cifar"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_batch_an_engine_predicts_in_divides_every_shard_boundary(kind, device):
+    """Shards start at multiples of EVAL_BATCH; an engine's batches must tile them, as one process's do."""
+    loaded = LoadedModel(model=None, normalise=None, device=torch.device(device), kind=kind, spec={})
+    assert EVAL_BATCH % loaded.batch == 0
+    if kind == "mnist" and device == "cpu":
+        assert loaded.batch < EVAL_BATCH, "the CNN is evaluated faster on a CPU in small batches"
 
 class HangingShards:
     """A client whose load-balanced view hands shards to its engines in turn: ``hung`` engines
