@@ -27,12 +27,12 @@ def real_mnist_dir() -> Path | None:
 # first and the short ones fill in at the end instead of one long file running alone. A file not listed
 # counts as short unless it brings up slave hosts; stale numbers cost balance, never a result.
 FILE_SECONDS = {
-    "test_adopt.py": 119, "test_cluster.py": 92, "test_provider_contract.py": 77, "test_ssh_provider.py": 72,
-    "test_infer.py": 72, "test_aws_provider.py": 65, "test_security.py": 61, "test_elastic.py": 54,
-    "test_distributed.py": 47, "test_master_away.py": 47, "test_sweep.py": 42, "test_forked_engines.py": 41,
-    "test_paper.py": 37, "test_bench.py": 34, "test_keeper_revival.py": 18, "test_short_tasks.py": 17,
-    "test_training.py": 15, "test_report.py": 15, "test_notebook.py": 14, "test_errors.py": 14,
-    "test_notices.py": 11, "test_optim.py": 10, "test_tunnels.py": 9, "test_leases.py": 9,
+    "test_adopt.py": 123, "test_cluster.py": 100, "test_provider_contract.py": 81, "test_ssh_provider.py": 66,
+    "test_infer.py": 64, "test_sweep.py": 64, "test_aws_provider.py": 63, "test_distributed.py": 60,
+    "test_security.py": 59, "test_elastic.py": 46, "test_forked_engines.py": 43, "test_paper.py": 43,
+    "test_master_away.py": 40, "test_bench.py": 39, "test_training.py": 36, "test_short_tasks.py": 24,
+    "test_keeper_revival.py": 16, "test_report.py": 15, "test_errors.py": 14, "test_optim.py": 12,
+    "test_notebook.py": 10, "test_tunnels.py": 10, "test_notices.py": 9,
 }
 
 
