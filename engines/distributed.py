@@ -24,6 +24,7 @@ import datetime
 import hashlib
 import importlib
 import logging
+import random
 import socket
 import time
 from dataclasses import dataclass
@@ -82,11 +83,33 @@ def local_address(toward: str = "") -> str:
         return "127.0.0.1"
 
 
+# where rendezvous ports are looked for: below the kernel's ephemeral range (Linux: 32768-60999)
+RENDEZVOUS_PORTS = (20000, 32768)
+LOCAL_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
 def free_port(toward: str = "") -> dict:
-    """A free TCP port on this host (the OS picks it), and this host's name and address."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        port = sock.getsockname()[1]
+    """A free TCP port on this host for rank 0's store, and this host's name and address.
+
+    Not one the OS picks (port 0): that comes from the ephemeral range, which every outgoing connection
+    draws its local port from, so between this pick and the store's bind a connection could take it, and
+    rank 0 would fail with EADDRINUSE (seen in the test suite). A port below the ephemeral range is only
+    ever taken by a process that binds it on purpose."""
+    low, high = RENDEZVOUS_PORTS
+    try:
+        high = min(high, int(LOCAL_PORT_RANGE.read_text().split()[0]))
+    except (OSError, ValueError, IndexError):  # not Linux: keep the default range
+        pass
+    candidates = list(range(low, high)) if high > low else []
+    random.shuffle(candidates)
+    for port in [*candidates[:200], 0]:  # port 0 last: whatever the OS gives, if no candidate binds
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            port = sock.getsockname()[1]
+            break
     return {"host": socket.gethostname(), "address": local_address(toward), "port": port}
 
 

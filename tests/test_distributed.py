@@ -48,6 +48,15 @@ def test_engine_ids_are_checked():
         choose_engines([0, 1], [5])
 
 
+
+def test_rank_0s_port_is_free_and_below_the_range_outgoing_connections_take_their_ports_from():
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(20):
+        port = free_port()["port"]
+        assert 0 < port < low
+        with socket.socket() as sock:
+            sock.bind(("", port))
+
 def test_an_unreachable_rendezvous_fails_within_its_timeout_naming_address_and_port(tiny_data_dir):
     """Rank 1 finds nobody at rank 0's port; rank 0 (another port) waits for a rank 1 that never comes.
     3 s timeouts instead of the defaults (checked below to stay under 30 s) keep the test short."""
