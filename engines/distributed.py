@@ -93,7 +93,8 @@ def free_port(toward: str = "") -> dict:
 
     Not one the OS picks (port 0): that comes from the ephemeral range, which every outgoing connection
     draws its local port from, so between this pick and the store's bind a connection could take it, and
-    rank 0 would fail with EADDRINUSE (seen in the test suite). A port below the ephemeral range is only
+    rank 0 would fail at once with EADDRINUSE (the likely cause of a rank 0 that gave up 1.7 s into a 3 s
+    rendezvous timeout in one run of the test suite). A port below the ephemeral range is only
     ever taken by a process that binds it on purpose."""
     low, high = RENDEZVOUS_PORTS
     try:
