@@ -59,9 +59,9 @@ def bare_loop(epochs: int = 1, threads: int = 2, lr: float = 0.01, batch_size: i
         train_seconds += time.perf_counter() - t0
         model.eval()
         with torch.inference_mode():
-            # 250 a batch: the fastest on a CPU (benchmarks/eval_batch.py), as the engines use
-            correct = sum((model(normalise(data.test.images[i:i + 250])).argmax(1) == data.test.labels[i:i + 250]).sum().item()
-                          for i in range(0, len(data.test), 250))
+            batch = 250  # the fastest on a CPU (benchmarks/eval_batch.py), as the engines use
+            correct = sum((model(normalise(data.test.images[i:i + batch])).argmax(1) == data.test.labels[i:i + batch]).sum().item()
+                          for i in range(0, len(data.test), batch))
         accuracy = correct / len(data.test)
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "images_per_s": epochs * len(data.train) / train_seconds, "test_accuracy": accuracy,

@@ -26,7 +26,8 @@ from .scheduler import STALL_KILLS, discount_pause, is_engine_loss, kill_through
 
 log = logging.getLogger(__name__)
 
-EVAL_BATCH = 1000  # engines.train.EVAL_BATCH, a multiple of every batch engines.infer.predict takes: shards start at multiples of it
+# engines.train.EVAL_BATCH, a multiple of every batch engines.infer.predict takes: shards start at multiples of it
+EVAL_BATCH = 1000
 SPLITS = ("test", "val", "train")
 FORMATS = (".csv", ".npz")
 MAX_RESENDS = 3

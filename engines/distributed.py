@@ -101,9 +101,8 @@ def free_port(toward: str = "") -> dict:
         high = min(high, int(LOCAL_PORT_RANGE.read_text().split()[0]))
     except (OSError, ValueError, IndexError):  # not Linux: keep the default range
         pass
-    candidates = list(range(low, high)) if high > low else []
-    random.shuffle(candidates)
-    for port in [*candidates[:200], 0]:  # port 0 last: whatever the OS gives, if no candidate binds
+    candidates = random.sample(range(low, high), min(200, max(0, high - low)))
+    for port in [*candidates, 0]:  # port 0 last: whatever the OS gives, if no candidate binds
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("", port))

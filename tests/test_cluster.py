@@ -285,7 +285,6 @@ class TestConfirmingEngineOutput:
         assert client.cells[1] == 3
 
 
-
 class TestFirstContactWithNewEngines:
     """Engines that registered but stay silent to the master's client are asked again through a new client.
 
@@ -316,6 +315,7 @@ class TestFirstContactWithNewEngines:
         report = ipcluster.silence_report(local_cluster.client, [0, 1, 7])
         assert report.startswith("the controller counts engine 0: completed ")
         assert "engine 7: not registered" in report
+
 
 def test_stale_pids_are_never_signalled(tmp_path):
     from controller import ipcluster, processes

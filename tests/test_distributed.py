@@ -48,7 +48,6 @@ def test_engine_ids_are_checked():
         choose_engines([0, 1], [5])
 
 
-
 def test_rank_0s_port_is_free_and_below_the_range_outgoing_connections_take_their_ports_from():
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(20):
@@ -56,6 +55,7 @@ def test_rank_0s_port_is_free_and_below_the_range_outgoing_connections_take_thei
         assert 0 < port < low
         with socket.socket() as sock:
             sock.bind(("", port))
+
 
 def test_an_unreachable_rendezvous_fails_within_its_timeout_naming_address_and_port(tiny_data_dir):
     """Rank 1 finds nobody at rank 0's port; rank 0 (another port) waits for a rank 1 that never comes.

@@ -34,7 +34,6 @@ def test_shards_are_contiguous_cover_everything_once_and_start_on_batch_boundari
     assert len(shard_bounds(10_000, 4)) == 4 and len(shard_bounds(2_500, 8)) == 3  # no shard without a batch
 
 
-
 @pytest.mark.parametrize("kind", ["mnist", "cifar"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_the_batch_an_engine_predicts_in_divides_every_shard_boundary(kind, device):
@@ -43,6 +42,7 @@ def test_the_batch_an_engine_predicts_in_divides_every_shard_boundary(kind, devi
     assert EVAL_BATCH % loaded.batch == 0
     if kind == "mnist" and device == "cpu":
         assert loaded.batch < EVAL_BATCH, "the CNN is evaluated faster on a CPU in small batches"
+
 
 class HangingShards:
     """A client whose load-balanced view hands shards to its engines in turn: ``hung`` engines
