@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from engines.data import load_mnist, normalise  # noqa: E402
-from engines.model import MnistCNN  # noqa: E402
+from engines.workloads.cnn import MnistCNN  # noqa: E402
 
 
 def data_dir() -> Path:

@@ -40,10 +40,14 @@ from pathlib import Path
 
 from common import REPO, data_dir
 
-from controller import ipcluster, joining  # noqa: E402
 from controller.api import Cluster  # noqa: E402
+from controller.cluster import (
+    joining,
+    keeper,  # noqa: E402
+    resize,
+)
 from controller.config import load_config  # noqa: E402
-from controller.elastic import keeper, resize  # noqa: E402
+from controller.ipp import launch as ipcluster  # noqa: E402
 from controller.providers import local  # noqa: E402
 
 PHASES = [  # (owner, attribute, phase name)

@@ -2,7 +2,7 @@
 
 An epoch of the default recipe evaluates the validation and the test split (10,000 images each) after
 training; on one CPU thread that is half the time of a 10,000-image epoch (a sweep trial of the paper
-preset). Each round evaluates both splits with engines.train.accuracy at the batch the engines use on a
+preset). Each round evaluates both splits with engines.loop.accuracy at the batch the engines use on a
 CPU (``mnist_eval_batch``) and at 1000 (what engines used before, and what a GPU gets), alternating, in
 this process, on 1 and on 2 threads; printed: the medians and the median of the paired ratios.
 
@@ -20,8 +20,8 @@ import torch
 from common import data_dir
 
 from engines.data import load_mnist, normalise
-from engines.model import MnistCNN
-from engines.train import EVAL_BATCH, accuracy, mnist_eval_batch
+from engines.loop import EVAL_BATCH, accuracy, mnist_eval_batch
+from engines.workloads.cnn import MnistCNN
 
 
 def evaluate(model: MnistCNN, splits, batch: int) -> tuple[float, list[float]]:

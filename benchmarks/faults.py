@@ -48,11 +48,11 @@ sys.path.insert(0, str(REPO / "tests"))  # the IMDSv2 server the notice tests us
 
 from imds import SPOT, FakeImds  # noqa: E402
 
-from controller import ipcluster  # noqa: E402
 from controller.api import Cluster  # noqa: E402
 from controller.config import load_config  # noqa: E402
-from controller.scheduler import ProgressSink  # noqa: E402
+from controller.ipp import launch as ipcluster  # noqa: E402
 from controller.store import Store  # noqa: E402
+from controller.work.scheduler import ProgressSink  # noqa: E402
 
 
 @dataclass

@@ -23,8 +23,8 @@ from common import REPO
 SAMPLE = """
 import resource, sys, time
 import ipyparallel.engine.app, torch
-from engines.model import MnistCNN
-import engines.train
+from engines.workloads.cnn import MnistCNN
+import engines.loop
 model = MnistCNN()
 if sys.argv[1] == "torch.optim":
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)

@@ -2,7 +2,7 @@
 
 Trains one small model on a local 2-engine cluster (1 torch thread per engine), then predicts
 the 50,000-image training split, interleaving per round:
-- the in-process loop (engines.infer.predict: model, normalise, softmax in batches of 250 on a CPU;
+- the in-process loop (engines.predict.predict: model, normalise, softmax in batches of 250 on a CPU;
   plain PyTorch, the work each shard does) with 1 and with 2 threads;
 - `cluster infer --engines 0` and `--engines 0,1` (the model already kept on the engines: the
   first call, which sends the checkpoint, is run before the rounds and shown apart).
@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import cluster_json, cluster_train, data_dir, local_cluster
 
 from controller.store import Store  # noqa: E402 - common put the repository on the path
 from engines.data import load_mnist  # noqa: E402
-from engines.infer import build, predict  # noqa: E402
+from engines.predict import (
+    build,  # noqa: E402
+    predict,
+)
 
 
 def in_process(checkpoint: bytes, images: torch.Tensor, threads: int) -> float:

@@ -30,15 +30,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
-
 from common import REPO
 
 sys.path.insert(0, str(REPO))
 
-from controller import ipcluster  # noqa: E402
 from controller.api import Cluster  # noqa: E402
 from controller.config import load_config  # noqa: E402
-from controller.scheduler import ProgressSink, Scheduler  # noqa: E402
+from controller.ipp import launch as ipcluster  # noqa: E402
+from controller.work.scheduler import (
+    ProgressSink,  # noqa: E402
+    Scheduler,
+)
 from engines.data import write_synthetic_mnist  # noqa: E402
 
 MB = 1024 * 1024

@@ -25,9 +25,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from controller.api import Cluster  # noqa: E402
-from controller.bench import BenchTable, parse_engine_counts  # noqa: E402
 from controller.config import load_config  # noqa: E402
-from controller.report import scaling  # noqa: E402
+from controller.work.bench import (
+    BenchTable,  # noqa: E402
+    parse_engine_counts,
+)
+from controller.work.bench.report import scaling  # noqa: E402
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # lazy, so `cluster --help` and config errors don't pay for importing torch and ipyparallel
     if name in ("Cluster", "ClusterStatus", "RunResult"):
-        from . import api
+        from controller import api
 
         return getattr(api, name)
     raise AttributeError(name)

@@ -4,11 +4,11 @@ import sys
 
 def main() -> int:
     try:
-        from .cli import main as cli_main
+        from controller.cli import main as cli_main
 
         return cli_main()
     except KeyboardInterrupt:
-        from .errors import ExitStatus
+        from controller.errors import ExitStatus
 
         return ExitStatus.INTERRUPTED
 

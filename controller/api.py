@@ -14,24 +14,24 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from controller.cluster import keeper, resize
+from controller.cluster import status as cluster_status
+from controller.cluster.lifecycle import Lifecycle, Stopped
+from controller.cluster.status import ClusterStatus, EngineStatus, controller_alive
+from controller.config import Config, load_config, override
+from controller.errors import CONTROLLER_GONE_WAY_ON, ClusterStateError, NotRunningError, UsageError
+from controller.ipp import launch as ipcluster
+from controller.providers import NO_HOOKS, Hooks, Provider, make_provider
+from controller.providers.base import Resource
+from controller.store import ClusterRecord, RunRecord, Store
+from controller.work.bench.report import report
+from controller.work.bench.runner import run_bench
+from controller.work.bench.workloads import workload as find_workload
+from controller.work.roster import StoreRoster
+from controller.work.scheduler import ProgressSink, Scheduler, Watchdog
+from controller.work.sweep.records import SweepResult
+from controller.work.training import RunResult, Training, run_result
 from engines.tasks import L1_SCALE
-
-from . import cluster_status, ipcluster
-from .bench.runner import run_bench
-from .bench.workloads import workload as find_workload
-from .cluster_status import ClusterStatus, EngineStatus, controller_alive
-from .config import Config, load_config, override
-from .elastic import keeper, resize
-from .errors import CONTROLLER_GONE_WAY_ON, ClusterStateError, NotRunningError, UsageError
-from .lifecycle import Lifecycle, Stopped
-from .providers import NO_HOOKS, Hooks, Provider, make_provider
-from .providers.base import Resource
-from .report import report
-from .roster import StoreRoster
-from .scheduler import ProgressSink, Scheduler, Watchdog
-from .store import ClusterRecord, RunRecord, Store
-from .training import RunResult, Training, run_result
-from .sweep.records import SweepResult
 
 __all__ = ["Cluster", "ClusterStatus", "EngineStatus", "RunResult", "Stopped"]
 
@@ -77,7 +77,7 @@ class Cluster:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # lifecycle (controller/lifecycle.py) and status (controller/cluster_status.py) -------------------------
+    # lifecycle (controller/cluster/lifecycle.py) and status (controller/cluster/status.py) -------------------------
     def provider(self, name: Optional[str] = None) -> Provider:
         """The provider ``name`` (default: [cluster] provider) over this cluster's config and store."""
         return make_provider(name or self.config.cluster.provider, self.config, self.store, self.provider_hooks)
@@ -89,7 +89,7 @@ class Cluster:
 
         ``max_slaves`` > 0 turns autoscaling on: slaves are added for waiting jobs up to it, and slaves idle
         for ``idle_minutes`` are turned off down to ``min_slaves``. With ``[cluster] replace_lost`` or
-        autoscaling, a background keeper process holds the cluster to its target (controller/elastic).
+        autoscaling, a background keeper process holds the cluster to its target (controller/cluster).
         On any failure, Ctrl-C included, everything started so far is stopped again.
 
         After the master restarted (the cluster's controller gone, its slaves still up), the slaves are
@@ -128,7 +128,7 @@ class Cluster:
         if record is not None and record.state == "running":
             keeper.revive(self.config.state_dir, self.store, record)
 
-    # resizing (controller/elastic/resize.py) ---------------------------------------------------------------
+    # resizing (controller/cluster/resize.py) ---------------------------------------------------------------
     def scale(self, slaves: int, *, why: str = "") -> ClusterStatus:
         """Turn slaves on or off until ``slaves`` serve; returns once the new engines joined (they take work
         from a sweep or bench already running) or the removed ones were drained and released."""
@@ -199,7 +199,7 @@ class Cluster:
         """One training run on a free engine; returns when it ends (Ctrl-C leaves it resumable).
 
         ``distributed=True``: one model on every engine (or on ``engines``, ids) with torch.distributed,
-        the global batch ``batch_size`` split over them (controller/distributed.py).
+        the global batch ``batch_size`` split over them (controller/work/distributed.py).
         """
         return self._training.train(progress, distributed=distributed, engines=engines, **overrides)
 
@@ -237,7 +237,7 @@ class Cluster:
               split: str = "test", workload: Optional[str] = None, engines: Optional[list[int]] = None,
               shards_per_engine: int = 1, out: Optional[str | os.PathLike] = None, progress=None,
               data_dir: Optional[str] = None):
-        """Apply a trained model to a whole split over the engines; an InferenceResult (controller/infer.py).
+        """Apply a trained model to a whole split over the engines; an InferenceResult (controller/work/inference.py).
 
         The model is a run's last checkpoint (``run_id``) or a checkpoint file; each engine loads it once
         and keeps it for later calls.  ``workload`` (paper, mnist-cnn, cifar10-vgg16, cifar10-resnet18)
@@ -245,8 +245,8 @@ class Cluster:
         ``progress``: a callable (images done, images in all).  ``data_dir``: where the engines find the
         data set (default: the run's own, else [cluster] data_dir).
         """
-        from .distributed import choose_engines
-        from .infer import Inference, write_predictions
+        from controller.work.distributed import choose_engines
+        from controller.work.inference import Inference, write_predictions
 
         if (run_id is None) == (checkpoint is None):
             raise UsageError("infer: give one of --run RUN_ID or --checkpoint PATH")
@@ -297,11 +297,11 @@ class Cluster:
         ``preset="paper"``: the paper's lambda grid.  ``sampler``: grid (default for lists), random or
         tpe (default for ranges); ``pruner``: none, median or asha.  ``overrides``: [training] values
         every trial shares (epochs, subset, ...).  ``resume=SWEEP_ID`` continues a stopped sweep.
-        ``progress``: a callable (SweepSource) -> ProgressSink, e.g. ``controller.sweep.view.SweepProgress``.
+        ``progress``: a callable (SweepSource) -> ProgressSink, e.g. ``controller.work.sweep.view.SweepProgress``.
         ``task``: the engine function (defaults to engines.tasks.train_task).
         Ctrl-C leaves the sweep resumable; returns the ranked results.
         """
-        from .sweep import runner  # optuna: loaded by the sweep commands only, not by every command
+        from controller.work.sweep import runner  # optuna: loaded by the sweep commands only, not by every command
 
         if resume is not None:
             if params or preset or trials or sampler or pruner != "none" or overrides:
@@ -312,12 +312,12 @@ class Cluster:
 
     def sweeps(self, limit: Optional[int] = None) -> list[SweepResult]:
         """Past sweeps, newest first (the cluster need not be running)."""
-        from .sweep import runner  # optuna, as above
+        from controller.work.sweep import runner  # optuna, as above
 
         return runner.sweeps(self, limit)
 
     def results(self, sweep_id: str) -> SweepResult:
         """A sweep's trials ranked by validation accuracy, and its best configuration."""
-        from .sweep import runner  # optuna, as above
+        from controller.work.sweep import runner  # optuna, as above
 
         return runner.results(self, sweep_id)

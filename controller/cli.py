@@ -12,11 +12,10 @@ import pkgutil
 import sys
 from typing import Optional, Sequence, TextIO
 
-from . import __version__, commands
-from .context import Context
-from .errors import REPORTED, ExitStatus, TaskError
-from .logs import CliLogging
-
+from controller import __version__, commands
+from controller.commands.context import Context
+from controller.errors import REPORTED, ExitStatus, TaskError
+from controller.logs import CliLogging
 
 # `cluster --help` lists the commands in the order of the work, not in the order modules register them;
 # a command missing here is listed after these, in registration order
@@ -25,8 +24,10 @@ COMMAND_ORDER = ("start", "status", "scale", "remove", "stop", "train", "runs", 
 
 
 def command_modules() -> list:
+    """The modules of ``controller.commands`` that register subcommands (``context`` is what handlers get)."""
     names = sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
-    return [importlib.import_module(f"{commands.__name__}.{name}") for name in names]
+    modules = [importlib.import_module(f"{commands.__name__}.{name}") for name in names]
+    return [module for module in modules if hasattr(module, "register")]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from controller.errors import ConfigError
 
 CONFIG_ENV = "CLUSTER_CONFIG"
 DATA_DIR_ENV = "CLUSTER_DATA_DIR"

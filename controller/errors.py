@@ -59,7 +59,7 @@ class ClusterLostError(ClusterStateError):
         self.way_on = way_on
 
 
-# after the controller died: the slaves still up are adopted by a new one (controller/lifecycle.py)
+# after the controller died: the slaves still up are adopted by a new one (controller/cluster/lifecycle.py)
 CONTROLLER_GONE_WAY_ON = "`cluster start` (it adopts the slaves still up)"
 
 

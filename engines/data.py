@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from engines.errors import DataError
 
 log = logging.getLogger(__name__)
 

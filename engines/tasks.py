@@ -12,7 +12,7 @@ import platform
 import socket
 from typing import Optional, Union
 
-from . import startup
+from engines.process import startup
 
 # The L1 convention a run's params record (RunSpec.l1_scale): "batches" divides l1 * sum(|w|) by the
 # training batches per epoch, as the paper's code does; runs stored without the key used "none".
@@ -48,7 +48,7 @@ def _publish(update: dict) -> None:
 def train_task(spec: dict, checkpoint: Union[bytes, dict, None], n_epochs: Optional[int]) -> dict:
     """Train ``n_epochs`` of a run from ``checkpoint`` (bytes, or a reference to one this engine keeps:
     engines/held.py), or until ``task_seconds`` or a stop request; returns TaskResult as a dict."""
-    from .train import train_epochs
+    from engines.loop import train_epochs
 
     result = train_epochs(spec, checkpoint, n_epochs, progress=_publish if _in_engine() else None)
     return dataclasses.asdict(result)
@@ -56,11 +56,11 @@ def train_task(spec: dict, checkpoint: Union[bytes, dict, None], n_epochs: Optio
 
 def engine_info(threads: int = 0) -> dict:
     """Who this engine is: host, pid, device, threads, versions (also sets the thread count)."""
-    startup.wait()  # the import of torch this engine began when it started (engines/startup.py)
+    startup.wait()  # the import of torch this engine began when it started (engines/process/startup.py)
     import torch
 
-    from . import stopping
-    from .train import pick_device
+    from engines.loop import pick_device
+    from engines.process import stopping
 
     stopping.install()  # before the master may ever drain this engine (SIGUSR1 would end it otherwise)
     if threads:
@@ -80,7 +80,7 @@ def engine_info(threads: int = 0) -> dict:
 
 def cifar_task(spec: dict, checkpoint: Union[bytes, dict, None], n_epochs: Optional[int]) -> dict:
     """A CIFAR-10 run (VGG16 or ResNet18, ``spec["model"]``); the contract of ``train_task``."""
-    from .cifar import train_cifar
+    from engines.workloads.cifar import train_cifar
 
     return dataclasses.asdict(train_cifar(spec, checkpoint, n_epochs, progress=_publish if _in_engine() else None))
 
@@ -111,12 +111,12 @@ def warm_up(spec: dict, kind: str = "mnist") -> float:
     startup.wait()
     started = time.perf_counter()
     if kind == "cifar":
-        from .cifar import load_cifar10
+        from engines.workloads.cifar import load_cifar10
 
         load_cifar10(Path(spec["data_dir"]))
     else:
-        from .data import load_mnist
-        from .train import RunSpec, mnist_setup, run_task
+        from engines.data import load_mnist
+        from engines.loop import RunSpec, mnist_setup, run_task
 
         data = load_mnist(Path(spec["data_dir"]), bool(spec.get("download", False)))
         # two real batches and one evaluation at the run's shapes and threads: torch builds its CPU kernels
@@ -138,7 +138,7 @@ def warm_up(spec: dict, kind: str = "mnist") -> float:
 def _one_of_each_batch(split, batch: int):
     """The first images of ``split`` that make one evaluation batch of each shape the whole split has: a
     full one and the last, partial one (kernels are built per shape; evaluating the rest builds none)."""
-    from .data import Split
+    from engines.data import Split
 
     n = min(len(split), batch + len(split) % batch)
     return Split(split.images[:n], split.labels[:n])
@@ -151,8 +151,8 @@ def task_for(spec: dict):
 
 def distributed_task(spec: dict, checkpoint: Optional[bytes], n_epochs: Optional[int], rendezvous: dict,
                      hold: Optional[dict] = None) -> dict:
-    """This engine's rank of a data-parallel task (engines/distributed.py); rank 0 reports progress."""
-    from .distributed import train_ranked
+    """This engine's rank of a data-parallel task (engines/ddp.py); rank 0 reports progress."""
+    from engines.ddp import train_ranked
 
     return train_ranked(spec, checkpoint, n_epochs, rendezvous, progress=_publish if _in_engine() else None,
                         hold=hold)
@@ -160,20 +160,20 @@ def distributed_task(spec: dict, checkpoint: Optional[bytes], n_epochs: Optional
 
 def rendezvous_port(toward: str = "") -> dict:
     """A free port on this engine's host for a distributed run's rendezvous, with the host's address."""
-    from .distributed import free_port
+    from engines.ddp import free_port
 
     return free_port(toward)
 
 
 def load_model_task(key: str, checkpoint: Optional[bytes], device: str = "auto", threads: int = 0) -> dict:
-    """Keep a trained model on this engine for inference (engines/infer.py); None only asks if it is here."""
-    from .infer import load_model
+    """Keep a trained model on this engine for inference (engines/predict.py); None only asks if it is here."""
+    from engines.predict import load_model
 
     return load_model(key, checkpoint, device, threads)
 
 
 def split_size_task(kind: str, data_dir: str, split: str) -> int:
-    from .infer import split_of
+    from engines.predict import split_of
 
     return len(split_of(kind, data_dir, split))
 
@@ -182,7 +182,7 @@ def infer_task(key: str, kind: str, data_dir: str, split: str, start: int, stop:
     """Predictions for images ``start:stop`` of a split with a model ``load_model_task`` kept here."""
     from ipyparallel.datapub import publish_data
 
-    from .infer import predict_shard
+    from engines.predict import predict_shard
 
     progress = (lambda update: publish_data({"infer": update})) if _in_engine() else None
     return predict_shard(key, kind, data_dir, split, start, stop, progress)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from controller import ipcluster, processes
 from controller.config import load_config
+from controller.ipp import launch as ipcluster
+from controller.ipp import processes
 from engines.data import write_synthetic_mnist
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,7 +168,7 @@ def engines_holding_tasks(client, folder: Path, when: str, targets=None, helpers
     held = HeldTasks(Path(folder))
     install = helpers + f"""
 import os, time
-import engines.train as _train
+import engines.loop as _train
 _train._unheld_train_epochs = getattr(_train, "_unheld_train_epochs", _train.train_epochs)
 def _held_train_epochs(spec, checkpoint, n_epochs, *args, _unheld=_train._unheld_train_epochs, **kwargs):
     if not os.path.exists({str(held.gate)!r}) and ({when}):

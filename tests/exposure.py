@@ -10,8 +10,8 @@ from pathlib import Path
 
 import psutil
 
-from controller import ipcluster
 from controller.cli import main
+from controller.ipp import launch as ipcluster
 from controller.providers.aws import network
 from tests.conftest import cluster_pids
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
-from engines.notices import NOTICES, TOKEN_PATH
+from engines.process.notices import NOTICES, TOKEN_PATH
 
 SPOT, REBALANCE = NOTICES["spot interruption notice"], NOTICES["rebalance recommendation"]
 

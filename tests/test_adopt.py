@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from controller import processes
 from controller.api import Cluster
 from controller.cli import main
+from controller.ipp import processes
 from controller.providers import Hooks
 from controller.providers.aws import ec2 as ec2_calls
 from tests.conftest import make_config, master_restarts, wait_until
@@ -77,7 +77,7 @@ def start_cli(config, *flags: str) -> str:
 
 HOLD = """
 import os, time
-import engines.train as _train
+import engines.loop as _train
 _unheld = _train.train_epochs
 def _held(spec, checkpoint, n_epochs, *args, **kwargs):
     if checkpoint is not None and not os.path.exists({gate!r}):

@@ -20,10 +20,11 @@ import sys
 
 import pytest
 
-from controller import ipcluster, processes
 from controller.api import Cluster
 from controller.cli import main
 from controller.errors import ClusterStateError, ConfigError, CredentialsError, ProviderError
+from controller.ipp import launch as ipcluster
+from controller.ipp import processes
 from controller.providers import Hooks, aws
 from controller.providers.aws import ec2 as ec2_calls
 from controller.providers.aws import network
@@ -73,8 +74,9 @@ def set_provider_hooks(monkeypatch, **changes) -> Hooks:
 
 def fresh_ec2(moto_url: str, monkeypatch):
     """An empty moto EC2, test credentials only, waiters polling fast; ``monkeypatch`` undoes the settings."""
-    import boto3
     import urllib.request
+
+    import boto3
 
     urllib.request.urlopen(urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST")).read()
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
@@ -296,7 +298,7 @@ class TestASpotSlave:
         assert done.returncode == 0 and done.stdout.strip() == host.hostname, done.stderr
 
     def test_scale_up_and_down_and_a_spot_notice_gets_a_replacement_instance(self, spot):
-        from controller.elastic.keeper import Keeper
+        from controller.cluster.keeper import Keeper
 
         cluster, ec2, mapped = spot.cluster, spot.ec2, spot.mapped
         state_of = lambda i: ec2.describe_instances(InstanceIds=[i])["Reservations"][0]["Instances"][0]["State"]["Name"]  # noqa: E731

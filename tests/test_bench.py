@@ -9,16 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import running_cluster
 
-from controller.bench import WORKLOADS, BenchTable, parse_engine_counts
-from controller.bench.runner import BenchSink, region_of
 from controller.errors import UsageError
-from controller.sweep.space import PAPER_L1
-from engines.cifar import build_model, load_cifar10, read_batch, train_cifar, write_cifar10_batches
+from controller.work.bench import WORKLOADS, BenchTable, parse_engine_counts
+from controller.work.bench.runner import BenchSink, region_of
+from controller.work.sweep.space import PAPER_L1
 from engines.data import DataError
 from engines.tasks import cifar_task
-
-from conftest import running_cluster
+from engines.workloads.cifar import build_model, load_cifar10, read_batch, train_cifar, write_cifar10_batches
 
 PRICE = 0.36  # $/hour of the whole 2-engine local cluster: 0.18 per engine
 
@@ -116,7 +115,7 @@ def test_cifar_batches_of_every_pickle_protocol_still_load(tmp_path, protocol):
 def test_a_checkpoint_holding_code_is_refused_by_the_engine(tmp_path):
     import torch
 
-    from engines.train import load_checkpoint
+    from engines.loop import load_checkpoint
 
     marker = tmp_path / "ran"
     buffer = io.BytesIO()

@@ -17,14 +17,22 @@ import ipyparallel as ipp
 import pytest
 import torch
 
-from controller import ipcluster, processes
 from controller.api import Cluster
 from controller.cli import main
+from controller.ipp import launch as ipcluster
+from controller.ipp import processes
 from controller.store import Store
 from engines import tasks
-from engines.train import load_checkpoint
-from tests.conftest import (cluster_pids, engines_holding_tasks, hub_engines, hub_log, make_config, running_cluster,
-                            wait_until)
+from engines.loop import load_checkpoint
+from tests.conftest import (
+    cluster_pids,
+    engines_holding_tasks,
+    hub_engines,
+    hub_log,
+    make_config,
+    running_cluster,
+    wait_until,
+)
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -204,7 +212,7 @@ def test_a_task_that_hangs_has_its_engine_killed_and_the_run_finishes_on_another
         engines = cluster.store.engines.of(cluster.record.id)
         first_task_only = f"not os.path.exists({str(tmp_path / 'task-held')!r})"
         with engines_holding_tasks(cluster.client, tmp_path, when=first_task_only) as held, \
-                caplog.at_level(logging.WARNING, logger="controller.scheduler"):
+                caplog.at_level(logging.WARNING, logger="controller.work.scheduler"):
             result = cluster.train(epochs=1)
             assert held.reached.exists()
         [hung] = [e for e in engines if not processes.pid_alive(e.pid)]
@@ -293,7 +301,7 @@ class TestFirstContactWithNewEngines:
 
     def test_engines_silent_to_a_deaf_client_are_recorded_through_a_new_one(self, local_cluster, monkeypatch,
                                                                              caplog):
-        from controller import joining
+        from controller.cluster import joining
 
         monkeypatch.setattr(joining, "FIRST_CONTACT_S", 1)
         monkeypatch.setattr(joining, "REPORT_TIMEOUT_S", 20)
@@ -318,7 +326,8 @@ class TestFirstContactWithNewEngines:
 
 
 def test_stale_pids_are_never_signalled(tmp_path):
-    from controller import ipcluster, processes
+    from controller.ipp import launch as ipcluster
+    from controller.ipp import processes
 
     stranger = subprocess.Popen(["sleep", "30"])
     try:

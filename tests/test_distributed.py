@@ -12,11 +12,11 @@ import ipyparallel as ipp
 import pytest
 import torch
 
-from controller.distributed import DistributedRun, choose_engines, parse_engine_ids, rendezvous_address
 from controller.errors import TaskError, UsageError
-from controller.scheduler import Job, ProgressSink
 from controller.store import RunRecord, Store, new_id
-from engines.distributed import RendezvousError, backend_for, free_port, train_ranked
+from controller.work.distributed import DistributedRun, choose_engines, parse_engine_ids, rendezvous_address
+from controller.work.scheduler import Job, ProgressSink
+from engines.ddp import RendezvousError, backend_for, free_port, train_ranked
 from engines.tasks import distributed_task, rendezvous_port
 from tests.conftest import real_mnist_dir, running_cluster, wait_until
 from tests.test_scheduler import FakeResult, TickingClock
@@ -60,7 +60,7 @@ def test_rank_0s_port_is_free_and_below_the_range_outgoing_connections_take_thei
 def test_an_unreachable_rendezvous_fails_within_its_timeout_naming_address_and_port(tiny_data_dir):
     """Rank 1 finds nobody at rank 0's port; rank 0 (another port) waits for a rank 1 that never comes.
     3 s timeouts instead of the defaults (checked below to stay under 30 s) keep the test short."""
-    from engines.distributed import COLLECTIVE_TIMEOUT_S, RENDEZVOUS_TIMEOUT_S
+    from engines.ddp import COLLECTIVE_TIMEOUT_S, RENDEZVOUS_TIMEOUT_S
 
     assert RENDEZVOUS_TIMEOUT_S < 30 and COLLECTIVE_TIMEOUT_S < 30
     spec = {"data_dir": str(tiny_data_dir), "threads": 1, "epochs": 1}
@@ -319,7 +319,7 @@ def test_two_engines_match_one_engine_at_the_same_global_batch(mnist_cluster):
 
 @needs_mnist
 def test_a_cifar_model_trains_data_parallel_too(mnist_cluster, tmp_path):
-    from engines.cifar import write_cifar10_batches
+    from engines.workloads.cifar import write_cifar10_batches
 
     cifar = write_cifar10_batches(tmp_path, per_batch=8, n_test=16)
     spec = {"model": "resnet18", "data_dir": str(cifar), "epochs": 1, "batch_size": 12, "threads": 1}

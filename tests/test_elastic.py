@@ -19,13 +19,13 @@ import ipyparallel as ipp
 import pytest
 
 from controller.api import Cluster
+from controller.cluster.policy import NodeView, Policy, Snapshot
+from controller.cluster.resize import resize_lock
 from controller.config import load_config
-from controller.elastic.policy import NodeView, Policy, Snapshot
-from controller.elastic.resize import resize_lock
 from controller.errors import ClusterStateError, ConfigError, UsageError
-from controller.scheduler import Job
-from controller.roster import StoreRoster
 from controller.store import EngineRecord, Store
+from controller.work.roster import StoreRoster
+from controller.work.scheduler import Job
 from tests.conftest import REPO, cluster_pids, engines_holding_tasks, make_config, wait_until, write_ini
 
 
@@ -138,8 +138,8 @@ def test_one_resize_at_a_time_and_a_killed_holder_frees_the_lock(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
 sys.path.insert(0, {str(REPO)!r})
-from controller.elastic.resize import resize_lock
-from controller.task_result import TaskResult
+from controller.cluster.resize import resize_lock
+from controller.work.task_result import TaskResult
 with resize_lock(__import__("pathlib").Path({str(tmp_path)!r}), 7):
     print("held", flush=True)
     time.sleep(120)
@@ -160,13 +160,13 @@ with resize_lock(__import__("pathlib").Path({str(tmp_path)!r}), 7):
 @ipp.interactive  # shipped by value: the engines cannot import this test module
 def stepping_task(spec, checkpoint, n_epochs):
     """A training task in miniature: ``steps`` steps an epoch, its state (epoch, step, and the pid that ran
-    every step) as the checkpoint; it stops at a step boundary when asked, as engines/train.py does. The
+    every step) as the checkpoint; it stops at a step boundary when asked, as engines/loop.py does. The
     first task holds before step ``hold_at`` until a stop request reaches it (at most two minutes)."""
     import json
     import os
     import time
 
-    from engines import stopping
+    from engines.process import stopping
 
     state = json.loads(checkpoint) if checkpoint else {"epoch": 0, "step": 0, "ran": []}
     goal, hold = state["epoch"] + n_epochs, checkpoint is None

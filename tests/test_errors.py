@@ -96,7 +96,7 @@ def test_a_run_with_corrupt_json_in_the_store_is_one_line_and_exit_1(tmp_path):
 
 
 def test_a_sweep_with_corrupt_json_in_the_store_is_one_line_and_exit_1(tmp_path):
-    from controller.sweep.records import SweepRecord, SweepTable
+    from controller.work.sweep.records import SweepRecord, SweepTable
 
     with Store(tmp_path / "state") as store:
         SweepTable(store).create(SweepRecord(id="s-1", space=[], sampler="grid", pruner="none", n_trials=1))
@@ -113,6 +113,6 @@ def test_one_data_error_for_engines_store_and_cli(tmp_path):
     assert controller.errors.DataError is engines.data.DataError
     assert issubclass(CheckpointError, controller.errors.DataError)
     # an engine's data error raised on the master (CIFAR-10 read in-process) is one line and exit 1 too
-    result = cli(tmp_path, "runs", code="import controller.api, engines.cifar\n"
-                                        "controller.api.Cluster.runs = lambda self, **_: engines.cifar.load_cifar10('/nowhere')")
+    result = cli(tmp_path, "runs", code="import controller.api, engines.workloads.cifar\n"
+                                        "controller.api.Cluster.runs = lambda self, **_: engines.workloads.cifar.load_cifar10('/nowhere')")
     assert_one_line(result, ExitStatus.ERROR, "cluster runs: error:", "/nowhere")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import cluster_pids, running_cluster, wait_until
-from controller import forked_engines
-from engines import forkserver
+
+from controller.ipp import forked_engines
+from engines.process import forkserver
 
 
 def engine_processes(client) -> dict[int, tuple[int, int]]:
@@ -41,8 +41,8 @@ class TestALocalCluster:
 
     def test_a_forked_engine_has_torch_and_our_code_loaded_before_its_first_task(self, cluster):
         modules = cluster.client[:].apply_sync(
-            eval, "sorted(set(__import__('sys').modules) & {'torch', 'engines.train', 'engines.optim'})")
-        assert all(found == ["engines.optim", "engines.train", "torch"] for found in modules)
+            eval, "sorted(set(__import__('sys').modules) & {'torch', 'engines.loop', 'engines.optim'})")
+        assert all(found == ["engines.loop", "engines.optim", "torch"] for found in modules)
 
     def test_each_engine_leads_its_own_session_as_ipyparallel_starts_engines(self, cluster):
         for pid, _parent in engine_processes(cluster.client).values():
@@ -99,7 +99,7 @@ class TestTheServer:
         name = f"test-{os.getpid()}-{tmp_path.name}"
         log = tmp_path / "server.log"
         with open(log, "wb") as output:
-            process = subprocess.Popen([sys.executable, "-m", "engines.forkserver", name, "--idle-seconds", "600"],
+            process = subprocess.Popen([sys.executable, "-m", "engines.process.forkserver", name, "--idle-seconds", "600"],
                                        stdout=output, stderr=subprocess.STDOUT,
                                        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
         try:
@@ -166,7 +166,7 @@ class TestTheServer:
 
     def test_a_second_server_of_the_same_name_leaves_at_once(self, server):
         name, _process, _log = server
-        second = subprocess.run([sys.executable, "-m", "engines.forkserver", name], capture_output=True, text=True,
+        second = subprocess.run([sys.executable, "-m", "engines.process.forkserver", name], capture_output=True, text=True,
                                 timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
         assert second.returncode == 0 and "another fork server holds" in second.stderr
 

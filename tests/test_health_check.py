@@ -13,8 +13,8 @@ import time
 import pytest
 
 from controller.api import Cluster
-from controller.elastic.keeper import Keeper
-from controller.elastic.policy import NodeView, Policy, Snapshot
+from controller.cluster.keeper import Keeper
+from controller.cluster.policy import NodeView, Policy, Snapshot
 from controller.providers.aws.ec2 import tags
 from controller.store import NodeRecord
 from tests.test_aws_provider import REGION, aws_config, ec2, image, moto_url  # noqa: F401 - fixtures

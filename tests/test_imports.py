@@ -108,8 +108,8 @@ def test_the_graph_sees_relative_function_level_and_type_checking_imports():
     graph = import_graph()
     assert "controller.store" in graph["controller.api"]  # from .store import ... at the top
     assert "controller.api" in graph["controller"]  # inside the package's lazy __getattr__
-    assert "controller.sweep.space" in graph["controller.bench.workloads"]  # from ..sweep.space
-    assert "controller.processes" in graph["controller.ipcluster"]
+    assert "controller.work.sweep.space" in graph["controller.work.bench.workloads"]  # from ..sweep.space
+    assert "controller.ipp.processes" in graph["controller.ipp.launch"]
 
 
 def test_no_module_under_controller_imports_itself_back_through_others():
@@ -121,7 +121,7 @@ def test_no_module_under_controller_imports_itself_back_through_others():
 def test_the_store_sits_below_everything_but_its_schema_and_errors():
     """Subsystems read session -> their package -> store: the store never reaches back up."""
     graph = import_graph()
-    allowed = {"controller.schema", "controller.errors"}
+    allowed = {"controller.store.schema", "controller.errors"}
     above = {}
     for name, targets in graph.items():
         outside = {t for t in targets if not t.startswith("controller.store")} - allowed
@@ -144,12 +144,12 @@ def loaded_after(statement: str) -> set[str]:
     return set(result.stdout.split())
 
 
-HEAVY = {"torch", "ipyparallel", "controller.scheduler", "zmq"}
+HEAVY = {"torch", "ipyparallel", "controller.work.scheduler", "zmq"}
 
 
 @pytest.mark.parametrize("statement", [
-    "import controller.report",
-    "import controller.bench",
+    "import controller.work.bench.report",
+    "import controller.work.bench",
     "from controller.cli import build_parser; build_parser()",
 ])
 def test_reports_and_the_argument_parser_import_neither_torch_nor_ipyparallel(statement):
@@ -158,14 +158,14 @@ def test_reports_and_the_argument_parser_import_neither_torch_nor_ipyparallel(st
 
 
 def session_members() -> set[str]:
-    from controller.session import Session
+    from controller.work.session import Session
 
     return {name for name in vars(Session) if not name.startswith("_")}
 
 
 def test_runners_use_the_session_only_for_what_it_declares():
     used = set()
-    for runner in ("bench/runner.py", "sweep/runner.py"):
+    for runner in ("work/bench/runner.py", "work/sweep/runner.py"):
         tree = ast.parse((REPO / PACKAGE / runner).read_text())
         used |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
                  and isinstance(node.value, ast.Name) and node.value.id == "session"}

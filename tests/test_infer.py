@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from controller.bench import BenchTable
 from controller.cli import main
-from controller.infer import EVAL_BATCH, Inference, InferenceResult, shard_bounds, write_predictions
 from controller.errors import TaskError, UsageError
-from engines.cifar import load_cifar10, write_cifar10_batches
+from controller.work.bench import BenchTable
+from controller.work.inference import EVAL_BATCH, Inference, InferenceResult, shard_bounds, write_predictions
 from engines.data import load_mnist
-from engines.infer import LoadedModel, build, predict
+from engines.predict import LoadedModel, build, predict
+from engines.workloads.cifar import load_cifar10, write_cifar10_batches
 from tests.conftest import real_mnist_dir, running_cluster
 from tests.test_scheduler import FakeResult, TickingClock
 
@@ -277,12 +277,12 @@ def test_a_shard_that_hangs_on_a_real_engine_has_it_killed_and_its_images_go_to_
     import logging
     import os
 
-    from controller import processes
+    from controller.ipp import processes
 
     held, gate = tmp_path / "held", tmp_path / "go"
     install = f"""
 import os, time
-import engines.infer as _infer
+import engines.predict as _infer
 _infer._unheld_predict_shard = getattr(_infer, "_unheld_predict_shard", _infer.predict_shard)
 def _held_predict_shard(*args, _unheld=_infer._unheld_predict_shard, **kwargs):
     try:  # O_EXCL: of two shards that begin at once, one only is held
@@ -299,7 +299,7 @@ _infer.predict_shard = _held_predict_shard
     engines = cluster.store.engines.of(cluster.record.id)
     cluster.client[:].execute(install, block=False).get(timeout=60)
     try:
-        with caplog.at_level(logging.WARNING, logger="controller.infer"):
+        with caplog.at_level(logging.WARNING, logger="controller.work.inference"):
             result = Inference(cluster.client, [0, 1], threads=1, stall_s=15).run(
                 checkpoint, "test", str(data_dir), run_id=mnist_run.id)
     finally:

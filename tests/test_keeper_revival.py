@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import signal
 
-from controller import processes
-from controller.elastic import keeper
+from controller.cluster import keeper
+from controller.ipp import processes
 from controller.store import Store
 from tests.conftest import cluster_pids, running_cluster, wait_until
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from controller.errors import ExitStatus
-from controller.leases import Leases, process_identity
 from controller.store import RunRecord, Store
-from controller.sweep.records import SweepRecord, SweepTable
+from controller.work.leases import Leases, process_identity
+from controller.work.sweep.records import SweepRecord, SweepTable
 
 NOT_RUNNING = "no cluster 'default' is running"
 
@@ -44,7 +44,7 @@ class Holder:
     """Another master: a live process holding a lease until the test ends it."""
 
     def __init__(self, state: Path, kind: str, key: str):
-        program = ("import sys\nfrom controller.store import Store\nfrom controller.leases import Leases\n"
+        program = ("import sys\nfrom controller.store import Store\nfrom controller.work.leases import Leases\n"
                    f"Leases(Store({str(state)!r})).take({kind!r}, {key!r})\nprint('held', flush=True)\n"
                    "sys.stdin.read()")
         self.process = subprocess.Popen([sys.executable, "-c", program], stdin=subprocess.PIPE,

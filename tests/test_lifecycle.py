@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from controller import processes
 from controller.api import Cluster
-from controller.cluster_status import controller_lost_hint
+from controller.cluster.lifecycle import Lifecycle, Stopped, adoption_message, check_autoscaling, threads_per_engine
+from controller.cluster.status import controller_lost_hint
 from controller.config import load_config, override
 from controller.errors import AlreadyRunningError, UsageError
-from controller.lifecycle import Lifecycle, Stopped, adoption_message, check_autoscaling, threads_per_engine
+from controller.ipp import processes
 from controller.store import EngineRecord, NodeRecord, RunRecord
 
 
@@ -234,7 +234,7 @@ LISTENS = "echo '{{}}' > {engine_json}; exec sleep 60"
 
 class TestTheControllerStart:
     def test_a_controller_that_lost_a_port_it_had_picked_is_started_again(self, tmp_path, caplog):
-        from controller import ipcluster
+        from controller.ipp import launch as ipcluster
 
         cluster = ControllerStarts(tmp_path, [PORT_TAKEN, LISTENS])
         pids = []
@@ -246,8 +246,8 @@ class TestTheControllerStart:
             cluster.stop_controller_sync()
 
     def test_a_controller_that_exits_for_another_reason_is_an_error_with_its_last_words_at_once(self, tmp_path):
-        from controller import ipcluster
         from controller.errors import ProviderError
+        from controller.ipp import launch as ipcluster
 
         cluster = ControllerStarts(tmp_path, ["echo 'Traceback: ValueError: bad config'; exit 2", LISTENS])
         with pytest.raises(ProviderError, match=r"exited as it started: Traceback: ValueError: bad config"):
@@ -255,8 +255,8 @@ class TestTheControllerStart:
         assert cluster.started == 1 and cluster.controller is None
 
     def test_a_port_lost_every_time_ends_after_three_starts(self, tmp_path):
-        from controller import ipcluster
         from controller.errors import ProviderError
+        from controller.ipp import launch as ipcluster
 
         cluster = ControllerStarts(tmp_path, [PORT_TAKEN] * 3)
         with pytest.raises(ProviderError, match="Address already in use"):

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from controller import ipcluster, processes
-from controller import tunnels
 from controller.api import Cluster
-from controller.remote import Host, Remote
+from controller.ipp import launch as ipcluster
+from controller.ipp import processes
+from controller.providers.remote import tunnels
+from controller.providers.remote.transport import Host, Remote
 from tests.conftest import engines_holding_tasks, make_config, wait_until
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
 
@@ -251,8 +252,9 @@ def test_after_the_controller_died_status_says_what_to_do_and_start_adopts_and_r
     """The master's controller died mid-run (its engine lives on, waiting out its grace). Status names the way
     on; `cluster start` gives the same cluster a new controller and a fresh local engine (the old one ends:
     a local engine is not worth keeping), and the run resumes from its checkpoint."""
-    from controller.cli import main
     import io
+
+    from controller.cli import main
 
     config = make_config(tmp_path, tiny_data_dir, slaves=1)
     cluster = Cluster(config)

@@ -4,9 +4,8 @@ from __future__ import annotations
 import base64
 
 import nbformat
-from nbclient import NotebookClient
-
 from conftest import REPO
+from nbclient import NotebookClient
 
 NOTEBOOK = REPO / "notebooks" / "dispatch.ipynb"
 

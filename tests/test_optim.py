@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engines import optim
-from engines.model import MnistCNN
-from engines.train import build_optimizer
+from engines.loop import build_optimizer
+from engines.workloads.cnn import MnistCNN
 
 CASES = {
     "adam onecycle": dict(optimizer="adam", schedule="onecycle", momentum=0.0, weight_decay=0.0),
@@ -28,7 +28,7 @@ def spec_of(case: dict) -> SimpleNamespace:
 
 
 def torch_optim(spec, model):
-    """What engines/train.py built before engines/optim.py: torch.optim with the same settings."""
+    """What engines/loop.py built before engines/optim.py: torch.optim with the same settings."""
     if spec.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     else:
@@ -151,8 +151,8 @@ def test_an_engine_that_trains_mnist_never_imports_torch_dynamo():
     script = (
         "import sys, torch\n"
         "from types import SimpleNamespace\n"
-        "from engines.model import MnistCNN\n"
-        "from engines.train import build_optimizer\n"
+        "from engines.workloads.cnn import MnistCNN\n"
+        "from engines.loop import build_optimizer\n"
         "model = MnistCNN()\n"
         "for name in ('adam', 'sgd'):\n"
         "    spec = SimpleNamespace(optimizer=name, schedule='onecycle', lr=0.01, momentum=0.9, epochs=1)\n"

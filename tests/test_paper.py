@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from controller.sweep.space import PAPER_L1
+from controller.work.sweep.space import PAPER_L1
+from engines.loop import RunSpec, l1_divisor, mnist_setup
 from engines.tasks import LEGACY_L1_SCALE, stored_params
-from engines.train import RunSpec, l1_divisor, mnist_setup
 from tests.conftest import real_mnist_dir, running_cluster
 
 DATA = real_mnist_dir()
@@ -19,7 +19,7 @@ def test_the_penalty_is_divided_by_the_training_batches_per_epoch(tiny_data_dir)
     assert l1_divisor(RunSpec(subset=300, batch_size=100), 500) == 3
     work = mnist_setup(spec, torch.device("cpu"))
     output, labels = torch.zeros(2, 10), torch.tensor([1, 2])
-    from engines.model import l1_penalty
+    from engines.workloads.cnn import l1_penalty
 
     expected = torch.nn.functional.nll_loss(output, labels) + 2.0 * l1_penalty(work.model) / 4
     assert torch.allclose(work.loss(output, labels), expected)

@@ -23,9 +23,10 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from controller import ipcluster, processes
 from controller.api import Cluster
 from controller.config import Config
+from controller.ipp import launch as ipcluster
+from controller.ipp import processes
 from controller.providers import Hooks, Provider, make_provider, provider_class
 from controller.store import ClusterRecord
 from tests.conftest import cluster_pids, make_config, wait_until

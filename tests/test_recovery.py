@@ -17,8 +17,8 @@ from typing import Optional
 import ipyparallel as ipp
 import pytest
 
-from controller.scheduler import Job, ProgressSink
-from controller.task_result import TaskResult
+from controller.work.scheduler import Job, ProgressSink
+from controller.work.task_result import TaskResult
 from tests.conftest import running_cluster, wait_until
 
 

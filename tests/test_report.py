@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from controller.bench import BenchEngine, BenchRecord, BenchTable, BenchTrial
 from controller.cli import main
 from controller.errors import UsageError
-from controller.report import COST_COLUMNS, CSV_FIELDS, FORMATS, report
 from controller.store import Store
+from controller.work.bench import BenchEngine, BenchRecord, BenchTable, BenchTrial
+from controller.work.bench.report import COST_COLUMNS, CSV_FIELDS, FORMATS, report
 
 JAN_1 = 1767225600.0  # 2026-01-01 00:00 UTC
 PAPER_L1 = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
@@ -256,7 +256,7 @@ def test_a_store_written_with_bench_runs_keeps_its_measurements(tmp_path):
     """Before schema 5 a measurement was a "bench run": table bench_runs, columns bench_run_id."""
     import sqlite3
 
-    from controller import schema
+    from controller.store import schema
 
     record, engines, trials = paper_measurement("b-old", 2, 72.0, 0.40, JAN_1)
     with sqlite3.connect(tmp_path / "cluster.db") as db:

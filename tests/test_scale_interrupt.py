@@ -103,6 +103,6 @@ def test_ctrl_c_during_a_drain_calls_it_off_and_both_slaves_serve_again(cluster,
     assert record.target == 2
     assert any("called off" in e.detail for e in cluster.store.events.latest(record.id))
     # the drain's stop request was cleared on the engines too: a task that checks it runs to its end
-    from engines.stopping import requested
+    from engines.process.stopping import requested
 
     assert cluster.client[list(engines.values())].apply_sync(requested) == [None, None]

@@ -18,7 +18,15 @@ import ipyparallel as ipp
 import pytest
 
 from controller.errors import ClusterLostError
-from controller.scheduler import MAX_ENGINE_LOSSES, ROSTER_CHECK_S, Job, ProgressSink, ReadyJobs, Scheduler, Watchdog
+from controller.work.scheduler import (
+    MAX_ENGINE_LOSSES,
+    ROSTER_CHECK_S,
+    Job,
+    ProgressSink,
+    ReadyJobs,
+    Scheduler,
+    Watchdog,
+)
 
 
 class FakeResult(concurrent.futures.Future):

@@ -14,14 +14,13 @@ import sys
 import pytest
 import zmq
 
-from controller import ipcluster
 from controller.api import Cluster
 from controller.errors import ProviderError
+from controller.ipp import launch as ipcluster
 from tests.conftest import make_config, running_cluster
 from tests.exposure import addresses, assert_private_files, capture_keys, listening, run_cli, secrets_in
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
-from tests.test_aws_provider import (NOTHING, aws_config, ec2, image, moto_url,  # noqa: F401 - fixtures
-                                     set_provider_hooks, tagged)
+from tests.test_aws_provider import NOTHING, aws_config, ec2, image, moto_url, set_provider_hooks, tagged  # noqa: F401 - fixtures
 
 NETNS = unavailable()
 needs_netns = pytest.mark.skipif(bool(NETNS), reason=NETNS or "ok")

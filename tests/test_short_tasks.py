@@ -16,16 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from engines import held, stopping
-from engines.cifar import CifarSpec, cifar_setup, load_cifar10, write_cifar10_batches
-from engines.data import load_mnist
 from controller.api import Cluster
 from controller.formatting import epochs_progress
-from controller.runs import RunRecorder
-from controller.scheduler import Job, ProgressSink
 from controller.store import RunRecord, Store
-from controller.task_result import TaskResult as Result
-from engines.train import RunSpec, Setup, TaskResult, load_checkpoint, mnist_setup, run_task, train_epochs
+from controller.work.recorder import RunRecorder
+from controller.work.scheduler import Job, ProgressSink
+from controller.work.task_result import TaskResult as Result
+from engines import held
+from engines.data import load_mnist
+from engines.loop import RunSpec, Setup, TaskResult, load_checkpoint, mnist_setup, run_task, train_epochs
+from engines.process import stopping
+from engines.workloads.cifar import CifarSpec, cifar_setup, load_cifar10, write_cifar10_batches
 from tests.conftest import engines_holding_tasks, running_cluster
 
 EVERY_BATCH = 1e-9  # task_seconds: every task ends after its first batch
@@ -236,8 +237,8 @@ def test_the_store_shows_a_run_part_way_into_an_epoch_and_resumes_it_from_its_la
 def test_a_sweeps_pruner_hears_whole_epochs_only(tmp_path):
     import optuna
 
-    from controller.sweep.source import SweepSource
-    from controller.sweep.space import SearchSpace
+    from controller.work.sweep.source import SweepSource
+    from controller.work.sweep.space import SearchSpace
 
     study = optuna.create_study(direction="maximize")
     source = SweepSource(study, Store(tmp_path), "s-1", SearchSpace(), {"epochs": 2}, n_trials=1)

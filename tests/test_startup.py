@@ -2,7 +2,7 @@
 
 `cluster start` asks every engine who it is (engines.tasks.engine_info) once all have registered;
 that first task used to import torch itself, so engines that registered early sat idle.  Now the
-engine's startup command (engines/startup.py) starts the imports in a background thread, and a task
+engine's startup command (engines/process/startup.py) starts the imports in a background thread, and a task
 that needs torch waits for that thread instead of importing alongside it.
 """
 from __future__ import annotations
@@ -11,9 +11,10 @@ import logging
 
 import pytest
 
-from controller import ipcluster
-from engines import startup, tasks
+from controller.ipp import launch as ipcluster
+from engines import tasks
 from engines.data import Split
+from engines.process import startup
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ class TestPreload:
         monkeypatch.setattr(startup, "_imported", [])
 
     def test_a_module_that_fails_to_import_is_logged_and_the_rest_still_import(self, caplog):
-        with caplog.at_level(logging.WARNING, logger="engines.startup"):
+        with caplog.at_level(logging.WARNING, logger="engines.process.startup"):
             assert startup.preload(("json", "engines_no_such_module", "csv"))
             startup.wait()
         assert startup.preloaded() == {"started": True, "imported": ["json", "csv"]}

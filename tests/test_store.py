@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from controller import schema
 from controller.errors import ClusterStateError
-from controller.store import CheckpointError, EngineRecord, EpochRecord, NodeRecord, RunRecord, Store
-from controller.sweep.records import SweepTable
+from controller.store import CheckpointError, EngineRecord, EpochRecord, NodeRecord, RunRecord, Store, schema
+from controller.work.sweep.records import SweepTable
 
 
 def test_runs_and_their_epochs_round_trip(tmp_path):
@@ -232,7 +231,7 @@ class TestCheckpointFiles:
 
 
 def test_a_run_started_over_has_no_checkpoint_epochs_or_position(tmp_path):
-    from controller.runs import RunRecorder
+    from controller.work.recorder import RunRecorder
 
     store = Store(tmp_path)
     store.runs.create(RunRecord(id="r-1", params={}))

@@ -12,16 +12,15 @@ import time
 import ipyparallel as ipp
 import optuna
 import pytest
+from conftest import REPO, cluster_pids, engines_holding_tasks, make_config, master_restarts, wait_until
 
 from controller import cli
-from controller.scheduler import ProgressSink
-from controller.store import Store
-from controller.sweep import build_space, parse_param
-from controller.sweep.runner import plan
-from controller.sweep.space import ACCEPTED_FORMS
 from controller.errors import UsageError
-
-from conftest import REPO, cluster_pids, engines_holding_tasks, make_config, master_restarts, wait_until
+from controller.store import Store
+from controller.work.scheduler import ProgressSink
+from controller.work.sweep import build_space, parse_param
+from controller.work.sweep.runner import plan
+from controller.work.sweep.space import ACCEPTED_FORMS
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -319,7 +318,7 @@ def test_resume_trains_the_sweeps_own_base_spec_and_reports_an_edited_config(loc
     training = dataclasses.replace(local_cluster.config.training, lr=0.05, batch_size=64)  # edited in between
     edited = Cluster(dataclasses.replace(local_cluster.config, training=training))
     try:
-        with caplog.at_level("WARNING", logger="controller.sweep.runner"):
+        with caplog.at_level("WARNING", logger="controller.work.sweep.runner"):
             result = edited.sweep(resume=sweep_id)
     finally:
         edited.close()
@@ -357,10 +356,10 @@ def test_a_pruned_trial_is_stored_before_optuna_is_told(tmp_path):
     """If the master dies between the two writes, the store must not say 'running' for a trial Optuna pruned."""
     from optuna.trial import TrialState
 
-    from controller.scheduler import Job
     from controller.store import RunRecord
-    from controller.sweep.source import SweepSource
-    from controller.sweep.space import SearchSpace
+    from controller.work.scheduler import Job
+    from controller.work.sweep.source import SweepSource
+    from controller.work.sweep.space import SearchSpace
 
     store = Store(tmp_path)
     study = optuna.create_study(direction="maximize")

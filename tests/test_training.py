@@ -1,13 +1,12 @@
 """Training on an engine, in-process: the paper's network, L1, determinism, resume, accuracy."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from engines.data import load_mnist
-from engines.model import MnistCNN, l1_penalty
-from engines.train import RunSpec, load_checkpoint, pick_device, train_epochs
+from engines.loop import RunSpec, load_checkpoint, pick_device, train_epochs
+from engines.workloads.cnn import MnistCNN, l1_penalty
 from tests.conftest import real_mnist_dir
 
 
@@ -99,7 +98,7 @@ def test_evaluation_reports_progress_too_so_a_long_one_is_not_taken_for_a_hang(t
     """The master kills an engine whose task reports nothing for [cluster] stall_minutes; evaluating CIFAR's
     15,000 images takes minutes on a CPU. Here a report may follow every batch (the limit between reports
     set to 0)."""
-    import engines.train as train
+    import engines.loop as train
 
     monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)
     updates = []

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from controller import ipcluster, processes
 from controller.api import Cluster
+from controller.ipp import launch as ipcluster
+from controller.ipp import processes
 from tests.conftest import REPO, cluster_pids, make_config, wait_until
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
 
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON o
 # the master: `cluster start`, killed by itself right after the tunnel holder was started
 MASTER = textwrap.dedent("""
     import os, signal, subprocess, sys
-    from controller import tunnels
+    from controller.providers.remote import tunnels
     from controller.api import Cluster
 
     real_popen = subprocess.Popen
@@ -45,7 +46,7 @@ def holders(profile: Path) -> list[int]:
     found = []
     for pid in processes.marked_processes(profile):
         try:
-            if b"controller.tunnels" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"controller.providers.remote.tunnels" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.append(pid)
         except OSError:
             pass

@@ -4,8 +4,8 @@ from __future__ import annotations
 import shlex
 import subprocess
 
-from ..context import Context
-from ..errors import NotRunningError, UsageError
+from controller.commands.context import Context
+from controller.errors import NotRunningError, UsageError
 
 
 def register(sub) -> None:
@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 
 def cmd_prices(args, ctx: Context) -> int:
-    from ..providers.aws.prices import prices
+    from controller.providers.aws.prices import prices
 
     kinds = [k.strip() for k in args.instance_types.split(",") if k.strip()] if args.instance_types else None
     if args.instance_types is not None and not kinds:

@@ -4,11 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..bench.records import PAPER_EPOCHS_PER_MIN
-from ..bench.workloads import WORKLOADS, parse_engine_counts
-from ..context import Context
-from ..formatting import percent
-from ..report import FORMATS, scaling
+from controller.commands.context import Context
+from controller.formatting import percent
+from controller.work.bench.records import PAPER_EPOCHS_PER_MIN
+from controller.work.bench.report import FORMATS, scaling
+from controller.work.bench.workloads import WORKLOADS, parse_engine_counts
 
 
 def register(sub) -> None:
@@ -32,7 +32,7 @@ def register(sub) -> None:
 
 
 def cmd_bench(args, ctx: Context) -> int:
-    from ..bench.view import BenchProgress  # the scheduler's sink: ipyparallel, only when a bench runs
+    from controller.work.bench.view import BenchProgress  # the scheduler's sink: ipyparallel, only when a bench runs
 
     cluster = ctx.cluster()
     counts = parse_engine_counts(args.engines)

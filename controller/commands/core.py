@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import time
 
-from ..context import Context
-from ..errors import ExitStatus, UsageError
-from ..formatting import duration, epochs_progress, percent
+from controller.commands.context import Context
+from controller.errors import ExitStatus, UsageError
+from controller.formatting import duration, epochs_progress, percent
 
 TRAIN_FLAGS = ("epochs", "lr", "l1", "batch_size", "optimizer", "momentum", "seed", "device",
                "conv1", "conv2", "hidden", "subset", "schedule")
@@ -175,7 +175,7 @@ def cmd_stop(args, ctx: Context) -> int:
 
 
 def cmd_train(args, ctx: Context) -> int:
-    from ..progress import RunProgress
+    from controller.work.progress import RunProgress
 
     cluster = ctx.cluster()
     overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
@@ -184,7 +184,7 @@ def cmd_train(args, ctx: Context) -> int:
                          f"{', '.join('--' + k.replace('_', '-') for k in overrides)}")
     engines = None
     if args.engines is not None:
-        from ..distributed import parse_engine_ids
+        from controller.work.distributed import parse_engine_ids
 
         engines = parse_engine_ids(args.engines)
     if args.resume and args.distributed:

@@ -1,8 +1,8 @@
-"""scale, remove: resize a running cluster (controller/elastic)."""
+"""scale, remove: resize a running cluster (controller/cluster)."""
 from __future__ import annotations
 
-from ..context import Context
-from .core import show_status
+from controller.commands.context import Context
+from controller.commands.core import show_status
 
 
 def register(sub) -> None:

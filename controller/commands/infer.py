@@ -1,10 +1,10 @@
 """infer: apply a trained model to a whole split, spread over the engines."""
 from __future__ import annotations
 
-from ..bench.workloads import WORKLOADS
-from ..context import Context
-from ..errors import UsageError
-from ..formatting import percent
+from controller.commands.context import Context
+from controller.errors import UsageError
+from controller.formatting import percent
+from controller.work.bench.workloads import WORKLOADS
 
 # spelled out rather than imported: building the parser must not import ipyparallel and torch
 SPLITS = ("test", "val", "train")
@@ -31,7 +31,7 @@ def register(sub) -> None:
 def cmd_infer(args, ctx: Context) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..distributed import parse_engine_ids
+    from controller.work.distributed import parse_engine_ids
 
     if (args.run is None) == (args.checkpoint is None):
         raise UsageError("give one of --run RUN_ID or --checkpoint PATH")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import time
 
-from ..context import Context
-from ..errors import UsageError
-from ..formatting import duration, percent
+from controller.commands.context import Context
+from controller.errors import UsageError
+from controller.formatting import duration, percent
 
 SHARED_FLAGS = ("epochs", "subset", "seed")
 
@@ -43,8 +43,8 @@ def register(sub) -> None:
 
 
 def cmd_sweep(args, ctx: Context) -> int:
-    from ..sweep import runner
-    from ..sweep.view import SweepProgress
+    from controller.work.sweep import runner
+    from controller.work.sweep.view import SweepProgress
 
     shared = {name: getattr(args, name) for name in SHARED_FLAGS if getattr(args, name) is not None}
     if args.resume:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
-from .base import NO_HOOKS, Hooks, Provider, SshTarget
+from controller.errors import ConfigError
+from controller.providers.base import NO_HOOKS, Hooks, Provider, SshTarget
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from ..store import Store
+    from controller.config import Config
+    from controller.store import Store
 
 REGISTRY: dict[str, str] = {
     "local": "controller.providers.local:LocalProvider",

@@ -11,13 +11,13 @@ import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
-from ..errors import ProviderError
+from controller.errors import ProviderError
 
 if TYPE_CHECKING:
     import ipyparallel as ipp
 
-    from ..config import Config
-    from ..store import ClusterRecord, NodeRecord, Store
+    from controller.config import Config
+    from controller.store import ClusterRecord, NodeRecord, Store
 
 
 @dataclass(frozen=True)

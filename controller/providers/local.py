@@ -17,9 +17,10 @@ from typing import Optional
 
 import ipyparallel as ipp
 
-from .. import forked_engines, ipcluster, processes
-from ..store import ClusterRecord, NodeRecord
-from .base import Provider, Resource
+from controller.ipp import forked_engines, processes
+from controller.ipp import launch as ipcluster
+from controller.providers.base import Provider, Resource
+from controller.store import ClusterRecord, NodeRecord
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class LocalProvider(Provider):
     def _orphans(self, name: str, everything: bool) -> dict[int, str]:
         """pid -> cluster id of the processes this state_dir's clusters (of that name) left running.
 
-        Found by the markers in their environment (controller.processes), which outlive the store:
+        Found by the markers in their environment (controller.ipp.processes), which outlive the store:
         the profile they were started for and the cluster's ipyparallel id, ``<name>-<record id>``.
         """
         profile = ipcluster.profile_dir(self.config.state_dir)

@@ -1,7 +1,7 @@
 """Slaves the user already owns (a lab's GPU boxes, gaming PCs), reached over SSH; no cloud API.
 
 ``[ssh] hosts = gpu1, gpu2:2222`` with ``user`` and ``key_file``.  Every host
-is bootstrapped over SSH (``controller.remote_engines``): engine code uploaded, the
+is bootstrapped over SSH (``controller.providers.remote.engines``): engine code uploaded, the
 environment verified, the connection file uploaded 0600, engines started in
 the background.
 """
@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .. import remote as rm
-from ..errors import ConfigError, ProviderError
-from ..remote_engines import RemoteEngines, Target, engine_address, source_address
-from ..store import ClusterRecord, NodeRecord
-from .base import Provider, SshTarget
+from controller.errors import ConfigError, ProviderError
+from controller.providers.base import Provider, SshTarget
+from controller.providers.remote import transport as rm
+from controller.providers.remote.engines import RemoteEngines, Target, engine_address, source_address
+from controller.store import ClusterRecord, NodeRecord
 
 log = logging.getLogger(__name__)
 

@@ -12,18 +12,26 @@ Contract:
 Each table is a small class over the one connection, reached by its name:
 ``store.runs.get(run_id)``, ``store.engines.leaving(cluster_id)``. Subsystems with
 tables of their own (sweeps, bench, leases) build theirs the same way over the
-``Store``. Every table's DDL is in controller/schema.py.
+``Store``. Every table's DDL is in controller/store/schema.py.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoints import CheckpointError, CheckpointFiles, fsync_dir
-from .clusters import ClusterTable, DemandTable, EngineTable, EventTable, NodeTable
-from .database import Database, StoreBusyError, load_json
-from .records import (RUN_STATES, ClusterRecord, EngineRecord, EpochRecord, EventRecord, NodeRecord, RunRecord,
-                      new_id)
-from .runs import EpochTable, RunTable
+from controller.store.checkpoints import CheckpointError, CheckpointFiles, fsync_dir
+from controller.store.clusters import ClusterTable, DemandTable, EngineTable, EventTable, NodeTable
+from controller.store.database import Database, StoreBusyError, load_json
+from controller.store.records import (
+    RUN_STATES,
+    ClusterRecord,
+    EngineRecord,
+    EpochRecord,
+    EventRecord,
+    NodeRecord,
+    RunRecord,
+    new_id,
+)
+from controller.store.runs import EpochTable, RunTable
 
 __all__ = [
     "RUN_STATES", "CheckpointError", "CheckpointFiles", "ClusterRecord", "Database",

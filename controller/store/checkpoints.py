@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..errors import DataError
-from .database import Database
+from controller.errors import DataError
+from controller.store.database import Database
 
 
 class CheckpointError(DataError):

@@ -5,8 +5,8 @@ import dataclasses
 import time
 from typing import Any, Optional
 
-from .database import Database, row_to
-from .records import ClusterRecord, EngineRecord, EventRecord, NodeRecord
+from controller.store.database import Database, row_to
+from controller.store.records import ClusterRecord, EngineRecord, EventRecord, NodeRecord
 
 
 class ClusterTable:

@@ -15,8 +15,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, TypeVar
 
-from .. import schema
-from ..errors import ClusterStateError, DataError
+from controller.errors import ClusterStateError, DataError
+from controller.store import schema
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class _Connection(sqlite3.Connection):
 
 
 class Database:
-    """``state_dir/cluster.db``, brought to the latest schema (controller/schema.py) when opened."""
+    """``state_dir/cluster.db``, brought to the latest schema (controller/store/schema.py) when opened."""
 
     def __init__(self, state_dir: Path):
         self.state_dir = Path(state_dir)

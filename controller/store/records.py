@@ -1,4 +1,4 @@
-"""The rows of the store's own tables as dataclasses (the columns are in controller/schema.py)."""
+"""The rows of the store's own tables as dataclasses (the columns are in controller/store/schema.py)."""
 from __future__ import annotations
 
 import time

@@ -6,8 +6,8 @@ import json
 import sqlite3
 from typing import Any, Optional
 
-from .database import Database, load_json, row_to
-from .records import RUN_STATES, EpochRecord, RunRecord
+from controller.store.database import Database, load_json, row_to
+from controller.store.records import RUN_STATES, EpochRecord, RunRecord
 
 
 class RunTable:

@@ -6,9 +6,9 @@ store), ``errors`` (EC2's errors sorted into capacity, credentials and the rest)
 """
 from __future__ import annotations
 
-from .ec2 import owner
-from .errors import classify
-from .prices import ON_DEMAND_USD, PriceRow, prices
-from .provider import AwsProvider
+from controller.providers.aws.ec2 import owner
+from controller.providers.aws.errors import classify
+from controller.providers.aws.prices import ON_DEMAND_USD, PriceRow, prices
+from controller.providers.aws.provider import AwsProvider
 
 __all__ = ["AwsProvider", "ON_DEMAND_USD", "PriceRow", "classify", "owner", "prices"]

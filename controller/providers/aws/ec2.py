@@ -18,9 +18,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ...config import AwsConfig, Config
-from ...errors import CapacityError, ConfigError, ProviderError
-from .errors import AWS_ERRORS, call, classify, error_code
+from controller.config import AwsConfig, Config
+from controller.errors import CapacityError, ConfigError, ProviderError
+from controller.providers.aws.errors import AWS_ERRORS, call, classify, error_code
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
-from ...errors import CapacityError, ConfigError, CredentialsError, ProviderError
+from controller.errors import CapacityError, ConfigError, CredentialsError, ProviderError
 
 CAPACITY_CODES = {"InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity",
                   "Unsupported", "SpotMaxPriceTooLow", "InsufficientFreeAddressesInSubnet"}

@@ -11,12 +11,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ... import remote as rm
-from ...config import AwsConfig, Config
-from ...errors import ConfigError, ProviderError
-from ...remote_engines import local_addresses
-from .ec2 import TOOL, tags
-from .errors import call, classify, error_code
+from controller.config import AwsConfig, Config
+from controller.errors import ConfigError, ProviderError
+from controller.providers.aws.ec2 import TOOL, tags
+from controller.providers.aws.errors import call, classify, error_code
+from controller.providers.remote import transport as rm
+from controller.providers.remote.engines import local_addresses
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from ...config import Config
-from ...errors import ConfigError
-from . import ec2 as ec2_calls
-from .errors import AWS_ERRORS, classify
+from controller.config import Config
+from controller.errors import ConfigError
+from controller.providers.aws import ec2 as ec2_calls
+from controller.providers.aws.errors import AWS_ERRORS, classify
 
 INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
 # us-east-1 Linux on-demand list prices, $/h (the Pricing API is not in every partition or test endpoint)

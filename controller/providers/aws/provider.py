@@ -13,16 +13,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ... import remote as rm
-from ...errors import ClusterStateError, ConfigError, ProviderError
-from ...remote_engines import RemoteEngines, Target, engine_connection, tunnelled
-from ...store import ClusterRecord, NodeRecord
-from ..base import Provider, Resource, SshTarget
-from . import ec2 as ec2_calls
-from . import network
-from .ec2 import TAG_CLUSTER, TAG_OWNER, TOOL, Release, left_message, region_of
-from .errors import call, classify, error_code
-from .prices import INSTANCE_TYPE, price_of
+from controller.errors import ClusterStateError, ConfigError, ProviderError
+from controller.providers.aws import ec2 as ec2_calls
+from controller.providers.aws import network
+from controller.providers.aws.ec2 import TAG_CLUSTER, TAG_OWNER, TOOL, Release, left_message, region_of
+from controller.providers.aws.errors import call, classify, error_code
+from controller.providers.aws.prices import INSTANCE_TYPE, price_of
+from controller.providers.base import Provider, Resource, SshTarget
+from controller.providers.remote import transport as rm
+from controller.providers.remote.engines import RemoteEngines, Target, engine_connection, tunnelled
+from controller.store import ClusterRecord, NodeRecord
 
 log = logging.getLogger(__name__)
 
