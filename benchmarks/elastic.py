@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, data_dir
+from common import data_dir
 
 from controller.api import Cluster  # noqa: E402
 from controller.cluster import (

@@ -20,8 +20,9 @@ import torch
 from common import data_dir
 
 from engines.data import load_mnist, normalise
-from engines.loop import EVAL_BATCH, accuracy, mnist_eval_batch
+from engines.loop import EVAL_BATCH, accuracy
 from engines.workloads.cnn import MnistCNN
+from engines.workloads.mnist import mnist_eval_batch
 
 
 def evaluate(model: MnistCNN, splits, batch: int) -> tuple[float, list[float]]:

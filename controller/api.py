@@ -31,7 +31,7 @@ from controller.work.roster import StoreRoster
 from controller.work.scheduler import ProgressSink, Scheduler, Watchdog
 from controller.work.sweep.records import SweepResult
 from controller.work.training import RunResult, Training, run_result
-from engines.tasks import L1_SCALE
+from engines.spec import L1_SCALE
 
 __all__ = ["Cluster", "ClusterStatus", "EngineStatus", "RunResult", "Stopped"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 
-from engines.errors import DataError
+from engines.spec import DataError
 
 
 class ExitStatus(enum.IntEnum):
@@ -86,7 +86,7 @@ class TaskError(ClusterError):
 
 
 # what the CLI reports as one line and its exit status: the tree above, and the data errors the
-# engines share with the master (engines.errors.DataError: not a ClusterError, slaves have no controller)
+# engines share with the master (engines.spec.DataError: not a ClusterError, slaves have no controller)
 REPORTED = (ClusterError, DataError)
 
 __all__ = ["CONTROLLER_GONE_WAY_ON", "REPORTED", "AlreadyRunningError", "CapacityError", "ClusterError", "ClusterLostError",

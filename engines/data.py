@@ -16,18 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.errors import DataError
+from engines.spec import MNIST_FILES, DataError, mnist_raw_dir
 
 log = logging.getLogger(__name__)
 
 MEAN, STD = 0.1307, 0.3081
 TRAIN_SIZE = 50_000
-FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
+FILES = MNIST_FILES
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
 
 
@@ -82,12 +77,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def raw_dir(data_dir: Path) -> Path:
-    """DATA_DIR/MNIST/raw (torchvision's layout), or DATA_DIR itself if the files are there."""
-    data_dir = Path(data_dir).expanduser()
-    if (data_dir / FILES["train_images"]).exists():
-        return data_dir
-    return data_dir / "MNIST" / "raw"
+raw_dir = mnist_raw_dir
 
 
 def ensure_mnist(data_dir: Path, download: bool) -> Path:

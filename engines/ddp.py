@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engines.loop import ProgressFn, RunSpec, Setup, Shard, mnist_setup, pick_device, run_task
+from engines.loop import ProgressFn, Setup, Shard, pick_device, run_task
+from engines.workloads.mnist import RunSpec, mnist_setup
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Training on an engine: a run is a chain of short tasks.
+"""The training loop every workload shares: a run is a chain of short tasks.
 
 A task starts from the run's last checkpoint (or from scratch), trains to the end of
 the epoch it is in, or for ``task_seconds``, or until the engine is asked to stop
@@ -18,93 +18,48 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Self, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engines import held, optim
-from engines.data import DataError, Mnist, Split, load_mnist, normalise
+from engines.data import Split
 from engines.process import stopping
-from engines.tasks import L1_SCALE, LEGACY_L1_SCALE
-from engines.workloads.cnn import MnistCNN, l1_penalty
+from engines.spec import DRAIN, EVAL_BATCH, NOTICE, TIME, DataError, EpochMetrics, TaskResult
 
-EVAL_BATCH = 1000
-# the MNIST CNN evaluates 30 % faster on a CPU in batches of 250 than of 1000 (a 1000-image batch's
-# activations overflow the caches; benchmarks/eval_batch.py); a GPU wants big batches. A divisor of
-# EVAL_BATCH: inference shards cut at its multiples (controller/work/inference.py) then hold whole batches
-MNIST_CPU_EVAL_BATCH = 250
 PROGRESS_EVERY_S = 0.5
 
 
 @dataclass
-class RunSpec:
-    """Everything an engine needs to train one run; sent from the master as a dict."""
+class TrainingSpec:
+    """What every workload's run spec has (the loop reads these); sent from the master as a dict, each
+    workload's spec adds its own fields and defaults (engines/workloads/)."""
 
     run_id: str = "run"
     data_dir: str = ""
-    download: bool = False
     epochs: int = 1  # the run's total budget: the schedule spans all of it
     lr: float = 0.01
-    l1: float = 0.0
     batch_size: int = 128
     optimizer: str = "adam"
     momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False  # with SGD and momentum
     schedule: str = "onecycle"
     seed: int = 0
     device: str = "auto"
-    conv1: int = 20
-    conv2: int = 40
-    hidden: int = 100
-    subset: int = 0
+    subset: int = 0  # train on the first N training images only; 0 = all
     threads: int = 0  # torch intra-op threads; 0 = leave as the process has it
-    # how l1 enters each batch's loss: "batches" = l1 * sum(|w|) / training batches per epoch (the paper's
-    # code; one epoch adds l1 * sum(|w|) in all); "none" = l1 * sum(|w|) per batch (runs stored before this)
-    l1_scale: str = L1_SCALE
     task_seconds: float = 0.0  # a task ends after this long, at a batch boundary; 0 = at epoch ends only
     checkpoint_minutes: float = 0.0  # ship the checkpoint to the master this often; 0 = after every task
 
     @classmethod
-    def from_dict(cls, values: dict) -> "RunSpec":
+    def from_dict(cls, values: dict) -> Self:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-@dataclass
-class EpochMetrics:
-    epoch: int  # 1-based
-    train_loss: float
-    val_accuracy: float
-    test_accuracy: float
-    seconds: float  # training and evaluation
-    train_seconds: float  # training alone: what images/s is computed from
-    images_per_s: float
-    lr: float
-
-
-@dataclass
-class TaskResult:
-    """What one task returns to the master (controller/work/task_result.py reads it back as a record)."""
-
-    run_id: str
-    epochs: list[dict]  # EpochMetrics of the epochs this task finished
-    checkpoint: Optional[bytes]  # None: the engine keeps it (``held``) and has not shipped it yet
-    completed_epochs: int  # whole epochs of the run done
-    host: str
-    pid: int
-    device: str
-    threads: int
-    diverged: bool = False
-    batches_done: int = 0  # batches of epoch completed_epochs + 1 done: where the checkpoint stands
-    epoch_batches: int = 0  # batches per epoch
-    batches_run: int = 0  # batches this task trained (0: it returned the checkpoint it was given)
-    stopped: Optional[str] = None  # why it ended early: time, drain or notice (engines/process/stopping.py)
-    held: bool = False  # this engine keeps the checkpoint: the run's next task may refer to it
 
 
 ProgressFn = Callable[[dict], None]
@@ -159,12 +114,12 @@ class Shard:
 
 def build_optimizer(spec, model: nn.Module, steps_per_epoch: int):
     """Adam or SGD (momentum, Nesterov with ``spec.nesterov``), one-cycle or constant learning rate."""
-    weight_decay = getattr(spec, "weight_decay", 0.0)
+    weight_decay = spec.weight_decay
     if spec.optimizer == "adam":
         optimizer = optim.Adam(model.parameters(), lr=spec.lr, weight_decay=weight_decay)
     elif spec.optimizer == "sgd":
         optimizer = optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=weight_decay,
-                              nesterov=getattr(spec, "nesterov", False) and spec.momentum > 0)
+                              nesterov=spec.nesterov and spec.momentum > 0)
     else:
         raise ValueError(f"optimizer {spec.optimizer!r}: expected adam or sgd")
     total_steps = spec.epochs * steps_per_epoch
@@ -226,7 +181,7 @@ def load_checkpoint(data: bytes) -> dict:
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, split: Split, normalise: Callable = normalise, batch: int = EVAL_BATCH,
+def accuracy(model: nn.Module, split: Split, normalise: Callable[[torch.Tensor], torch.Tensor], batch: int = EVAL_BATCH,
              on_batch: Optional[Callable[[int], None]] = None) -> float:
     """The share of ``split`` the model gets right; ``on_batch(images done)`` after each batch."""
     model.eval()
@@ -270,7 +225,7 @@ def run_task(spec, setup: Callable[[torch.device], Setup], checkpoint: Union[byt
     device = device or pick_device(spec.device)
     checkpoint = held.resolve(spec.run_id, checkpoint) if alone else checkpoint
     going = stopping.requested() if alone else None
-    if going in (stopping.DRAIN, stopping.NOTICE):
+    if going in (DRAIN, NOTICE):
         # the engine is going away: hand the checkpoint back at once for another engine to go on from
         return _unchanged(spec, checkpoint, going, device)
     torch.manual_seed(spec.seed)  # the model's initial weights
@@ -278,7 +233,7 @@ def run_task(spec, setup: Callable[[torch.device], Setup], checkpoint: Union[byt
     if spec.subset:
         work.train = Split(work.train.images[:spec.subset], work.train.labels[:spec.subset])
     if not len(work.train):
-        raise DataError(f"{getattr(spec, 'data_dir', '')}: no training images for run {spec.run_id}")
+        raise DataError(f"{spec.data_dir}: no training images for run {spec.run_id}")
     batches = -(-len(work.train) // spec.batch_size)
     optimizer, scheduler = build_optimizer(spec, work.model, batches)
     done, partial = 0, None
@@ -296,7 +251,7 @@ def run_task(spec, setup: Callable[[torch.device], Setup], checkpoint: Union[byt
             torch.cuda.set_rng_state(state["cuda_rng"], device)
     net = shard.wrap(work.model)
     last = spec.epochs if n_epochs is None else min(spec.epochs, done + n_epochs)
-    task_seconds = getattr(spec, "task_seconds", 0.0) if alone else 0.0
+    task_seconds = spec.task_seconds if alone else 0.0
     clock = _TaskClock(time.perf_counter() + task_seconds if task_seconds > 0 else math.inf, alone)
     metrics: list[dict] = []
     diverged = False
@@ -350,19 +305,19 @@ class _TaskClock:
         if not self.interruptible:
             return False
         reason = stopping.requested()
-        if reason in (stopping.DRAIN, stopping.NOTICE):
+        if reason in (DRAIN, NOTICE):
             self.stopped = reason
         elif time.perf_counter() >= self.deadline:
-            self.stopped = stopping.TIME
+            self.stopped = TIME
         return self.stopped is not None
 
 
 def _settle(spec, result: TaskResult) -> None:
     """Ship the new checkpoint to the master or keep it here (engines/held.py, ``checkpoint_minutes``)."""
     ends = result.completed_epochs >= spec.epochs or result.diverged
-    must_ship = ends or result.stopped in (stopping.DRAIN, stopping.NOTICE)
+    must_ship = ends or result.stopped in (DRAIN, NOTICE)
     ship, keep = held.keep_or_ship(spec.run_id, result.checkpoint or b"", result.completed_epochs,
-                                   result.batches_done, getattr(spec, "checkpoint_minutes", 0.0), must_ship)
+                                   result.batches_done, spec.checkpoint_minutes, must_ship)
     if not ship:
         result.checkpoint = None
     result.held = keep
@@ -448,60 +403,6 @@ def _train_one_epoch(spec, work: Setup, net: nn.Module, optimizer, scheduler, ep
     if shard.leader and progress is not None:
         progress({**reported, "done": dataclasses.asdict(metrics)})
     return metrics
-
-
-# MNIST ---------------------------------------------------------------------------
-def mnist_setup(spec: RunSpec, device: torch.device, data: Optional[Mnist] = None) -> Setup:
-    data = _on_device(data if data is not None else load_mnist(Path(spec.data_dir), spec.download), device)
-    model = MnistCNN(spec.conv1, spec.conv2, spec.hidden).to(device, memory_format=torch.channels_last)
-    l1 = spec.l1 / l1_divisor(spec, len(data.train))
-
-    def loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        value = F.nll_loss(output, labels)
-        return value + l1 * l1_penalty(model) if l1 else value
-
-    return Setup(model=model, train=data.train, val=data.val, test=data.test, normalise=normalise, loss=loss,
-                 eval_batch=mnist_eval_batch(device))
-
-
-def mnist_eval_batch(device: torch.device) -> int:
-    return MNIST_CPU_EVAL_BATCH if device.type == "cpu" else EVAL_BATCH
-
-
-def l1_divisor(spec: RunSpec, n_train: int) -> int:
-    """What the L1 term of each batch's loss is divided by: the training batches per epoch (global
-    batches, also in a distributed run), or 1 for runs stored under the old per-batch convention."""
-    if spec.l1_scale == LEGACY_L1_SCALE:
-        return 1
-    if spec.l1_scale != L1_SCALE:
-        raise ValueError(f"l1_scale {spec.l1_scale!r}: expected {L1_SCALE} or {LEGACY_L1_SCALE}")
-    n = min(spec.subset, n_train) if spec.subset else n_train
-    return max(1, -(-n // spec.batch_size))
-
-
-def train_epochs(
-    spec: RunSpec | dict,
-    checkpoint: Union[bytes, dict, None] = None,
-    n_epochs: Optional[int] = None,
-    progress: Optional[ProgressFn] = None,
-    data: Optional[Mnist] = None,
-) -> TaskResult:
-    """An MNIST run: ``n_epochs`` (default: to the end of the budget) from ``checkpoint``."""
-    spec = RunSpec.from_dict(spec) if isinstance(spec, dict) else spec
-    return run_task(spec, lambda device: mnist_setup(spec, device, data), checkpoint, n_epochs, progress)
-
-
-_DEVICE_DATA: dict[tuple[int, str], Mnist] = {}
-
-
-def _on_device(data: Mnist, device: torch.device) -> Mnist:
-    """Keep one copy of the data per device (a GPU engine uploads the set once)."""
-    if device.type == "cpu":
-        return data
-    key = (id(data), str(device))
-    if key not in _DEVICE_DATA:
-        _DEVICE_DATA[key] = data.to(device)
-    return _DEVICE_DATA[key]
 
 
 def _device_name(device: torch.device) -> str:

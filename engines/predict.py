@@ -19,7 +19,9 @@ from torch import nn
 
 from engines.data import Split, load_mnist
 from engines.data import normalise as mnist_normalise
-from engines.loop import EVAL_BATCH, load_checkpoint, mnist_eval_batch, pick_device
+from engines.loop import load_checkpoint, pick_device
+from engines.spec import EVAL_BATCH
+from engines.workloads.mnist import mnist_eval_batch
 
 SPLITS = ("test", "val", "train")
 PROGRESS_EVERY_S = 0.5

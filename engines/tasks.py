@@ -14,16 +14,6 @@ from typing import Optional, Union
 
 from engines.process import startup
 
-# The L1 convention a run's params record (RunSpec.l1_scale): "batches" divides l1 * sum(|w|) by the
-# training batches per epoch, as the paper's code does; runs stored without the key used "none".
-L1_SCALE = "batches"
-LEGACY_L1_SCALE = "none"
-
-
-def stored_params(params: dict) -> dict:
-    """A stored run's params as an engine spec: runs from before the convention was recorded keep theirs."""
-    return {"l1_scale": LEGACY_L1_SCALE, **params}
-
 
 def _in_engine() -> bool:
     """True inside an ipyparallel engine, where datapub can reach the master."""
@@ -48,7 +38,7 @@ def _publish(update: dict) -> None:
 def train_task(spec: dict, checkpoint: Union[bytes, dict, None], n_epochs: Optional[int]) -> dict:
     """Train ``n_epochs`` of a run from ``checkpoint`` (bytes, or a reference to one this engine keeps:
     engines/held.py), or until ``task_seconds`` or a stop request; returns TaskResult as a dict."""
-    from engines.loop import train_epochs
+    from engines.workloads.mnist import train_epochs
 
     result = train_epochs(spec, checkpoint, n_epochs, progress=_publish if _in_engine() else None)
     return dataclasses.asdict(result)
@@ -116,7 +106,8 @@ def warm_up(spec: dict, kind: str = "mnist") -> float:
         load_cifar10(Path(spec["data_dir"]))
     else:
         from engines.data import load_mnist
-        from engines.loop import RunSpec, mnist_setup, run_task
+        from engines.loop import run_task
+        from engines.workloads.mnist import RunSpec, mnist_setup
 
         data = load_mnist(Path(spec["data_dir"]), bool(spec.get("download", False)))
         # two real batches and one evaluation at the run's shapes and threads: torch builds its CPU kernels

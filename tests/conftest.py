@@ -168,7 +168,7 @@ def engines_holding_tasks(client, folder: Path, when: str, targets=None, helpers
     held = HeldTasks(Path(folder))
     install = helpers + f"""
 import os, time
-import engines.loop as _train
+import engines.workloads.mnist as _train
 _train._unheld_train_epochs = getattr(_train, "_unheld_train_epochs", _train.train_epochs)
 def _held_train_epochs(spec, checkpoint, n_epochs, *args, _unheld=_train._unheld_train_epochs, **kwargs):
     if not os.path.exists({str(held.gate)!r}) and ({when}):

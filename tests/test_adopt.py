@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +21,6 @@ from controller.api import Cluster
 from controller.cli import main
 from controller.ipp import processes
 from controller.providers import Hooks
-from controller.providers.aws import ec2 as ec2_calls
 from tests.conftest import make_config, master_restarts, wait_until
 from tests.netns import SLAVE_ROOT, SLAVE_USER, NetnsHosts, client_key, unavailable
 from tests.test_aws_provider import aws_config, fresh_ec2, image, moto_url  # noqa: F401 - moto_url: fixture
@@ -77,7 +74,7 @@ def start_cli(config, *flags: str) -> str:
 
 HOLD = """
 import os, time
-import engines.loop as _train
+import engines.workloads.mnist as _train
 _unheld = _train.train_epochs
 def _held(spec, checkpoint, n_epochs, *args, **kwargs):
     if checkpoint is not None and not os.path.exists({gate!r}):

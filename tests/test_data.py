@@ -63,7 +63,7 @@ def test_missing_files_without_download_say_where_to_put_them(tmp_path):
 
 
 def test_a_label_of_ten_is_a_data_error_naming_the_file_not_a_device_assert(tmp_path):
-    from engines.loop import train_epochs
+    from engines.workloads.mnist import train_epochs
 
     folder = write_synthetic_mnist(tmp_path, n_train=60, n_test=10) / "MNIST" / "raw"
     labels = read_idx(folder / "train-labels-idx1-ubyte", 0x801).copy()

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import Optional
 
 import ipyparallel as ipp
@@ -139,7 +138,7 @@ def test_one_resize_at_a_time_and_a_killed_holder_frees_the_lock(tmp_path):
 import sys, time
 sys.path.insert(0, {str(REPO)!r})
 from controller.cluster.resize import resize_lock
-from controller.work.task_result import TaskResult
+from engines.spec import TaskResult
 with resize_lock(__import__("pathlib").Path({str(tmp_path)!r}), 7):
     print("held", flush=True)
     time.sleep(120)

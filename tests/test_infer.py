@@ -275,7 +275,6 @@ def test_a_shard_that_hangs_on_a_real_engine_has_it_killed_and_its_images_go_to_
     too: every prediction comes back once, equal to one process's. Were the engine not killed, the hold would
     end after two minutes and the job would finish on the held engine."""
     import logging
-    import os
 
     from controller.ipp import processes
 

@@ -2,13 +2,12 @@
 and no torch._dynamo in a process that trains."""
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from engines import optim
-from engines.loop import build_optimizer
+from engines.loop import TrainingSpec, build_optimizer
 from engines.workloads.cnn import MnistCNN
 
 CASES = {
@@ -23,8 +22,8 @@ CASES = {
 STEPS_PER_EPOCH, EPOCHS = 5, 2
 
 
-def spec_of(case: dict) -> SimpleNamespace:
-    return SimpleNamespace(**{"lr": 0.01, "epochs": EPOCHS, "nesterov": False, **case})
+def spec_of(case: dict) -> TrainingSpec:
+    return TrainingSpec(**{"lr": 0.01, "epochs": EPOCHS, **case})
 
 
 def torch_optim(spec, model):
@@ -150,12 +149,11 @@ def test_an_engine_that_trains_mnist_never_imports_torch_dynamo():
     import it with torchvision, data-parallel ranks with DistributedDataParallel: docs/elastic.md.)"""
     script = (
         "import sys, torch\n"
-        "from types import SimpleNamespace\n"
         "from engines.workloads.cnn import MnistCNN\n"
-        "from engines.loop import build_optimizer\n"
+        "from engines.loop import TrainingSpec, build_optimizer\n"
         "model = MnistCNN()\n"
         "for name in ('adam', 'sgd'):\n"
-        "    spec = SimpleNamespace(optimizer=name, schedule='onecycle', lr=0.01, momentum=0.9, epochs=1)\n"
+        "    spec = TrainingSpec(optimizer=name, schedule='onecycle', lr=0.01, momentum=0.9, epochs=1)\n"
         "    optimizer, scheduler = build_optimizer(spec, model, 4)\n"
         "    model(torch.randn(2, 1, 28, 28)).sum().backward()\n"
         "    optimizer.step(); scheduler.step(); optimizer.zero_grad()\n"

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from controller.work.sweep.space import PAPER_L1
-from engines.loop import RunSpec, l1_divisor, mnist_setup
-from engines.tasks import LEGACY_L1_SCALE, stored_params
+from engines.spec import LEGACY_L1_SCALE, stored_params
+from engines.workloads.mnist import RunSpec, l1_divisor, mnist_setup
 from tests.conftest import real_mnist_dir, running_cluster
 
 DATA = real_mnist_dir()

@@ -18,7 +18,7 @@ import ipyparallel as ipp
 import pytest
 
 from controller.work.scheduler import Job, ProgressSink
-from controller.work.task_result import TaskResult
+from engines.spec import TaskResult
 from tests.conftest import running_cluster, wait_until
 
 

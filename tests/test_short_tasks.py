@@ -21,12 +21,13 @@ from controller.formatting import epochs_progress
 from controller.store import RunRecord, Store
 from controller.work.recorder import RunRecorder
 from controller.work.scheduler import Job, ProgressSink
-from controller.work.task_result import TaskResult as Result
 from engines import held
 from engines.data import load_mnist
-from engines.loop import RunSpec, Setup, TaskResult, load_checkpoint, mnist_setup, run_task, train_epochs
+from engines.loop import Setup, TaskResult, load_checkpoint, run_task
 from engines.process import stopping
+from engines.spec import TaskResult as Result
 from engines.workloads.cifar import CifarSpec, cifar_setup, load_cifar10, write_cifar10_batches
+from engines.workloads.mnist import RunSpec, mnist_setup, train_epochs
 from tests.conftest import engines_holding_tasks, running_cluster
 
 EVERY_BATCH = 1e-9  # task_seconds: every task ends after its first batch

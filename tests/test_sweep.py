@@ -12,7 +12,7 @@ import time
 import ipyparallel as ipp
 import optuna
 import pytest
-from conftest import REPO, cluster_pids, engines_holding_tasks, make_config, master_restarts, wait_until
+from conftest import REPO, cluster_pids, engines_holding_tasks, make_config, master_restarts
 
 from controller import cli
 from controller.errors import UsageError

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from engines.data import load_mnist
-from engines.loop import RunSpec, load_checkpoint, pick_device, train_epochs
+from engines.loop import load_checkpoint, pick_device
 from engines.workloads.cnn import MnistCNN, l1_penalty
+from engines.workloads.mnist import RunSpec, train_epochs
 from tests.conftest import real_mnist_dir
 
 

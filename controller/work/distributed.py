@@ -27,7 +27,7 @@ from controller.errors import TaskError, UsageError
 from controller.store import Store
 from controller.work.recorder import RunRecorder
 from controller.work.scheduler import Job, ProgressSink, discount_pause, is_engine_loss, kill_through_nanny, running_on
-from controller.work.task_result import TaskResult
+from engines.spec import TaskResult
 from engines.tasks import distributed_task, rendezvous_port
 
 log = logging.getLogger(__name__)

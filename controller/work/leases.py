@@ -15,7 +15,6 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional
 
 from controller.errors import ClusterStateError

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from controller.work.scheduler import Job, ProgressSink
-from controller.work.task_result import TaskResult
+from engines.spec import TaskResult
 
 
 def epoch_line(run_id: str, metrics: dict, epochs: int) -> str:

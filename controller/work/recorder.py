@@ -7,7 +7,7 @@ from typing import Optional
 
 from controller.store import EpochRecord, RunRecord, Store
 from controller.work.scheduler import Job
-from controller.work.task_result import TaskResult
+from engines.spec import TaskResult
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterable, Optional, Protocol
 import ipyparallel as ipp
 
 from controller.errors import CONTROLLER_GONE_WAY_ON, ClusterLostError
-from controller.work.task_result import TaskResult
 from engines.held import reference as held_reference
+from engines.spec import ENGINE_GOING, TaskResult
 from engines.tasks import train_task
 
 log = logging.getLogger(__name__)
@@ -222,9 +222,6 @@ class EngineRoster(Protocol):
     # (None: it ended); the keeper turns slaves on for them (controller/cluster)
 
 
-# a task result's ``stopped``: why it ended before its epochs were done (engines/process/stopping.py); these two mean
-# the engine is going away, so it gets no further task
-ENGINE_GOING = ("drain", "notice")
 # a gap this long between two looks at the tasks is a pause of the master, not silence of the engines
 MASTER_PAUSE_S = 10.0
 # an engine still registered after this many kills for a stalled task (its nanny died, or the signal is lost

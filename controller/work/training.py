@@ -101,7 +101,7 @@ class Training:
 
     def _resumed_spec(self, params: dict) -> dict:
         """A stored run's spec, with how this cluster cuts it into tasks (not what it trains) from now."""
-        from engines.tasks import stored_params
+        from engines.spec import stored_params
 
         training = self.session.config.training
         return {**stored_params(params), **task_keys(training)}

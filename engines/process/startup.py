@@ -32,7 +32,7 @@ from engines.process import fast_exit
 log = logging.getLogger(__name__)
 
 # torch, and our training code (numpy, torch.nn, the model, engines/optim.py)
-PRELOAD = ("torch", "engines.loop")
+PRELOAD = ("torch", "engines.workloads.mnist")
 
 _thread: Optional[threading.Thread] = None
 _imported: list[str] = []  # what the background thread imported, in order

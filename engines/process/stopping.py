@@ -18,10 +18,9 @@ import signal
 import threading
 from typing import Optional
 
-DRAIN = "drain"
-NOTICE = "notice"
-TIME = "time"
-REASONS = (DRAIN, NOTICE, TIME)
+from engines.spec import DRAIN, NOTICE, STOP_REASONS
+
+REASONS = STOP_REASONS
 
 # SIGUSR1's default action ends the process: a drain must only reach engines that installed the handler,
 # which every engine does when it first reports to the master (engines.tasks.engine_info) and every task does

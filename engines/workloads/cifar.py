@@ -19,7 +19,6 @@ the scheduler runs it unchanged (and the master names it without importing torch
 """
 from __future__ import annotations
 
-import dataclasses
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines.data import Split
-from engines.errors import DataError
-from engines.loop import Setup, TaskResult, run_task
+from engines.loop import Setup, TrainingSpec, run_task
+from engines.spec import CIFAR_FOLDER, CIFAR_TEST_FILE, CIFAR_TRAIN_FILES, DataError, TaskResult
 
-FOLDER = "cifar-10-batches-py"
-TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-TEST_FILE = "test_batch"
+FOLDER, TRAIN_FILES, TEST_FILE = CIFAR_FOLDER, CIFAR_TRAIN_FILES, CIFAR_TEST_FILE
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 MODELS = ("vgg16", "resnet18")
@@ -45,35 +42,16 @@ VAL_FRACTION = 0.1  # the last 10% of the training batches validate (5,000 of 50
 
 
 @dataclass
-class CifarSpec:
-    """A CIFAR run; field names match engines.loop.RunSpec where they mean the same."""
+class CifarSpec(TrainingSpec):
+    """A CIFAR run: the loop's fields with CIFAR's defaults, and the model's own."""
 
-    run_id: str = "run"
-    data_dir: str = ""
     model: str = "resnet18"
     epochs: int = 5
     lr: float = 0.05
-    batch_size: int = 128
     optimizer: str = "sgd"
-    momentum: float = 0.9
     weight_decay: float = 5e-4
-    nesterov: bool = True  # with SGD and momentum
-    schedule: str = "onecycle"
-    seed: int = 0
-    device: str = "auto"
-    subset: int = 0  # train on the first N training images only; 0 = all
+    nesterov: bool = True
     augment: bool = True  # random crop (pad 4) and horizontal flip
-    threads: int = 0
-    task_seconds: float = 0.0  # engines.loop.RunSpec's: a task ends after this long; 0 = at epoch ends
-    checkpoint_minutes: float = 0.0  # ship the checkpoint this often; 0 = after every task
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "CifarSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass

@@ -36,9 +36,9 @@ from typing import Callable, Iterator, Optional
 import paramiko
 
 import engines
-
 from controller.errors import CredentialsError, ProviderError
 from controller.ipp.processes import process_identity
+from engines.spec import dataset_files
 
 log = logging.getLogger(__name__)
 
@@ -373,21 +373,6 @@ def resolve_dir(remote: Remote, remote_dir: str) -> str:
     return path
 
 
-def master_datasets(data_dir: Path) -> dict[str, Path]:
-    """The data set files the master has, by their path under a slave's data_dir (torchvision's layout)."""
-    from engines.data import FILES, raw_dir
-    from engines.workloads.cifar import FOLDER, TEST_FILE, TRAIN_FILES
-
-    found: dict[str, Path] = {}
-    mnist = raw_dir(data_dir)
-    if all((mnist / name).is_file() for name in FILES.values()):
-        found.update({f"MNIST/raw/{name}": mnist / name for name in FILES.values()})
-    cifar = Path(data_dir).expanduser() / FOLDER
-    if all((cifar / name).is_file() for name in (*TRAIN_FILES, TEST_FILE)):
-        found.update({f"{FOLDER}/{name}": cifar / name for name in (*TRAIN_FILES, TEST_FILE)})
-    return found
-
-
 def _sha256(path: Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
@@ -410,7 +395,7 @@ def sync_data(remote: Remote, master_data_dir: Path, slave_data_dir: str) -> lis
 
     Nothing to copy when the master has no data set: the engines then download it themselves (only
     with ``download = true``)."""
-    files = master_datasets(master_data_dir)
+    files = dataset_files(master_data_dir)
     base = resolve_dir(remote, slave_data_dir)
     if not files:
         return []

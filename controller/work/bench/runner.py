@@ -24,7 +24,7 @@ from controller.work.bench.workloads import workload as find_workload
 from controller.work.recorder import RunRecorder
 from controller.work.scheduler import Job, ProgressSink
 from controller.work.session import Session
-from controller.work.task_result import TaskResult
+from engines.spec import TaskResult
 from engines.tasks import cifar_task, hardware_info, train_task, warm_up
 
 log = logging.getLogger(__name__)

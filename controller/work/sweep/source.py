@@ -23,8 +23,7 @@ from controller.work.recorder import RunRecorder
 from controller.work.scheduler import Job
 from controller.work.sweep.records import run_id_for
 from controller.work.sweep.space import SearchSpace
-from controller.work.task_result import TaskResult
-from engines.tasks import stored_params
+from engines.spec import TaskResult, stored_params
 
 log = logging.getLogger(__name__)
 

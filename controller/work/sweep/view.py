@@ -15,7 +15,7 @@ from rich.text import Text
 
 from controller.work.scheduler import Job, ProgressSink
 from controller.work.sweep.source import SweepSource
-from controller.work.task_result import TaskResult
+from engines.spec import TaskResult
 
 
 def _params(params: dict) -> str:
