@@ -52,7 +52,7 @@ from controller.api import Cluster  # noqa: E402
 from controller.config import load_config  # noqa: E402
 from controller.ipp import launch as ipcluster  # noqa: E402
 from controller.store import Store  # noqa: E402
-from controller.work.scheduler import ProgressSink  # noqa: E402
+from controller.work.jobs import ProgressSink  # noqa: E402
 
 
 @dataclass

@@ -37,10 +37,8 @@ sys.path.insert(0, str(REPO))
 from controller.api import Cluster  # noqa: E402
 from controller.config import load_config  # noqa: E402
 from controller.ipp import launch as ipcluster  # noqa: E402
-from controller.work.scheduler import (
-    ProgressSink,  # noqa: E402
-    Scheduler,
-)
+from controller.work.jobs import ProgressSink  # noqa: E402
+from controller.work.scheduler import Scheduler  # noqa: E402
 from engines.data import write_synthetic_mnist  # noqa: E402
 
 MB = 1024 * 1024

@@ -27,10 +27,12 @@ from controller.store import ClusterRecord, RunRecord, Store
 from controller.work.bench.report import report
 from controller.work.bench.runner import run_bench
 from controller.work.bench.workloads import workload as find_workload
+from controller.work.jobs import ProgressSink
 from controller.work.roster import StoreRoster
-from controller.work.scheduler import ProgressSink, Scheduler, Watchdog
+from controller.work.scheduler import Scheduler
 from controller.work.sweep.records import SweepResult
 from controller.work.training import RunResult, Training, run_result
+from controller.work.watch import Watchdog
 from engines.spec import L1_SCALE
 
 __all__ = ["Cluster", "ClusterStatus", "EngineStatus", "RunResult", "Stopped"]

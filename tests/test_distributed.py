@@ -15,7 +15,7 @@ import torch
 from controller.errors import TaskError, UsageError
 from controller.store import RunRecord, Store, new_id
 from controller.work.distributed import DistributedRun, choose_engines, parse_engine_ids, rendezvous_address
-from controller.work.scheduler import Job, ProgressSink
+from controller.work.jobs import Job, ProgressSink
 from engines.ddp import RendezvousError, backend_for, free_port, train_ranked
 from engines.tasks import distributed_task, rendezvous_port
 from tests.conftest import real_mnist_dir, running_cluster, wait_until

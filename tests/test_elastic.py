@@ -23,8 +23,9 @@ from controller.cluster.resize import resize_lock
 from controller.config import load_config
 from controller.errors import ClusterStateError, ConfigError, UsageError
 from controller.store import EngineRecord, Store
+from controller.work.jobs import Job, JobSource
 from controller.work.roster import StoreRoster
-from controller.work.scheduler import Job
+from engines.spec import TaskResult
 from tests.conftest import REPO, cluster_pids, engines_holding_tasks, make_config, wait_until, write_ini
 
 
@@ -192,7 +193,7 @@ def stepping_task(spec, checkpoint, n_epochs):
     return result()
 
 
-class OneJob:
+class OneJob(JobSource):
     """A JobSource of one job that keeps every result."""
 
     def __init__(self, job: Job):
@@ -212,6 +213,9 @@ class OneJob:
 
     def on_error(self, job: Job, error: BaseException, traceback: str) -> None:
         self.error = traceback
+
+    def on_rollback(self, job: Job) -> None:
+        raise AssertionError("no checkpoint is kept on an engine here")
 
     def exhausted(self) -> bool:
         return self.given

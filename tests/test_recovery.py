@@ -17,7 +17,7 @@ from typing import Optional
 import ipyparallel as ipp
 import pytest
 
-from controller.work.scheduler import Job, ProgressSink
+from controller.work.jobs import Job, JobSource, ProgressSink
 from engines.spec import TaskResult
 from tests.conftest import running_cluster, wait_until
 
@@ -51,7 +51,7 @@ def gated_task(spec: dict, checkpoint, n_epochs: int) -> dict:
             "host": "engine", "pid": os.getpid(), "device": "cpu"}
 
 
-class Source:
+class Source(JobSource):
     """Three one-epoch jobs; records each result."""
 
     def __init__(self, folder: Path):

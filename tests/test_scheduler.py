@@ -18,15 +18,9 @@ import ipyparallel as ipp
 import pytest
 
 from controller.errors import ClusterLostError
-from controller.work.scheduler import (
-    MAX_ENGINE_LOSSES,
-    ROSTER_CHECK_S,
-    Job,
-    ProgressSink,
-    ReadyJobs,
-    Scheduler,
-    Watchdog,
-)
+from controller.work.jobs import ROSTER_CHECK_S, EngineRoster, Job, JobSource, ProgressSink
+from controller.work.scheduler import MAX_ENGINE_LOSSES, ReadyJobs, Scheduler
+from controller.work.watch import Watchdog
 
 
 class FakeResult(concurrent.futures.Future):
@@ -85,7 +79,7 @@ def epoch_result(checkpoint: Optional[bytes]) -> dict:
     return {"checkpoint": str(done).encode(), "completed_epochs": done, "epochs": [], "host": "h", "device": "cpu"}
 
 
-class ListSource:
+class ListSource(JobSource):
     """A JobSource over a list of jobs that records what the scheduler told it."""
 
     def __init__(self, jobs: list[Job]):
@@ -382,7 +376,7 @@ class TestAStalledTask:
         assert client.signalled == [] and source.results == [("r-1", 1, 1)]
 
 
-class FakeRoster:
+class FakeRoster(EngineRoster):
     def __init__(self, leaving=()):
         self.marked = dict.fromkeys(leaving, "drain")
         self.reported: list[tuple[int, str]] = []

@@ -19,8 +19,8 @@ import torch
 from controller.api import Cluster
 from controller.formatting import epochs_progress
 from controller.store import RunRecord, Store
+from controller.work.jobs import Job, ProgressSink
 from controller.work.recorder import RunRecorder
-from controller.work.scheduler import Job, ProgressSink
 from engines import held
 from engines.data import load_mnist
 from engines.loop import Setup, TaskResult, load_checkpoint, run_task

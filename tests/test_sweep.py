@@ -17,7 +17,7 @@ from conftest import REPO, cluster_pids, engines_holding_tasks, make_config, mas
 from controller import cli
 from controller.errors import UsageError
 from controller.store import Store
-from controller.work.scheduler import ProgressSink
+from controller.work.jobs import ProgressSink
 from controller.work.sweep import build_space, parse_param
 from controller.work.sweep.runner import plan
 from controller.work.sweep.space import ACCEPTED_FORMS
@@ -357,7 +357,7 @@ def test_a_pruned_trial_is_stored_before_optuna_is_told(tmp_path):
     from optuna.trial import TrialState
 
     from controller.store import RunRecord
-    from controller.work.scheduler import Job
+    from controller.work.jobs import Job
     from controller.work.sweep.source import SweepSource
     from controller.work.sweep.space import SearchSpace
 

@@ -25,7 +25,7 @@ from controller.errors import ClusterStateError, ProviderError, UsageError
 from controller.ipp import launch as ipcluster
 from controller.providers import Provider
 from controller.store import ClusterRecord, NodeRecord, Store
-from controller.work.scheduler import ROSTER_CHECK_S
+from controller.work.jobs import ROSTER_CHECK_S
 
 log = logging.getLogger(__name__)
 

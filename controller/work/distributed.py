@@ -25,8 +25,9 @@ from typing import Callable, Optional
 
 from controller.errors import TaskError, UsageError
 from controller.store import Store
+from controller.work.jobs import Job, ProgressSink
 from controller.work.recorder import RunRecorder
-from controller.work.scheduler import Job, ProgressSink, discount_pause, is_engine_loss, kill_through_nanny, running_on
+from controller.work.watch import discount_pause, is_engine_loss, kill_through_nanny, running_on
 from engines.spec import TaskResult
 from engines.tasks import distributed_task, rendezvous_port
 

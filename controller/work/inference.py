@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from controller.errors import TaskError, UsageError
-from controller.work.scheduler import STALL_KILLS, discount_pause, is_engine_loss, kill_through_nanny, running_on
+from controller.work.watch import STALL_KILLS, discount_pause, is_engine_loss, kill_through_nanny, running_on
 from engines.tasks import infer_task, load_model_task, split_size_task
 
 log = logging.getLogger(__name__)

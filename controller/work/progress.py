@@ -6,7 +6,7 @@ from typing import Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from controller.work.scheduler import Job, ProgressSink
+from controller.work.jobs import Job, ProgressSink
 from engines.spec import TaskResult
 
 

@@ -6,7 +6,7 @@ import time
 from typing import Optional
 
 from controller.store import EpochRecord, RunRecord, Store
-from controller.work.scheduler import Job
+from controller.work.jobs import Job, JobSource
 from engines.spec import TaskResult
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class RunRecorder:
         return images / seconds if seconds else 0.0
 
 
-class SingleRun:
+class SingleRun(JobSource):
     """The JobSource of ``cluster train``: one job, stored as it goes."""
 
     def __init__(self, store: Store, job: Job):

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from controller.store import Store
+from controller.work.jobs import EngineRoster
 
 _SCHEDULERS = itertools.count(1)
 
 
 @dataclass
-class StoreRoster:
+class StoreRoster(EngineRoster):
     store: Store
     cluster_id: int
 

@@ -23,14 +23,23 @@ import gc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import Callable, Optional
 
 import ipyparallel as ipp
 
-from controller.errors import CONTROLLER_GONE_WAY_ON, ClusterLostError
+from controller.work.jobs import ROSTER_CHECK_S, EngineRoster, Job, JobSource, ProgressSink
+from controller.work.watch import (
+    STALL_KILLS,
+    Watchdog,
+    discount_pause,
+    is_engine_loss,
+    kill_through_nanny,
+    remote_error_name,
+    running_on,
+    task_metadata,
+)
 from engines.held import reference as held_reference
 from engines.spec import ENGINE_GOING, TaskResult
-from engines.tasks import train_task
 
 log = logging.getLogger(__name__)
 
@@ -41,82 +50,6 @@ MAX_ENGINE_LOSSES = 3
 # checkpoint it carries, is freed only by a full garbage collection, which Python runs rarely: one every
 # 32 MB of results keeps the master flat at a cost of ~0.1 s per 32 tasks of the paper's CNN
 RESULT_BYTES_PER_COLLECTION = 32 * 1024 * 1024
-
-
-@dataclass
-class Job:
-    run_id: str
-    spec: dict  # RunSpec as a dict
-    checkpoint: Optional[bytes] = None  # the newest checkpoint the master holds (shipped)
-    epochs_done: int = 0  # whole epochs
-    epochs_per_task: int = 1
-    engine_losses: int = 0
-    tag: Any = None  # the source's own handle (an Optuna trial, ...)
-    # the engine function: (spec, checkpoint, n_epochs) -> TaskResult dict (engines.loop.TaskResult)
-    task: Callable[..., dict] = train_task
-    batches_done: int = 0  # of epoch epochs_done + 1: the run stands mid-epoch
-    shipped: tuple[int, int] = (0, 0)  # (epochs, batches) where ``checkpoint`` stands
-    held_on: Optional[int] = None  # the engine keeping a newer checkpoint than ``checkpoint``
-    moved: bool = False  # its last task was lost or handed back by a leaving engine: it goes first
-
-    @property
-    def finished(self) -> bool:
-        return self.epochs_done >= self.spec["epochs"]
-
-    @property
-    def position(self) -> tuple[int, int]:
-        return self.epochs_done, self.batches_done
-
-    def roll_back(self) -> None:
-        """The engine holding the newest checkpoint is gone: go on from the last shipped one."""
-        self.held_on = None
-        self.epochs_done, self.batches_done = self.shipped
-
-
-class JobSource(Protocol):
-    def next_job(self) -> Optional[Job]:
-        """A new job to start now, or None when there is none at the moment."""
-
-    def on_result(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> bool:
-        """Store a task's result; True when the job should go on (more epochs)."""
-
-    def on_rollback(self, job: Job) -> None:
-        """The job went back to its last shipped checkpoint (``job.shipped``): forget the progress after it."""
-
-    def on_error(self, job: Job, error: BaseException, traceback: str) -> None:
-        """The task raised (not an engine loss): record the failure; the job ends."""
-
-    def exhausted(self) -> bool:
-        """True when ``next_job`` will never return a job again."""
-
-    # optional: ``jobs_left() -> int``, the jobs ``next_job`` will still return (a sweep's trials not yet
-    # started); the scheduler adds it to the demand it reports for autoscaling
-
-
-class ProgressSink:
-    """What the scheduler tells a display; every hook is optional (a no-op here)."""
-
-    def task_submitted(self, job: Job) -> None: ...
-
-    def task_started(self, job: Job, engine_id: int) -> None:
-        """The task began on that engine (heard within the scheduler's poll interval)."""
-
-    def task_withdrawn(self, job: Job) -> None:
-        """A queued task was withdrawn to let a moved job go first; the job is sent again."""
-
-    def task_progress(self, job: Job, update: dict) -> None: ...
-
-    def task_done(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> None: ...
-
-    def engine_lost(self, job: Job, error: BaseException) -> None: ...
-
-    def task_stalled(self, job: Job, engine_id: int, silent_s: float) -> None:
-        """The task reported no progress for ``silent_s``: its engine is being killed (``engine_lost`` follows)."""
-
-    def job_failed(self, job: Job, error: BaseException) -> None: ...
-
-    def tick(self) -> None:
-        """Once per scheduler loop (about every ``poll_s``), whether or not anything is in flight."""
 
 
 @dataclass
@@ -175,77 +108,12 @@ class SchedulerStats:
     timings: list[tuple[Optional[int], float, float, float]] = field(default_factory=list)
 
 
-@dataclass
-class Watchdog:
-    """Ends a scheduler's wait when its tasks can no longer finish, instead of waiting forever.
-
-    ipyparallel never fails a task whose controller died (its results just never come), and keeps a
-    task queued while no engine is registered; both are decided here, on the master.
-    """
-    controller_alive: Callable[[], bool]
-    engine_timeout: float  # seconds without a single engine before the work is given up
-    check_every_s: float = 1.0
-    clock: Callable[[], float] = time.monotonic
-    _next_check: float = field(default=0.0, init=False)
-    _engineless_since: Optional[float] = field(default=None, init=False)
-
-    def check(self, engine_count: Callable[[], int]) -> None:
-        now = self.clock()
-        if now < self._next_check:
-            return
-        self._next_check = now + self.check_every_s
-        if not self.controller_alive():
-            raise ClusterLostError("the cluster's controller died", way_on=CONTROLLER_GONE_WAY_ON)
-        if engine_count() > 0:
-            self._engineless_since = None
-        elif self._engineless_since is None:
-            self._engineless_since = now
-        elif now - self._engineless_since >= self.engine_timeout:
-            raise ClusterLostError(f"no engine has been registered for {now - self._engineless_since:.0f} s "
-                                   f"([cluster] engine_timeout = {self.engine_timeout:g})",
-                                   way_on="`cluster scale N` (slaves with engines again)")
-
-
-class EngineRoster(Protocol):
-    """Which engines must get no new task: shared by every master through the store (controller/api.py)."""
-
-    def leaving(self) -> set[int]:
-        """Engines being drained (``cluster scale``/``remove``) or under a spot interruption notice."""
-
-    def engine_leaving(self, engine_id: int, reason: str) -> None:
-        """A task came back early because its engine is going (reason: engines.process.stopping DRAIN or NOTICE)."""
-
-    # optional: ``ready() -> set[int]``, the engines that have reported themselves (imported torch and the
-    # training code: controller.api records them then); only these get tasks, so that a task, above all one
-    # moved from a lost engine, does not wait on a just-started engine's imports
-    # optional: ``report_demand(wanted: Optional[int])``, how many jobs this scheduler could run at once
-    # (None: it ended); the keeper turns slaves on for them (controller/cluster)
-
-
-# a gap this long between two looks at the tasks is a pause of the master, not silence of the engines
-MASTER_PAUSE_S = 10.0
-# an engine still registered after this many kills for a stalled task (its nanny died, or the signal is lost
-# on the way) is given up on: its task goes elsewhere and the engine gets no other
-STALL_KILLS = 2
-ROSTER_CHECK_S = 1.0
-
-
 # a task sent to the engine holding its run's checkpoint failed because that engine no longer has it: it
 # dropped the checkpoint (engines.held), or it unregistered before the task reached it
 HELD_LOST = ("CheckpointNotHeld", "ImpossibleDependency")
 # a queued task whose view named only engines that are gone since: ipyparallel's task scheduler fails it as
 # impossible; it never began, so it goes again (on a view of the engines left) without counting as a loss
 TARGETS_GONE = "ImpossibleDependency"
-
-
-def _remote_name(error: BaseException) -> str:
-    return error.ename if isinstance(error, ipp.error.RemoteError) else type(error).__name__
-
-
-def is_engine_loss(error: BaseException) -> bool:
-    if isinstance(error, ipp.error.EngineError):
-        return True
-    return isinstance(error, ipp.error.RemoteError) and error.ename in ("EngineError", "DependencyTimeout")
 
 
 class Scheduler:
@@ -307,12 +175,11 @@ class Scheduler:
             return
         self._roster_checked = now
         self._excluded = set(self.roster.leaving()) | self._hung
-        ready = getattr(self.roster, "ready", None)
-        self._ready = set(ready()) if ready is not None else None
+        ready = self.roster.ready()
+        self._ready = set(ready) if ready is not None else None
         self._retarget()
-        report = getattr(self.roster, "report_demand", None)
-        if report is not None and wanted is not None:
-            report(wanted)
+        if wanted is not None:
+            self.roster.report_demand(wanted)
 
     def _retarget(self) -> None:
         """Point the load-balanced view at the usable engines.  With nothing excluded, no chosen targets and no
@@ -404,10 +271,9 @@ class Scheduler:
                     log.debug("abort of %d pending tasks failed", len(pending), exc_info=True)
             raise
         finally:
-            report = getattr(self.roster, "report_demand", None)
-            if report is not None:
+            if self.roster is not None:
                 try:
-                    report(None)
+                    self.roster.report_demand(None)
                 except Exception:  # noqa: BLE001 - the store may be what failed; the row ages out anyway
                     log.debug("could not withdraw the demand report", exc_info=True)
 
@@ -520,8 +386,7 @@ class Scheduler:
     @staticmethod
     def _wanted(source: JobSource, in_flight: dict, ready: ReadyJobs) -> int:
         """Jobs this scheduler could run at once: running or queued, ready, and not yet started."""
-        jobs_left = getattr(source, "jobs_left", None)
-        return len(in_flight) + len(ready) + (jobs_left() if jobs_left is not None else 0)
+        return len(in_flight) + len(ready) + source.jobs_left()
 
     def _watch(self, wanted: Optional[int] = None) -> None:
         self._refresh_roster(wanted)
@@ -541,12 +406,12 @@ class Scheduler:
 
     def _lost(self, job: Job, error: BaseException, source: JobSource, sink: ProgressSink) -> Optional[Job]:
         """A task that failed: the job again (its engine was lost, or only its kept checkpoint), or None."""
-        if job.held_on is not None and (is_engine_loss(error) or _remote_name(error) in HELD_LOST):
+        if job.held_on is not None and (is_engine_loss(error) or remote_error_name(error) in HELD_LOST):
             self._roll_back(job, source, error)
             if not is_engine_loss(error):
                 job.moved = True
                 return job  # the engine lives but dropped the checkpoint: nothing else went wrong
-        if _remote_name(error) == TARGETS_GONE and job.held_on is None:
+        if remote_error_name(error) == TARGETS_GONE and job.held_on is None:
             log.info("run %s: the engines its task was queued for are gone; sending it again", job.run_id)
             job.moved = True
             return job
@@ -572,7 +437,7 @@ class Scheduler:
             return self._lost(job, error, source, sink)
         engine_id = task.result.engine_id
         # the metadata, not a copy: its timestamps may land a moment after the result does
-        self._timed.append((engine_id, _metadata(task.result)))
+        self._timed.append((engine_id, task_metadata(task.result)))
         self._forget(task.result, len(result.checkpoint or b""))
         stopped = result.stopped
         if stopped in ENGINE_GOING and engine_id is not None:
@@ -626,38 +491,6 @@ class Scheduler:
 
 
 _ASYNC_RESULT_CACHES = [method for method in vars(ipp.AsyncResult).values() if hasattr(method, "cache_clear")]
-
-
-def discount_pause(watched: Iterable, listened_at: Optional[float], now: float) -> float:
-    """Shift every watched item's ``heard_at`` by a pause of the master (a gap over MASTER_PAUSE_S since it last
-    looked, ``listened_at``): the engines' silence counts only while the master listens. Returns ``now``, the
-    new ``listened_at``."""
-    if listened_at is not None and now - listened_at > MASTER_PAUSE_S:
-        for item in watched:
-            item.heard_at += now - listened_at
-    return now
-
-
-def kill_through_nanny(client: ipp.Client, engine: int) -> None:
-    """SIGKILL a stuck engine through its nanny, which answers while the engine's own threads do not. The hub
-    then drops it, and its task comes back as lost."""
-    try:
-        client.send_signal("SIGKILL", targets=[engine], block=False)
-    except Exception:  # noqa: BLE001 - gone already: the hub drops it, and its task comes back the same way
-        log.debug("could not signal engine %d", engine, exc_info=True)
-
-
-def running_on(result: ipp.AsyncResult) -> Optional[int]:
-    """The engine a task started on (the client learns it from the engine's first message), or None."""
-    try:
-        return _metadata(result).get("engine_id")
-    except (KeyError, IndexError, AttributeError):
-        return None
-
-
-def _metadata(result: ipp.AsyncResult) -> dict:
-    metadata = result.metadata  # the AsyncResult's own copy: the client's may be a stale placeholder
-    return metadata[0] if isinstance(metadata, list) else metadata
 
 
 def _timestamp(metadata: dict, name: str) -> Optional[float]:

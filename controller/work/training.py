@@ -15,9 +15,9 @@ from typing import Any, Optional
 from controller.config import task_keys
 from controller.errors import ClusterLostError, TaskError, UsageError
 from controller.store import EpochRecord, RunRecord, Store, new_id
+from controller.work.jobs import Job, ProgressSink
 from controller.work.leases import Leases
 from controller.work.recorder import RunRecorder, SingleRun
-from controller.work.scheduler import Job, ProgressSink
 from controller.work.session import Session
 
 

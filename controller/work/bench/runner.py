@@ -21,8 +21,8 @@ from controller.store import NodeRecord, RunRecord, Store, new_id
 from controller.work.bench.records import BenchEngine, BenchRecord, BenchResult, BenchTable, BenchTrial
 from controller.work.bench.workloads import Workload
 from controller.work.bench.workloads import workload as find_workload
+from controller.work.jobs import Job, JobSource, ProgressSink
 from controller.work.recorder import RunRecorder
-from controller.work.scheduler import Job, ProgressSink
 from controller.work.session import Session
 from engines.spec import TaskResult
 from engines.tasks import cifar_task, hardware_info, train_task, warm_up
@@ -47,7 +47,7 @@ class _EngineTally:
     busy_s: float = 0.0
 
 
-class BenchSource:
+class BenchSource(JobSource):
     """The JobSource of a measurement: a fixed list of training jobs, stored as they go, tallied per engine."""
 
     def __init__(self, store: Store, jobs: list[Job]):

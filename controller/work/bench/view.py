@@ -7,8 +7,8 @@ from controller.formatting import percent
 from controller.work.bench.records import PAPER_EPOCHS_PER_MIN, BenchRecord
 from controller.work.bench.runner import BenchSink
 from controller.work.bench.workloads import Workload
+from controller.work.jobs import Job
 from controller.work.progress import RunProgress
-from controller.work.scheduler import Job
 
 
 class BenchProgress(BenchSink):

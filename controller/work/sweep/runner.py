@@ -17,9 +17,9 @@ from optuna.trial import TrialState
 from controller.config import TASK_KEYS
 from controller.errors import ClusterLostError, UsageError
 from controller.store import new_id
+from controller.work.jobs import ProgressSink
 from controller.work.leases import Leases
 from controller.work.recorder import RunRecorder
-from controller.work.scheduler import ProgressSink
 from controller.work.session import Session
 from controller.work.sweep import study as studies
 from controller.work.sweep.records import SweepRecord, SweepResult, SweepTable, collect

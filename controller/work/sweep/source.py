@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 
 from controller.config import TASK_KEYS
 from controller.store import CheckpointError, RunRecord, Store
+from controller.work.jobs import Job, JobSource
 from controller.work.recorder import RunRecorder
-from controller.work.scheduler import Job
 from controller.work.sweep.records import run_id_for
 from controller.work.sweep.space import SearchSpace
 from engines.spec import TaskResult, stored_params
@@ -57,7 +57,7 @@ class Tally:
             self.failed += 1
 
 
-class SweepSource:
+class SweepSource(JobSource):
     """Asks Optuna for up to ``n_trials`` trials in all (resumed ones included) and tells it everything."""
 
     def __init__(self, study: optuna.Study, store: Store, sweep_id: str, space: SearchSpace,

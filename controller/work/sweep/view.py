@@ -13,7 +13,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from controller.work.scheduler import Job, ProgressSink
+from controller.work.jobs import Job, ProgressSink
 from controller.work.sweep.source import SweepSource
 from engines.spec import TaskResult
 
