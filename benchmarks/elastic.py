@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import ipyparallel
 from common import data_dir
 
 from controller.api import Cluster  # noqa: E402
@@ -47,11 +48,11 @@ from controller.cluster import (
     resize,
 )
 from controller.config import load_config  # noqa: E402
-from controller.ipp import launch as ipcluster  # noqa: E402
+from controller.ipp.profile import engine_environment
 from controller.providers import local  # noqa: E402
 
 PHASES = [  # (owner, attribute, phase name)
-    (ipcluster.ipp.Cluster, "start_controller", "controller start"),
+    (ipyparallel.Cluster, "start_controller", "controller start"),
     (local.LocalProvider, "add", "engine launch (ipyparallel launchers)"),
     (joining, "record_engines", "engines report themselves (engine_info: imports)"),
     (joining, "warm_engines", "engines load the data set (warm-up)"),
@@ -59,7 +60,7 @@ PHASES = [  # (owner, attribute, phase name)
     (resize.Resizer, "_drain", "drain (mark, SIGUSR1, wait idle)"),
     (local.LocalProvider, "remove", "engine sets stopped"),
     (local.LocalProvider, "stop", "every engine stopped"),
-    (ipcluster.ipp.Cluster, "stop_controller", "controller stop"),
+    (ipyparallel.Cluster, "stop_controller", "controller stop"),
     (keeper, "stop", "keeper stopped"),
 ]
 
@@ -138,8 +139,8 @@ def baseline(tmp: Path, name: str, engines: int, threads: int, ready=_import_tor
     from traitlets.config import Config
 
     config = Config()
-    config.LocalEngineSetLauncher.environment = ipcluster.engine_environment(threads)
-    plain = ipcluster.ipp.Cluster(n=engines, engines="local", profile_dir=str(tmp / name),
+    config.LocalEngineSetLauncher.environment = engine_environment(threads)
+    plain = ipyparallel.Cluster(n=engines, engines="local", profile_dir=str(tmp / name),
                                   cluster_id=name, shutdown_atexit=False, config=config,
                                   log_level=logging.WARNING, load_profile=False)
     started = time.perf_counter()

@@ -50,7 +50,8 @@ from imds import SPOT, FakeImds  # noqa: E402
 
 from controller.api import Cluster  # noqa: E402
 from controller.config import load_config  # noqa: E402
-from controller.ipp import launch as ipcluster  # noqa: E402
+from controller.ipp.client import connect_client
+from controller.ipp.profile import url_file
 from controller.store import Store  # noqa: E402
 from controller.work.jobs import ProgressSink  # noqa: E402
 
@@ -172,7 +173,7 @@ class FaultPlayer(threading.Thread):
                  rng: random.Random, pause: tuple[float, float]):
         super().__init__(daemon=True, name="faults")
         record = cluster.record
-        self.url = ipcluster.url_file(Path(record.profile_dir), record.ipp_cluster_id)
+        self.url = url_file(Path(record.profile_dir), record.ipp_cluster_id)
         self.state_dir = cluster.config.state_dir
         self.cluster_id = record.id
         self.journal, self.imds, self.kills, self.engines, self.rng, self.pause = \
@@ -181,7 +182,7 @@ class FaultPlayer(threading.Thread):
         self.error: Optional[BaseException] = None
 
     def run(self) -> None:
-        client = ipcluster.connect(self.url, timeout=30)
+        client = connect_client(self.url, timeout=30)
         store = Store(self.state_dir)
         try:
             for number in range(self.kills + 1):

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from controller.api import Cluster  # noqa: E402
 from controller.config import load_config  # noqa: E402
-from controller.ipp import launch as ipcluster  # noqa: E402
+from controller.ipp.launch import CONTROLLER_ARGS
 from controller.work.jobs import ProgressSink  # noqa: E402
 from controller.work.scheduler import Scheduler  # noqa: E402
 from engines.data import write_synthetic_mnist  # noqa: E402
@@ -74,13 +74,13 @@ class MemorySampler(ProgressSink):
 @contextmanager
 def ipyparallel_defaults():
     """The baseline: the controller with its default task database, the client keeping every result."""
-    args, forget = ipcluster.CONTROLLER_ARGS[:], Scheduler._forget
-    ipcluster.CONTROLLER_ARGS[:] = [a for a in args if "db_class" not in a]
+    args, forget = CONTROLLER_ARGS[:], Scheduler._forget
+    CONTROLLER_ARGS[:] = [a for a in args if "db_class" not in a]
     Scheduler._forget = lambda self, result, size: None
     try:
         yield
     finally:
-        ipcluster.CONTROLLER_ARGS[:], Scheduler._forget = args, forget
+        CONTROLLER_ARGS[:], Scheduler._forget = args, forget
 
 
 def measure(tmp: Path, data: Path, trials: int, epochs: int, label: str) -> dict:

@@ -17,10 +17,12 @@ from typing import Any, Optional
 from controller.cluster import keeper, resize
 from controller.cluster import status as cluster_status
 from controller.cluster.lifecycle import Lifecycle, Stopped
-from controller.cluster.status import ClusterStatus, EngineStatus, controller_alive
+from controller.cluster.status import ClusterStatus, EngineStatus
 from controller.config import Config, load_config, override
 from controller.errors import CONTROLLER_GONE_WAY_ON, ClusterStateError, NotRunningError, UsageError
-from controller.ipp import launch as ipcluster
+from controller.ipp.client import confirm_client_output, connect_client
+from controller.ipp.launch import controller_alive
+from controller.ipp.profile import url_file
 from controller.providers import NO_HOOKS, Hooks, Provider, make_provider
 from controller.providers.base import Resource
 from controller.store import ClusterRecord, RunRecord, Store
@@ -163,13 +165,13 @@ class Cluster:
                 f"run {CONTROLLER_GONE_WAY_ON}")
             if not controller_alive(record):
                 raise gone
-            url = ipcluster.url_file(Path(record.profile_dir), record.ipp_cluster_id)
+            url = url_file(Path(record.profile_dir), record.ipp_cluster_id)
             try:
-                self._client = ipcluster.connect(url, timeout=15)
+                self._client = connect_client(url, timeout=15)
             except (OSError, TimeoutError) as error:  # the file vanished, or the controller hangs
                 raise ClusterStateError(f"{gone} ({error})") from None
             # a new client misses engine output until its subscription lands; `%px` would wait for ever
-            ipcluster.confirm_client_output(self._client, timeout=10)
+            confirm_client_output(self._client, timeout=10)
             self._client_cluster_id = (record.id, record.controller_pid)
             self._revive_keeper()
         return self._client
@@ -177,7 +179,7 @@ class Cluster:
     @property
     def url_file(self) -> Path:
         record = self.record
-        return ipcluster.url_file(Path(record.profile_dir), record.ipp_cluster_id)
+        return url_file(Path(record.profile_dir), record.ipp_cluster_id)
 
     # training -------------------------------------------------------------------
     def run_spec(self, **overrides: Any) -> dict:

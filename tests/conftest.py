@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from controller.config import load_config
-from controller.ipp import launch as ipcluster
 from controller.ipp import processes
+from controller.ipp.client import connect_client
+from controller.ipp.profile import profile_dir, url_file
 from engines.data import write_synthetic_mnist
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,7 +104,7 @@ def write_ini(path: Path, text: str) -> Path:
 
 def cluster_pids(state_dir: Path) -> list[int]:
     """Every live process started for the cluster under ``state_dir``."""
-    return processes.marked_processes(ipcluster.profile_dir(Path(state_dir)))
+    return processes.marked_processes(profile_dir(Path(state_dir)))
 
 
 def wait_until(predicate, timeout: float = 30, interval: float = 0.2):
@@ -121,7 +122,7 @@ def hub_engines(cluster) -> set[int]:
     ``ids`` are what it has read of the hub's notifications so far (``queue_status`` lists an engine until
     the hub has also given up its tasks, seconds after it dropped the engine)."""
     record = cluster.record
-    client = ipcluster.connect(ipcluster.url_file(Path(record.profile_dir), record.ipp_cluster_id), timeout=10)
+    client = connect_client(url_file(Path(record.profile_dir), record.ipp_cluster_id), timeout=10)
     try:
         return set(client.ids)
     finally:

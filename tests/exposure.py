@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 
 from controller.cli import main
-from controller.ipp import launch as ipcluster
+from controller.ipp.profile import profile_dir
 from controller.providers.aws import network
 from tests.conftest import cluster_pids
 
@@ -37,8 +37,8 @@ def mode(path: Path) -> int:
 def assert_private_files(state_dir: Path) -> None:
     """state_dir and the profile 0700; connection files (HMAC or CurveZMQ key) 0600 in a 0700 folder."""
     assert mode(state_dir) == 0o700
-    security = ipcluster.profile_dir(state_dir) / "security"
-    assert mode(ipcluster.profile_dir(state_dir)) == 0o700 and mode(security) == 0o700
+    security = profile_dir(state_dir) / "security"
+    assert mode(profile_dir(state_dir)) == 0o700 and mode(security) == 0o700
     files = list(security.glob("*.json"))
     assert any(f.name.endswith("-client.json") for f in files) and any(f.name.endswith("-engine.json") for f in files)
     assert all(mode(f) == 0o600 for f in files), {f.name: oct(mode(f)) for f in files}

@@ -23,8 +23,8 @@ import pytest
 from controller.api import Cluster
 from controller.cli import main
 from controller.errors import ClusterStateError, ConfigError, CredentialsError, ProviderError
-from controller.ipp import launch as ipcluster
 from controller.ipp import processes
+from controller.ipp.profile import profile_dir
 from controller.providers import Hooks, aws
 from controller.providers.aws import ec2 as ec2_calls
 from controller.providers.aws import network
@@ -257,7 +257,7 @@ class TestASpotSlave:
         assert exposure.mode(pem) == 0o600 and exposure.mode(folder / "known_hosts") == 0o600
         tunnel_spec = state_dir / "tunnels" / "test" / "tunnels.json"
         assert exposure.mode(tunnel_spec) == 0o600
-        (engine_file,) = (ipcluster.profile_dir(state_dir) / "security").glob("*-engine.json")
+        (engine_file,) = (profile_dir(state_dir) / "security").glob("*-engine.json")
         hmac_key = json.loads(engine_file.read_text())["key"]
         assert hmac_key and hmac_key not in tunnel_spec.read_text()  # the spec names hosts and ports, no key
 

@@ -19,8 +19,9 @@ import torch
 
 from controller.api import Cluster
 from controller.cli import main
-from controller.ipp import launch as ipcluster
 from controller.ipp import processes
+from controller.ipp.client import confirm_client_output, confirm_output, connect_client, silence_report
+from controller.ipp.profile import profile_dir
 from controller.store import Store
 from engines import tasks
 from engines.loop import load_checkpoint
@@ -274,22 +275,22 @@ class LossyOutput:
 class TestConfirmingEngineOutput:
     def test_cells_are_run_until_one_reports_its_output_from_each_engine(self):
         client = LossyOutput({0: 3, 1: 1})
-        assert ipcluster.confirm_output(client, [0, 1], timeout=60) == []
+        assert confirm_output(client, [0, 1], timeout=60) == []
         assert client.cells == {0: 4, 1: 2}
 
     def test_engines_whose_output_never_arrives_are_named_once_the_time_is_up(self, caplog):
         client = LossyOutput({0: math.inf, 1: math.inf})
-        assert ipcluster.confirm_output(client, [0, 1], timeout=0.5) == [0, 1]
+        assert confirm_output(client, [0, 1], timeout=0.5) == [0, 1]
         assert "no output of engine(s) [0, 1] reached the master within 0.5 s" in caplog.text
 
     def test_an_engine_that_leaves_meanwhile_is_not_waited_for(self, caplog):
         client = LossyOutput({0: 0, 1: 0}, leaves=(1,))
-        assert ipcluster.confirm_output(client, [0, 1], timeout=60) == []
+        assert confirm_output(client, [0, 1], timeout=60) == []
         assert client.cells == {0: 1} and "no output" not in caplog.text
 
     def test_a_new_client_is_confirmed_by_the_first_engine_whose_output_arrives(self):
         client = LossyOutput({0: math.inf, 1: 2})  # engine 0 frozen: a new client does not wait for it
-        assert ipcluster.confirm_client_output(client, timeout=60)
+        assert confirm_client_output(client, timeout=60)
         assert client.cells[1] == 3
 
 
@@ -307,7 +308,7 @@ class TestFirstContactWithNewEngines:
         monkeypatch.setattr(joining, "REPORT_TIMEOUT_S", 20)
         record = local_cluster.record
         before = {engine.engine_id: engine.pid for engine in local_cluster.store.engines.of(record.id)}
-        deaf = ipcluster.connect(local_cluster.url_file)
+        deaf = connect_client(local_cluster.url_file)
         deaf._stop_io_thread()
         try:
             joining.record_engines(local_cluster.store, local_cluster.config, record, deaf, record.threads_per_engine,
@@ -320,19 +321,18 @@ class TestFirstContactWithNewEngines:
         assert "answered a new client" in caplog.text
 
     def test_the_report_on_silent_engines_gives_the_controllers_count_of_their_work(self, local_cluster):
-        report = ipcluster.silence_report(local_cluster.client, [0, 1, 7])
+        report = silence_report(local_cluster.client, [0, 1, 7])
         assert report.startswith("the controller counts engine 0: completed ")
         assert "engine 7: not registered" in report
 
 
 def test_stale_pids_are_never_signalled(tmp_path):
-    from controller.ipp import launch as ipcluster
     from controller.ipp import processes
 
     stranger = subprocess.Popen(["sleep", "30"])
     try:
         assert not processes.is_marked(stranger.pid)
-        processes.kill_cluster_processes(ipcluster.profile_dir(tmp_path), "test-1")
+        processes.kill_cluster_processes(profile_dir(tmp_path), "test-1")
         assert stranger.poll() is None
     finally:
         stranger.kill()

@@ -202,7 +202,7 @@ def test_stop_with_nothing_running_returns_an_empty_stopped(cluster):
 
 
 class ControllerStarts:
-    """An ipyparallel Cluster as far as ``ipcluster.start_controller`` uses it. Each start runs the next of
+    """An ipyparallel Cluster as far as ``start_controller`` uses it. Each start runs the next of
     ``scripts`` as a real process (shell), its output in a log file as ipyparallel's launcher keeps it: the
     port race that makes a real controller exit cannot be produced at will, so a script stands for it."""
 
@@ -234,12 +234,12 @@ LISTENS = "echo '{{}}' > {engine_json}; exec sleep 60"
 
 class TestTheControllerStart:
     def test_a_controller_that_lost_a_port_it_had_picked_is_started_again(self, tmp_path, caplog):
-        from controller.ipp import launch as ipcluster
+        from controller.ipp.launch import start_controller
 
         cluster = ControllerStarts(tmp_path, [PORT_TAKEN, LISTENS])
         pids = []
         try:
-            ipcluster.start_controller(cluster, timeout=30, on_start=pids.append)
+            start_controller(cluster, timeout=30, on_start=pids.append)
             assert cluster.started == 2 and pids[-1] == cluster.controller.pid and len(pids) == 2
             assert "could not bind a port it had picked" in caplog.text
         finally:
@@ -247,18 +247,18 @@ class TestTheControllerStart:
 
     def test_a_controller_that_exits_for_another_reason_is_an_error_with_its_last_words_at_once(self, tmp_path):
         from controller.errors import ProviderError
-        from controller.ipp import launch as ipcluster
+        from controller.ipp.launch import start_controller
 
         cluster = ControllerStarts(tmp_path, ["echo 'Traceback: ValueError: bad config'; exit 2", LISTENS])
         with pytest.raises(ProviderError, match=r"exited as it started: Traceback: ValueError: bad config"):
-            ipcluster.start_controller(cluster, timeout=30)
+            start_controller(cluster, timeout=30)
         assert cluster.started == 1 and cluster.controller is None
 
     def test_a_port_lost_every_time_ends_after_three_starts(self, tmp_path):
         from controller.errors import ProviderError
-        from controller.ipp import launch as ipcluster
+        from controller.ipp.launch import start_controller
 
         cluster = ControllerStarts(tmp_path, [PORT_TAKEN] * 3)
         with pytest.raises(ProviderError, match="Address already in use"):
-            ipcluster.start_controller(cluster, timeout=30)
+            start_controller(cluster, timeout=30)
         assert cluster.started == 3

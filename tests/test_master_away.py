@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from controller.api import Cluster
-from controller.ipp import launch as ipcluster
 from controller.ipp import processes
+from controller.ipp.profile import ENGINE_CHECK_MS
 from controller.providers.remote import tunnels
 from controller.providers.remote.transport import Host, Remote
 from tests.conftest import engines_holding_tasks, make_config, wait_until
@@ -72,7 +72,7 @@ tunnel = always
     try:
         cluster.start()
         (engine,) = [p for p in host.engine_processes() if b"nanny" not in cmdline(p)]
-        misses = -(-60_000 // ipcluster.ENGINE_CHECK_MS)  # one minute of checks
+        misses = -(-60_000 // ENGINE_CHECK_MS)  # one minute of checks
         assert f"--IPEngine.max_heartbeat_misses={misses}".encode() in cmdline(engine)
         tag = f"test.{socket.gethostname()}"
         log = host.dir / "home" / ".cluster-engine" / "run" / tag / "engine-0.log"

@@ -25,7 +25,7 @@ import pytest
 
 from controller.api import Cluster
 from controller.config import Config
-from controller.ipp import launch as ipcluster
+from controller.ipp.launch import load_cluster
 from controller.ipp import processes
 from controller.providers import Hooks, Provider, make_provider, provider_class
 from controller.store import ClusterRecord
@@ -194,7 +194,7 @@ class TestProviderContract:
             assert [(n.node_id, n.state) for n in listed] == [(n.node_id, "running") for n in status.nodes]
             assert world.engines_running(cluster, record)
 
-            ipp_cluster = ipcluster.load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
+            ipp_cluster = load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
             world.provider(cluster).stop(record, ipp_cluster)
             assert wait_until(lambda: not world.engines_running(cluster, record), timeout=20)
             after = [(n.node_id, n.state) for n in world.provider(cluster).list(record)]

@@ -16,7 +16,7 @@ import zmq
 
 from controller.api import Cluster
 from controller.errors import ProviderError
-from controller.ipp import launch as ipcluster
+from controller.ipp.profile import engine_file, profile_dir, url_file
 from tests.conftest import make_config, running_cluster
 from tests.exposure import addresses, assert_private_files, capture_keys, listening, run_cli, secrets_in
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
@@ -53,7 +53,7 @@ def test_local_cluster_listens_on_loopback_only_and_keeps_its_files_private(tmp_
         sockets = listening(cluster.config.state_dir)
         assert sockets and addresses(sockets) == {"127.0.0.1"}, sockets
         assert_private_files(cluster.config.state_dir)
-        engine = json.loads(ipcluster.engine_file(ipcluster.profile_dir(cluster.config.state_dir),
+        engine = json.loads(engine_file(profile_dir(cluster.config.state_dir),
                                                  cluster.store.clusters.active("test").ipp_cluster_id).read_text())
         assert not engine.get("curve_serverkey")  # loopback only: the HMAC key signs every message
 
@@ -116,9 +116,9 @@ def test_ssh_client_ports_on_loopback_engine_ports_only_toward_the_slaves(tunnel
         status = cluster.start()
         assert [e.host for e in status.engines] == ["slave21"]  # registered (through CurveZMQ when direct)
         record = cluster.store.clusters.active("test")
-        profile = ipcluster.profile_dir(cluster.config.state_dir)
-        client = json.loads(ipcluster.url_file(profile, record.ipp_cluster_id).read_text())
-        engine = json.loads(ipcluster.engine_file(profile, record.ipp_cluster_id).read_text())
+        profile = profile_dir(cluster.config.state_dir)
+        client = json.loads(url_file(profile, record.ipp_cluster_id).read_text())
+        engine = json.loads(engine_file(profile, record.ipp_cluster_id).read_text())
         sockets = listening(cluster.config.state_dir)
         assert not WILDCARD & addresses(sockets), sockets  # nothing on every interface
         toward_slave = "127.0.0.1" if tunnel == "always" else hosts.hosts[0].master_address
@@ -159,9 +159,9 @@ def test_ssh_slaves_behind_two_interfaces_get_every_interface_with_curve_only(tm
         status = cluster.start()
         assert sorted(e.host for e in status.engines) == ["slave21", "slave22"]
         record = cluster.store.clusters.active("test")
-        profile = ipcluster.profile_dir(cluster.config.state_dir)
-        client = json.loads(ipcluster.url_file(profile, record.ipp_cluster_id).read_text())
-        engine = json.loads(ipcluster.engine_file(profile, record.ipp_cluster_id).read_text())
+        profile = profile_dir(cluster.config.state_dir)
+        client = json.loads(url_file(profile, record.ipp_cluster_id).read_text())
+        engine = json.loads(engine_file(profile, record.ipp_cluster_id).read_text())
         sockets = listening(cluster.config.state_dir)
         assert addresses(sockets, ports_of(engine) | ports_of(client)) == {"0.0.0.0"}
         assert addresses(sockets) == {"0.0.0.0", "127.0.0.1"}  # the monitor and schedulers: loopback

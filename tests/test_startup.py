@@ -11,7 +11,8 @@ import logging
 
 import pytest
 
-from controller.ipp import launch as ipcluster
+from controller.ipp.launch import new_cluster
+from controller.ipp.profile import engine_args, engine_environment
 from engines import tasks
 from engines.data import Split
 from engines.process import startup
@@ -21,11 +22,11 @@ from engines.process import startup
 def one_engine(tmp_path):
     """One real engine started as `cluster start` starts local engines (our startup command), nothing asked yet."""
     profile = tmp_path / "profile"
-    cluster = ipcluster.new_cluster(profile, "startup-test", engine_env=ipcluster.engine_environment(1))
+    cluster = new_cluster(profile, "startup-test", engine_env=engine_environment(1))
     cluster.start_controller_sync()
     client = None
     try:
-        cluster.start_engines_sync(n=1, engine_args=ipcluster.engine_args(1.0))
+        cluster.start_engines_sync(n=1, engine_args=engine_args(1.0))
         client = cluster.connect_client_sync(timeout=60)
         client.wait_for_engines(1, timeout=90)
         yield client

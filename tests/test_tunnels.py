@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from controller.api import Cluster
-from controller.ipp import launch as ipcluster
 from controller.ipp import processes
+from controller.ipp.profile import profile_dir
 from tests.conftest import REPO, cluster_pids, make_config, wait_until
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
 
@@ -72,7 +72,7 @@ key_file = {hosts.key}
 python = {sys.executable}
 tunnel = always
 """)
-    profile = ipcluster.profile_dir(config.state_dir)
+    profile = profile_dir(config.state_dir)
     master = subprocess.run([sys.executable, "-c", MASTER, str(config.source)], cwd=str(REPO),
                             capture_output=True, text=True, timeout=300)
     assert master.returncode == -signal.SIGKILL, master.stderr

@@ -3,7 +3,7 @@
 It reports itself (host, pid, device, threads) and installs the drain handler
 (``engines.tasks.engine_info``), watches the metadata service for spot notices where there
 is one, is stored with the node it runs on, and loads the data set ahead of the first run. Before all
-that, its requests and its output are confirmed to get through (``ipcluster.confirm_output``).
+that, its requests and its output are confirmed to get through (``confirm_output``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from typing import Optional
 
 from controller.config import Config, metadata_url
 from controller.errors import ProviderError
-from controller.ipp import launch as ipcluster
+from controller.ipp.client import confirm_output, connect_client, silence_report
+from controller.ipp.launch import engine_set_pids
+from controller.ipp.profile import url_file
 from controller.store import ClusterRecord, EngineRecord, NodeRecord, Store
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ def record_engines(store: Store, config: Config, record: ClusterRecord, client, 
             asking.close()
     host_to_node = {n.host: n.node_id for n in nodes}
     host_to_node.update({n.private_ip: n.node_id for n in nodes if n.private_ip})
-    pid_to_node = {pid: node for pid, node in ipcluster.engine_set_pids(ipp_cluster).items()
+    pid_to_node = {pid: node for pid, node in engine_set_pids(ipp_cluster).items()
                    if node in {n.node_id for n in nodes}}
     only = nodes[0].node_id if len(nodes) == 1 else ""
     now = time.time()
@@ -67,16 +69,16 @@ def first_contact(client, ids: list[int], record: ClusterRecord):
     engine, once both of a cluster), and the cause is not known: after FIRST_CONTACT_S they are asked again
     through a new client, and what the controller says of them is logged, so that the next occurrence shows
     where the messages stopped."""
-    silent = ipcluster.confirm_output(client, ids, FIRST_CONTACT_S)
+    silent = confirm_output(client, ids, FIRST_CONTACT_S)
     if not silent:
         return client
-    report = ipcluster.silence_report(client, silent)
+    report = silence_report(client, silent)
     log.warning("engine(s) %s silent to the master for %d s (%s); asking again through a new client",
                 silent, FIRST_CONTACT_S, report)
-    fresh = ipcluster.connect(ipcluster.url_file(Path(record.profile_dir), record.ipp_cluster_id), timeout=15)
-    still = ipcluster.confirm_output(fresh, silent, REPORT_TIMEOUT_S - FIRST_CONTACT_S)
+    fresh = connect_client(url_file(Path(record.profile_dir), record.ipp_cluster_id), timeout=15)
+    still = confirm_output(fresh, silent, REPORT_TIMEOUT_S - FIRST_CONTACT_S)
     if still:
-        report = ipcluster.silence_report(fresh, still)
+        report = silence_report(fresh, still)
         fresh.close()
         raise ProviderError(f"engine(s) {', '.join(map(str, still))} registered but answered nothing within "
                             f"{REPORT_TIMEOUT_S} s, through two clients ({report}); their logs are in "

@@ -26,11 +26,12 @@ from typing import Callable, Iterator, Optional
 
 from controller.cluster.policy import Decision, NodeView, Policy, Snapshot
 from controller.cluster.resize import LIVE_NODE_STATES, PENDING_NODE_STATES, Resizer, resize_lock
-from controller.cluster.status import controller_alive
 from controller.config import Config, config_from_dict, config_to_dict
 from controller.errors import ClusterError, ClusterStateError
-from controller.ipp import launch as ipcluster
 from controller.ipp import processes
+from controller.ipp.client import busy_engines
+from controller.ipp.launch import controller_alive
+from controller.ipp.profile import REPO_ROOT
 from controller.store import ClusterRecord, Store
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def _spawn(config: Config, record: ClusterRecord, store: Store) -> int:
     with open(state_dir / f"keeper-{record.id}.log", "ab") as log_file:
         process = subprocess.Popen([sys.executable, "-m", "controller.cluster", str(spec)],
                                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, cwd=str(ipcluster.REPO_ROOT), env=env)
+                                   start_new_session=True, cwd=str(REPO_ROOT), env=env)
     store.clusters.update(record.id, keeper_pid=process.pid)
     log.info("keeper of cluster %s started (pid %d)", record.id, process.pid)
     return process.pid
@@ -148,7 +149,7 @@ class Keeper:
     def snapshot(self, record: ClusterRecord) -> Snapshot:
         client = self.cluster.client
         registered = set(client.ids)
-        busy = ipcluster.busy_engines(client)
+        busy = busy_engines(client)
         leaving = self.store.engines.leaving(record.id)
         engines = self.store.engines.of(record.id)
         states, failing = self._states(record)

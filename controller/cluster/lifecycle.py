@@ -18,11 +18,11 @@ from typing import Any, Callable, Optional
 
 from controller.cluster import joining
 from controller.cluster.resize import LIVE_NODE_STATES
-from controller.cluster.status import controller_alive
 from controller.config import ClusterConfig, Config, override
 from controller.errors import AlreadyRunningError, ClusterError, ProviderError, UsageError
 from controller.ipp import forked_engines, processes
-from controller.ipp import launch as ipcluster
+from controller.ipp.launch import controller_alive, load_cluster, new_cluster, start_controller
+from controller.ipp.profile import engine_environment, engine_file, profile_dir, secure_files, url_file
 from controller.providers import Provider
 from controller.providers.base import Resource
 from controller.store import ClusterRecord, NodeRecord, Store
@@ -112,7 +112,7 @@ class Lifecycle:
         # bad input, missing credentials: fail before anything starts; where the controller must listen
         engine_ip = chosen.preflight(cfg.slaves)
         threads = threads_per_engine(cfg)
-        profile = ipcluster.profile_dir(self.config.state_dir)
+        profile = profile_dir(self.config.state_dir)
         record = self.store.clusters.create(
             name=self.name, provider=cfg.provider, slaves=cfg.slaves, threads_per_engine=threads,
             profile_dir=str(profile), ipp_cluster_id="", price_per_hour=cfg.price_per_hour)
@@ -155,8 +155,8 @@ class Lifecycle:
         # the old controller's files (ipyparallel's cluster file, the connection files): ipyparallel would
         # read stale ones as the new controller's, which writes its own (new ports, new key)
         for path in (profile / "security" / f"cluster-{record.ipp_cluster_id}.json",
-                     ipcluster.url_file(profile, record.ipp_cluster_id),
-                     ipcluster.engine_file(profile, record.ipp_cluster_id)):
+                     url_file(profile, record.ipp_cluster_id),
+                     engine_file(profile, record.ipp_cluster_id)):
             path.unlink(missing_ok=True)
         chosen = self.provider(record.provider)
         engine_ip = chosen.preflight(max(cfg.slaves, len(nodes)), adopting=True)
@@ -189,19 +189,19 @@ class Lifecycle:
         profile = Path(record.profile_dir)
         ipp_cluster = client = None
         try:
-            ipp_cluster = ipcluster.new_cluster(
-                profile, record.ipp_cluster_id, engine_env=ipcluster.engine_environment(threads),
+            ipp_cluster = new_cluster(
+                profile, record.ipp_cluster_id, engine_env=engine_environment(threads),
                 engine_ip=engine_ip, engine_timeout=cfg.engine_timeout,
                 master_grace_minutes=cfg.master_grace_minutes, engines=forked_engines.ForkedEngineSetLauncher)
             chosen.prepare(record)
-            ipcluster.start_controller(ipp_cluster, cfg.engine_timeout,
+            start_controller(ipp_cluster, cfg.engine_timeout,
                                        on_start=lambda pid: self.store.clusters.update(record.id, controller_pid=pid))
-            ipcluster.secure_files(profile)
+            secure_files(profile)
             nodes = bring_up(ipp_cluster)
             client = ipp_cluster.connect_client_sync(timeout=cfg.engine_timeout)
             self._wait_for_engines(client, chosen.expected_engines(nodes), cfg.engine_timeout, profile)
             joining.record_engines(self.store, self.config, record, client, threads, nodes, ipp_cluster=ipp_cluster)
-            ipcluster.secure_files(profile)
+            secure_files(profile)
             self.store.clusters.set_state(record.id, "running")
             joining.warm_engines(client, self.run_spec(), cfg.engine_timeout)
             if cfg.replace_lost or cfg.max_slaves:
@@ -298,7 +298,7 @@ class Lifecycle:
 
         self.store.clusters.set_state(record.id, "stopping")
         keeper.stop(record)  # first: it would replace the engines being stopped
-        ipp_cluster = ipcluster.load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
+        ipp_cluster = load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
         self.teardown(record, self.provider(record.provider), ipp_cluster)
         self.store.clusters.set_state(record.id, "stopped")
 

@@ -22,7 +22,9 @@ from typing import Any, Iterator, Optional, Protocol
 from controller.cluster import joining
 from controller.config import Config
 from controller.errors import ClusterStateError, ProviderError, UsageError
-from controller.ipp import launch as ipcluster
+from controller.ipp.client import busy_engines
+from controller.ipp.launch import load_cluster
+from controller.ipp.profile import secure_files
 from controller.providers import Provider
 from controller.store import ClusterRecord, NodeRecord, Store
 from controller.work.jobs import ROSTER_CHECK_S
@@ -134,7 +136,7 @@ class Resizer:
                 time.sleep(self.poll_s)
             joining.record_engines(self.store, self.host.config, record, client, record.threads_per_engine, nodes,
                                    engine_ids=new, ipp_cluster=ipp_cluster)
-            ipcluster.secure_files(Path(record.profile_dir))
+            secure_files(Path(record.profile_dir))
         except BaseException as error:
             log.warning("the new slaves did not join (%s); releasing them", error)
             self._release(record, provider, ipp_cluster, nodes, f"failed to join: {error}")
@@ -216,7 +218,7 @@ class Resizer:
 
     @staticmethod
     def _busy(client, engine_ids: list[int]) -> list[int]:
-        registered, busy = set(client.ids), ipcluster.busy_engines(client)
+        registered, busy = set(client.ids), busy_engines(client)
         return [e for e in engine_ids if e in registered and e in busy]
 
     def _release(self, record: ClusterRecord, provider: Provider, ipp_cluster, nodes: list[NodeRecord],
@@ -231,11 +233,11 @@ class Resizer:
             for node in nodes:
                 self.store.nodes.update(record.id, node.node_id, note=why)
             if ipp_cluster is not None:
-                ipcluster.secure_files(Path(record.profile_dir))
+                secure_files(Path(record.profile_dir))
 
     @staticmethod
     def _ipp_cluster(record: ClusterRecord, required: bool = True):
-        ipp_cluster = ipcluster.load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
+        ipp_cluster = load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
         if ipp_cluster is None and required:
             raise ClusterStateError(f"the ipyparallel cluster file of cluster {record.ipp_cluster_id} is gone; "
                                     f"run `cluster stop`, then `cluster start`")
@@ -310,5 +312,5 @@ def _new_target(store: Store, record: ClusterRecord, before: int, target: int, w
 
 def busy_nodes(host: ResizeHost, record: ClusterRecord) -> set[str]:
     """Nodes with an engine that runs or holds a task now."""
-    busy = ipcluster.busy_engines(host.client)
+    busy = busy_engines(host.client)
     return {e.node_id for e in host.store.engines.of(record.id) if e.engine_id in busy}

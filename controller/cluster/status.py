@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from controller.cluster.resize import LIVE_NODE_STATES, PENDING_NODE_STATES
 from controller.config import Config
-from controller.ipp import launch as ipcluster
 from controller.ipp import processes
+from controller.ipp.client import connect_client
+from controller.ipp.launch import controller_alive
+from controller.ipp.profile import url_file
 from controller.store import ClusterRecord, EngineRecord, EventRecord, NodeRecord, Store
 
 if TYPE_CHECKING:
@@ -70,11 +72,6 @@ class ClusterStatus:
         return dataclasses.asdict(self)
 
 
-def controller_alive(record: ClusterRecord) -> bool:
-    """The record's controller still runs (its pid alive *and* carrying this cluster's marker)."""
-    return processes.is_marked(record.controller_pid, Path(record.profile_dir), record.ipp_cluster_id)
-
-
 def snapshot(name: str, config: Config, store: Store, provider: "Callable[[str], Provider]") -> ClusterStatus:
     """The cluster ``name`` now; ``provider``: the provider of a name (it lists the nodes)."""
     record = store.clusters.active(name)
@@ -82,7 +79,7 @@ def snapshot(name: str, config: Config, store: Store, provider: "Callable[[str],
         last = store.clusters.latest(name)
         return ClusterStatus(name=name, state="stopped" if last else "none", error=last.error if last else None)
     profile = Path(record.profile_dir)
-    url = ipcluster.url_file(profile, record.ipp_cluster_id)
+    url = url_file(profile, record.ipp_cluster_id)
     alive = controller_alive(record)
     nodes = provider(record.provider).list(record)
     engines = engine_states(record, store, nodes, url if alive else None)
@@ -149,7 +146,7 @@ def _engine_state(record: ClusterRecord, engine: EngineRecord, registered: set[i
 def _registered_engines(url: Path) -> tuple[set[int], dict]:
     """The engine ids the hub knows, and their queues (nothing when it does not answer within 5 s)."""
     try:
-        client = ipcluster.connect(url, timeout=5)
+        client = connect_client(url, timeout=5)
     except Exception:
         return set(), {}
     try:

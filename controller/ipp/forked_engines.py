@@ -27,7 +27,7 @@ from typing import Optional
 import psutil
 from ipyparallel.cluster.launcher import LocalEngineLauncher, LocalEngineSetLauncher, ipengine_cmd_argv
 
-from controller.ipp import launch as ipcluster
+from controller.ipp.profile import engine_file
 from engines.process import forkserver
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _start_server(name: str, profile_dir: str | Path, cluster_id: str, env: dict
     output.parent.mkdir(parents=True, exist_ok=True)
     # it leaves once the controller's engine connection file is gone (with no engine of its own left)
     command = [sys.executable, "-m", "engines.process.forkserver", name,
-               "--controller-file", str(ipcluster.engine_file(Path(profile_dir), cluster_id))]
+               "--controller-file", str(engine_file(Path(profile_dir), cluster_id))]
     with open(output, "ab") as log_file, open(os.devnull, "rb") as stdin:
         # a session of its own, as ipyparallel starts engines: a Ctrl-C at the master's terminal is not for it
         subprocess.Popen(command, stdin=stdin, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=cwd,

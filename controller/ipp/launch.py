@@ -1,4 +1,5 @@
-"""The ipyparallel side of a cluster on the master: profile, controller, connection files, client.
+"""The ipyparallel controller of a cluster: its settings, its start (and restart when a port was taken), and
+whether it still runs.
 
 Named after ipyparallel's ``ipcluster`` command, which does the same by hand.
 
@@ -10,10 +11,8 @@ under state_dir, so clusters with different state_dirs never see each other.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import secrets
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,42 +20,11 @@ from typing import Callable, Optional
 import ipyparallel as ipp
 
 from controller.errors import ProviderError
-from controller.ipp.processes import pid_alive, process_marker
+from controller.ipp.processes import is_marked, pid_alive, process_marker
+from controller.ipp.profile import EVERY_INTERFACE, HEARTBEAT_MS, LOOPBACK, engine_args, engine_file, is_loopback
+from controller.store import ClusterRecord
 
 log = logging.getLogger(__name__)
-
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def engine_environment(threads: int) -> dict[str, str]:
-    """The environment of a local engine: its torch threads, and this checkout's code on its path."""
-    env = {
-        "OMP_NUM_THREADS": str(threads or ""), "MKL_NUM_THREADS": str(threads or ""),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
-    }
-    return {k: v for k, v in env.items() if v}
-
-
-def profile_dir(state_dir: Path) -> Path:
-    return Path(state_dir) / "profile"
-
-
-def url_file(profile: Path, cluster_id: str) -> Path:
-    """The client connection file: a plain ``ipyparallel.Client(path)`` can use it."""
-    return Path(profile) / "security" / f"ipcontroller-{cluster_id}-client.json"
-
-
-def engine_file(profile: Path, cluster_id: str) -> Path:
-    return Path(profile) / "security" / f"ipcontroller-{cluster_id}-engine.json"
-
-
-LOOPBACK = "127.0.0.1"
-EVERY_INTERFACE = ("0.0.0.0", "*", "::")
-
-
-def is_loopback(address: str) -> bool:
-    return address.startswith("127.") or address in ("localhost", "::1")
 
 
 def controller_args(engine_ip: str) -> list[str]:
@@ -82,38 +50,11 @@ def controller_args(engine_ip: str) -> list[str]:
 # the master stores results itself, so the controller keeps none and its memory stays flat.
 # The hub pings engines every 0.8 s and drops one after 4 missed pongs: a slave that vanished without a
 # word (a spot instance taken back, a frozen machine) is noticed within 5 s, not ipyparallel's 33 s.
-HEARTBEAT_MS = 800
 CONTROLLER_ARGS = [
     "--IPController.db_class=NoDB",
     f"--HeartMonitor.period={HEARTBEAT_MS}",
     "--HeartMonitor.max_heartmonitor_misses=4",
 ]
-# an engine checks for the hub's pings every period + 500 ms (ipyparallel's IPEngine.start_heartbeat)
-ENGINE_CHECK_MS = HEARTBEAT_MS + 500
-
-
-def grace_args(master_grace_minutes: float) -> list[str]:
-    """How long an engine waits for a silent controller before it quits: ``[cluster] master_grace_minutes``.
-
-    ipyparallel's engine gives up after 50 missed checks (about 65 s at our heartbeat): a laptop that
-    sleeps longer would lose every remote engine.  With the grace, engines wait, and carry on when
-    the controller answers again; past it they quit, so a master that never comes back does not keep
-    slaves busy for ever.
-    """
-    misses = max(1, math.ceil(master_grace_minutes * 60_000 / ENGINE_CHECK_MS))
-    return [f"--IPEngine.max_heartbeat_misses={misses}"]
-
-
-# every engine (local: this checkout on its path; remote: the engines package uploaded by bootstrap) leaves
-# at once when stopped, and begins importing torch as soon as it registered: engines/process/startup.py;
-# __import__ leaves no name behind in the engine's namespace
-ENGINE_STARTUP = "--IPEngine.startup_command=__import__('engines.process.startup').process.startup.install()"
-
-
-def engine_args(master_grace_minutes: float) -> list[str]:
-    """The arguments of every engine, local or remote.  Passed again by each start of a local engine set: a
-    Cluster rebuilt from its file (``load_cluster``, as `scale` and the keeper do) has lost the config."""
-    return grace_args(master_grace_minutes) + [ENGINE_STARTUP]
 
 
 def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], engine_ip: str = LOOPBACK,
@@ -166,15 +107,6 @@ def engine_set_pids(cluster: Optional[ipp.Cluster]) -> dict[int, str]:
         return {}
     return {launcher.pid: set_id for set_id, engine_set in cluster.engines.items()
             for launcher in getattr(engine_set, "launchers", {}).values() if getattr(launcher, "pid", None)}
-
-
-def secure_files(profile: Path) -> None:
-    """Connection and cluster files are 0600: the connection files carry the HMAC key."""
-    security = Path(profile) / "security"
-    if security.is_dir():
-        os.chmod(security, 0o700)
-        for path in security.iterdir():
-            os.chmod(path, 0o600)
 
 
 def controller_pid(cluster: ipp.Cluster) -> Optional[int]:
@@ -232,105 +164,6 @@ def start_controller(cluster: ipp.Cluster, timeout: float, on_start: Callable[[O
                         "it again", PORT_TAKEN, attempt, starts)
 
 
-def connect(url: Path, timeout: float = 10) -> ipp.Client:
-    if not Path(url).is_file():
-        raise FileNotFoundError(f"connection file {url} is missing: the controller is not running")
-    # positional: ipyparallel 9 ignores the url_file= keyword and falls back to the default profile
-    return ipp.Client(str(url), timeout=timeout)
-
-
-def holds_task(queue: dict) -> bool:
-    """Whether an engine's entry of ``Client.queue_status()`` shows a task running or queued on it."""
-    return bool(queue.get("tasks") or queue.get("queue"))
-
-
-def busy_engines(client: ipp.Client) -> set[int]:
-    """The engines that run or hold a task now, as the controller sees them."""
-    return {engine for engine, queue in client.queue_status().items()
-            if isinstance(engine, int) and holds_task(queue)}
-
-
-def idle_engines(client: ipp.Client) -> list[int]:
-    """The engines registered with ``client`` that have nothing queued or running, as the controller sees now."""
-    queues, registered = client.queue_status(), set(client.ids)
-    return sorted(engine for engine, queue in queues.items() if engine in registered and not holds_task(queue))
-
-
-def confirm_output(client: ipp.Client, targets: list[int], timeout: float) -> list[int]:
-    """Make sure what each of ``targets`` prints and publishes reaches ``client``; return those unconfirmed.
-
-    Engine output takes two ZeroMQ PUB/SUB links (engine to the controller's relay, relay to the client),
-    and a PUB drops every message until the SUB's subscription has reached it. A client just connected, or
-    an engine just registered, can therefore lose its first messages: among them the "idle" status that
-    ``view.execute(block=True)`` and ``%px`` wait for with no timeout, so they hang for ever (1 in 50 new
-    clients on an idle 2-core master, 4 in 100 on a loaded one). Nothing tells a SUB when it is subscribed,
-    so each engine runs empty cells until one's status comes back; as each round sends a new cell, a request
-    lost on its way (a ROUTER drops what it has no connected peer for) is made good too. Call it for idle
-    engines only: a cell queues behind a running task. An engine that leaves meanwhile is neither confirmed
-    nor returned.
-    """
-    confirmed, gone = _run_cells_until_output(client, targets, timeout, enough=len(targets))
-    unconfirmed = sorted(set(targets) - confirmed - gone)
-    if unconfirmed:
-        log.warning("no output of engine(s) %s reached the master within %g s; what they print may be lost",
-                    unconfirmed, timeout)
-    return unconfirmed
-
-
-def silence_report(client: ipp.Client, engines: list[int], timeout: float = 5.0) -> str:
-    """What the controller says of ``engines`` that ``client`` hears nothing from: their queues as the hub
-    counts them (work done there means replies were lost on the way), or that the hub does not answer this
-    client either (then the client's own connection is what is broken)."""
-    answer: dict = {}
-    asking = threading.Thread(target=lambda: answer.update(queues=client.queue_status()), daemon=True)
-    asking.start()
-    asking.join(timeout)
-    io_thread = getattr(client, "_io_thread", None)
-    io = "" if io_thread is None or io_thread.is_alive() else "; the client's IO thread has ended"
-    if "queues" not in answer:
-        return f"the controller did not answer this client within {timeout:g} s either{io}"
-    queues = answer["queues"]
-    return "the controller counts " + "; ".join(
-        f"engine {engine}: " + (", ".join(f"{key} {len(value) if isinstance(value, list) else value}"
-                                          for key, value in sorted(queues[engine].items()))
-                                if engine in queues else "not registered")
-        for engine in engines) + io
-
-
-def confirm_client_output(client: ipp.Client, timeout: float) -> bool:
-    """Make sure a client just connected gets engine output: its own link to the relay is confirmed once any
-    idle engine's empty cell reports back (each engine's link was confirmed when it joined, by
-    ``confirm_output``). False if no engine is idle, or none reported within ``timeout``."""
-    idle = idle_engines(client)[:4]  # one answer is enough; a few in case one is frozen
-    confirmed, gone = _run_cells_until_output(client, idle, timeout, enough=1)
-    if idle and not confirmed and set(idle) - gone:
-        log.warning("no engine output reached this client within %g s; what engines print may be lost", timeout)
-    return bool(confirmed)
-
-
-def _run_cells_until_output(client: ipp.Client, targets: list[int], timeout: float,
-                            enough: int) -> tuple[set[int], set[int]]:
-    """Run empty cells on ``targets`` until ``enough`` of them have had a cell's output arrive, or ``timeout``
-    is up. Returns (those confirmed, those that left the cluster meanwhile). A lost cell's output never
-    comes, so each round sends a new cell and waits on it a little longer than the last."""
-    deadline = time.monotonic() + timeout
-    cells: dict[int, list] = {engine: [] for engine in targets}
-    confirmed: set[int] = set()
-    gone: set[int] = set()
-    patience = 0.1
-    while cells and len(confirmed) < enough and time.monotonic() < deadline:
-        for engine in list(cells):
-            try:
-                cells[engine].append(client[engine].execute("", silent=True, block=False))
-            except IndexError:  # unregistered since: ipyparallel has no such engine any more
-                gone.add(engine)
-                del cells[engine]
-        for engine in list(cells):
-            cells[engine][-1].wait_for_output(max(0.0, min(patience, deadline - time.monotonic())))
-            if any(cell.wait_for_output(0) for cell in cells[engine]):
-                confirmed.add(engine)
-                del cells[engine]
-                if len(confirmed) >= enough:
-                    break
-        patience = min(2 * patience, 2.0)
-    return confirmed, gone
+def controller_alive(record: ClusterRecord) -> bool:
+    """The record's controller still runs (its pid alive *and* carrying this cluster's marker)."""
+    return is_marked(record.controller_pid, Path(record.profile_dir), record.ipp_cluster_id)

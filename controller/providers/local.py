@@ -18,7 +18,8 @@ from typing import Optional
 import ipyparallel as ipp
 
 from controller.ipp import forked_engines, processes
-from controller.ipp import launch as ipcluster
+from controller.ipp.launch import engine_set_pids
+from controller.ipp.profile import engine_args, engine_environment, profile_dir
 from controller.providers.base import Provider, Resource
 from controller.store import ClusterRecord, NodeRecord
 
@@ -40,7 +41,7 @@ class LocalProvider(Provider):
 
     @staticmethod
     def _engine_environment(cluster: ClusterRecord) -> dict[str, str]:
-        return {**ipcluster.engine_environment(cluster.threads_per_engine),
+        return {**engine_environment(cluster.threads_per_engine),
                 **processes.process_marker(Path(cluster.profile_dir), cluster.ipp_cluster_id)}
 
     def add(self, cluster: ClusterRecord, ipp_cluster: ipp.Cluster, count: int) -> list[NodeRecord]:
@@ -48,7 +49,7 @@ class LocalProvider(Provider):
         used = [int(m.group(1)) for n in self.store.nodes.of(cluster.id) for m in [NODE_ID.match(n.node_id)] if m]
         first = max(used, default=0) + 1
         environment = self._engine_environment(cluster)
-        engine_args = ipcluster.engine_args(self.config.cluster.master_grace_minutes)
+        arguments = engine_args(self.config.cluster.master_grace_minutes)
         price = self.config.cluster.price_per_hour / max(1, cluster.target or cluster.slaves)
         nodes = []
         try:
@@ -59,7 +60,7 @@ class LocalProvider(Provider):
                 self.store.nodes.put(cluster.id, node)
                 nodes.append(node)
                 ipp_cluster.start_engines_sync(n=1, engine_set_id=node.node_id, environment=environment,
-                                               engine_args=engine_args)
+                                               engine_args=arguments)
                 node.state = "running"
                 self.store.nodes.put(cluster.id, node)
                 self.hooks.on_step("engine_set")
@@ -100,7 +101,7 @@ class LocalProvider(Provider):
         """Every engine of these sets told at once: ipyparallel stops the sets one by one, waiting for each
         engine to exit before it signals the next."""
         profile = Path(cluster.profile_dir)
-        for pid, set_id in ipcluster.engine_set_pids(ipp_cluster).items():
+        for pid, set_id in engine_set_pids(ipp_cluster).items():
             if set_id in set_ids and processes.is_marked(pid, profile, cluster.ipp_cluster_id):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
@@ -128,7 +129,7 @@ class LocalProvider(Provider):
         Found by the markers in their environment (controller.ipp.processes), which outlive the store:
         the profile they were started for and the cluster's ipyparallel id, ``<name>-<record id>``.
         """
-        profile = ipcluster.profile_dir(self.config.state_dir)
+        profile = profile_dir(self.config.state_dir)
         own = re.compile(r"^.+-\d+$" if everything else rf"^{re.escape(name)}-\d+$")
         found = {}
         for pid in processes.marked_processes(profile):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from controller.errors import ProviderError
-from controller.ipp import launch as ipcluster
+from controller.ipp.profile import engine_args, engine_file, is_loopback, profile_dir
 from controller.providers.remote import transport as rm
 from controller.providers.remote import tunnels
 from controller.store import ClusterRecord, NodeRecord, Store
@@ -89,7 +89,7 @@ def result(future: concurrent.futures.Future):
 
 def engine_connection(cluster: ClusterRecord, timeout: float) -> dict:
     """The controller's engine connection file, once it has written it (it does so after starting)."""
-    path = ipcluster.engine_file(Path(cluster.profile_dir), cluster.ipp_cluster_id)
+    path = engine_file(Path(cluster.profile_dir), cluster.ipp_cluster_id)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -102,7 +102,7 @@ def engine_connection(cluster: ClusterRecord, timeout: float) -> dict:
 
 def tunnelled(connection: dict) -> bool:
     """Engines reach this controller only through SSH reverse tunnels: its engine ports are on loopback."""
-    return ipcluster.is_loopback(str(connection.get("interface", "")).split("://")[-1])
+    return is_loopback(str(connection.get("interface", "")).split("://")[-1])
 
 
 def refuse_one_machine_twice(targets: list["Target"], remotes: list[rm.Remote]) -> None:
@@ -232,7 +232,7 @@ class RemoteEngines:
                              python=self.python,
                              remote_dir=self.remote_dir, engines_per_gpu=self.engines_per_gpu,
                              engines=self.engines_per_host, env=env,
-                             args=tuple(ipcluster.engine_args(self.master_grace_minutes)), owner=owner)
+                             args=tuple(engine_args(self.master_grace_minutes)), owner=owner)
 
     def _bootstrap_one(self, target: Target, remote: rm.Remote, spec: rm.EngineSpec,
                        cancelled: threading.Event) -> rm.Bootstrapped:
@@ -326,7 +326,7 @@ class RemoteEngines:
         controller's engine ports."""
         spec = tunnels.TunnelSpec(hosts=[asdict(t.host) for t in targets], known_hosts=str(self.known_hosts),
                                   ports=rm.engine_ports(connection))
-        pid, slave_ports = tunnels.spawn(spec, folder, profile=ipcluster.profile_dir(self.state_dir),
+        pid, slave_ports = tunnels.spawn(spec, folder, profile=profile_dir(self.state_dir),
                                          cluster_id=cluster_id)
         (folder / "tunnels.pid").write_text(str(pid))
         log.info("SSH reverse tunnels up (pid %s) for %d slave(s)", pid, len(targets))

@@ -39,6 +39,7 @@ import paramiko
 
 from controller.errors import ProviderError
 from controller.ipp.processes import PROCESS_MARKER, is_marked, kill_process_group, process_marker
+from controller.ipp.profile import REPO_ROOT
 from controller.providers.remote.transport import Host, Remote
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def spawn(spec: TunnelSpec, folder: Path, timeout: float = 60, profile: Optional
     log_file = open(folder / "tunnels.log", "ab")
     process = subprocess.Popen([sys.executable, "-m", "controller.providers.remote.tunnels", str(spec_path)],
                                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               start_new_session=True, cwd=str(Path(__file__).resolve().parents[3]), env=env)
+                               start_new_session=True, cwd=str(REPO_ROOT), env=env)
     log_file.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
