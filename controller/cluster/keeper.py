@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from controller.cluster.policy import Decision, NodeView, Policy, Snapshot
-from controller.cluster.resize import LIVE_NODE_STATES, PENDING_NODE_STATES, Resizer, resize_lock
+from controller.cluster.resize import Resizer, resize_lock
 from controller.config import Config, config_from_dict, config_to_dict
 from controller.errors import ClusterError, ClusterStateError
 from controller.ipp import processes
 from controller.ipp.client import busy_engines
 from controller.ipp.launch import controller_alive
 from controller.ipp.profile import REPO_ROOT
-from controller.store import ClusterRecord, Store
+from controller.store import LIVE_NODE_STATES, PENDING_NODE_STATES, ClusterRecord, NodeState, Store
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +220,8 @@ class Keeper:
                 for engine in self.store.engines.of(record.id):
                     if engine.node_id == node.node_id:
                         self.store.engines.mark_leaving(record.id, engine.engine_id, "lost")
-                self.store.nodes.update(record.id, node.node_id, state="lost")
-                node.state = "lost"
+                self.store.nodes.update(record.id, node.node_id, state=NodeState.LOST)
+                node.state = NodeState.LOST
             try:
                 resizer.remove([node], release.why, drain=release.drain)
             except ClusterError as error:

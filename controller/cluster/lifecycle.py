@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from controller.cluster import joining
-from controller.cluster.resize import LIVE_NODE_STATES
 from controller.config import ClusterConfig, Config, override
 from controller.errors import AlreadyRunningError, ClusterError, ProviderError, UsageError
 from controller.ipp import forked_engines, processes
@@ -25,7 +24,7 @@ from controller.ipp.launch import controller_alive, load_cluster, new_cluster, s
 from controller.ipp.profile import engine_environment, engine_file, profile_dir, secure_files, url_file
 from controller.providers import Provider
 from controller.providers.base import Resource
-from controller.store import ClusterRecord, NodeRecord, Store
+from controller.store import LIVE_NODE_STATES, ClusterRecord, NodeRecord, NodeState, Store
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,7 @@ class Lifecycle:
             log.info("cluster %s ran on %s, not %s: its nodes are released, not adopted", existing.id,
                      existing.provider, cfg.provider)
             return None
-        if not any(n.state == "running" for n in self.provider(existing.provider).list(existing)):
+        if not any(n.state == NodeState.RUNNING for n in self.provider(existing.provider).list(existing)):
             return None
         # every node the cluster had, not only those up: ``adopt`` records the others lost
         return existing, [n for n in self.store.nodes.of(existing.id) if n.state in LIVE_NODE_STATES]

@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from controller.store.records import NodeState
+
 # instance states (from the provider's list) of a slave that is gone or going: it will never serve again
-ENDED = ("terminated", "stopped", "stopping", "shutting-down", "gone")
+ENDED = (NodeState.TERMINATED, NodeState.STOPPED, NodeState.STOPPING, NodeState.SHUTTING_DOWN, NodeState.GONE)
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class NodeView:
     alive: int  # of them registered with the controller now
     busy: bool  # an engine of it runs or holds a task
     notice: bool = False  # an engine of it is under a spot interruption notice
-    instance_state: str = "running"  # the provider's word (aws: EC2's state; local/ssh: the store's)
+    instance_state: str = NodeState.RUNNING  # the provider's word (aws: EC2's state; local/ssh: the store's)
     failing: str = ""  # the provider's health check it fails, if any (aws: EC2's status checks)
     launched_at: float = 0.0
 
@@ -120,7 +122,7 @@ class Policy:
             return f"failed its health check ({node.failing})"
         since = self.missing_since.get(node.node_id)
         if since is not None and now - since >= self.lost_after_s:
-            return "engines died" if node.instance_state == "running" else f"no engine ({node.instance_state})"
+            return "engines died" if node.instance_state == NodeState.RUNNING else f"no engine ({node.instance_state})"
         return ""
 
     @staticmethod

@@ -26,14 +26,11 @@ from controller.ipp.client import busy_engines
 from controller.ipp.launch import load_cluster
 from controller.ipp.profile import secure_files
 from controller.providers import Provider
-from controller.store import ClusterRecord, NodeRecord, Store
+from controller.store import LIVE_NODE_STATES, ClusterRecord, NodeRecord, NodeState, Store
 from controller.work.jobs import ROSTER_CHECK_S
 
 log = logging.getLogger(__name__)
 
-# a node in one of these states serves the cluster (or soon will); the others are gone or going
-LIVE_NODE_STATES = ("starting", "bootstrapping", "running", "pending")
-PENDING_NODE_STATES = ("starting", "bootstrapping", "pending")
 LOCK_WAIT_S = 900.0
 
 
@@ -173,7 +170,7 @@ class Resizer:
                 if engine.engine_id not in leaving:  # a notice or loss already recorded keeps its reason
                     self.store.engines.mark_leaving(record.id, engine.engine_id, "drain")
             for node in nodes:
-                self.store.nodes.update(record.id, node.node_id, state="draining")
+                self.store.nodes.update(record.id, node.node_id, state=NodeState.DRAINING)
             marked = time.monotonic()
             if live:
                 # every one, idle too: the stop request is sticky, so a task the hub hands it before the
@@ -208,7 +205,7 @@ class Resizer:
             if engine.node_id in ids and leaving.get(engine.engine_id) == "drain":
                 self.store.engines.mark_leaving(record.id, engine.engine_id, "")
         for node in nodes:
-            self.store.nodes.update(record.id, node.node_id, state="running")
+            self.store.nodes.update(record.id, node.node_id, state=NodeState.RUNNING)
         if live:
             try:  # queued behind a running task, which stops at its boundary and goes on elsewhere
                 client[live].apply_async(clear, "drain")

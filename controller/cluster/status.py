@@ -12,19 +12,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from controller.cluster.resize import LIVE_NODE_STATES, PENDING_NODE_STATES
 from controller.config import Config
 from controller.ipp import processes
 from controller.ipp.client import connect_client
 from controller.ipp.launch import controller_alive
 from controller.ipp.profile import url_file
-from controller.store import ClusterRecord, EngineRecord, EventRecord, NodeRecord, Store
+from controller.store import (
+    LIVE_NODE_STATES,
+    PENDING_NODE_STATES,
+    RELEASED_NODE_STATES,
+    ClusterRecord,
+    EngineRecord,
+    EventRecord,
+    NodeRecord,
+    NodeState,
+    Store,
+)
 
 if TYPE_CHECKING:
     from controller.providers import Provider
 
-# node states that no longer bill
-RELEASED_NODE_STATES = ("terminated", "stopped", "gone", "lost")
 
 
 @dataclass
@@ -163,7 +170,7 @@ def controller_lost_hint(config: Config, store: Store, record: ClusterRecord, no
     the same cluster record: docs/elastic.md); then the runs and sweeps that were running resume
     from their checkpoints.
     """
-    up = [n for n in nodes if n.state not in (*RELEASED_NODE_STATES, "shutting-down")]
+    up = [n for n in nodes if n.state not in (*RELEASED_NODE_STATES, NodeState.SHUTTING_DOWN)]
     parts = ["the controller is gone (the master restarted, or it was killed)"]
     remote = record.provider != "local"
     if up and remote:

@@ -21,7 +21,7 @@ from controller.ipp import forked_engines, processes
 from controller.ipp.launch import engine_set_pids
 from controller.ipp.profile import engine_args, engine_environment, profile_dir
 from controller.providers.base import Provider, Resource
-from controller.store import ClusterRecord, NodeRecord
+from controller.store import ClusterRecord, NodeRecord, NodeState
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,13 @@ class LocalProvider(Provider):
         try:
             for number in range(first, first + count):
                 node = NodeRecord(node_id=f"local-{number}", provider=self.name, host=socket.gethostname(),
-                                  state="starting", market="local", price_per_hour=price, engines=1,
+                                  state=NodeState.STARTING, market="local", price_per_hour=price, engines=1,
                                   launched_at=time.time())
                 self.store.nodes.put(cluster.id, node)
                 nodes.append(node)
                 ipp_cluster.start_engines_sync(n=1, engine_set_id=node.node_id, environment=environment,
                                                engine_args=arguments)
-                node.state = "running"
+                node.state = NodeState.RUNNING
                 self.store.nodes.put(cluster.id, node)
                 self.hooks.on_step("engine_set")
         except BaseException:
@@ -77,7 +77,7 @@ class LocalProvider(Provider):
         with ``add``."""
         now = time.time()
         for node in nodes:
-            self.store.nodes.update(cluster.id, node.node_id, state="stopped", terminated_at=now)
+            self.store.nodes.update(cluster.id, node.node_id, state=NodeState.STOPPED, terminated_at=now)
         return []
 
     def remove(self, cluster: ClusterRecord, ipp_cluster: Optional[ipp.Cluster], nodes: list[NodeRecord]) -> None:
@@ -93,7 +93,7 @@ class LocalProvider(Provider):
             for engine in self.store.engines.of(cluster.id):
                 if engine.node_id == node.node_id and processes.is_marked(engine.pid, profile, cluster.ipp_cluster_id):
                     processes.kill_process_group(engine.pid)
-            node.state, node.terminated_at = "stopped", time.time()
+            node.state, node.terminated_at = NodeState.STOPPED, time.time()
             self.store.nodes.update(cluster.id, node.node_id, state=node.state, terminated_at=node.terminated_at)
 
     @staticmethod
@@ -116,8 +116,8 @@ class LocalProvider(Provider):
         # whatever the launchers missed (a lost cluster file): the cluster's marked processes
         processes.kill_cluster_processes(Path(cluster.profile_dir), cluster.ipp_cluster_id)
         for node in self.store.nodes.of(cluster.id):
-            if node.state != "stopped":
-                node.state, node.terminated_at = "stopped", time.time()
+            if node.state != NodeState.STOPPED:
+                node.state, node.terminated_at = NodeState.STOPPED, time.time()
                 self.store.nodes.put(cluster.id, node)
 
     def list(self, cluster: ClusterRecord) -> list[NodeRecord]:

@@ -17,7 +17,7 @@ from controller.errors import ConfigError, ProviderError
 from controller.providers.base import Provider, SshTarget
 from controller.providers.remote import transport as rm
 from controller.providers.remote.engines import RemoteEngines, Target, engine_address, source_address
-from controller.store import ClusterRecord, NodeRecord
+from controller.store import ClusterRecord, NodeRecord, NodeState
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,12 @@ class SshProvider(Provider):
         timeout (the adoption that just found it dead would wait for it twice)."""
         nodes = self.store.nodes.of(cluster.id)
         now = time.time()
-        in_use = {n.node_id for n in nodes if n.state not in ("stopped", "lost")}
-        lost = {n.node_id for n in nodes if n.state == "lost"}
+        in_use = {n.node_id for n in nodes if n.state not in (NodeState.STOPPED, NodeState.LOST)}
+        lost = {n.node_id for n in nodes if n.state == NodeState.LOST}
         # lost with a time: recorded by an adoption that could not reach the host or restart its engines (the
         # keeper's lost nodes, whose engines died on a host that may well answer, have none)
         unanswered = {n.node_id: now - n.terminated_at for n in nodes
-                      if n.state == "lost" and n.terminated_at and now - n.terminated_at < UNANSWERED_RETRY_S}
+                      if n.state == NodeState.LOST and n.terminated_at and now - n.terminated_at < UNANSWERED_RETRY_S}
         free = sorted((h for h in self.hosts() if str(h) not in in_use and str(h) not in unanswered),
                       key=lambda h: str(h) in lost)
         if len(free) < count:
@@ -113,7 +113,7 @@ class SshProvider(Provider):
         """Bootstrap engines on ``hosts`` (the one path of ``start`` and ``add``)."""
         price = self.config.cluster.price_per_hour / max(len(self.hosts()) if batch else len(hosts), 1)
         now = time.time()
-        targets = [Target(NodeRecord(node_id=str(h), provider=self.name, host=h.address, state="starting",
+        targets = [Target(NodeRecord(node_id=str(h), provider=self.name, host=h.address, state=NodeState.STARTING,
                                      market="owned", price_per_hour=price, public_ip=h.address, launched_at=now), h)
                    for h in hosts]
         return self.engines().start(cluster, targets, tunnel=self.config.ssh.tunnel == "always",
@@ -134,7 +134,7 @@ class SshProvider(Provider):
         now = time.time()
         for node in nodes:
             if node.node_id not in failed:
-                self.store.nodes.update(cluster.id, node.node_id, state="stopped", terminated_at=now)
+                self.store.nodes.update(cluster.id, node.node_id, state=NodeState.STOPPED, terminated_at=now)
         if problems:
             raise ProviderError("could not stop the engines on " + "; ".join(problems)
                                 + ". Stop them there (`cluster ssh NODE`) or run `cluster remove` again")
@@ -147,10 +147,10 @@ class SshProvider(Provider):
             hosts[node_id] = rm.Host.parse(node_id, self.config.ssh.user, self.config.ssh.key_file)
         problems = self.engines().stop(cluster.id, list(hosts.values()))
         failed = {problem.split(": ", 1)[0] for problem in problems}
-        lost = {n.node_id for n in self.store.nodes.of(cluster.id) if n.state == "lost"}
+        lost = {n.node_id for n in self.store.nodes.of(cluster.id) if n.state == NodeState.LOST}
         for node in self.store.nodes.of(cluster.id):
-            if node.state not in ("stopped", "lost") and node.node_id not in failed:
-                node.state, node.terminated_at = "stopped", time.time()
+            if node.state not in (NodeState.STOPPED, NodeState.LOST) and node.node_id not in failed:
+                node.state, node.terminated_at = NodeState.STOPPED, time.time()
                 self.store.nodes.put(cluster.id, node)
         # a host lost while the master was away may never answer again: its engines quit after their grace
         for problem in [p for p in problems if p.split(": ", 1)[0] in lost]:

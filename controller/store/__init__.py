@@ -22,18 +22,23 @@ from controller.store.checkpoints import CheckpointError, CheckpointFiles, fsync
 from controller.store.clusters import ClusterTable, DemandTable, EngineTable, EventTable, NodeTable
 from controller.store.database import Database, StoreBusyError, load_json
 from controller.store.records import (
+    LIVE_NODE_STATES,
+    PENDING_NODE_STATES,
+    RELEASED_NODE_STATES,
     RUN_STATES,
     ClusterRecord,
     EngineRecord,
     EpochRecord,
     EventRecord,
     NodeRecord,
+    NodeState,
     RunRecord,
     new_id,
 )
 from controller.store.runs import EpochTable, RunTable
 
 __all__ = [
+    "LIVE_NODE_STATES", "PENDING_NODE_STATES", "RELEASED_NODE_STATES", "NodeState",
     "RUN_STATES", "CheckpointError", "CheckpointFiles", "ClusterRecord", "Database",
     "EngineRecord", "EpochRecord", "EventRecord", "NodeRecord", "RunRecord", "Store", "StoreBusyError",
     "fsync_dir", "load_json", "new_id",

@@ -1,6 +1,7 @@
 """The rows of the store's own tables as dataclasses (the columns are in controller/store/schema.py)."""
 from __future__ import annotations
 
+import enum
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -44,12 +45,35 @@ class EngineRecord:
     leaving: str = ""  # drain, notice, lost: the scheduler sends it no new task
 
 
+class NodeState(enum.StrEnum):
+    """A node's states: ours, and EC2's instance states, which the aws provider records as EC2 names them."""
+
+    STARTING = "starting"  # being brought up: a local engine set started, an SSH host picked
+    PENDING = "pending"  # EC2: launched, not running yet
+    BOOTSTRAPPING = "bootstrapping"  # reached over SSH; its engines being started
+    RUNNING = "running"
+    DRAINING = "draining"  # its engines finish their tasks before it is released
+    SHUTTING_DOWN = "shutting-down"  # EC2
+    STOPPING = "stopping"  # EC2
+    STOPPED = "stopped"
+    TERMINATED = "terminated"
+    GONE = "gone"  # no longer in the cloud's list, though nobody here released it
+    LOST = "lost"  # its engines died, or it did not answer: released as lost
+
+
+# a node in one of these states serves the cluster (or soon will); the others are gone or going
+LIVE_NODE_STATES = (NodeState.STARTING, NodeState.BOOTSTRAPPING, NodeState.RUNNING, NodeState.PENDING)
+PENDING_NODE_STATES = (NodeState.STARTING, NodeState.BOOTSTRAPPING, NodeState.PENDING)
+# no longer billed
+RELEASED_NODE_STATES = (NodeState.TERMINATED, NodeState.STOPPED, NodeState.GONE, NodeState.LOST)
+
+
 @dataclass
 class NodeRecord:
     node_id: str
     provider: str
     host: str = ""
-    state: str = ""
+    state: str = ""  # a NodeState, or EC2's word for an instance the store does not know ("untracked (...)")
     instance_id: str = ""
     instance_type: str = ""
     zone: str = ""

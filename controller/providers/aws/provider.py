@@ -22,7 +22,7 @@ from controller.providers.aws.prices import INSTANCE_TYPE, price_of
 from controller.providers.base import Provider, Resource, SshTarget
 from controller.providers.remote import transport as rm
 from controller.providers.remote.engines import RemoteEngines, Target, engine_connection, tunnelled
-from controller.store import ClusterRecord, NodeRecord
+from controller.store import ClusterRecord, NodeRecord, NodeState
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class AwsProvider(Provider):
         for node in gone:
             log.warning("instance %s of cluster %s is gone (not running in EC2); recorded lost", node.instance_id,
                         cluster.id)
-            self.store.nodes.update(cluster.id, node.node_id, state="lost", terminated_at=now)
+            self.store.nodes.update(cluster.id, node.node_id, state=NodeState.LOST, terminated_at=now)
         if not targets:
             return []
         adopted, lost = self.engines().adopt(cluster, targets, tunnel=tunnel, timeout=timeout)
@@ -219,14 +219,14 @@ class AwsProvider(Provider):
             log.warning("terminating instance(s) %s: running but not adoptable", ", ".join(unreachable))
             self._terminate_nodes(cluster, self.ec2(), unreachable)
             for instance_id in unreachable:
-                self.store.nodes.update(cluster.id, instance_id, state="lost")
+                self.store.nodes.update(cluster.id, instance_id, state=NodeState.LOST)
         return adopted
 
     def remove(self, cluster: ClusterRecord, ipp_cluster, nodes: list[NodeRecord]) -> None:
         """Stop these nodes' engines (politely, best effort) and terminate their instances."""
         key_file = network.key_file_of(self.config, self.cluster_name)
         hosts = {n.node_id: rm.Host(n.ssh_host, n.ssh_port or 22, self.config.aws.ssh_user, key_file)
-                 for n in nodes if n.ssh_host and n.state == "running"}
+                 for n in nodes if n.ssh_host and n.state == NodeState.RUNNING}
         self.engines().stop_hosts(cluster.id, hosts, quiet=True)
         self._terminate_nodes(cluster, self.ec2(), [n.instance_id for n in nodes if n.instance_id])
 
@@ -237,7 +237,7 @@ class AwsProvider(Provider):
         result = ec2_calls.terminate_and_check(ec2, ids, self.hooks.waiter_delay)
         now = time.time()
         for instance_id in result.released:
-            self.store.nodes.update(cluster.id, instance_id, state="terminated", terminated_at=now)
+            self.store.nodes.update(cluster.id, instance_id, state=NodeState.TERMINATED, terminated_at=now)
         if result.left:
             raise ProviderError(left_message(result.left))
 
@@ -280,7 +280,7 @@ class AwsProvider(Provider):
         nodes = self.store.nodes.of(cluster.id)
         by_region: dict[str, list[str]] = {}
         for node in nodes:
-            if node.instance_id and node.state != "terminated":
+            if node.instance_id and node.state != NodeState.TERMINATED:
                 by_region.setdefault(region_of(node.zone) or self.config.aws.region, []).append(node.instance_id)
         configured = self.config.aws.region
         # where the key pair and group were created: the launch region (it differs once [aws] region is edited)
@@ -297,8 +297,8 @@ class AwsProvider(Provider):
         for node in nodes:
             if node.instance_id in result.left:
                 node.state = result.left[node.instance_id].split(":")[0]
-            elif node.state != "terminated":
-                node.state, node.terminated_at = "terminated", node.terminated_at or now
+            elif node.state != NodeState.TERMINATED:
+                node.state, node.terminated_at = NodeState.TERMINATED, node.terminated_at or now
             self.store.nodes.put(cluster.id, node)
         if result.left:
             raise ProviderError(left_message(result.left))
@@ -403,8 +403,8 @@ class AwsProvider(Provider):
             log.warning("could not list instances in AWS: %s", error)
             return list(nodes.values())
         for node in nodes.values():
-            if node.instance_id and node.instance_id not in live and node.state not in ("terminated", "stopped"):
-                node.state = "gone"
+            if node.instance_id and node.instance_id not in live and node.state not in (NodeState.TERMINATED, NodeState.STOPPED):
+                node.state = NodeState.GONE
             elif node.instance_id in live:
                 node.state = live[node.instance_id]["State"]["Name"]
         for instance_id, instance in live.items():
@@ -418,7 +418,7 @@ class AwsProvider(Provider):
         """EC2's status checks: a slave whose hardware (system) or OS (instance) check is impaired."""
         by_region: dict[str, dict[str, str]] = {}
         for node in self.store.nodes.of(cluster.id):
-            if node.instance_id and node.state == "running":
+            if node.instance_id and node.state == NodeState.RUNNING:
                 by_region.setdefault(region_of(node.zone) or self.config.aws.region, {})[node.instance_id] = node.node_id
         failing = {}
         for region, nodes in by_region.items():

@@ -22,7 +22,7 @@ from controller.errors import ProviderError
 from controller.ipp.profile import engine_args, engine_file, is_loopback, profile_dir
 from controller.providers.remote import transport as rm
 from controller.providers.remote import tunnels
-from controller.store import ClusterRecord, NodeRecord, Store
+from controller.store import ClusterRecord, NodeRecord, NodeState, Store
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class RemoteEngines:
                                                      self.tunnel_dir / batch if batch else self.tunnel_dir)
                     self.on_step("tunnels")
                 for target in targets:  # recorded before engines start (the store is used from this thread only)
-                    target.node.state = "bootstrapping"
+                    target.node.state = NodeState.BOOTSTRAPPING
                     self.store.nodes.put(cluster.id, target.node)
                 futures = [pool.submit(self._bootstrap_one, t, r,
                                        self._spec(r, connection, tunnel, owner, slave_ports.get(t.node.node_id)),
@@ -309,14 +309,14 @@ class RemoteEngines:
         now = time.time()
         for node_id, why in lost.items():
             log.warning("node %s of cluster %s is lost: %s", node_id, cluster.id, why)
-            self.store.nodes.update(cluster.id, node_id, state="lost", terminated_at=now)
+            self.store.nodes.update(cluster.id, node_id, state=NodeState.LOST, terminated_at=now)
         return adopted, lost
 
     def _record(self, cluster: ClusterRecord, node: NodeRecord, result: rm.Bootstrapped) -> NodeRecord:
         for pid in result.pids:
             self.store.execute("INSERT OR REPLACE INTO remote_engines VALUES (?, ?, ?, ?)",
                                (cluster.id, node.node_id, pid, result.remote_dir))
-        node.host, node.engines, node.state = result.hostname, len(result.pids), "running"
+        node.host, node.engines, node.state = result.hostname, len(result.pids), NodeState.RUNNING
         self.store.nodes.put(cluster.id, node)
         return node
 
