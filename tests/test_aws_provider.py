@@ -298,7 +298,7 @@ class TestASpotSlave:
         assert done.returncode == 0 and done.stdout.strip() == host.hostname, done.stderr
 
     def test_scale_up_and_down_and_a_spot_notice_gets_a_replacement_instance(self, spot):
-        from controller.cluster.keeper import Keeper
+        from controller.cluster.keeper_loop import Keeper
 
         cluster, ec2, mapped = spot.cluster, spot.ec2, spot.mapped
         state_of = lambda i: ec2.describe_instances(InstanceIds=[i])["Reservations"][0]["Instances"][0]["State"]["Name"]  # noqa: E731

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from controller.api import Cluster
-from controller.cluster.keeper import Keeper
+from controller.cluster.keeper_loop import Keeper
 from controller.cluster.policy import NodeView, Policy, Snapshot
 from controller.providers.aws.ec2 import tags
 from controller.store import NodeRecord

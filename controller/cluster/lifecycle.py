@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from controller.cluster import joining
+from controller.cluster import joining, keeper
 from controller.config import ClusterConfig, Config, override
 from controller.errors import AlreadyRunningError, ClusterError, ProviderError, UsageError
 from controller.ipp import forked_engines, processes
@@ -144,8 +144,6 @@ class Lifecycle:
         recorded lost; fewer adopted than ``cfg.slaves`` are made up with ``add``; more are all kept (the
         target becomes their count; `cluster scale` turns the extra off). On any failure, Ctrl-C included,
         everything of the cluster is released as after a failed start."""
-        from controller.cluster import keeper
-
         profile = Path(record.profile_dir)
         keeper.stop(record)
         # what is left of the old master side (schedulers, tunnel holders, local engines in their grace)
@@ -183,8 +181,6 @@ class Lifecycle:
         """The one path of ``start`` and ``adopt``: the controller, the nodes ``bring_up(ipp_cluster)`` returns,
         the wait for their engines, their warm-up, the keeper. Any failure, Ctrl-C included, tears down
         what was started."""
-        from controller.cluster import keeper
-
         profile = Path(record.profile_dir)
         ipp_cluster = client = None
         try:
@@ -293,8 +289,6 @@ class Lifecycle:
         return self.provider(self.config.cluster.provider).find_orphans(self.name, all_clusters, any_owner)
 
     def stop_record(self, record: ClusterRecord) -> None:
-        from controller.cluster import keeper
-
         self.store.clusters.set_state(record.id, "stopping")
         keeper.stop(record)  # first: it would replace the engines being stopped
         ipp_cluster = load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
