@@ -22,8 +22,9 @@ import pytest
 from controller.api import Cluster
 from controller.ipp import processes
 from controller.ipp.profile import ENGINE_CHECK_MS
+from controller.providers.base import SshTarget
 from controller.providers.remote import tunnels
-from controller.providers.remote.transport import Host, Remote
+from controller.providers.remote.transport import SshConnection
 from tests.conftest import engines_holding_tasks, make_config, wait_until
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
 
@@ -171,9 +172,9 @@ def test_a_controller_port_taken_on_the_slave_by_a_connection_is_forwarded_from_
     TIME_WAIT for a minute after), so the slave's end of each forward is a port its sshd picks free, and
     the holder says which: asking for the controller's own number there once failed a start for 60 s."""
     host = hosts.hosts[0]
-    slave = Host(host.address, 22, SLAVE_USER, str(hosts.key))
+    slave = SshTarget(host.address, 22, SLAVE_USER, str(hosts.key))
     known_hosts = tmp_path / "known_hosts"
-    Remote.connect(slave, known_hosts, timeout=20).close()  # records the host key, as start does
+    SshConnection.connect(slave, known_hosts, timeout=20).close()  # records the host key, as start does
     with echo_server() as port:
         taken = subprocess.Popen(["ip", "netns", "exec", host.ns, sys.executable, "-c", CONNECTION_FROM_PORT,
                                   str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -203,9 +204,9 @@ def test_the_tunnel_holder_reconnects_and_waits_for_the_forward_the_slave_still_
     session lost in a laptop sleep looks); the holder gives up on it, reconnects, finds the port still
     held by the old session, asks again until the slave lets go, and the forward carries traffic again."""
     host = hosts.hosts[0]
-    slave = Host(host.address, 22, SLAVE_USER, str(hosts.key))
+    slave = SshTarget(host.address, 22, SLAVE_USER, str(hosts.key))
     known_hosts = tmp_path / "known_hosts"
-    Remote.connect(slave, known_hosts, timeout=20).close()  # records the host key, as start does
+    SshConnection.connect(slave, known_hosts, timeout=20).close()  # records the host key, as start does
 
     with echo_server() as port:
         ready = tmp_path / "ready"

@@ -23,7 +23,9 @@ import torch
 
 from controller.api import Cluster
 from controller.errors import ProviderError
-from controller.providers.remote.transport import engines_digest
+from controller.providers.base import SshTarget
+from controller.providers.remote.bootstrap import STAMP, EngineSpec, bootstrap, engines_digest, stamped
+from controller.providers.remote.transport import SshConnection
 from tests.conftest import cluster_pids, make_config, master_restarts, wait_until
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
 
@@ -166,7 +168,7 @@ def test_a_master_that_lost_its_state_dir_stops_the_engine_its_earlier_start_lef
     shutil.chown(stamp, SLAVE_USER, SLAVE_USER)
     stack = contextlib.ExitStack()
     try:
-        with caplog.at_level(logging.INFO, logger="controller.providers.remote.transport"):
+        with caplog.at_level(logging.INFO, logger="controller.providers.remote"):
             before.start()
         assert "engines missing since the last bootstrap" in caplog.text
         assert json.loads(stamp.read_text())["torch"] == torch.__version__
@@ -177,7 +179,7 @@ def test_a_master_that_lost_its_state_dir_stops_the_engine_its_earlier_start_lef
         (run_dir / "engine-7.pid").write_text(f"{reused.pid}\n")
         caplog.clear()
 
-        with caplog.at_level(logging.INFO, logger="controller.providers.remote.transport"):
+        with caplog.at_level(logging.INFO, logger="controller.providers.remote"):
             status = after.start()
 
         assert "engine code and python as verified by an earlier bootstrap" in caplog.text
@@ -237,16 +239,15 @@ def test_a_stamp_whose_gpu_count_the_slave_no_longer_shows_means_a_full_bootstra
     see. The slave's device files are counted at every start; a count unlike the stamp's is verified again."""
     import logging
 
-    from controller.providers.remote import transport as rm
 
-    spec = rm.EngineSpec(tag="stamp-test", connection={}, python=sys.executable, remote_dir="~/.cluster-engine-stamp")
-    host = rm.Host(hosts.hosts[1].address, user=SLAVE_USER, key_file=str(hosts.key))
-    with rm.Remote.connect(host, tmp_path / "known_hosts") as remote:
-        base, stamp = rm.bootstrap(remote, spec)
-        assert stamp["gpus"] == 0 and rm.stamped(remote, spec) == (base, stamp)
-        remote.put(json.dumps({**stamp, "gpus": 1}).encode(), f"{base}/{rm.STAMP}", mode=0o600)
-        with caplog.at_level(logging.INFO, logger="controller.providers.remote.transport"):
-            assert rm.stamped(remote, spec) is None
+    spec = EngineSpec(tag="stamp-test", connection={}, python=sys.executable, remote_dir="~/.cluster-engine-stamp")
+    host = SshTarget(hosts.hosts[1].address, user=SLAVE_USER, key_file=str(hosts.key))
+    with SshConnection.connect(host, tmp_path / "known_hosts") as remote:
+        base, stamp = bootstrap(remote, spec)
+        assert stamp["gpus"] == 0 and stamped(remote, spec) == (base, stamp)
+        remote.put(json.dumps({**stamp, "gpus": 1}).encode(), f"{base}/{STAMP}", mode=0o600)
+        with caplog.at_level(logging.INFO, logger="controller.providers.remote.bootstrap"):
+            assert stamped(remote, spec) is None
         remote.run(f"rm -rf {base}")
     assert "0 GPU device(s) where the last bootstrap counted 1" in caplog.text
 
@@ -254,13 +255,14 @@ def test_a_stamp_whose_gpu_count_the_slave_no_longer_shows_means_a_full_bootstra
 def test_a_slave_sees_none_of_the_masters_paths_and_is_not_root(tmp_path, tiny_data_dir, hosts):
     """The namespace slaves are honest: another user, and the master's checkout, home, state_dir and
     data_dir do not exist there; only the Python environment is."""
-    from controller.providers.remote.transport import Host, Remote
+    from controller.providers.base import SshTarget
+    from controller.providers.remote.transport import SshConnection
     from tests.netns import REPO, hidden_dirs, python_environment
 
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    host = Host(hosts.hosts[0].address, user=SLAVE_USER, key_file=str(hosts.key))
-    with Remote.connect(host, tmp_path / "known_hosts") as remote:
+    host = SshTarget(hosts.hosts[0].address, user=SLAVE_USER, key_file=str(hosts.key))
+    with SshConnection.connect(host, tmp_path / "known_hosts") as remote:
         assert remote.run("id -un")[1].strip() == SLAVE_USER
         for path in (REPO / "controller", state_dir, tiny_data_dir):
             status, _, _ = remote.run(f"test -e {path}/. && ls -A {path} | grep -q .", check=False)
@@ -273,10 +275,11 @@ def test_a_slave_sees_none_of_the_masters_paths_and_is_not_root(tmp_path, tiny_d
 
 
 def test_a_command_filling_stderr_does_not_block_remote_run(tmp_path, hosts):
-    from controller.providers.remote.transport import Host, Remote
+    from controller.providers.base import SshTarget
+    from controller.providers.remote.transport import SshConnection
 
-    host = Host(hosts.hosts[0].address, user=SLAVE_USER, key_file=str(hosts.key))
-    with Remote.connect(host, tmp_path / "known_hosts") as remote:
+    host = SshTarget(hosts.hosts[0].address, user=SLAVE_USER, key_file=str(hosts.key))
+    with SshConnection.connect(host, tmp_path / "known_hosts") as remote:
         # 4 MB on stderr before anything on stdout: more than the channel's window
         status, out, err = remote.run("head -c 4000000 /dev/zero | tr '\\0' x >&2; echo done", timeout=30)
     assert status == 0 and out.strip() == "done" and len(err) == 4_000_000

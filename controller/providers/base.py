@@ -22,11 +22,31 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SshTarget:
-    host: str
+    """Where a node's sshd listens and how to log in: the one SSH endpoint type (bootstrap, tunnels, stop,
+    `cluster ssh`). ``known_hosts``: the file its host key is checked against, for an ``ssh`` command line."""
+
+    address: str
     port: int = 22
     user: str = ""
     key_file: str = ""
     known_hosts: str = ""
+
+    @classmethod
+    def parse(cls, text: str, user: str = "", key_file: str = "") -> "SshTarget":
+        """``host`` or ``host:port`` (an IPv6 address in brackets: ``[::1]:2222``)."""
+        text = text.strip()
+        address, port = text, 22
+        if text.startswith("["):
+            address, _, rest = text[1:].partition("]")
+            if rest.startswith(":"):
+                port = int(rest[1:])
+        elif text.count(":") == 1:
+            address, port_text = text.split(":")
+            port = int(port_text)
+        return cls(address=address, port=port, user=user, key_file=key_file)
+
+    def __str__(self) -> str:
+        return self.address if self.port == 22 else f"{self.address}:{self.port}"
 
     def command(self) -> list[str]:
         """An ``ssh`` command line that reaches the node, host keys checked."""
@@ -35,7 +55,7 @@ class SshTarget:
             cmd += ["-i", self.key_file]
         if self.known_hosts:
             cmd += ["-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes"]
-        cmd.append(f"{self.user}@{self.host}" if self.user else self.host)
+        cmd.append(f"{self.user}@{self.address}" if self.user else self.address)
         return cmd
 
 

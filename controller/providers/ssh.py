@@ -7,6 +7,7 @@ the background.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import time
@@ -15,8 +16,9 @@ from typing import Optional
 
 from controller.errors import ConfigError, ProviderError
 from controller.providers.base import Provider, SshTarget
-from controller.providers.remote import transport as rm
-from controller.providers.remote.engines import RemoteEngines, Target, engine_address, source_address
+from controller.providers.remote.connection import engine_address, source_address
+from controller.providers.remote.engines import RemoteEngines, Target
+from controller.providers.remote.transport import load_key
 from controller.store import ClusterRecord, NodeRecord, NodeState
 
 log = logging.getLogger(__name__)
@@ -30,14 +32,14 @@ class SshProvider(Provider):
     name = "ssh"
     STEPS = ("ssh", "tunnels", "bootstrap")  # tunnels: only with [ssh] tunnel = always
 
-    def hosts(self) -> list[rm.Host]:
+    def hosts(self) -> list[SshTarget]:
         cfg = self.config.ssh
         if not cfg.hosts:
             raise ConfigError(f"{self.config.source}: [ssh] hosts is empty; list the slaves, e.g. hosts = gpu1, gpu2:2222")
         hosts = []
         for text in cfg.hosts:
             try:
-                hosts.append(rm.Host.parse(text, cfg.user, str(Path(cfg.key_file).expanduser()) if cfg.key_file else ""))
+                hosts.append(SshTarget.parse(text, cfg.user, str(Path(cfg.key_file).expanduser()) if cfg.key_file else ""))
             except ValueError:
                 raise ConfigError(f"{self.config.source}: [ssh] hosts: {text!r} is not host or host:port") from None
         return hosts
@@ -73,7 +75,7 @@ class SshProvider(Provider):
         if slaves > len(hosts):
             raise ConfigError(f"--slaves {slaves}: [ssh] hosts lists only {len(hosts)} machine(s)")
         if hosts[0].key_file:
-            rm._load_key(hosts[0].key_file)  # a missing or unreadable key: say so now
+            load_key(hosts[0].key_file)  # a missing or unreadable key: say so now
         # tunnels: engines come through SSH to loopback; else the interface that reaches the slaves
         if self.config.ssh.tunnel == "always":
             return "127.0.0.1"
@@ -109,7 +111,7 @@ class SshProvider(Provider):
         batch = f"add-{int(time.time() * 1000)}"
         return self._bring_up(cluster, free[:count], batch=batch)
 
-    def _bring_up(self, cluster: ClusterRecord, hosts: list[rm.Host], batch: str) -> list[NodeRecord]:
+    def _bring_up(self, cluster: ClusterRecord, hosts: list[SshTarget], batch: str) -> list[NodeRecord]:
         """Bootstrap engines on ``hosts`` (the one path of ``start`` and ``add``)."""
         price = self.config.cluster.price_per_hour / max(len(self.hosts()) if batch else len(hosts), 1)
         now = time.time()
@@ -122,13 +124,13 @@ class SshProvider(Provider):
     def adopt(self, cluster: ClusterRecord, ipp_cluster, nodes: list[NodeRecord]) -> list[NodeRecord]:
         """The hosts of ``nodes`` that answer SSH: old engines stopped, new ones started (see ``RemoteEngines.adopt``)."""
         cfg = self.config.ssh
-        targets = [Target(node, rm.Host.parse(node.node_id, cfg.user, cfg.key_file)) for node in nodes]
+        targets = [Target(node, SshTarget.parse(node.node_id, cfg.user, cfg.key_file)) for node in nodes]
         adopted, _ = self.engines().adopt(cluster, targets, tunnel=cfg.tunnel == "always",
                                           timeout=self.config.cluster.engine_timeout)
         return adopted
 
     def remove(self, cluster: ClusterRecord, ipp_cluster, nodes: list[NodeRecord]) -> None:
-        hosts = {n.node_id: rm.Host.parse(n.node_id, self.config.ssh.user, self.config.ssh.key_file) for n in nodes}
+        hosts = {n.node_id: SshTarget.parse(n.node_id, self.config.ssh.user, self.config.ssh.key_file) for n in nodes}
         problems = self.engines().stop_hosts(cluster.id, hosts)
         failed = {problem.split(": ", 1)[0] for problem in problems}
         now = time.time()
@@ -144,7 +146,7 @@ class SshProvider(Provider):
         # the configured hosts too: engines of this cluster may run where the store does not know
         hosts = {str(h): h for h in self.hosts()} if self.config.ssh.hosts else {}
         for node_id in stored - set(hosts):
-            hosts[node_id] = rm.Host.parse(node_id, self.config.ssh.user, self.config.ssh.key_file)
+            hosts[node_id] = SshTarget.parse(node_id, self.config.ssh.user, self.config.ssh.key_file)
         problems = self.engines().stop(cluster.id, list(hosts.values()))
         failed = {problem.split(": ", 1)[0] for problem in problems}
         lost = {n.node_id for n in self.store.nodes.of(cluster.id) if n.state == NodeState.LOST}
@@ -176,7 +178,6 @@ class SshProvider(Provider):
         return self.store.nodes.of(cluster.id)
 
     def ssh_target(self, node: NodeRecord) -> SshTarget:
-        host = rm.Host.parse(node.node_id, self.config.ssh.user, self.config.ssh.key_file)
-        return SshTarget(host=host.address, port=host.port, user=host.user,
-                         key_file=str(Path(host.key_file).expanduser()) if host.key_file else "",
-                         known_hosts=str(self.known_hosts()))
+        host = SshTarget.parse(node.node_id, self.config.ssh.user, self.config.ssh.key_file)
+        return dataclasses.replace(host, key_file=str(Path(host.key_file).expanduser()) if host.key_file else "",
+                                   known_hosts=str(self.known_hosts()))

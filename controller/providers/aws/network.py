@@ -15,8 +15,8 @@ from controller.config import AwsConfig, Config
 from controller.errors import ConfigError, ProviderError
 from controller.providers.aws.ec2 import TOOL, tags
 from controller.providers.aws.errors import call, classify, error_code
-from controller.providers.remote import transport as rm
-from controller.providers.remote.engines import local_addresses
+from controller.providers.base import SshTarget
+from controller.providers.remote.connection import local_addresses
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +138,13 @@ def use_tunnel(cfg: AwsConfig, found_subnets: list[dict]) -> bool:
     return not inside
 
 
-def host_of(instance: dict, cfg: AwsConfig, key_file: str, tunnel: bool, address_hook: AddressHook = None) -> rm.Host:
+def host_of(instance: dict, cfg: AwsConfig, key_file: str, tunnel: bool, address_hook: AddressHook = None) -> SshTarget:
     """Where SSH reaches ``instance``: its public address through tunnels, else its private one."""
     if address_hook is not None:
         address, port = address_hook(instance, key_file)
-        return rm.Host(address, port, cfg.ssh_user, key_file)
+        return SshTarget(address, port, cfg.ssh_user, key_file)
     address = instance.get("PublicIpAddress") if tunnel else instance.get("PrivateIpAddress")
     if not address:
         raise ProviderError(f"{instance['InstanceId']} has no {'public' if tunnel else 'private'} address; "
                             f"use a subnet that assigns public IPs, or run the master inside the VPC")
-    return rm.Host(address, 22, cfg.ssh_user, key_file)
+    return SshTarget(address, 22, cfg.ssh_user, key_file)

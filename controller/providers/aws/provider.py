@@ -20,8 +20,8 @@ from controller.providers.aws.ec2 import TAG_CLUSTER, TAG_OWNER, TOOL, Release, 
 from controller.providers.aws.errors import call, classify, error_code
 from controller.providers.aws.prices import INSTANCE_TYPE, price_of
 from controller.providers.base import Provider, Resource, SshTarget
-from controller.providers.remote import transport as rm
-from controller.providers.remote.engines import RemoteEngines, Target, engine_connection, tunnelled
+from controller.providers.remote.connection import engine_connection, tunnelled
+from controller.providers.remote.engines import RemoteEngines, Target
 from controller.store import ClusterRecord, NodeRecord, NodeState
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class AwsProvider(Provider):
                 if instance is None or instance.get("State", {}).get("Name") != "running":
                     gone.append(node)
                     continue
-                host = (rm.Host(node.ssh_host, node.ssh_port or 22, cfg.ssh_user, key_file) if node.ssh_host
+                host = (SshTarget(node.ssh_host, node.ssh_port or 22, cfg.ssh_user, key_file) if node.ssh_host
                         else network.host_of(instance, cfg, key_file, tunnel, self.hooks.address))
                 node.ssh_host, node.ssh_port = host.address, host.port
                 targets.append(Target(node, host))
@@ -225,7 +225,7 @@ class AwsProvider(Provider):
     def remove(self, cluster: ClusterRecord, ipp_cluster, nodes: list[NodeRecord]) -> None:
         """Stop these nodes' engines (politely, best effort) and terminate their instances."""
         key_file = network.key_file_of(self.config, self.cluster_name)
-        hosts = {n.node_id: rm.Host(n.ssh_host, n.ssh_port or 22, self.config.aws.ssh_user, key_file)
+        hosts = {n.node_id: SshTarget(n.ssh_host, n.ssh_port or 22, self.config.aws.ssh_user, key_file)
                  for n in nodes if n.ssh_host and n.state == NodeState.RUNNING}
         self.engines().stop_hosts(cluster.id, hosts, quiet=True)
         self._terminate_nodes(cluster, self.ec2(), [n.instance_id for n in nodes if n.instance_id])
@@ -354,7 +354,7 @@ class AwsProvider(Provider):
                     continue
                 node = reached.get(instance["InstanceId"])
                 if node is not None:  # where bootstrap reached it (and recorded its host key)
-                    hosts.append(rm.Host(node.ssh_host, node.ssh_port or 22, self.config.aws.ssh_user, key_file))
+                    hosts.append(SshTarget(node.ssh_host, node.ssh_port or 22, self.config.aws.ssh_user, key_file))
                     continue
                 try:
                     hosts.append(network.host_of(instance, self.config.aws, key_file,
@@ -432,5 +432,5 @@ class AwsProvider(Provider):
             address, port = node.ssh_host, node.ssh_port or 22
         else:  # a node recorded before the address was stored
             address, port = (node.public_ip if self.config.aws.tunnel != "never" else node.private_ip), 22
-        return SshTarget(host=address or node.private_ip, port=port, user=self.config.aws.ssh_user, key_file=key_file,
+        return SshTarget(address=address or node.private_ip, port=port, user=self.config.aws.ssh_user, key_file=key_file,
                          known_hosts=str(self.folder() / "known_hosts"))

@@ -7,11 +7,7 @@ that reaches the slaves (``engine_address``).
 from __future__ import annotations
 
 import concurrent.futures
-import ipaddress
-import json
 import logging
-import socket
-import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -19,9 +15,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from controller.errors import ProviderError
-from controller.ipp.profile import engine_args, engine_file, is_loopback, profile_dir
-from controller.providers.remote import transport as rm
+from controller.ipp.profile import engine_args, profile_dir
+from controller.providers.base import SshTarget
 from controller.providers.remote import tunnels
+from controller.providers.remote.bootstrap import Bootstrapped, EngineSpec, start_on_slave
+from controller.providers.remote.connection import connection_for, engine_connection, engine_ports
+from controller.providers.remote.data_sync import sync_data
+from controller.providers.remote.ownership import owner_of, stop_engines
+from controller.providers.remote.transport import Cancel, SshConnection
 from controller.store import ClusterRecord, NodeRecord, NodeState, Store
 
 log = logging.getLogger(__name__)
@@ -31,45 +32,6 @@ log = logging.getLogger(__name__)
 ADOPT_CONNECT_S = 15.0
 
 
-def local_addresses() -> list[ipaddress.IPv4Interface]:
-    """The master's IPv4 interface addresses (empty when ``ip`` is not there: then nothing is 'local')."""
-    try:
-        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    found = []
-    for line in out.splitlines():
-        parts = line.split()
-        if "inet" in parts:
-            found.append(ipaddress.IPv4Interface(parts[parts.index("inet") + 1]))
-    return found
-
-
-def source_address(host: str, port: int = 22) -> str:
-    """The master's address on the interface its routes use to reach ``host`` ('' if none; sends nothing)."""
-    try:
-        family, kind, proto, _, target = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.connect(target)
-            return probe.getsockname()[0]
-    except OSError:
-        return ""
-
-
-def engine_address(sources: list[str]) -> str:
-    """Where the controller's engine ports listen: the one address every slave is reached from.
-
-    Slaves behind different interfaces leave only every interface (0.0.0.0, client
-    ports included: they share the registration port); the controller then requires
-    CurveZMQ (controller.ipp.launch), as it does for any address beyond loopback.
-    """
-    found = set(sources)
-    if len(found) == 1 and "" not in found:
-        return found.pop()
-    log.warning("the slaves are reached from %s: the controller listens on every interface, CurveZMQ-encrypted "
-                "(tunnel = always, or slaves behind one interface, keep it to one address)",
-                ", ".join(sorted(a or "no route" for a in found)))
-    return "0.0.0.0"
 
 
 def result(future: concurrent.futures.Future):
@@ -87,25 +49,9 @@ def result(future: concurrent.futures.Future):
                 raise
 
 
-def engine_connection(cluster: ClusterRecord, timeout: float) -> dict:
-    """The controller's engine connection file, once it has written it (it does so after starting)."""
-    path = engine_file(Path(cluster.profile_dir), cluster.ipp_cluster_id)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            if time.monotonic() > deadline:
-                raise ProviderError(f"the controller wrote no engine connection file {path} within {timeout:.0f} s") from None
-            time.sleep(0.1)
 
 
-def tunnelled(connection: dict) -> bool:
-    """Engines reach this controller only through SSH reverse tunnels: its engine ports are on loopback."""
-    return is_loopback(str(connection.get("interface", "")).split("://")[-1])
-
-
-def refuse_one_machine_twice(targets: list["Target"], remotes: list[rm.Remote]) -> None:
+def refuse_one_machine_twice(targets: list["Target"], remotes: list[SshConnection]) -> None:
     """Two names of one machine (an address and a DNS name, two ports of one sshd) would share its run dir,
     and the second bootstrap would stop the engines the first started. One boot id and one hostname make one
     machine: network namespaces and containers on one kernel share the boot id, not the hostname."""
@@ -130,7 +76,7 @@ class Target:
     """One node to bootstrap and how to reach it."""
 
     node: NodeRecord
-    host: rm.Host
+    host: SshTarget
 
 
 class RemoteEngines:
@@ -172,11 +118,11 @@ class RemoteEngines:
         owner = self._owner(cluster.id)
         # set on any failure, Ctrl-C included: it breaks every connect attempt, command and upload in
         # flight, so the worker threads end in a moment instead of after their timeouts (minutes)
-        cancelled = rm.Cancel()
+        cancelled = Cancel()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets)))
 
-        def connect(target: Target) -> rm.Remote:
-            remote = rm.Remote.connect(target.host, self.known_hosts, timeout=timeout, cancelled=cancelled)
+        def connect(target: Target) -> SshConnection:
+            remote = SshConnection.connect(target.host, self.known_hosts, timeout=timeout, cancelled=cancelled)
             cancelled.on_cancel(remote.close)
             return remote
 
@@ -221,25 +167,25 @@ class RemoteEngines:
     def _owner(self, cluster_id: Optional[int]) -> str:
         """This cluster as its slaves' run dirs record it (the controller read here: the store is this thread's)."""
         record = self.store.clusters.get(cluster_id) if cluster_id is not None else None
-        return rm.owner_of(record.controller_pid if record is not None else None, self.state_dir)
+        return owner_of(record.controller_pid if record is not None else None, self.state_dir)
 
-    def _spec(self, remote: rm.Remote, connection: dict, tunnel: bool, owner: str,
-              slave_ports: Optional[dict[int, int]] = None) -> rm.EngineSpec:
+    def _spec(self, remote: SshConnection, connection: dict, tunnel: bool, owner: str,
+              slave_ports: Optional[dict[int, int]] = None) -> EngineSpec:
         """What starts the engines on one slave; through tunnels, on that slave's ends of them."""
         address = "127.0.0.1" if tunnel else remote.local_address
         env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)} if self.threads else {}
-        return rm.EngineSpec(tag=self.tag, connection=rm.connection_for(connection, address, slave_ports),
+        return EngineSpec(tag=self.tag, connection=connection_for(connection, address, slave_ports),
                              python=self.python,
                              remote_dir=self.remote_dir, engines_per_gpu=self.engines_per_gpu,
                              engines=self.engines_per_host, env=env,
                              args=tuple(engine_args(self.master_grace_minutes)), owner=owner)
 
-    def _bootstrap_one(self, target: Target, remote: rm.Remote, spec: rm.EngineSpec,
-                       cancelled: threading.Event) -> rm.Bootstrapped:
+    def _bootstrap_one(self, target: Target, remote: SshConnection, spec: EngineSpec,
+                       cancelled: threading.Event) -> Bootstrapped:
         """In a worker thread: remote work only (the store belongs to the calling thread)."""
         if self.data_dir and self.master_data_dir is not None:
-            rm.sync_data(remote, self.master_data_dir, self.data_dir)
-        return rm.start(remote, spec, cancelled)
+            sync_data(remote, self.master_data_dir, self.data_dir)
+        return start_on_slave(remote, spec, cancelled)
 
     # adopt --------------------------------------------------------------------------
     def adopt(self, cluster: ClusterRecord, targets: list[Target], tunnel: bool, timeout: float = 300,
@@ -256,25 +202,25 @@ class RemoteEngines:
         connection = engine_connection(cluster, timeout)
         owner = self._owner(cluster.id)
         known = self._recorded_pids(cluster.id)
-        cancelled = rm.Cancel()
+        cancelled = Cancel()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, max(1, len(targets))))
 
-        def connect(target: Target) -> rm.Remote:
+        def connect(target: Target) -> SshConnection:
             # record_new=False: an adopted node must show the host key its bootstrap recorded
-            remote = rm.Remote.connect(target.host, self.known_hosts, timeout=connect_timeout, record_new=False,
+            remote = SshConnection.connect(target.host, self.known_hosts, timeout=connect_timeout, record_new=False,
                                        cancelled=cancelled)
             cancelled.on_cancel(remote.close)
             return remote
 
-        def restart(target: Target, remote: rm.Remote) -> rm.Bootstrapped:
-            left = rm.stop_engines(remote, self.remote_dir, self.tag, known.get(target.node.node_id, ()), owner)
+        def restart(target: Target, remote: SshConnection) -> Bootstrapped:
+            left = stop_engines(remote, self.remote_dir, self.tag, known.get(target.node.node_id, ()), owner)
             if left:
                 raise ProviderError(f"its old engine(s) {', '.join(map(str, left))} still run after SIGKILL")
             spec = self._spec(remote, connection, tunnel, owner, slave_ports.get(target.node.node_id))
-            return rm.start(remote, spec, cancelled)
+            return start_on_slave(remote, spec, cancelled)
 
         lost: dict[str, str] = {}
-        remotes: dict[str, rm.Remote] = {}
+        remotes: dict[str, SshConnection] = {}
         adopted: list[NodeRecord] = []
         try:
             for target, future in [(t, pool.submit(connect, t)) for t in targets]:
@@ -312,7 +258,7 @@ class RemoteEngines:
             self.store.nodes.update(cluster.id, node_id, state=NodeState.LOST, terminated_at=now)
         return adopted, lost
 
-    def _record(self, cluster: ClusterRecord, node: NodeRecord, result: rm.Bootstrapped) -> NodeRecord:
+    def _record(self, cluster: ClusterRecord, node: NodeRecord, result: Bootstrapped) -> NodeRecord:
         for pid in result.pids:
             self.store.execute("INSERT OR REPLACE INTO remote_engines VALUES (?, ?, ?, ?)",
                                (cluster.id, node.node_id, pid, result.remote_dir))
@@ -325,7 +271,7 @@ class RemoteEngines:
         """A holder process for the reverse tunnels of ``targets``; by node id, each one's port for each of the
         controller's engine ports."""
         spec = tunnels.TunnelSpec(hosts=[asdict(t.host) for t in targets], known_hosts=str(self.known_hosts),
-                                  ports=rm.engine_ports(connection))
+                                  ports=engine_ports(connection))
         pid, slave_ports = tunnels.spawn(spec, folder, profile=profile_dir(self.state_dir),
                                          cluster_id=cluster_id)
         (folder / "tunnels.pid").write_text(str(pid))
@@ -333,7 +279,7 @@ class RemoteEngines:
         return {t.node.node_id: ports for t, ports in zip(targets, slave_ports)}
 
     # stop -------------------------------------------------------------------------
-    def stop(self, cluster_id: Optional[int], hosts: list[rm.Host], quiet: bool = False) -> list[str]:
+    def stop(self, cluster_id: Optional[int], hosts: list[SshTarget], quiet: bool = False) -> list[str]:
         """Stop the engines of this cluster on every host, then the tunnels. Returns the problems met."""
         problems = self._stop_engines(cluster_id, hosts, quiet)
         self.stop_tunnels()
@@ -341,7 +287,7 @@ class RemoteEngines:
             self.store.execute("DELETE FROM remote_engines WHERE cluster_id = ?", (cluster_id,))
         return problems
 
-    def stop_hosts(self, cluster_id: int, hosts: dict[str, rm.Host], quiet: bool = False) -> list[str]:
+    def stop_hosts(self, cluster_id: int, hosts: dict[str, SshTarget], quiet: bool = False) -> list[str]:
         """Stop the engines on these nodes (node id -> host) only, and the tunnels that served them alone."""
         problems = self._stop_engines(cluster_id, list(hosts.values()), quiet)
         for node_id in hosts:
@@ -366,18 +312,18 @@ class RemoteEngines:
             known[node_id] = (*known.get(node_id, ()), pid)
         return known
 
-    def _stop_engines(self, cluster_id: Optional[int], hosts: list[rm.Host], quiet: bool) -> list[str]:
+    def _stop_engines(self, cluster_id: Optional[int], hosts: list[SshTarget], quiet: bool) -> list[str]:
         problems = []
         known = self._recorded_pids(cluster_id) if cluster_id is not None else {}
         owner = self._owner(cluster_id)
 
-        def stop_one(host: rm.Host) -> None:
+        def stop_one(host: SshTarget) -> None:
             # a host never contacted has no recorded key: nothing of ours can run there
             if not self._key_recorded(host):
                 return
-            with rm.Remote.connect(host, self.known_hosts, timeout=20, record_new=False) as remote:
+            with SshConnection.connect(host, self.known_hosts, timeout=20, record_new=False) as remote:
                 pids = tuple(p for node_id, ps in known.items() if node_id in (str(host), host.address) for p in ps)
-                left = rm.stop_engines(remote, self.remote_dir, self.tag, pids, owner)
+                left = stop_engines(remote, self.remote_dir, self.tag, pids, owner)
             if left:
                 raise ProviderError(f"engine process(es) {', '.join(map(str, left))} still running after SIGKILL")
 
@@ -400,7 +346,7 @@ class RemoteEngines:
                 tunnels.kill(int(pid_file.read_text() or 0))
                 pid_file.unlink(missing_ok=True)
 
-    def _key_recorded(self, host: rm.Host) -> bool:
+    def _key_recorded(self, host: SshTarget) -> bool:
         import paramiko
 
         if not self.known_hosts.exists():

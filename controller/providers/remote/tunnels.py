@@ -40,7 +40,8 @@ import paramiko
 from controller.errors import ProviderError
 from controller.ipp.processes import PROCESS_MARKER, is_marked, kill_process_group, process_marker
 from controller.ipp.profile import REPO_ROOT
-from controller.providers.remote.transport import Host, Remote
+from controller.providers.base import SshTarget
+from controller.providers.remote.transport import SshConnection
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +127,10 @@ def answers(transport, timeout: float) -> bool:
 class Holder:
     """The reverse forwards of one slave: (re)connect, (re)request every port, probe the session."""
 
-    def __init__(self, host: Host, spec: TunnelSpec):
+    def __init__(self, host: SshTarget, spec: TunnelSpec):
         self.host = host
         self.spec = spec
-        self.remote: Optional[Remote] = None
+        self.remote: Optional[SshConnection] = None
         self.forwarded: set[int] = set()  # controller ports forwarded on the current session
         self.slave_ports: dict[int, int] = {}  # controller port -> the slave's port for it, kept across sessions
         self.probed = 0.0
@@ -151,7 +152,7 @@ class Holder:
                 self.remote.close()
                 log.warning("tunnel to %s dropped; reconnecting", self.host)
             self.remote, self.forwarded = None, set()
-            self.remote = Remote.connect(self.host, Path(self.spec.known_hosts), timeout=60, record_new=False)
+            self.remote = SshConnection.connect(self.host, Path(self.spec.known_hosts), timeout=60, record_new=False)
             self.probed = time.monotonic()
             transport = self.remote.client.get_transport()
         missing = sorted(set(self.spec.ports) - self.forwarded)
@@ -183,7 +184,7 @@ class Holder:
 def hold(spec: TunnelSpec, stop: Optional[threading.Event] = None) -> None:
     """Open the reverse forwards on every host and keep them up (reconnecting) until ``stop``."""
     stop = stop or threading.Event()
-    holders = [Holder(Host(**h), spec) for h in spec.hosts]
+    holders = [Holder(SshTarget(**h), spec) for h in spec.hosts]
     ready = False
     try:
         while True:
