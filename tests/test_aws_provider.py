@@ -566,7 +566,7 @@ def test_slaves_launch_with_imdsv2_required(tmp_path, tiny_data_dir, moto_url, e
         (described,) = ec2_calls.describe(client, [launched["InstanceId"]])
         options = described["MetadataOptions"]
         assert options["HttpTokens"] == "required" and options["HttpPutResponseHopLimit"] == 1
-        provider.release(client, "test")
+        provider.releaser().release(client, "test")
     assert tagged(ec2) == NOTHING
 
 
@@ -713,7 +713,7 @@ def test_capacity_falls_through_types_and_zones_then_on_demand(tmp_path, tiny_da
         with pytest.raises(CapacityError, match="only 0 of the 2 slaves.*on_demand_fallback"):
             ec2_calls.launch(client, config.aws, "test", image(ec2), subnets, key, group, slaves=2, required=2)
         assert len(tagged(ec2)["instances"]) == 2
-        provider.release(client, "test")
+        provider.releaser().release(client, "test")
         assert tagged(ec2) == NOTHING
 
     config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), extra="on_demand_fallback = true")
@@ -727,7 +727,7 @@ def test_capacity_falls_through_types_and_zones_then_on_demand(tmp_path, tiny_da
         got = ec2_calls.launch(client, config.aws, "test", image(ec2), subnets, key, group, slaves=2, required=2)
         assert {i["_market"] for i in got} == {"on-demand"} and {i["InstanceType"] for i in got} == {"g4dn.xlarge"}
         assert provider.node_of(client, got[0], image(ec2)).price_per_hour == aws.ON_DEMAND_USD["g4dn.xlarge"]
-        provider.release(client, "test")
+        provider.releaser().release(client, "test")
     assert tagged(ec2) == NOTHING
 
 

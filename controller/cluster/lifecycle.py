@@ -158,7 +158,7 @@ class Lifecycle:
         chosen = self.provider(record.provider)
         engine_ip = chosen.preflight(max(cfg.slaves, len(nodes)), adopting=True)
         threads = threads_per_engine(cfg)
-        self.store.execute("DELETE FROM engines WHERE cluster_id = ?", (record.id,))  # the old hub's ids
+        self.store.engines.forget(record.id)  # the old hub's ids
         self.store.clusters.update(record.id, state="starting", error=None, controller_pid=None, keeper_pid=None,
                                    threads_per_engine=threads, min_slaves=cfg.min_slaves, max_slaves=cfg.max_slaves,
                                    idle_minutes=cfg.idle_minutes, replace_lost=int(cfg.replace_lost))

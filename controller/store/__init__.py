@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from controller.store.checkpoints import CheckpointError, CheckpointFiles, fsync_dir
-from controller.store.clusters import ClusterTable, DemandTable, EngineTable, EventTable, NodeTable
+from controller.store.clusters import ClusterTable, DemandTable, EngineTable, EventTable, NodeTable, RemoteEngineTable
 from controller.store.database import Database, StoreBusyError, load_json
 from controller.store.records import (
     LIVE_NODE_STATES,
@@ -54,6 +54,7 @@ class Store(Database):
         self.clusters = ClusterTable(self)
         self.nodes = NodeTable(self)
         self.engines = EngineTable(self)
+        self.remote_engines = RemoteEngineTable(self)
         self.events = EventTable(self)
         self.demand = DemandTable(self)
         self.runs = RunTable(self)

@@ -89,6 +89,10 @@ class EngineTable:
         rows = self.db.execute("SELECT * FROM engines WHERE cluster_id = ? ORDER BY engine_id", (cluster_id,))
         return [row_to(EngineRecord, r) for r in rows]
 
+    def forget(self, cluster_id: int) -> None:
+        """Drop every engine row of the cluster (a new controller numbers its engines afresh)."""
+        self.db.execute("DELETE FROM engines WHERE cluster_id = ?", (cluster_id,))
+
     def mark_leaving(self, cluster_id: int, engine_id: int, reason: str) -> None:
         """The engine gets no new task from any master (``reason``: drain, notice, lost; "" calls it off)."""
         self.db.update("engines", {"cluster_id": cluster_id, "engine_id": engine_id}, {"leaving": reason or None})
@@ -98,6 +102,33 @@ class EngineTable:
         rows = self.db.execute("SELECT engine_id, leaving FROM engines WHERE cluster_id = ? AND leaving IS NOT NULL"
                                " AND leaving != ''", (cluster_id,))
         return {row["engine_id"]: row["leaving"] for row in rows}
+
+
+class RemoteEngineTable:
+    """The engines started on SSH-reached nodes, by pid: what a stop signals there, local state or not."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def add(self, cluster_id: int, node_id: str, pids: list[int], remote_dir: str) -> None:
+        for pid in pids:
+            self.db.execute("INSERT OR REPLACE INTO remote_engines VALUES (?, ?, ?, ?)",
+                            (cluster_id, node_id, pid, remote_dir))
+
+    def pids(self, cluster_id: int) -> dict[str, tuple[int, ...]]:
+        """Node id -> the pids of the engines started there for the cluster, as recorded at their start."""
+        found: dict[str, tuple[int, ...]] = {}
+        for node_id, pid in self.db.execute("SELECT node_id, pid FROM remote_engines WHERE cluster_id = ?",
+                                            (cluster_id,)):
+            found[node_id] = (*found.get(node_id, ()), pid)
+        return found
+
+    def forget(self, cluster_id: int, node_id: Optional[str] = None) -> None:
+        """Drop the rows of the cluster's engines (of one node only, when given)."""
+        if node_id is None:
+            self.db.execute("DELETE FROM remote_engines WHERE cluster_id = ?", (cluster_id,))
+        else:
+            self.db.execute("DELETE FROM remote_engines WHERE cluster_id = ? AND node_id = ?", (cluster_id, node_id))
 
 
 class EventTable:

@@ -16,11 +16,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from controller.config import AwsConfig, Config
 from controller.errors import CapacityError, ConfigError, ProviderError
 from controller.providers.aws.errors import AWS_ERRORS, call, classify, error_code
+from controller.store import NodeRecord
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,15 @@ def region_of(zone: str) -> str:
     """us-east-1a -> us-east-1 (local zones too: us-west-2-lax-1a -> us-west-2); '' when unknown."""
     match = REGION_OF_ZONE.match(zone or "")
     return match.group(1) if match else ""
+
+
+def nodes_by_region(nodes: Iterable[NodeRecord], default: str) -> dict[str, list[NodeRecord]]:
+    """Nodes grouped by the region of their zone (``default`` for a node with no zone recorded): every EC2
+    call on them goes to its own region's endpoint."""
+    grouped: dict[str, list[NodeRecord]] = {}
+    for node in nodes:
+        grouped.setdefault(region_of(node.zone) or default, []).append(node)
+    return grouped
 
 
 @functools.cache

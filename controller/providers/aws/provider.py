@@ -11,14 +11,15 @@ import logging
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from controller.errors import ClusterStateError, ConfigError, ProviderError
 from controller.providers.aws import ec2 as ec2_calls
 from controller.providers.aws import network
-from controller.providers.aws.ec2 import TAG_CLUSTER, TAG_OWNER, TOOL, Release, left_message, region_of
-from controller.providers.aws.errors import call, classify, error_code
+from controller.providers.aws.ec2 import TOOL, Release, left_message, nodes_by_region
+from controller.providers.aws.errors import classify, error_code
 from controller.providers.aws.prices import INSTANCE_TYPE, price_of
+from controller.providers.aws.release import Releaser, find_orphans
 from controller.providers.base import Provider, Resource, SshTarget
 from controller.providers.remote.connection import engine_connection, tunnelled
 from controller.providers.remote.engines import RemoteEngines, Target
@@ -118,7 +119,7 @@ class AwsProvider(Provider):
                                   launched_ids, batch="")
         except BaseException as error:
             log.warning("aws start failed (%s); releasing everything of cluster %s", error, self.cluster_name)
-            left = self.release(ec2, self.cluster_name, instance_ids=launched_ids).left
+            left = self.releaser().release(ec2, self.cluster_name, instance_ids=launched_ids).left
             if left:
                 log.error("%s", left_message(left))
             raise
@@ -191,11 +192,8 @@ class AwsProvider(Provider):
         timeout = max(300, self.config.cluster.engine_timeout)
         tunnel = tunnelled(engine_connection(cluster, timeout))
         key_file = network.key_file_of(self.config, self.cluster_name)
-        by_region: dict[str, list[NodeRecord]] = {}
-        for node in nodes:
-            by_region.setdefault(region_of(node.zone) or cfg.region, []).append(node)
         targets, gone = [], []
-        for region, members in by_region.items():
+        for region, members in nodes_by_region(nodes, cfg.region).items():
             live = {i["InstanceId"]: i for i in ec2_calls.describe_ids(self.ec2(region), [n.instance_id for n in members])}
             for node in members:
                 instance = live.get(node.instance_id)
@@ -278,10 +276,9 @@ class AwsProvider(Provider):
         if any(e.kind == REFUSED for e in self.store.events.latest(cluster.id)):
             return  # they belong to another start of this cluster; `cluster stop` releases them
         nodes = self.store.nodes.of(cluster.id)
-        by_region: dict[str, list[str]] = {}
-        for node in nodes:
-            if node.instance_id and node.state != NodeState.TERMINATED:
-                by_region.setdefault(region_of(node.zone) or self.config.aws.region, []).append(node.instance_id)
+        billed = [n for n in nodes if n.instance_id and n.state != NodeState.TERMINATED]
+        by_region = {region: [n.instance_id for n in members]
+                     for region, members in nodes_by_region(billed, self.config.aws.region).items()}
         configured = self.config.aws.region
         # where the key pair and group were created: the launch region (it differs once [aws] region is edited)
         home = configured if not by_region or configured in by_region else next(iter(by_region))
@@ -290,7 +287,7 @@ class AwsProvider(Provider):
             if by_region.get(region) and region != configured:
                 log.warning("instances %s were launched in %s, not in [aws] region %s; terminating them there",
                             ", ".join(by_region[region]), region, configured)
-            result.add(self.release(self.ec2(region), self.cluster_name, cluster_id=cluster.id,
+            result.add(self.releaser().release(self.ec2(region), self.cluster_name, cluster_id=cluster.id,
                                     instance_ids=by_region.get(region, []),
                                     own_files=region == home and not result.left))  # keys stay while any is left
         now = time.time()
@@ -305,92 +302,19 @@ class AwsProvider(Provider):
 
     def find_orphans(self, name: str, everything: bool = False, any_owner: bool = False) -> list[Resource]:
         """What ``release_orphans`` with the same arguments would end (for ``stop --all`` to show first)."""
-        ec2 = self.ec2()
-        found = []
-        for instance in ec2_calls.instances(ec2, name, everything, any_owner):
-            tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
-            found.append(Resource("instance", instance["InstanceId"], tags.get(TAG_CLUSTER, ""), tags.get(TAG_OWNER, ""),
-                                  f"{instance.get('InstanceType', '')} {instance.get('State', {}).get('Name', '')}"))
-        filters = ec2_calls.tag_filter(name, everything, any_owner)
-        for group in call("finding security groups", ec2.describe_security_groups, Filters=filters)["SecurityGroups"]:
-            tags = {t["Key"]: t["Value"] for t in group.get("Tags", [])}
-            found.append(Resource("security-group", group["GroupId"], tags.get(TAG_CLUSTER, ""), tags.get(TAG_OWNER, "")))
-        for pair in call("finding key pairs", ec2.describe_key_pairs, Filters=filters)["KeyPairs"]:
-            tags = {t["Key"]: t["Value"] for t in pair.get("Tags", [])}
-            found.append(Resource("key-pair", pair["KeyName"], tags.get(TAG_CLUSTER, ""), tags.get(TAG_OWNER, "")))
-        return found
+        return find_orphans(self.ec2(), name, everything, any_owner)
+
+    def releaser(self) -> Releaser:
+        return Releaser(self.config, self.store, self.engines(), self.hooks)
 
     def release_orphans(self, name: str, everything: bool = False, any_owner: bool = False,
                         only: Optional[set[str]] = None) -> list[str]:
         """Everything tagged for this cluster (``everything``: every cluster) of this owner (``any_owner``: of
         anyone) in the region, local state or not; ``only``: just these ids (what the user agreed to)."""
-        result = self.release(self.ec2(), name, everything=everything, any_owner=any_owner, only=only)
+        result = self.releaser().release(self.ec2(), name, everything=everything, any_owner=any_owner, only=only)
         if result.left:
             raise ProviderError(left_message(result.left))
         return result.released
-
-    def release(self, ec2: Any, name: str, everything: bool = False, cluster_id: Optional[int] = None, *,
-                any_owner: bool = False, instance_ids: Iterable[str] = (),
-                only: Optional[set[str]] = None, own_files: bool = True) -> Release:
-        """Stop engines, terminate instances, delete the group and key pair. Safe twice.
-
-        Found by tag, plus ``instance_ids`` (from the launch replies or the store) and, for one
-        cluster, the group and key pair this master created (recorded under state_dir; ``own_files``:
-        this is the region they were created in).  What could not be terminated is in ``left``; the
-        group and keys stay then, so the instances stay reachable.
-        """
-        keep = (lambda item: item in only) if only is not None else (lambda item: True)
-        instances = [i for i in ec2_calls.instances(ec2, name, everything, any_owner) if keep(i["InstanceId"])]
-        known = {i["InstanceId"] for i in instances}
-        extra = [i for i in dict.fromkeys(instance_ids) if i not in known]
-        instances += [i for i in ec2_calls.describe_ids(ec2, extra)
-                      if i.get("State", {}).get("Name") in ec2_calls.LIVE_STATES]
-        if not everything:
-            hosts = []
-            reached = {n.instance_id: n for n in self.store.nodes.of(cluster_id) if n.ssh_host} if cluster_id else {}
-            key_file = network.key_file_of(self.config, name)
-            for instance in instances:
-                if instance.get("State", {}).get("Name") != "running":
-                    continue
-                node = reached.get(instance["InstanceId"])
-                if node is not None:  # where bootstrap reached it (and recorded its host key)
-                    hosts.append(SshTarget(node.ssh_host, node.ssh_port or 22, self.config.aws.ssh_user, key_file))
-                    continue
-                try:
-                    hosts.append(network.host_of(instance, self.config.aws, key_file,
-                                                 self.config.aws.tunnel != "never", self.hooks.address))
-                except ProviderError:
-                    pass
-            # engines first, politely (best effort: termination ends them anyway), then the tunnels
-            self.engines().stop(cluster_id, hosts, quiet=True)
-        else:
-            self.engines().stop_tunnels()
-        result = ec2_calls.terminate_and_check(ec2, [i["InstanceId"] for i in instances], self.hooks.waiter_delay)
-        if result.left:  # their group and key must stay: deleting them fails, or locks the owner out
-            return result
-        filters = ec2_calls.tag_filter(name, everything, any_owner)
-        groups = [g["GroupId"] for g in call("finding security groups", ec2.describe_security_groups,
-                                             Filters=filters)["SecurityGroups"] if keep(g["GroupId"])]
-        pairs = [k["KeyName"] for k in call("finding key pairs", ec2.describe_key_pairs,
-                                            Filters=filters)["KeyPairs"] if keep(k["KeyName"])]
-        folder = self.config.state_dir / "aws" / name
-        if own_files and not everything and folder.is_dir():
-            # what this master created, whoever the tags now say it belongs to (user or hostname changed)
-            group_file = folder / "security_group"
-            if group_file.exists() and group_file.read_text().strip() not in groups:
-                groups.append(group_file.read_text().strip())
-            pairs += [p.stem for p in folder.glob(f"{TOOL}-*.pem") if p.stem not in pairs]
-        for group_id in groups:
-            network.delete_group(ec2, group_id)
-            result.released.append(group_id)
-        for pair in pairs:
-            call("deleting a key pair", ec2.delete_key_pair, KeyName=pair)
-            result.released.append(pair)
-        folders = [p for p in (self.config.state_dir / "aws").glob("*")] if everything else [folder] if own_files else []
-        for path in (p for f in folders if f.is_dir() for p in f.glob("*")):  # private and host keys of the released
-            if path.is_file() and (path.suffix == ".pem" or path.name in ("known_hosts", "security_group")):
-                path.unlink()
-        return result
 
     # listing ------------------------------------------------------------------------------
     def list(self, cluster: ClusterRecord) -> list[NodeRecord]:
@@ -416,12 +340,10 @@ class AwsProvider(Provider):
 
     def failing_health_checks(self, cluster: ClusterRecord) -> dict[str, str]:
         """EC2's status checks: a slave whose hardware (system) or OS (instance) check is impaired."""
-        by_region: dict[str, dict[str, str]] = {}
-        for node in self.store.nodes.of(cluster.id):
-            if node.instance_id and node.state == NodeState.RUNNING:
-                by_region.setdefault(region_of(node.zone) or self.config.aws.region, {})[node.instance_id] = node.node_id
+        running = [n for n in self.store.nodes.of(cluster.id) if n.instance_id and n.state == NodeState.RUNNING]
         failing = {}
-        for region, nodes in by_region.items():
+        for region, members in nodes_by_region(running, self.config.aws.region).items():
+            nodes = {n.instance_id: n.node_id for n in members}
             for instance_id, why in ec2_calls.failing_checks(self.ec2(region), list(nodes)).items():
                 failing[nodes[instance_id]] = f"EC2 {why}"
         return failing

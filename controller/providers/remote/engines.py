@@ -201,7 +201,7 @@ class RemoteEngines:
         the caller releases them as after a failed start."""
         connection = engine_connection(cluster, timeout)
         owner = self._owner(cluster.id)
-        known = self._recorded_pids(cluster.id)
+        known = self.store.remote_engines.pids(cluster.id)
         cancelled = Cancel()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, max(1, len(targets))))
 
@@ -240,8 +240,7 @@ class RemoteEngines:
                 except Exception as error:  # noqa: BLE001 - one broken node must not cost the others
                     lost[target.node.node_id] = str(error)
                     continue
-                self.store.execute("DELETE FROM remote_engines WHERE cluster_id = ? AND node_id = ?",
-                                   (cluster.id, target.node.node_id))
+                self.store.remote_engines.forget(cluster.id, target.node.node_id)
                 adopted.append(self._record(cluster, target.node, started))
                 self.on_step("adopt")  # not one of the providers' STEPS: those are start's
         except BaseException:
@@ -259,9 +258,7 @@ class RemoteEngines:
         return adopted, lost
 
     def _record(self, cluster: ClusterRecord, node: NodeRecord, result: Bootstrapped) -> NodeRecord:
-        for pid in result.pids:
-            self.store.execute("INSERT OR REPLACE INTO remote_engines VALUES (?, ?, ?, ?)",
-                               (cluster.id, node.node_id, pid, result.remote_dir))
+        self.store.remote_engines.add(cluster.id, node.node_id, result.pids, result.remote_dir)
         node.host, node.engines, node.state = result.hostname, len(result.pids), NodeState.RUNNING
         self.store.nodes.put(cluster.id, node)
         return node
@@ -284,14 +281,14 @@ class RemoteEngines:
         problems = self._stop_engines(cluster_id, hosts, quiet)
         self.stop_tunnels()
         if cluster_id is not None:
-            self.store.execute("DELETE FROM remote_engines WHERE cluster_id = ?", (cluster_id,))
+            self.store.remote_engines.forget(cluster_id)
         return problems
 
     def stop_hosts(self, cluster_id: int, hosts: dict[str, SshTarget], quiet: bool = False) -> list[str]:
         """Stop the engines on these nodes (node id -> host) only, and the tunnels that served them alone."""
         problems = self._stop_engines(cluster_id, list(hosts.values()), quiet)
         for node_id in hosts:
-            self.store.execute("DELETE FROM remote_engines WHERE cluster_id = ? AND node_id = ?", (cluster_id, node_id))
+            self.store.remote_engines.forget(cluster_id, node_id)
         gone = {(h.address, h.port) for h in hosts.values()}
         for pid_file in self.tunnel_dir.glob("*/tunnels.pid"):  # the holders of added batches
             try:
@@ -304,17 +301,9 @@ class RemoteEngines:
                 pid_file.unlink(missing_ok=True)
         return problems
 
-    def _recorded_pids(self, cluster_id: int) -> dict[str, tuple[int, ...]]:
-        """Node id -> the pids of the engines started there for the cluster, as recorded at their start."""
-        known: dict[str, tuple[int, ...]] = {}
-        for node_id, pid in self.store.execute("SELECT node_id, pid FROM remote_engines WHERE cluster_id = ?",
-                                               (cluster_id,)):
-            known[node_id] = (*known.get(node_id, ()), pid)
-        return known
-
     def _stop_engines(self, cluster_id: Optional[int], hosts: list[SshTarget], quiet: bool) -> list[str]:
         problems = []
-        known = self._recorded_pids(cluster_id) if cluster_id is not None else {}
+        known = self.store.remote_engines.pids(cluster_id) if cluster_id is not None else {}
         owner = self._owner(cluster_id)
 
         def stop_one(host: SshTarget) -> None:
