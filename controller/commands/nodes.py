@@ -1,4 +1,4 @@
-"""prices, ip, ssh: the commands for slaves that are machines of their own (aws, ssh providers)."""
+"""prices, ip, ssh: the slaves as machines (spot prices before a start; addresses and a shell on a running one)."""
 from __future__ import annotations
 
 import shlex
