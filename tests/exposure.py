@@ -13,7 +13,7 @@ import psutil
 from controller.cli import main
 from controller.ipp.profile import profile_dir
 from controller.providers.aws import network
-from tests.conftest import cluster_pids
+from tests.helpers import cluster_pids
 
 
 def listening(state_dir: Path) -> dict[int, set[str]]:

@@ -21,9 +21,9 @@ from controller.api import Cluster
 from controller.cli import main
 from controller.ipp import processes
 from controller.providers import Hooks
-from tests.conftest import make_config, master_restarts, wait_until
+from tests.aws import aws_config, fresh_ec2, image
+from tests.helpers import make_config, master_restarts, wait_until
 from tests.netns import SLAVE_ROOT, SLAVE_USER, NetnsHosts, client_key, unavailable
-from tests.test_aws_provider import aws_config, fresh_ec2, image, moto_url  # noqa: F401 - moto_url: fixture
 
 REASON = unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON or "ok")]

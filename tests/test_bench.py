@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import running_cluster
 
 from controller.errors import UsageError
 from controller.work.bench import WORKLOADS, BenchTable, parse_engine_counts
@@ -18,6 +17,7 @@ from controller.work.sweep.space import PAPER_L1
 from engines.data import DataError
 from engines.tasks import cifar_task
 from engines.workloads.cifar import build_model, load_cifar10, read_batch, train_cifar, write_cifar10_batches
+from tests.helpers import running_cluster
 
 PRICE = 0.36  # $/hour of the whole 2-engine local cluster: 0.18 per engine
 

@@ -25,7 +25,7 @@ from controller.ipp.profile import profile_dir
 from controller.store import Store
 from engines import tasks
 from engines.loop import load_checkpoint
-from tests.conftest import (
+from tests.helpers import (
     cluster_pids,
     engines_holding_tasks,
     hub_engines,

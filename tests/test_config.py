@@ -9,7 +9,7 @@ import pytest
 from controller.cli import main
 from controller.config import Config, load_config, render_default_ini
 from controller.errors import ConfigError, ExitStatus
-from tests.conftest import cluster_pids
+from tests.helpers import cluster_pids
 
 REPO = Path(__file__).resolve().parent.parent
 

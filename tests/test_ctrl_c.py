@@ -9,7 +9,7 @@ import pytest
 
 from controller.api import Cluster
 from controller.providers.local import LocalProvider
-from tests.conftest import cluster_pids, make_config, wait_until
+from tests.helpers import cluster_pids, make_config, wait_until
 
 
 def test_a_second_ctrl_c_during_clean_up_leaves_the_cluster_failed_and_stop_finishes_it(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engines.data import DataError, load_mnist, normalise, read_idx, write_idx, write_synthetic_mnist
-from tests.conftest import real_mnist_dir
+from tests.helpers import real_mnist_dir
 
 
 def test_synthetic_files_load_with_a_five_to_one_train_validation_split(tmp_path):

@@ -18,8 +18,8 @@ from controller.work.distributed import DistributedRun, choose_engines, parse_en
 from controller.work.jobs import Job, ProgressSink
 from engines.ddp import RendezvousError, backend_for, free_port, train_ranked
 from engines.tasks import distributed_task, rendezvous_port
-from tests.conftest import real_mnist_dir, running_cluster, wait_until
-from tests.test_scheduler import FakeResult, TickingClock
+from tests.fakes import FakeResult, TickingClock
+from tests.helpers import real_mnist_dir, running_cluster, wait_until
 
 DATA = real_mnist_dir()
 needs_mnist = pytest.mark.skipif(DATA is None, reason="real MNIST is not in ../shared/data")

@@ -26,7 +26,7 @@ from controller.store import EngineRecord, Store
 from controller.work.jobs import Job, JobSource
 from controller.work.roster import StoreRoster
 from engines.spec import TaskResult
-from tests.conftest import REPO, cluster_pids, engines_holding_tasks, make_config, wait_until, write_ini
+from tests.helpers import REPO, cluster_pids, engines_holding_tasks, make_config, wait_until, write_ini
 
 
 # the policy --------------------------------------------------------------------------------------------

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import cluster_pids, running_cluster, wait_until
 
 from controller.ipp import forked_engines
 from engines.process import forkserver
+from tests.helpers import cluster_pids, running_cluster, wait_until
 
 
 def engine_processes(client) -> dict[int, tuple[int, int]]:

@@ -17,7 +17,7 @@ from controller.cluster.keeper_loop import Keeper
 from controller.cluster.policy import NodeView, Policy, Snapshot
 from controller.providers.aws.ec2 import tags
 from controller.store import NodeRecord
-from tests.test_aws_provider import REGION, aws_config, ec2, image, moto_url  # noqa: F401 - fixtures
+from tests.aws import aws_config, image
 
 
 def view(node_id: str, alive: int = 1, failing: str = "") -> NodeView:

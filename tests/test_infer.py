@@ -18,8 +18,8 @@ from controller.work.inference import EVAL_BATCH, Inference, InferenceResult, sh
 from engines.data import load_mnist
 from engines.predict import LoadedModel, build, predict
 from engines.workloads.cifar import load_cifar10, write_cifar10_batches
-from tests.conftest import real_mnist_dir, running_cluster
-from tests.test_scheduler import FakeResult, TickingClock
+from tests.fakes import FakeResult, TickingClock
+from tests.helpers import real_mnist_dir, running_cluster
 
 DATA = real_mnist_dir()
 

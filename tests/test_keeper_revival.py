@@ -8,7 +8,7 @@ import signal
 from controller.cluster import keeper
 from controller.ipp import processes
 from controller.store import Store
-from tests.conftest import cluster_pids, running_cluster, wait_until
+from tests.helpers import cluster_pids, running_cluster, wait_until
 
 
 def test_a_dead_keeper_is_started_again_once_and_replaces_a_lost_engine(tmp_path, tiny_data_dir):

@@ -25,7 +25,7 @@ from controller.ipp.profile import ENGINE_CHECK_MS
 from controller.providers.base import SshTarget
 from controller.providers.remote import tunnels
 from controller.providers.remote.transport import SshConnection
-from tests.conftest import engines_holding_tasks, make_config, wait_until
+from tests.helpers import engines_holding_tasks, make_config, wait_until
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
 
 REASON = unavailable()

@@ -4,8 +4,9 @@ from __future__ import annotations
 import base64
 
 import nbformat
-from conftest import REPO
 from nbclient import NotebookClient
+
+from tests.helpers import REPO
 
 NOTEBOOK = REPO / "notebooks" / "dispatch.ipynb"
 

@@ -13,7 +13,7 @@ from controller.config import ConfigError, load_config, metadata_url
 from engines.loop import load_checkpoint
 from engines.process import notices, stopping
 from engines.workloads.mnist import train_epochs
-from tests.conftest import engines_holding_tasks, running_cluster, wait_until, write_ini
+from tests.helpers import engines_holding_tasks, running_cluster, wait_until, write_ini
 from tests.imds import REBALANCE, SPOT, FakeImds
 
 

@@ -7,7 +7,7 @@ import torch
 from controller.work.sweep.space import PAPER_L1
 from engines.spec import LEGACY_L1_SCALE, stored_params
 from engines.workloads.mnist import RunSpec, l1_divisor, mnist_setup
-from tests.conftest import real_mnist_dir, running_cluster
+from tests.helpers import real_mnist_dir, running_cluster
 
 DATA = real_mnist_dir()
 CHANCE = 0.15  # ten classes: a collapsed network predicts one class, about 10-11 % of the test set

@@ -25,13 +25,13 @@ import pytest
 
 from controller.api import Cluster
 from controller.config import Config
-from controller.ipp.launch import load_cluster
 from controller.ipp import processes
+from controller.ipp.launch import load_cluster
 from controller.providers import Hooks, Provider, make_provider, provider_class
 from controller.store import ClusterRecord
-from tests.conftest import cluster_pids, make_config, wait_until
+from tests.aws import NOTHING, aws_config, fresh_ec2, image, tagged
+from tests.helpers import cluster_pids, make_config, wait_until
 from tests.netns import SLAVE_USER, NetnsHost, NetnsHosts, client_key, unavailable
-from tests.test_aws_provider import NOTHING, aws_config, fresh_ec2, image, moto_url, tagged  # noqa: F401 - moto_url: fixture
 
 REASON = unavailable()
 KINDS = ("local", "ssh", "aws")

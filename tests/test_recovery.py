@@ -19,7 +19,7 @@ import pytest
 
 from controller.work.jobs import Job, JobSource, ProgressSink
 from engines.spec import TaskResult
-from tests.conftest import running_cluster, wait_until
+from tests.helpers import running_cluster, wait_until
 
 
 @ipp.interactive  # shipped by value: the engines cannot import this test module

@@ -16,7 +16,7 @@ import pytest
 
 from controller.providers.local import LocalProvider
 from controller.store import Store
-from tests.conftest import cluster_pids, running_cluster, wait_until
+from tests.helpers import cluster_pids, running_cluster, wait_until
 
 
 def ctrl_c_when(condition, timeout: float = 120) -> dict:

@@ -9,7 +9,6 @@ runs on real engines in test_cluster.py, test_sweep.py, test_elastic.py and benc
 """
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import gc
 from typing import Callable, Optional
@@ -21,20 +20,7 @@ from controller.errors import ClusterLostError
 from controller.work.jobs import ROSTER_CHECK_S, EngineRoster, Job, JobSource, ProgressSink
 from controller.work.scheduler import MAX_ENGINE_LOSSES, ReadyJobs, Scheduler
 from controller.work.watch import Watchdog
-
-
-class FakeResult(concurrent.futures.Future):
-    """What ``view.apply_async`` returns: a future with ipyparallel's few extra attributes."""
-
-    def __init__(self, msg_id: str):
-        super().__init__()
-        self.msg_ids = [msg_id]
-        self.engine_id: Optional[int] = None
-        self.data: dict = {}
-        self.metadata: dict = {}
-
-    def get(self, timeout=None):
-        return self.result(timeout)
+from tests.fakes import FakeClock, FakeResult, TickingClock
 
 
 class FakeClient:
@@ -202,22 +188,6 @@ class TestALostEngine:
         source = ListSource([job("r-1", 3)])
         Scheduler(client, poll_s=0).run(source)
         assert len(client.submitted) == 1 and source.errors == [("r-1", "bad spec")]
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class TickingClock(FakeClock):
-    """A second passes each time it is read."""
-
-    def __call__(self) -> float:
-        self.now += 1
-        return self.now
 
 
 class TestTheWatchdog:

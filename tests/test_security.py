@@ -17,10 +17,10 @@ import zmq
 from controller.api import Cluster
 from controller.errors import ProviderError
 from controller.ipp.profile import engine_file, profile_dir, url_file
-from tests.conftest import make_config, running_cluster
+from tests.aws import NOTHING, aws_config, image, set_provider_hooks, tagged
 from tests.exposure import addresses, assert_private_files, capture_keys, listening, run_cli, secrets_in
+from tests.helpers import make_config, running_cluster
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
-from tests.test_aws_provider import NOTHING, aws_config, ec2, image, moto_url, set_provider_hooks, tagged  # noqa: F401 - fixtures
 
 NETNS = unavailable()
 needs_netns = pytest.mark.skipif(bool(NETNS), reason=NETNS or "ok")

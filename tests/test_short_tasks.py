@@ -28,7 +28,7 @@ from engines.process import stopping
 from engines.spec import TaskResult as Result
 from engines.workloads.cifar import CifarSpec, cifar_setup, load_cifar10, write_cifar10_batches
 from engines.workloads.mnist import RunSpec, mnist_setup, train_epochs
-from tests.conftest import engines_holding_tasks, running_cluster
+from tests.helpers import engines_holding_tasks, running_cluster
 
 EVERY_BATCH = 1e-9  # task_seconds: every task ends after its first batch
 

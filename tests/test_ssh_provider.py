@@ -26,7 +26,7 @@ from controller.errors import ProviderError
 from controller.providers.base import SshTarget
 from controller.providers.remote.bootstrap import STAMP, EngineSpec, bootstrap, engines_digest, stamped
 from controller.providers.remote.transport import SshConnection
-from tests.conftest import cluster_pids, make_config, master_restarts, wait_until
+from tests.helpers import cluster_pids, make_config, master_restarts, wait_until
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
 
 REASON = unavailable()

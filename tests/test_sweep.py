@@ -12,7 +12,6 @@ import time
 import ipyparallel as ipp
 import optuna
 import pytest
-from conftest import REPO, cluster_pids, engines_holding_tasks, make_config, master_restarts
 
 from controller import cli
 from controller.errors import UsageError
@@ -21,6 +20,7 @@ from controller.work.jobs import ProgressSink
 from controller.work.sweep import build_space, parse_param
 from controller.work.sweep.runner import plan
 from controller.work.sweep.space import ACCEPTED_FORMS
+from tests.helpers import REPO, cluster_pids, engines_holding_tasks, make_config, master_restarts
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:

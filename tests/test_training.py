@@ -8,7 +8,7 @@ from engines.data import load_mnist
 from engines.loop import load_checkpoint, pick_device
 from engines.workloads.cnn import MnistCNN, l1_penalty
 from engines.workloads.mnist import RunSpec, train_epochs
-from tests.conftest import real_mnist_dir
+from tests.helpers import real_mnist_dir
 
 
 def spec(data_dir, **values) -> RunSpec:

@@ -18,7 +18,7 @@ import pytest
 from controller.api import Cluster
 from controller.ipp import processes
 from controller.ipp.profile import profile_dir
-from tests.conftest import REPO, cluster_pids, make_config, wait_until
+from tests.helpers import REPO, cluster_pids, make_config, wait_until
 from tests.netns import SLAVE_USER, NetnsHosts, client_key, unavailable
 
 REASON = unavailable()
