@@ -1,4 +1,5 @@
-"""The shape of the code: no import cycle under controller/, and light modules stay light.
+"""The shape of the code: the layers of controller/ import one way, no import cycle in controller/ or
+engines/, the master loads only the engines' torch-free modules, and light modules stay light.
 
 The graph is read from the source (ast), not from a running interpreter, so an import
 that only runs inside a function, or only for type checkers, counts as much as one at
@@ -22,6 +23,37 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "controller"
+PACKAGES = ("controller", "engines")
+
+# The layers of controller/, from the front door down: a module may import its own layer and those below it,
+# never one above. cluster may use providers and work; those two never import each other, nor the cluster.
+LAYERS = {
+    "front": ("controller", "controller.__main__", "controller.cli", "controller.logs", "controller.commands"),
+    "api": ("controller.api",),
+    "cluster": ("controller.cluster",),
+    "providers": ("controller.providers",),
+    "work": ("controller.work",),
+    "ipp": ("controller.ipp",),
+    "store": ("controller.store",),
+    "config": ("controller.config",),
+    "errors": ("controller.errors", "controller.formatting"),
+    "engines": ("engines",),
+}
+MAY_IMPORT = {
+    "front": set(LAYERS),
+    "api": {"cluster", "providers", "work", "ipp", "store", "config", "errors", "engines"},
+    "cluster": {"providers", "work", "ipp", "store", "config", "errors", "engines"},
+    "providers": {"ipp", "store", "config", "errors", "engines"},
+    "work": {"ipp", "store", "config", "errors", "engines"},
+    "ipp": {"store", "config", "errors", "engines"},
+    "store": {"errors", "engines"},
+    "config": {"errors"},
+    "errors": {"engines"},
+    "engines": set(),
+}
+# the engines' modules the master may import: the torch-free wire types, the functions it sends by reference,
+# and the engine process's own helpers (each imports torch only inside the functions that run on an engine)
+MASTER_SIDE_ENGINES = ("engines", "engines.spec", "engines.tasks", "engines.held", "engines.process")
 
 
 def module_name(path: Path) -> str:
@@ -32,7 +64,7 @@ def module_name(path: Path) -> str:
 
 
 def modules() -> dict[str, Path]:
-    return {module_name(path): path for path in sorted((REPO / PACKAGE).rglob("*.py"))}
+    return {module_name(path): path for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))}
 
 
 def imported(name: str, path: Path, known: set[str]) -> set[str]:
@@ -110,21 +142,90 @@ def test_the_graph_sees_relative_function_level_and_type_checking_imports():
     assert "controller.api" in graph["controller"]  # inside the package's lazy __getattr__
     assert "controller.work.sweep.space" in graph["controller.work.bench.workloads"]  # from ..sweep.space
     assert "controller.ipp.processes" in graph["controller.ipp.launch"]
+    assert "engines.loop" in graph["engines.workloads.mnist"] and "engines.spec" in graph["engines.loop"]
 
 
-def test_no_module_under_controller_imports_itself_back_through_others():
+def test_no_module_under_controller_or_engines_imports_itself_back_through_others():
     found = cycles(import_graph())
     assert not found, "import cycles (each group's modules reach each other): " + "; ".join(
         " <-> ".join(group) for group in found)
 
 
-def test_the_store_sits_below_everything_but_its_schema_and_errors():
+def within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def layer_of(name: str) -> str:
+    """The layer of a module: the one whose prefix names it most closely (``controller`` alone is the front)."""
+    best, length = "", -1
+    for layer, prefixes in LAYERS.items():
+        for prefix in prefixes:
+            if within(name, (prefix,)) and len(prefix) > length and (prefix != "controller" or name == "controller"):
+                best, length = layer, len(prefix)
+    return best
+
+
+def test_every_module_belongs_to_a_layer():
+    unplaced = sorted(name for name in import_graph() if not layer_of(name))
+    assert not unplaced, f"modules in no layer of LAYERS: {unplaced}"
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    broken = []
+    for name, targets in graph.items():
+        mine = layer_of(name)
+        for target in targets:
+            theirs = layer_of(target)
+            if theirs != mine and theirs not in MAY_IMPORT[mine]:
+                broken.append(f"{name} ({mine}) imports {target} ({theirs})")
+    return sorted(broken)
+
+
+def test_the_layers_import_one_way_only():
+    """cli -> api -> cluster -> {providers, work} -> ipp -> store/config -> errors -> the engines' spec."""
+    broken = layer_violations(import_graph())
+    assert not broken, "imports against the layers:\n" + "\n".join(broken)
+
+
+def test_the_rules_catch_an_import_up_the_layers():
+    graph = {"controller.work.scheduler": {"controller.cluster.keeper", "controller.ipp.client"},
+             "controller.providers.ssh": {"controller.work.jobs"}, "controller.store.runs": {"controller.config"},
+             "controller.api": {"controller.cluster.handle"}, "engines.loop": {"engines.spec"}}
+    assert layer_violations(graph) == [
+        "controller.providers.ssh (providers) imports controller.work.jobs (work)",
+        "controller.store.runs (store) imports controller.config (config)",
+        "controller.work.scheduler (work) imports controller.cluster.keeper (cluster)",
+    ]
+    assert layer_of("controller") == "front" and layer_of("controller.commands.train") == "front"
+
+
+def test_the_engines_import_nothing_of_the_master():
+    graph = import_graph()
+    found = {name: sorted(t for t in targets if t.startswith("controller"))
+             for name, targets in graph.items() if name.startswith("engines")}
+    assert not {k: v for k, v in found.items() if v}, "a slave has no controller package"
+
+
+def test_the_master_imports_only_the_engines_modules_that_leave_torch_alone():
+    graph = import_graph()
+    used = sorted({target for name, targets in graph.items() if name.startswith("controller")
+                   for target in targets if target.startswith("engines") and not within(target, MASTER_SIDE_ENGINES)})
+    assert not used, f"the master imports engine modules that import torch: {used}"
+
+
+@pytest.mark.parametrize("module", ["engines.spec", "engines.tasks", "engines.held", "engines.process.stopping",
+                                    "engines.process.notices", "engines.process.forkserver", "engines.process.startup"])
+def test_the_engines_modules_the_master_imports_do_not_load_torch(module):
+    loaded = loaded_after(f"import {module}")
+    assert "torch" not in loaded, f"{module} imports torch"
+
+
+def test_the_store_sits_below_everything_but_errors_and_the_spec():
     """Subsystems read session -> their package -> store: the store never reaches back up."""
     graph = import_graph()
-    allowed = {"controller.store.schema", "controller.errors"}
     above = {}
     for name, targets in graph.items():
-        outside = {t for t in targets if not t.startswith("controller.store")} - allowed
+        outside = {t for t in targets if not t.startswith("controller.store")} - {"controller.errors", "engines.spec"}
         if name.startswith("controller.store") and outside:
             above[name] = sorted(outside)
     assert not above, f"store modules import from above the store: {above}"
