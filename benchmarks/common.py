@@ -1,4 +1,5 @@
 """Shared by the benchmarks: a bare PyTorch loop of the default recipe, and a throwaway 1-engine cluster."""
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,9 @@ def bare_loop(epochs: int = 1, threads: int = 2, lr: float = 0.01, batch_size: i
     model = MnistCNN().to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = -(-len(data.train) // batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps, pct_start=0.25,
-                                                    cycle_momentum=False)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=epochs * steps, pct_start=0.25, cycle_momentum=False
+    )
     started = time.perf_counter()
     train_seconds = 0.0
     accuracy = 0.0
@@ -50,7 +52,7 @@ def bare_loop(epochs: int = 1, threads: int = 2, lr: float = 0.01, batch_size: i
         order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         t0 = time.perf_counter()
         for step in range(steps):
-            index = order[step * batch_size:(step + 1) * batch_size]
+            index = order[step * batch_size : (step + 1) * batch_size]
             loss = F.nll_loss(model(normalise(data.train.images[index])), data.train.labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -60,19 +62,31 @@ def bare_loop(epochs: int = 1, threads: int = 2, lr: float = 0.01, batch_size: i
         model.eval()
         with torch.inference_mode():
             batch = 250  # the fastest on a CPU (benchmarks/eval_batch.py), as the engines use
-            correct = sum((model(normalise(data.test.images[i:i + batch])).argmax(1) == data.test.labels[i:i + batch]).sum().item()
-                          for i in range(0, len(data.test), batch))
+            correct = sum(
+                (model(normalise(data.test.images[i : i + batch])).argmax(1) == data.test.labels[i : i + batch])
+                .sum()
+                .item()
+                for i in range(0, len(data.test), batch)
+            )
         accuracy = correct / len(data.test)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "images_per_s": epochs * len(data.train) / train_seconds, "test_accuracy": accuracy,
-            "load_s": load_s, "train_s": train_seconds, "test_s": seconds - train_seconds}
+    return {
+        "seconds": seconds,
+        "images_per_s": epochs * len(data.train) / train_seconds,
+        "test_accuracy": accuracy,
+        "load_s": load_s,
+        "train_s": train_seconds,
+        "test_s": seconds - train_seconds,
+    }
 
 
 def bare_script(epochs: int = 1, threads: int = 2) -> dict:
     """The bare loop as a user's own script: a fresh interpreter that imports torch, loads MNIST, trains and
     tests; ``wall_s`` around the whole process, ``startup_s`` = what the interpreter and imports took."""
-    program = (f"import json, sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); "
-               f"from common import bare_loop; print(json.dumps(bare_loop(epochs={epochs}, threads={threads})))")
+    program = (
+        f"import json, sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); "
+        f"from common import bare_loop; print(json.dumps(bare_loop(epochs={epochs}, threads={threads})))"
+    )
     t0 = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t0
@@ -93,8 +107,9 @@ def local_cluster(slaves: int, threads: int):
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, CLUSTER_STATE_DIR=tmp, CLUSTER_DATA_DIR=str(data_dir()))
         ini = Path(tmp) / "bench.ini"
-        ini.write_text(f"[cluster]\nname = bench\nslaves = {slaves}\nthreads_per_engine = {threads}\n"
-                       f"download = false\n")
+        ini.write_text(
+            f"[cluster]\nname = bench\nslaves = {slaves}\nthreads_per_engine = {threads}\ndownload = false\n"
+        )
         env["CLUSTER_CONFIG"] = str(ini)
         subprocess.run([sys.executable, "-m", "controller", "start"], env=env, check=True, capture_output=True)
         try:
@@ -111,8 +126,9 @@ def cluster_train(env: dict, *args: str) -> tuple[dict, float]:
 def cluster_json(env: dict, command: str, *args: str) -> tuple[dict, float]:
     """`cluster COMMAND ... --json` as a user runs it; returns what it printed and its wall seconds."""
     t0 = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "controller", command, "--json", *args], env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "controller", command, "--json", *args], env=env, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - t0
     if result.returncode != 0:
         raise SystemExit(f"cluster {command} failed:\n{result.stderr}")

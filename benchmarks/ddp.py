@@ -9,6 +9,7 @@ On one local 2-engine cluster (1 torch thread per engine) it interleaves, per ro
 Prints training images/s of each (median over rounds), the speedup of 2 engines over 1, and the
 ratio against the 2-thread bare loop, which uses the same two cores without any communication.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
     epochs = ["--epochs", str(args.epochs)]
-    rows: dict[str, list[float]] = {k: [] for k in ("bare, 1 thread", "bare, 2 threads", "cluster train, 1 engine",
-                                                    "distributed, 1 engine", "distributed, 2 engines")}
+    rows: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "bare, 1 thread",
+            "bare, 2 threads",
+            "cluster train, 1 engine",
+            "distributed, 1 engine",
+            "distributed, 2 engines",
+        )
+    }
     accuracy: dict[str, float] = {}
     with local_cluster(2, 1) as env:
         cluster_train(env, "--epochs", "1", "--subset", "2000", "--distributed")  # warm both engines
@@ -36,23 +45,34 @@ def main() -> None:
                 result = bare_loop(epochs=args.epochs, threads=threads)
                 rows[name].append(result["images_per_s"])
                 accuracy[name] = result["test_accuracy"]
-            for name, extra in (("cluster train, 1 engine", []), ("distributed, 1 engine", ["--distributed", "--engines", "0"]),
-                                ("distributed, 2 engines", ["--distributed"])):
+            for name, extra in (
+                ("cluster train, 1 engine", []),
+                ("distributed, 1 engine", ["--distributed", "--engines", "0"]),
+                ("distributed, 2 engines", ["--distributed"]),
+            ):
                 run, _ = cluster_train(env, *epochs, *extra)
                 rows[name].append(run["images_per_s"])
                 accuracy[name] = run["test_accuracy"]
             print(f"round {round_}: " + "   ".join(f"{k} {v[-1]:,.0f}" for k, v in rows.items()), flush=True)
     median = {k: statistics.median(v) for k, v in rows.items()}
-    print(f"\nmedian training images/s over {args.rounds} rounds, {args.epochs} epoch(s) of 50,000 images, "
-          f"global batch 128:")
+    print(
+        f"\nmedian training images/s over {args.rounds} rounds, {args.epochs} epoch(s) of 50,000 images, "
+        f"global batch 128:"
+    )
     for name, value in median.items():
-        print(f"  {name:<26} {value:>8,.0f} images/s  {value * 60 / PAPER_EPOCH_IMAGES:6.2f} epochs/min  "
-              f"test accuracy {accuracy[name]:.2%}")
+        print(
+            f"  {name:<26} {value:>8,.0f} images/s  {value * 60 / PAPER_EPOCH_IMAGES:6.2f} epochs/min  "
+            f"test accuracy {accuracy[name]:.2%}"
+        )
     one, two = median["cluster train, 1 engine"], median["distributed, 2 engines"]
-    print(f"speedup, 2 engines over 1 (same global batch): {two / one:.2f}x "
-          f"(over distributed on 1 engine: {two / median['distributed, 1 engine']:.2f}x)")
-    print(f"distributed on 2 engines / bare loop on 2 threads: {two / median['bare, 2 threads']:.2f}x; "
-          f"bare 2 threads / bare 1 thread: {median['bare, 2 threads'] / median['bare, 1 thread']:.2f}x")
+    print(
+        f"speedup, 2 engines over 1 (same global batch): {two / one:.2f}x "
+        f"(over distributed on 1 engine: {two / median['distributed, 1 engine']:.2f}x)"
+    )
+    print(
+        f"distributed on 2 engines / bare loop on 2 threads: {two / median['bare, 2 threads']:.2f}x; "
+        f"bare 2 threads / bare 1 thread: {median['bare, 2 threads'] / median['bare, 1 thread']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

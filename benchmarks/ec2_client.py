@@ -10,6 +10,7 @@ after one warm-up each; printed: CPU seconds per client (medians over the rounds
     python benchmarks/ec2_client.py
     python benchmarks/ec2_client.py --rounds 9 --clients 10 --json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,16 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in samples.items()}
     ratio = medians["ours"] / medians["boto3"]
     if args.json:
-        print(json.dumps({"cpu_s_per_client": medians, "ours/boto3": round(ratio, 3), "rounds": args.rounds,
-                          "clients_per_round": args.clients}))
+        print(
+            json.dumps(
+                {
+                    "cpu_s_per_client": medians,
+                    "ours/boto3": round(ratio, 3),
+                    "rounds": args.rounds,
+                    "clients_per_round": args.clients,
+                }
+            )
+        )
         return
     print(f"{'':28}{'ours':>10}{'boto3':>10}{'ours/boto3':>12}")
     print(f"{'CPU seconds per client':28}{medians['ours']:>10.4f}{medians['boto3']:>10.4f}{ratio:>11.2f}x")

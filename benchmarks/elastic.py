@@ -24,6 +24,7 @@ Printed: the medians of the rounds and the ratios ours / baseline.
     python benchmarks/elastic.py --json
     python benchmarks/elastic.py --rounds 3   # more rounds of start/stop beside the baseline
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,16 +78,19 @@ class Phases:
 
     def _timed(self, fn, phase: str):
         if inspect.iscoroutinefunction(fn):  # ipyparallel's *_sync methods call these
+
             @functools.wraps(fn)
             async def timed_async(*args, **kwargs):
                 with self._timing(phase):
                     return await fn(*args, **kwargs)
+
             return timed_async
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             with self._timing(phase):
                 return fn(*args, **kwargs)
+
         return wrapper
 
     @contextlib.contextmanager
@@ -111,8 +115,13 @@ class Phases:
         parts = dict(self.seconds)
         counted = sum(parts.values())
         parts["the rest (registration waits, store, status)"] = max(0.0, total - counted)
-        rows.append({"step": name, "seconds": round(total, 2),
-                     "phases": {k: round(v, 2) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}})
+        rows.append(
+            {
+                "step": name,
+                "seconds": round(total, 2),
+                "phases": {k: round(v, 2) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
+            }
+        )
 
 
 def _import_torch() -> str:
@@ -140,9 +149,16 @@ def baseline(tmp: Path, name: str, engines: int, threads: int, ready=_import_tor
 
     config = Config()
     config.LocalEngineSetLauncher.environment = engine_environment(threads)
-    plain = ipyparallel.Cluster(n=engines, engines="local", profile_dir=str(tmp / name),
-                                  cluster_id=name, shutdown_atexit=False, config=config,
-                                  log_level=logging.WARNING, load_profile=False)
+    plain = ipyparallel.Cluster(
+        n=engines,
+        engines="local",
+        profile_dir=str(tmp / name),
+        cluster_id=name,
+        shutdown_atexit=False,
+        config=config,
+        log_level=logging.WARNING,
+        load_profile=False,
+    )
     started = time.perf_counter()
     client = plain.start_and_connect_sync()
     try:
@@ -168,15 +184,19 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         ini = Path(tmp) / "cluster.ini"
-        ini.write_text(f"[cluster]\nname = bench-elastic\nstate_dir = {tmp}/state\ndata_dir = {data_dir()}\n"
-                       f"threads_per_engine = {args.threads}\ndownload = false\n")
+        ini.write_text(
+            f"[cluster]\nname = bench-elastic\nstate_dir = {tmp}/state\ndata_dir = {data_dir()}\n"
+            f"threads_per_engine = {args.threads}\ndownload = false\n"
+        )
         ini.chmod(0o600)
         cluster = Cluster(load_config(ini, environ={}))
         try:
             for number in range(args.rounds):
                 ours: list[dict] = []
-                plain = {label: baseline(Path(tmp), f"baseline-{number}-{i}", 4, args.threads, ready)
-                         for i, (label, ready) in enumerate(BASELINES.items())}
+                plain = {
+                    label: baseline(Path(tmp), f"baseline-{number}-{i}", 4, args.threads, ready)
+                    for i, (label, ready) in enumerate(BASELINES.items())
+                }
                 with phases.step(ours, "start --slaves 4"):
                     cluster.start(slaves=4)
                 with phases.step(ours, "stop (4 slaves)"):
@@ -201,13 +221,14 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"{len(rounds)} round(s) of start/stop beside plain ipyparallel (4 local engines, same environment); "
-          f"medians")
+    print(f"{len(rounds)} round(s) of start/stop beside plain ipyparallel (4 local engines, same environment); medians")
     for row in rows:
         print(f"{row['step']:<62} {row['seconds']:6.2f} s")
         for label, plain in row.get("baselines", {}).items():
-            print(f"    {'baseline: ipyparallel + ' + label:<58} {plain['seconds']:6.2f} s   "
-                  f"ours/baseline {plain['ratio']:.2f}x")
+            print(
+                f"    {'baseline: ipyparallel + ' + label:<58} {plain['seconds']:6.2f} s   "
+                f"ours/baseline {plain['ratio']:.2f}x"
+            )
         for phase, seconds in row["phases"].items():
             if seconds >= 0.005:
                 print(f"    {phase:<58} {seconds:6.2f} s")
@@ -218,8 +239,11 @@ def median_row(rows: list[dict]) -> dict:
     """One step's rounds as one row: the median total, and each phase's median."""
     phases = {name for row in rows for name in row["phases"]}
     medians = {name: round(statistics.median(row["phases"].get(name, 0.0) for row in rows), 2) for name in phases}
-    return {"step": rows[0]["step"], "seconds": round(statistics.median(row["seconds"] for row in rows), 2),
-            "phases": dict(sorted(medians.items(), key=lambda kv: -kv[1]))}
+    return {
+        "step": rows[0]["step"],
+        "seconds": round(statistics.median(row["seconds"] for row in rows), 2),
+        "phases": dict(sorted(medians.items(), key=lambda kv: -kv[1])),
+    }
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ this process, on 1 and on 2 threads; printed: the medians and the median of the 
     python benchmarks/eval_batch.py
     python benchmarks/eval_batch.py --rounds 7 --json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,13 +54,16 @@ def main() -> None:
         result[f"{threads} thread{'s' if threads > 1 else ''}"] = {
             f"batch {ours} s": round(statistics.median(m for m, _ in rounds), 3),
             f"batch {EVAL_BATCH} s": round(statistics.median(t for _, t in rounds), 3),
-            "ratio": round(statistics.median(m / t for m, t in rounds), 3)}
+            "ratio": round(statistics.median(m / t for m, t in rounds), 3),
+        }
     if args.json:
         print(json.dumps(result))
         return
     images = sum(len(split) for split in splits)
-    print(f"evaluating {images:,} MNIST images (validation + test), median of {args.rounds} rounds "
-          f"(ratio: median of the paired rounds)")
+    print(
+        f"evaluating {images:,} MNIST images (validation + test), median of {args.rounds} rounds "
+        f"(ratio: median of the paired rounds)"
+    )
     print(f"  {'':10} {f'batch {ours}':>11} {f'batch {EVAL_BATCH}':>11} {f'{ours}/{EVAL_BATCH}':>10}")
     for label, row in result.items():
         values = list(row.values())

@@ -24,6 +24,7 @@ Prints a table of faults, then, last, one JSON line:
     python benchmarks/faults.py                       # 4 engines x 1 thread, 24 trials x 3 epochs of 8,000 images
     python benchmarks/faults.py --kills 5 --seed 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -169,15 +170,29 @@ def _redone(update: dict, job) -> float:
 class FaultPlayer(threading.Thread):
     """Kills a busy engine ``kills`` times at random moments, then plays one spot notice."""
 
-    def __init__(self, cluster: Cluster, journal: Journal, imds: FakeImds, kills: int, engines: int,
-                 rng: random.Random, pause: tuple[float, float]):
+    def __init__(
+        self,
+        cluster: Cluster,
+        journal: Journal,
+        imds: FakeImds,
+        kills: int,
+        engines: int,
+        rng: random.Random,
+        pause: tuple[float, float],
+    ):
         super().__init__(daemon=True, name="faults")
         record = cluster.record
         self.url = url_file(Path(record.profile_dir), record.ipp_cluster_id)
         self.state_dir = cluster.config.state_dir
         self.cluster_id = record.id
-        self.journal, self.imds, self.kills, self.engines, self.rng, self.pause = \
-            journal, imds, kills, engines, rng, pause
+        self.journal, self.imds, self.kills, self.engines, self.rng, self.pause = (
+            journal,
+            imds,
+            kills,
+            engines,
+            rng,
+            pause,
+        )
         self.done = threading.Event()
         self.error: Optional[BaseException] = None
 
@@ -211,10 +226,16 @@ class FaultPlayer(threading.Thread):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not self.done.is_set():
             queues = client.queue_status()
-            pids = {e.engine_id: e.pid for e in store.engines.of(self.cluster_id)
-                    if not e.leaving and e.engine_id in client.ids}
-            busy = [engine for engine, queue in queues.items()
-                    if isinstance(engine, int) and queue.get("tasks") and engine in pids]
+            pids = {
+                e.engine_id: e.pid
+                for e in store.engines.of(self.cluster_id)
+                if not e.leaving and e.engine_id in client.ids
+            }
+            busy = [
+                engine
+                for engine, queue in queues.items()
+                if isinstance(engine, int) and queue.get("tasks") and engine in pids
+            ]
             if busy:
                 engine = self.rng.choice(sorted(busy))
                 return engine, pids[engine]
@@ -250,10 +271,12 @@ def main() -> None:
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp, FakeImds() as imds:
         ini = Path(tmp) / "cluster.ini"
-        ini.write_text(f"[cluster]\nname = faults\nslaves = {args.engines}\nstate_dir = {tmp}/state\n"
-                       f"data_dir = {data}\nthreads_per_engine = {args.threads}\ndownload = false\n"
-                       f"replace_lost = true\nmetadata_url = {imds.url}\n"
-                       f"[training]\ntask_seconds = {args.task_seconds:g}\n")
+        ini.write_text(
+            f"[cluster]\nname = faults\nslaves = {args.engines}\nstate_dir = {tmp}/state\n"
+            f"data_dir = {data}\nthreads_per_engine = {args.threads}\ndownload = false\n"
+            f"replace_lost = true\nmetadata_url = {imds.url}\n"
+            f"[training]\ntask_seconds = {args.task_seconds:g}\n"
+        )
         cluster = Cluster(load_config(ini, environ={}))
         cluster.start()
         journal = Journal()
@@ -261,9 +284,15 @@ def main() -> None:
         try:
             player.start()
             started = time.monotonic()
-            result = cluster.sweep(params=["lr=log:0.002:0.05", "l1=log:1e-6:1e-4"], trials=args.trials,
-                                   sampler="random", seed=args.seed, epochs=args.epochs, subset=args.subset,
-                                   progress=lambda source: FaultSink(journal))
+            result = cluster.sweep(
+                params=["lr=log:0.002:0.05", "l1=log:1e-6:1e-4"],
+                trials=args.trials,
+                sampler="random",
+                seed=args.seed,
+                epochs=args.epochs,
+                subset=args.subset,
+                progress=lambda source: FaultSink(journal),
+            )
             sweep_s = time.monotonic() - started
             player.done.set()
             player.join(timeout=30)
@@ -278,18 +307,24 @@ def main() -> None:
     if player.error is not None:
         raise SystemExit(f"the fault thread failed: {player.error!r}")
     faults = journal.faults
-    print(f"{args.trials} trials x {args.epochs} epochs of {args.subset:,} images on {args.engines} local engines "
-          f"x {args.threads} thread, task_seconds {args.task_seconds:g}, replace_lost on; sweep {sweep_s:.0f} s")
-    print(f"{'fault':8} {'engine':>6} {'run':16} {'epochs redone':>14} {'heard s':>8} {'resent s':>9} "
-          f"{'recovery s':>11} {'first progress s':>17} {'engines back s':>15}")
+    print(
+        f"{args.trials} trials x {args.epochs} epochs of {args.subset:,} images on {args.engines} local engines "
+        f"x {args.threads} thread, task_seconds {args.task_seconds:g}, replace_lost on; sweep {sweep_s:.0f} s"
+    )
+    print(
+        f"{'fault':8} {'engine':>6} {'run':16} {'epochs redone':>14} {'heard s':>8} {'resent s':>9} "
+        f"{'recovery s':>11} {'first progress s':>17} {'engines back s':>15}"
+    )
     for fault in faults:
         back = "-" if fault.engines_back_at is None else f"{fault.engines_back_at - fault.at:.1f}"
         recovery = "-" if fault.recovery_s is None else f"{fault.recovery_s:.2f}"
         progress = "-" if fault.progress_s is None else f"{fault.progress_s:.2f}"
         heard = "-" if fault.lost_at is None else f"{fault.lost_at - fault.at:.2f}"
         resent = "-" if fault.resubmitted_at is None else f"{fault.resubmitted_at - fault.at:.2f}"
-        print(f"{fault.kind:8} {fault.engine:>6} {fault.run_id or '-':16} {fault.redone_epochs:>14.3f} {heard:>8} "
-              f"{resent:>9} {recovery:>11} {progress:>17} {back:>15}")
+        print(
+            f"{fault.kind:8} {fault.engine:>6} {fault.run_id or '-':16} {fault.redone_epochs:>14.3f} {heard:>8} "
+            f"{resent:>9} {recovery:>11} {progress:>17} {back:>15}"
+        )
     print(f"queued tasks withdrawn so that a lost one went first: {journal.withdrawn}")
     kills = [f for f in faults if f.kind == "kill"]
     recoveries = [f.recovery_s for f in faults if f.recovery_s is not None]
@@ -297,14 +332,17 @@ def main() -> None:
     counts = result.counts()
     lost = sum(n for state, n in counts.items() if state not in ("COMPLETE", "PRUNED"))
     summary = {
-        "trials": len(result.trials), "trials_lost": lost, "kills": len(kills),
+        "trials": len(result.trials),
+        "trials_lost": lost,
+        "kills": len(kills),
         "notices": len(faults) - len(kills),
         "epochs_redone_per_kill": round(statistics.mean(f.redone_epochs for f in kills), 3) if kills else None,
         "median_recovery_s": round(statistics.median(recoveries), 2) if recoveries else None,
         "max_recovery_s": round(max(recoveries), 2) if recoveries else None,
         "median_to_first_progress_s": round(statistics.median(to_progress), 2) if to_progress else None,
         "unrecovered": sum(1 for f in faults if f.recovery_s is None),
-        "engines_at_end": engines_at_end, "progress_reports": journal.progress_reports,
+        "engines_at_end": engines_at_end,
+        "progress_reports": journal.progress_reports,
         "withdrawn": journal.withdrawn,
     }
     print(json.dumps(summary))

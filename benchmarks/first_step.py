@@ -10,6 +10,7 @@ by round in the same run; printed: each round, the medians, and the median of th
     python benchmarks/first_step.py
     python benchmarks/first_step.py --rounds 7 --json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,14 @@ KINDS = ("engines/optim.py", "torch.optim")
 
 
 def sample(kind: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", SAMPLE, kind], cwd=REPO, capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", SAMPLE, kind],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     cpu, rss, dynamo = out.stdout.split()
     return {"cpu_s": float(cpu), "rss_mib": float(rss), "dynamo": dynamo == "True"}
 
@@ -60,15 +67,22 @@ def main() -> None:
         ours, theirs = (sample(kind) for kind in KINDS)
         rounds.append((ours, theirs))
         if not args.json:
-            print(f"round {number}: ours {ours['cpu_s']:.2f} CPU s {ours['rss_mib']:.0f} MiB   "
-                  f"torch.optim {theirs['cpu_s']:.2f} CPU s {theirs['rss_mib']:.0f} MiB", flush=True)
+            print(
+                f"round {number}: ours {ours['cpu_s']:.2f} CPU s {ours['rss_mib']:.0f} MiB   "
+                f"torch.optim {theirs['cpu_s']:.2f} CPU s {theirs['rss_mib']:.0f} MiB",
+                flush=True,
+            )
     result = {}
     for key in ("cpu_s", "rss_mib"):
-        result[key] = {"ours": statistics.median(o[key] for o, _ in rounds),
-                       "torch.optim": statistics.median(t[key] for _, t in rounds),
-                       "ratio": round(statistics.median(o[key] / t[key] for o, t in rounds), 3)}
-    result["torch._dynamo imported"] = {"ours": any(o["dynamo"] for o, _ in rounds),
-                                        "torch.optim": all(t["dynamo"] for _, t in rounds)}
+        result[key] = {
+            "ours": statistics.median(o[key] for o, _ in rounds),
+            "torch.optim": statistics.median(t[key] for _, t in rounds),
+            "ratio": round(statistics.median(o[key] / t[key] for o, t in rounds), 3),
+        }
+    result["torch._dynamo imported"] = {
+        "ours": any(o["dynamo"] for o, _ in rounds),
+        "torch.optim": all(t["dynamo"] for _, t in rounds),
+    }
     if args.json:
         print(json.dumps(result))
         return

@@ -9,6 +9,7 @@ the 50,000-image training split, interleaving per round:
 images/s of `cluster infer` is the API's own figure (first shard sent to last prediction back),
 not counting the CLI's start-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,16 +42,25 @@ def main() -> None:
     parser.add_argument("--split", default="train", choices=("train", "val", "test"))
     args = parser.parse_args()
     images = getattr(load_mnist(data_dir()), args.split).images
-    rows: dict[str, list[float]] = {k: [] for k in ("in-process, 1 thread", "in-process, 2 threads",
-                                                    "cluster infer, 1 engine", "cluster infer, 2 engines")}
+    rows: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "in-process, 1 thread",
+            "in-process, 2 threads",
+            "cluster infer, 1 engine",
+            "cluster infer, 2 engines",
+        )
+    }
     with local_cluster(2, 1) as env:
         run, _ = cluster_train(env, "--epochs", "1", "--subset", "5000")
         with Store(Path(env["CLUSTER_STATE_DIR"])) as store:
             _, checkpoint = store.checkpoints.load(run["id"])
         infer = ["--run", run["id"], "--split", args.split]
         first, _ = cluster_json(env, "infer", *infer)
-        print(f"first call (checkpoint sent to both engines, data loaded): {first['images_per_s']:,.0f} images/s, "
-              f"accuracy {first['accuracy']:.2%}")
+        print(
+            f"first call (checkpoint sent to both engines, data loaded): {first['images_per_s']:,.0f} images/s, "
+            f"accuracy {first['accuracy']:.2%}"
+        )
         for round_ in range(1, args.rounds + 1):
             rows["in-process, 1 thread"].append(in_process(checkpoint, images, 1))
             rows["in-process, 2 threads"].append(in_process(checkpoint, images, 2))
@@ -63,9 +73,11 @@ def main() -> None:
     for name, value in median.items():
         print(f"  {name:<26} {value:>9,.0f} images/s")
     two, one = median["cluster infer, 2 engines"], median["cluster infer, 1 engine"]
-    print(f"2 engines / 1 engine: {two / one:.2f}x;  2 engines / in-process 1 thread: "
-          f"{two / median['in-process, 1 thread']:.2f}x;  2 engines / in-process 2 threads: "
-          f"{two / median['in-process, 2 threads']:.2f}x")
+    print(
+        f"2 engines / 1 engine: {two / one:.2f}x;  2 engines / in-process 1 thread: "
+        f"{two / median['in-process, 1 thread']:.2f}x;  2 engines / in-process 2 threads: "
+        f"{two / median['in-process, 2 threads']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

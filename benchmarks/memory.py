@@ -18,6 +18,7 @@ Target: ours grows by at most 50 MB from 0 to 500 tasks, in the master and in th
     python benchmarks/memory.py                      # 50 trials x 10 epochs = 500 tasks per configuration
     python benchmarks/memory.py --trials 20          # shorter
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,15 +87,18 @@ def ipyparallel_defaults():
 def measure(tmp: Path, data: Path, trials: int, epochs: int, label: str) -> dict:
     state = tmp / label
     ini = tmp / f"{label}.ini"
-    ini.write_text(f"[cluster]\nname = bench-memory\nslaves = 2\nstate_dir = {state}\ndata_dir = {data}\n"
-                   f"threads_per_engine = 1\ndownload = false\n")
+    ini.write_text(
+        f"[cluster]\nname = bench-memory\nslaves = 2\nstate_dir = {state}\ndata_dir = {data}\n"
+        f"threads_per_engine = 1\ndownload = false\n"
+    )
     cluster = Cluster(load_config(ini, environ={}))
     cluster.start()
     try:
         total = trials * epochs
         sampler = MemorySampler(cluster.status().controller["pid"], at=(100, total))
-        cluster.sweep({"lr": "log:0.0005:0.01"}, trials=trials, sampler="random", epochs=epochs,
-                      progress=lambda source: sampler)
+        cluster.sweep(
+            {"lr": "log:0.0005:0.01"}, trials=trials, sampler="random", epochs=epochs, progress=lambda source: sampler
+        )
     finally:
         cluster.stop()
         cluster.close()
@@ -103,8 +107,12 @@ def measure(tmp: Path, data: Path, trials: int, epochs: int, label: str) -> dict
 
 def measure_in_a_fresh_process(label: str, trials: int, epochs: int) -> dict:
     """One configuration in its own interpreter: the other's heap never counts against it."""
-    output = subprocess.run([sys.executable, __file__, "--trials", str(trials), "--epochs", str(epochs),
-                             "--only", label], capture_output=True, text=True, check=True).stdout
+    output = subprocess.run(
+        [sys.executable, __file__, "--trials", str(trials), "--epochs", str(epochs), "--only", label],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     run = json.loads(output.strip().splitlines()[-1])
     run["samples"] = {int(tasks): tuple(values) for tasks, values in run["samples"].items()}
     return run
@@ -132,24 +140,39 @@ def main() -> None:
     ours = measure_in_a_fresh_process("ours", args.trials, args.epochs)
 
     total = args.trials * args.epochs
-    print(f"{args.trials} trials x {args.epochs} epochs = {total} tasks on 2 local engines, each result carrying "
-          f"a ~1 MB checkpoint (paper CNN + Adam state); RSS in MB, each configuration in a fresh process")
-    print(f"{'configuration':<34}{'process':<12}{'0 tasks':>9}{'100':>9}{total:>9}{'growth':>9}{'100->' + str(total):>10}")
+    print(
+        f"{args.trials} trials x {args.epochs} epochs = {total} tasks on 2 local engines, each result carrying "
+        f"a ~1 MB checkpoint (paper CNN + Adam state); RSS in MB, each configuration in a fresh process"
+    )
+    print(
+        f"{'configuration':<34}{'process':<12}{'0 tasks':>9}{'100':>9}{total:>9}{'growth':>9}{'100->' + str(total):>10}"
+    )
     growth = {}
     for run in (baseline, ours):
         name = "ipyparallel defaults (baseline)" if run["label"] == "baseline" else "ours (NoDB, results purged)"
         for column, process in enumerate(("master", "controller")):
             values = [run["samples"].get(n, (float("nan"),) * 2)[column] for n in (0, 100, total)]
             growth[(run["label"], process)] = values[-1] - values[0]
-            print(f"{name:<34}{process:<12}" + "".join(f"{v:9.0f}" for v in values)
-                  + f"{values[-1] - values[0]:+9.0f}{values[-1] - values[1]:+10.0f}")
+            print(
+                f"{name:<34}{process:<12}"
+                + "".join(f"{v:9.0f}" for v in values)
+                + f"{values[-1] - values[0]:+9.0f}{values[-1] - values[1]:+10.0f}"
+            )
     for process in ("master", "controller"):
         ours_growth, base_growth = growth[("ours", process)], growth[("baseline", process)]
         verdict = "met" if ours_growth <= TARGET_GROWTH_MB else "NOT met"
-        print(f"{process}: grows {ours_growth:+.0f} MB over {total} tasks (baseline {base_growth:+.0f} MB); "
-              f"target <= {TARGET_GROWTH_MB} MB -> {verdict}")
-    print(json.dumps({"tasks": total, **{f"{label}_{process}_growth_mb": round(value, 1)
-                                         for (label, process), value in growth.items()}}))
+        print(
+            f"{process}: grows {ours_growth:+.0f} MB over {total} tasks (baseline {base_growth:+.0f} MB); "
+            f"target <= {TARGET_GROWTH_MB} MB -> {verdict}"
+        )
+    print(
+        json.dumps(
+            {
+                "tasks": total,
+                **{f"{label}_{process}_growth_mb": round(value, 1) for (label, process), value in growth.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Interleaves the two (bare, cluster, bare, cluster, ...) so machine noise hits bo
 prints images/s of each round, the median of the rounds' ratios (the paired figure: each round's
 two runs ran back to back) and the ratio of the medians. Target: cluster >= 0.95x bare.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,16 +26,22 @@ def main() -> None:
             bare.append(bare_loop(epochs=1, threads=args.threads)["images_per_s"])
             run, _ = cluster_train(env, "--epochs", "1")
             cluster.append(run["images_per_s"])
-            print(f"round {round_}: bare {bare[-1]:,.0f} img/s   cluster train {cluster[-1]:,.0f} img/s   "
-                  f"ratio {cluster[-1] / bare[-1]:.3f}", flush=True)
+            print(
+                f"round {round_}: bare {bare[-1]:,.0f} img/s   cluster train {cluster[-1]:,.0f} img/s   "
+                f"ratio {cluster[-1] / bare[-1]:.3f}",
+                flush=True,
+            )
     b, c = statistics.median(bare), statistics.median(cluster)
     # each round's two runs ran back to back, so their ratio cancels most of the machine's drift
     paired = statistics.median(x / y for x, y in zip(cluster, bare))
     print(f"median over {args.rounds} rounds, {args.threads} threads, one epoch of 50,000 images:")
     print(f"  bare loop      {b:,.0f} images/s")
     print(f"  cluster train  {c:,.0f} images/s")
-    print(f"  ratio cluster/bare: median of the rounds' ratios {paired:.3f}, ratio of the medians {c / b:.3f}"
-          f"  (target >= 0.95)")
+    print(
+        f"  ratio cluster/bare: median of the rounds' ratios {paired:.3f}, ratio of the medians {c / b:.3f}"
+        f"  (target >= 0.95)"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ The paper workload is 9 one-epoch trials (the λ grid); each trial trains on the
 first ``--subset`` training images and evaluates on all 10,000 validation and
 10,000 test images, so an "epoch" here is a subset epoch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
         state_dir = Path(args.keep) if args.keep else Path(tmp) / "state"
         ini = Path(tmp) / "cluster.ini"
-        ini.write_text(f"[cluster]\nname = scaling\nslaves = {max(counts)}\nstate_dir = {state_dir}\n"
-                       f"data_dir = {args.data_dir}\nthreads_per_engine = {args.threads}\ndownload = false\n")
+        ini.write_text(
+            f"[cluster]\nname = scaling\nslaves = {max(counts)}\nstate_dir = {state_dir}\n"
+            f"data_dir = {args.data_dir}\nthreads_per_engine = {args.threads}\ndownload = false\n"
+        )
         cluster = Cluster(load_config(ini, environ={}))
         load_before = os.getloadavg()
         started = time.perf_counter()
@@ -67,11 +70,15 @@ def main() -> int:
     records = result.records
     scale = scaling(records)
     cores = os.cpu_count() or 1
-    print(f"paper workload: 9 λ trials x 1 epoch on the first {args.subset or 50_000:,} MNIST training images "
-          f"(+10,000 val, 10,000 test evaluated per trial); {args.threads} torch thread(s) per engine, "
-          f"{cores} CPU cores")
-    print(f"{'engines':>7} {'wall s':>8} {'epochs/min':>10} {'images/s':>9} {'speedup':>8} {'efficiency':>10} "
-          f"{'busy':>6} {'train img/s/engine':>18} {'accuracy':>9}")
+    print(
+        f"paper workload: 9 λ trials x 1 epoch on the first {args.subset or 50_000:,} MNIST training images "
+        f"(+10,000 val, 10,000 test evaluated per trial); {args.threads} torch thread(s) per engine, "
+        f"{cores} CPU cores"
+    )
+    print(
+        f"{'engines':>7} {'wall s':>8} {'epochs/min':>10} {'images/s':>9} {'speedup':>8} {'efficiency':>10} "
+        f"{'busy':>6} {'train img/s/engine':>18} {'accuracy':>9}"
+    )
     per_engine = {}
     for record in records:
         rows = engines[record.id]
@@ -79,26 +86,38 @@ def main() -> int:
         # training speed of one engine while it trains: falls when engines compete for cores
         per_engine[record.engines] = sum(e.images for e in rows) / max(1e-9, sum(e.train_s for e in rows))
         s = scale[record.id]
-        print(f"{record.engines:>7} {record.wall_s:>8.1f} {record.epochs_per_min:>10.2f} {record.images_per_s:>9,.0f} "
-              f"{s.speedup:>7.2f}x {s.efficiency:>10.0%} {busy:>6.0%} {per_engine[record.engines]:>18,.0f} "
-              f"{record.accuracy:>9.2%}")
+        print(
+            f"{record.engines:>7} {record.wall_s:>8.1f} {record.epochs_per_min:>10.2f} {record.images_per_s:>9,.0f} "
+            f"{s.speedup:>7.2f}x {s.efficiency:>10.0%} {busy:>6.0%} {per_engine[record.engines]:>18,.0f} "
+            f"{record.accuracy:>9.2%}"
+        )
     last = records[-1]
-    print(f"efficiency on {last.engines} engines: {scale[last.id].efficiency:.0%} "
-          f"(speedup {scale[last.id].speedup:.2f}x over {scale[last.id].baseline_engines} engine)")
+    print(
+        f"efficiency on {last.engines} engines: {scale[last.id].efficiency:.0%} "
+        f"(speedup {scale[last.id].speedup:.2f}x over {scale[last.id].baseline_engines} engine)"
+    )
     rounds = -(-9 // last.engines)
     print("what limits it:")
-    print(f"- granularity: 9 equal trials on {last.engines} engines take {rounds} rounds, which caps efficiency "
-          f"near 9/({last.engines}x{rounds}) = {9 / (last.engines * rounds):.0%} (noise from shared cores "
-          f"can put one measurement either side of it)")
+    print(
+        f"- granularity: 9 equal trials on {last.engines} engines take {rounds} rounds, which caps efficiency "
+        f"near 9/({last.engines}x{rounds}) = {9 / (last.engines * rounds):.0%} (noise from shared cores "
+        f"can put one measurement either side of it)"
+    )
     first = records[0].engines
-    print(f"- contention: one engine trains at {per_engine[last.engines]:,.0f} images/s with {last.engines} engines "
-          f"running against {per_engine[first]:,.0f} with {first}: "
-          f"{per_engine[last.engines] / per_engine[first]:.0%} of its speed (shared cores, caches, memory bandwidth)")
-    print("- busy = seconds spent training+evaluating / (wall x engines); the rest is task dispatch "
-          "(0.2 s scheduler poll), checkpoints to the store, model set-up per task")
+    print(
+        f"- contention: one engine trains at {per_engine[last.engines]:,.0f} images/s with {last.engines} engines "
+        f"running against {per_engine[first]:,.0f} with {first}: "
+        f"{per_engine[last.engines] / per_engine[first]:.0%} of its speed (shared cores, caches, memory bandwidth)"
+    )
+    print(
+        "- busy = seconds spent training+evaluating / (wall x engines); the rest is task dispatch "
+        "(0.2 s scheduler poll), checkpoints to the store, model set-up per task"
+    )
     print("- every trial evaluates 20,000 images whatever --subset is: a fixed cost per task")
-    print(f"- {cores} cores shared: load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
-          f"(other users' work takes cores from the engines); memory bandwidth is shared too")
+    print(
+        f"- {cores} cores shared: load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
+        f"(other users' work takes cores from the engines); memory bandwidth is shared too"
+    )
     print(f"total time including cluster start and stop: {total:.0f} s")
     return 0
 

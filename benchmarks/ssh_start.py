@@ -16,6 +16,7 @@ round by round (the machine's load moves both).
     sudo .venv/bin/python benchmarks/ssh_start.py            # real MNIST from ../shared/data
     sudo .venv/bin/python benchmarks/ssh_start.py --rounds 5 --json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +44,14 @@ def config_for(folder: Path, hosts: NetnsHosts, data: Path):
 name = bench-ssh
 provider = ssh
 slaves = {len(hosts.hosts)}
-state_dir = {folder / 'state'}
+state_dir = {folder / "state"}
 data_dir = {data}
 threads_per_engine = 1
 download = false
 replace_lost = false
 
 [ssh]
-hosts = {', '.join(h.address for h in hosts.hosts)}
+hosts = {", ".join(h.address for h in hosts.hosts)}
 user = {SLAVE_USER}
 key_file = {hosts.key}
 python = {sys.executable}
@@ -79,8 +80,10 @@ def main() -> None:
         return
     data = data_dir()
     rounds: dict[str, list[float]] = {"full": [], "stamped": []}
-    with tempfile.TemporaryDirectory(prefix="ssh-start-") as tmp, \
-            NetnsHosts(2, Path(tmp) / "netns", first_subnet=SUBNET) as hosts:
+    with (
+        tempfile.TemporaryDirectory(prefix="ssh-start-") as tmp,
+        NetnsHosts(2, Path(tmp) / "netns", first_subnet=SUBNET) as hosts,
+    ):
         hosts.key = client_key(hosts.workdir)
         for host in hosts.hosts:
             host.authorize(hosts.key)
@@ -93,14 +96,23 @@ def main() -> None:
                 rounds["full"].append(timed_start(cluster))
                 rounds["stamped"].append(timed_start(cluster))
                 if not args.json:
-                    print(f"round {number}: full {rounds['full'][-1]:.2f} s, stamped {rounds['stamped'][-1]:.2f} s",
-                          flush=True)
+                    print(
+                        f"round {number}: full {rounds['full'][-1]:.2f} s, stamped {rounds['stamped'][-1]:.2f} s",
+                        flush=True,
+                    )
         finally:
             cluster.stop()
             cluster.close()
     full, stamped = statistics.median(rounds["full"]), statistics.median(rounds["stamped"])
-    result = {"slaves": 2, "rounds": args.rounds, "full_s": rounds["full"], "stamped_s": rounds["stamped"],
-              "median_full_s": full, "median_stamped_s": stamped, "stamped_over_full": stamped / full}
+    result = {
+        "slaves": 2,
+        "rounds": args.rounds,
+        "full_s": rounds["full"],
+        "stamped_s": rounds["stamped"],
+        "median_full_s": full,
+        "median_stamped_s": stamped,
+        "stamped_over_full": stamped / full,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return

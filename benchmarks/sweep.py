@@ -9,6 +9,7 @@ Prints, in one run:
     python benchmarks/sweep.py                       # 2 engines x 1 thread, 10,000 images, 3 epochs
     python benchmarks/sweep.py --engines 4 --subset 0 --epochs 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,10 @@ def main() -> None:
     data = data_dir()
     with tempfile.TemporaryDirectory() as tmp:
         ini = Path(tmp) / "cluster.ini"
-        ini.write_text(f"[cluster]\nname = bench-sweep\nslaves = {args.engines}\nstate_dir = {tmp}/state\n"
-                       f"data_dir = {data}\nthreads_per_engine = {args.threads}\ndownload = false\n")
+        ini.write_text(
+            f"[cluster]\nname = bench-sweep\nslaves = {args.engines}\nstate_dir = {tmp}/state\n"
+            f"data_dir = {data}\nthreads_per_engine = {args.threads}\ndownload = false\n"
+        )
         cluster = Cluster(load_config(ini, environ={}))
         cluster.start()
         try:
@@ -69,36 +72,46 @@ def main() -> None:
     images = args.subset or FULL_EPOCH
     overheads = sorted(result.dispatch_overheads)
     rate = epochs / (makespan / 60)
-    print(f"sweep {result.sweep_id}: preset {args.preset}, {len(trials)} trials x {args.epochs} epochs of "
-          f"{images:,} images, on {k} local CPU engines x {args.threads} thread(s), real MNIST")
+    print(
+        f"sweep {result.sweep_id}: preset {args.preset}, {len(trials)} trials x {args.epochs} epochs of "
+        f"{images:,} images, on {k} local CPU engines x {args.threads} thread(s), real MNIST"
+    )
     counts, best = result.counts(), result.best
-    best_text = (f"best l1={best.params.get('l1')}: val {best.val_accuracy:.2%}, test {best.test_accuracy:.2%}"
-                 if best else "no trial completed")
+    best_text = (
+        f"best l1={best.params.get('l1')}: val {best.val_accuracy:.2%}, test {best.test_accuracy:.2%}"
+        if best
+        else "no trial completed"
+    )
     print(f"  {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed; {best_text}")
     print(f"makespan                         {makespan:8.1f} s")
     print(f"sum of trial times / {k}            {ideal:8.1f} s   (sum {engine_seconds:.1f} s of engine time)")
     print(f"makespan / ideal                 {makespan / ideal:8.3f}    (target <= 1.10)")
-    print(f"dispatch overhead per task       {statistics.median(overheads) * 1e3:8.1f} ms median, "
-          f"{overheads[int(0.9 * (len(overheads) - 1))] * 1e3:.1f} ms p90 over {len(overheads)} tasks "
-          f"(engine idle before a task: submitted or engine free, whichever is later, -> start; "
-          f"target <= 10 ms)")
+    print(
+        f"dispatch overhead per task       {statistics.median(overheads) * 1e3:8.1f} ms median, "
+        f"{overheads[int(0.9 * (len(overheads) - 1))] * 1e3:.1f} ms p90 over {len(overheads)} tasks "
+        f"(engine idle before a task: submitted or engine free, whichever is later, -> start; "
+        f"target <= 10 ms)"
+    )
     busy: dict = {}
     gaps: list[float] = []
     last: dict = {}
-    for engine, submitted, started, completed in sorted(result.task_timings, key=lambda t: t[2]):
+    for engine, _submitted, started, completed in sorted(result.task_timings, key=lambda t: t[2]):
         busy[engine] = busy.get(engine, 0.0) + completed - started
         if engine in last:
             gaps.append(started - last[engine])
         last[engine] = completed
     if busy:
         task_seconds = sum(busy.values())
-        print(f"  where the rest goes: tasks on engines {task_seconds:.1f} s ({task_seconds - engine_seconds:.1f} s "
-              f"outside the epochs: model build, checkpoint in/out); engine idle between tasks "
-              f"{statistics.median(gaps) * 1e3:.0f} ms median, {max(gaps) * 1e3:.0f} ms max, {sum(gaps):.1f} s in all; "
-              f"busy per engine "
-              + ", ".join(f"{e}: {b:.1f} s" for e, b in sorted(busy.items())))
-    print(f"aggregate throughput             {rate:8.2f} epochs/min of {images:,} images "
-          f"= {rate * images / FULL_EPOCH:.2f} full-epoch equivalents/min")
+        print(
+            f"  where the rest goes: tasks on engines {task_seconds:.1f} s ({task_seconds - engine_seconds:.1f} s "
+            f"outside the epochs: model build, checkpoint in/out); engine idle between tasks "
+            f"{statistics.median(gaps) * 1e3:.0f} ms median, {max(gaps) * 1e3:.0f} ms max, {sum(gaps):.1f} s in all; "
+            f"busy per engine " + ", ".join(f"{e}: {b:.1f} s" for e, b in sorted(busy.items()))
+        )
+    print(
+        f"aggregate throughput             {rate:8.2f} epochs/min of {images:,} images "
+        f"= {rate * images / FULL_EPOCH:.2f} full-epoch equivalents/min"
+    )
     print(f"paper (8 GPU servers)            {PAPER_EPOCHS_PER_MIN:8.2f} epochs/min")
 
 

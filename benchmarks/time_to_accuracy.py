@@ -15,6 +15,7 @@ batch 128, channels-last) for the same epochs on the same threads and tests.
 Printed: every run, the first-run and warm-run ratios against the bare script, and
 where the seconds of each go. Targets: warm <= 1.05x, first run <= 1.05x the warm runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ def started_cluster(threads: int):
         ini.write_text(f"[cluster]\nname = tta\nslaves = 1\nthreads_per_engine = {threads}\ndownload = false\n")
         env = dict(os.environ, CLUSTER_STATE_DIR=tmp, CLUSTER_DATA_DIR=str(data_dir()), CLUSTER_CONFIG=str(ini))
         t0 = time.perf_counter()
-        start = subprocess.run([sys.executable, "-m", "controller", "-v", "start"], env=env, capture_output=True,
-                               text=True)
+        start = subprocess.run(
+            [sys.executable, "-m", "controller", "-v", "start"], env=env, capture_output=True, text=True
+        )
         start_s = time.perf_counter() - t0
         try:
             if start.returncode != 0:
@@ -69,13 +71,17 @@ def cluster_parts(run: dict, wall: float, startup: float) -> str:
     train = sum(e["train_seconds"] for e in run["epochs"])
     evaluate = sum(e["seconds"] for e in run["epochs"]) - train
     rest = wall - startup - run["seconds"]
-    return (f"interpreter+imports {startup:.2f} s, engine training {train:.2f} s, engine val+test {evaluate:.2f} s, "
-            f"connect/dispatch/result/store {rest:.2f} s")
+    return (
+        f"interpreter+imports {startup:.2f} s, engine training {train:.2f} s, engine val+test {evaluate:.2f} s, "
+        f"connect/dispatch/result/store {rest:.2f} s"
+    )
 
 
 def bare_parts(bare: dict) -> str:
-    return (f"interpreter+imports {bare['startup_s']:.2f} s, load MNIST {bare['load_s']:.2f} s, "
-            f"training {bare['train_s']:.2f} s, test {bare['test_s']:.2f} s")
+    return (
+        f"interpreter+imports {bare['startup_s']:.2f} s, load MNIST {bare['load_s']:.2f} s, "
+        f"training {bare['train_s']:.2f} s, test {bare['test_s']:.2f} s"
+    )
 
 
 def main() -> None:
@@ -87,19 +93,28 @@ def main() -> None:
     # a `timeout` or a kill still stops the cluster (the context manager's finally runs on SystemExit)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     epochs = ("--epochs", str(args.epochs))
-    print(f"{args.epochs} epoch(s) of 50,000 real MNIST images, {args.threads} torch threads, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before", flush=True)
+    print(
+        f"{args.epochs} epoch(s) of 50,000 real MNIST images, {args.threads} torch threads, "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before",
+        flush=True,
+    )
     with started_cluster(args.threads) as (env, start_s, warmed_s):
-        print(f"cluster start {start_s:.1f} s (engine warm-up inside it: "
-              f"{'not logged' if warmed_s is None else f'{warmed_s:.1f} s'})", flush=True)
+        print(
+            f"cluster start {start_s:.1f} s (engine warm-up inside it: "
+            f"{'not logged' if warmed_s is None else f'{warmed_s:.1f} s'})",
+            flush=True,
+        )
         bares, runs = [], []
         for round_ in range(args.rounds + 1):  # round 0: the first run, nothing ran on the engine before it
             bares.append(bare_script(args.epochs, args.threads))
             runs.append(cluster_train(env, *epochs))
             (run, wall), bare = runs[-1], bares[-1]
-            print(f"{'first' if round_ == 0 else f'warm {round_}':7s}  bare script {bare['wall_s']:6.2f} s -> "
-                  f"{bare['test_accuracy']:.2%}   cluster train {wall:6.2f} s -> {run['test_accuracy']:.2%}   "
-                  f"ratio {wall / bare['wall_s']:.3f}", flush=True)
+            print(
+                f"{'first' if round_ == 0 else f'warm {round_}':7s}  bare script {bare['wall_s']:6.2f} s -> "
+                f"{bare['test_accuracy']:.2%}   cluster train {wall:6.2f} s -> {run['test_accuracy']:.2%}   "
+                f"ratio {wall / bare['wall_s']:.3f}",
+                flush=True,
+            )
         startup = cli_startup_s(env)
     (first, first_wall), warms = runs[0], runs[1:]
     first_ratio = first_wall / bares[0]["wall_s"]
@@ -108,8 +123,10 @@ def main() -> None:
     warm_wall = statistics.median(wall for _, wall in warms)
     print(f"load average {os.getloadavg()[0]:.1f} after")
     print("ratio to the bare script run just before it (paired):")
-    print(f"  first run after start {first_ratio:.3f}   warm runs, median of {len(warms)} {warm_ratio:.3f}  "
-          f"(target <= 1.05)")
+    print(
+        f"  first run after start {first_ratio:.3f}   warm runs, median of {len(warms)} {warm_ratio:.3f}  "
+        f"(target <= 1.05)"
+    )
     print(f"  first run / warm runs {first_ratio / warm_ratio:.3f}  (target <= 1.05: no cold-start tax)")
     print("where the seconds go (a middle bare script and warm run; the first run beside them):")
     middle = sorted(range(len(warms)), key=lambda i: warms[i][1])[len(warms) // 2]
@@ -117,12 +134,23 @@ def main() -> None:
     print(f"  bare script   {typical['wall_s']:6.2f} s: {bare_parts(typical)}")
     print(f"  cluster warm  {warm_wall:6.2f} s: {cluster_parts(*warms[middle], startup)}")
     print(f"  cluster first {first_wall:6.2f} s: {cluster_parts(first, first_wall, startup)}")
-    accurate = [name for name, accuracy in (("bare", bares[-1]["test_accuracy"]), ("first", first["test_accuracy"]),
-                                            ("warm", warms[-1][0]["test_accuracy"])) if accuracy >= TARGET]
-    print(f"time to {TARGET:.1%} with a {args.epochs}-epoch budget: "
-          + (f"bare {bare_wall:.1f} s, cluster warm {warm_wall:.1f} s, first {first_wall:.1f} s"
-             if len(accurate) == 3 else f"reached by {', '.join(accurate) or 'none'} only; try --epochs "
-                                         f"{args.epochs + 1}"))
+    accurate = [
+        name
+        for name, accuracy in (
+            ("bare", bares[-1]["test_accuracy"]),
+            ("first", first["test_accuracy"]),
+            ("warm", warms[-1][0]["test_accuracy"]),
+        )
+        if accuracy >= TARGET
+    ]
+    print(
+        f"time to {TARGET:.1%} with a {args.epochs}-epoch budget: "
+        + (
+            f"bare {bare_wall:.1f} s, cluster warm {warm_wall:.1f} s, first {first_wall:.1f} s"
+            if len(accurate) == 3
+            else f"reached by {', '.join(accurate) or 'none'} only; try --epochs {args.epochs + 1}"
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The master side: configuration, providers, the store, scheduling, the CLI and its Python API."""
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

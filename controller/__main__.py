@@ -1,4 +1,5 @@
 """`python -m controller` is the `cluster` command."""
+
 import sys
 
 

@@ -1,11 +1,12 @@
 """The Python API that the CLI and the notebooks share.
 
-    from controller import Cluster
-    cluster = Cluster()                 # reads cluster.ini as the CLI does
-    cluster.start(slaves=2)
-    run = cluster.train(epochs=1)       # a RunResult: the stored run and its epochs
-    cluster.stop()
+from controller import Cluster
+cluster = Cluster()                 # reads cluster.ini as the CLI does
+cluster.start(slaves=2)
+run = cluster.train(epochs=1)       # a RunResult: the stored run and its epochs
+cluster.stop()
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,13 @@ log = logging.getLogger(__name__)
 class Cluster(ClusterHandle):
     """One named cluster under one state_dir: start, status, scale, train, infer, sweep, bench, report, stop."""
 
-    def __init__(self, config: Optional[Config] = None, *, config_file: Optional[str | os.PathLike] = None,
-                 provider_hooks: Hooks = NO_HOOKS):
+    def __init__(
+        self,
+        config: Optional[Config] = None,
+        *,
+        config_file: Optional[str | os.PathLike] = None,
+        provider_hooks: Hooks = NO_HOOKS,
+    ):
         super().__init__(config, config_file=config_file, provider_hooks=provider_hooks)
         self._training = Training(self)
         self._lifecycle = Lifecycle(self.config, self.store, self.provider, self.run_spec)
@@ -52,9 +58,16 @@ class Cluster(ClusterHandle):
         return cluster
 
     # lifecycle (controller/cluster/lifecycle.py) and status (controller/cluster/status.py) ----------------
-    def start(self, slaves: Optional[int] = None, provider: Optional[str] = None, *,
-              min_slaves: Optional[int] = None, max_slaves: Optional[int] = None,
-              idle_minutes: Optional[float] = None, fresh: bool = False) -> ClusterStatus:
+    def start(
+        self,
+        slaves: Optional[int] = None,
+        provider: Optional[str] = None,
+        *,
+        min_slaves: Optional[int] = None,
+        max_slaves: Optional[int] = None,
+        idle_minutes: Optional[float] = None,
+        fresh: bool = False,
+    ) -> ClusterStatus:
         """Start the controller and ``slaves`` slaves; returns once every engine registered.
 
         ``max_slaves`` > 0 turns autoscaling on: slaves are added for waiting jobs up to it, and slaves idle
@@ -67,12 +80,17 @@ class Cluster(ClusterHandle):
         starts new ones instead.
         """
         self._close_client()  # a client of an earlier controller of this cluster would talk to no one
-        self._lifecycle.start(fresh=fresh, slaves=slaves, provider=provider, min_slaves=min_slaves,
-                              max_slaves=max_slaves, idle_minutes=idle_minutes)
+        self._lifecycle.start(
+            fresh=fresh,
+            slaves=slaves,
+            provider=provider,
+            min_slaves=min_slaves,
+            max_slaves=max_slaves,
+            idle_minutes=idle_minutes,
+        )
         return self.status()
 
-    def stop(self, all_clusters: bool = False, any_owner: bool = False,
-             only: Optional[set[str]] = None) -> Stopped:
+    def stop(self, all_clusters: bool = False, any_owner: bool = False, only: Optional[set[str]] = None) -> Stopped:
         """Stop every engine, slave and the controller; history stays. Safe to run twice.
 
         Without a record (local state lost), or with ``all_clusters``, the provider
@@ -107,8 +125,14 @@ class Cluster(ClusterHandle):
         return self.status()
 
     # training -------------------------------------------------------------------
-    def train(self, progress: Optional[ProgressSink] = None, *, distributed: bool = False,
-              engines: Optional[list[int]] = None, **overrides: Any) -> RunResult:
+    def train(
+        self,
+        progress: Optional[ProgressSink] = None,
+        *,
+        distributed: bool = False,
+        engines: Optional[list[int]] = None,
+        **overrides: Any,
+    ) -> RunResult:
         """One training run on a free engine; returns when it ends (Ctrl-C leaves it resumable).
 
         ``distributed=True``: one model on every engine (or on ``engines``, ids) with torch.distributed,
@@ -116,8 +140,9 @@ class Cluster(ClusterHandle):
         """
         return self._training.train(progress, distributed=distributed, engines=engines, **overrides)
 
-    def resume(self, run_id: str, progress: Optional[ProgressSink] = None,
-               engines: Optional[list[int]] = None) -> RunResult:
+    def resume(
+        self, run_id: str, progress: Optional[ProgressSink] = None, engines: Optional[list[int]] = None
+    ) -> RunResult:
         """Continue a run from its last checkpoint to the end of its epoch budget.
 
         A distributed run resumes distributed, on every engine or on ``engines`` (any count: the
@@ -136,10 +161,19 @@ class Cluster(ClusterHandle):
         return self.store.runs.all(limit=limit, sweep_id=sweep_id)
 
     # inference -------------------------------------------------------------------
-    def infer(self, run_id: Optional[str] = None, *, checkpoint: Optional[str | os.PathLike] = None,
-              split: str = "test", workload: Optional[str] = None, engines: Optional[list[int]] = None,
-              shards_per_engine: int = 1, out: Optional[str | os.PathLike] = None, progress=None,
-              data_dir: Optional[str] = None):
+    def infer(
+        self,
+        run_id: Optional[str] = None,
+        *,
+        checkpoint: Optional[str | os.PathLike] = None,
+        split: str = "test",
+        workload: Optional[str] = None,
+        engines: Optional[list[int]] = None,
+        shards_per_engine: int = 1,
+        out: Optional[str | os.PathLike] = None,
+        progress=None,
+        data_dir: Optional[str] = None,
+    ):
         """Apply a trained model to a whole split over the engines; an InferenceResult (controller/work/inference.py).
 
         The model is a run's last checkpoint (``run_id``) or a checkpoint file; each engine loads it once
@@ -170,30 +204,59 @@ class Cluster(ClusterHandle):
         expect_kind = find_workload(workload).kind if workload is not None else None
         if out is not None and Path(out).suffix not in (".csv", ".npz"):
             raise UsageError(f"--out {out}: expected a .csv or .npz file name")
-        job = Inference(self.client, choose_engines(list(self.client.ids), engines),
-                        shards_per_engine=shards_per_engine, threads=self.record.threads_per_engine,
-                        stall_s=self.config.cluster.stall_minutes * 60)
-        result = job.run(data, split, data_dir or str(self.config.data_dir), run_id=run_id, expect_kind=expect_kind,
-                         progress=progress)
+        job = Inference(
+            self.client,
+            choose_engines(list(self.client.ids), engines),
+            shards_per_engine=shards_per_engine,
+            threads=self.record.threads_per_engine,
+            stall_s=self.config.cluster.stall_minutes * 60,
+        )
+        result = job.run(
+            data,
+            split,
+            data_dir or str(self.config.data_dir),
+            run_id=run_id,
+            expect_kind=expect_kind,
+            progress=progress,
+        )
         if out is not None:
             write_predictions(result, Path(out))
         return result
 
     # benchmarks and reports ------------------------------------------------------
-    def bench(self, workload: str = "paper", engines: Optional[list[int]] = None, epochs: Optional[int] = None,
-              subset: Optional[int] = None, progress=None, data_dir: Optional[str] = None):
+    def bench(
+        self,
+        workload: str = "paper",
+        engines: Optional[list[int]] = None,
+        epochs: Optional[int] = None,
+        subset: Optional[int] = None,
+        progress=None,
+        data_dir: Optional[str] = None,
+    ):
         """Run a standard workload on each engine count in ``engines`` (default: all); a BenchResult."""
-        return run_bench(self, workload=workload, engines=engines, epochs=epochs, subset=subset,
-                         progress=progress, data_dir=data_dir)
+        return run_bench(
+            self, workload=workload, engines=engines, epochs=epochs, subset=subset, progress=progress, data_dir=data_dir
+        )
 
     def report(self, fmt: str = "md", bench_ids: Optional[list[str]] = None, workload: Optional[str] = None) -> str:
         """The stored bench records as md, csv, json or html text; needs no running cluster."""
         return report(self.store, fmt, bench_ids=bench_ids, workload=workload)
 
     # sweeps ----------------------------------------------------------------------
-    def sweep(self, params: Any = None, *, preset: Optional[str] = None, trials: Optional[int] = None,
-              sampler: Optional[str] = None, pruner: str = "none", seed: int = 0, resume: Optional[str] = None,
-              progress: Any = None, task: Any = None, **overrides: Any) -> SweepResult:
+    def sweep(
+        self,
+        params: Any = None,
+        *,
+        preset: Optional[str] = None,
+        trials: Optional[int] = None,
+        sampler: Optional[str] = None,
+        pruner: str = "none",
+        seed: int = 0,
+        resume: Optional[str] = None,
+        progress: Any = None,
+        task: Any = None,
+        **overrides: Any,
+    ) -> SweepResult:
         """Train many settings at once, one trial per free engine, until the sweep ends.
 
         ``params``: ``{"lr": [0.01, 0.05], "hidden": "int:50:500"}`` or ``["lr=log:1e-3:1e-1", ...]``;
@@ -210,8 +273,18 @@ class Cluster(ClusterHandle):
             if params or preset or trials or sampler or pruner != "none" or overrides:
                 raise UsageError(f"--resume {resume} continues a sweep with its own settings; give nothing else")
             return runner.resume_sweep(self, resume, progress=progress, task=task)
-        return runner.run_sweep(self, params, preset=preset, trials=trials, sampler=sampler, pruner=pruner,
-                                seed=seed, progress=progress, task=task, **overrides)
+        return runner.run_sweep(
+            self,
+            params,
+            preset=preset,
+            trials=trials,
+            sampler=sampler,
+            pruner=pruner,
+            seed=seed,
+            progress=progress,
+            task=task,
+            **overrides,
+        )
 
     def sweeps(self, limit: Optional[int] = None) -> list[SweepResult]:
         """Past sweeps, newest first (the cluster need not be running)."""

@@ -4,6 +4,7 @@ Each module in ``controller.commands`` registers its subcommands; a handler
 takes (args, ctx) and calls the Python API.  Exceptions become exit codes in
 one place, ``main``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,24 @@ from controller.logs import CliLogging
 
 # `cluster --help` lists the commands in the order of the work, not in the order modules register them;
 # a command missing here is listed after these, in registration order
-COMMAND_ORDER = ("start", "status", "scale", "remove", "stop", "train", "runs", "infer", "sweep", "sweeps", "results",
-                 "bench", "report", "prices", "ip", "ssh")
+COMMAND_ORDER = (
+    "start",
+    "status",
+    "scale",
+    "remove",
+    "stop",
+    "train",
+    "runs",
+    "infer",
+    "sweep",
+    "sweeps",
+    "results",
+    "bench",
+    "report",
+    "prices",
+    "ip",
+    "ssh",
+)
 
 
 def command_modules() -> list:
@@ -33,13 +50,25 @@ def command_modules() -> list:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cluster",
-        description="Start GPU slaves, train on them, stop them; a master-slave controller over ipyparallel.")
-    parser.add_argument("--config", metavar="FILE",
-                        help="configuration file (default: $CLUSTER_CONFIG, ./cluster.ini, built-in defaults)")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging from this tool (-vv: debug); libraries stay at warnings")
-    parser.add_argument("--debug-libraries", action="store_true",
-                        help="also debug logging of boto3/botocore, paramiko and ipyparallel (secrets redacted)")
+        description="Start GPU slaves, train on them, stop them; a master-slave controller over ipyparallel.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="configuration file (default: $CLUSTER_CONFIG, ./cluster.ini, built-in defaults)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more logging from this tool (-vv: debug); libraries stay at warnings",
+    )
+    parser.add_argument(
+        "--debug-libraries",
+        action="store_true",
+        help="also debug logging of boto3/botocore, paramiko and ipyparallel (secrets redacted)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in command_modules():
@@ -62,8 +91,13 @@ def in_order_of_work(sub: argparse._SubParsersAction) -> None:
     sub.choices.update(ordered)
 
 
-def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = None,
-         stderr: Optional[TextIO] = None, stdin: Optional[TextIO] = None) -> int:
+def main(
+    argv: Optional[Sequence[str]] = None,
+    *,
+    stdout: Optional[TextIO] = None,
+    stderr: Optional[TextIO] = None,
+    stdin: Optional[TextIO] = None,
+) -> int:
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     stdin = stdin if stdin is not None else sys.stdin
     parser = build_parser()

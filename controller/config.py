@@ -5,6 +5,7 @@ defaults.  ``$CLUSTER_DATA_DIR`` and ``$CLUSTER_STATE_DIR`` override the two
 directories.  Every problem is reported as one :class:`ConfigError` naming the
 file, section, key, value and what is allowed.
 """
+
 from __future__ import annotations
 
 import configparser
@@ -24,13 +25,21 @@ STATE_DIR_ENV = "CLUSTER_STATE_DIR"
 BUILTIN = "<built-in defaults>"
 
 
-def _opt(default, help: str, *, choices=None, min=None, max=None, factory=None, path=False, pattern=None,
-         zero_is_off=False):
+def _opt(
+    default, help: str, *, choices=None, min=None, max=None, factory=None, path=False, pattern=None, zero_is_off=False
+):
     """A config field: its default, its help line and what values are allowed (``path``: a file name;
     ``pattern``: (regular expression the whole value must match, what it allows in words); ``zero_is_off``:
     0 turns the feature off and is allowed besides ``min`` to ``max``)."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path, "pattern": pattern,
-            "zero_is_off": zero_is_off}
+    meta = {
+        "help": help,
+        "choices": choices,
+        "min": min,
+        "max": max,
+        "path": path,
+        "pattern": pattern,
+        "zero_is_off": zero_is_off,
+    }
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -42,20 +51,28 @@ SCHEDULES = ("onecycle", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 # the name becomes directories on the master and the slaves and a run dir that `stop` removes there:
 # no path separators, dots, spaces or shell characters
-NAME_PATTERN = (r"[a-z0-9][a-z0-9-]{0,39}", "lower-case letters, digits and '-', 1 to 40 characters, "
-                                             "not starting with '-'")
+NAME_PATTERN = (
+    r"[a-z0-9][a-z0-9-]{0,39}",
+    "lower-case letters, digits and '-', 1 to 40 characters, not starting with '-'",
+)
 # a directory on a slave, as the slave sees it: absolute or under the slave user's home (~)
-SLAVE_DIR_PATTERN = (r"(~|~/[A-Za-z0-9_./+-]*|/[A-Za-z0-9_./+-]*)",
-                     "a path on the slave: absolute or under ~ (letters, digits, '_./+-')")
-SLAVE_DATA_HELP = ("where the slaves' engines keep data sets (a path on the slave; ~ = the slave user's home); "
-                   "filled over SFTP from the master's data_dir")
+SLAVE_DIR_PATTERN = (
+    r"(~|~/[A-Za-z0-9_./+-]*|/[A-Za-z0-9_./+-]*)",
+    "a path on the slave: absolute or under ~ (letters, digits, '_./+-')",
+)
+SLAVE_DATA_HELP = (
+    "where the slaves' engines keep data sets (a path on the slave; ~ = the slave user's home); "
+    "filled over SFTP from the master's data_dir"
+)
 # a program on the slave (a path or a name on its PATH), never a shell fragment
 PROGRAM_PATTERN = (r"[A-Za-z0-9_./+-]+", "a program name or absolute path (letters, digits, '_./+-')")
 
 
 # a base URL the engines GET /latest/... under: http(s), a host (name, IPv4 or [IPv6]) and an optional port/path
-METADATA_URL_PATTERN = (r"|off|https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~-]+)*/?|https?://\[[0-9a-fA-F:]+\](:[0-9]{1,5})?",
-                        "empty (the provider's default), off, or an http:// URL such as http://169.254.169.254")
+METADATA_URL_PATTERN = (
+    r"|off|https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~-]+)*/?|https?://\[[0-9a-fA-F:]+\](:[0-9]{1,5})?",
+    "empty (the provider's default), off, or an http:// URL such as http://169.254.169.254",
+)
 
 
 @dataclass(frozen=True)
@@ -65,27 +82,47 @@ class ClusterConfig:
     slaves: int = _opt(4, "number of slaves (local: engines) that `cluster start` brings up", min=1, max=256)
     data_dir: Path = _opt(Path("~/.cache/cluster/data"), "where MNIST lives (torchvision layout: DATA_DIR/MNIST/raw)")
     state_dir: Path = _opt(Path(".cluster"), "the SQLite store, checkpoints, the ipyparallel profile, keys")
-    threads_per_engine: int = _opt(0, "torch threads per engine; 0 = cores / engines (never oversubscribe)", min=0, max=512)
+    threads_per_engine: int = _opt(
+        0, "torch threads per engine; 0 = cores / engines (never oversubscribe)", min=0, max=512
+    )
     download: bool = _opt(True, "download MNIST into data_dir when it is missing (needs internet)")
     engine_timeout: int = _opt(120, "seconds to wait for engines to register", min=5, max=3600)
-    master_grace_minutes: float = _opt(10.0, "minutes engines wait for a silent master (a sleeping laptop) "
-                                             "before they quit", min=0.1, max=1440.0)
-    stall_minutes: float = _opt(10.0, "a training task that reports no progress for this long (a hung CUDA kernel "
-                                      "or NCCL call, a deadlock) has its engine killed and goes on from its "
-                                      "checkpoint on another engine (an inference shard too; a data-parallel run "
-                                      "has every rank killed and fails, resumable); 0 = never", min=0.25, max=1440.0,
-                                zero_is_off=True)
+    master_grace_minutes: float = _opt(
+        10.0, "minutes engines wait for a silent master (a sleeping laptop) before they quit", min=0.1, max=1440.0
+    )
+    stall_minutes: float = _opt(
+        10.0,
+        "a training task that reports no progress for this long (a hung CUDA kernel "
+        "or NCCL call, a deadlock) has its engine killed and goes on from its "
+        "checkpoint on another engine (an inference shard too; a data-parallel run "
+        "has every rank killed and fails, resumable); 0 = never",
+        min=0.25,
+        max=1440.0,
+        zero_is_off=True,
+    )
     price_per_hour: float = _opt(0.0, "$/hour of the whole local or ssh cluster, for cost reports", min=0.0)
-    metadata_url: str = _opt("", "instance metadata service the engines watch for spot interruption notices; "
-                                 "empty = the provider's (aws: http://169.254.169.254, local/ssh: none), off = none",
-                             pattern=METADATA_URL_PATTERN)
-    replace_lost: bool = _opt(True, "replace a slave whose engines died, whose instance ended or that failed its "
-                                    "health check, and one under a spot notice (the cluster keeps its size)")
+    metadata_url: str = _opt(
+        "",
+        "instance metadata service the engines watch for spot interruption notices; "
+        "empty = the provider's (aws: http://169.254.169.254, local/ssh: none), off = none",
+        pattern=METADATA_URL_PATTERN,
+    )
+    replace_lost: bool = _opt(
+        True,
+        "replace a slave whose engines died, whose instance ended or that failed its "
+        "health check, and one under a spot notice (the cluster keeps its size)",
+    )
     min_slaves: int = _opt(1, "autoscaling: idle slaves are turned off down to this many", min=0, max=256)
-    max_slaves: int = _opt(0, "autoscaling: slaves are turned on for waiting jobs up to this many; 0 = no "
-                              "autoscaling (the cluster keeps the size `start`/`scale` gave it)", min=0, max=256)
-    idle_minutes: float = _opt(10.0, "autoscaling: a slave idle this long is turned off (fractions allowed)",
-                               min=0.0, max=10080.0)
+    max_slaves: int = _opt(
+        0,
+        "autoscaling: slaves are turned on for waiting jobs up to this many; 0 = no "
+        "autoscaling (the cluster keeps the size `start`/`scale` gave it)",
+        min=0,
+        max=256,
+    )
+    idle_minutes: float = _opt(
+        10.0, "autoscaling: a slave idle this long is turned off (fractions allowed)", min=0.0, max=10080.0
+    )
     drain_timeout: int = _opt(600, "seconds `scale`/`remove` wait for drained slaves' tasks to stop", min=1, max=86400)
 
 
@@ -93,7 +130,12 @@ class ClusterConfig:
 class TrainingConfig:
     epochs: int = _opt(1, "epochs per run", min=1, max=10000)
     lr: float = _opt(0.01, "learning rate (the peak rate of the one-cycle schedule)", min=0.0, max=100.0)
-    l1: float = _opt(0.0, "L1 penalty lambda, as the paper scales it: each batch's loss += lambda * sum(|w|) / training batches per epoch", min=0.0)
+    l1: float = _opt(
+        0.0,
+        "L1 penalty lambda, as the paper scales it: each batch's loss += lambda * sum(|w|) / training batches "
+        "per epoch",
+        min=0.0,
+    )
     batch_size: int = _opt(128, "mini-batch size", min=1, max=65536)
     optimizer: str = _opt("adam", "optimizer", choices=OPTIMIZERS)
     momentum: float = _opt(0.9, "SGD momentum (ignored by adam)", min=0.0, max=1.0)
@@ -104,11 +146,18 @@ class TrainingConfig:
     conv2: int = _opt(40, "filters of the second convolution", min=1, max=1024)
     hidden: int = _opt(100, "units of the fully connected hidden layer", min=1, max=65536)
     subset: int = _opt(0, "train on the first N training images only; 0 = all 50,000", min=0, max=50000)
-    task_seconds: float = _opt(60.0, "a task ends after this many seconds (at a batch boundary, with a checkpoint "
-                                     "that resumes mid-epoch) or at its epoch's end; 0 = whole epochs", min=0.0)
-    checkpoint_minutes: float = _opt(0.0, "engines keep a run's checkpoint and ship it to the master this often "
-                                          "(and on a drain, a spot notice and at the end); 0 = after every task",
-                                     min=0.0)
+    task_seconds: float = _opt(
+        60.0,
+        "a task ends after this many seconds (at a batch boundary, with a checkpoint "
+        "that resumes mid-epoch) or at its epoch's end; 0 = whole epochs",
+        min=0.0,
+    )
+    checkpoint_minutes: float = _opt(
+        0.0,
+        "engines keep a run's checkpoint and ship it to the master this often "
+        "(and on a drain, a spot notice and at the end); 0 = after every task",
+        min=0.0,
+    )
 
 
 # where each provider's engines find an instance metadata service by default ([cluster] metadata_url = "")
@@ -133,25 +182,34 @@ def task_keys(training: TrainingConfig) -> dict:
 
 @dataclass(frozen=True)
 class SshConfig:
-    hosts: tuple = _opt((), "slaves you already own: host or host:port, comma separated, each machine once "
-                            "(engines_per_host sets its engines)", factory=tuple)
+    hosts: tuple = _opt(
+        (),
+        "slaves you already own: host or host:port, comma separated, each machine once "
+        "(engines_per_host sets its engines)",
+        factory=tuple,
+    )
     user: str = _opt("", "SSH user on the slaves; empty = the current user")
     key_file: str = _opt("", "private key for the slaves; empty = SSH agent / default keys", path=True)
-    known_hosts: str = _opt("", "known_hosts file; empty = STATE_DIR/known_hosts (recorded on first contact)",
-                            path=True)
+    known_hosts: str = _opt(
+        "", "known_hosts file; empty = STATE_DIR/known_hosts (recorded on first contact)", path=True
+    )
     engines_per_host: int = _opt(1, "engines started on every host", min=1, max=64)
-    python: str = _opt("python3", "Python on the slaves used to create the engine environment",
-                       pattern=PROGRAM_PATTERN)
+    python: str = _opt("python3", "Python on the slaves used to create the engine environment", pattern=PROGRAM_PATTERN)
     remote_dir: str = _opt("~/.cluster-engine", "directory on the slaves for the engine environment")
     data_dir: str = _opt("~/.cache/cluster/data", SLAVE_DATA_HELP, pattern=SLAVE_DIR_PATTERN)
-    tunnel: str = _opt("never", "engines reach the controller through SSH reverse tunnels (always) or directly (never)",
-                       choices=("always", "never"))
+    tunnel: str = _opt(
+        "never",
+        "engines reach the controller through SSH reverse tunnels (always) or directly (never)",
+        choices=("always", "never"),
+    )
 
 
 @dataclass(frozen=True)
 class AwsConfig:
     region: str = _opt("us-east-1", "AWS region")
-    instance_types: tuple = _opt(("g4dn.xlarge",), "instance types, in order of preference", factory=lambda: ("g4dn.xlarge",))
+    instance_types: tuple = _opt(
+        ("g4dn.xlarge",), "instance types, in order of preference", factory=lambda: ("g4dn.xlarge",)
+    )
     max_spot_price: float = _opt(0.0, "highest $/hour per instance; 0 = up to the on-demand price", min=0.0)
     ami: str = _opt("auto", "AMI id, or auto = a current GPU deep-learning AMI")
     key_name: str = _opt("", "EC2 key pair; empty = create one per cluster")
@@ -304,8 +362,10 @@ def refuse_writable_by_others(path: Path) -> None:
     write it may run code as this user, so it must be writable by its owner alone."""
     mode = path.stat().st_mode
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ConfigError(f"{path}: writable by group or others (mode {stat.S_IMODE(mode):04o}); anyone who "
-                          f"can edit it can run commands as you on the slaves. Fix: chmod go-w {path}")
+        raise ConfigError(
+            f"{path}: writable by group or others (mode {stat.S_IMODE(mode):04o}); anyone who "
+            f"can edit it can run commands as you on the slaves. Fix: chmod go-w {path}"
+        )
 
 
 def load_config(explicit: str | os.PathLike | None = None, *, environ: dict | None = None) -> Config:
@@ -364,8 +424,11 @@ def config_to_dict(config: Config) -> dict:
     out: dict = {"source": config.source}
     for name in SECTIONS:
         section = getattr(config, name)
-        out[name] = {f.name: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-                     for f in dataclasses.fields(section) for v in [getattr(section, f.name)]}
+        out[name] = {
+            f.name: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for f in dataclasses.fields(section)
+            for v in [getattr(section, f.name)]
+        }
     return out
 
 
@@ -385,10 +448,12 @@ def config_from_dict(data: dict) -> Config:
 
 def render_default_ini() -> str:
     """The documented default cluster.ini, generated from the dataclasses."""
-    lines = ["; Default configuration of `cluster`. Every key is shown with its default.",
-             "; Lookup order: --config, $CLUSTER_CONFIG, ./cluster.ini, built-in defaults.",
-             "; $CLUSTER_DATA_DIR and $CLUSTER_STATE_DIR override data_dir and state_dir.",
-             "; Relative paths are relative to this file."]
+    lines = [
+        "; Default configuration of `cluster`. Every key is shown with its default.",
+        "; Lookup order: --config, $CLUSTER_CONFIG, ./cluster.ini, built-in defaults.",
+        "; $CLUSTER_DATA_DIR and $CLUSTER_STATE_DIR override data_dir and state_dir.",
+        "; Relative paths are relative to this file.",
+    ]
     for name, cls in SECTIONS.items():
         lines.append("")
         lines.append(f"[{name}]")

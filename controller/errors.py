@@ -3,6 +3,7 @@
 Everything below the CLI raises one of these; only ``controller.cli`` turns
 them into a message and an exit status.
 """
+
 from __future__ import annotations
 
 import enum
@@ -89,6 +90,20 @@ class TaskError(ClusterError):
 # engines share with the master (engines.spec.DataError: not a ClusterError, slaves have no controller)
 REPORTED = (ClusterError, DataError)
 
-__all__ = ["CONTROLLER_GONE_WAY_ON", "REPORTED", "AlreadyRunningError", "CapacityError", "ClusterError", "ClusterLostError",
-           "ClusterStateError", "ConfigError", "CredentialsError", "DataError", "ExitStatus", "NotRunningError",
-           "ProviderError", "TaskError", "UsageError"]
+__all__ = [
+    "CONTROLLER_GONE_WAY_ON",
+    "REPORTED",
+    "AlreadyRunningError",
+    "CapacityError",
+    "ClusterError",
+    "ClusterLostError",
+    "ClusterStateError",
+    "ConfigError",
+    "CredentialsError",
+    "DataError",
+    "ExitStatus",
+    "NotRunningError",
+    "ProviderError",
+    "TaskError",
+    "UsageError",
+]

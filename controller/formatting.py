@@ -1,4 +1,5 @@
 """How numbers read in tables: durations and fractions, the same in every command and view."""
+
 from __future__ import annotations
 
 

@@ -5,6 +5,7 @@ paramiko log request headers (session tokens) and response bodies (the
 private key of CreateKeyPair) at DEBUG, so their debug output needs its own
 flag, and even then every record passes ``RedactSecrets`` before it is written.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,15 +18,24 @@ FORMAT = "%(levelname)s %(name)s: %(message)s"
 # what must never reach a log: PEM private keys (also as botocore's escaped response bodies), the
 # key material field of EC2 replies, authorisation headers, session tokens, secret keys, HMAC keys
 _SECRETS = [
-    (re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(-----END [A-Z0-9 ]*PRIVATE KEY-----|$)", re.S),
-     "[private key redacted]"),
+    (
+        re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(-----END [A-Z0-9 ]*PRIVATE KEY-----|$)", re.S),
+        "[private key redacted]",
+    ),
     (re.compile(r"(KeyMaterial['\"]?\s*[:=>]\s*['\"]?)[^'\"<,}]*", re.I), r"\1[redacted]"),
     (re.compile(r"(<keyMaterial>).*?(</keyMaterial>|$)", re.I | re.S), r"\1[redacted]\2"),
-    (re.compile(r"((?:Authorization|X-Amz-Security-Token|X-Amz-Credential|aws_session_token|aws_secret_access_key"
-                r"|SecretAccessKey|SessionToken|Signature)['\"]?\s*[:=]\s*b?['\"]?)[^'\",}&\s]*", re.I),
-     r"\1[redacted]"),
-    (re.compile(r"(['\"](?:key|curve_serverkey|curve_secretkey|curve_publickey)['\"]\s*:\s*b?['\"])[^'\"]*", re.I),
-     r"\1[redacted]"),
+    (
+        re.compile(
+            r"((?:Authorization|X-Amz-Security-Token|X-Amz-Credential|aws_session_token|aws_secret_access_key"
+            r"|SecretAccessKey|SessionToken|Signature)['\"]?\s*[:=]\s*b?['\"]?)[^'\",}&\s]*",
+            re.I,
+        ),
+        r"\1[redacted]",
+    ),
+    (
+        re.compile(r"(['\"](?:key|curve_serverkey|curve_secretkey|curve_publickey)['\"]\s*:\s*b?['\"])[^'\"]*", re.I),
+        r"\1[redacted]",
+    ),
 ]
 
 
@@ -59,8 +69,9 @@ class CliLogging:
         self.handler.setFormatter(logging.Formatter(FORMAT))
         self.handler.addFilter(RedactSecrets())
         ours = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbosity, 2)]
-        self.saved = [(self.root, self.root.level)] + [(logging.getLogger(n), logging.getLogger(n).level)
-                                                        for n in OUR_LOGGERS]
+        self.saved = [(self.root, self.root.level)] + [
+            (logging.getLogger(n), logging.getLogger(n).level) for n in OUR_LOGGERS
+        ]
         # libraries (botocore, paramiko, urllib3, ...) inherit the root's level: warnings only,
         # unless asked for by name
         self.root.setLevel(logging.DEBUG if debug_libraries else logging.WARNING)

@@ -5,6 +5,7 @@ Split as the paper does: the first 50,000 training images train, the last
 once and keeps them (``load_mnist`` caches per directory); batches are
 normalised on the fly, which is ~10x faster than per-item PIL transforms.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -69,7 +70,9 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
         raise DataError(f"{path}: truncated IDX file ({len(raw)} bytes, the header alone is {header})")
     (found,) = struct.unpack(">I", raw[:4])
     if found != magic:
-        raise DataError(f"{path}: wrong magic number 0x{found:08x}, expected 0x{magic:08x}; is this the right MNIST file?")
+        raise DataError(
+            f"{path}: wrong magic number 0x{found:08x}, expected 0x{magic:08x}; is this the right MNIST file?"
+        )
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
@@ -98,7 +101,7 @@ def ensure_mnist(data_dir: Path, download: bool) -> Path:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 MNIST(root=str(root), train=True, download=True)
                 MNIST(root=str(root), train=False, download=True)
-        except Exception as exc:  # no network, a mirror down, a full disk ...
+        except Exception as exc:  # noqa: BLE001 - no network, a mirror down, a full disk: one message names them all
             raise DataError(
                 f"MNIST is not in {folder} and the download failed ({exc}). "
                 f"Put {', '.join(FILES.values())} there (torchvision's layout: DATA_DIR/MNIST/raw), "

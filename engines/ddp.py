@@ -17,6 +17,7 @@ peer killed outright breaks its sockets, which fails the collectives at once);
 the process group is destroyed whatever happens, so the engine is ready for the
 next task.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -121,26 +122,37 @@ def join_group(rendezvous: Rendezvous, device: torch.device) -> None:
             # TCPStore retries a refused connection for up to twice its timeout: a plain probe keeps the bound
             wait_for_port(rendezvous.address, rendezvous.port, rendezvous.rendezvous_timeout_s)
         store = dist.TCPStore(
-            rendezvous.address, rendezvous.port, rendezvous.world, is_master=rendezvous.rank == 0,
-            timeout=datetime.timedelta(seconds=rendezvous.rendezvous_timeout_s), wait_for_workers=False)
-    except Exception as error:  # DistNetworkError, TimeoutError, RuntimeError, by torch version
+            rendezvous.address,
+            rendezvous.port,
+            rendezvous.world,
+            is_master=rendezvous.rank == 0,
+            timeout=datetime.timedelta(seconds=rendezvous.rendezvous_timeout_s),
+            wait_for_workers=False,
+        )
+    except Exception as error:  # noqa: BLE001 - DistNetworkError, TimeoutError, RuntimeError, by torch version
         raise RendezvousError(
             f"rank {rendezvous.rank} of {rendezvous.world} could not reach the rendezvous at {rendezvous.where} "
             f"within {rendezvous.rendezvous_timeout_s:.0f} s ({type(error).__name__}: {_first_line(error)}); "
             f"the engines must reach each other on that port (AWS: the cluster's security group allows "
-            f"traffic inside the group)") from None
+            f"traffic inside the group)"
+        ) from None
     try:
         dist.init_process_group(
-            backend_for(device), store=store, rank=rendezvous.rank, world_size=rendezvous.world,
-            timeout=datetime.timedelta(seconds=rendezvous.collective_timeout_s))
+            backend_for(device),
+            store=store,
+            rank=rendezvous.rank,
+            world_size=rendezvous.world,
+            timeout=datetime.timedelta(seconds=rendezvous.collective_timeout_s),
+        )
         # one all-reduce now: a peer that cannot be reached fails here, not in the first training step
         probe = torch.ones(1, device=device)
         dist.all_reduce(probe)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - NCCL and gloo raise their own kinds: every one becomes a RendezvousError
         leave_group()
         raise RendezvousError(
             f"rank {rendezvous.rank} of {rendezvous.world}: the process group at {rendezvous.where} did not form "
-            f"within {rendezvous.collective_timeout_s:.0f} s ({type(error).__name__}: {_first_line(error)})") from None
+            f"within {rendezvous.collective_timeout_s:.0f} s ({type(error).__name__}: {_first_line(error)})"
+        ) from None
 
 
 def wait_for_port(address: str, port: int, timeout_s: float) -> None:
@@ -211,8 +223,14 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def train_ranked(spec: dict, checkpoint: Optional[bytes], n_epochs: Optional[int], rendezvous: dict,
-                 progress: Optional[ProgressFn] = None, hold: Optional[dict] = None) -> dict:
+def train_ranked(
+    spec: dict,
+    checkpoint: Optional[bytes],
+    n_epochs: Optional[int],
+    rendezvous: dict,
+    progress: Optional[ProgressFn] = None,
+    hold: Optional[dict] = None,
+) -> dict:
     """This engine's rank of a distributed task; returns engines.loop.TaskResult as a dict plus
     ``rank``, ``world``, ``backend`` and ``weights`` (the digest).  Only rank 0 returns a checkpoint
     and evaluates; its metrics are the run's."""
@@ -221,8 +239,10 @@ def train_ranked(spec: dict, checkpoint: Optional[bytes], n_epochs: Optional[int
     if run_spec.threads:
         torch.set_num_threads(run_spec.threads)
     if run_spec.batch_size < place.world:
-        raise ValueError(f"batch_size {run_spec.batch_size} is smaller than the {place.world} engines "
-                         f"it is split over; the global batch must be at least the engine count")
+        raise ValueError(
+            f"batch_size {run_spec.batch_size} is smaller than the {place.world} engines "
+            f"it is split over; the global batch must be at least the engine count"
+        )
     device = pick_device(run_spec.device)
     built: dict[str, nn.Module] = {}
 
@@ -247,8 +267,15 @@ def train_ranked(spec: dict, checkpoint: Optional[bytes], n_epochs: Optional[int
 
         join_group(place, device)
     try:
-        result = run_task(run_spec, keep, checkpoint, n_epochs, progress if place.rank == 0 else None,
-                          shard=Shard(place.rank, place.world, wrap), device=device)
+        result = run_task(
+            run_spec,
+            keep,
+            checkpoint,
+            n_epochs,
+            progress if place.rank == 0 else None,
+            shard=Shard(place.rank, place.world, wrap),
+            device=device,
+        )
     finally:
         leave_group()
     out = dataclasses.asdict(result)

@@ -7,6 +7,7 @@ copy is ``checkpoint_minutes`` old, when the task stopped for a drain or a spot 
 ends.  The master sends the run's next task to this engine with a :class:`Held` reference in place of
 the bytes; if the engine is gone by then, the master resumes from the last copy it got.
 """
+
 from __future__ import annotations
 
 import collections
@@ -57,13 +58,21 @@ def resolve(run_id: str, checkpoint: Union[bytes, dict, None], now: Optional[flo
         holds = f"epoch {kept.epoch} batch {kept.batches_done}" if kept is not None else "none"
         raise CheckpointNotHeld(
             f"run {run_id}: this engine does not hold its checkpoint at epoch {checkpoint['epoch']} batch "
-            f"{checkpoint['batches_done']} (it holds {holds}); the run resumes from its last shipped checkpoint")
+            f"{checkpoint['batches_done']} (it holds {holds}); the run resumes from its last shipped checkpoint"
+        )
     _kept.move_to_end(run_id)
     return kept.data
 
 
-def keep_or_ship(run_id: str, data: bytes, epoch: int, batches_done: int, minutes: float, must_ship: bool,
-                 now: Optional[float] = None) -> tuple[bool, bool]:
+def keep_or_ship(
+    run_id: str,
+    data: bytes,
+    epoch: int,
+    batches_done: int,
+    minutes: float,
+    must_ship: bool,
+    now: Optional[float] = None,
+) -> tuple[bool, bool]:
     """Settle a task's new checkpoint: (ship it to the master now, keep it here for the run's next task).
 
     ``must_ship``: the run ends, or the engine is going away (drain, spot notice): the master gets the

@@ -9,6 +9,7 @@ sum and seconds so far, the shuffling/augmentation generator and the global RNG,
 run resumed from any checkpoint gives the same weights as an uninterrupted one (same
 seed, same device, same thread count).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -118,17 +119,25 @@ def build_optimizer(spec, model: nn.Module, steps_per_epoch: int):
     if spec.optimizer == "adam":
         optimizer = optim.Adam(model.parameters(), lr=spec.lr, weight_decay=weight_decay)
     elif spec.optimizer == "sgd":
-        optimizer = optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=weight_decay,
-                              nesterov=spec.nesterov and spec.momentum > 0)
+        optimizer = optim.SGD(
+            model.parameters(),
+            lr=spec.lr,
+            momentum=spec.momentum,
+            weight_decay=weight_decay,
+            nesterov=spec.nesterov and spec.momentum > 0,
+        )
     else:
         raise ValueError(f"optimizer {spec.optimizer!r}: expected adam or sgd")
     total_steps = spec.epochs * steps_per_epoch
     if spec.schedule == "onecycle" and total_steps >= 3:
         scheduler = optim.OneCycle(
-            optimizer, max_lr=spec.lr, total_steps=total_steps,
+            optimizer,
+            max_lr=spec.lr,
+            total_steps=total_steps,
             # a short warm-up matters most when the whole budget is one epoch; at least 2 steps of it,
             # or the one-cycle schedule divides by zero on tiny data sets
-            pct_start=max(0.25, 2 / total_steps), cycle_momentum=spec.optimizer == "sgd",
+            pct_start=max(0.25, 2 / total_steps),
+            cycle_momentum=spec.optimizer == "sgd",
         )
     elif spec.schedule in ("constant", "onecycle"):  # fewer than 3 steps in all: no cycle to speak of
         scheduler = optim.Constant(optimizer)
@@ -147,12 +156,23 @@ class Partial:
     generator: torch.Tensor  # the epoch's shuffling/augmentation generator state after those batches
 
     def to_dict(self) -> dict:
-        return {"batches_done": self.batches_done, "loss_sum": self.loss_sum.detach().cpu(),
-                "train_seconds": self.train_seconds, "generator": self.generator}
+        return {
+            "batches_done": self.batches_done,
+            "loss_sum": self.loss_sum.detach().cpu(),
+            "train_seconds": self.train_seconds,
+            "generator": self.generator,
+        }
 
 
-def save_checkpoint(epoch: int, model, optimizer, scheduler, spec, partial: Optional[Partial] = None,
-                    device: Optional[torch.device] = None) -> bytes:
+def save_checkpoint(
+    epoch: int,
+    model,
+    optimizer,
+    scheduler,
+    spec,
+    partial: Optional[Partial] = None,
+    device: Optional[torch.device] = None,
+) -> bytes:
     buffer = io.BytesIO()
     state = {
         "epoch": epoch,
@@ -181,15 +201,20 @@ def load_checkpoint(data: bytes) -> dict:
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, split: Split, normalise: Callable[[torch.Tensor], torch.Tensor], batch: int = EVAL_BATCH,
-             on_batch: Optional[Callable[[int], None]] = None) -> float:
+def accuracy(
+    model: nn.Module,
+    split: Split,
+    normalise: Callable[[torch.Tensor], torch.Tensor],
+    batch: int = EVAL_BATCH,
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> float:
     """The share of ``split`` the model gets right; ``on_batch(images done)`` after each batch."""
     model.eval()
     device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(split), batch):
-        images = normalise(split.images[start:start + batch].to(device, non_blocking=True))
-        labels = split.labels[start:start + batch].to(device, non_blocking=True)
+        images = normalise(split.images[start : start + batch].to(device, non_blocking=True))
+        labels = split.labels[start : start + batch].to(device, non_blocking=True)
         correct += (model(images).argmax(1) == labels).sum().item()
         if on_batch is not None:
             on_batch(start + len(labels))
@@ -209,9 +234,15 @@ def evaluation_heartbeat(progress: ProgressFn, update: dict, split: str) -> Call
     return beat
 
 
-def run_task(spec, setup: Callable[[torch.device], Setup], checkpoint: Union[bytes, dict, None] = None,
-             n_epochs: Optional[int] = None, progress: Optional[ProgressFn] = None,
-             shard: Optional[Shard] = None, device: Optional[torch.device] = None) -> TaskResult:
+def run_task(
+    spec,
+    setup: Callable[[torch.device], Setup],
+    checkpoint: Union[bytes, dict, None] = None,
+    n_epochs: Optional[int] = None,
+    progress: Optional[ProgressFn] = None,
+    shard: Optional[Shard] = None,
+    device: Optional[torch.device] = None,
+) -> TaskResult:
     """The training task every workload shares: from ``checkpoint`` (bytes, an engines.held reference, or
     None) to the end of ``n_epochs`` epochs (default: to the end of the budget), ending early after
     ``spec.task_seconds`` or on a stop request; ``spec`` has run_id, epochs, lr, batch_size, optimizer,
@@ -231,7 +262,7 @@ def run_task(spec, setup: Callable[[torch.device], Setup], checkpoint: Union[byt
     torch.manual_seed(spec.seed)  # the model's initial weights
     work = setup(device)
     if spec.subset:
-        work.train = Split(work.train.images[:spec.subset], work.train.labels[:spec.subset])
+        work.train = Split(work.train.images[: spec.subset], work.train.labels[: spec.subset])
     if not len(work.train):
         raise DataError(f"{spec.data_dir}: no training images for run {spec.run_id}")
     batches = -(-len(work.train) // spec.batch_size)
@@ -316,8 +347,14 @@ def _settle(spec, result: TaskResult) -> None:
     """Ship the new checkpoint to the master or keep it here (engines/held.py, ``checkpoint_minutes``)."""
     ends = result.completed_epochs >= spec.epochs or result.diverged
     must_ship = ends or result.stopped in (DRAIN, NOTICE)
-    ship, keep = held.keep_or_ship(spec.run_id, result.checkpoint or b"", result.completed_epochs,
-                                   result.batches_done, spec.checkpoint_minutes, must_ship)
+    ship, keep = held.keep_or_ship(
+        spec.run_id,
+        result.checkpoint or b"",
+        result.completed_epochs,
+        result.batches_done,
+        spec.checkpoint_minutes,
+        must_ship,
+    )
     if not ship:
         result.checkpoint = None
     result.held = keep
@@ -327,14 +364,33 @@ def _unchanged(spec, checkpoint: Optional[bytes], stopped: str, device: torch.de
     """A task that trains nothing: the checkpoint it was given goes back (shipped: the engine is going)."""
     done, position = checkpoint_position(load_checkpoint(checkpoint)) if checkpoint is not None else (0, 0)
     held.forget(spec.run_id)
-    return TaskResult(run_id=spec.run_id, epochs=[], checkpoint=checkpoint, completed_epochs=done,
-                      host=socket.gethostname(), pid=os.getpid(), device=_device_name(device),
-                      threads=torch.get_num_threads(), batches_done=position, stopped=stopped)
+    return TaskResult(
+        run_id=spec.run_id,
+        epochs=[],
+        checkpoint=checkpoint,
+        completed_epochs=done,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        device=_device_name(device),
+        threads=torch.get_num_threads(),
+        batches_done=position,
+        stopped=stopped,
+    )
 
 
-def _train_one_epoch(spec, work: Setup, net: nn.Module, optimizer, scheduler, epoch: int, device: torch.device,
-                     progress: Optional[ProgressFn], shard: Shard, partial: Optional[Partial] = None,
-                     clock: Optional[_TaskClock] = None) -> "EpochMetrics | Partial":
+def _train_one_epoch(
+    spec,
+    work: Setup,
+    net: nn.Module,
+    optimizer,
+    scheduler,
+    epoch: int,
+    device: torch.device,
+    progress: Optional[ProgressFn],
+    shard: Shard,
+    partial: Optional[Partial] = None,
+    clock: Optional[_TaskClock] = None,
+) -> "EpochMetrics | Partial":
     """The epoch, from ``partial`` (a checkpoint's position in it) when given; a :class:`Partial` when the
     clock ends the task before the epoch's last batch."""
     model, train = work.model, work.train
@@ -351,7 +407,7 @@ def _train_one_epoch(spec, work: Setup, net: nn.Module, optimizer, scheduler, ep
         generator.set_state(partial.generator)
     started = last_report = time.perf_counter()
     for step in range(first, batches):
-        batch = order[step * spec.batch_size:(step + 1) * spec.batch_size]
+        batch = order[step * spec.batch_size : (step + 1) * spec.batch_size]
         index = shard.part(batch)
         # a no-op where the data set already lives on the device (MNIST); per batch otherwise (CIFAR)
         images = train.images[index].to(device, non_blocking=True)
@@ -371,14 +427,25 @@ def _train_one_epoch(spec, work: Setup, net: nn.Module, optimizer, scheduler, ep
         total_loss += loss.detach()
         if shard.leader and progress is not None and time.perf_counter() - last_report >= PROGRESS_EVERY_S:
             last_report = time.perf_counter()
-            progress({"run_id": spec.run_id, "epoch": epoch, "epochs": spec.epochs, "batch": step + 1,
-                      "batches": batches, "loss": float(loss.detach())})
+            progress(
+                {
+                    "run_id": spec.run_id,
+                    "epoch": epoch,
+                    "epochs": spec.epochs,
+                    "batch": step + 1,
+                    "batches": batches,
+                    "loss": float(loss.detach()),
+                }
+            )
         if clock.after_batch() and step + 1 < batches:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            return Partial(batches_done=step + 1, loss_sum=total_loss,
-                           train_seconds=seconds_before + time.perf_counter() - started,
-                           generator=generator.get_state())
+            return Partial(
+                batches_done=step + 1,
+                loss_sum=total_loss,
+                train_seconds=seconds_before + time.perf_counter() - started,
+                generator=generator.get_state(),
+            )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = seconds_before + time.perf_counter() - started

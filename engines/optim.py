@@ -12,6 +12,7 @@ run the same kernels tensor by tensor there).  ``state_dict`` has torch.optim's 
 checkpoint written by an engine that used torch.optim resumes here, and the other way round.
 tests/test_optim.py holds both promises against torch.optim itself.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,17 +46,22 @@ class Optimizer:
                 param.grad.detach_().zero_()
 
     def state_dict(self) -> dict[str, Any]:
-        groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": list(range(len(self.params)))}
-                  for group in self.param_groups]
+        groups = [
+            {**{k: v for k, v in group.items() if k != "params"}, "params": list(range(len(self.params)))}
+            for group in self.param_groups
+        ]
         return {"state": {index: dict(entry) for index, entry in self.state.items()}, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         groups = state_dict["param_groups"]
         if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
-            raise ValueError(f"optimizer state for {[len(g['params']) for g in groups]} parameters in "
-                             f"{len(groups)} group(s); this model has {len(self.params)} in one group")
-        self.param_groups = [{**self.defaults, **{k: v for k, v in groups[0].items() if k != "params"},
-                              "params": self.params}]
+            raise ValueError(
+                f"optimizer state for {[len(g['params']) for g in groups]} parameters in "
+                f"{len(groups)} group(s); this model has {len(self.params)} in one group"
+            )
+        self.param_groups = [
+            {**self.defaults, **{k: v for k, v in groups[0].items() if k != "params"}, "params": self.params}
+        ]
         self.state = {}
         for index, entry in state_dict["state"].items():
             param = self.params[int(index)]
@@ -63,7 +69,9 @@ class Optimizer:
             # torch before 1.12), the rest follows its parameter
             self.state[int(index)] = {
                 key: (value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float32))
-                if key == "step" else value if not isinstance(value, torch.Tensor)
+                if key == "step"
+                else value
+                if not isinstance(value, torch.Tensor)
                 else value.to(device=param.device, dtype=param.dtype if value.is_floating_point() else value.dtype)
                 for key, value in entry.items()
             }
@@ -73,13 +81,30 @@ class Optimizer:
 
 
 class Adam(Optimizer):
-    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(params, {
-            "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": False,
-            "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "fused": None,
-            "decoupled_weight_decay": False,
-        })
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__(
+            params,
+            {
+                "lr": lr,
+                "betas": betas,
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "amsgrad": False,
+                "maximize": False,
+                "foreach": None,
+                "capturable": False,
+                "differentiable": False,
+                "fused": None,
+                "decoupled_weight_decay": False,
+            },
+        )
 
     @torch.no_grad()
     def step(self) -> None:
@@ -109,22 +134,38 @@ class Adam(Optimizer):
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
         counts = [step.item() for step in steps]
-        step_sizes = [(lr / (1 - beta1 ** count)) * -1 for count in counts]
+        step_sizes = [(lr / (1 - beta1**count)) * -1 for count in counts]
         denominators = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denominators, [(1 - beta2 ** count) ** 0.5 for count in counts])
+        torch._foreach_div_(denominators, [(1 - beta2**count) ** 0.5 for count in counts])
         torch._foreach_add_(denominators, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
 
 
 class SGD(Optimizer):
-    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, momentum: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False):
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ):
         if nesterov and momentum <= 0:
             raise ValueError("Nesterov momentum needs a momentum above 0")
-        super().__init__(params, {
-            "lr": lr, "momentum": momentum, "dampening": 0, "weight_decay": weight_decay, "nesterov": nesterov,
-            "maximize": False, "foreach": None, "differentiable": False, "fused": None,
-        })
+        super().__init__(
+            params,
+            {
+                "lr": lr,
+                "momentum": momentum,
+                "dampening": 0,
+                "weight_decay": weight_decay,
+                "nesterov": nesterov,
+                "maximize": False,
+                "foreach": None,
+                "differentiable": False,
+                "fused": None,
+            },
+        )
 
     @torch.no_grad()
     def step(self) -> None:
@@ -212,18 +253,27 @@ class OneCycle(Schedule):
     DIV_FACTOR, FINAL_DIV_FACTOR = 25.0, 1e4
     BASE_MOMENTUM, MAX_MOMENTUM = 0.85, 0.95
 
-    def __init__(self, optimizer: Optimizer, max_lr: float, total_steps: int, pct_start: float,
-                 cycle_momentum: bool):
+    def __init__(self, optimizer: Optimizer, max_lr: float, total_steps: int, pct_start: float, cycle_momentum: bool):
         if not isinstance(total_steps, int) or total_steps <= 0:
             raise ValueError(f"total_steps {total_steps!r}: expected a positive integer")
         if not 0 <= pct_start <= 1:
             raise ValueError(f"pct_start {pct_start!r}: expected a number from 0 to 1")
         self.total_steps = total_steps
         self._schedule_phases = [
-            {"end_step": float(pct_start * total_steps) - 1, "start_lr": "initial_lr", "end_lr": "max_lr",
-             "start_momentum": "max_momentum", "end_momentum": "base_momentum"},
-            {"end_step": total_steps - 1, "start_lr": "max_lr", "end_lr": "min_lr",
-             "start_momentum": "base_momentum", "end_momentum": "max_momentum"},
+            {
+                "end_step": float(pct_start * total_steps) - 1,
+                "start_lr": "initial_lr",
+                "end_lr": "max_lr",
+                "start_momentum": "max_momentum",
+                "end_momentum": "base_momentum",
+            },
+            {
+                "end_step": total_steps - 1,
+                "start_lr": "max_lr",
+                "end_lr": "min_lr",
+                "start_momentum": "base_momentum",
+                "end_momentum": "max_momentum",
+            },
         ]
         self._anneal_func_type = "cos"
         self.cycle_momentum = cycle_momentum

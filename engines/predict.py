@@ -5,6 +5,7 @@ sha256); every later shard names the key only.  ``predict`` is the single-proces
 shards run, so split inference and one loop over the whole split give the same numbers
 when the shards start at multiples of the batch (the master cuts them so).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -96,15 +97,19 @@ def split_of(kind: str, data_dir: str, split: str) -> Split:
 
 
 @torch.inference_mode()
-def predict(loaded: LoadedModel, images: torch.Tensor, batch: Optional[int] = None,
-            progress: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    loaded: LoadedModel,
+    images: torch.Tensor,
+    batch: Optional[int] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(predicted class per image, int64; class probabilities, float32 N x classes) in batches of ``batch``
     (default: the model's own, ``LoadedModel.batch``)."""
     batch = batch or loaded.batch
     predictions, probabilities = [], []
     last = time.perf_counter()
     for start in range(0, len(images), batch):
-        chunk = loaded.normalise(images[start:start + batch].to(loaded.device, non_blocking=True))
+        chunk = loaded.normalise(images[start : start + batch].to(loaded.device, non_blocking=True))
         probs = torch.softmax(loaded.model(chunk).float(), dim=1)
         predictions.append(probs.argmax(1).cpu())
         probabilities.append(probs.cpu())
@@ -116,8 +121,15 @@ def predict(loaded: LoadedModel, images: torch.Tensor, batch: Optional[int] = No
     return torch.cat(predictions).numpy(), torch.cat(probabilities).numpy()
 
 
-def predict_shard(key: str, kind: str, data_dir: str, split: str, start: int, stop: int,
-                  progress: Optional[Callable[[dict], None]] = None) -> dict:
+def predict_shard(
+    key: str,
+    kind: str,
+    data_dir: str,
+    split: str,
+    start: int,
+    stop: int,
+    progress: Optional[Callable[[dict], None]] = None,
+) -> dict:
     """Images ``start:stop`` of the split through this engine's model ``key``."""
     loaded = _MODELS.get(key)
     if loaded is None:
@@ -130,5 +142,11 @@ def predict_shard(key: str, kind: str, data_dir: str, split: str, start: int, st
             progress({"start": start, "done": done, "size": stop - start})
 
     predictions, probabilities = predict(loaded, data.images[start:stop], progress=report)
-    return {"start": start, "stop": stop, "predictions": predictions, "probabilities": probabilities,
-            "labels": data.labels[start:stop].numpy(), "seconds": time.perf_counter() - started}
+    return {
+        "start": start,
+        "stop": stop,
+        "predictions": predictions,
+        "probabilities": probabilities,
+        "labels": data.labels[start:stop].numpy(),
+        "seconds": time.perf_counter() - started,
+    }

@@ -5,6 +5,7 @@ torch); the master reads a task's result back through :class:`TaskResult` here, 
 engine filled in. A slave has this package and no ``controller``, so what both sides name lives here,
 and nothing here imports more than the standard library.
 """
+
 from __future__ import annotations
 
 import dataclasses

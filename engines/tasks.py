@@ -4,6 +4,7 @@ They return plain data (dicts, bytes) so results cross ZeroMQ without pickling
 classes, and import torch only when they run, so the master can name them
 without paying for torch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -114,8 +115,16 @@ def warm_up(spec: dict, kind: str = "mnist") -> float:
         # (oneDNN primitives) on their first use, which cost the first run after `start` seconds more than
         # the next; a throwaway run id, nothing kept on the engine
         batch = int(spec.get("batch_size") or 128)
-        warm = RunSpec.from_dict({**spec, "run_id": "warm-up", "epochs": 1, "subset": 2 * batch,
-                                  "task_seconds": 0.0, "checkpoint_minutes": 0.0})
+        warm = RunSpec.from_dict(
+            {
+                **spec,
+                "run_id": "warm-up",
+                "epochs": 1,
+                "subset": 2 * batch,
+                "task_seconds": 0.0,
+                "checkpoint_minutes": 0.0,
+            }
+        )
 
         def setup(device):
             work = mnist_setup(warm, device, data)
@@ -140,13 +149,13 @@ def task_for(spec: dict):
     return cifar_task if spec.get("model") else train_task
 
 
-def distributed_task(spec: dict, checkpoint: Optional[bytes], n_epochs: Optional[int], rendezvous: dict,
-                     hold: Optional[dict] = None) -> dict:
+def distributed_task(
+    spec: dict, checkpoint: Optional[bytes], n_epochs: Optional[int], rendezvous: dict, hold: Optional[dict] = None
+) -> dict:
     """This engine's rank of a data-parallel task (engines/ddp.py); rank 0 reports progress."""
     from engines.ddp import train_ranked
 
-    return train_ranked(spec, checkpoint, n_epochs, rendezvous, progress=_publish if _in_engine() else None,
-                        hold=hold)
+    return train_ranked(spec, checkpoint, n_epochs, rendezvous, progress=_publish if _in_engine() else None, hold=hold)
 
 
 def rendezvous_port(toward: str = "") -> dict:

@@ -1,6 +1,7 @@
 """EC2 for the tests: moto's server (real HTTP, real boto3), its AMIs, a cluster.ini for provider = aws,
 what carries a cluster's tags, and the test-only provider hooks that map moto's instances (which never
 boot) to network-namespace hosts with a real sshd. The fixtures over these are in conftest.py."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,8 +79,15 @@ def image(ec2) -> str:
 
 
 def aws_config(tmp_path, data_dir, moto_url, ami, *, slaves=2, extra=""):
-    keys = {"region": REGION, "endpoint_url": moto_url, "instance_types": "g4dn.xlarge, g5.xlarge", "ami": ami,
-            "ssh_user": SLAVE_USER, "ssh_from": "10.213.0.0/16", "python": sys.executable}
+    keys = {
+        "region": REGION,
+        "endpoint_url": moto_url,
+        "instance_types": "g4dn.xlarge, g5.xlarge",
+        "ami": ami,
+        "ssh_user": SLAVE_USER,
+        "ssh_from": "10.213.0.0/16",
+        "python": sys.executable,
+    }
     for line in extra.splitlines():  # a test's keys replace the defaults above
         if "=" in line:
             key, value = line.split("=", 1)
@@ -91,8 +99,12 @@ def aws_config(tmp_path, data_dir, moto_url, ami, *, slaves=2, extra=""):
 def tagged(ec2, name="test") -> dict:
     """Everything in EC2 that carries the cluster's tag and is not gone."""
     filters = [{"Name": "tag:gpu-cluster:cluster", "Values": [name]}]
-    instances = [i for r in ec2.describe_instances(Filters=filters)["Reservations"] for i in r["Instances"]
-                 if i["State"]["Name"] != "terminated"]
+    instances = [
+        i
+        for r in ec2.describe_instances(Filters=filters)["Reservations"]
+        for i in r["Instances"]
+        if i["State"]["Name"] != "terminated"
+    ]
     return {
         "instances": [i["InstanceId"] for i in instances],
         "groups": [g["GroupId"] for g in ec2.describe_security_groups(Filters=filters)["SecurityGroups"]],

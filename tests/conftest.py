@@ -1,5 +1,6 @@
 """Fixtures that start real components (ipyparallel controller and engines) and always tear them down; the
 helpers they and the tests share are in tests/helpers.py."""
+
 from __future__ import annotations
 
 import os
@@ -17,12 +18,29 @@ from tests.helpers import running_cluster
 # first and the short ones fill in at the end instead of one long file running alone. A file not listed
 # counts as short unless it brings up slave hosts; stale numbers cost balance, never a result.
 FILE_SECONDS = {
-    "test_adopt.py": 123, "test_cluster.py": 100, "test_provider_contract.py": 81, "test_ssh_provider.py": 66,
-    "test_infer.py": 64, "test_sweep.py": 64, "test_aws_provider.py": 63, "test_distributed.py": 60,
-    "test_security.py": 59, "test_elastic.py": 46, "test_forked_engines.py": 43, "test_paper.py": 43,
-    "test_master_away.py": 40, "test_bench.py": 39, "test_training.py": 36, "test_short_tasks.py": 24,
-    "test_keeper_revival.py": 16, "test_report.py": 15, "test_errors.py": 14, "test_optim.py": 12,
-    "test_notebook.py": 10, "test_tunnels.py": 10, "test_notices.py": 9,
+    "test_adopt.py": 123,
+    "test_cluster.py": 100,
+    "test_provider_contract.py": 81,
+    "test_ssh_provider.py": 66,
+    "test_infer.py": 64,
+    "test_sweep.py": 64,
+    "test_aws_provider.py": 63,
+    "test_distributed.py": 60,
+    "test_security.py": 59,
+    "test_elastic.py": 46,
+    "test_forked_engines.py": 43,
+    "test_paper.py": 43,
+    "test_master_away.py": 40,
+    "test_bench.py": 39,
+    "test_training.py": 36,
+    "test_short_tasks.py": 24,
+    "test_keeper_revival.py": 16,
+    "test_report.py": 15,
+    "test_errors.py": 14,
+    "test_optim.py": 12,
+    "test_notebook.py": 10,
+    "test_tunnels.py": 10,
+    "test_notices.py": 9,
 }
 
 
@@ -51,8 +69,11 @@ def one_torch_thread_in_process():
 def no_outside_configuration():
     """Tests say where their config, data and state are; `make test` (or a user's shell) may have set
     these for the demo, and subprocesses would inherit them."""
-    saved = {name: os.environ.pop(name) for name in ("CLUSTER_CONFIG", "CLUSTER_DATA_DIR", "CLUSTER_STATE_DIR")
-             if name in os.environ}
+    saved = {
+        name: os.environ.pop(name)
+        for name in ("CLUSTER_CONFIG", "CLUSTER_DATA_DIR", "CLUSTER_STATE_DIR")
+        if name in os.environ
+    }
     yield
     os.environ.update(saved)
 

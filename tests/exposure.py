@@ -1,6 +1,7 @@
 """What a started cluster exposes, for the tests that check it: listening sockets, file modes, secrets
 in the CLI's output. Shared by test_security and test_aws_provider (whose spot cluster is started once
 for every check on it)."""
+
 from __future__ import annotations
 
 import io
@@ -47,8 +48,10 @@ def assert_private_files(state_dir: Path) -> None:
 def run_cli(*argv: str) -> tuple[int, str]:
     """The CLI in-process with a bare root logger, as a fresh `cluster` process has it: stdout + stderr."""
     root = logging.getLogger()
-    saved = [(logger, logger.level, logger.handlers[:]) for logger in
-             (root, logging.getLogger("controller"), logging.getLogger("engines"))]
+    saved = [
+        (logger, logger.level, logger.handlers[:])
+        for logger in (root, logging.getLogger("controller"), logging.getLogger("engines"))
+    ]
     root.handlers = []  # pytest's capture handlers are put back below
     out, err = io.StringIO(), io.StringIO()
     try:

@@ -1,5 +1,6 @@
 """Stand-ins for ipyparallel's results and for the clock, for unit tests of the master's scheduling: the one
 place a test drives time and task outcomes itself (every process-level test uses real engines)."""
+
 from __future__ import annotations
 
 import concurrent.futures

@@ -1,5 +1,6 @@
 """What the tests share that is not a fixture: real components started and torn down (clusters, faults at
 fixed points), configurations, and waits. Test modules import from here; fixtures live in conftest.py."""
+
 from __future__ import annotations
 
 import contextlib
@@ -75,8 +76,11 @@ class HeldTasks:
 
     def wait(self, timeout: float = 120, process=None) -> bool:
         """True once a task is held; False after ``timeout``, or as soon as ``process`` (the master) ended."""
-        wait_until(lambda: self.reached.exists() or (process is not None and process.poll() is not None),
-                   timeout=timeout, interval=0.02)
+        wait_until(
+            lambda: self.reached.exists() or (process is not None and process.poll() is not None),
+            timeout=timeout,
+            interval=0.02,
+        )
         return self.reached.exists()
 
     def release(self) -> None:
@@ -92,7 +96,9 @@ def engines_holding_tasks(client, folder: Path, when: str, targets=None, helpers
     Once released, the wrapper only passes tasks through (also on an engine that a test has killed, which
     could not be asked to undo it), and a later use wraps the engines' own code again, not this wrapper."""
     held = HeldTasks(Path(folder))
-    install = helpers + f"""
+    install = (
+        helpers
+        + f"""
 import os, time
 import engines.workloads.mnist as _train
 _train._unheld_train_epochs = getattr(_train, "_unheld_train_epochs", _train.train_epochs)
@@ -105,6 +111,7 @@ def _held_train_epochs(spec, checkpoint, n_epochs, *args, _unheld=_train._unheld
     return _unheld(spec, checkpoint, n_epochs, *args, **kwargs)
 _train.train_epochs = _held_train_epochs
 """
+    )
     view = client[targets if targets is not None else client.ids]
     # the reply only: execute(block=True) also waits, with no time limit, for each engine's output to end on
     # the iopub channel, and a suite run once hung there for good
@@ -118,18 +125,21 @@ _train.train_epochs = _held_train_epochs
 def make_config(tmp_path: Path, data_dir: Path, slaves: int = 2, extra: str = "", threads: int = 1):
     """A cluster.ini for tests; no keeper process unless ``extra`` sets [cluster] replace_lost (or autoscaling):
     tests that kill engines on purpose expect them to stay dead."""
-    ini = write_ini(tmp_path / "cluster.ini", f"""
+    ini = write_ini(
+        tmp_path / "cluster.ini",
+        f"""
 [cluster]
 name = test
 slaves = {slaves}
-state_dir = {tmp_path / 'state'}
+state_dir = {tmp_path / "state"}
 data_dir = {data_dir}
 threads_per_engine = {threads}
 download = false
 engine_timeout = 90
-{'' if 'replace_lost' in extra else 'replace_lost = false'}
+{"" if "replace_lost" in extra else "replace_lost = false"}
 {extra}
-""")
+""",
+    )
     return load_config(ini, environ={})
 
 
@@ -166,5 +176,6 @@ def master_restarts(cluster, *others) -> None:
             os.killpg(os.getpgid(pid), signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert wait_until(lambda: not processes.marked_processes(Path(record.profile_dir), record.ipp_cluster_id),
-                      timeout=20)
+    assert wait_until(
+        lambda: not processes.marked_processes(Path(record.profile_dir), record.ipp_cluster_id), timeout=20
+    )

@@ -5,6 +5,7 @@ notice, and serves a notice only once the test flips it on; a notice can be aime
 (the watcher names its host and pid in its User-Agent).  Every request is recorded, so a test can wait
 until an engine has *read* a notice and polled again, instead of sleeping.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,11 @@ class FakeImds:
                     target = owner.notices.get(self.path)
                 agent = self.headers.get("User-Agent", "")
                 if aimed and (target is None or agent.endswith(f"/{target}")):
-                    body = json.dumps({"action": "terminate", "time": "2026-11-24T01:00:00Z"}) \
-                        if self.path == SPOT else json.dumps({"noticeTime": "2026-11-24T01:00:00Z"})
+                    body = (
+                        json.dumps({"action": "terminate", "time": "2026-11-24T01:00:00Z"})
+                        if self.path == SPOT
+                        else json.dumps({"noticeTime": "2026-11-24T01:00:00Z"})
+                    )
                     return self._answer(200, body)
                 self._answer(404, "")
 
@@ -107,4 +111,4 @@ class FakeImds:
         """The engine ``pid`` got the notice at ``path`` and has polled since: it has acted on it."""
         seen = self.requests(pid)
         got = [i for i, s in enumerate(seen) if s.path == path and s.status == 200]
-        return bool(got) and any(s.path == path for s in seen[got[0] + 1:])
+        return bool(got) and any(s.path == path for s in seen[got[0] + 1 :])

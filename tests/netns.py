@@ -16,6 +16,7 @@ path that leaks to a slave fails a test.
 then deletes namespaces and veths; ``clean_stale`` removes what a crashed
 earlier run left (by name prefix).
 """
+
 from __future__ import annotations
 
 import os
@@ -76,13 +77,23 @@ def kill_namespace(ns: str) -> None:
 def ensure_slave_user() -> None:
     if subprocess.run(["id", "-u", SLAVE_USER], capture_output=True).returncode != 0:
         # another test worker may add it at the same moment: whoever loses finds it there
-        added = sh("useradd", "--system", "--user-group", "--no-create-home", "--home-dir", str(SLAVE_ROOT / "home"),
-                   "--shell", "/bin/sh", SLAVE_USER, check=False)
+        added = sh(
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            str(SLAVE_ROOT / "home"),
+            "--shell",
+            "/bin/sh",
+            SLAVE_USER,
+            check=False,
+        )
         if subprocess.run(["id", "-u", SLAVE_USER], capture_output=True).returncode != 0:
             raise RuntimeError(f"useradd {SLAVE_USER} failed: {added.stderr.strip()}")
     # no password, but not locked: sshd without PAM refuses locked ones; usermod takes /etc/passwd's lock,
     # which another test worker may hold for a moment
-    for attempt in range(50):
+    for _attempt in range(50):
         if sh("getent", "shadow", SLAVE_USER, check=False).stdout.split(":")[1:2] == ["*"]:
             return
         if sh("usermod", "-p", "*", SLAVE_USER, check=False).returncode == 0:
@@ -121,7 +132,7 @@ def clean_stale() -> None:
     for line in sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
         if name.startswith(PREFIX):
-            owner = name[len(PREFIX):].split("x")[0]
+            owner = name[len(PREFIX) :].split("x")[0]
             if not owner.isdigit() or not Path(f"/proc/{owner}").exists():
                 sh("ip", "link", "del", name, check=False)
 
@@ -223,8 +234,16 @@ class NetnsHosts:
         peer = f"{PREFIX}p{run}x{n}"[:15]
         folder = self.workdir / f"host{n}"
         folder.mkdir(parents=True, exist_ok=True)
-        host = NetnsHost(index=i, ns=ns, veth=veth, address=f"{SUBNET}.{n}.2", master_address=f"{SUBNET}.{n}.1",
-                         alias=f"{SUBNET}.{n}.3", hostname=f"slave{n}", dir=folder)
+        host = NetnsHost(
+            index=i,
+            ns=ns,
+            veth=veth,
+            address=f"{SUBNET}.{n}.2",
+            master_address=f"{SUBNET}.{n}.1",
+            alias=f"{SUBNET}.{n}.3",
+            hostname=f"slave{n}",
+            dir=folder,
+        )
         self.hosts.append(host)  # registered first: close() removes even a half-made host
         sh("ip", "netns", "add", ns)
         sh("ip", "link", "add", veth, "type", "veth", "peer", "name", peer)
@@ -246,9 +265,9 @@ class NetnsHosts:
 Port 22
 ListenAddress {host.address}
 ListenAddress {host.alias}
-HostKey {SLAVE_ROOT / 'host_key'}
-PidFile {SLAVE_ROOT / 'sshd.pid'}
-AuthorizedKeysFile {SLAVE_ROOT / 'authorized_keys'}
+HostKey {SLAVE_ROOT / "host_key"}
+PidFile {SLAVE_ROOT / "sshd.pid"}
+AuthorizedKeysFile {SLAVE_ROOT / "authorized_keys"}
 StrictModes no
 UsePAM no
 PasswordAuthentication no
@@ -263,10 +282,25 @@ LogLevel INFO
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         # its own UTS namespace (hostname, as engines report it) and mount namespace (what it can see)
         host.sshd = subprocess.Popen(
-            ["ip", "netns", "exec", ns, "unshare", "--uts", "--mount", "--propagation", "private",
-             "sh", "-c", self._slave_script(host)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)  # a Ctrl-C of the test must not kill the slaves' sshd
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "unshare",
+                "--uts",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                self._slave_script(host),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # a Ctrl-C of the test must not kill the slaves' sshd
         return host
 
     @staticmethod
@@ -286,9 +320,11 @@ LogLevel INFO
             mode = "1777" if path == temp else "755"
             lines.append(f"mount -t tmpfs -o mode={mode} gclt-hidden {q(str(path))}")
         for index, path in enumerate(environment):
-            lines += [f"mkdir -p {q(str(path))}",
-                      f"mount --bind {q(str(SLAVE_ROOT / 'env' / str(index)))} {q(str(path))}",
-                      f"mount -o remount,bind,ro {q(str(path))}"]
+            lines += [
+                f"mkdir -p {q(str(path))}",
+                f"mount --bind {q(str(SLAVE_ROOT / 'env' / str(index)))} {q(str(path))}",
+                f"mount -o remount,bind,ro {q(str(path))}",
+            ]
         lines.append(f"exec {SSHD} -D -f {q(str(SLAVE_ROOT / 'sshd_config'))} -E {q(str(SLAVE_ROOT / 'sshd.log'))}")
         return "\n".join(lines)
 

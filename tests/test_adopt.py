@@ -6,6 +6,7 @@ and the slaves, whose engines wait for a controller that is gone. Slaves are net
 with a real sshd (tests/netns.py); EC2 is moto's server over HTTP (instances mapped to those hosts by
 ``Hooks.address``, the one mock: moto's instances never boot). Everything else is real processes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,16 +49,21 @@ def slaves(hosts):
 
 def ssh_config(tmp_path: Path, data_dir: Path, slaves, more: str = ""):
     """A 2-slave ssh cluster on the namespace hosts (``more``: further [ssh] keys)."""
-    return make_config(tmp_path, data_dir, slaves=2, extra=f"""
+    return make_config(
+        tmp_path,
+        data_dir,
+        slaves=2,
+        extra=f"""
 provider = ssh
 
 [ssh]
-hosts = {', '.join(h.address for h in slaves.hosts)}
+hosts = {", ".join(h.address for h in slaves.hosts)}
 user = {SLAVE_USER}
 key_file = {slaves.key}
 python = {sys.executable}
 {more}
-""")
+""",
+    )
 
 
 def engine_pids(hosts) -> dict[str, set[int]]:
@@ -67,8 +73,9 @@ def engine_pids(hosts) -> dict[str, set[int]]:
 def start_cli(config, *flags: str) -> str:
     """`cluster start` in this process; returns what it printed to stderr."""
     err = io.StringIO()
-    assert main(["--config", str(config.source), "start", *flags], stdout=io.StringIO(), stderr=err) == 0, \
+    assert main(["--config", str(config.source), "start", *flags], stdout=io.StringIO(), stderr=err) == 0, (
         err.getvalue()
+    )
     return err.getvalue()
 
 
@@ -101,12 +108,28 @@ def test_ssh_slaves_are_adopted_with_new_engines_and_the_run_resumes(tmp_path, t
         # the second task of the run waits on the engine (as the slave sees its home) until the gate opens
         seen = SLAVE_ROOT / "home"
         cluster.client[:].execute(HOLD.format(gate=str(seen / "gate"), reached=str(seen / "held")), block=True)
-        train = subprocess.Popen([sys.executable, "-m", "controller", "--config", str(config.source), "train",
-                                  "--epochs", "3", "--subset", "200"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        train = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "controller",
+                "--config",
+                str(config.source),
+                "train",
+                "--epochs",
+                "3",
+                "--subset",
+                "200",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         homes = [h.dir / "home" for h in slaves.hosts]
-        assert wait_until(lambda: any((home / "held").exists() for home in homes) or train.poll() is not None,
-                          timeout=120) and train.poll() is None, train.stderr.read() if train.poll() else ""
+        assert (
+            wait_until(lambda: any((home / "held").exists() for home in homes) or train.poll() is not None, timeout=120)
+            and train.poll() is None
+        ), train.stderr.read() if train.poll() else ""
         master_restarts(cluster, train)
         for home in homes:
             (home / "gate").touch()  # the held task ends on its engine; its result has no one to go to
@@ -141,8 +164,7 @@ def test_ssh_slaves_are_adopted_with_new_engines_and_the_run_resumes(tmp_path, t
     assert wait_until(lambda: not any(h.engine_processes() for h in slaves.hosts), timeout=20)
 
 
-def test_an_ssh_host_that_died_while_the_master_was_away_is_lost_and_the_other_adopted(tmp_path, tiny_data_dir,
-                                                                                     slaves):
+def test_an_ssh_host_that_died_while_the_master_was_away_is_lost_and_the_other_adopted(tmp_path, tiny_data_dir, slaves):
     """One of two ssh slaves went down with the master (its engines gone, its network unreachable). `cluster
     start` adopts the other and records that one lost; the add that would make up `--slaves 2` has only the
     dead host, which it does not try again so soon: it fails at once, and the adopted slave serves on (the
@@ -158,11 +180,14 @@ def test_an_ssh_host_that_died_while_the_master_was_away_is_lost_and_the_other_a
         subprocess.run(["ip", "link", "set", dead.veth, "down"], check=True)  # the master's way to it is gone
 
         printed = start_cli(config)
-        assert (f"adopted 1 slave(s) of cluster 'test' still up: {alive.address}; lost {dead.address}; "
-                f"adding 1 slave(s) for those lost failed") in printed, printed
+        assert (
+            f"adopted 1 slave(s) of cluster 'test' still up: {alive.address}; lost {dead.address}; "
+            f"adding 1 slave(s) for those lost failed"
+        ) in printed, printed
         # the add did not wait a second time for the host the adoption had just found unreachable
-        assert re.search(rf"{re.escape(dead.address)} was lost \d+ s ago, unreachable \(tried again 120 s after\)",
-                         printed), printed
+        assert re.search(
+            rf"{re.escape(dead.address)} was lost \d+ s ago, unreachable \(tried again 120 s after\)", printed
+        ), printed
         status = cluster.status()
         assert {n.node_id: n.state for n in status.nodes if n.node_id == dead.address} == {dead.address: "lost"}
         assert [e.state for e in status.engines] == ["idle"] and alive.engine_count() == 1
@@ -202,16 +227,18 @@ def mapped(slaves, monkeypatch):
 
 def every_instance(ec2) -> dict[str, str]:
     """Every instance moto knows, terminated ones included: id -> state (one RunInstances, one more id)."""
-    return {i["InstanceId"]: i["State"]["Name"]
-            for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]}
+    return {
+        i["InstanceId"]: i["State"]["Name"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
+    }
 
 
 def aws_cluster(tmp_path, tiny_data_dir, moto_url, ec2, slaves: int) -> Cluster:
     return Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2), slaves=slaves))
 
 
-def test_aws_instances_are_adopted_without_launching_or_terminating_any_and_ctrl_c_releases_them(tmp_path, tiny_data_dir, moto_url, ec2,
-                                                                        slaves, mapped):
+def test_aws_instances_are_adopted_without_launching_or_terminating_any_and_ctrl_c_releases_them(
+    tmp_path, tiny_data_dir, moto_url, ec2, slaves, mapped
+):
     cluster = aws_cluster(tmp_path, tiny_data_dir, moto_url, ec2, slaves=1)
     try:
         cluster.start()
@@ -248,8 +275,9 @@ def test_aws_instances_are_adopted_without_launching_or_terminating_any_and_ctrl
     assert set(every_instance(ec2).values()) == {"terminated"}
 
 
-def test_an_instance_that_died_while_the_master_was_away_is_lost_and_replaced(tmp_path, tiny_data_dir, moto_url,
-                                                                              ec2, slaves, mapped):
+def test_an_instance_that_died_while_the_master_was_away_is_lost_and_replaced(
+    tmp_path, tiny_data_dir, moto_url, ec2, slaves, mapped
+):
     """Spot capacity taken back during the restart: that instance is recorded lost, the other adopted, and
     `add` launches one instance to make up `--slaves 2`."""
     cluster = aws_cluster(tmp_path, tiny_data_dir, moto_url, ec2, slaves=2)
@@ -266,7 +294,9 @@ def test_an_instance_that_died_while_the_master_was_away_is_lost_and_replaced(tm
         after = every_instance(ec2)
         (new,) = set(after) - {dead, survivor}
         assert after == {dead: "terminated", survivor: "running", new: "running"}
-        assert f"adopted 1 slave(s) of cluster 'test' still up: {survivor}; lost {dead}; added {new}" in printed, printed
+        assert f"adopted 1 slave(s) of cluster 'test' still up: {survivor}; lost {dead}; added {new}" in printed, (
+            printed
+        )
         states = {n.node_id: n.state for n in cluster.store.nodes.of(cluster.store.clusters.active("test").id)}
         assert states == {dead: "lost", survivor: "running", new: "running"}
         status = cluster.status()
@@ -277,8 +307,7 @@ def test_an_instance_that_died_while_the_master_was_away_is_lost_and_replaced(tm
     assert set(every_instance(ec2).values()) == {"terminated"}
 
 
-def test_fresh_releases_the_old_instances_and_starts_new_ones(tmp_path, tiny_data_dir, moto_url, ec2, slaves,
-                                                              mapped):
+def test_fresh_releases_the_old_instances_and_starts_new_ones(tmp_path, tiny_data_dir, moto_url, ec2, slaves, mapped):
     cluster = aws_cluster(tmp_path, tiny_data_dir, moto_url, ec2, slaves=1)
     try:
         first = cluster.start()

@@ -8,6 +8,7 @@ tunnels, engines and the controller are all real.  What every provider promises
 (start, list, stop twice, a failure after each start step, release after the
 store is lost) is in test_provider_contract.py; here what is aws's own.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -188,8 +189,9 @@ class TestASpotSlave:
         command = shlex.split(out.strip())
         host = spot.mapped[node.instance_id]
         assert command[-1] == f"{SLAVE_USER}@{host.address}"  # not the public address moto gave the instance
-        done = subprocess.run(command[:-1] + ["-o", "BatchMode=yes", command[-1], "hostname"], capture_output=True,
-                              text=True, timeout=60)
+        done = subprocess.run(
+            command[:-1] + ["-o", "BatchMode=yes", command[-1], "hostname"], capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 0 and done.stdout.strip() == host.hostname, done.stderr
 
     def test_scale_up_and_down_and_a_spot_notice_gets_a_replacement_instance(self, spot):
@@ -245,8 +247,9 @@ class TestASpotSlave:
 @pytest.fixture(scope="class")
 def alices(tmp_path_factory, tiny_data_dir, moto_url, hosts):
     """alice started a 1-slave cluster (the owner tag says alice@host) and closed her session."""
-    with started_cluster(tmp_path_factory.mktemp("alice"), tiny_data_dir, moto_url, hosts,
-                         USER="alice", LOGNAME="alice") as started:
+    with started_cluster(
+        tmp_path_factory.mktemp("alice"), tiny_data_dir, moto_url, hosts, USER="alice", LOGNAME="alice"
+    ) as started:
         started.cluster.close()
         yield started
 
@@ -259,8 +262,9 @@ class TestStopOfTheStoredInstances:
         monkeypatch.setenv("USER", "bob")
         monkeypatch.setenv("LOGNAME", "bob")
 
-    def test_an_instance_ec2_refuses_to_terminate_is_named_with_exit_4_never_marked_terminated(self, alices,
-                                                                                             monkeypatch):
+    def test_an_instance_ec2_refuses_to_terminate_is_named_with_exit_4_never_marked_terminated(
+        self, alices, monkeypatch
+    ):
         self.as_bob(monkeypatch)
         config, ec2 = alices.cluster.config, alices.ec2
         (node,) = alices.status.nodes
@@ -277,12 +281,14 @@ class TestStopOfTheStoredInstances:
             ec2.modify_instance_attribute(InstanceId=node.instance_id, DisableApiTermination={"Value": False})
 
     def test_whoever_stops_it_ends_the_stored_instances_in_the_region_they_were_launched_in(
-            self, alices, tiny_data_dir, moto_url, hosts, monkeypatch):
+        self, alices, tiny_data_dir, moto_url, hosts, monkeypatch
+    ):
         """bob runs the stop, [aws] region edited since the start: the stored ids end where they run."""
         self.as_bob(monkeypatch)
         assert alices.status.nodes[0].zone.startswith(REGION)
-        edited = Cluster(aws_config(alices.folder, tiny_data_dir, moto_url, image(alices.ec2), slaves=1,
-                                    extra="region = us-west-2"))
+        edited = Cluster(
+            aws_config(alices.folder, tiny_data_dir, moto_url, image(alices.ec2), slaves=1, extra="region = us-west-2")
+        )
         try:
             edited.stop()
         finally:
@@ -309,7 +315,8 @@ sys.exit(main(["--config", config, "-v", "start"]))
 
 
 def test_ctrl_c_during_a_start_whose_hosts_never_answer_ssh_exits_within_15_s_leaving_nothing(
-        tmp_path, tiny_data_dir, moto_url, ec2):
+    tmp_path, tiny_data_dir, moto_url, ec2
+):
     """The reported case: instances that accept TCP and never send an SSH banner. Ctrl-C comes once
     the first SSH connect attempt is under way (the test's listener accepted it), as a terminal sends
     it: SIGINT to the command's whole process group."""
@@ -326,7 +333,10 @@ def test_ctrl_c_during_a_start_whose_hosts_never_answer_ssh_exits_within_15_s_le
         log = tmp_path / "start.log"  # a file, not a pipe: processes it starts must not hold our reads open
         master = subprocess.Popen(
             [sys.executable, "-c", SILENT_START, "127.0.0.1", str(silent.getsockname()[1]), str(config.source)],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         held = []
         try:
             deadline = time.monotonic() + 180
@@ -366,22 +376,39 @@ def test_ctrl_c_during_a_start_whose_hosts_never_answer_ssh_exits_within_15_s_le
 
 def tagged_instance(ec2, cluster: str, owner: str) -> str:
     """An instance as another start of this tool would leave it (tool, cluster and owner tags)."""
-    return ec2.run_instances(ImageId=image(ec2), InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
-                             TagSpecifications=[{"ResourceType": "instance", "Tags": [
-                                 {"Key": "gpu-cluster:tool", "Value": "gpu-cluster"},
-                                 {"Key": "gpu-cluster:cluster", "Value": cluster},
-                                 {"Key": "gpu-cluster:owner", "Value": owner}]}])["Instances"][0]["InstanceId"]
+    return ec2.run_instances(
+        ImageId=image(ec2),
+        InstanceType="g4dn.xlarge",
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[
+            {
+                "ResourceType": "instance",
+                "Tags": [
+                    {"Key": "gpu-cluster:tool", "Value": "gpu-cluster"},
+                    {"Key": "gpu-cluster:cluster", "Value": cluster},
+                    {"Key": "gpu-cluster:owner", "Value": owner},
+                ],
+            }
+        ],
+    )["Instances"][0]["InstanceId"]
 
 
 def running(ec2) -> set[str]:
-    return {i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
-            if i["State"]["Name"] == "running"}
+    return {
+        i["InstanceId"]
+        for r in ec2.describe_instances()["Reservations"]
+        for i in r["Instances"]
+        if i["State"]["Name"] == "running"
+    }
 
 
 def test_stop_all_ends_only_this_owners_clusters_after_listing_them(tmp_path, tiny_data_dir, moto_url, ec2):
     mine = [tagged_instance(ec2, name, aws.owner()) for name in ("one", "two")]
     theirs = tagged_instance(ec2, "one", "someone@elsewhere")
-    not_ours = ec2.run_instances(ImageId=image(ec2), InstanceType="t3.micro", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    not_ours = ec2.run_instances(ImageId=image(ec2), InstanceType="t3.micro", MinCount=1, MaxCount=1)["Instances"][0][
+        "InstanceId"
+    ]
     ini = str(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2)).source)
 
     # no terminal to ask on and no --yes: refused, nothing ended, the list shown
@@ -457,7 +484,9 @@ def test_slaves_launch_with_imdsv2_required(tmp_path, tiny_data_dir, moto_url, e
         subnets = network.subnets(client, config.aws)
         key, _ = network.key_pair(client, config, "test")
         group = network.security_group(client, config, "test", subnets[0]["VpcId"])
-        (launched,) = ec2_calls.launch(client, config.aws, "test", image(ec2), subnets, key, group, slaves=1, required=1)
+        (launched,) = ec2_calls.launch(
+            client, config.aws, "test", image(ec2), subnets, key, group, slaves=1, required=1
+        )
         (described,) = ec2_calls.describe(client, [launched["InstanceId"]])
         options = described["MetadataOptions"]
         assert options["HttpTokens"] == "required" and options["HttpPutResponseHopLimit"] == 1
@@ -467,8 +496,9 @@ def test_slaves_launch_with_imdsv2_required(tmp_path, tiny_data_dir, moto_url, e
 
 def test_prices_per_zone_beside_on_demand_before_any_start(tmp_path, tiny_data_dir, moto_url, ec2):
     config = aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2))
-    code, out, err = run_cli("--config", str(tmp_path / "cluster.ini"), "prices", "--instance-types",
-                             "g4dn.xlarge,g5.xlarge", "--json")
+    code, out, err = run_cli(
+        "--config", str(tmp_path / "cluster.ini"), "prices", "--instance-types", "g4dn.xlarge,g5.xlarge", "--json"
+    )
     assert code == 0, err
     rows = json.loads(out)["prices"]
     assert {r["instance_type"] for r in rows} == {"g4dn.xlarge", "g5.xlarge"}
@@ -480,17 +510,21 @@ def test_prices_per_zone_beside_on_demand_before_any_start(tmp_path, tiny_data_d
     assert not config.state_dir.exists()  # no store, no provider: nothing written
 
 
-@pytest.mark.parametrize("extra, error, match", [
-    ("instance_types = g4dn.nosuch", ConfigError, "instance_types"),
-    ("instance_types = not a type", ConfigError, "instance_types"),
-    ("max_spot_price = cheap", ConfigError, "max_spot_price"),
-    ("region =", ConfigError, "region"),
-    ("ssh_from = 0.0.0.0/0", ConfigError, "whole internet"),
-    ("ami = auto", ConfigError, "Deep Learning"),
-    ("__no_credentials__", CredentialsError, "credentials"),
-])
-def test_bad_input_fails_clearly_and_creates_nothing(extra, error, match, tmp_path, tiny_data_dir, moto_url, ec2,
-                                                     monkeypatch):
+@pytest.mark.parametrize(
+    "extra, error, match",
+    [
+        ("instance_types = g4dn.nosuch", ConfigError, "instance_types"),
+        ("instance_types = not a type", ConfigError, "instance_types"),
+        ("max_spot_price = cheap", ConfigError, "max_spot_price"),
+        ("region =", ConfigError, "region"),
+        ("ssh_from = 0.0.0.0/0", ConfigError, "whole internet"),
+        ("ami = auto", ConfigError, "Deep Learning"),
+        ("__no_credentials__", CredentialsError, "credentials"),
+    ],
+)
+def test_bad_input_fails_clearly_and_creates_nothing(
+    extra, error, match, tmp_path, tiny_data_dir, moto_url, ec2, monkeypatch
+):
     if extra == "__no_credentials__":
         monkeypatch.delenv("AWS_ACCESS_KEY_ID")
         monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
@@ -512,11 +546,22 @@ def test_bad_input_fails_clearly_and_creates_nothing(extra, error, match, tmp_pa
 
 def test_start_refuses_to_over_create_and_leaves_existing_alone(tmp_path, tiny_data_dir, moto_url, ec2):
     """Instances of this cluster already run (another state_dir, or state lost): refuse, touch nothing."""
-    existing = ec2.run_instances(ImageId=image(ec2), InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
-                                 TagSpecifications=[{"ResourceType": "instance", "Tags": [
-                                     {"Key": "gpu-cluster:tool", "Value": "gpu-cluster"},
-                                     {"Key": "gpu-cluster:cluster", "Value": "test"},
-                                     {"Key": "gpu-cluster:owner", "Value": aws.owner()}]}])["Instances"][0]["InstanceId"]
+    existing = ec2.run_instances(
+        ImageId=image(ec2),
+        InstanceType="g4dn.xlarge",
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[
+            {
+                "ResourceType": "instance",
+                "Tags": [
+                    {"Key": "gpu-cluster:tool", "Value": "gpu-cluster"},
+                    {"Key": "gpu-cluster:cluster", "Value": "test"},
+                    {"Key": "gpu-cluster:owner", "Value": aws.owner()},
+                ],
+            }
+        ],
+    )["Instances"][0]["InstanceId"]
     cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2)))
     with pytest.raises(ClusterStateError, match="already has instances"):
         cluster.start()
@@ -526,16 +571,19 @@ def test_start_refuses_to_over_create_and_leaves_existing_alone(tmp_path, tiny_d
     cluster.close()
 
 
-@pytest.mark.parametrize("code, kind, words", [
-    ("InsufficientInstanceCapacity", "CapacityError", "no capacity"),
-    ("SpotMaxPriceTooLow", "CapacityError", "max_spot_price"),
-    ("MaxSpotInstanceCountExceeded", "CapacityError", "quota"),
-    ("VcpuLimitExceeded", "CapacityError", "quota"),
-    ("UnauthorizedOperation", "CredentialsError", "IAM policy"),
-    ("AuthFailure", "CredentialsError", "refused"),
-    ("InvalidInstanceType", "ConfigError", "InvalidInstanceType"),
-    ("InternalError", "ProviderError", "InternalError"),
-])
+@pytest.mark.parametrize(
+    "code, kind, words",
+    [
+        ("InsufficientInstanceCapacity", "CapacityError", "no capacity"),
+        ("SpotMaxPriceTooLow", "CapacityError", "max_spot_price"),
+        ("MaxSpotInstanceCountExceeded", "CapacityError", "quota"),
+        ("VcpuLimitExceeded", "CapacityError", "quota"),
+        ("UnauthorizedOperation", "CredentialsError", "IAM policy"),
+        ("AuthFailure", "CredentialsError", "refused"),
+        ("InvalidInstanceType", "ConfigError", "InvalidInstanceType"),
+        ("InternalError", "ProviderError", "InternalError"),
+    ],
+)
 def test_ec2_errors_are_sorted_into_capacity_credentials_and_the_rest(code, kind, words):
     """The error EC2 would send (botocore's own ClientError), as the error the user sees."""
     from botocore.exceptions import ClientError, NoCredentialsError
@@ -545,8 +593,9 @@ def test_ec2_errors_are_sorted_into_capacity_credentials_and_the_rest(code, kind
     assert isinstance(aws.classify(NoCredentialsError(), "x"), CredentialsError)
 
 
-def test_each_client_signs_with_the_credentials_there_are_when_it_is_made(tmp_path, tiny_data_dir, moto_url, ec2,
-                                                                          monkeypatch):
+def test_each_client_signs_with_the_credentials_there_are_when_it_is_made(
+    tmp_path, tiny_data_dir, moto_url, ec2, monkeypatch
+):
     """Clients share EC2's parsed service data (a process makes many: every status makes one), never
     credentials: a key rotated in the environment is the next client's."""
     config = aws_config(tmp_path, tiny_data_dir, moto_url, "ami-unused")
@@ -554,8 +603,9 @@ def test_each_client_signs_with_the_credentials_there_are_when_it_is_made(tmp_pa
     def key_of_a_new_client() -> str:
         signed: list[str] = []
         client = ec2_calls.client(config)
-        client.meta.events.register("before-send.ec2",
-                                    lambda request, **_: signed.append(str(request.headers["Authorization"])))
+        client.meta.events.register(
+            "before-send.ec2", lambda request, **_: signed.append(str(request.headers["Authorization"]))
+        )
         client.describe_instances()
         return signed[0]
 
@@ -628,14 +678,29 @@ def test_capacity_falls_through_types_and_zones_then_on_demand(tmp_path, tiny_da
 
 def test_stop_by_tag_leaves_another_masters_cluster_of_the_same_name_alone(tmp_path, tiny_data_dir, moto_url, ec2):
     """Cluster names repeat ("default"): with the local state lost, stop releases only this master's."""
-    theirs = ec2.run_instances(ImageId=image(ec2), InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
-                               TagSpecifications=[{"ResourceType": "instance", "Tags": [
-                                   {"Key": "gpu-cluster:tool", "Value": "gpu-cluster"},
-                                   {"Key": "gpu-cluster:cluster", "Value": "test"},
-                                   {"Key": "gpu-cluster:owner", "Value": "someone@elsewhere"}]}])["Instances"][0]["InstanceId"]
+    theirs = ec2.run_instances(
+        ImageId=image(ec2),
+        InstanceType="g4dn.xlarge",
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[
+            {
+                "ResourceType": "instance",
+                "Tags": [
+                    {"Key": "gpu-cluster:tool", "Value": "gpu-cluster"},
+                    {"Key": "gpu-cluster:cluster", "Value": "test"},
+                    {"Key": "gpu-cluster:owner", "Value": "someone@elsewhere"},
+                ],
+            }
+        ],
+    )["Instances"][0]["InstanceId"]
     cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, image(ec2)))
     assert not cluster.stop()
-    live = [i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
-            if i["State"]["Name"] == "running"]
+    live = [
+        i["InstanceId"]
+        for r in ec2.describe_instances()["Reservations"]
+        for i in r["Instances"]
+        if i["State"]["Name"] == "running"
+    ]
     assert live == [theirs]
     cluster.close()

@@ -1,4 +1,5 @@
 """`cluster bench`: workloads, the CIFAR-10 reader and models, and a tiny bench on 2 real local engines."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -94,8 +95,11 @@ def test_a_cifar_batch_that_would_run_code_is_refused_without_running_it(tmp_pat
     marker = tmp_path / "ran"
     with open(folder / "data_batch_1", "wb") as handle:
         pickle.dump({b"data": _RunsACommand(marker), b"labels": [0]}, handle)
-    with pytest.raises(DataError, match=r"data_batch_1: not a CIFAR-10 python batch .*refused to load "
-                                        r"(posix|os)\.system"):
+    with pytest.raises(
+        DataError,
+        match=r"data_batch_1: not a CIFAR-10 python batch .*refused to load "
+        r"(posix|os)\.system",
+    ):
         read_batch(folder / "data_batch_1")
     assert not marker.exists(), "loading the batch ran the planted command"
 
@@ -105,8 +109,11 @@ def test_cifar_batches_of_every_pickle_protocol_still_load(tmp_path, protocol):
     path = tmp_path / "test_batch"
     data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
     with open(path, "wb") as handle:
-        pickle.dump({b"batch_label": b"x", b"data": data, b"labels": [3, 7], b"filenames": [b"a", b"b"]},
-                    handle, protocol=protocol)
+        pickle.dump(
+            {b"batch_label": b"x", b"data": data, b"labels": [3, 7], b"filenames": [b"a", b"b"]},
+            handle,
+            protocol=protocol,
+        )
     images, labels = read_batch(path)
     assert images.shape == (2, 3, 32, 32) and (images.reshape(2, 3072) == data).all()
     assert labels.tolist() == [3, 7]
@@ -154,8 +161,9 @@ def test_vgg16_task_trains_and_resumes(cifar_dir):
 @pytest.fixture(scope="module")
 def priced_cluster(tmp_path_factory, tiny_data_dir):
     """A real 2-engine local cluster on tiny MNIST with a configured $/hour; stopped afterwards."""
-    with running_cluster(tmp_path_factory.mktemp("bench-cluster"), tiny_data_dir,
-                         extra=f"price_per_hour = {PRICE}") as cluster:
+    with running_cluster(
+        tmp_path_factory.mktemp("bench-cluster"), tiny_data_dir, extra=f"price_per_hour = {PRICE}"
+    ) as cluster:
         yield cluster
 
 
@@ -234,11 +242,16 @@ def test_cli_bench_json_and_a_failing_workload(priced_cluster, tmp_path):
 
     ini = tmp_path / "cluster.ini"
     config = priced_cluster.config
-    ini.write_text(f"[cluster]\nname = {config.cluster.name}\nstate_dir = {config.state_dir}\n"
-                   f"data_dir = {config.data_dir}\nthreads_per_engine = 1\ndownload = false\n")
+    ini.write_text(
+        f"[cluster]\nname = {config.cluster.name}\nstate_dir = {config.state_dir}\n"
+        f"data_dir = {config.data_dir}\nthreads_per_engine = 1\ndownload = false\n"
+    )
     stdout, stderr = io.StringIO(), io.StringIO()
-    code = main(["--config", str(ini), "bench", "--workload", "mnist-cnn", "--subset", "60", "--json"],
-                stdout=stdout, stderr=stderr)
+    code = main(
+        ["--config", str(ini), "bench", "--workload", "mnist-cnn", "--subset", "60", "--json"],
+        stdout=stdout,
+        stderr=stderr,
+    )
     assert code == 0, stderr.getvalue()
     document = json.loads(stdout.getvalue())
     (record,) = document["records"]
@@ -248,8 +261,11 @@ def test_cli_bench_json_and_a_failing_workload(priced_cluster, tmp_path):
     # no CIFAR-10 under the tiny MNIST data_dir: the engines' DataError comes back before anything runs
     runs_before = len(priced_cluster.runs())
     stdout, stderr = io.StringIO(), io.StringIO()
-    code = main(["--config", str(ini), "bench", "--workload", "cifar10-vgg16", "--engines", "1", "--epochs", "1"],
-                stdout=stdout, stderr=stderr)
+    code = main(
+        ["--config", str(ini), "bench", "--workload", "cifar10-vgg16", "--engines", "1", "--epochs", "1"],
+        stdout=stdout,
+        stderr=stderr,
+    )
     assert code == 1
     assert "could not load the cifar10-vgg16 data" in stderr.getvalue() and "no CIFAR-10 here" in stderr.getvalue()
     assert BenchTable(priced_cluster.store).records(workload="cifar10-vgg16") == []

@@ -1,4 +1,5 @@
 """The argument spec: `cluster --help` reads in the order of the work, whatever order modules register in."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,14 +12,17 @@ def help_commands(parser: argparse.ArgumentParser) -> list[str]:
     """The command names as `--help` lists them, top to bottom."""
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     listed = parser.format_help().split("COMMAND\n", 1)[1].split("\noptions:", 1)[0]
-    return [line.split()[0] for line in listed.splitlines()
-            if line.startswith("    ") and not line.startswith("     ") and line.split()[0] in sub.choices]
+    return [
+        line.split()[0]
+        for line in listed.splitlines()
+        if line.startswith("    ") and not line.startswith("     ") and line.split()[0] in sub.choices
+    ]
 
 
 def test_help_lists_the_commands_in_the_order_of_the_work():
     listed = help_commands(build_parser())
     known = [name for name in COMMAND_ORDER if name in listed]
-    assert listed[:len(known)] == known
+    assert listed[: len(known)] == known
     assert set(listed) >= {"start", "status", "stop", "train", "runs", "sweep", "bench", "report", "ssh"}
 
 

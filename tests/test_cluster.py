@@ -1,4 +1,5 @@
 """A real local cluster driven through the `cluster` command: start, status, train, runs, stop."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,9 @@ finally:
 
 
 def cli(*argv, env=None, cwd=None, check=True, timeout=240) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-c", MASTER, *argv], env=env, cwd=cwd,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-c", MASTER, *argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"cluster {' '.join(argv)} exited {result.returncode}:\n{result.stderr}")
     assert "[the master imported torch]" not in result.stderr, f"cluster {' '.join(argv)}"
@@ -143,8 +145,14 @@ class TestEnginesThatDie:
         victim = self.victim(cluster, "local-1")
         os.kill(victim.pid, signal.SIGKILL)
         # the other test's victim may be gone already: wait for this one's own death, then the state
-        status = wait_until(lambda: (s := cluster.status()).state == "degraded"
-                            and {e.id: e.state for e in s.engines}[victim.engine_id] == "dead" and s, timeout=10)
+        status = wait_until(
+            lambda: (
+                (s := cluster.status()).state == "degraded"
+                and {e.id: e.state for e in s.engines}[victim.engine_id] == "dead"
+                and s
+            ),
+            timeout=10,
+        )
         assert status, cluster.status()
         # the hub hears it from the engine's nanny at once (its heartbeat would take 4 s)
         dropped = wait_until(lambda: victim.engine_id not in hub_engines(cluster), timeout=15)
@@ -180,22 +188,25 @@ class TestEnginesThatDie:
 
         # the run must hold on a live engine: wait until the others' victims are gone (a SIGKILL lands a
         # moment later) and the client lists exactly the engines still alive
-        held_on_live = wait_until(lambda: alive() and hub_engines(cluster) == {e.engine_id for e in alive()},
-                                  timeout=30)
+        held_on_live = wait_until(
+            lambda: alive() and hub_engines(cluster) == {e.engine_id for e in alive()}, timeout=30
+        )
         if not held_on_live:
             print(hub_log(cluster, lines=400))
         assert held_on_live, (hub_engines(cluster), cluster.client.ids, alive())
         survivors = alive()
         impatient = tmp_path / "impatient.ini"
-        impatient.write_text(Path(cluster.config.source).read_text().replace("engine_timeout = 90",
-                                                                       "engine_timeout = 5"))
+        impatient.write_text(
+            Path(cluster.config.source).read_text().replace("engine_timeout = 90", "engine_timeout = 5")
+        )
 
         def kill_every_engine() -> None:
             for engine in survivors:
                 os.kill(engine.pid, signal.SIGKILL)
 
-        code, err = TestWorkThatCannotFinish.run_held_at_its_second_task(cluster, tmp_path, impatient,
-                                                                        kill_every_engine)
+        code, err = TestWorkThatCannotFinish.run_held_at_its_second_task(
+            cluster, tmp_path, impatient, kill_every_engine
+        )
         assert code == 3 and "no engine has been registered for 5 s ([cluster] engine_timeout = 5)" in err, err
         assert "`cluster scale N` (slaves with engines again), then continue it with" in err, err
         TestWorkThatCannotFinish.assert_interrupted_with_hint(cluster.store, err)
@@ -212,8 +223,10 @@ def test_a_task_that_hangs_has_its_engine_killed_and_the_run_finishes_on_another
     with running_cluster(tmp_path / "cluster", tiny_data_dir, extra="stall_minutes = 0.25") as cluster:
         engines = cluster.store.engines.of(cluster.record.id)
         first_task_only = f"not os.path.exists({str(tmp_path / 'task-held')!r})"
-        with engines_holding_tasks(cluster.client, tmp_path, when=first_task_only) as held, \
-                caplog.at_level(logging.WARNING, logger="controller.work.scheduler"):
+        with (
+            engines_holding_tasks(cluster.client, tmp_path, when=first_task_only) as held,
+            caplog.at_level(logging.WARNING, logger="controller.work.scheduler"),
+        ):
             result = cluster.train(epochs=1)
             assert held.reached.exists()
         [hung] = [e for e in engines if not processes.pid_alive(e.pid)]
@@ -227,9 +240,12 @@ def test_two_clusters_in_one_state_dir_are_stopped_apart(tmp_path, tiny_data_dir
     first = Cluster(make_config(tmp_path, tiny_data_dir, slaves=1))
     (tmp_path / "b").mkdir()
     second_config = make_config(tmp_path / "b", tiny_data_dir, slaves=1)
-    second = Cluster(dataclasses.replace(
-        second_config, cluster=dataclasses.replace(second_config.cluster, name="other",
-                                                   state_dir=first.config.state_dir)))
+    second = Cluster(
+        dataclasses.replace(
+            second_config,
+            cluster=dataclasses.replace(second_config.cluster, name="other", state_dir=first.config.state_dir),
+        )
+    )
     try:
         first.start()
         second.start()
@@ -269,6 +285,7 @@ class LossyOutput:
             if not arrives:
                 time.sleep(timeout)
             return arrives
+
         return types.SimpleNamespace(wait_for_output=wait_for_output)
 
 
@@ -300,8 +317,7 @@ class TestFirstContactWithNewEngines:
     A client is made deaf for real by ending its IO thread (every request and reply of an ipyparallel client
     passes there): the controller and the engines are as they were, so a new client must reach them."""
 
-    def test_engines_silent_to_a_deaf_client_are_recorded_through_a_new_one(self, local_cluster, monkeypatch,
-                                                                             caplog):
+    def test_engines_silent_to_a_deaf_client_are_recorded_through_a_new_one(self, local_cluster, monkeypatch, caplog):
         from controller.cluster import joining
 
         monkeypatch.setattr(joining, "FIRST_CONTACT_S", 1)
@@ -311,8 +327,14 @@ class TestFirstContactWithNewEngines:
         deaf = connect_client(local_cluster.url_file)
         deaf._stop_io_thread()
         try:
-            joining.record_engines(local_cluster.store, local_cluster.config, record, deaf, record.threads_per_engine,
-                                   local_cluster.store.nodes.of(record.id))
+            joining.record_engines(
+                local_cluster.store,
+                local_cluster.config,
+                record,
+                deaf,
+                record.threads_per_engine,
+                local_cluster.store.nodes.of(record.id),
+            )
         finally:
             deaf.close()
         assert {engine.engine_id: engine.pid for engine in local_cluster.store.engines.of(record.id)} == before
@@ -386,9 +408,12 @@ class TestOnARunningCluster:
         # The interrupt comes at a fixed point, not after a sleep: every engine holds the run's second task
         # (the first that starts from a checkpoint, so epoch 1 is stored) until the test lets it go.
         with engines_holding_tasks(local_cluster.client, tmp_path, when="checkpoint is not None") as held:
-            process = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "train",
-                                        "--epochs", "4", "--seed", "5"],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "controller", "--config", config, "train", "--epochs", "4", "--seed", "5"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             try:
                 assert held.wait(), "the run never reached its second task"
                 process.send_signal(signal.SIGINT)
@@ -415,7 +440,8 @@ def controller_killed_mid_run(cluster, tmp_path_factory):
     (cluster, the run's exit code, its stderr)."""
     controller = cluster.status().controller["pid"]
     code, err = TestWorkThatCannotFinish.run_held_at_its_second_task(
-        cluster, tmp_path_factory.mktemp("held"), cluster.config.source, lambda: os.kill(controller, signal.SIGKILL))
+        cluster, tmp_path_factory.mktemp("held"), cluster.config.source, lambda: os.kill(controller, signal.SIGKILL)
+    )
     return cluster, code, err
 
 
@@ -426,8 +452,12 @@ class TestWorkThatCannotFinish:
     def run_held_at_its_second_task(cluster: Cluster, folder: Path, config: Path, fault) -> tuple[int, str]:
         """`cluster train --epochs 5` in a subprocess; ``fault()`` strikes while an engine holds epoch 2."""
         with engines_holding_tasks(cluster.client, folder, when="checkpoint is not None") as held:
-            process = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "train",
-                                        "--epochs", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "controller", "--config", config, "train", "--epochs", "5"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             try:
                 assert held.wait(process=process), f"the run never reached its second task: {process.stderr.read()}"
                 fault()

@@ -1,4 +1,5 @@
 """Configuration: lookup order, overrides, and one clear message (exit 2) for every bad value."""
+
 from __future__ import annotations
 
 import io
@@ -65,22 +66,27 @@ def test_relative_paths_in_a_file_are_relative_to_that_file(isolated, monkeypatc
     assert load_config(folder / "c.ini").state_dir == (folder / "st").resolve()
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("[cluster]\nslaves = four\n", "[cluster] slaves = 'four': expected an integer from 1 to 256"),
-    ("[cluster]\nslaves = 0\n", "[cluster] slaves = '0': expected an integer from 1 to 256 (out of range)"),
-    ("[cluster]\nprovider = gce\n", "[cluster] provider = 'gce': expected one of local, ssh, aws"),
-    ("[cluster]\nslavez = 2\n", "[cluster] unknown key 'slavez'; allowed keys: name, provider, slaves"),
-    ("[clutser]\nslaves = 2\n", "unknown section [clutser]; allowed sections: cluster, training"),
-    ("[training]\nlr = fast\n", "[training] lr = 'fast': expected a number from 0.0 to 100.0"),
-    ("[training]\nlr = nan\n", "[training] lr = 'nan': expected a number from 0.0 to 100.0 (not a finite number)"),
-    ("[training]\noptimizer = rmsprop\n", "[training] optimizer = 'rmsprop': expected one of adam, sgd"),
-    ("[cluster]\ndownload = maybe\n", "[cluster] download = 'maybe': expected true or false"),
-    ("[aws]\ntunnel = sometimes\n", "[aws] tunnel = 'sometimes': expected one of auto, always, never"),
-    ("slaves = 2\n", "not a valid INI file"),
-    # a hung-task limit shorter than a task's set-up would kill every engine
-    ("[cluster]\nstall_minutes = 0.01\n",
-     "[cluster] stall_minutes = '0.01': expected 0 (off) or a number from 0.25 to 1440.0 (out of range)"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[cluster]\nslaves = four\n", "[cluster] slaves = 'four': expected an integer from 1 to 256"),
+        ("[cluster]\nslaves = 0\n", "[cluster] slaves = '0': expected an integer from 1 to 256 (out of range)"),
+        ("[cluster]\nprovider = gce\n", "[cluster] provider = 'gce': expected one of local, ssh, aws"),
+        ("[cluster]\nslavez = 2\n", "[cluster] unknown key 'slavez'; allowed keys: name, provider, slaves"),
+        ("[clutser]\nslaves = 2\n", "unknown section [clutser]; allowed sections: cluster, training"),
+        ("[training]\nlr = fast\n", "[training] lr = 'fast': expected a number from 0.0 to 100.0"),
+        ("[training]\nlr = nan\n", "[training] lr = 'nan': expected a number from 0.0 to 100.0 (not a finite number)"),
+        ("[training]\noptimizer = rmsprop\n", "[training] optimizer = 'rmsprop': expected one of adam, sgd"),
+        ("[cluster]\ndownload = maybe\n", "[cluster] download = 'maybe': expected true or false"),
+        ("[aws]\ntunnel = sometimes\n", "[aws] tunnel = 'sometimes': expected one of auto, always, never"),
+        ("slaves = 2\n", "not a valid INI file"),
+        # a hung-task limit shorter than a task's set-up would kill every engine
+        (
+            "[cluster]\nstall_minutes = 0.01\n",
+            "[cluster] stall_minutes = '0.01': expected 0 (off) or a number from 0.25 to 1440.0 (out of range)",
+        ),
+    ],
+)
 def test_each_bad_value_gets_one_clear_message_and_exit_2(isolated, text, expected):
     path = isolated / "bad.ini"
     path.write_text(text)

@@ -3,6 +3,7 @@
 Both interrupts come at fixed points of a real local start (the provider's start and stop raise
 KeyboardInterrupt, as a SIGINT arriving there would), not after a sleep.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -13,12 +14,13 @@ from tests.helpers import cluster_pids, make_config, wait_until
 
 
 def test_a_second_ctrl_c_during_clean_up_leaves_the_cluster_failed_and_stop_finishes_it(
-        tmp_path, tiny_data_dir, monkeypatch):
+    tmp_path, tiny_data_dir, monkeypatch
+):
     real_start, real_stop = LocalProvider.start, LocalProvider.stop
     interrupts = []
 
     def start_then_ctrl_c(self, *args):
-        nodes = real_start(self, *args)  # engines launched: there is something to clean up
+        real_start(self, *args)  # engines launched: there is something to clean up
         interrupts.append("start")
         raise KeyboardInterrupt
 

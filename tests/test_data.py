@@ -1,4 +1,5 @@
 """MNIST on disk: torchvision's layout, the paper's split, and errors that name the file."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Data-parallel training: one run on several real local engines with torch.distributed (gloo on CPU)."""
+
 from __future__ import annotations
 
 import os
@@ -69,8 +70,19 @@ def test_an_unreachable_rendezvous_fails_within_its_timeout_naming_address_and_p
     def rank(number: int, port: int) -> None:
         started = time.monotonic()
         try:
-            train_ranked(spec, None, 1, {"address": "127.0.0.1", "port": port, "rank": number, "world": 2,
-                                              "rendezvous_timeout_s": 3.0, "collective_timeout_s": 3.0})
+            train_ranked(
+                spec,
+                None,
+                1,
+                {
+                    "address": "127.0.0.1",
+                    "port": port,
+                    "rank": number,
+                    "world": 2,
+                    "rendezvous_timeout_s": 3.0,
+                    "collective_timeout_s": 3.0,
+                },
+            )
         except BaseException as error:  # noqa: BLE001 - recorded and asserted below
             outcomes[number] = (time.monotonic() - started, error)
 
@@ -210,7 +222,8 @@ class TestHungRanks:
         return client, run, raised.value, store
 
     def test_when_every_rank_hangs_their_engines_are_killed_after_stall_minutes_and_the_run_says_how_to_resume(
-            self, tmp_path):
+        self, tmp_path
+    ):
         client, _, error, store = self.run(tmp_path, {0: ["hang"], 1: ["hang"]}, stall_s=60)
         assert client.signalled == [("SIGKILL", [0]), ("SIGKILL", [1])]
         assert 60 <= client.killed_at[0] <= 63
@@ -243,9 +256,9 @@ class TestHungRanks:
         assert client.killed_at[0] >= 3600 + 60, "the hour asleep counted as the ranks' silence"
 
     def test_a_rank_silent_past_the_grace_after_another_failed_is_killed_and_the_epoch_goes_on_without_it(
-            self, tmp_path):
-        client, run, error, _ = self.run(tmp_path, {0: ["hang", "x"], 1: ["fail", "hang"]}, grace_s=40,
-                                         stall_s=600)
+        self, tmp_path
+    ):
+        client, run, error, _ = self.run(tmp_path, {0: ["hang", "x"], 1: ["fail", "hang"]}, grace_s=40, stall_s=600)
         assert client.signalled[0] == ("SIGKILL", [0]) and 40 <= client.killed_at[0] <= 43
         assert [f["lost"] for f in run.failovers] == [[0]], "the epoch went on, on engine 1 alone"
         assert client.signalled[1] == ("SIGKILL", [1]), "then engine 1 hung alone, past stall_minutes"
@@ -262,13 +275,13 @@ class TestHungRanks:
                     self.now += 3600
                 return super().__call__()
 
-        client, _, _, _ = self.run(tmp_path, {0: ["hang", "x"], 1: ["fail", "hang"]}, clock=PausingClock(),
-                                   grace_s=40, stall_s=600)
+        client, _, _, _ = self.run(
+            tmp_path, {0: ["hang", "x"], 1: ["fail", "hang"]}, clock=PausingClock(), grace_s=40, stall_s=600
+        )
         assert client.killed_at[0] >= 3600 + 40
 
     def test_a_rank_still_queued_past_the_grace_is_withdrawn_not_killed(self, tmp_path):
-        client, run, _, _ = self.run(tmp_path, {0: ["fail", "hang"], 1: [("queued", 9000)]}, grace_s=40,
-                                     stall_s=600)
+        client, run, _, _ = self.run(tmp_path, {0: ["fail", "hang"], 1: [("queued", 9000)]}, grace_s=40, stall_s=600)
         assert client.aborted == [1] and ("SIGKILL", [1]) not in client.signalled
         assert [f["lost"] for f in run.failovers] == [[1]]
 
@@ -373,8 +386,9 @@ def test_killing_one_of_three_engines_mid_epoch_completes_the_run_on_two(tmp_pat
         killer = threading.Thread(target=kill_rank0_at_the_hold)
         killer.start()
         try:
-            run = DistributedRun(cluster.client, cluster.store, [0, 1, 2],
-                                 hold={"epoch": 2, "step": 3, "dir": str(hold_dir)})
+            run = DistributedRun(
+                cluster.client, cluster.store, [0, 1, 2], hold={"epoch": 2, "step": 3, "dir": str(hold_dir)}
+            )
             run.run(job)
         finally:
             (hold_dir / "go").write_text("")
@@ -400,8 +414,19 @@ def test_cluster_train_distributed_prints_the_run_with_its_engines(mnist_cluster
         code = main(["--config", mnist_cluster.config.source, *argv], stdout=out, stderr=err)
         return code, out.getvalue(), err.getvalue()
 
-    code, out, err = run("train", "--distributed", "--engines", "1,0", "--epochs", "1", "--subset", "1000",
-                         "--batch-size", "100", "--json")
+    code, out, err = run(
+        "train",
+        "--distributed",
+        "--engines",
+        "1,0",
+        "--epochs",
+        "1",
+        "--subset",
+        "1000",
+        "--batch-size",
+        "100",
+        "--json",
+    )
     assert code == 0, err
     record = json.loads(out)
     assert record["state"] == "completed" and record["params"]["distributed"]["engines"] == [1, 0]

@@ -4,6 +4,7 @@ The policy is tested as a pure function (a fake clock, no process); everything e
 clusters (controller, engines, the keeper process).  Faults happen at fixed points: a task that holds at a
 known step until a drain reaches it, a held training task, a kill -9 of a known engine.
 """
+
 from __future__ import annotations
 
 import json
@@ -116,10 +117,10 @@ def test_autoscaling_knobs_are_checked_with_one_clear_message(tmp_path, tiny_dat
 
 def test_masters_share_notices_and_their_demand_through_the_store(tmp_path):
     store = Store(tmp_path)
-    record = store.clusters.create(name="t", provider="local", slaves=2, threads_per_engine=1, profile_dir="",
-                                  ipp_cluster_id="t-1")
-    store.engines.put(record.id, [EngineRecord(engine_id=i, host="h", pid=1, device="cpu", threads=1)
-                                     for i in (0, 1)])
+    record = store.clusters.create(
+        name="t", provider="local", slaves=2, threads_per_engine=1, profile_dir="", ipp_cluster_id="t-1"
+    )
+    store.engines.put(record.id, [EngineRecord(engine_id=i, host="h", pid=1, device="cpu", threads=1) for i in (0, 1)])
     one, two = StoreRoster(store, record.id), StoreRoster(store, record.id)
     one.engine_leaving(0, "notice")
     one.engine_leaving(1, "drain")  # drains are marked (and called off) by the resize that started them
@@ -135,7 +136,11 @@ def test_masters_share_notices_and_their_demand_through_the_store(tmp_path):
 
 
 def test_one_resize_at_a_time_and_a_killed_holder_frees_the_lock(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import sys, time
 sys.path.insert(0, {str(REPO)!r})
 from controller.cluster.resize import resize_lock
@@ -143,7 +148,11 @@ from engines.spec import TaskResult
 with resize_lock(__import__("pathlib").Path({str(tmp_path)!r}), 7):
     print("held", flush=True)
     time.sleep(120)
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ClusterStateError, match=rf"another resize of this cluster is running \(pid {holder.pid}"):
@@ -172,8 +181,14 @@ def stepping_task(spec, checkpoint, n_epochs):
     goal, hold = state["epoch"] + n_epochs, checkpoint is None
 
     def result(stopped=None):
-        return {"checkpoint": json.dumps(state).encode(), "completed_epochs": state["epoch"], "epochs": [],
-                "host": "h", "device": "cpu", "stopped": stopped}
+        return {
+            "checkpoint": json.dumps(state).encode(),
+            "completed_epochs": state["epoch"],
+            "epochs": [],
+            "host": "h",
+            "device": "cpu",
+            "stopped": stopped,
+        }
 
     while state["epoch"] < goal:
         if stopping.requested():
@@ -258,8 +273,9 @@ def test_scale_up_during_a_sweep_then_down_mid_task(tmp_path, tiny_data_dir):
             new = {e.id for e in status.engines} - {0}
             assert len(new) == 2 and (status.target, status.current) == (3, 3)
             assert [n.node_id for n in status.nodes] == ["local-1", "local-2", "local-3"]
-            assert wait_until(lambda: {r.engine_id for r in cluster.store.runs.all() if r.state == "completed"} & new,
-                              timeout=60), outcome
+            assert wait_until(
+                lambda: {r.engine_id for r in cluster.store.runs.all() if r.state == "completed"} & new, timeout=60
+            ), outcome
         thread.join(timeout=120)
         trials = outcome["value"].trials
         assert [t.state for t in trials] == ["COMPLETE"] * 3
@@ -268,8 +284,11 @@ def test_scale_up_during_a_sweep_then_down_mid_task(tmp_path, tiny_data_dir):
 
         # down: the job's first task holds at step 3 until the drain of its node reaches it
         held_file = tmp_path / "held"
-        job = Job(run_id="r-steps", spec={"epochs": 2, "steps": 10, "hold_at": 3, "held_file": str(held_file)},
-                  task=stepping_task)
+        job = Job(
+            run_id="r-steps",
+            spec={"epochs": 2, "steps": 10, "hold_at": 3, "held_file": str(held_file)},
+            task=stepping_task,
+        )
         source = OneJob(job)
 
         def drive():
@@ -351,8 +370,7 @@ def engines_up(cluster: Cluster) -> int:
 
 
 def test_idle_slaves_stop_and_waiting_jobs_turn_them_on_again(tmp_path, tiny_data_dir):
-    config = make_config(tmp_path, tiny_data_dir, slaves=2,
-                         extra="min_slaves = 1\nmax_slaves = 2\nidle_minutes = 0.02")
+    config = make_config(tmp_path, tiny_data_dir, slaves=2, extra="min_slaves = 1\nmax_slaves = 2\nidle_minutes = 0.02")
     cluster = Cluster(config)
     cluster.start()
     try:
@@ -363,13 +381,15 @@ def test_idle_slaves_stop_and_waiting_jobs_turn_them_on_again(tmp_path, tiny_dat
         with engines_holding_tasks(cluster.client, tmp_path, when="True", targets=[left]) as held:
             thread, outcome = in_thread(lambda: Cluster(config).sweep({"hidden": [16, 24]}, epochs=1))
             assert held.wait(timeout=60), outcome
+
             # two trials want engines: the keeper turns a slave on again (it may be idle and gone again
             # soon after its trial: the events, not a look at the engines, tell)
             def joined():
                 details = [e.detail for e in cluster.store.events.latest(cluster.record.id, limit=50)]
-                decided = [i for i, d in enumerate(details) if "2 job(s) want engines, 1 slave(s) serve: "
-                                                              "target 1 -> 2" in d]
-                return decided and any("joined" in d for d in details[decided[0]:])
+                decided = [
+                    i for i, d in enumerate(details) if "2 job(s) want engines, 1 slave(s) serve: target 1 -> 2" in d
+                ]
+                return decided and any("joined" in d for d in details[decided[0] :])
 
             assert wait_until(joined, timeout=120), cluster.status().events
         thread.join(timeout=120)

@@ -1,5 +1,6 @@
 """Local engines come from one fork server per cluster, which imported torch once; they behave as engines
 ipyparallel started itself: stopped, killed and counted the same, and nothing outlives the cluster."""
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,8 @@ class TestALocalCluster:
 
     def test_a_forked_engine_has_torch_and_our_code_loaded_before_its_first_task(self, cluster):
         modules = cluster.client[:].apply_sync(
-            eval, "sorted(set(__import__('sys').modules) & {'torch', 'engines.loop', 'engines.optim'})")
+            eval, "sorted(set(__import__('sys').modules) & {'torch', 'engines.loop', 'engines.optim'})"
+        )
         assert all(found == ["engines.loop", "engines.optim", "torch"] for found in modules)
 
     def test_each_engine_leads_its_own_session_as_ipyparallel_starts_engines(self, cluster):
@@ -85,7 +87,7 @@ def test_engines_start_the_plain_way_when_the_fork_server_cannot_be_had(tmp_path
     monkeypatch.setattr(forked_engines, "start_server", lambda *args: None)
     monkeypatch.setattr(forked_engines, "fork_engine", unavailable)
     with running_cluster(tmp_path, tiny_data_dir, slaves=1) as cluster:
-        (_pid, parent), = engine_processes(cluster.client).values()
+        ((_pid, parent),) = engine_processes(cluster.client).values()
         assert parent == os.getpid(), "ipyparallel's launcher in this process started the engine itself"
         assert not forked_engines.server_pids(Path(cluster.record.profile_dir))
         assert cluster.train(epochs=1).run.state == "completed"
@@ -99,9 +101,12 @@ class TestTheServer:
         name = f"test-{os.getpid()}-{tmp_path.name}"
         log = tmp_path / "server.log"
         with open(log, "wb") as output:
-            process = subprocess.Popen([sys.executable, "-m", "engines.process.forkserver", name, "--idle-seconds", "600"],
-                                       stdout=output, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+            process = subprocess.Popen(
+                [sys.executable, "-m", "engines.process.forkserver", name, "--idle-seconds", "600"],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+            )
         try:
             assert wait_until(lambda: "serving" in log.read_text() or process.poll() is not None, timeout=120)
             assert process.poll() is None, log.read_text()
@@ -166,8 +171,13 @@ class TestTheServer:
 
     def test_a_second_server_of_the_same_name_leaves_at_once(self, server):
         name, _process, _log = server
-        second = subprocess.run([sys.executable, "-m", "engines.process.forkserver", name], capture_output=True, text=True,
-                                timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+        second = subprocess.run(
+            [sys.executable, "-m", "engines.process.forkserver", name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        )
         assert second.returncode == 0 and "another fork server holds" in second.stderr
 
 

@@ -6,6 +6,7 @@ every running instance's checks as passing and has no call that fails one, so th
 system check report "impaired" inside the (in-process) fake cloud: the one thing here that stands in for
 EC2 itself.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,8 +27,9 @@ def view(node_id: str, alive: int = 1, failing: str = "") -> NodeView:
 
 class TestPolicy:
     def test_a_failing_slave_whose_engines_answer_is_drained_and_replaced_at_once(self):
-        decision = Policy().decide(Snapshot(now=100.0, target=2, nodes=[
-            view("a"), view("b", failing="EC2 system status impaired")]))
+        decision = Policy().decide(
+            Snapshot(now=100.0, target=2, nodes=[view("a"), view("b", failing="EC2 system status impaired")])
+        )
         assert [(r.node_id, r.drain) for r in decision.release] == [("b", True)]
         assert "failed its health check (EC2 system status impaired)" in decision.release[0].why
         assert decision.add == 1 and decision.replaces == "b"
@@ -39,8 +41,9 @@ class TestPolicy:
         assert decision.add == 1
 
     def test_nothing_is_released_with_replace_lost_off(self):
-        decision = Policy().decide(Snapshot(now=100.0, target=1, replace_lost=False,
-                                            nodes=[view("b", failing="EC2 x")]))
+        decision = Policy().decide(
+            Snapshot(now=100.0, target=1, replace_lost=False, nodes=[view("b", failing="EC2 x")])
+        )
         assert not decision.acts
 
 
@@ -65,17 +68,37 @@ def test_the_keeper_sees_which_aws_slave_fails_ec2s_status_checks(tmp_path, tiny
     ami = image(ec2)
     cluster = Cluster(aws_config(tmp_path, tiny_data_dir, moto_url, ami))
     try:
-        launched = ec2.run_instances(ImageId=ami, MinCount=3, MaxCount=3, InstanceType="g4dn.xlarge", TagSpecifications=[
-            {"ResourceType": "instance", "Tags": tags("test", "slave")}])["Instances"]
+        launched = ec2.run_instances(
+            ImageId=ami,
+            MinCount=3,
+            MaxCount=3,
+            InstanceType="g4dn.xlarge",
+            TagSpecifications=[{"ResourceType": "instance", "Tags": tags("test", "slave")}],
+        )["Instances"]
         healthy, failing, stopped = (i["InstanceId"] for i in launched)
         ec2.stop_instances(InstanceIds=[stopped])  # EC2 checks only running instances
         impaired.update({failing, stopped})
-        record = cluster.store.clusters.create(name="test", provider="aws", slaves=3, threads_per_engine=1,
-                                               profile_dir=str(tmp_path / "profile"), ipp_cluster_id="test-1")
+        record = cluster.store.clusters.create(
+            name="test",
+            provider="aws",
+            slaves=3,
+            threads_per_engine=1,
+            profile_dir=str(tmp_path / "profile"),
+            ipp_cluster_id="test-1",
+        )
         for instance in launched:
-            cluster.store.nodes.put(record.id, NodeRecord(
-                node_id=instance["InstanceId"], provider="aws", state="running", instance_id=instance["InstanceId"],
-                zone=instance["Placement"]["AvailabilityZone"], engines=1, launched_at=time.time()))
+            cluster.store.nodes.put(
+                record.id,
+                NodeRecord(
+                    node_id=instance["InstanceId"],
+                    provider="aws",
+                    state="running",
+                    instance_id=instance["InstanceId"],
+                    zone=instance["Placement"]["AvailabilityZone"],
+                    engines=1,
+                    launched_at=time.time(),
+                ),
+            )
 
         assert cluster.provider("aws").failing_health_checks(record) == {failing: "EC2 system status impaired"}
         states, failing_checks = Keeper(cluster, record.id)._states(record)

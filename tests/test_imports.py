@@ -12,6 +12,7 @@ other.  Two kinds of import are left out, on purpose:
 - modules named in strings (the provider registry's ``importlib.import_module``) are
   not followed: they are data, chosen at run time.
 """
+
 from __future__ import annotations
 
 import ast
@@ -86,7 +87,7 @@ def imported(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 source = ".".join(base + ([node.module] if node.module else []))
             else:
                 source = node.module or ""
@@ -148,7 +149,8 @@ def test_the_graph_sees_relative_function_level_and_type_checking_imports():
 def test_no_module_under_controller_or_engines_imports_itself_back_through_others():
     found = cycles(import_graph())
     assert not found, "import cycles (each group's modules reach each other): " + "; ".join(
-        " <-> ".join(group) for group in found)
+        " <-> ".join(group) for group in found
+    )
 
 
 def within(name: str, prefixes: tuple[str, ...]) -> bool:
@@ -188,9 +190,13 @@ def test_the_layers_import_one_way_only():
 
 
 def test_the_rules_catch_an_import_up_the_layers():
-    graph = {"controller.work.scheduler": {"controller.cluster.keeper", "controller.ipp.client"},
-             "controller.providers.ssh": {"controller.work.jobs"}, "controller.store.runs": {"controller.config"},
-             "controller.api": {"controller.cluster.handle"}, "engines.loop": {"engines.spec"}}
+    graph = {
+        "controller.work.scheduler": {"controller.cluster.keeper", "controller.ipp.client"},
+        "controller.providers.ssh": {"controller.work.jobs"},
+        "controller.store.runs": {"controller.config"},
+        "controller.api": {"controller.cluster.handle"},
+        "engines.loop": {"engines.spec"},
+    }
     assert layer_violations(graph) == [
         "controller.providers.ssh (providers) imports controller.work.jobs (work)",
         "controller.store.runs (store) imports controller.config (config)",
@@ -201,20 +207,40 @@ def test_the_rules_catch_an_import_up_the_layers():
 
 def test_the_engines_import_nothing_of_the_master():
     graph = import_graph()
-    found = {name: sorted(t for t in targets if t.startswith("controller"))
-             for name, targets in graph.items() if name.startswith("engines")}
+    found = {
+        name: sorted(t for t in targets if t.startswith("controller"))
+        for name, targets in graph.items()
+        if name.startswith("engines")
+    }
     assert not {k: v for k, v in found.items() if v}, "a slave has no controller package"
 
 
 def test_the_master_imports_only_the_engines_modules_that_leave_torch_alone():
     graph = import_graph()
-    used = sorted({target for name, targets in graph.items() if name.startswith("controller")
-                   for target in targets if target.startswith("engines") and not within(target, MASTER_SIDE_ENGINES)})
+    used = sorted(
+        {
+            target
+            for name, targets in graph.items()
+            if name.startswith("controller")
+            for target in targets
+            if target.startswith("engines") and not within(target, MASTER_SIDE_ENGINES)
+        }
+    )
     assert not used, f"the master imports engine modules that import torch: {used}"
 
 
-@pytest.mark.parametrize("module", ["engines.spec", "engines.tasks", "engines.held", "engines.process.stopping",
-                                    "engines.process.notices", "engines.process.forkserver", "engines.process.startup"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "engines.spec",
+        "engines.tasks",
+        "engines.held",
+        "engines.process.stopping",
+        "engines.process.notices",
+        "engines.process.forkserver",
+        "engines.process.startup",
+    ],
+)
 def test_the_engines_modules_the_master_imports_do_not_load_torch(module):
     loaded = loaded_after(f"import {module}")
     assert "torch" not in loaded, f"{module} imports torch"
@@ -238,21 +264,27 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def loaded_after(statement: str) -> set[str]:
     """Top-level package names (and controller modules) loaded by ``statement`` in a fresh interpreter."""
-    program = (f"import sys\n{statement}\n"
-               "print('\\n'.join(sorted(m for m in sys.modules if '.' not in m or m.startswith('controller.'))))")
-    result = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True,
-                            timeout=120, check=True)
+    program = (
+        f"import sys\n{statement}\n"
+        "print('\\n'.join(sorted(m for m in sys.modules if '.' not in m or m.startswith('controller.'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
     return set(result.stdout.split())
 
 
 HEAVY = {"torch", "ipyparallel", "controller.work.scheduler", "zmq"}
 
 
-@pytest.mark.parametrize("statement", [
-    "import controller.work.bench.report",
-    "import controller.work.bench",
-    "from controller.cli import build_parser; build_parser()",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import controller.work.bench.report",
+        "import controller.work.bench",
+        "from controller.cli import build_parser; build_parser()",
+    ],
+)
 def test_reports_and_the_argument_parser_import_neither_torch_nor_ipyparallel(statement):
     heavy = HEAVY & loaded_after(statement)
     assert not heavy, f"{statement!r} imports {sorted(heavy)}"
@@ -268,8 +300,11 @@ def test_runners_use_the_session_only_for_what_it_declares():
     used = set()
     for runner in ("work/bench/runner.py", "work/sweep/runner.py"):
         tree = ast.parse((REPO / PACKAGE / runner).read_text())
-        used |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-                 and isinstance(node.value, ast.Name) and node.value.id == "session"}
+        used |= {
+            node.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "session"
+        }
     assert used and used <= session_members(), f"not in Session: {sorted(used - session_members())}"
 
 

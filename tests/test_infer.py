@@ -1,4 +1,5 @@
 """Batch inference: one trained model applied to a whole split, shards spread over real local engines."""
+
 from __future__ import annotations
 
 import csv
@@ -121,8 +122,11 @@ class TestAHungShard:
     def test_an_engine_that_outlives_two_kills_fails_the_job_by_name(self):
         client = HangingShards(hung=(1,), dies=False)
         job = Inference(client, [0, 1], poll_s=0, stall_s=30, clock=bounded_clock())
-        with pytest.raises(TaskError, match=r"images 100:200: engine 1 reported nothing for \d+ s and did not die "
-                                            r"after 2 kills"):
+        with pytest.raises(
+            TaskError,
+            match=r"images 100:200: engine 1 reported nothing for \d+ s and did not die "
+            r"after 2 kills",
+        ):
             job._predict("k", "mnist", "d", "test", [(0, 100), (100, 200)], 200, progress=None)
         assert client.signalled == [("SIGKILL", [1])] * 2
 
@@ -159,9 +163,18 @@ class TestAHungShard:
 
 
 def example_result() -> InferenceResult:
-    return InferenceResult(split="test", kind="mnist", run_id="r-1", checkpoint="k", engines=[0, 1], shards=2,
-                           seconds=0.5, predictions=np.array([3, 1, 2]), labels=np.array([3, 1, 1]),
-                           probabilities=np.eye(10, dtype=np.float32)[[3, 1, 2]])
+    return InferenceResult(
+        split="test",
+        kind="mnist",
+        run_id="r-1",
+        checkpoint="k",
+        engines=[0, 1],
+        shards=2,
+        seconds=0.5,
+        predictions=np.array([3, 1, 2]),
+        labels=np.array([3, 1, 1]),
+        probabilities=np.eye(10, dtype=np.float32)[[3, 1, 2]],
+    )
 
 
 def test_predictions_are_written_as_csv_or_npz_and_nothing_else(tmp_path):
@@ -266,7 +279,8 @@ def test_cifar_runs_from_cluster_bench_predict_over_two_engines(cluster, data_di
 
 
 def test_a_shard_that_hangs_on_a_real_engine_has_it_killed_and_its_images_go_to_the_other(
-        cluster, mnist_run, data_dir, tmp_path, caplog):
+    cluster, mnist_run, data_dir, tmp_path, caplog
+):
     """Last in this file: it kills one of the module cluster's two engines.
 
     The first shard to begin (on whichever engine) is held before its first image until the test lets go (at
@@ -300,7 +314,8 @@ _infer.predict_shard = _held_predict_shard
     try:
         with caplog.at_level(logging.WARNING, logger="controller.work.inference"):
             result = Inference(cluster.client, [0, 1], threads=1, stall_s=15).run(
-                checkpoint, "test", str(data_dir), run_id=mnist_run.id)
+                checkpoint, "test", str(data_dir), run_id=mnist_run.id
+            )
     finally:
         gate.touch()
     assert held.exists(), "no shard was held"

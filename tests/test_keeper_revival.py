@@ -1,5 +1,6 @@
 """A keeper that dies (killed, out of memory) is started again by the next command that looks at the cluster,
 and the new one holds the cluster to its target as the first did. Real local cluster and keeper processes."""
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,14 @@ def test_no_keeper_is_started_for_a_cluster_that_wants_none(tmp_path):
     """A cluster started without replace_lost or autoscaling has no keeper spec: nothing to revive, even
     while it runs with no keeper pid."""
     store = Store(tmp_path)
-    record = store.clusters.create(name="test", provider="local", slaves=1, threads_per_engine=1,
-                                   profile_dir=str(tmp_path / "profile"), ipp_cluster_id="test-1")
+    record = store.clusters.create(
+        name="test",
+        provider="local",
+        slaves=1,
+        threads_per_engine=1,
+        profile_dir=str(tmp_path / "profile"),
+        ipp_cluster_id="test-1",
+    )
     store.clusters.set_state(record.id, "running")
     assert keeper.revive(tmp_path, store, store.clusters.get(record.id)) is None
     assert store.clusters.get(record.id).keeper_pid is None and not store.events.latest(record.id)

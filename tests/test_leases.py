@@ -4,6 +4,7 @@ The holder is a real second process; the contender is the real `cluster` CLI.
 No cluster needs to run: the lease is checked before anything else, so a
 contender that gets past it stops at "no cluster is running".
 """
+
 from __future__ import annotations
 
 import os
@@ -26,29 +27,40 @@ NOT_RUNNING = "no cluster 'default' is running"
 def state(tmp_path) -> Path:
     with Store(tmp_path / "state") as store:
         store.runs.create(RunRecord(id="r-1", params={"epochs": 2}, state="interrupted"))
-        SweepTable(store).create(SweepRecord(id="s-1", space=[], sampler="grid", pruner="none", n_trials=1,
-                                             state="interrupted"))
-        store.runs.create(RunRecord(id="s-1-t000", params={"epochs": 2}, state="interrupted", sweep_id="s-1",
-                                   trial_number=0))
+        SweepTable(store).create(
+            SweepRecord(id="s-1", space=[], sampler="grid", pruner="none", n_trials=1, state="interrupted")
+        )
+        store.runs.create(
+            RunRecord(id="s-1-t000", params={"epochs": 2}, state="interrupted", sweep_id="s-1", trial_number=0)
+        )
     return tmp_path / "state"
 
 
 def cli(state: Path, *argv: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CLUSTER_")}
     environ.update(CLUSTER_STATE_DIR=str(state), CLUSTER_DATA_DIR=str(state.parent / "data"))
-    return subprocess.run([sys.executable, "-m", "controller", *argv], cwd=state.parent, env=environ,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "controller", *argv],
+        cwd=state.parent,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 class Holder:
     """Another master: a live process holding a lease until the test ends it."""
 
     def __init__(self, state: Path, kind: str, key: str):
-        program = ("import sys\nfrom controller.store import Store\nfrom controller.work.leases import Leases\n"
-                   f"Leases(Store({str(state)!r})).take({kind!r}, {key!r})\nprint('held', flush=True)\n"
-                   "sys.stdin.read()")
-        self.process = subprocess.Popen([sys.executable, "-c", program], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)
+        program = (
+            "import sys\nfrom controller.store import Store\nfrom controller.work.leases import Leases\n"
+            f"Leases(Store({str(state)!r})).take({kind!r}, {key!r})\nprint('held', flush=True)\n"
+            "sys.stdin.read()"
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", program], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         assert self.process.stdout.readline().strip() == "held"
 
     def kill(self) -> None:  # as a master killed outright: its lease row stays behind
@@ -61,8 +73,9 @@ def test_resuming_a_run_another_live_master_trains_is_refused_with_exit_3(state)
     try:
         result = cli(state, "train", "--resume", "r-1")
         assert result.returncode == ExitStatus.CLUSTER_STATE
-        assert (f"run r-1 is being run by another master: process {holder.process.pid} on "
-                f"{socket.gethostname()}") in result.stderr
+        assert (
+            f"run r-1 is being run by another master: process {holder.process.pid} on {socket.gethostname()}"
+        ) in result.stderr
         assert "Traceback" not in result.stderr
     finally:
         holder.kill()
@@ -77,8 +90,10 @@ def test_a_reused_pid_does_not_block_a_resume(state):
         # the lease names a live pid, but the process with that pid is not the one that took it
         with Store(state) as store:
             Leases(store)  # its table
-            store.execute("INSERT INTO leases VALUES ('run', 'r-1', ?, ?, ?, 0)",
-                          (socket.gethostname(), stranger.pid, process_identity(stranger.pid) + "0"))
+            store.execute(
+                "INSERT INTO leases VALUES ('run', 'r-1', ?, ?, ?, 0)",
+                (socket.gethostname(), stranger.pid, process_identity(stranger.pid) + "0"),
+            )
             assert Leases(store).get("run", "r-1").pid == stranger.pid
         result = cli(state, "train", "--resume", "r-1")
         assert NOT_RUNNING in result.stderr and "another master" not in result.stderr

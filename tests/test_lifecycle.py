@@ -4,6 +4,7 @@ The whole path (a real controller and engines) is in tests/test_cluster.py; here
 carrying a cluster's marker stands for its controller, so the rules around it are cheap to pin down:
 one live cluster per name, what status shows once the controller is gone, what stop returns.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,14 +52,20 @@ def recorded(cluster: Cluster, state: str = "running", controller_pid=None):
     """A cluster row as `start` leaves it, with one node and one engine."""
     store = cluster.store
     profile = Path(cluster.config.state_dir) / "profile"
-    record = store.clusters.create(name=cluster.name, provider="local", slaves=1, threads_per_engine=1,
-                                   profile_dir=str(profile), ipp_cluster_id="c-1")
+    record = store.clusters.create(
+        name=cluster.name,
+        provider="local",
+        slaves=1,
+        threads_per_engine=1,
+        profile_dir=str(profile),
+        ipp_cluster_id="c-1",
+    )
     store.clusters.update(record.id, controller_pid=controller_pid)
     store.clusters.set_state(record.id, state)
-    store.nodes.put(record.id, NodeRecord(node_id="local-1", provider="local", host="h", state="running",
-                                          engines=1))
-    store.engines.put(record.id, [EngineRecord(engine_id=0, host="h", pid=2 ** 22 + 1, device="cpu",
-                                               threads=1, node_id="local-1")])
+    store.nodes.put(record.id, NodeRecord(node_id="local-1", provider="local", host="h", state="running", engines=1))
+    store.engines.put(
+        record.id, [EngineRecord(engine_id=0, host="h", pid=2**22 + 1, device="cpu", threads=1, node_id="local-1")]
+    )
     return store.clusters.get(record.id)
 
 
@@ -111,18 +118,24 @@ class TestStatus:
         status = cluster.status()
         assert status.state == "failed" and status.controller == {"pid": None, "state": "dead"}
         assert [(e.id, e.state, e.node_id) for e in status.engines] == [(0, "dead", "local-1")]
-        assert status.hint == ("the controller is gone (the master restarted, or it was killed); run `cluster start` "
-                               "(it starts the engines again for this cluster), then `cluster sweep --resume s-1` "
-                               "and `cluster train --resume r-1`")
+        assert status.hint == (
+            "the controller is gone (the master restarted, or it was killed); run `cluster start` "
+            "(it starts the engines again for this cluster), then `cluster sweep --resume s-1` "
+            "and `cluster train --resume r-1`"
+        )
 
     def test_the_hint_counts_remote_nodes_still_billed(self, cluster):
         record = recorded(cluster)
-        nodes = [NodeRecord(node_id="i-1", provider="aws", state="running"),
-                 NodeRecord(node_id="i-2", provider="aws", state="terminated")]
+        nodes = [
+            NodeRecord(node_id="i-1", provider="aws", state="running"),
+            NodeRecord(node_id="i-2", provider="aws", state="terminated"),
+        ]
         hint = controller_lost_hint(cluster.config, cluster.store, dataclasses.replace(record, provider="aws"), nodes)
         assert "1 node(s) still up and billed; their engines wait" in hint
-        assert hint.endswith("run `cluster start` (it adopts them: a new controller, new engines on the same slaves); "
-                             "`cluster start --fresh` releases them and starts new ones, `cluster stop` ends them")
+        assert hint.endswith(
+            "run `cluster start` (it adopts them: a new controller, new engines on the same slaves); "
+            "`cluster start --fresh` releases them and starts new ones, `cluster stop` ends them"
+        )
 
     def test_an_engine_of_a_released_node_is_shown_removed_and_does_not_degrade_the_cluster(self, cluster, stand_in):
         record = recorded(cluster)
@@ -170,14 +183,20 @@ class TestWhatStartAdopts:
             return NodeRecord(node_id=node_id, provider=provider, state="running")
 
         nodes = [node("i-1"), node("i-2"), node("i-3")]
-        assert adoption_message("c", nodes, nodes[:2], [node("i-4")], 3) == \
-            "adopted 2 slave(s) of cluster 'c' still up: i-1, i-2; lost i-3; added i-4"
-        assert adoption_message("c", nodes, nodes, [], 1) == \
-            "adopted 3 slave(s) of cluster 'c' still up: i-1, i-2, i-3; kept all 3 (asked for 1; " \
+        assert (
+            adoption_message("c", nodes, nodes[:2], [node("i-4")], 3)
+            == "adopted 2 slave(s) of cluster 'c' still up: i-1, i-2; lost i-3; added i-4"
+        )
+        assert (
+            adoption_message("c", nodes, nodes, [], 1)
+            == "adopted 3 slave(s) of cluster 'c' still up: i-1, i-2, i-3; kept all 3 (asked for 1; "
             "`cluster scale 1` turns the rest off)"
+        )
         local = [node("local-1", "local")]
-        assert adoption_message("c", local, [], [node("local-2", "local")], 1) == \
-            "restarted the engines of cluster 'c' (local engines do not outlive their master); added local-2"
+        assert (
+            adoption_message("c", local, [], [node("local-2", "local")], 1)
+            == "restarted the engines of cluster 'c' (local engines do not outlive their master); added local-2"
+        )
 
 
 def test_a_marked_process_is_known_as_ours_as_soon_as_popen_returns(tmp_path):

@@ -4,6 +4,7 @@ Slaves are network-namespace hosts with real sshd (tests/netns.py); the controll
 holder and the engines are real processes.  Every fault is played at a chosen point and the test
 waits for a condition (a line in an engine's log, a line in the holder's log), never for a time.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,7 +59,11 @@ def test_remote_engines_outlast_a_sleeping_master_and_take_work_when_it_wakes(tm
     hub's pings for longer than the hub's own drop time; then they wake. The engine waited (its grace),
     is still registered, and trains."""
     host = hosts.hosts[0]
-    config = make_config(tmp_path, tiny_data_dir, slaves=1, extra=f"""
+    config = make_config(
+        tmp_path,
+        tiny_data_dir,
+        slaves=1,
+        extra=f"""
 master_grace_minutes = 1
 provider = ssh
 
@@ -68,7 +73,8 @@ user = {SLAVE_USER}
 key_file = {hosts.key}
 python = {sys.executable}
 tunnel = always
-""")
+""",
+    )
     cluster = Cluster(config)
     try:
         cluster.start()
@@ -110,8 +116,12 @@ with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5) as s:
 def through_slave(host, port: int) -> bool:
     """A connection made on the slave to its end of the reverse forward reaches the master's server."""
     try:
-        result = subprocess.run(["ip", "netns", "exec", host.ns, sys.executable, "-c", ECHO_THROUGH_SLAVE, str(port)],
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            ["ip", "netns", "exec", host.ns, sys.executable, "-c", ECHO_THROUGH_SLAVE, str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except subprocess.TimeoutExpired:
         return False
     return result.stdout.strip() == "ping"
@@ -176,13 +186,24 @@ def test_a_controller_port_taken_on_the_slave_by_a_connection_is_forwarded_from_
     known_hosts = tmp_path / "known_hosts"
     SshConnection.connect(slave, known_hosts, timeout=20).close()  # records the host key, as start does
     with echo_server() as port:
-        taken = subprocess.Popen(["ip", "netns", "exec", host.ns, sys.executable, "-c", CONNECTION_FROM_PORT,
-                                  str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        taken = subprocess.Popen(
+            ["ip", "netns", "exec", host.ns, sys.executable, "-c", CONNECTION_FROM_PORT, str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         stop = threading.Event()
         ready = tmp_path / "ready"
-        holder = threading.Thread(target=tunnels.hold, args=(tunnels.TunnelSpec(
-            hosts=[asdict(slave)], known_hosts=str(known_hosts), ports=[port], ready_file=str(ready)), stop),
-            daemon=True)
+        holder = threading.Thread(
+            target=tunnels.hold,
+            args=(
+                tunnels.TunnelSpec(
+                    hosts=[asdict(slave)], known_hosts=str(known_hosts), ports=[port], ready_file=str(ready)
+                ),
+                stop,
+            ),
+            daemon=True,
+        )
         try:
             assert taken.stdout.readline() == "held\n"
             holder.start()
@@ -210,8 +231,14 @@ def test_the_tunnel_holder_reconnects_and_waits_for_the_forward_the_slave_still_
 
     with echo_server() as port:
         ready = tmp_path / "ready"
-        spec = tunnels.TunnelSpec(hosts=[asdict(slave)], known_hosts=str(known_hosts), ports=[port],
-                                  ready_file=str(ready), probe_seconds=1, probe_timeout=2)
+        spec = tunnels.TunnelSpec(
+            hosts=[asdict(slave)],
+            known_hosts=str(known_hosts),
+            ports=[port],
+            ready_file=str(ready),
+            probe_seconds=1,
+            probe_timeout=2,
+        )
         lines = Lines()
         logging.getLogger(tunnels.__name__).addHandler(lines)
         stop = threading.Event()
@@ -229,8 +256,9 @@ def test_the_tunnel_holder_reconnects_and_waits_for_the_forward_the_slave_still_
                 os.kill(pid, signal.SIGSTOP)  # the session is silent; its listening port stays taken
             assert wait_until(lambda: lines.saw("no answer within"), timeout=60), lines.lines
             # the engines there know only that port: the new session asks for it again
-            assert wait_until(lambda: lines.saw(f"port {slave_port} (controller port {port}) still held"),
-                              timeout=60), lines.lines
+            assert wait_until(
+                lambda: lines.saw(f"port {slave_port} (controller port {port}) still held"), timeout=60
+            ), lines.lines
 
             for pid in old:  # the slave's sshd gives up on the old session at last
                 os.kill(pid, signal.SIGKILL)
@@ -249,7 +277,8 @@ def test_the_tunnel_holder_reconnects_and_waits_for_the_forward_the_slave_still_
 
 
 def test_after_the_controller_died_status_says_what_to_do_and_start_adopts_and_resume_finishes_the_run(
-        tmp_path, tiny_data_dir):
+    tmp_path, tiny_data_dir
+):
     """The master's controller died mid-run (its engine lives on, waiting out its grace). Status names the way
     on; `cluster start` gives the same cluster a new controller and a fresh local engine (the old one ends:
     a local engine is not worth keeping), and the run resumes from its checkpoint."""
@@ -263,9 +292,23 @@ def test_after_the_controller_died_status_says_what_to_do_and_start_adopts_and_r
         first = cluster.start()
         (old_engine,) = [e.pid for e in first.engines]
         with engines_holding_tasks(cluster.client, tmp_path, when="checkpoint is not None") as held:
-            train = subprocess.Popen([sys.executable, "-m", "controller", "--config", str(config.source), "train",
-                                      "--epochs", "3", "--subset", "200"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            train = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "controller",
+                    "--config",
+                    str(config.source),
+                    "train",
+                    "--epochs",
+                    "3",
+                    "--subset",
+                    "200",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             try:
                 assert held.wait(process=train), "the run never reached its second task"
                 signal_group(cluster.store.clusters.active("test").controller_pid, signal.SIGKILL)
@@ -280,8 +323,10 @@ def test_after_the_controller_died_status_says_what_to_do_and_start_adopts_and_r
         out = io.StringIO()
         assert main(["--config", str(config.source), "status"], stdout=out, stderr=io.StringIO()) == 0
         assert "failed" in out.getvalue() and "the controller is gone" in out.getvalue()
-        assert f"run `cluster start` (it starts the engines again for this cluster), then `cluster train --resume " \
-            f"{run.id}`" in out.getvalue().replace("\n", " "), out.getvalue()
+        assert (
+            f"run `cluster start` (it starts the engines again for this cluster), then `cluster train --resume "
+            f"{run.id}`" in out.getvalue().replace("\n", " ")
+        ), out.getvalue()
 
         status = cluster.start()
         assert status.cluster_id == first.cluster_id and [e.state for e in status.engines] == ["idle"]

@@ -1,4 +1,5 @@
 """notebooks/dispatch.ipynb runs top to bottom against a real local cluster (tiny data) with nbclient."""
+
 from __future__ import annotations
 
 import base64
@@ -21,8 +22,9 @@ def test_dispatch_notebook_runs_against_the_local_cluster(local_cluster, tmp_pat
     before = {s.sweep_id for s in local_cluster.sweeps()}
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     # raises CellExecutionError, naming the cell, if any cell errors
-    NotebookClient(notebook, timeout=240, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
 
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

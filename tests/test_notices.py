@@ -1,5 +1,6 @@
 """Spot interruption notices: the engine's watcher reads IMDSv2 (a local server plays it, tests/imds.py),
 and a notice makes the running task checkpoint at once and the run go on elsewhere, losing nothing."""
+
 from __future__ import annotations
 
 import threading
@@ -38,8 +39,7 @@ class TestTheWatcher:
         served = imds.requests()
         assert [(s.path, s.status) for s in served] == [("/latest/api/token", 200), (SPOT, 404), (REBALANCE, 404)]
 
-    @pytest.mark.parametrize("path,name", [(SPOT, "spot interruption notice"),
-                                           (REBALANCE, "rebalance recommendation")])
+    @pytest.mark.parametrize("path,name", [(SPOT, "spot interruption notice"), (REBALANCE, "rebalance recommendation")])
     def test_a_notice_asks_the_running_task_to_stop_with_a_checkpoint(self, imds, path, name, caplog):
         watcher = notices.Watcher(imds.url)
         assert watcher.check() == []
@@ -74,8 +74,9 @@ class TestTheSetting:
         default = load_config(write_ini(tmp_path / "a.ini", "[cluster]\n"), environ={}).cluster
         assert metadata_url(default, "aws") == "http://169.254.169.254"
         assert metadata_url(default, "local") == metadata_url(default, "ssh") == ""
-        told = load_config(write_ini(tmp_path / "b.ini", "[cluster]\nmetadata_url = http://10.0.0.9:8080\n"),
-                           environ={}).cluster
+        told = load_config(
+            write_ini(tmp_path / "b.ini", "[cluster]\nmetadata_url = http://10.0.0.9:8080\n"), environ={}
+        ).cluster
         assert metadata_url(told, "local") == "http://10.0.0.9:8080"
         off = load_config(write_ini(tmp_path / "c.ini", "[cluster]\nmetadata_url = off\n"), environ={}).cluster
         assert metadata_url(off, "aws") == ""
@@ -113,8 +114,9 @@ def test_a_spot_notice_moves_the_running_task_to_another_engine_and_nothing_is_l
             # the watcher read the notice and polled again: the stop request is in before the task goes on
             assert wait_until(lambda: imds.read_and_polled_again(victim_pid), timeout=30)
             held.release()
-            assert wait_until(lambda: cluster.store.engines.leaving(cluster.record.id) == {victim: "notice"},
-                              timeout=60), "the engine is marked as leaving"
+            assert wait_until(
+                lambda: cluster.store.engines.leaving(cluster.record.id) == {victim: "notice"}, timeout=60
+            ), "the engine is marked as leaving"
             noticed_s = time.monotonic() - flipped
             master.join(timeout=180)
         assert not master.is_alive() and outcome and not isinstance(outcome[0], BaseException), outcome

@@ -1,5 +1,6 @@
 """engines/optim.py against torch.optim itself: the same weights bit for bit, state dicts both ways,
 and no torch._dynamo in a process that trains."""
+
 import subprocess
 import sys
 
@@ -31,13 +32,22 @@ def torch_optim(spec, model):
     if spec.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
-                                    weight_decay=spec.weight_decay, nesterov=spec.nesterov)
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=spec.lr,
+            momentum=spec.momentum,
+            weight_decay=spec.weight_decay,
+            nesterov=spec.nesterov,
+        )
     total = spec.epochs * STEPS_PER_EPOCH
     if spec.schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.lr, total_steps=total,
-                                                        pct_start=max(0.25, 2 / total),
-                                                        cycle_momentum=spec.optimizer == "sgd")
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=spec.lr,
+            total_steps=total,
+            pct_start=max(0.25, 2 / total),
+            cycle_momentum=spec.optimizer == "sgd",
+        )
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return optimizer, scheduler
@@ -45,8 +55,10 @@ def torch_optim(spec, model):
 
 def batches(n: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 1, 28, 28, generator=generator), torch.randint(0, 10, (16,), generator=generator))
-            for _ in range(n)]
+    return [
+        (torch.randn(16, 1, 28, 28, generator=generator), torch.randint(0, 10, (16,), generator=generator))
+        for _ in range(n)
+    ]
 
 
 def train(model, optimizer, scheduler, data) -> list[float]:

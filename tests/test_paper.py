@@ -1,4 +1,5 @@
 """The paper's λ experiment as the paper defined it: L1 = λ·Σ|w| / (training batches per epoch)."""
+
 from __future__ import annotations
 
 import pytest

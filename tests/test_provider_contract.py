@@ -13,6 +13,7 @@ OpenSSH's sshd (tests/netns.py), the aws provider against moto's server over HTT
 host standing in for the instance (``Hooks.address``: moto's instances never boot).  One slave, one
 engine thread, no training: the contract is about what runs and what is left, not about learning.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -114,8 +115,11 @@ class World:
     def engines_running(self, cluster: Cluster, record: ClusterRecord) -> list[int]:
         if self.host is not None:
             return self.host.engine_processes()
-        return [e.pid for e in cluster.store.engines.of(record.id)
-                if processes.is_marked(e.pid, Path(record.profile_dir), record.ipp_cluster_id)]
+        return [
+            e.pid
+            for e in cluster.store.engines.of(record.id)
+            if processes.is_marked(e.pid, Path(record.profile_dir), record.ipp_cluster_id)
+        ]
 
     def left(self) -> dict:
         """What still runs or exists of the cluster: on the master, on the slave, in EC2."""
@@ -141,7 +145,13 @@ def world(request, tmp_path, tiny_data_dir) -> World:
         # and never connects to a host whose key it did not record (test_release_after_the_store_is_lost)
         known = tmp_path / "keep" / "known_hosts"
         known.parent.mkdir()
-        return World(kind, make_config(tmp_path, tiny_data_dir, slaves=1, extra=f"""
+        return World(
+            kind,
+            make_config(
+                tmp_path,
+                tiny_data_dir,
+                slaves=1,
+                extra=f"""
 provider = ssh
 
 [ssh]
@@ -151,7 +161,10 @@ key_file = {key}
 python = {sys.executable}
 tunnel = always
 known_hosts = {known}
-"""), host=host)
+""",
+            ),
+            host=host,
+        )
     ec2 = request.getfixturevalue("ec2_client")
     moto = request.getfixturevalue("moto_url")
     made = World(kind, aws_config(tmp_path, tiny_data_dir, moto, image(ec2), slaves=1), host=host, ec2=ec2)

@@ -6,6 +6,7 @@ ipyparallel's real abort behaves as that fake says.  Every step happens at a fix
 blocks until its engine is killed, and the surviving engine's task ends only once that engine has been
 told to refuse the withdrawn task (its kernel's ``aborted`` set), so nothing depends on timing.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,11 @@ def gated_task(spec: dict, checkpoint, n_epochs: int) -> dict:
     from IPython import get_ipython
 
     folder = Path(spec["folder"])
-    attempt = sum(1 for line in (folder / "began").read_text().splitlines() if line.startswith(spec["run_id"])) \
-        if (folder / "began").exists() else 0
+    attempt = (
+        sum(1 for line in (folder / "began").read_text().splitlines() if line.startswith(spec["run_id"]))
+        if (folder / "began").exists()
+        else 0
+    )
     with open(folder / "began", "a") as began:
         began.write(f"{spec['run_id']} {os.getpid()}\n")
     deadline = time.monotonic() + 60
@@ -47,16 +51,25 @@ def gated_task(spec: dict, checkpoint, n_epochs: int) -> dict:
         kernel = get_ipython().kernel
         while not kernel.aborted and time.monotonic() < deadline:
             time.sleep(0.02)
-    return {"run_id": spec["run_id"], "completed_epochs": 1, "checkpoint": b"done", "epochs": [],
-            "host": "engine", "pid": os.getpid(), "device": "cpu"}
+    return {
+        "run_id": spec["run_id"],
+        "completed_epochs": 1,
+        "checkpoint": b"done",
+        "epochs": [],
+        "host": "engine",
+        "pid": os.getpid(),
+        "device": "cpu",
+    }
 
 
 class Source(JobSource):
     """Three one-epoch jobs; records each result."""
 
     def __init__(self, folder: Path):
-        self.jobs = [Job(run_id=name, spec={"run_id": name, "epochs": 1, "folder": str(folder)}, task=gated_task)
-                     for name in ("first", "lost", "queued")]
+        self.jobs = [
+            Job(run_id=name, spec={"run_id": name, "epochs": 1, "folder": str(folder)}, task=gated_task)
+            for name in ("first", "lost", "queued")
+        ]
         self.results: list[tuple[str, int]] = []
 
     def next_job(self) -> Optional[Job]:

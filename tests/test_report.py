@@ -1,4 +1,5 @@
 """`cluster report` from a fixture store: every format, the numbers, determinism, a self-contained HTML."""
+
 from __future__ import annotations
 
 import base64
@@ -29,19 +30,65 @@ PAPER_VAL = (0.981, 0.983, 0.985, 0.979, 0.962, 0.91, 0.62, 0.11, 0.10)
 def paper_measurement(bench_id: str, engines: int, wall_s: float, price: float, created_at: float):
     measurement_id = f"{bench_id}-e{engines}"
     record = BenchRecord(
-        id=measurement_id, bench_id=bench_id, workload="paper", engines=engines, provider="local", gpu="AMD EPYC (CPU)",
-        market="local", threads=1, wall_s=wall_s, runs=9, epochs=9, images=9 * 50_000,
-        images_per_s=9 * 50_000 / wall_s, epochs_per_min=9 / (wall_s / 60), accuracy=0.984,
-        price_per_hour=price, cost=price * wall_s / 3600, torch="2.14.1", cuda="", params={"lr": 0.01},
-        cluster_id=1, created_at=created_at)
-    engine_rows = [BenchEngine(measurement_id=measurement_id, engine_id=e, host="vm", node_id="local", device="cpu",
-                               cpu="AMD EPYC", threads=1, price_per_hour=price / engines, tasks=9 // engines + (e < 9 % engines),
-                               epochs=9 // engines, images=50_000 * (9 // engines), train_s=100.0 / engines,
-                               images_per_s=4000.0, torch="2.14.1") for e in range(engines)]
-    trials = [BenchTrial(measurement_id=measurement_id, trial=i, run_id=f"r-{engines}{i:07d}", label=f"l1={l1:g}", l1=l1,
-                         lr=0.01, epochs=1, state="completed", val_accuracy=val, test_accuracy=val + 0.001,
-                         seconds=wall_s / 9, engine_id=i % engines)
-              for i, (l1, val) in enumerate(zip(PAPER_L1, PAPER_VAL))]
+        id=measurement_id,
+        bench_id=bench_id,
+        workload="paper",
+        engines=engines,
+        provider="local",
+        gpu="AMD EPYC (CPU)",
+        market="local",
+        threads=1,
+        wall_s=wall_s,
+        runs=9,
+        epochs=9,
+        images=9 * 50_000,
+        images_per_s=9 * 50_000 / wall_s,
+        epochs_per_min=9 / (wall_s / 60),
+        accuracy=0.984,
+        price_per_hour=price,
+        cost=price * wall_s / 3600,
+        torch="2.14.1",
+        cuda="",
+        params={"lr": 0.01},
+        cluster_id=1,
+        created_at=created_at,
+    )
+    engine_rows = [
+        BenchEngine(
+            measurement_id=measurement_id,
+            engine_id=e,
+            host="vm",
+            node_id="local",
+            device="cpu",
+            cpu="AMD EPYC",
+            threads=1,
+            price_per_hour=price / engines,
+            tasks=9 // engines + (e < 9 % engines),
+            epochs=9 // engines,
+            images=50_000 * (9 // engines),
+            train_s=100.0 / engines,
+            images_per_s=4000.0,
+            torch="2.14.1",
+        )
+        for e in range(engines)
+    ]
+    trials = [
+        BenchTrial(
+            measurement_id=measurement_id,
+            trial=i,
+            run_id=f"r-{engines}{i:07d}",
+            label=f"l1={l1:g}",
+            l1=l1,
+            lr=0.01,
+            epochs=1,
+            state="completed",
+            val_accuracy=val,
+            test_accuracy=val + 0.001,
+            seconds=wall_s / 9,
+            engine_id=i % engines,
+        )
+        for i, (l1, val) in enumerate(zip(PAPER_L1, PAPER_VAL))
+    ]
     return record, engine_rows, trials
 
 
@@ -53,18 +100,73 @@ def build_fixture_store(state_dir: Path) -> Store:
     bench.save(*paper_measurement("b-fixture1", 2, 72.0, 0.40, JAN_1 + 200))
     bench.save(*paper_measurement("b-fixture1", 1, 120.0, 0.20, JAN_1 + 60))
     vgg = BenchRecord(
-        id="b-fixture2-e1", bench_id="b-fixture2", workload="cifar10-vgg16", engines=1, provider="aws",
-        region="us-east-1", zone="us-east-1a", instance_type="g4dn.xlarge", gpu="Tesla T4",
-        image="ami-0123456789abcdef0", market="spot", threads=4, wall_s=1800.0, runs=1, epochs=5, images=225_000,
-        images_per_s=125.0, epochs_per_min=5 / 30, accuracy=0.8512, price_per_hour=0.526, cost=0.526 * 1800 / 3600,
-        torch="2.14.1+cu130", cuda="13.0", params={"model": "vgg16"}, cluster_id=2, created_at=JAN_1 + 3600)
-    bench.save(vgg, [BenchEngine(measurement_id=vgg.id, engine_id=0, host="ip-10-0-0-5", node_id="i-0abc",
-                                 device="cuda:Tesla T4", gpu="Tesla T4", cpu="Intel Xeon", threads=4,
-                                 instance_type="g4dn.xlarge", zone="us-east-1a", price_per_hour=0.526, tasks=5,
-                                 epochs=5, images=225_000, train_s=1700.0, images_per_s=132.35,
-                                 torch="2.14.1+cu130", cuda="13.0")],
-               [BenchTrial(measurement_id=vgg.id, trial=0, run_id="r-vgg00001", label="vgg16", lr=0.05, epochs=5,
-                           state="completed", val_accuracy=0.85, test_accuracy=0.8512, seconds=1790.0, engine_id=0)])
+        id="b-fixture2-e1",
+        bench_id="b-fixture2",
+        workload="cifar10-vgg16",
+        engines=1,
+        provider="aws",
+        region="us-east-1",
+        zone="us-east-1a",
+        instance_type="g4dn.xlarge",
+        gpu="Tesla T4",
+        image="ami-0123456789abcdef0",
+        market="spot",
+        threads=4,
+        wall_s=1800.0,
+        runs=1,
+        epochs=5,
+        images=225_000,
+        images_per_s=125.0,
+        epochs_per_min=5 / 30,
+        accuracy=0.8512,
+        price_per_hour=0.526,
+        cost=0.526 * 1800 / 3600,
+        torch="2.14.1+cu130",
+        cuda="13.0",
+        params={"model": "vgg16"},
+        cluster_id=2,
+        created_at=JAN_1 + 3600,
+    )
+    bench.save(
+        vgg,
+        [
+            BenchEngine(
+                measurement_id=vgg.id,
+                engine_id=0,
+                host="ip-10-0-0-5",
+                node_id="i-0abc",
+                device="cuda:Tesla T4",
+                gpu="Tesla T4",
+                cpu="Intel Xeon",
+                threads=4,
+                instance_type="g4dn.xlarge",
+                zone="us-east-1a",
+                price_per_hour=0.526,
+                tasks=5,
+                epochs=5,
+                images=225_000,
+                train_s=1700.0,
+                images_per_s=132.35,
+                torch="2.14.1+cu130",
+                cuda="13.0",
+            )
+        ],
+        [
+            BenchTrial(
+                measurement_id=vgg.id,
+                trial=0,
+                run_id="r-vgg00001",
+                label="vgg16",
+                lr=0.05,
+                epochs=5,
+                state="completed",
+                val_accuracy=0.85,
+                test_accuracy=0.8512,
+                seconds=1790.0,
+                engine_id=0,
+            )
+        ],
+    )
     return store
 
 
@@ -102,8 +204,12 @@ def test_markdown_has_the_cost_table_with_the_numbers(fixture_store):
     by_engines = {(row[0], row[2]): row for row in scaling[1:]}
     # epochs/min 4.5 on one engine, 7.5 on two: speedup 1.67, efficiency 83 %
     assert by_engines[("b-fixture1", "1")][5:6] + by_engines[("b-fixture1", "1")][7:9] == ["4.50", "1.00x", "100%"]
-    assert by_engines[("b-fixture1", "2")][5:6] + by_engines[("b-fixture1", "2")][7:10] == ["7.50", "1.67x", "83%",
-                                                                                          "98.40%"]
+    assert by_engines[("b-fixture1", "2")][5:6] + by_engines[("b-fixture1", "2")][7:10] == [
+        "7.50",
+        "1.67x",
+        "83%",
+        "98.40%",
+    ]
     # beside epochs/min: the paper's unit, 50,000-image epochs per minute, from images/s
     record = {r.id: r for r in BenchTable(fixture_store).records(None, None)}["b-fixture1-e2"]
     assert scaling[0][6] == "50k-image epochs/min (paper: 14.59)"
@@ -159,9 +265,9 @@ def png_chunks(data: bytes) -> list[bytes]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     position, kinds = 8, []
     while position < len(data):
-        (length,) = struct.unpack(">I", data[position:position + 4])
-        kind, body = data[position + 4:position + 8], data[position + 8:position + 8 + length]
-        (crc,) = struct.unpack(">I", data[position + 8 + length:position + 12 + length])
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind, body = data[position + 4 : position + 8], data[position + 8 : position + 8 + length]
+        (crc,) = struct.unpack(">I", data[position + 8 + length : position + 12 + length])
         assert zlib.crc32(kind + body) == crc, f"bad CRC in chunk {kind!r}"
         kinds.append(kind)
         position += 12 + length
@@ -244,8 +350,14 @@ def test_cli_report_writes_every_format(tmp_path, monkeypatch):
         with Store(tmp_path / "state") as store:
             assert out.read_text() == report(store, fmt)  # the format follows the suffix
     stdout = io.StringIO()
-    assert main(["--config", str(ini), "report", "--format", "csv", "--bench", "b-fixture2"], stdout=stdout,
-                stderr=io.StringIO()) == 0
+    assert (
+        main(
+            ["--config", str(ini), "report", "--format", "csv", "--bench", "b-fixture2"],
+            stdout=stdout,
+            stderr=io.StringIO(),
+        )
+        == 0
+    )
     assert stdout.getvalue().splitlines()[1].startswith("b-fixture2-e1,b-fixture2,cifar10-vgg16,1,aws,")
     stderr = io.StringIO()
     assert main(["--config", str(ini), "report", "--bench", "b-nothing"], stdout=io.StringIO(), stderr=stderr) == 2
@@ -261,12 +373,15 @@ def test_a_store_written_with_bench_runs_keeps_its_measurements(tmp_path):
     record, engines, trials = paper_measurement("b-old", 2, 72.0, 0.40, JAN_1)
     with sqlite3.connect(tmp_path / "cluster.db") as db:
         db.executescript(schema.TABLES_V1)  # the tables as they were, bench_runs among them
-        for table, row in ([("bench_runs", {**dataclasses.asdict(record), "params": json.dumps(record.params)})]
-                           + [("bench_engines", dataclasses.asdict(e)) for e in engines]
-                           + [("bench_trials", dataclasses.asdict(t)) for t in trials]):
+        for table, row in (
+            [("bench_runs", {**dataclasses.asdict(record), "params": json.dumps(record.params)})]
+            + [("bench_engines", dataclasses.asdict(e)) for e in engines]
+            + [("bench_trials", dataclasses.asdict(t)) for t in trials]
+        ):
             row = {("bench_run_id" if k == "measurement_id" else k): v for k, v in row.items()}
-            db.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
-                       list(row.values()))
+            db.execute(
+                f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", list(row.values())
+            )
     with Store(tmp_path) as store:
         assert schema.version(store.db) == schema.LATEST
         table = BenchTable(store)

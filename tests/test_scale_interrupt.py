@@ -4,6 +4,7 @@ A real SIGINT reaches the master at a fixed point, never after a sleep: while th
 engines that cannot all register (the provider is told to expect one more than it starts), and while a
 drain waits for a task that holds until the test lets it go.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,8 +63,9 @@ def test_ctrl_c_while_new_slaves_join_releases_them_and_the_cluster_serves_as_be
     first_pids = set(cluster_pids(cluster.config.state_dir))
     before, target = serving(cluster), cluster.store.clusters.latest("test").target
     known = set(node_states(cluster))
-    sent = ctrl_c_when(lambda: sum(state == "running" for node, state in node_states(cluster).items()
-                                   if node not in known) == 2)
+    sent = ctrl_c_when(
+        lambda: sum(state == "running" for node, state in node_states(cluster).items() if node not in known) == 2
+    )
     with pytest.raises(KeyboardInterrupt):
         cluster.scale(len(before) + 2)
     assert time.monotonic() - sent["at"] < 15
@@ -72,8 +74,9 @@ def test_ctrl_c_while_new_slaves_join_releases_them_and_the_cluster_serves_as_be
     assert serving(cluster) == before
     assert [states[n] for n in states if n not in known] == ["stopped", "stopped"], states
     assert cluster.store.clusters.latest("test").target == target  # the target stays what it was
-    assert wait_until(lambda: set(cluster_pids(cluster.config.state_dir)) == first_pids, timeout=20), \
+    assert wait_until(lambda: set(cluster_pids(cluster.config.state_dir)) == first_pids, timeout=20), (
         f"the new slaves' engines are left: {set(cluster_pids(cluster.config.state_dir)) - first_pids}"
+    )
     assert wait_until(lambda: len(cluster.client.ids) == len(before), timeout=20)  # the hub heard them go
     status = cluster.status()
     assert (status.state, status.current, len(status.engines)) == ("running", len(before), len(before))
@@ -86,8 +89,9 @@ def test_ctrl_c_during_a_drain_calls_it_off_and_both_slaves_serve_again(cluster,
     assert len(before) == 2
     engines = {e.node_id: e.engine_id for e in cluster.store.engines.of(cluster.record.id) if e.node_id in before}
     busy = cluster.client[list(engines.values())].execute(hold_until(gate), block=False)
-    assert wait_until(lambda: all(cluster.client.queue_status().get(e, {}).get("queue")
-                                  for e in engines.values()), timeout=30)
+    assert wait_until(
+        lambda: all(cluster.client.queue_status().get(e, {}).get("queue") for e in engines.values()), timeout=30
+    )
     sent = ctrl_c_when(lambda: "draining" in node_states(cluster).values())
     try:
         with pytest.raises(KeyboardInterrupt):

@@ -7,6 +7,7 @@ and hands them to free engines as ipyparallel's task scheduler does, and moves o
 scheduler, so that a test can kill an engine while another task waits in the queue.  The same scheduler
 runs on real engines in test_cluster.py, test_sweep.py, test_elastic.py and benchmarks/faults.py.
 """
+
 from __future__ import annotations
 
 import functools
@@ -112,8 +113,11 @@ class TestAChainOfTasks:
         monkeypatch.setattr(gc, "collect", lambda: collections.append(len(client.submitted)))
 
         def answer(spec, ckpt, n):  # 12 MB checkpoints: every third result passes 32 MB
-            return 0, {**epoch_result(None), "completed_epochs": len(client.submitted),
-                       "checkpoint": b"x" * (12 * 1024 * 1024)}
+            return 0, {
+                **epoch_result(None),
+                "completed_epochs": len(client.submitted),
+                "checkpoint": b"x" * (12 * 1024 * 1024),
+            }
 
         client = FakeClient(answer)
         Scheduler(client, poll_s=0).run(ListSource([job("r-1", 6)]))
@@ -205,7 +209,7 @@ class TestTheWatchdog:
         watchdog = Watchdog(controller_alive=lambda: True, engine_timeout=30, clock=clock)
         for now, engines in [(0, 0), (20, 0), (25, 1), (30, 0), (55, 0)]:
             clock.now = now
-            watchdog.check(lambda: engines)  # 25 s without engines at most: no error
+            watchdog.check(lambda engines=engines: engines)  # 25 s without engines at most: no error
         clock.now = 60
         with pytest.raises(ClusterLostError, match=r"no engine has been registered for 30 s.*engine_timeout = 30"):
             watchdog.check(lambda: 0)
@@ -213,8 +217,9 @@ class TestTheWatchdog:
     def test_it_looks_at_most_once_per_interval(self):
         calls = []
         clock = FakeClock()
-        watchdog = Watchdog(controller_alive=lambda: calls.append(clock.now) or True, engine_timeout=30,
-                            check_every_s=1.0, clock=clock)
+        watchdog = Watchdog(
+            controller_alive=lambda: calls.append(clock.now) or True, engine_timeout=30, check_every_s=1.0, clock=clock
+        )
         for now in (0, 0.2, 0.5, 1.0, 1.5, 2.1):
             clock.now = now
             watchdog.check(lambda: 1)
@@ -265,8 +270,7 @@ class TestAStalledTask:
         assert source.results == [("r-1", 1, 0)] and source.errors == []
         assert (stats.stalls, stats.engine_losses) == (1, 1)
 
-    def one_long_task(self, clock: Callable[[], float], finished_at: float,
-                      batch_at: Callable[[float], Optional[int]]):
+    def one_long_task(self, clock: Callable[[], float], finished_at: float, batch_at: Callable[[float], Optional[int]]):
         """A client whose one task runs on engine 1 until ``finished_at`` on ``clock``, reporting the batch
         ``batch_at(now)`` (None: nothing new reaches the master then); and the clock the scheduler reads,
         which moves the task along."""
@@ -319,6 +323,7 @@ class TestAStalledTask:
     def test_an_engine_that_outlives_two_kills_is_given_up_and_the_task_goes_on_elsewhere(self):
         """Its nanny is gone (or the signals are lost): the engine stays registered and silent. After the
         second kill the task goes to another engine, and the hung one gets no new task."""
+
         def answer(spec, ckpt, n):
             return (1, None) if len(client.submitted) == 1 else (0, epoch_result(ckpt))  # engine 1 hangs
 
@@ -366,12 +371,18 @@ class TestEnginesThatAreLeaving:
     def answer_stopping_on(going: int, reason: str):
         """Engine ``going`` hands its first task back early (no epoch done, checkpoint unchanged) with
         ``stopped=reason``; any other engine trains an epoch. The engine is the lowest the view allows."""
+
         def answer(spec, ckpt, n, targets):
             engine = min(targets) if targets else going
             if engine == going:
-                return engine, {**epoch_result(ckpt), "completed_epochs": int(ckpt or b"0"),
-                                "checkpoint": ckpt or b"0", "stopped": reason}
+                return engine, {
+                    **epoch_result(ckpt),
+                    "completed_epochs": int(ckpt or b"0"),
+                    "checkpoint": ckpt or b"0",
+                    "stopped": reason,
+                }
             return engine, epoch_result(ckpt)
+
         return answer
 
     def run_stopping_on_engine_0(self, reason: str) -> tuple[FakeClient, "FakeRoster", ListSource]:
@@ -414,7 +425,8 @@ class TestEnginesThatAreLeaving:
         watchdog = Watchdog(controller_alive=lambda: True, engine_timeout=30, clock=clock)
         with pytest.raises(ClusterLostError, match="no engine"):
             Scheduler(client, poll_s=0.001, watchdog=watchdog, roster=FakeRoster(leaving=[0, 1])).run(
-                ListSource([job("r-1", 1)]))
+                ListSource([job("r-1", 1)])
+            )
         assert client.submitted == []
 
     def test_an_engine_the_view_names_that_dies_is_dropped_from_the_view_before_the_next_task(self):
@@ -437,25 +449,51 @@ class TestCheckpointsKeptOnEngines:
     def batch_result(batches: int, shipped: bool, held: bool = True) -> dict:
         """A task that stood ``batches`` batches into epoch 1 (4 batches an epoch) when it ended."""
         epochs, rest = divmod(batches, 4)
-        return {"checkpoint": f"b{batches}".encode() if shipped else None, "completed_epochs": epochs,
-                "batches_done": rest, "batches_run": 1, "held": held, "epochs": [], "host": "h", "device": "cpu"}
+        return {
+            "checkpoint": f"b{batches}".encode() if shipped else None,
+            "completed_epochs": epochs,
+            "batches_done": rest,
+            "batches_run": 1,
+            "held": held,
+            "epochs": [],
+            "host": "h",
+            "device": "cpu",
+        }
 
     def test_the_next_task_goes_to_the_engine_keeping_the_checkpoint_with_a_reference_in_place_of_it(self):
-        answers = iter([(1, self.batch_result(1, False)), (1, self.batch_result(2, False)),
-                        (1, self.batch_result(4, True, held=False))])
+        answers = iter(
+            [
+                (1, self.batch_result(1, False)),
+                (1, self.batch_result(2, False)),
+                (1, self.batch_result(4, True, held=False)),
+            ]
+        )
         client = FakeClient(lambda spec, ckpt, n: next(answers))
         source = ListSource([job("r-1", 1)])
         Scheduler(client, poll_s=0).run(source)
         assert [ckpt for _, ckpt in client.submitted] == [
-            None, {"held": "r-1", "epoch": 0, "batches_done": 1}, {"held": "r-1", "epoch": 0, "batches_done": 2}]
+            None,
+            {"held": "r-1", "epoch": 0, "batches_done": 1},
+            {"held": "r-1", "epoch": 0, "batches_done": 2},
+        ]
         assert client.views[-2:] == [[1], [1]]
         assert source.results[-1] == ("r-1", 1, 1) and source.rollbacks == []
 
-    @pytest.mark.parametrize("lost", [engine_lost(), ipp.error.RemoteError("CheckpointNotHeld", "dropped", "")],
-                             ids=["engine lost", "checkpoint dropped"])
+    @pytest.mark.parametrize(
+        "lost",
+        [engine_lost(), ipp.error.RemoteError("CheckpointNotHeld", "dropped", "")],
+        ids=["engine lost", "checkpoint dropped"],
+    )
     def test_when_that_engine_is_lost_the_run_goes_back_to_its_last_shipped_checkpoint(self, lost):
-        answers = iter([(1, self.batch_result(1, True)), (1, self.batch_result(2, False)), (1, lost),
-                        (0, self.batch_result(2, False, held=False)), (0, self.batch_result(4, True, held=False))])
+        answers = iter(
+            [
+                (1, self.batch_result(1, True)),
+                (1, self.batch_result(2, False)),
+                (1, lost),
+                (0, self.batch_result(2, False, held=False)),
+                (0, self.batch_result(4, True, held=False)),
+            ]
+        )
         client = FakeClient(lambda spec, ckpt, n: next(answers))
         source = ListSource([job("r-1", 1)])
         Scheduler(client, poll_s=0).run(source)
@@ -523,13 +561,17 @@ class FakeTaskScheduler:
 
     def step(self) -> None:
         self.now += 1
-        for engine, (result, spec, checkpoint, ends) in list(self.running.items()):
+        for engine, (result, _spec, checkpoint, ends) in list(self.running.items()):
             if ends <= self.now:
                 del self.running[engine]
                 answer = epoch_result(checkpoint)
                 if engine in self.leaving:
-                    answer = {**answer, "completed_epochs": int(checkpoint or b"0"), "checkpoint": checkpoint or b"0",
-                              "stopped": "notice"}
+                    answer = {
+                        **answer,
+                        "completed_epochs": int(checkpoint or b"0"),
+                        "checkpoint": checkpoint or b"0",
+                        "stopped": "notice",
+                    }
                 result.set_result(answer)
         for happening in self.at.pop(self.now, []):
             happening()
@@ -662,8 +704,16 @@ class TestALostTaskGoesFirst:
         client = FakeTaskScheduler(ids=(0, 1, 2, 3))
         client.at[1] = [lambda: client.kill(2)]
         client.at[2] = [lambda: client.kill(3)]
-        source = ListSource([timed_job("A", 6), timed_job("B", 6), timed_job("C", 20), timed_job("D", 20),
-                             timed_job("E", 2), timed_job("F", 2)])
+        source = ListSource(
+            [
+                timed_job("A", 6),
+                timed_job("B", 6),
+                timed_job("C", 20),
+                timed_job("D", 20),
+                timed_job("E", 2),
+                timed_job("F", 2),
+            ]
+        )
         Scheduler(client, poll_s=0, prefetch=1).run(source, Steps(client))
         assert client.runs_begun_after(2)[:2] == ["C", "D"]
 
@@ -676,8 +726,9 @@ class TestARunHandedBackByALeavingEngineGoesFirst:
     def test_it_resumes_before_a_task_queued_earlier_and_before_new_runs(self):
         # engine 2 is under a spot notice: it hands B, and then the queued D, straight back
         client = FakeTaskScheduler(ids=(0, 1, 2), leaving=[2])
-        source = ListSource([timed_job("A", 6), timed_job("C", 6), timed_job("B", 2), timed_job("D", 2),
-                             timed_job("E", 2)])
+        source = ListSource(
+            [timed_job("A", 6), timed_job("C", 6), timed_job("B", 2), timed_job("D", 2), timed_job("E", 2)]
+        )
         Scheduler(client, poll_s=0, prefetch=1, roster=FakeRoster()).run(source, Steps(client))
         handed_back = [run for _, run, engine in client.began if engine == 2]
         assert handed_back == ["B", "D"]
@@ -747,7 +798,8 @@ class TestDemandAndTheRoster:
         roster = DemandRoster()
         client = self.run(roster, jobs=8, ids=(0, 1, 2), at={3: [lambda client: roster.marked.update({1: "drain"})]})
         assert [engine for began_at, _, engine in client.began if began_at >= 5] and all(
-            engine != 1 for began_at, _, engine in client.began if began_at >= 5)
+            engine != 1 for began_at, _, engine in client.began if began_at >= 5
+        )
 
     def test_an_engine_that_has_not_reported_itself_gets_no_task_until_it_has(self):
         roster = DemandRoster(ready=[0, 1])

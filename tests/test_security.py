@@ -6,6 +6,7 @@ modes of state_dir, keys and connection files, and at everything the CLI wrote a
 The aws cluster that starts at -vv is test_aws_provider.py's spot cluster (TestASpotSlave): one start
 serves its checks and these.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,17 @@ def hosts(tmp_path_factory):
 def ports_of(connection: dict) -> set[int]:
     ports = set()
     for key, value in connection.items():
-        if key in ("registration", "control", "mux", "task", "iopub", "notification", "hb_ping", "hb_pong",
-                   "broadcast"):
+        if key in (
+            "registration",
+            "control",
+            "mux",
+            "task",
+            "iopub",
+            "notification",
+            "hb_ping",
+            "hb_pong",
+            "broadcast",
+        ):
             ports.update(value if isinstance(value, list) else [value])
     return ports
 
@@ -53,8 +63,11 @@ def test_local_cluster_listens_on_loopback_only_and_keeps_its_files_private(tmp_
         sockets = listening(cluster.config.state_dir)
         assert sockets and addresses(sockets) == {"127.0.0.1"}, sockets
         assert_private_files(cluster.config.state_dir)
-        engine = json.loads(engine_file(profile_dir(cluster.config.state_dir),
-                                                 cluster.store.clusters.active("test").ipp_cluster_id).read_text())
+        engine = json.loads(
+            engine_file(
+                profile_dir(cluster.config.state_dir), cluster.store.clusters.active("test").ipp_cluster_id
+            ).read_text()
+        )
         assert not engine.get("curve_serverkey")  # loopback only: the HMAC key signs every message
 
 
@@ -62,7 +75,11 @@ def ssh_config(tmp_path, data_dir, hosts, tunnel: str, slaves: int = 1):
     for host in hosts.hosts[:slaves]:
         host.authorized_keys.write_text("")  # the aws tests of this module authorise their own keys
         host.authorize(hosts.key)
-    return make_config(tmp_path, data_dir, slaves=slaves, extra=f"""
+    return make_config(
+        tmp_path,
+        data_dir,
+        slaves=slaves,
+        extra=f"""
 provider = ssh
 
 [ssh]
@@ -71,7 +88,8 @@ user = {SLAVE_USER}
 key_file = {hosts.key}
 python = {sys.executable}
 tunnel = {tunnel}
-""")
+""",
+    )
 
 
 def registration_reply(url: str, connection: dict, curve: bool, timeout_ms: int) -> bool:
@@ -82,8 +100,12 @@ def registration_reply(url: str, connection: dict, curve: bool, timeout_ms: int)
     """
     from jupyter_client.session import Session
 
-    session = Session(key=connection["key"].encode(), signature_scheme=connection["signature_scheme"],
-                      packer=connection["pack"], unpacker=connection["unpack"])
+    session = Session(
+        key=connection["key"].encode(),
+        signature_scheme=connection["signature_scheme"],
+        packer=connection["pack"],
+        unpacker=connection["unpack"],
+    )
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.linger = 0
@@ -180,8 +202,9 @@ def captured_key(monkeypatch) -> list[str]:
 @needs_netns
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [[], ["-v"], ["-vv"], ["-vv", "--debug-libraries"]])
-def test_no_secret_in_the_output_at_any_verbosity(flags, tmp_path, tiny_data_dir, moto_url, ec2, captured_key,
-                                                  monkeypatch):
+def test_no_secret_in_the_output_at_any_verbosity(
+    flags, tmp_path, tiny_data_dir, moto_url, ec2, captured_key, monkeypatch
+):
     """A start that creates a key pair, then fails: at every verbosity, no key and no session token."""
     monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token-do-not-log")
 
@@ -207,10 +230,12 @@ def test_no_secret_in_the_output_at_any_verbosity(flags, tmp_path, tiny_data_dir
 def test_the_filter_redacts_key_material_tokens_and_connection_keys():
     from controller.logs import redact
 
-    text = ('{"KeyMaterial": "-----BEGIN OPENSSH PRIVATE KEY-----\\nb3BlbnNzaC1rZXktdjEAAAA\\n'
-            '-----END OPENSSH PRIVATE KEY-----", "KeyName": "k"} X-Amz-Security-Token: abc123 '
-            "Authorization: AWS4-HMAC-SHA256 Credential=AKIA/x, Signature=deadbeef "
-            '{"key": "0f1e2d3c", "curve_serverkey": "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"}')
+    text = (
+        '{"KeyMaterial": "-----BEGIN OPENSSH PRIVATE KEY-----\\nb3BlbnNzaC1rZXktdjEAAAA\\n'
+        '-----END OPENSSH PRIVATE KEY-----", "KeyName": "k"} X-Amz-Security-Token: abc123 '
+        "Authorization: AWS4-HMAC-SHA256 Credential=AKIA/x, Signature=deadbeef "
+        '{"key": "0f1e2d3c", "curve_serverkey": "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"}'
+    )
     cleaned = redact(text)
     for secret in ("PRIVATE KEY", "b3BlbnNzaC1rZXktdjE", "abc123", "AWS4-HMAC", "deadbeef", "0f1e2d3c", "rq:rM"):
         assert secret not in cleaned, (secret, cleaned)

@@ -5,6 +5,7 @@ Every task of these chains trains at least one batch and stops at a point the te
 task_seconds stops after every batch; a drain is requested from inside the batch that should be the
 last), so nothing here depends on how fast the machine is.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,8 +80,7 @@ class Workload:
 
 def mnist(data_dir: Path, **values) -> Workload:
     data = load_mnist(data_dir)
-    spec = RunSpec(run_id="r-mnist", data_dir=str(data_dir), threads=1, epochs=2, batch_size=100, subset=300,
-                   **values)
+    spec = RunSpec(run_id="r-mnist", data_dir=str(data_dir), threads=1, epochs=2, batch_size=100, subset=300, **values)
     return Workload(spec, lambda spec, device: mnist_setup(spec, device, data), noise=True)
 
 
@@ -88,8 +88,16 @@ def cifar(data_dir: Path, **values) -> Workload:
     """ResNet18 (VGG16 builds its ImageNet head first: 4 s a task here) on 12 images: 3 batches, augmented
     from the epoch's generator; one epoch, the test's time budget being small."""
     data = load_cifar10(data_dir)
-    spec = CifarSpec(run_id="r-cifar", model="resnet18", data_dir=str(data_dir), threads=1, epochs=1,
-                     batch_size=4, subset=12, **values)
+    spec = CifarSpec(
+        run_id="r-cifar",
+        model="resnet18",
+        data_dir=str(data_dir),
+        threads=1,
+        epochs=1,
+        batch_size=4,
+        subset=12,
+        **values,
+    )
     return Workload(spec, lambda spec, device: cifar_setup(spec, device, data))
 
 
@@ -120,7 +128,8 @@ def chain(workload: Workload) -> list[TaskResult]:
 
 @pytest.mark.parametrize("make", [mnist, cifar], ids=["mnist", "cifar-resnet18"])
 def test_a_run_cut_after_every_batch_and_by_a_drain_ends_with_the_weights_of_an_uninterrupted_run(
-        make, tiny_data_dir, cifar_dir):
+    make, tiny_data_dir, cifar_dir
+):
     data_dir = tiny_data_dir if make is mnist else cifar_dir
     whole = make(data_dir).task()
     cut = make(data_dir, task_seconds=EVERY_BATCH)
@@ -130,16 +139,20 @@ def test_a_run_cut_after_every_batch_and_by_a_drain_ends_with_the_weights_of_an_
     assert batches == 3 and len(results) == epochs * batches, "one task per batch"
     assert [r.stopped for r in results[:3]] == ["time", "drain", "time"]
     # whole epochs in completed_epochs, the position in batches_done
-    assert [(r.completed_epochs, r.batches_done) for r in results] == \
-        [divmod(n, batches) for n in range(1, epochs * batches + 1)]
+    assert [(r.completed_epochs, r.batches_done) for r in results] == [
+        divmod(n, batches) for n in range(1, epochs * batches + 1)
+    ]
     assert [m["epoch"] for r in results for m in r.epochs] == list(range(1, epochs + 1))
     assert same_weights(whole, results[-1])
     # an epoch split over tasks reports what the whole epoch does: loss over all its batches, seconds summed
     split = [m for r in results for m in r.epochs]
     for one, other in zip(whole.epochs, split):
         assert other["train_loss"] == one["train_loss"]
-        assert (other["val_accuracy"], other["test_accuracy"], other["lr"]) == \
-            (one["val_accuracy"], one["test_accuracy"], one["lr"])
+        assert (other["val_accuracy"], other["test_accuracy"], other["lr"]) == (
+            one["val_accuracy"],
+            one["test_accuracy"],
+            one["lr"],
+        )
         assert other["seconds"] >= other["train_seconds"] > 0
 
 
@@ -149,7 +162,11 @@ def test_a_drain_alone_cuts_an_epoch_long_task_where_it_is_asked_for(tiny_data_d
     cut.drain_at = frozenset({2, 4})
     results = chain(cut)
     assert [(r.stopped, r.completed_epochs, r.batches_done, r.batches_run) for r in results] == [
-        ("drain", 0, 2, 2), (None, 1, 0, 1), ("drain", 1, 1, 1), (None, 2, 0, 2)]
+        ("drain", 0, 2, 2),
+        (None, 1, 0, 1),
+        ("drain", 1, 1, 1),
+        (None, 2, 0, 2),
+    ]
     assert same_weights(whole, results[-1])
 
 
@@ -204,25 +221,46 @@ class TestCheckpointsKeptOnTheEngine:
 
 
 def metrics(epoch: int, seconds: float) -> dict:
-    return dict(epoch=epoch, train_loss=0.5, val_accuracy=0.9, test_accuracy=0.9, seconds=seconds,
-                train_seconds=seconds, images_per_s=100.0, lr=0.01)
+    return dict(
+        epoch=epoch,
+        train_loss=0.5,
+        val_accuracy=0.9,
+        test_accuracy=0.9,
+        seconds=seconds,
+        train_seconds=seconds,
+        images_per_s=100.0,
+        lr=0.01,
+    )
 
 
 def test_the_store_shows_a_run_part_way_into_an_epoch_and_resumes_it_from_its_last_shipped_checkpoint(tmp_path):
     store = Store(tmp_path)
     store.runs.create(RunRecord(id="r-1", params={"epochs": 3}))
     recorder, job = RunRecorder(store), Job(run_id="r-1", spec={"epochs": 3})
-    recorder.record_result(job, Result(epochs=[metrics(1, 2.0)], checkpoint=b"e1", completed_epochs=1,
-                                       epoch_batches=5, batches_run=5), 0)
-    recorder.record_result(job, Result(checkpoint=b"e1b2", completed_epochs=1, batches_done=2, epoch_batches=5,
-                                       batches_run=2), 0)
+    recorder.record_result(
+        job, Result(epochs=[metrics(1, 2.0)], checkpoint=b"e1", completed_epochs=1, epoch_batches=5, batches_run=5), 0
+    )
+    recorder.record_result(
+        job, Result(checkpoint=b"e1b2", completed_epochs=1, batches_done=2, epoch_batches=5, batches_run=2), 0
+    )
     run = store.runs.get("r-1")
     assert epochs_progress(run.epochs_done, 3, run.batches_done, run.epoch_batches) == "1/3, epoch 2 40%"
     assert store.checkpoints.position("r-1") == (1, 2) and store.checkpoints.load("r-1") == (1, b"e1b2")
     assert len(list((tmp_path / "checkpoints" / "r-1").iterdir())) == 1, "only the newest file is kept"
     # a task whose checkpoint its engine kept: progress is recorded, the stored checkpoint stays where it was
-    recorder.record_result(job, Result(epochs=[metrics(2, 3.0)], checkpoint=None, held=True, completed_epochs=2,
-                                       batches_done=1, epoch_batches=5, batches_run=4), 1)
+    recorder.record_result(
+        job,
+        Result(
+            epochs=[metrics(2, 3.0)],
+            checkpoint=None,
+            held=True,
+            completed_epochs=2,
+            batches_done=1,
+            epoch_batches=5,
+            batches_run=4,
+        ),
+        1,
+    )
     assert (store.runs.get("r-1").epochs_done, store.runs.get("r-1").seconds) == (2, 5.0)
     assert store.checkpoints.position("r-1") == (1, 2)
     # resuming (that engine is gone) goes back to the stored checkpoint: epoch 2 is forgotten and redone
@@ -290,7 +328,8 @@ def test_an_interrupted_run_resumes_mid_epoch_to_the_weights_of_an_uninterrupted
 
 
 def test_a_run_keeps_its_checkpoint_on_its_engine_and_losing_that_engine_costs_only_what_was_not_shipped(
-        cluster, tmp_path):
+    cluster, tmp_path
+):
     """Last in this module: it leaves the cluster with one engine."""
     holder = tmp_path / "holder-pid"
     engines = {e.pid: e.engine_id for e in cluster.store.engines.of(cluster.record.id)}
@@ -299,14 +338,17 @@ def test_a_run_keeps_its_checkpoint_on_its_engine_and_losing_that_engine_costs_o
     def train() -> None:  # the master, as `cluster train` runs it
         with Cluster(cluster.config) as master:
             try:
-                outcome.append(master.train(epochs=2, subset=200, batch_size=50, task_seconds=EVERY_BATCH,
-                                            checkpoint_minutes=60))
+                outcome.append(
+                    master.train(epochs=2, subset=200, batch_size=50, task_seconds=EVERY_BATCH, checkpoint_minutes=60)
+                )
             except BaseException as error:  # noqa: BLE001 - the test reports it
                 outcome.append(error)
 
     # the task that goes on from the checkpoint kept one batch into epoch 2 waits inside its engine
-    when = (f"isinstance(checkpoint, dict) and (checkpoint['epoch'], checkpoint['batches_done']) == (1, 1) "
-            f"and open({str(holder)!r}, 'w').write(str(os.getpid())) > 0")
+    when = (
+        f"isinstance(checkpoint, dict) and (checkpoint['epoch'], checkpoint['batches_done']) == (1, 1) "
+        f"and open({str(holder)!r}, 'w').write(str(os.getpid())) > 0"
+    )
     with engines_holding_tasks(cluster.client, tmp_path, when=when) as held:
         master = threading.Thread(target=train, daemon=True)
         master.start()

@@ -8,6 +8,7 @@ hostnames, each running Debian's OpenSSH server; engines start over SSH and
 register with the real controller across 10.213.x.0/24, and a real training
 run executes on one of them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,12 @@ def hosts(tmp_path_factory):
 
 def ssh_config(tmp_path, data_dir, hosts, *, slaves=2, listed=0, tunnel="never", known_hosts=""):
     """[ssh] hosts names the first ``listed`` namespace hosts (default: as many as ``slaves``)."""
-    addresses = ", ".join(h.address for h in hosts.hosts[:listed or slaves])
-    return make_config(tmp_path, data_dir, slaves=slaves, extra=f"""
+    addresses = ", ".join(h.address for h in hosts.hosts[: listed or slaves])
+    return make_config(
+        tmp_path,
+        data_dir,
+        slaves=slaves,
+        extra=f"""
 provider = ssh
 
 [ssh]
@@ -55,8 +60,9 @@ user = {SLAVE_USER}
 key_file = {hosts.key}
 python = {sys.executable}
 tunnel = {tunnel}
-{f'known_hosts = {known_hosts}' if known_hosts else ''}
-""")
+{f"known_hosts = {known_hosts}" if known_hosts else ""}
+""",
+    )
 
 
 def engine_files(host) -> list[Path]:
@@ -68,8 +74,9 @@ def engine_files(host) -> list[Path]:
 def program_of_the_slave_user():
     """The pid of a program of the slave's user that is not an engine, as a pid file or the store may name it once
     the pid was reused: the stop script could signal it (same user), so only its command-line check spares it."""
-    program = subprocess.Popen(["setpriv", f"--reuid={SLAVE_USER}", f"--regid={SLAVE_USER}", "--clear-groups",
-                                "sleep", "600"])
+    program = subprocess.Popen(
+        ["setpriv", f"--reuid={SLAVE_USER}", f"--regid={SLAVE_USER}", "--clear-groups", "sleep", "600"]
+    )
     try:
         yield program
     finally:
@@ -95,7 +102,11 @@ def test_one_machine_under_two_names_is_refused_before_any_engine_starts(tmp_pat
     the second would stop the engines the first had started. The other slave, a machine of its own with the
     same boot id (one kernel), is not mistaken for it."""
     one, other = hosts.hosts
-    config = make_config(tmp_path, tiny_data_dir, slaves=3, extra=f"""
+    config = make_config(
+        tmp_path,
+        tiny_data_dir,
+        slaves=3,
+        extra=f"""
 provider = ssh
 
 [ssh]
@@ -103,10 +114,14 @@ hosts = {one.address}, {other.address}, {one.alias}
 user = {SLAVE_USER}
 key_file = {hosts.key}
 python = {sys.executable}
-""")
+""",
+    )
     cluster = Cluster(config)
-    with pytest.raises(ProviderError, match=rf"{one.address} and {one.alias} are one machine \({one.hostname}, "
-                                            r"boot id [0-9a-f-]+\): list it once in \[ssh\] hosts"):
+    with pytest.raises(
+        ProviderError,
+        match=rf"{one.address} and {one.alias} are one machine \({one.hostname}, "
+        r"boot id [0-9a-f-]+\): list it once in \[ssh\] hosts",
+    ):
         cluster.start()
     assert cluster.status().state in ("stopped", "none")
     assert not one.engine_processes() and not other.engine_processes()
@@ -114,8 +129,7 @@ python = {sys.executable}
     cluster.close()
 
 
-def test_stop_ends_engines_by_the_stored_pids_after_the_master_was_renamed(tmp_path, tiny_data_dir, hosts,
-                                                                           monkeypatch):
+def test_stop_ends_engines_by_the_stored_pids_after_the_master_was_renamed(tmp_path, tiny_data_dir, hosts, monkeypatch):
     """The run dir on the slave is named by the master's hostname: after a rename only the pids find them."""
     import os
 
@@ -128,8 +142,9 @@ def test_stop_ends_engines_by_the_stored_pids_after_the_master_was_renamed(tmp_p
         # a pid the store holds that now belongs to another program of the slave's user: left alone
         reused = stack.enter_context(program_of_the_slave_user())
         remote_dir = cluster.store.execute("SELECT remote_dir FROM remote_engines").fetchone()[0]
-        cluster.store.execute("INSERT INTO remote_engines VALUES (?, ?, ?, ?)",
-                              (status.cluster_id, host.address, reused.pid, remote_dir))
+        cluster.store.execute(
+            "INSERT INTO remote_engines VALUES (?, ?, ?, ?)", (status.cluster_id, host.address, reused.pid, remote_dir)
+        )
         monkeypatch.setattr(socket, "gethostname", lambda: "renamed-master")
         cluster.stop()
         monkeypatch.undo()
@@ -145,7 +160,8 @@ def test_stop_ends_engines_by_the_stored_pids_after_the_master_was_renamed(tmp_p
 
 
 def test_a_master_that_lost_its_state_dir_stops_the_engine_its_earlier_start_left_before_starting_one(
-        tmp_path, tiny_data_dir, hosts, caplog):
+    tmp_path, tiny_data_dir, hosts, caplog
+):
     """Its old engine would wait for the dead controller for master_grace_minutes, holding the slave's GPU
     beside the new one. A pid file naming another program (a pid reused since) leaves that program alone.
     The second start finds the code the first verified there (its stamp): no upload, no import check."""
@@ -183,8 +199,7 @@ def test_a_master_that_lost_its_state_dir_stops_the_engine_its_earlier_start_lef
             status = after.start()
 
         assert "engine code and python as verified by an earlier bootstrap" in caplog.text
-        assert f"stopped 1 engine(s) an earlier start of this cluster left running (pids {left_behind})" \
-            in caplog.text
+        assert f"stopped 1 engine(s) an earlier start of this cluster left running (pids {left_behind})" in caplog.text
         assert left_behind not in host.processes()
         assert reused.poll() is None, "the program under a reused pid was signalled"
         [engine] = status.engines
@@ -200,7 +215,8 @@ def test_a_master_that_lost_its_state_dir_stops_the_engine_its_earlier_start_lef
 
 
 def test_a_second_cluster_of_the_same_name_from_another_state_dir_is_refused_and_the_first_serves_on(
-        tmp_path, tiny_data_dir, hosts):
+    tmp_path, tiny_data_dir, hosts
+):
     """Two checkouts on one master, both with the default cluster name, name the same slave: they share its run
     dir. The engines there are the first cluster's, still working, not leftovers: the second start stops
     nothing, says whose they are and what to do, and leaves nothing of its own behind."""
@@ -219,8 +235,10 @@ def test_a_second_cluster_of_the_same_name_from_another_state_dir_is_refused_and
         with pytest.raises(ProviderError) as refused:
             second.start()
 
-        assert f"holds the engines of another cluster of this master that is still running (its controller, " \
-               f"pid {controller}" in str(refused.value)
+        assert (
+            f"holds the engines of another cluster of this master that is still running (its controller, "
+            f"pid {controller}" in str(refused.value)
+        )
         assert "give this one another [cluster] name" in str(refused.value)
         assert host.engine_pids() == [engine]
         assert second.status().state in ("stopped", "none") and not cluster_pids(second.config.state_dir)
@@ -238,7 +256,6 @@ def test_a_stamp_whose_gpu_count_the_slave_no_longer_shows_means_a_full_bootstra
     """A GPU gone (or added) since the last bootstrap: the engines would be pinned to devices torch does not
     see. The slave's device files are counted at every start; a count unlike the stamp's is verified again."""
     import logging
-
 
     spec = EngineSpec(tag="stamp-test", connection={}, python=sys.executable, remote_dir="~/.cluster-engine-stamp")
     host = SshTarget(hosts.hosts[1].address, user=SLAVE_USER, key_file=str(hosts.key))
@@ -288,8 +305,9 @@ def test_a_command_filling_stderr_does_not_block_remote_run(tmp_path, hosts):
 @pytest.fixture(scope="class")
 def one_of_two(tmp_path_factory, tiny_data_dir, hosts):
     """A 1-slave cluster whose [ssh] hosts lists both namespace hosts (the second unused), for a class."""
-    cluster = Cluster(ssh_config(tmp_path_factory.mktemp("ssh"), tiny_data_dir, hosts, slaves=1,
-                                 listed=len(hosts.hosts)))
+    cluster = Cluster(
+        ssh_config(tmp_path_factory.mktemp("ssh"), tiny_data_dir, hosts, slaves=1, listed=len(hosts.hosts))
+    )
     try:
         cluster.start()
         yield cluster
@@ -303,7 +321,8 @@ class TestASlaveOfTwoHosts:
     property; the last two change the cluster (scale and remove, then stop)."""
 
     def test_trains_from_its_own_data_dir_filled_from_the_master_and_keeps_the_key_private(
-            self, one_of_two, tiny_data_dir, hosts):
+        self, one_of_two, tiny_data_dir, hosts
+    ):
         """No path of the master reaches the slave; the connection file (the controller's HMAC key) lands
         0600 in a 0700 directory, never in a log; host keys are recorded 0600."""
         import hashlib
@@ -321,8 +340,12 @@ class TestASlaveOfTwoHosts:
         assert hosts.hosts[0].address in known.read_text() and stat.S_IMODE(known.stat().st_mode) == 0o600
         assert "StrictHostKeyChecking=yes" in cluster.provider().ssh_target(status.nodes[0]).command()
         raw = hosts.hosts[0].dir / "home" / ".cache" / "cluster" / "data" / "MNIST" / "raw"
-        for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                     "t10k-labels-idx1-ubyte"):
+        for name in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ):
             master = (tiny_data_dir / "MNIST" / "raw" / name).read_bytes()
             assert hashlib.sha256((raw / name).read_bytes()).digest() == hashlib.sha256(master).digest()
         run = cluster.train(subset=100, epochs=1)
@@ -340,7 +363,9 @@ class TestASlaveOfTwoHosts:
         status = cluster.scale(2)  # the next unused host of [ssh] hosts
         assert {n.node_id: n.state for n in status.nodes} == {first: "running", second: "running"}
         assert sorted(e.host for e in status.engines if e.state == "idle") == ["slave1", "slave2"]
-        with pytest.raises(ProviderError, match=r"no unused host left in \[ssh\] hosts for 1 more slave\(s\): 0 free of 2"):
+        with pytest.raises(
+            ProviderError, match=r"no unused host left in \[ssh\] hosts for 1 more slave\(s\): 0 free of 2"
+        ):
             cluster.scale(3)
         assert cluster.status().target == 2  # a failed scale leaves the target as it was
 

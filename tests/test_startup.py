@@ -5,6 +5,7 @@ that first task used to import torch itself, so engines that registered early sa
 engine's startup command (engines/process/startup.py) starts the imports in a background thread, and a task
 that needs torch waits for that thread instead of importing alongside it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -70,15 +71,18 @@ class TestPreload:
         assert startup.preloaded()["imported"] == ["json"]
 
 
-@pytest.mark.parametrize("size, batch, shapes", [
-    (10_000, 1000, [1000]),         # MNIST's test split: every batch has one shape
-    (5_500, 1000, [1000, 500]),     # a full batch and the last, partial one
-    (800, 1000, [800]),             # smaller than one batch: all of it
-])
+@pytest.mark.parametrize(
+    "size, batch, shapes",
+    [
+        (10_000, 1000, [1000]),  # MNIST's test split: every batch has one shape
+        (5_500, 1000, [1000, 500]),  # a full batch and the last, partial one
+        (800, 1000, [800]),  # smaller than one batch: all of it
+    ],
+)
 def test_the_warm_up_evaluates_one_batch_of_each_shape_the_split_has(size, batch, shapes):
     import torch
 
     split = Split(torch.zeros(size, 28, 28, dtype=torch.uint8), torch.arange(size))
     sample = tasks._one_of_each_batch(split, batch)
-    assert [len(sample.labels[i:i + batch]) for i in range(0, len(sample), batch)] == shapes
-    assert torch.equal(sample.labels, split.labels[:len(sample)])
+    assert [len(sample.labels[i : i + batch]) for i in range(0, len(sample), batch)] == shapes
+    assert torch.equal(sample.labels, split.labels[: len(sample)])

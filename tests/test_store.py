@@ -1,4 +1,5 @@
 """The SQLite store: runs, epochs and atomic, verified checkpoints."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -14,8 +15,19 @@ from controller.work.sweep.records import SweepTable
 def test_runs_and_their_epochs_round_trip(tmp_path):
     store = Store(tmp_path)
     store.runs.create(RunRecord(id="r-1", params={"lr": 0.1, "epochs": 2}))
-    store.epochs.add(EpochRecord(run_id="r-1", epoch=1, train_loss=0.5, val_accuracy=0.9, test_accuracy=0.91,
-                                seconds=2.0, train_seconds=1.5, images_per_s=100.0, lr=0.1))
+    store.epochs.add(
+        EpochRecord(
+            run_id="r-1",
+            epoch=1,
+            train_loss=0.5,
+            val_accuracy=0.9,
+            test_accuracy=0.91,
+            seconds=2.0,
+            train_seconds=1.5,
+            images_per_s=100.0,
+            lr=0.1,
+        )
+    )
     store.runs.update("r-1", state="completed", test_accuracy=0.91)
     again = Store(tmp_path)  # a second process sees committed writes
     run = again.runs.get("r-1")
@@ -56,8 +68,19 @@ def test_a_transaction_commits_everything_or_nothing(tmp_path):
     store.checkpoints.save("r-1", 1, b"one")
     with pytest.raises(KeyboardInterrupt):
         with store.transaction():
-            store.epochs.add(EpochRecord(run_id="r-1", epoch=2, train_loss=0.1, val_accuracy=0.9, test_accuracy=0.9,
-                                        seconds=1, train_seconds=1, images_per_s=1, lr=0.1))
+            store.epochs.add(
+                EpochRecord(
+                    run_id="r-1",
+                    epoch=2,
+                    train_loss=0.1,
+                    val_accuracy=0.9,
+                    test_accuracy=0.9,
+                    seconds=1,
+                    train_seconds=1,
+                    images_per_s=1,
+                    lr=0.1,
+                )
+            )
             store.checkpoints.save("r-1", 2, b"two")
             store.runs.update("r-1", epochs_done=2)
             raise KeyboardInterrupt  # Ctrl-C between the writes
@@ -131,8 +154,11 @@ class TestTheSchemaOverTime:
         Store(tmp_path).close()
         with sqlite3.connect(tmp_path / "cluster.db") as db:
             db.execute(f"PRAGMA user_version = {schema.LATEST + 1}")
-        with pytest.raises(ClusterStateError, match=rf"cluster\.db: written by a newer version \(schema "
-                                                    rf"{schema.LATEST + 1}; this version knows {schema.LATEST}\)"):
+        with pytest.raises(
+            ClusterStateError,
+            match=rf"cluster\.db: written by a newer version \(schema "
+            rf"{schema.LATEST + 1}; this version knows {schema.LATEST}\)",
+        ):
             Store(tmp_path)
         with sqlite3.connect(tmp_path / "cluster.db") as db:
             assert schema.version(db) == schema.LATEST + 1
@@ -143,13 +169,15 @@ class TestClusterTables:
 
     def test_the_active_cluster_is_the_newest_not_stopped_and_stopping_stamps_the_time(self, tmp_path):
         store = Store(tmp_path)
-        first = store.clusters.create(name="c", provider="local", slaves=1, threads_per_engine=1,
-                                      profile_dir="p", ipp_cluster_id="c-1")
+        first = store.clusters.create(
+            name="c", provider="local", slaves=1, threads_per_engine=1, profile_dir="p", ipp_cluster_id="c-1"
+        )
         store.clusters.set_state(first.id, "stopped", error="start failed: x")
         assert store.clusters.active("c") is None
         assert store.clusters.latest("c").error == "start failed: x" and store.clusters.latest("c").stopped_at
-        second = store.clusters.create(name="c", provider="local", slaves=2, threads_per_engine=1,
-                                       profile_dir="p", ipp_cluster_id="c-2")
+        second = store.clusters.create(
+            name="c", provider="local", slaves=2, threads_per_engine=1, profile_dir="p", ipp_cluster_id="c-2"
+        )
         store.clusters.update(second.id, target=3)
         assert store.clusters.active("c").id == second.id and store.clusters.get(second.id).target == 3
         assert [c.id for c in store.clusters.all()] == [first.id, second.id]
@@ -158,8 +186,9 @@ class TestClusterTables:
 
     def test_engines_and_nodes_are_replaced_by_id_and_leaving_can_be_called_off(self, tmp_path):
         store = Store(tmp_path)
-        cluster = store.clusters.create(name="c", provider="local", slaves=1, threads_per_engine=1,
-                                        profile_dir="p", ipp_cluster_id="c-1")
+        cluster = store.clusters.create(
+            name="c", provider="local", slaves=1, threads_per_engine=1, profile_dir="p", ipp_cluster_id="c-1"
+        )
         store.nodes.put(cluster.id, NodeRecord(node_id="n-1", provider="local", state="starting"))
         store.nodes.put(cluster.id, NodeRecord(node_id="n-1", provider="local", state="running"))
         store.nodes.update(cluster.id, "n-1", note="why")
@@ -174,8 +203,9 @@ class TestClusterTables:
 
     def test_events_come_newest_limit_oldest_first(self, tmp_path):
         store = Store(tmp_path)
-        cluster = store.clusters.create(name="c", provider="local", slaves=1, threads_per_engine=1,
-                                        profile_dir="p", ipp_cluster_id="c-1")
+        cluster = store.clusters.create(
+            name="c", provider="local", slaves=1, threads_per_engine=1, profile_dir="p", ipp_cluster_id="c-1"
+        )
         for n in range(5):
             store.events.add(cluster.id, "scale", f"step {n}")
         assert [e.detail for e in store.events.latest(cluster.id, limit=2)] == ["step 3", "step 4"]
@@ -184,8 +214,9 @@ class TestClusterTables:
         import time
 
         store = Store(tmp_path)
-        cluster = store.clusters.create(name="c", provider="local", slaves=1, threads_per_engine=1,
-                                        profile_dir="p", ipp_cluster_id="c-1")
+        cluster = store.clusters.create(
+            name="c", provider="local", slaves=1, threads_per_engine=1, profile_dir="p", ipp_cluster_id="c-1"
+        )
         now = time.time()
         monkeypatch.setattr(time, "time", lambda: now - 60)  # a master that stopped reporting a minute ago
         store.demand.set(cluster.id, "old", 5)
@@ -235,8 +266,19 @@ def test_a_run_started_over_has_no_checkpoint_epochs_or_position(tmp_path):
 
     store = Store(tmp_path)
     store.runs.create(RunRecord(id="r-1", params={}))
-    store.epochs.add(EpochRecord(run_id="r-1", epoch=1, train_loss=0.5, val_accuracy=0.9, test_accuracy=0.9,
-                                 seconds=1, train_seconds=1, images_per_s=1, lr=0.1))
+    store.epochs.add(
+        EpochRecord(
+            run_id="r-1",
+            epoch=1,
+            train_loss=0.5,
+            val_accuracy=0.9,
+            test_accuracy=0.9,
+            seconds=1,
+            train_seconds=1,
+            images_per_s=1,
+            lr=0.1,
+        )
+    )
     path = store.checkpoints.save("r-1", 1, b"one", batches_done=3)
     store.runs.update("r-1", epochs_done=1, batches_done=3)
     RunRecorder(store).start_over("r-1")

@@ -1,4 +1,5 @@
 """Sweeps: --param parsing, and real sweeps with real Optuna on a real 2-engine local cluster."""
+
 from __future__ import annotations
 
 import io
@@ -31,6 +32,7 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 
 # --param specs: no cluster needed ------------------------------------------------------
 
+
 def test_param_forms():
     assert parse_param("lr=0.01,0.05").values == (0.01, 0.05)
     assert parse_param("optimizer=adam,sgd").values == ("adam", "sgd")
@@ -45,18 +47,21 @@ def test_param_forms():
     assert build_space(["l1=0,1e-5", "conv1=10,20"]).grid_size() == 4
 
 
-@pytest.mark.parametrize("spec, reason", [
-    ("lr=log:1e-3", "two bounds"),
-    ("lr=int:1:5", "real-valued"),
-    ("bogus=1,2", "cannot be swept"),
-    ("lr", "expected NAME=FORM"),
-    ("l1=log:0:1", "LO > 0"),
-    ("optimizer=adam,rmsprop", "expected one of adam, sgd"),
-    ("lr=0.1,abc", "expected a number"),
-    ("hidden=int:500:50", "LO must be below HI"),
-    ("batch_size=0,64", "out of range"),
-    ("lr=0.1,0.1", "listed twice"),
-])
+@pytest.mark.parametrize(
+    "spec, reason",
+    [
+        ("lr=log:1e-3", "two bounds"),
+        ("lr=int:1:5", "real-valued"),
+        ("bogus=1,2", "cannot be swept"),
+        ("lr", "expected NAME=FORM"),
+        ("l1=log:0:1", "LO > 0"),
+        ("optimizer=adam,rmsprop", "expected one of adam, sgd"),
+        ("lr=0.1,abc", "expected a number"),
+        ("hidden=int:500:50", "LO must be below HI"),
+        ("batch_size=0,64", "out of range"),
+        ("lr=0.1,0.1", "listed twice"),
+    ],
+)
 def test_bad_param_is_named_with_the_accepted_forms(spec, reason):
     with pytest.raises(UsageError) as caught:
         parse_param(spec)
@@ -91,6 +96,7 @@ def test_bad_param_on_the_cli_exits_2_and_starts_nothing(isolated):
 
 # real sweeps on the module's 2-engine cluster ----------------------------------------------
 
+
 def grid_order(values: list, seed: int) -> list:
     """The order in which Optuna's GridSampler hands out a one-parameter grid (public API only)."""
     study = optuna.create_study(sampler=optuna.samplers.GridSampler({"lr": values}, seed=seed))
@@ -101,7 +107,11 @@ def test_grid_4_trials_2_epochs_on_2_engines(local_cluster):
     result = local_cluster.sweep({"lr": [0.005, 0.01], "hidden": [32, 64]}, epochs=2)
     assert [t.state for t in result.trials] == ["COMPLETE"] * 4
     assert sorted((t.params["lr"], t.params["hidden"]) for t in result.trials) == [
-        (0.005, 32), (0.005, 64), (0.01, 32), (0.01, 64)]
+        (0.005, 32),
+        (0.005, 64),
+        (0.01, 32),
+        (0.01, 64),
+    ]
     runs = local_cluster.runs(sweep_id=result.sweep_id)
     assert len(runs) == 4 and all(r.state == "completed" and r.epochs_done == 2 for r in runs)
     for run in runs:
@@ -121,8 +131,17 @@ def test_grid_4_trials_2_epochs_on_2_engines(local_cluster):
     data = json.loads(out)
     assert data["sweep_id"] == result.sweep_id and len(data["trials"]) == 4
     assert {t["state"] for t in data["trials"]} == {"COMPLETE"}
-    assert set(data["trials"][0]) >= {"number", "params", "state", "value", "val_accuracy", "test_accuracy",
-                                      "epochs", "engine_id", "seconds"}
+    assert set(data["trials"][0]) >= {
+        "number",
+        "params",
+        "state",
+        "value",
+        "val_accuracy",
+        "test_accuracy",
+        "epochs",
+        "engine_id",
+        "seconds",
+    }
     assert data["best"]["number"] == data["trials"][0]["number"]
     assert data["best"]["value"] == pytest.approx(data["best"]["val_accuracy"])
     code, out, err = run_cli("--config", config, "sweeps", "--json")
@@ -177,9 +196,24 @@ def test_a_sweep_cut_by_a_master_restart_resumes_once_start_has_adopted_the_clus
         store = cluster.store
         # the master restarts at a fixed point: a trial's second epoch is about to start (its first is stored)
         with engines_holding_tasks(cluster.client, tmp_path, when="checkpoint is not None") as held:
-            master = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "sweep", "--param",
-                                       "lr=0.003,0.005,0.01", "--epochs", "2", "--json"],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            master = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "controller",
+                    "--config",
+                    config,
+                    "sweep",
+                    "--param",
+                    "lr=0.003,0.005,0.01",
+                    "--epochs",
+                    "2",
+                    "--json",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+            )
             assert held.wait(process=master), master.stderr.read().decode() if master.poll() is not None else "slow"
             master_restarts(cluster, master)
         (sweep_id,) = {r.sweep_id for r in store.runs.all() if r.sweep_id}
@@ -188,8 +222,13 @@ def test_a_sweep_cut_by_a_master_restart_resumes_once_start_has_adopted_the_clus
         assert code == 0 and "restarted the engines of cluster 'test'" in err, err
         assert cluster.status().cluster_id == first.cluster_id  # the same record: the sweep's runs stay with it
 
-        resumed = subprocess.run([sys.executable, "-m", "controller", "--config", config, "sweep", "--resume",
-                                  sweep_id, "--json"], capture_output=True, text=True, env=env, timeout=240)
+        resumed = subprocess.run(
+            [sys.executable, "-m", "controller", "--config", config, "sweep", "--resume", sweep_id, "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=240,
+        )
         assert resumed.returncode == 0, resumed.stderr
         data = json.loads(resumed.stdout)
         assert data["state"] == "completed"
@@ -204,8 +243,21 @@ def test_a_sweep_cut_by_a_master_restart_resumes_once_start_has_adopted_the_clus
 def test_kill_the_master_mid_sweep_then_resume(local_cluster, tmp_path):
     config = str(local_cluster.config.source)
     store = local_cluster.store
-    cmd = [sys.executable, "-m", "controller", "--config", config, "sweep", "--param", "lr=0.003,0.005,0.01",
-           "--param", "hidden=32,64", "--epochs", "5", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "controller",
+        "--config",
+        config,
+        "sweep",
+        "--param",
+        "lr=0.003,0.005,0.01",
+        "--param",
+        "hidden=32,64",
+        "--epochs",
+        "5",
+        "--json",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     before = {r.id for r in store.runs.all()}
 
@@ -221,8 +273,9 @@ def _completed_trials():
         rows = db.execute("SELECT id FROM runs WHERE sweep_id IS NOT NULL AND state = 'completed'").fetchall()
     return sum(1 for (run_id,) in rows if run_id not in {sorted(before)!r})
 """
-    with engines_holding_tasks(local_cluster.client, tmp_path, when="_completed_trials() >= 2",
-                               helpers=completed_elsewhere) as held:
+    with engines_holding_tasks(
+        local_cluster.client, tmp_path, when="_completed_trials() >= 2", helpers=completed_elsewhere
+    ) as held:
         master = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         try:
             assert held.wait(), master.stderr.read1().decode() if master.poll() is not None else "slow"
@@ -242,14 +295,20 @@ def _completed_trials():
     shown = next(s for s in json.loads(out)["sweeps"] if s["sweep_id"] == sweep_id)
     assert shown["state"] == "interrupted"
 
-    resumed = subprocess.run([sys.executable, "-m", "controller", "--config", config, "sweep", "--resume",
-                              sweep_id, "--json"], capture_output=True, text=True, env=env, timeout=240)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "controller", "--config", config, "sweep", "--resume", sweep_id, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     assert resumed.returncode == 0, resumed.stderr
     data = json.loads(resumed.stdout)
     assert data["sweep_id"] == sweep_id and data["state"] == "completed"
     assert len(data["trials"]) == 6 and {t["state"] for t in data["trials"]} == {"COMPLETE"}
     assert sorted((t["params"]["lr"], t["params"]["hidden"]) for t in data["trials"]) == sorted(
-        (lr, h) for lr in (0.003, 0.005, 0.01) for h in (32, 64))
+        (lr, h) for lr in (0.003, 0.005, 0.01) for h in (32, 64)
+    )
     runs = [r for r in store.runs.all(sweep_id=sweep_id)]
     assert len(runs) == 6 and all(r.state == "completed" and r.epochs_done == 5 for r in runs)
     for rid, (finished_at, seconds) in finished.items():  # finished trials were not trained again
@@ -267,9 +326,24 @@ def test_ctrl_c_leaves_the_sweep_resumable(local_cluster, tmp_path):
     before = {r.id for r in store.runs.all()}
     # Ctrl-C at a fixed point: a trial's second task has started on an engine (its first epoch is stored)
     with engines_holding_tasks(local_cluster.client, tmp_path, when="checkpoint is not None") as held:
-        master = subprocess.Popen([sys.executable, "-m", "controller", "--config", config, "sweep", "--param",
-                                   "hidden=16,32,48", "--epochs", "4"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=env)
+        master = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "controller",
+                "--config",
+                config,
+                "sweep",
+                "--param",
+                "hidden=16,32,48",
+                "--epochs",
+                "4",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         try:
             assert held.wait()
             master.send_signal(signal.SIGINT)
@@ -333,8 +407,9 @@ def test_resume_trains_the_sweeps_own_base_spec_and_reports_an_edited_config(loc
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_a_trial_whose_checkpoint_is_lost_restarts_and_the_resumed_sweep_goes_on(local_cluster, damage):
     with pytest.raises(KeyboardInterrupt):
-        local_cluster.sweep({"hidden": [16, 32]}, epochs=2, subset=100,
-                            progress=lambda source: _InterruptAfterFirstTask())
+        local_cluster.sweep(
+            {"hidden": [16, 32]}, epochs=2, subset=100, progress=lambda source: _InterruptAfterFirstTask()
+        )
     sweep_id = local_cluster.sweeps(limit=1)[0].sweep_id
     store = local_cluster.store
     # both engines' first tasks may come back in one round of the scheduler before the interrupt: the first
@@ -388,8 +463,9 @@ def test_a_lost_engine_costs_one_task_that_goes_to_another_engine(local_cluster,
             os.kill(victim.pid, signal.SIGKILL)
             killed_at.append(time.time())
 
-    with engines_holding_tasks(local_cluster.client, tmp_path, when="checkpoint is not None",
-                               targets=[victim.engine_id]) as held:
+    with engines_holding_tasks(
+        local_cluster.client, tmp_path, when="checkpoint is not None", targets=[victim.engine_id]
+    ) as held:
         killer = threading.Thread(target=kill_when_training, args=(held,), daemon=True)
         killer.start()
         result = local_cluster.sweep({"hidden": [16, 32, 48, 64]}, epochs=6)
@@ -399,6 +475,7 @@ def test_a_lost_engine_costs_one_task_that_goes_to_another_engine(local_cluster,
     assert result.engine_losses >= 1
     for trial in result.trials:
         assert [e["epoch"] for e in trial.epochs] == list(range(1, 7))
-    later = [e for t in result.trials for e in local_cluster.store.epochs.of(t.run_id)
-             if e.finished_at > killed_at[0] + 1.0]
+    later = [
+        e for t in result.trials for e in local_cluster.store.epochs.of(t.run_id) if e.finished_at > killed_at[0] + 1.0
+    ]
     assert later and all(e.engine_id != victim.engine_id for e in later)  # the survivor did the rest

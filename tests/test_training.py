@@ -1,4 +1,5 @@
 """Training on an engine, in-process: the paper's network, L1, determinism, resume, accuracy."""
+
 from __future__ import annotations
 
 import pytest

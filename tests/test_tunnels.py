@@ -4,6 +4,7 @@ The master is killed (SIGKILL, in a child process) at the worst moment: the hold
 is not written yet.  The holder is then paused (SIGSTOP), so it cannot notice on its own that nobody
 needs it; only the cluster's process marker lets `stop` find it.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,7 +63,11 @@ def hosts(tmp_path_factory):
 
 
 def test_stop_ends_the_tunnel_holder_after_the_master_was_killed_during_start(tmp_path, tiny_data_dir, hosts):
-    config = make_config(tmp_path, tiny_data_dir, slaves=1, extra=f"""
+    config = make_config(
+        tmp_path,
+        tiny_data_dir,
+        slaves=1,
+        extra=f"""
 provider = ssh
 
 [ssh]
@@ -71,10 +76,12 @@ user = {SLAVE_USER}
 key_file = {hosts.key}
 python = {sys.executable}
 tunnel = always
-""")
+""",
+    )
     profile = profile_dir(config.state_dir)
-    master = subprocess.run([sys.executable, "-c", MASTER, str(config.source)], cwd=str(REPO),
-                            capture_output=True, text=True, timeout=300)
+    master = subprocess.run(
+        [sys.executable, "-c", MASTER, str(config.source)], cwd=str(REPO), capture_output=True, text=True, timeout=300
+    )
     assert master.returncode == -signal.SIGKILL, master.stderr
     assert not (config.state_dir / "tunnels" / "test" / "tunnels.pid").exists()
     (holder,) = holders(profile)

@@ -4,6 +4,7 @@ record, a connected client, its providers, and what its engines train with.
 ``controller.api.Cluster`` is this plus what a user can do; the keeper's process and every subsystem
 runner (a ``controller.work.session.Session``) take a handle, so nothing below the API imports it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,13 @@ log = logging.getLogger(__name__)
 class ClusterHandle:
     """One named cluster under one state_dir: config, store, record, client, providers, run specs."""
 
-    def __init__(self, config: Optional[Config] = None, *, config_file: Optional[str | os.PathLike] = None,
-                 provider_hooks: Hooks = NO_HOOKS):
+    def __init__(
+        self,
+        config: Optional[Config] = None,
+        *,
+        config_file: Optional[str | os.PathLike] = None,
+        provider_hooks: Hooks = NO_HOOKS,
+    ):
         self.config = config if config is not None else load_config(config_file)
         self.provider_hooks = provider_hooks  # tests only: where a provider's start fails, SSH addresses
         self.store = Store(self.config.state_dir)
@@ -73,7 +79,8 @@ class ClusterHandle:
         if record is None or record.state != "running":
             raise NotRunningError(
                 f"no cluster {self.name!r} is running under {self.config.state_dir}; start one with "
-                f"`cluster start --slaves N`")
+                f"`cluster start --slaves N`"
+            )
         return record
 
     @property
@@ -83,7 +90,8 @@ class ClusterHandle:
         if self._client is None or self._client_cluster_id != (record.id, record.controller_pid):
             gone = ClusterStateError(
                 f"the controller of cluster {self.name!r} (pid {record.controller_pid}) is gone; "
-                f"run {CONTROLLER_GONE_WAY_ON}")
+                f"run {CONTROLLER_GONE_WAY_ON}"
+            )
             if not controller_alive(record):
                 raise gone
             url = url_file(Path(record.profile_dir), record.ipp_cluster_id)
@@ -110,8 +118,12 @@ class ClusterHandle:
         training = override(self.config.training, "train", **overrides)
         record = self.record
         spec = dataclasses.asdict(training)
-        spec.update(data_dir=self.engine_data_dir(), download=self.config.cluster.download,
-                    threads=record.threads_per_engine, l1_scale=L1_SCALE)  # the stored run records its convention
+        spec.update(
+            data_dir=self.engine_data_dir(),
+            download=self.config.cluster.download,
+            threads=record.threads_per_engine,
+            l1_scale=L1_SCALE,
+        )  # the stored run records its convention
         return spec
 
     def engine_data_dir(self) -> str:
@@ -123,7 +135,8 @@ class ClusterHandle:
         controller dies or no engine is left for ``[cluster] engine_timeout`` seconds, and kills the engine of
         a task silent for ``[cluster] stall_minutes`` (the task goes on elsewhere)."""
         record = self.record
-        watchdog = Watchdog(controller_alive=lambda: controller_alive(record),
-                            engine_timeout=self.config.cluster.engine_timeout)
+        watchdog = Watchdog(
+            controller_alive=lambda: controller_alive(record), engine_timeout=self.config.cluster.engine_timeout
+        )
         options.setdefault("stall_s", self.config.cluster.stall_minutes * 60)
         return Scheduler(self.client, watchdog=watchdog, roster=StoreRoster(self.store, record.id), **options)

@@ -5,6 +5,7 @@ It reports itself (host, pid, device, threads) and installs the drain handler
 is one, is stored with the node it runs on, and loads the data set ahead of the first run. Before all
 that, its requests and its output are confirmed to get through (``confirm_output``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,16 @@ REPORT_TIMEOUT_S = 120
 FIRST_CONTACT_S = 40
 
 
-def record_engines(store: Store, config: Config, record: ClusterRecord, client, threads: int,
-                   nodes: list[NodeRecord], engine_ids: Optional[list[int]] = None, ipp_cluster=None) -> None:
+def record_engines(
+    store: Store,
+    config: Config,
+    record: ClusterRecord,
+    client,
+    threads: int,
+    nodes: list[NodeRecord],
+    engine_ids: Optional[list[int]] = None,
+    ipp_cluster=None,
+) -> None:
     """Ask the engines ``engine_ids`` (default: every registered one) who they are, and store each with its
     node: local slaves by their engine set's pids (they share one host), remote ones by their address."""
     from engines.tasks import engine_info
@@ -46,17 +55,26 @@ def record_engines(store: Store, config: Config, record: ClusterRecord, client, 
             asking.close()
     host_to_node = {n.host: n.node_id for n in nodes}
     host_to_node.update({n.private_ip: n.node_id for n in nodes if n.private_ip})
-    pid_to_node = {pid: node for pid, node in engine_set_pids(ipp_cluster).items()
-                   if node in {n.node_id for n in nodes}}
+    pid_to_node = {
+        pid: node for pid, node in engine_set_pids(ipp_cluster).items() if node in {n.node_id for n in nodes}
+    }
     only = nodes[0].node_id if len(nodes) == 1 else ""
     now = time.time()
-    store.engines.put(record.id, [
-        EngineRecord(engine_id=engine_id, host=info["host"], pid=info["pid"], device=info["device"],
-                     threads=info["threads"],
-                     node_id=pid_to_node.get(info["pid"]) or host_to_node.get(info["host"], only),
-                     registered_at=now)
-        for engine_id, info in zip(ids, infos)
-    ])
+    store.engines.put(
+        record.id,
+        [
+            EngineRecord(
+                engine_id=engine_id,
+                host=info["host"],
+                pid=info["pid"],
+                device=info["device"],
+                threads=info["threads"],
+                node_id=pid_to_node.get(info["pid"]) or host_to_node.get(info["host"], only),
+                registered_at=now,
+            )
+            for engine_id, info in zip(ids, infos)
+        ],
+    )
 
 
 def first_contact(client, ids: list[int], record: ClusterRecord):
@@ -73,16 +91,22 @@ def first_contact(client, ids: list[int], record: ClusterRecord):
     if not silent:
         return client
     report = silence_report(client, silent)
-    log.warning("engine(s) %s silent to the master for %d s (%s); asking again through a new client",
-                silent, FIRST_CONTACT_S, report)
+    log.warning(
+        "engine(s) %s silent to the master for %d s (%s); asking again through a new client",
+        silent,
+        FIRST_CONTACT_S,
+        report,
+    )
     fresh = connect_client(url_file(Path(record.profile_dir), record.ipp_cluster_id), timeout=15)
     still = confirm_output(fresh, silent, REPORT_TIMEOUT_S - FIRST_CONTACT_S)
     if still:
         report = silence_report(fresh, still)
         fresh.close()
-        raise ProviderError(f"engine(s) {', '.join(map(str, still))} registered but answered nothing within "
-                            f"{REPORT_TIMEOUT_S} s, through two clients ({report}); their logs are in "
-                            f"{Path(record.profile_dir) / 'log'}")
+        raise ProviderError(
+            f"engine(s) {', '.join(map(str, still))} registered but answered nothing within "
+            f"{REPORT_TIMEOUT_S} s, through two clients ({report}); their logs are in "
+            f"{Path(record.profile_dir) / 'log'}"
+        )
     log.warning("engine(s) %s answered a new client: the first client had stopped hearing them", silent)
     return fresh
 

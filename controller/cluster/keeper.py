@@ -7,6 +7,7 @@ the engines, so ``cluster stop`` and the tests' leak checks find it; its pid is 
 itself once the controller is gone or the cluster is stopping; it logs to ``state_dir/keeper-<id>.log``.
 
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,6 @@ from controller.ipp.profile import REPO_ROOT
 from controller.store import ClusterRecord, Store
 
 log = logging.getLogger(__name__)
-
 
 
 def spawn(config: Config, record: ClusterRecord, store: Store) -> int:
@@ -50,14 +50,17 @@ def revive(state_dir: Path, store: Store, record: ClusterRecord) -> Optional[int
         record = store.clusters.get(record.id)
         if record.state != "running" or not controller_alive(record):
             return None  # the keeper ends with the cluster; stop or a dead controller is not its death
-        if record.keeper_pid and processes.is_marked(record.keeper_pid, Path(record.profile_dir),
-                                                     record.ipp_cluster_id):
+        if record.keeper_pid and processes.is_marked(
+            record.keeper_pid, Path(record.profile_dir), record.ipp_cluster_id
+        ):
             return None
         pid = _spawn(config_from_dict(json.loads(spec.read_text())["config"]), record, store)
-        store.events.add(record.id, "keeper", f"the keeper (pid {record.keeper_pid}) had died; started it again "
-                                              f"(pid {pid})")
-        log.warning("the keeper of cluster %s (pid %s) had died; started it again (pid %d)",
-                    record.id, record.keeper_pid, pid)
+        store.events.add(
+            record.id, "keeper", f"the keeper (pid {record.keeper_pid}) had died; started it again (pid {pid})"
+        )
+        log.warning(
+            "the keeper of cluster %s (pid %s) had died; started it again (pid %d)", record.id, record.keeper_pid, pid
+        )
         return pid
 
 
@@ -84,9 +87,15 @@ def _spawn(config: Config, record: ClusterRecord, store: Store) -> int:
         json.dump({"cluster_id": record.id, "config": config_to_dict(config)}, handle)
     env = {**os.environ, **processes.process_marker(Path(record.profile_dir), record.ipp_cluster_id)}
     with open(state_dir / f"keeper-{record.id}.log", "ab") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "controller.cluster.keeper_loop", str(spec)],
-                                   stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, cwd=str(REPO_ROOT), env=env)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "controller.cluster.keeper_loop", str(spec)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=str(REPO_ROOT),
+            env=env,
+        )
     store.clusters.update(record.id, keeper_pid=process.pid)
     log.info("keeper of cluster %s started (pid %d)", record.id, process.pid)
     return process.pid
@@ -96,5 +105,3 @@ def stop(record: ClusterRecord) -> None:
     """End the keeper before the cluster is torn down (it would replace the engines being stopped)."""
     if record.keeper_pid and processes.is_marked(record.keeper_pid, Path(record.profile_dir), record.ipp_cluster_id):
         processes.kill_process_group(record.keeper_pid)
-
-

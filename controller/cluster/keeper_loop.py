@@ -7,6 +7,7 @@ under the cluster's resize lock (a CLI ``scale`` in progress makes it skip the t
 goes to the store's events, with its reason, and to the log. It works on a :class:`ClusterHandle` (the
 cluster as the layers below the API use it), never on the API's ``Cluster``.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,13 @@ CLOUD_LIST_EVERY_S = 15.0  # how often a cloud provider is asked for its instanc
 class Keeper:
     """One cluster's keeper loop; ``tick`` is one look-decide-act step (tests call it directly)."""
 
-    def __init__(self, cluster: ResizeHost, cluster_id: int, policy: Optional[Policy] = None,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        cluster: ResizeHost,
+        cluster_id: int,
+        policy: Optional[Policy] = None,
+        clock: Callable[[], float] = time.time,
+    ):
         self.cluster = cluster
         self.store = cluster.store
         self.cluster_id = cluster_id
@@ -84,23 +90,33 @@ class Keeper:
             if node.state not in LIVE_NODE_STATES or node.state in PENDING_NODE_STATES:
                 continue
             mine = [e for e in engines if e.node_id == node.node_id]
-            views.append(NodeView(
-                node_id=node.node_id, engines=node.engines or len(mine),
-                alive=sum(e.engine_id in registered for e in mine),
-                busy=any(e.engine_id in busy for e in mine),
-                notice=any(leaving.get(e.engine_id) == "notice" for e in mine),
-                instance_state=states.get(node.node_id, node.state), failing=failing.get(node.node_id, ""),
-                launched_at=node.launched_at))
+            views.append(
+                NodeView(
+                    node_id=node.node_id,
+                    engines=node.engines or len(mine),
+                    alive=sum(e.engine_id in registered for e in mine),
+                    busy=any(e.engine_id in busy for e in mine),
+                    notice=any(leaving.get(e.engine_id) == "notice" for e in mine),
+                    instance_state=states.get(node.node_id, node.state),
+                    failing=failing.get(node.node_id, ""),
+                    launched_at=node.launched_at,
+                )
+            )
             idle_since = self.policy.idle_since.get(node.node_id)
             if idle_since != node.idle_since:
                 self.store.nodes.update(record.id, node.node_id, idle_since=idle_since)
         per_node = [v.engines for v in views if v.engines]
         return Snapshot(
-            now=self.clock(), target=record.target if record.target is not None else record.slaves, nodes=views,
+            now=self.clock(),
+            target=record.target if record.target is not None else record.slaves,
+            nodes=views,
             wanted=self.store.demand.total(record.id, DEMAND_FRESH_S),
             engines_per_node=max(1, round(sum(per_node) / len(per_node))) if per_node else 1,
-            min_slaves=record.min_slaves or 0, max_slaves=record.max_slaves or 0,
-            idle_minutes=record.idle_minutes or 0.0, replace_lost=bool(record.replace_lost))
+            min_slaves=record.min_slaves or 0,
+            max_slaves=record.max_slaves or 0,
+            idle_minutes=record.idle_minutes or 0.0,
+            replace_lost=bool(record.replace_lost),
+        )
 
     def _states(self, record: ClusterRecord) -> tuple[dict[str, str], dict[str, str]]:
         """Node id -> the provider's word on it, and node id -> the health check it fails (a cloud is asked
@@ -134,8 +150,11 @@ class Keeper:
                 self.policy.add_succeeded()
             except ClusterError as error:
                 retry = self.policy.add_failed(self.clock())
-                self.store.events.add(record.id, "error", f"adding {decision.add} slave(s) failed: {error}; "
-                                     f"next try in {retry - self.clock():.0f} s")
+                self.store.events.add(
+                    record.id,
+                    "error",
+                    f"adding {decision.add} slave(s) failed: {error}; next try in {retry - self.clock():.0f} s",
+                )
                 log.warning("adding %d slave(s) failed: %s", decision.add, error)
         nodes = {n.node_id: n for n in self.store.nodes.of(record.id)}
         for release in decision.release:

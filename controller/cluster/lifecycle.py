@@ -6,6 +6,7 @@ wait for their engines, the keeper. Any failure on the way, Ctrl-C included, tea
 started. Stop: the keeper, the engines and slaves, then the controller; with the local state lost, or
 for every cluster of this tool, the provider also finds nodes by its tags and releases them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,10 @@ class Stopped:
 def check_autoscaling(cfg: ClusterConfig) -> None:
     """min_slaves <= slaves <= max_slaves when autoscaling (max_slaves > 0)."""
     if cfg.max_slaves and not cfg.min_slaves <= cfg.slaves <= cfg.max_slaves:
-        raise UsageError(f"cluster start: slaves = {cfg.slaves} must lie between min_slaves = {cfg.min_slaves} "
-                         f"and max_slaves = {cfg.max_slaves} (autoscaling is on: max_slaves > 0)")
+        raise UsageError(
+            f"cluster start: slaves = {cfg.slaves} must lie between min_slaves = {cfg.min_slaves} "
+            f"and max_slaves = {cfg.max_slaves} (autoscaling is on: max_slaves > 0)"
+        )
 
 
 def threads_per_engine(cfg: ClusterConfig) -> int:
@@ -61,12 +64,15 @@ def threads_per_engine(cfg: ClusterConfig) -> int:
     return max(1, (os.cpu_count() or 1) // cfg.slaves)
 
 
-def adoption_message(name: str, nodes: list[NodeRecord], adopted: list[NodeRecord], added: list[NodeRecord],
-                     slaves: int) -> str:
+def adoption_message(
+    name: str, nodes: list[NodeRecord], adopted: list[NodeRecord], added: list[NodeRecord], slaves: int
+) -> str:
     """What ``cluster start`` did with the nodes of a cluster whose master restarted (logged, stored, printed)."""
     kept = {n.node_id for n in adopted}
-    parts = [f"adopted {len(adopted)} slave(s) of cluster {name!r} still up"
-             + (f": {', '.join(sorted(kept))}" if kept else "")]
+    parts = [
+        f"adopted {len(adopted)} slave(s) of cluster {name!r} still up"
+        + (f": {', '.join(sorted(kept))}" if kept else "")
+    ]
     lost = sorted(n.node_id for n in nodes if n.node_id not in kept)
     if lost and not adopted and not any(n.provider != "local" for n in nodes):
         parts = [f"restarted the engines of cluster {name!r} (local engines do not outlive their master)"]
@@ -83,8 +89,7 @@ class Lifecycle:
     """Start and stop the cluster of ``config``; ``provider`` builds the provider of a name (the API's one
     spot that does), ``run_spec`` is the training spec the engines warm up with."""
 
-    def __init__(self, config: Config, store: Store, provider: Callable[[str], Provider],
-                 run_spec: Callable[[], dict]):
+    def __init__(self, config: Config, store: Store, provider: Callable[[str], Provider], run_spec: Callable[[], dict]):
         self.config = config
         self.store = store
         self.provider = provider
@@ -113,14 +118,27 @@ class Lifecycle:
         threads = threads_per_engine(cfg)
         profile = profile_dir(self.config.state_dir)
         record = self.store.clusters.create(
-            name=self.name, provider=cfg.provider, slaves=cfg.slaves, threads_per_engine=threads,
-            profile_dir=str(profile), ipp_cluster_id="", price_per_hour=cfg.price_per_hour)
-        self.store.clusters.update(record.id, ipp_cluster_id=f"{self.name}-{record.id}", target=cfg.slaves,
-                                   min_slaves=cfg.min_slaves, max_slaves=cfg.max_slaves,
-                                   idle_minutes=cfg.idle_minutes, replace_lost=int(cfg.replace_lost))
+            name=self.name,
+            provider=cfg.provider,
+            slaves=cfg.slaves,
+            threads_per_engine=threads,
+            profile_dir=str(profile),
+            ipp_cluster_id="",
+            price_per_hour=cfg.price_per_hour,
+        )
+        self.store.clusters.update(
+            record.id,
+            ipp_cluster_id=f"{self.name}-{record.id}",
+            target=cfg.slaves,
+            min_slaves=cfg.min_slaves,
+            max_slaves=cfg.max_slaves,
+            idle_minutes=cfg.idle_minutes,
+            replace_lost=int(cfg.replace_lost),
+        )
         record = self.store.clusters.get(record.id)
-        return self._run(record, cfg, chosen, engine_ip, threads,
-                         lambda ipp_cluster: chosen.start(record, ipp_cluster, cfg.slaves))
+        return self._run(
+            record, cfg, chosen, engine_ip, threads, lambda ipp_cluster: chosen.start(record, ipp_cluster, cfg.slaves)
+        )
 
     # adopting ---------------------------------------------------------------------
     def adoptable(self, cfg: ClusterConfig) -> Optional[tuple[ClusterRecord, list[NodeRecord]]]:
@@ -130,8 +148,12 @@ class Lifecycle:
         if existing is None or existing.state != "running" or controller_alive(existing):
             return None
         if existing.provider != cfg.provider:
-            log.info("cluster %s ran on %s, not %s: its nodes are released, not adopted", existing.id,
-                     existing.provider, cfg.provider)
+            log.info(
+                "cluster %s ran on %s, not %s: its nodes are released, not adopted",
+                existing.id,
+                existing.provider,
+                cfg.provider,
+            )
             return None
         if not any(n.state == NodeState.RUNNING for n in self.provider(existing.provider).list(existing)):
             return None
@@ -151,17 +173,28 @@ class Lifecycle:
         processes.kill_cluster_processes(profile, record.ipp_cluster_id)
         # the old controller's files (ipyparallel's cluster file, the connection files): ipyparallel would
         # read stale ones as the new controller's, which writes its own (new ports, new key)
-        for path in (profile / "security" / f"cluster-{record.ipp_cluster_id}.json",
-                     url_file(profile, record.ipp_cluster_id),
-                     engine_file(profile, record.ipp_cluster_id)):
+        for path in (
+            profile / "security" / f"cluster-{record.ipp_cluster_id}.json",
+            url_file(profile, record.ipp_cluster_id),
+            engine_file(profile, record.ipp_cluster_id),
+        ):
             path.unlink(missing_ok=True)
         chosen = self.provider(record.provider)
         engine_ip = chosen.preflight(max(cfg.slaves, len(nodes)), adopting=True)
         threads = threads_per_engine(cfg)
         self.store.engines.forget(record.id)  # the old hub's ids
-        self.store.clusters.update(record.id, state="starting", error=None, controller_pid=None, keeper_pid=None,
-                                   threads_per_engine=threads, min_slaves=cfg.min_slaves, max_slaves=cfg.max_slaves,
-                                   idle_minutes=cfg.idle_minutes, replace_lost=int(cfg.replace_lost))
+        self.store.clusters.update(
+            record.id,
+            state="starting",
+            error=None,
+            controller_pid=None,
+            keeper_pid=None,
+            threads_per_engine=threads,
+            min_slaves=cfg.min_slaves,
+            max_slaves=cfg.max_slaves,
+            idle_minutes=cfg.idle_minutes,
+            replace_lost=int(cfg.replace_lost),
+        )
         record = self.store.clusters.get(record.id)
 
         def take_over(ipp_cluster) -> list[NodeRecord]:
@@ -176,8 +209,15 @@ class Lifecycle:
 
         return self._run(record, cfg, chosen, engine_ip, threads, take_over)
 
-    def _run(self, record: ClusterRecord, cfg: ClusterConfig, chosen: Provider, engine_ip: str, threads: int,
-             bring_up: Callable[[Any], list[NodeRecord]]) -> ClusterRecord:
+    def _run(
+        self,
+        record: ClusterRecord,
+        cfg: ClusterConfig,
+        chosen: Provider,
+        engine_ip: str,
+        threads: int,
+        bring_up: Callable[[Any], list[NodeRecord]],
+    ) -> ClusterRecord:
         """The one path of ``start`` and ``adopt``: the controller, the nodes ``bring_up(ipp_cluster)`` returns,
         the wait for their engines, their warm-up, the keeper. Any failure, Ctrl-C included, tears down
         what was started."""
@@ -185,12 +225,20 @@ class Lifecycle:
         ipp_cluster = client = None
         try:
             ipp_cluster = new_cluster(
-                profile, record.ipp_cluster_id, engine_env=engine_environment(threads),
-                engine_ip=engine_ip, engine_timeout=cfg.engine_timeout,
-                master_grace_minutes=cfg.master_grace_minutes, engines=forked_engines.ForkedEngineSetLauncher)
+                profile,
+                record.ipp_cluster_id,
+                engine_env=engine_environment(threads),
+                engine_ip=engine_ip,
+                engine_timeout=cfg.engine_timeout,
+                master_grace_minutes=cfg.master_grace_minutes,
+                engines=forked_engines.ForkedEngineSetLauncher,
+            )
             chosen.prepare(record)
-            start_controller(ipp_cluster, cfg.engine_timeout,
-                                       on_start=lambda pid: self.store.clusters.update(record.id, controller_pid=pid))
+            start_controller(
+                ipp_cluster,
+                cfg.engine_timeout,
+                on_start=lambda pid: self.store.clusters.update(record.id, controller_pid=pid),
+            )
             secure_files(profile)
             nodes = bring_up(ipp_cluster)
             client = ipp_cluster.connect_client_sync(timeout=cfg.engine_timeout)
@@ -212,8 +260,9 @@ class Lifecycle:
         return self.store.clusters.get(record.id)
 
     @staticmethod
-    def _make_up(record: ClusterRecord, provider: Provider, ipp_cluster, count: int,
-                 adopted: bool) -> tuple[list[NodeRecord], str]:
+    def _make_up(
+        record: ClusterRecord, provider: Provider, ipp_cluster, count: int, adopted: bool
+    ) -> tuple[list[NodeRecord], str]:
         """``count`` slaves added the normal way, for those lost; returns them and what to add to the adoption
         message. With slaves adopted, a failed add (it released what it started) keeps them: the keeper,
         where one runs, tries again for the target."""
@@ -253,8 +302,8 @@ class Lifecycle:
                 self.store.clusters.set_state(record.id, "stopped", error=f"start failed: {error}")
             else:
                 self.store.clusters.set_state(
-                    record.id, "failed",
-                    error=f"start failed: {error}; its clean-up did not finish: run `cluster stop`")
+                    record.id, "failed", error=f"start failed: {error}; its clean-up did not finish: run `cluster stop`"
+                )
 
     def refuse_second_cluster(self) -> None:
         """AlreadyRunningError while a cluster of this name lives; what is left of a dead one is stopped."""
@@ -265,13 +314,13 @@ class Lifecycle:
             raise AlreadyRunningError(
                 f"cluster {self.name!r} is already running (started {time.ctime(existing.created_at)}, "
                 f"state_dir {self.config.state_dir}); run `cluster stop` first, or use another "
-                f"[cluster] name or state_dir")
+                f"[cluster] name or state_dir"
+            )
         log.info("cleaning up what is left of cluster %s (%s, controller gone)", existing.id, existing.state)
         self.stop_record(existing)
 
     # stopping ---------------------------------------------------------------------
-    def stop(self, all_clusters: bool = False, any_owner: bool = False,
-             only: Optional[set[str]] = None) -> Stopped:
+    def stop(self, all_clusters: bool = False, any_owner: bool = False, only: Optional[set[str]] = None) -> Stopped:
         """Stop this cluster (if its record is there); without a record, or with ``all_clusters``, release
         what the provider finds by its tags: this master's only unless ``any_owner``, and of those only
         ``only`` when given."""
@@ -281,7 +330,8 @@ class Lifecycle:
         released = []
         if record is None or all_clusters:
             released = self.provider(self.config.cluster.provider).release_orphans(
-                self.name, all_clusters, any_owner, only)
+                self.name, all_clusters, any_owner, only
+            )
         return Stopped(self.store.clusters.get(record.id) if record is not None else None, released)
 
     def stop_plan(self, all_clusters: bool = False, any_owner: bool = False) -> list[Resource]:

@@ -4,6 +4,7 @@ Each tick the keeper (controller/cluster/keeper.py) builds a :class:`Snapshot` a
 :meth:`Policy.decide` what to do; the policy remembers only what a decision needs across ticks
 (since when a node is idle, since when its engines are missing, when a failed add may be tried again).
 """
+
 from __future__ import annotations
 
 import math
@@ -90,8 +91,11 @@ class Policy:
             decision.release += [Release(node_id, why, drain=True) for node_id, why in leaving.items()]
         missing = decision.target - (len(healthy) - len(idle_off))
         if missing > 0 and (snap.replace_lost or snap.max_slaves) and snap.now >= self.retry_at:
-            replaced = [n.node_id for n in snap.nodes if n.node_id in lost or n.node_id in leaving] \
-                if snap.replace_lost else []
+            replaced = (
+                [n.node_id for n in snap.nodes if n.node_id in lost or n.node_id in leaving]
+                if snap.replace_lost
+                else []
+            )
             reasons = [f"{lost.get(r) or leaving[r]} on {r}" for r in replaced[:missing]]
             if decision.target_why:
                 reasons.append(decision.target_why)
@@ -142,20 +146,28 @@ class Policy:
             target = max(target, min(needed, ceiling))
         else:
             keep = max(floor, needed)
-            expired = sorted((self.idle_since[n.node_id], n.node_id, n) for n in healthy
-                             if n.node_id in self.idle_since
-                             and snap.now - self.idle_since[n.node_id] >= snap.idle_minutes * 60)
-            off = [n for _, _, n in expired][:max(0, len(healthy) - keep)]
+            expired = sorted(
+                (self.idle_since[n.node_id], n.node_id, n)
+                for n in healthy
+                if n.node_id in self.idle_since and snap.now - self.idle_since[n.node_id] >= snap.idle_minutes * 60
+            )
+            off = [n for _, _, n in expired][: max(0, len(healthy) - keep)]
             if off:
                 target = len(healthy) - len(off)
         if target != snap.target:
-            cause = (f"{len(off)} slave(s) idle for {snap.idle_minutes:g} min" if off else
-                     f"{snap.wanted} job(s) want engines, {len(healthy)} slave(s) serve")
-            decision.target_why = (f"{cause}: target {snap.target} -> {target} "
-                                   f"(min_slaves {floor}, max_slaves {ceiling})")
+            cause = (
+                f"{len(off)} slave(s) idle for {snap.idle_minutes:g} min"
+                if off
+                else f"{snap.wanted} job(s) want engines, {len(healthy)} slave(s) serve"
+            )
+            decision.target_why = (
+                f"{cause}: target {snap.target} -> {target} (min_slaves {floor}, max_slaves {ceiling})"
+            )
         decision.target = target
-        return [Release(n.node_id, f"idle for {(snap.now - self.idle_since[n.node_id]) / 60:.2f} min", drain=True)
-                for n in off]
+        return [
+            Release(n.node_id, f"idle for {(snap.now - self.idle_since[n.node_id]) / 60:.2f} min", drain=True)
+            for n in off
+        ]
 
     def add_failed(self, now: float) -> float:
         """A failed add (capacity, a slave that never answered): returns when to try again."""

@@ -9,6 +9,7 @@ them work within about a second) and sent SIGUSR1 (their running task stops at i
 with a checkpoint, which the scheduler sends on to another engine); once every one is idle, the provider
 stops them and releases the nodes.  One resize at a time per cluster: a lock file under state_dir.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -75,8 +76,8 @@ def resize_lock(state_dir: Path, cluster_id: int, wait_s: float = LOCK_WAIT_S) -
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
                 if time.monotonic() >= deadline:
                     raise ClusterStateError(
-                        f"another resize of this cluster is running (pid {holder}, lock {path}); "
-                        f"try again when it ends") from None
+                        f"another resize of this cluster is running (pid {holder}, lock {path}); try again when it ends"
+                    ) from None
                 if not told:
                     log.info("waiting for another resize of this cluster (pid %s) to end", holder)
                     told = True
@@ -129,18 +130,31 @@ class Resizer:
                     raise ProviderError(
                         f"only {len(new)} of {expected} engines of the new slave(s) "
                         f"{', '.join(n.node_id for n in nodes)} registered within {timeout} s; their logs are in "
-                        f"{Path(record.profile_dir) / 'log'} (raise [cluster] engine_timeout if slaves are slow)")
+                        f"{Path(record.profile_dir) / 'log'} (raise [cluster] engine_timeout if slaves are slow)"
+                    )
                 time.sleep(self.poll_s)
-            joining.record_engines(self.store, self.host.config, record, client, record.threads_per_engine, nodes,
-                                   engine_ids=new, ipp_cluster=ipp_cluster)
+            joining.record_engines(
+                self.store,
+                self.host.config,
+                record,
+                client,
+                record.threads_per_engine,
+                nodes,
+                engine_ids=new,
+                ipp_cluster=ipp_cluster,
+            )
             secure_files(Path(record.profile_dir))
         except BaseException as error:
             log.warning("the new slaves did not join (%s); releasing them", error)
             self._release(record, provider, ipp_cluster, nodes, f"failed to join: {error}")
             raise
         joining.warm_engines(client, self.host.run_spec(), timeout, targets=new)
-        self.store.events.add(record.id, "add", f"{', '.join(n.node_id for n in nodes)} joined with engine(s) "
-                             f"{', '.join(map(str, new))}" + (f" (replacing {replaces})" if replaces else ""))
+        self.store.events.add(
+            record.id,
+            "add",
+            f"{', '.join(n.node_id for n in nodes)} joined with engine(s) "
+            f"{', '.join(map(str, new))}" + (f" (replacing {replaces})" if replaces else ""),
+        )
         return nodes
 
     # draining and releasing ----------------------------------------------------------
@@ -190,7 +204,8 @@ class Resizer:
                     raise ClusterStateError(
                         f"engine(s) {', '.join(map(str, busy))} of {', '.join(sorted(ids))} still busy after "
                         f"[cluster] drain_timeout = {timeout} s; the drain is called off and they go on. Run the "
-                        f"command again later, or raise drain_timeout")
+                        f"command again later, or raise drain_timeout"
+                    )
                 time.sleep(self.poll_s)
         except BaseException:
             self._call_off(record, nodes, client, live)
@@ -218,8 +233,9 @@ class Resizer:
         registered, busy = set(client.ids), busy_engines(client)
         return [e for e in engine_ids if e in registered and e in busy]
 
-    def _release(self, record: ClusterRecord, provider: Provider, ipp_cluster, nodes: list[NodeRecord],
-                 why: str) -> None:
+    def _release(
+        self, record: ClusterRecord, provider: Provider, ipp_cluster, nodes: list[NodeRecord], why: str
+    ) -> None:
         ids = {n.node_id for n in nodes}
         for engine in self.store.engines.of(record.id):
             if engine.node_id in ids and not engine.leaving:
@@ -236,8 +252,10 @@ class Resizer:
     def _ipp_cluster(record: ClusterRecord, required: bool = True):
         ipp_cluster = load_cluster(Path(record.profile_dir), record.ipp_cluster_id)
         if ipp_cluster is None and required:
-            raise ClusterStateError(f"the ipyparallel cluster file of cluster {record.ipp_cluster_id} is gone; "
-                                    f"run `cluster stop`, then `cluster start`")
+            raise ClusterStateError(
+                f"the ipyparallel cluster file of cluster {record.ipp_cluster_id} is gone; "
+                f"run `cluster stop`, then `cluster start`"
+            )
         return ipp_cluster
 
 
@@ -254,8 +272,10 @@ def scale(host: ResizeHost, slaves: int, why: str = "") -> None:
         raise UsageError(f"scale {slaves}: expected a number of slaves from 0 to 256")
     record = host.record
     if record.max_slaves and not (record.min_slaves or 0) <= slaves <= record.max_slaves:
-        raise UsageError(f"scale {slaves}: this cluster autoscales between {record.min_slaves} and "
-                         f"{record.max_slaves} slaves (min_slaves/max_slaves); stay in that range")
+        raise UsageError(
+            f"scale {slaves}: this cluster autoscales between {record.min_slaves} and "
+            f"{record.max_slaves} slaves (min_slaves/max_slaves); stay in that range"
+        )
     store = host.store
     with resize_lock(host.config.state_dir, record.id):
         record = host.record
@@ -282,8 +302,7 @@ def remove(host: ResizeHost, node_ids: list[str], why: str = "") -> None:
         live = {n.node_id: n for n in live_nodes(store, record.id)}
         unknown = [n for n in node_ids if n not in live]
         if unknown:
-            raise UsageError(f"remove {' '.join(unknown)}: no such running node; running: "
-                             f"{', '.join(live) or 'none'}")
+            raise UsageError(f"remove {' '.join(unknown)}: no such running node; running: {', '.join(live) or 'none'}")
         chosen = [live[n] for n in dict.fromkeys(node_ids)]
         before = record.target if record.target is not None else len(live)
         target = max(0, before - len(chosen))
@@ -293,8 +312,9 @@ def remove(host: ResizeHost, node_ids: list[str], why: str = "") -> None:
 
 
 @contextlib.contextmanager
-def _new_target(store: Store, record: ClusterRecord, before: int, target: int, why: str,
-                serving: str = "") -> Iterator[None]:
+def _new_target(
+    store: Store, record: ClusterRecord, before: int, target: int, why: str, serving: str = ""
+) -> Iterator[None]:
     """The cluster's target is ``target`` while the resize runs; one that fails or is called off (Ctrl-C too:
     nothing was added, or the drained nodes serve on) puts it back to ``before``, which the keeper acts on."""
     store.clusters.update(record.id, target=target)

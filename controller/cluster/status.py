@@ -4,6 +4,7 @@ The store says what was started; the controller's hub says which engines are reg
 provider says which nodes still run (and bill). After the controller died, the snapshot carries a hint:
 what still runs and how to go on.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,6 @@ from controller.store import (
 
 if TYPE_CHECKING:
     from controller.providers import Provider
-
 
 
 @dataclass
@@ -106,41 +106,71 @@ def snapshot(name: str, config: Config, store: Store, provider: "Callable[[str],
         idle_stops = {n.node_id: n.idle_since + record.idle_minutes * 60 for n in live if n.idle_since}
     keeper_alive = processes.is_marked(record.keeper_pid, profile, record.ipp_cluster_id)
     return ClusterStatus(
-        name=name, state=state, provider=record.provider, cluster_id=record.id,
-        profile_dir=str(profile), url_file=str(url),
-        target=record.target if record.target is not None else record.slaves, current=len(live),
+        name=name,
+        state=state,
+        provider=record.provider,
+        cluster_id=record.id,
+        profile_dir=str(profile),
+        url_file=str(url),
+        target=record.target if record.target is not None else record.slaves,
+        current=len(live),
         pending=sum(n.state in PENDING_NODE_STATES for n in nodes),
-        autoscale={"min_slaves": record.min_slaves or 0, "max_slaves": record.max_slaves or 0,
-                   "idle_minutes": record.idle_minutes or 0.0},
+        autoscale={
+            "min_slaves": record.min_slaves or 0,
+            "max_slaves": record.max_slaves or 0,
+            "idle_minutes": record.idle_minutes or 0.0,
+        },
         replace_lost=bool(record.replace_lost),
-        keeper={"pid": record.keeper_pid, "state": "running" if keeper_alive else
-                ("dead" if record.keeper_pid else "none")},
-        idle_stops=idle_stops, events=store.events.latest(record.id, limit=10),
+        keeper={
+            "pid": record.keeper_pid,
+            "state": "running" if keeper_alive else ("dead" if record.keeper_pid else "none"),
+        },
+        idle_stops=idle_stops,
+        events=store.events.latest(record.id, limit=10),
         controller={"pid": record.controller_pid, "state": "running" if alive else "dead"},
-        engines=engines, nodes=nodes, created_at=record.created_at, uptime_s=uptime,
-        price_per_hour=price, cost_so_far=price * uptime / 3600, error=record.error,
-        hint=controller_lost_hint(config, store, record, nodes) if not alive else "")
+        engines=engines,
+        nodes=nodes,
+        created_at=record.created_at,
+        uptime_s=uptime,
+        price_per_hour=price,
+        cost_so_far=price * uptime / 3600,
+        error=record.error,
+        hint=controller_lost_hint(config, store, record, nodes) if not alive else "",
+    )
 
 
-def engine_states(record: ClusterRecord, store: Store, nodes: list[NodeRecord],
-                  url: Optional[Path]) -> list[EngineStatus]:
+def engine_states(
+    record: ClusterRecord, store: Store, nodes: list[NodeRecord], url: Optional[Path]
+) -> list[EngineStatus]:
     """Every stored engine with its state: from the hub at ``url`` (None: the controller is gone), its
     process (local slaves), and its node (an engine of a released node is ``removed``)."""
     registered, queues = _registered_engines(url) if url is not None else (set(), {})
     leaving = store.engines.leaving(record.id)
     released = {n.node_id for n in nodes if n.state in RELEASED_NODE_STATES}
     now = time.time()
-    return [EngineStatus(
-        id=engine.engine_id, host=engine.host, pid=engine.pid, device=engine.device, threads=engine.threads,
-        state=_engine_state(record, engine, registered, queues, released), node_id=engine.node_id or "",
-        uptime_s=now - (engine.registered_at or now), queued=queues.get(engine.engine_id, {}).get("queue", 0),
-        leaving=leaving.get(engine.engine_id, "")) for engine in store.engines.of(record.id)]
+    return [
+        EngineStatus(
+            id=engine.engine_id,
+            host=engine.host,
+            pid=engine.pid,
+            device=engine.device,
+            threads=engine.threads,
+            state=_engine_state(record, engine, registered, queues, released),
+            node_id=engine.node_id or "",
+            uptime_s=now - (engine.registered_at or now),
+            queued=queues.get(engine.engine_id, {}).get("queue", 0),
+            leaving=leaving.get(engine.engine_id, ""),
+        )
+        for engine in store.engines.of(record.id)
+    ]
 
 
-def _engine_state(record: ClusterRecord, engine: EngineRecord, registered: set[int], queues: dict,
-                  released: set[str]) -> str:
-    if record.provider == "local" and not processes.is_marked(engine.pid, Path(record.profile_dir),
-                                                              record.ipp_cluster_id):
+def _engine_state(
+    record: ClusterRecord, engine: EngineRecord, registered: set[int], queues: dict, released: set[str]
+) -> str:
+    if record.provider == "local" and not processes.is_marked(
+        engine.pid, Path(record.profile_dir), record.ipp_cluster_id
+    ):
         state = "dead"
     elif engine.engine_id not in registered:
         state = "unregistered"
@@ -154,7 +184,7 @@ def _registered_engines(url: Path) -> tuple[set[int], dict]:
     """The engine ids the hub knows, and their queues (nothing when it does not answer within 5 s)."""
     try:
         client = connect_client(url, timeout=5)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a controller that does not answer, whatever the error, shows no engine
         return set(), {}
     try:
         queues = client.queue_status()
@@ -174,18 +204,21 @@ def controller_lost_hint(config: Config, store: Store, record: ClusterRecord, no
     parts = ["the controller is gone (the master restarted, or it was killed)"]
     remote = record.provider != "local"
     if up and remote:
-        parts.append(f"{len(up)} node(s) still up and billed; their engines wait "
-                     f"{config.cluster.master_grace_minutes:g} min for a controller, then quit")
-    runs = [r for r in store.runs.all(limit=200)
-            if r.cluster_id == record.id and r.state in ("running", "interrupted")]
+        parts.append(
+            f"{len(up)} node(s) still up and billed; their engines wait "
+            f"{config.cluster.master_grace_minutes:g} min for a controller, then quit"
+        )
+    runs = [r for r in store.runs.all(limit=200) if r.cluster_id == record.id and r.state in ("running", "interrupted")]
     sweeps = sorted({r.sweep_id for r in runs if r.sweep_id})
     resume = [f"`cluster sweep --resume {s}`" for s in sweeps]
     resume += [f"`cluster train --resume {r.id}`" for r in runs if not r.sweep_id]
     then = (", then " + " and ".join(resume)) if resume else ""
     if up and remote:
-        parts.append(f"run `cluster start` (it adopts them: a new controller, new engines on the same "
-                     f"slaves){then}; `cluster start --fresh` releases them and starts new ones, "
-                     f"`cluster stop` ends them")
+        parts.append(
+            f"run `cluster start` (it adopts them: a new controller, new engines on the same "
+            f"slaves){then}; `cluster start --fresh` releases them and starts new ones, "
+            f"`cluster stop` ends them"
+        )
     else:
         parts.append(f"run `cluster start` (it starts the engines again for this cluster){then}")
     return "; ".join(parts)

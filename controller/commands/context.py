@@ -1,4 +1,5 @@
 """What a CLI handler gets besides its arguments: streams, the configuration, output helpers."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """prices, ip, ssh: the slaves as machines (spot prices before a start; addresses and a shell on a running one)."""
+
 from __future__ import annotations
 
 import shlex
@@ -10,8 +11,9 @@ from controller.errors import NotRunningError, UsageError
 
 def register(sub) -> None:
     p = sub.add_parser("prices", help="current spot price per availability zone beside the on-demand price")
-    p.add_argument("--instance-types", metavar="TYPES",
-                   help="comma-separated instance types (default: [aws] instance_types)")
+    p.add_argument(
+        "--instance-types", metavar="TYPES", help="comma-separated instance types (default: [aws] instance_types)"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_prices)
 
@@ -35,11 +37,21 @@ def cmd_prices(args, ctx: Context) -> int:
     if args.json:
         ctx.emit_json({"region": ctx.config.aws.region, "prices": rows})
         return 0
-    ctx.emit_table(f"prices in {ctx.config.aws.region} ($/hour)", ["type", "zone", "spot", "on-demand", "saving"], [
-        [r.instance_type, r.zone, "-" if r.spot is None else f"{r.spot:.4f}",
-         "-" if r.on_demand is None else f"{r.on_demand:.4f}",
-         f"{1 - r.spot / r.on_demand:.0%}" if r.spot is not None and r.on_demand else "-"] for r in rows],
-        caption="on-demand: us-east-1 Linux list price")
+    ctx.emit_table(
+        f"prices in {ctx.config.aws.region} ($/hour)",
+        ["type", "zone", "spot", "on-demand", "saving"],
+        [
+            [
+                r.instance_type,
+                r.zone,
+                "-" if r.spot is None else f"{r.spot:.4f}",
+                "-" if r.on_demand is None else f"{r.on_demand:.4f}",
+                f"{1 - r.spot / r.on_demand:.0%}" if r.spot is not None and r.on_demand else "-",
+            ]
+            for r in rows
+        ],
+        caption="on-demand: us-east-1 Linux list price",
+    )
     return 0
 
 
@@ -53,11 +65,26 @@ def _nodes(ctx: Context):
 def cmd_ip(args, ctx: Context) -> int:
     status = _nodes(ctx)
     if args.json:
-        ctx.emit_json({"nodes": [{"node": n.node_id, "host": n.host, "public_ip": n.public_ip,
-                                  "private_ip": n.private_ip, "state": n.state} for n in status.nodes]})
+        ctx.emit_json(
+            {
+                "nodes": [
+                    {
+                        "node": n.node_id,
+                        "host": n.host,
+                        "public_ip": n.public_ip,
+                        "private_ip": n.private_ip,
+                        "state": n.state,
+                    }
+                    for n in status.nodes
+                ]
+            }
+        )
         return 0
-    ctx.emit_table("nodes", ["node", "host", "public ip", "private ip", "state"], [
-        [n.node_id, n.host, n.public_ip, n.private_ip, n.state] for n in status.nodes])
+    ctx.emit_table(
+        "nodes",
+        ["node", "host", "public ip", "private ip", "state"],
+        [[n.node_id, n.host, n.public_ip, n.private_ip, n.state] for n in status.nodes],
+    )
     return 0
 
 

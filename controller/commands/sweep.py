@@ -1,4 +1,5 @@
 """sweep, sweeps, results: hyperparameter and topology sweeps over every engine."""
+
 from __future__ import annotations
 
 import time
@@ -12,18 +13,32 @@ SHARED_FLAGS = ("epochs", "subset", "seed")
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "sweep", help="train many settings at once, one per engine, with Optuna (grid, random, TPE) and pruning",
+        "sweep",
+        help="train many settings at once, one per engine, with Optuna (grid, random, TPE) and pruning",
         description="Forms of --param: NAME=V1,V2,... | NAME=log:LO:HI | NAME=uniform:LO:HI | NAME=int:LO:HI | "
-                    "NAME=float:LO:HI; NAME is one of lr, l1, momentum, batch_size, optimizer, conv1, conv2, "
-                    "hidden, epochs. Ctrl-C leaves the sweep resumable with --resume.")
-    p.add_argument("--param", action="append", default=[], metavar="NAME=FORM",
-                   help="a parameter to vary (repeatable), e.g. lr=0.01,0.05 or lr=log:1e-3:1e-1 or hidden=int:50:500")
+        "NAME=float:LO:HI; NAME is one of lr, l1, momentum, batch_size, optimizer, conv1, conv2, "
+        "hidden, epochs. Ctrl-C leaves the sweep resumable with --resume.",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=FORM",
+        help="a parameter to vary (repeatable), e.g. lr=0.01,0.05 or lr=log:1e-3:1e-1 or hidden=int:50:500",
+    )
     p.add_argument("--preset", help="a named sweep: paper (L1 lambda 0, 1e-5 ... 100 on the default CNN)")
     p.add_argument("--trials", type=int, help="number of trials (default: the grid's size, or 20 for a search)")
-    p.add_argument("--sampler", choices=("grid", "random", "tpe"),
-                   help="default: grid when every parameter is a list of values, else tpe")
-    p.add_argument("--pruner", choices=("none", "median", "asha"), default=None,
-                   help="early stopping between epochs (default: none)")
+    p.add_argument(
+        "--sampler",
+        choices=("grid", "random", "tpe"),
+        help="default: grid when every parameter is a list of values, else tpe",
+    )
+    p.add_argument(
+        "--pruner",
+        choices=("none", "median", "asha"),
+        default=None,
+        help="early stopping between epochs (default: none)",
+    )
     p.add_argument("--epochs", type=int, help="epoch budget of every trial (default: [training] epochs)")
     p.add_argument("--subset", type=int, help="train on the first N images only (0 = all)")
     p.add_argument("--seed", type=int, help="seed of the sampler (default 0; the trials train with [training] seed)")
@@ -48,14 +63,23 @@ def cmd_sweep(args, ctx: Context) -> int:
 
     shared = {name: getattr(args, name) for name in SHARED_FLAGS if getattr(args, name) is not None}
     if args.resume:
-        given = [f"--{k}" for k in ("param", "preset", "trials", "sampler", "pruner", *SHARED_FLAGS)
-                 if getattr(args, k) not in (None, [])]
+        given = [
+            f"--{k}"
+            for k in ("param", "preset", "trials", "sampler", "pruner", *SHARED_FLAGS)
+            if getattr(args, k) not in (None, [])
+        ]
         if given:
             raise UsageError(f"--resume {args.resume} continues a sweep with its own settings; drop {', '.join(given)}")
     else:
         # every spec is checked before anything connects or starts
-        runner.plan(args.param, preset=args.preset, trials=args.trials, sampler=args.sampler,
-                    pruner=args.pruner or "none", overrides={k: v for k, v in shared.items() if k != "seed"})
+        runner.plan(
+            args.param,
+            preset=args.preset,
+            trials=args.trials,
+            sampler=args.sampler,
+            pruner=args.pruner or "none",
+            overrides={k: v for k, v in shared.items() if k != "seed"},
+        )
     cluster = ctx.cluster()
     console = ctx.err_console
     seed = shared.pop("seed", 0)
@@ -64,15 +88,24 @@ def cmd_sweep(args, ctx: Context) -> int:
 
     def view(source):
         running["sweep_id"] = source.sweep_id
-        return SweepProgress(source, console, engine_pids={e.pid: e.engine_id for e in cluster.store.engines.of(
-            cluster.record.id)})
+        return SweepProgress(
+            source, console, engine_pids={e.pid: e.engine_id for e in cluster.store.engines.of(cluster.record.id)}
+        )
 
     try:
         if args.resume:
             result = cluster.sweep(resume=args.resume, progress=view)
         else:
-            result = cluster.sweep(args.param, preset=args.preset, trials=args.trials, sampler=args.sampler,
-                                   pruner=args.pruner or "none", seed=seed, progress=view, **shared)
+            result = cluster.sweep(
+                args.param,
+                preset=args.preset,
+                trials=args.trials,
+                sampler=args.sampler,
+                pruner=args.pruner or "none",
+                seed=seed,
+                progress=view,
+                **shared,
+            )
     except KeyboardInterrupt:
         sweep_id = running.get("sweep_id") or args.resume
         if sweep_id:
@@ -95,10 +128,17 @@ def cmd_sweeps(args, ctx: Context) -> int:
     for result in found:
         sweep, counts, best = result.sweep, result.counts(), result.best
         finished = counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"]
-        rows.append([sweep.id, time.strftime("%Y-%m-%d %H:%M", time.localtime(sweep.created_at)), sweep.shown_state,
-                     sweep.search_space.describe(), f"{sweep.sampler}/{sweep.pruner}",
-                     f"{finished}/{sweep.n_trials} ({counts['PRUNED']} pruned, {counts['FAIL']} failed)",
-                     f"#{best.number} {percent(best.val_accuracy)}" if best else "-"])
+        rows.append(
+            [
+                sweep.id,
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(sweep.created_at)),
+                sweep.shown_state,
+                sweep.search_space.describe(),
+                f"{sweep.sampler}/{sweep.pruner}",
+                f"{finished}/{sweep.n_trials} ({counts['PRUNED']} pruned, {counts['FAIL']} failed)",
+                f"#{best.number} {percent(best.val_accuracy)}" if best else "-",
+            ]
+        )
     ctx.emit_table("sweeps", ["id", "started", "state", "space", "sampler/pruner", "trials", "best (val)"], rows)
     return 0
 
@@ -117,20 +157,35 @@ def show_results(ctx: Context, result) -> None:
     rows = []
     for rank, t in enumerate(result.trials, 1):
         error = (t.error or "").strip().splitlines()[-1:] if t.state == "FAIL" else []
-        rows.append([rank, t.number, t.state, *(_fmt(t.params.get(n)) for n in names), percent(t.val_accuracy),
-                     percent(t.test_accuracy), f"{t.epochs_done}/{t.epochs_budget}",
-                     ",".join(map(str, t.engines)) or "-", f"{t.seconds:.1f}", error[0] if error else ""])
+        rows.append(
+            [
+                rank,
+                t.number,
+                t.state,
+                *(_fmt(t.params.get(n)) for n in names),
+                percent(t.val_accuracy),
+                percent(t.test_accuracy),
+                f"{t.epochs_done}/{t.epochs_budget}",
+                ",".join(map(str, t.engines)) or "-",
+                f"{t.seconds:.1f}",
+                error[0] if error else "",
+            ]
+        )
     sweep = result.sweep
-    ctx.emit_table(f"sweep {sweep.id} ({sweep.shown_state}): {sweep.search_space.describe()}, "
-                   f"{sweep.sampler} sampler, {sweep.pruner} pruner",
-                   ["rank", "trial", "state", *names, "val acc", "test acc", "epochs", "engines", "seconds", "error"],
-                   rows)
+    ctx.emit_table(
+        f"sweep {sweep.id} ({sweep.shown_state}): {sweep.search_space.describe()}, "
+        f"{sweep.sampler} sampler, {sweep.pruner} pruner",
+        ["rank", "trial", "state", *names, "val acc", "test acc", "epochs", "engines", "seconds", "error"],
+        rows,
+    )
     best = result.best
     if best is None:
         ctx.say("no trial completed yet")
     else:
-        ctx.say(f"best: trial {best.number} ({' '.join(f'{k}={_fmt(v)}' for k, v in best.params.items())}): "
-                f"validation {percent(best.val_accuracy)}, test {percent(best.test_accuracy)}")
+        ctx.say(
+            f"best: trial {best.number} ({' '.join(f'{k}={_fmt(v)}' for k, v in best.params.items())}): "
+            f"validation {percent(best.val_accuracy)}, test {percent(best.test_accuracy)}"
+        )
 
 
 def _fmt(value) -> str:

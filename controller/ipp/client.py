@@ -1,6 +1,7 @@
 """The master's ipyparallel client of a cluster: connecting, what the controller says is busy or idle, and
 confirming that engine output reaches the client (ZeroMQ's PUB drops what it sends before a subscription
 lands)."""
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,7 @@ def holds_task(queue: dict) -> bool:
 
 def busy_engines(client: ipp.Client) -> set[int]:
     """The engines that run or hold a task now, as the controller sees them."""
-    return {engine for engine, queue in client.queue_status().items()
-            if isinstance(engine, int) and holds_task(queue)}
+    return {engine for engine, queue in client.queue_status().items() if isinstance(engine, int) and holds_task(queue)}
 
 
 def idle_engines(client: ipp.Client) -> list[int]:
@@ -53,8 +53,11 @@ def confirm_output(client: ipp.Client, targets: list[int], timeout: float) -> li
     confirmed, gone = _run_cells_until_output(client, targets, timeout, enough=len(targets))
     unconfirmed = sorted(set(targets) - confirmed - gone)
     if unconfirmed:
-        log.warning("no output of engine(s) %s reached the master within %g s; what they print may be lost",
-                    unconfirmed, timeout)
+        log.warning(
+            "no output of engine(s) %s reached the master within %g s; what they print may be lost",
+            unconfirmed,
+            timeout,
+        )
     return unconfirmed
 
 
@@ -71,11 +74,22 @@ def silence_report(client: ipp.Client, engines: list[int], timeout: float = 5.0)
     if "queues" not in answer:
         return f"the controller did not answer this client within {timeout:g} s either{io}"
     queues = answer["queues"]
-    return "the controller counts " + "; ".join(
-        f"engine {engine}: " + (", ".join(f"{key} {len(value) if isinstance(value, list) else value}"
-                                          for key, value in sorted(queues[engine].items()))
-                                if engine in queues else "not registered")
-        for engine in engines) + io
+    return (
+        "the controller counts "
+        + "; ".join(
+            f"engine {engine}: "
+            + (
+                ", ".join(
+                    f"{key} {len(value) if isinstance(value, list) else value}"
+                    for key, value in sorted(queues[engine].items())
+                )
+                if engine in queues
+                else "not registered"
+            )
+            for engine in engines
+        )
+        + io
+    )
 
 
 def confirm_client_output(client: ipp.Client, timeout: float) -> bool:
@@ -89,8 +103,9 @@ def confirm_client_output(client: ipp.Client, timeout: float) -> bool:
     return bool(confirmed)
 
 
-def _run_cells_until_output(client: ipp.Client, targets: list[int], timeout: float,
-                            enough: int) -> tuple[set[int], set[int]]:
+def _run_cells_until_output(
+    client: ipp.Client, targets: list[int], timeout: float, enough: int
+) -> tuple[set[int], set[int]]:
     """Run empty cells on ``targets`` until ``enough`` of them have had a cell's output arrive, or ``timeout``
     is up. Returns (those confirmed, those that left the cluster meanwhile). A lost cell's output never
     comes, so each round sends a new cell and waits on it a little longer than the last."""

@@ -11,6 +11,7 @@ One server per cluster, started by the first launcher that needs it, with the en
 (the cluster's process marker among it: `cluster stop` ends it with the cluster's other processes).
 When it cannot be reached the engine is started the plain way, and the log says why.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -71,12 +72,19 @@ def _start_server(name: str, profile_dir: str | Path, cluster_id: str, env: dict
     output = server_log(profile_dir, cluster_id)
     output.parent.mkdir(parents=True, exist_ok=True)
     # it leaves once the controller's engine connection file is gone (with no engine of its own left)
-    command = [sys.executable, "-m", "engines.process.forkserver", name,
-               "--controller-file", str(engine_file(Path(profile_dir), cluster_id))]
+    command = [
+        sys.executable,
+        "-m",
+        "engines.process.forkserver",
+        name,
+        "--controller-file",
+        str(engine_file(Path(profile_dir), cluster_id)),
+    ]
     with open(output, "ab") as log_file, open(os.devnull, "rb") as stdin:
         # a session of its own, as ipyparallel starts engines: a Ctrl-C at the master's terminal is not for it
-        subprocess.Popen(command, stdin=stdin, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                         start_new_session=True)
+        subprocess.Popen(
+            command, stdin=stdin, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
     os.chmod(output, 0o600)
 
 
@@ -92,8 +100,16 @@ def start_server(profile_dir: str | Path, cluster_id: str, environment: dict[str
         _start_server(name, profile_dir, cluster_id, {**os.environ, **environment}, os.getcwd())
 
 
-def fork_engine(name: str, profile_dir: str, cluster_id: str, argv: list[str], env: dict[str, str], cwd: str,
-                output: str, timeout: float = CONNECT_TIMEOUT) -> int:
+def fork_engine(
+    name: str,
+    profile_dir: str,
+    cluster_id: str,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    output: str,
+    timeout: float = CONNECT_TIMEOUT,
+) -> int:
     """The pid of a new engine forked by server ``name`` (started first when none answers)."""
     log_file = server_log(profile_dir, cluster_id)
     try:
@@ -107,7 +123,7 @@ def fork_engine(name: str, profile_dir: str, cluster_id: str, argv: list[str], e
                 break
             except OSError as error:
                 if time.monotonic() > deadline:
-                    raise ForkServerUnavailable(f"the fork server did not start (see {log_file}): {error}")
+                    raise ForkServerUnavailable(f"the fork server did not start (see {log_file}): {error}") from None
                 time.sleep(0.02)
     with connection:
         connection.settimeout(timeout)
@@ -116,7 +132,7 @@ def fork_engine(name: str, profile_dir: str, cluster_id: str, argv: list[str], e
             connection.sendall(json.dumps(request).encode() + b"\n")
             reply = json.loads(forkserver.read_line(connection) or b"{}")
         except (OSError, ValueError) as error:
-            raise ForkServerUnavailable(f"the fork server did not answer (see {log_file}): {error}")
+            raise ForkServerUnavailable(f"the fork server did not answer (see {log_file}): {error}") from None
     if "pid" not in reply:
         raise ForkServerUnavailable(f"the fork server refused: {reply.get('error', 'no answer')}")
     return int(reply["pid"])
@@ -127,13 +143,20 @@ class ForkedEngineLauncher(LocalEngineLauncher):
 
     def start(self):
         args = self.args
-        if not FORKING or args[:len(ipengine_cmd_argv)] != ipengine_cmd_argv:
+        if not FORKING or args[: len(ipengine_cmd_argv)] != ipengine_cmd_argv:
             return super().start()  # a configured engine command is not ours to replace
         env = {**os.environ, **self.get_env()}
         name = server_name(self.profile_dir, self.cluster_id, self.environment)
         try:
-            pid = fork_engine(name, self.profile_dir, self.cluster_id, args[len(ipengine_cmd_argv):], env,
-                              os.path.abspath(self.work_dir), self.output_file)
+            pid = fork_engine(
+                name,
+                self.profile_dir,
+                self.cluster_id,
+                args[len(ipengine_cmd_argv) :],
+                env,
+                os.path.abspath(self.work_dir),
+                self.output_file,
+            )
         except (ForkServerUnavailable, OSError) as error:
             log.warning("engine %s starts without the fork server: %s", self.identifier, error)
             return super().start()

@@ -8,6 +8,7 @@ launchers and writes its state to a cluster file after every change; we keep
 that file (and the connection files, which carry the HMAC key) in a profile
 under state_dir, so clusters with different state_dirs never see each other.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,15 +33,19 @@ def controller_args(engine_ip: str) -> list[str]:
 
     Clients (this tool, notebooks) and the monitor run on the master: loopback, always
     (the one exception: engines on every interface, below).  Engines: only the address
-    that reaches the slaves (loopback for local engines and for SSH tunnels).  Once engine ports are reachable from the network, CurveZMQ
-    encrypts every connection and admits only peers that hold the controller's public
-    key, which travels in the 0600 connection files and nowhere else.
+    that reaches the slaves (loopback for local engines and for SSH tunnels).  Once engine
+    ports are reachable from the network, CurveZMQ encrypts every connection and admits only
+    peers that hold the controller's public key, which travels in the 0600 connection files
+    and nowhere else.
     """
     # clients and engines share the registration port, and one socket cannot bind a port on
     # 127.0.0.1 and on every interface: with engines on every interface, clients are too (CurveZMQ)
     client_ip = engine_ip if engine_ip in EVERY_INTERFACE else LOOPBACK
-    args = [f"--IPController.engine_ip={engine_ip}", f"--IPController.client_ip={client_ip}",
-            f"--IPController.monitor_ip={LOOPBACK}"]
+    args = [
+        f"--IPController.engine_ip={engine_ip}",
+        f"--IPController.client_ip={client_ip}",
+        f"--IPController.monitor_ip={LOOPBACK}",
+    ]
     if not is_loopback(engine_ip):
         args.append("--IPController.enable_curve=True")  # the controller makes its key pair itself
     return args
@@ -57,9 +62,16 @@ CONTROLLER_ARGS = [
 ]
 
 
-def new_cluster(profile: Path, cluster_id: str, *, engine_env: dict[str, str], engine_ip: str = LOOPBACK,
-                engines: str | type = "local", engine_timeout: int = 120,
-                master_grace_minutes: float = 10.0) -> ipp.Cluster:
+def new_cluster(
+    profile: Path,
+    cluster_id: str,
+    *,
+    engine_env: dict[str, str],
+    engine_ip: str = LOOPBACK,
+    engines: str | type = "local",
+    engine_timeout: int = 120,
+    master_grace_minutes: float = 10.0,
+) -> ipp.Cluster:
     """An ipyparallel Cluster that outlives this process (shutdown_atexit=False). ``engines``: the local engine
     launcher (a cluster's own: controller/ipp/forked_engines.py, engines forked from a server)."""
     from traitlets.config import Config
@@ -95,8 +107,9 @@ def load_cluster(profile: Path, cluster_id: str) -> Optional[ipp.Cluster]:
     """Rebuild the Cluster from its file; None when the file is gone."""
     try:
         # load_profile=False as in new_cluster: our profiles hold no config files, and looking costs a second
-        return ipp.Cluster.from_file(profile_dir=str(profile), cluster_id=cluster_id, log_level=logging.WARNING,
-                                     load_profile=False)
+        return ipp.Cluster.from_file(
+            profile_dir=str(profile), cluster_id=cluster_id, log_level=logging.WARNING, load_profile=False
+        )
     except FileNotFoundError:
         return None
 
@@ -105,8 +118,12 @@ def engine_set_pids(cluster: Optional[ipp.Cluster]) -> dict[int, str]:
     """Engine pid -> the id of the engine set that started it (local launchers only)."""
     if cluster is None:
         return {}
-    return {launcher.pid: set_id for set_id, engine_set in cluster.engines.items()
-            for launcher in getattr(engine_set, "launchers", {}).values() if getattr(launcher, "pid", None)}
+    return {
+        launcher.pid: set_id
+        for set_id, engine_set in cluster.engines.items()
+        for launcher in getattr(engine_set, "launchers", {}).values()
+        if getattr(launcher, "pid", None)
+    }
 
 
 def controller_pid(cluster: ipp.Cluster) -> Optional[int]:
@@ -126,8 +143,10 @@ class ControllerExited(Exception):
     def __init__(self, pid: Optional[int], output: str):
         self.pid, self.output = pid, output
         lines = [line for line in output.strip().splitlines() if line.strip()]
-        super().__init__(f"the controller (pid {pid}) exited as it started: "
-                         f"{' / '.join(lines[-3:]) if lines else 'it printed nothing'}")
+        super().__init__(
+            f"the controller (pid {pid}) exited as it started: "
+            f"{' / '.join(lines[-3:]) if lines else 'it printed nothing'}"
+        )
 
 
 def wait_for_controller(cluster: ipp.Cluster, timeout: float, poll_s: float = 0.1) -> None:
@@ -140,13 +159,18 @@ def wait_for_controller(cluster: ipp.Cluster, timeout: float, poll_s: float = 0.
         if not pid_alive(pid):
             raise ControllerExited(pid, launcher.get_output() if launcher is not None else "")
         if time.monotonic() > deadline:
-            raise ProviderError(f"the controller (pid {pid}) wrote no engine connection file {path} within "
-                                f"{timeout:.0f} s")
+            raise ProviderError(
+                f"the controller (pid {pid}) wrote no engine connection file {path} within {timeout:.0f} s"
+            )
         time.sleep(poll_s)
 
 
-def start_controller(cluster: ipp.Cluster, timeout: float, on_start: Callable[[Optional[int]], None] = lambda pid: None,
-                     starts: int = CONTROLLER_STARTS) -> None:
+def start_controller(
+    cluster: ipp.Cluster,
+    timeout: float,
+    on_start: Callable[[Optional[int]], None] = lambda pid: None,
+    starts: int = CONTROLLER_STARTS,
+) -> None:
     """Start the controller and wait until it listens; again (up to ``starts`` in all) when it exited because
     a port it had picked was taken meanwhile. Any other early exit is a ProviderError with its last words.
     ``on_start(pid)`` as each controller process starts, before the wait."""
@@ -160,8 +184,12 @@ def start_controller(cluster: ipp.Cluster, timeout: float, on_start: Callable[[O
             cluster.stop_controller_sync()  # forgets the dead launcher, so that another can start
             if PORT_TAKEN not in exited.output or attempt == starts:
                 raise ProviderError(str(exited)) from None
-            log.warning("the controller could not bind a port it had picked (%s; attempt %d of %d); starting "
-                        "it again", PORT_TAKEN, attempt, starts)
+            log.warning(
+                "the controller could not bind a port it had picked (%s; attempt %d of %d); starting it again",
+                PORT_TAKEN,
+                attempt,
+                starts,
+            )
 
 
 def controller_alive(record: ClusterRecord) -> bool:

@@ -5,6 +5,7 @@ the markers below in its environment, so none can be orphaned unseen and a pid i
 only ever signalled while it is still ours (pids are reused).  No ipyparallel here:
 leases and sweep records ask whether a pid lives without importing it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -108,9 +109,13 @@ def is_marked(pid: Optional[int], profile: Optional[Path] = None, cluster_id: Op
 
 def marked_processes(profile: Path, cluster_id: Optional[str] = None) -> list[int]:
     """Pids of live processes started for this profile (and cluster, when given), via the markers."""
-    return [int(entry.name) for entry in Path("/proc").iterdir()
-            if entry.name.isdigit() and int(entry.name) != os.getpid()
-            and is_marked(int(entry.name), Path(profile), cluster_id)]
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit()
+        and int(entry.name) != os.getpid()
+        and is_marked(int(entry.name), Path(profile), cluster_id)
+    ]
 
 
 def kill_cluster_processes(profile: Path, cluster_id: str) -> None:

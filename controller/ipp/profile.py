@@ -4,6 +4,7 @@ The profile holds ipyparallel's cluster file and the connection files (they carr
 0700 folder), so clusters with different state_dirs never see each other. No ipyparallel import here:
 the tunnel holder and the providers read these names without it.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def engine_environment(threads: int) -> dict[str, str]:
     """The environment of a local engine: its torch threads, and this checkout's code on its path."""
     env = {
-        "OMP_NUM_THREADS": str(threads or ""), "MKL_NUM_THREADS": str(threads or ""),
+        "OMP_NUM_THREADS": str(threads or ""),
+        "MKL_NUM_THREADS": str(threads or ""),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
     }
     return {k: v for k, v in env.items() if v}

@@ -3,6 +3,7 @@
 Providers are looked up by their short name, imported only when used (so the
 local provider never imports boto3 or paramiko).
 """
+
 from __future__ import annotations
 
 import importlib

@@ -5,6 +5,7 @@ the master, starts engines on them that register with that controller, lists
 the slaves, names an SSH target for each, and releases them all again; after the master restarted, a new
 controller adopts the slaves still up.
 """
+
 from __future__ import annotations
 
 import abc
@@ -126,7 +127,9 @@ class Provider(abc.ABC):
         empty cluster); return the new nodes (also stored). If it raises, what it created is released."""
 
     @abc.abstractmethod
-    def adopt(self, cluster: "ClusterRecord", ipp_cluster: "ipp.Cluster", nodes: list["NodeRecord"]) -> list["NodeRecord"]:
+    def adopt(
+        self, cluster: "ClusterRecord", ipp_cluster: "ipp.Cluster", nodes: list["NodeRecord"]
+    ) -> list["NodeRecord"]:
         """A new controller (``ipp_cluster``, already running) takes over ``nodes``: the cluster's nodes still up
         after the master restarted, whose engines wait for the old, dead controller. Their old engines are
         stopped and new ones started against the new controller; nothing is launched or released. Returns
@@ -169,8 +172,9 @@ class Provider(abc.ABC):
         """What ``release_orphans`` with these arguments would release."""
         return []
 
-    def release_orphans(self, name: str, everything: bool = False, any_owner: bool = False,
-                        only: Optional[set[str]] = None) -> list[str]:
+    def release_orphans(
+        self, name: str, everything: bool = False, any_owner: bool = False, only: Optional[set[str]] = None
+    ) -> list[str]:
         """Release nodes found by the provider's own tags when the store has no record of them
         (local state lost), or of every cluster of this owner with ``everything`` (of anyone with
         ``any_owner``); ``only``: just these ids. Returns what was released."""

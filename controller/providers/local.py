@@ -3,6 +3,7 @@
 Every slave is one engine set of ipyparallel's cluster, named by its node id (local-1, local-2, ...), so
 ``cluster remove local-2`` stops exactly that set and the cluster file records which sets run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,13 +37,14 @@ class LocalProvider(Provider):
         return self.add(cluster, ipp_cluster, slaves)
 
     def prepare(self, cluster: ClusterRecord) -> None:
-        forked_engines.start_server(cluster.profile_dir, cluster.ipp_cluster_id,
-                                    self._engine_environment(cluster))
+        forked_engines.start_server(cluster.profile_dir, cluster.ipp_cluster_id, self._engine_environment(cluster))
 
     @staticmethod
     def _engine_environment(cluster: ClusterRecord) -> dict[str, str]:
-        return {**engine_environment(cluster.threads_per_engine),
-                **processes.process_marker(Path(cluster.profile_dir), cluster.ipp_cluster_id)}
+        return {
+            **engine_environment(cluster.threads_per_engine),
+            **processes.process_marker(Path(cluster.profile_dir), cluster.ipp_cluster_id),
+        }
 
     def add(self, cluster: ClusterRecord, ipp_cluster: ipp.Cluster, count: int) -> list[NodeRecord]:
         # never reuse a node id: a removed node's rows (and events naming it) stay in the store
@@ -54,13 +56,21 @@ class LocalProvider(Provider):
         nodes = []
         try:
             for number in range(first, first + count):
-                node = NodeRecord(node_id=f"local-{number}", provider=self.name, host=socket.gethostname(),
-                                  state=NodeState.STARTING, market="local", price_per_hour=price, engines=1,
-                                  launched_at=time.time())
+                node = NodeRecord(
+                    node_id=f"local-{number}",
+                    provider=self.name,
+                    host=socket.gethostname(),
+                    state=NodeState.STARTING,
+                    market="local",
+                    price_per_hour=price,
+                    engines=1,
+                    launched_at=time.time(),
+                )
                 self.store.nodes.put(cluster.id, node)
                 nodes.append(node)
-                ipp_cluster.start_engines_sync(n=1, engine_set_id=node.node_id, environment=environment,
-                                               engine_args=arguments)
+                ipp_cluster.start_engines_sync(
+                    n=1, engine_set_id=node.node_id, environment=environment, engine_args=arguments
+                )
                 node.state = NodeState.RUNNING
                 self.store.nodes.put(cluster.id, node)
                 self.hooks.on_step("engine_set")
@@ -139,11 +149,14 @@ class LocalProvider(Provider):
         return found
 
     def find_orphans(self, name: str, everything: bool = False, any_owner: bool = False) -> list[Resource]:
-        return [Resource("process", str(pid), cluster_id.rsplit("-", 1)[0], socket.gethostname())
-                for pid, cluster_id in self._orphans(name, everything).items()]
+        return [
+            Resource("process", str(pid), cluster_id.rsplit("-", 1)[0], socket.gethostname())
+            for pid, cluster_id in self._orphans(name, everything).items()
+        ]
 
-    def release_orphans(self, name: str, everything: bool = False, any_owner: bool = False,
-                        only: Optional[set[str]] = None) -> list[str]:
+    def release_orphans(
+        self, name: str, everything: bool = False, any_owner: bool = False, only: Optional[set[str]] = None
+    ) -> list[str]:
         """With the store lost: the cluster's controller, engines and helpers, by their process markers."""
         released = []
         for pid in self._orphans(name, everything):

@@ -5,6 +5,7 @@ is bootstrapped over SSH (``controller.providers.remote.engines``): engine code 
 environment verified, the connection file uploaded 0600, engines started in
 the background.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,11 +36,15 @@ class SshProvider(Provider):
     def hosts(self) -> list[SshTarget]:
         cfg = self.config.ssh
         if not cfg.hosts:
-            raise ConfigError(f"{self.config.source}: [ssh] hosts is empty; list the slaves, e.g. hosts = gpu1, gpu2:2222")
+            raise ConfigError(
+                f"{self.config.source}: [ssh] hosts is empty; list the slaves, e.g. hosts = gpu1, gpu2:2222"
+            )
         hosts = []
         for text in cfg.hosts:
             try:
-                hosts.append(SshTarget.parse(text, cfg.user, str(Path(cfg.key_file).expanduser()) if cfg.key_file else ""))
+                hosts.append(
+                    SshTarget.parse(text, cfg.user, str(Path(cfg.key_file).expanduser()) if cfg.key_file else "")
+                )
             except ValueError:
                 raise ConfigError(f"{self.config.source}: [ssh] hosts: {text!r} is not host or host:port") from None
         return hosts
@@ -52,11 +57,20 @@ class SshProvider(Provider):
         cfg = self.config.ssh
         # the master's host in the tag: two masters' clusters of one name on a shared box stay apart
         tag = f"{self.config.cluster.name}.{socket.gethostname()}"
-        return RemoteEngines(self.store, self.config.state_dir, tag, self.known_hosts(),
-                             python=cfg.python, remote_dir=cfg.remote_dir, data_dir=cfg.data_dir,
-                             master_data_dir=self.config.data_dir, engines_per_host=cfg.engines_per_host,
-                             threads=self.config.cluster.threads_per_engine,
-                             master_grace_minutes=self.config.cluster.master_grace_minutes, on_step=self.hooks.on_step)
+        return RemoteEngines(
+            self.store,
+            self.config.state_dir,
+            tag,
+            self.known_hosts(),
+            python=cfg.python,
+            remote_dir=cfg.remote_dir,
+            data_dir=cfg.data_dir,
+            master_data_dir=self.config.data_dir,
+            engines_per_host=cfg.engines_per_host,
+            threads=self.config.cluster.threads_per_engine,
+            master_grace_minutes=self.config.cluster.master_grace_minutes,
+            on_step=self.hooks.on_step,
+        )
 
     def engine_data_dir(self) -> str:
         return self.config.ssh.data_dir
@@ -68,9 +82,11 @@ class SshProvider(Provider):
             # two nodes on one slave would share its run dir: the second's start would stop the first's engines
             # (only a start refuses: `stop` must still reach every host a cluster may have used)
             if (host.address, host.port) in seen:
-                raise ConfigError(f"{self.config.source}: [ssh] hosts names one slave twice "
-                                  f"({seen[host.address, host.port]!r} and {text!r}); list each slave once "
-                                  f"(engines_per_host sets engines per slave)")
+                raise ConfigError(
+                    f"{self.config.source}: [ssh] hosts names one slave twice "
+                    f"({seen[host.address, host.port]!r} and {text!r}); list each slave once "
+                    f"(engines_per_host sets engines per slave)"
+                )
             seen[host.address, host.port] = text
         if slaves > len(hosts):
             raise ConfigError(f"--slaves {slaves}: [ssh] hosts lists only {len(hosts)} machine(s)")
@@ -97,17 +113,24 @@ class SshProvider(Provider):
         lost = {n.node_id for n in nodes if n.state == NodeState.LOST}
         # lost with a time: recorded by an adoption that could not reach the host or restart its engines (the
         # keeper's lost nodes, whose engines died on a host that may well answer, have none)
-        unanswered = {n.node_id: now - n.terminated_at for n in nodes
-                      if n.state == NodeState.LOST and n.terminated_at and now - n.terminated_at < UNANSWERED_RETRY_S}
-        free = sorted((h for h in self.hosts() if str(h) not in in_use and str(h) not in unanswered),
-                      key=lambda h: str(h) in lost)
+        unanswered = {
+            n.node_id: now - n.terminated_at
+            for n in nodes
+            if n.state == NodeState.LOST and n.terminated_at and now - n.terminated_at < UNANSWERED_RETRY_S
+        }
+        free = sorted(
+            (h for h in self.hosts() if str(h) not in in_use and str(h) not in unanswered), key=lambda h: str(h) in lost
+        )
         if len(free) < count:
-            waiting = "".join(f"; {host} was lost {age:.0f} s ago, unreachable (tried again "
-                              f"{UNANSWERED_RETRY_S:.0f} s after)" for host, age in sorted(unanswered.items()))
+            waiting = "".join(
+                f"; {host} was lost {age:.0f} s ago, unreachable (tried again {UNANSWERED_RETRY_S:.0f} s after)"
+                for host, age in sorted(unanswered.items())
+            )
             raise ProviderError(
                 f"no unused host left in [ssh] hosts for {count} more slave(s): {len(free)} free of "
                 f"{len(self.hosts())} ({', '.join(sorted(in_use)) or 'none'} in use{waiting}); add hosts to "
-                f"[ssh] hosts in {self.config.source}")
+                f"[ssh] hosts in {self.config.source}"
+            )
         batch = f"add-{int(time.time() * 1000)}"
         return self._bring_up(cluster, free[:count], batch=batch)
 
@@ -115,18 +138,37 @@ class SshProvider(Provider):
         """Bootstrap engines on ``hosts`` (the one path of ``start`` and ``add``)."""
         price = self.config.cluster.price_per_hour / max(len(self.hosts()) if batch else len(hosts), 1)
         now = time.time()
-        targets = [Target(NodeRecord(node_id=str(h), provider=self.name, host=h.address, state=NodeState.STARTING,
-                                     market="owned", price_per_hour=price, public_ip=h.address, launched_at=now), h)
-                   for h in hosts]
-        return self.engines().start(cluster, targets, tunnel=self.config.ssh.tunnel == "always",
-                                    timeout=self.config.cluster.engine_timeout, batch=batch)
+        targets = [
+            Target(
+                NodeRecord(
+                    node_id=str(h),
+                    provider=self.name,
+                    host=h.address,
+                    state=NodeState.STARTING,
+                    market="owned",
+                    price_per_hour=price,
+                    public_ip=h.address,
+                    launched_at=now,
+                ),
+                h,
+            )
+            for h in hosts
+        ]
+        return self.engines().start(
+            cluster,
+            targets,
+            tunnel=self.config.ssh.tunnel == "always",
+            timeout=self.config.cluster.engine_timeout,
+            batch=batch,
+        )
 
     def adopt(self, cluster: ClusterRecord, ipp_cluster, nodes: list[NodeRecord]) -> list[NodeRecord]:
-        """The hosts of ``nodes`` that answer SSH: old engines stopped, new ones started (see ``RemoteEngines.adopt``)."""
+        """The hosts of ``nodes`` that answer SSH: old engines stopped, new ones started (``RemoteEngines.adopt``)."""
         cfg = self.config.ssh
         targets = [Target(node, SshTarget.parse(node.node_id, cfg.user, cfg.key_file)) for node in nodes]
-        adopted, _ = self.engines().adopt(cluster, targets, tunnel=cfg.tunnel == "always",
-                                          timeout=self.config.cluster.engine_timeout)
+        adopted, _ = self.engines().adopt(
+            cluster, targets, tunnel=cfg.tunnel == "always", timeout=self.config.cluster.engine_timeout
+        )
         return adopted
 
     def remove(self, cluster: ClusterRecord, ipp_cluster, nodes: list[NodeRecord]) -> None:
@@ -138,8 +180,11 @@ class SshProvider(Provider):
             if node.node_id not in failed:
                 self.store.nodes.update(cluster.id, node.node_id, state=NodeState.STOPPED, terminated_at=now)
         if problems:
-            raise ProviderError("could not stop the engines on " + "; ".join(problems)
-                                + ". Stop them there (`cluster ssh NODE`) or run `cluster remove` again")
+            raise ProviderError(
+                "could not stop the engines on "
+                + "; ".join(problems)
+                + ". Stop them there (`cluster ssh NODE`) or run `cluster remove` again"
+            )
 
     def stop(self, cluster: ClusterRecord, ipp_cluster) -> None:
         stored = {n.node_id for n in self.store.nodes.of(cluster.id)}
@@ -160,11 +205,14 @@ class SshProvider(Provider):
         problems = [p for p in problems if p.split(": ", 1)[0] not in lost]
         if problems:  # engines may still run there: say so, and let `cluster stop` be run again
             raise ProviderError(
-                "could not stop the engines on " + "; ".join(problems)
-                + ". Run `cluster stop` again once the hosts answer, or stop them there (`cluster ssh NODE`).")
+                "could not stop the engines on "
+                + "; ".join(problems)
+                + ". Run `cluster stop` again once the hosts answer, or stop them there (`cluster ssh NODE`)."
+            )
 
-    def release_orphans(self, name: str, everything: bool = False, any_owner: bool = False,
-                        only: Optional[set[str]] = None) -> list[str]:
+    def release_orphans(
+        self, name: str, everything: bool = False, any_owner: bool = False, only: Optional[set[str]] = None
+    ) -> list[str]:
         """With the local state lost: stop this cluster's engines on every configured host."""
         if not self.config.ssh.hosts:
             return []
@@ -179,5 +227,8 @@ class SshProvider(Provider):
 
     def ssh_target(self, node: NodeRecord) -> SshTarget:
         host = SshTarget.parse(node.node_id, self.config.ssh.user, self.config.ssh.key_file)
-        return dataclasses.replace(host, key_file=str(Path(host.key_file).expanduser()) if host.key_file else "",
-                                   known_hosts=str(self.known_hosts()))
+        return dataclasses.replace(
+            host,
+            key_file=str(Path(host.key_file).expanduser()) if host.key_file else "",
+            known_hosts=str(self.known_hosts()),
+        )

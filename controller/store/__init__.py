@@ -14,6 +14,7 @@ Each table is a small class over the one connection, reached by its name:
 tables of their own (sweeps, bench, leases) build theirs the same way over the
 ``Store``. Every table's DDL is in controller/store/schema.py.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,10 +39,25 @@ from controller.store.records import (
 from controller.store.runs import EpochTable, RunTable
 
 __all__ = [
-    "LIVE_NODE_STATES", "PENDING_NODE_STATES", "RELEASED_NODE_STATES", "NodeState",
-    "RUN_STATES", "CheckpointError", "CheckpointFiles", "ClusterRecord", "Database",
-    "EngineRecord", "EpochRecord", "EventRecord", "NodeRecord", "RunRecord", "Store", "StoreBusyError",
-    "fsync_dir", "load_json", "new_id",
+    "LIVE_NODE_STATES",
+    "PENDING_NODE_STATES",
+    "RELEASED_NODE_STATES",
+    "NodeState",
+    "RUN_STATES",
+    "CheckpointError",
+    "CheckpointFiles",
+    "ClusterRecord",
+    "Database",
+    "EngineRecord",
+    "EpochRecord",
+    "EventRecord",
+    "NodeRecord",
+    "RunRecord",
+    "Store",
+    "StoreBusyError",
+    "fsync_dir",
+    "load_json",
+    "new_id",
 ]
 
 

@@ -8,6 +8,7 @@ Contract:
   committed (inside a transaction: at its COMMIT, never after a ROLLBACK).
 - Loading checks the file against the sha256 in its row.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,8 +52,9 @@ class CheckpointFiles:
             fsync_dir(folder.parent)  # the run's folder itself survives a power cut
         digest = hashlib.sha256(data).hexdigest()
         # the position and the hash in the name: a new checkpoint never overwrites the file the row still names
-        path = folder / (f"epoch-{epoch:04d}.pt" if not batches_done else
-                         f"epoch-{epoch:04d}-b{batches_done:06d}-{digest[:8]}.pt")
+        path = folder / (
+            f"epoch-{epoch:04d}.pt" if not batches_done else f"epoch-{epoch:04d}-b{batches_done:06d}-{digest[:8]}.pt"
+        )
         tmp = path.with_suffix(".pt.tmp")
         with open(tmp, "wb") as handle:
             handle.write(data)
@@ -60,9 +62,19 @@ class CheckpointFiles:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_dir(folder)  # the rename is durable before the row names the file and the older one goes
-        self.db.insert("checkpoints", dict(
-            run_id=run_id, epoch=epoch, batches_done=batches_done, path=str(path), sha256=digest,
-            bytes=len(data), created_at=time.time()), replace=True)
+        self.db.insert(
+            "checkpoints",
+            dict(
+                run_id=run_id,
+                epoch=epoch,
+                batches_done=batches_done,
+                path=str(path),
+                sha256=digest,
+                bytes=len(data),
+                created_at=time.time(),
+            ),
+            replace=True,
+        )
 
         def drop_older() -> None:  # only once the row naming the new file is committed
             for old in folder.glob("epoch-*.pt"):

@@ -1,4 +1,5 @@
 """What the store keeps of clusters: their rows, their nodes and engines, resize decisions, the masters' demand."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,12 +16,31 @@ class ClusterTable:
     def __init__(self, db: Database):
         self.db = db
 
-    def create(self, *, name: str, provider: str, slaves: int, threads_per_engine: int,
-               profile_dir: str, ipp_cluster_id: str, price_per_hour: float = 0.0) -> ClusterRecord:
-        cursor = self.db.insert("clusters", dict(
-            name=name, provider=provider, state="starting", slaves=slaves,
-            threads_per_engine=threads_per_engine, profile_dir=profile_dir,
-            ipp_cluster_id=ipp_cluster_id, created_at=time.time(), price_per_hour=price_per_hour))
+    def create(
+        self,
+        *,
+        name: str,
+        provider: str,
+        slaves: int,
+        threads_per_engine: int,
+        profile_dir: str,
+        ipp_cluster_id: str,
+        price_per_hour: float = 0.0,
+    ) -> ClusterRecord:
+        cursor = self.db.insert(
+            "clusters",
+            dict(
+                name=name,
+                provider=provider,
+                state="starting",
+                slaves=slaves,
+                threads_per_engine=threads_per_engine,
+                profile_dir=profile_dir,
+                ipp_cluster_id=ipp_cluster_id,
+                created_at=time.time(),
+                price_per_hour=price_per_hour,
+            ),
+        )
         return self.get(cursor.lastrowid)
 
     def get(self, cluster_id: int) -> ClusterRecord:
@@ -66,8 +86,7 @@ class NodeTable:
         self.db.insert("nodes", {"cluster_id": cluster_id, **dataclasses.asdict(node)}, replace=True)
 
     def of(self, cluster_id: int) -> list[NodeRecord]:
-        rows = self.db.execute("SELECT * FROM nodes WHERE cluster_id = ? ORDER BY launched_at, node_id",
-                               (cluster_id,))
+        rows = self.db.execute("SELECT * FROM nodes WHERE cluster_id = ? ORDER BY launched_at, node_id", (cluster_id,))
         return [row_to(NodeRecord, r) for r in rows]
 
     def update(self, cluster_id: int, node_id: str, **values: Any) -> None:
@@ -99,8 +118,10 @@ class EngineTable:
 
     def leaving(self, cluster_id: int) -> dict[int, str]:
         """engine id -> why it is leaving, for the engines that are."""
-        rows = self.db.execute("SELECT engine_id, leaving FROM engines WHERE cluster_id = ? AND leaving IS NOT NULL"
-                               " AND leaving != ''", (cluster_id,))
+        rows = self.db.execute(
+            "SELECT engine_id, leaving FROM engines WHERE cluster_id = ? AND leaving IS NOT NULL AND leaving != ''",
+            (cluster_id,),
+        )
         return {row["engine_id"]: row["leaving"] for row in rows}
 
 
@@ -112,14 +133,16 @@ class RemoteEngineTable:
 
     def add(self, cluster_id: int, node_id: str, pids: list[int], remote_dir: str) -> None:
         for pid in pids:
-            self.db.execute("INSERT OR REPLACE INTO remote_engines VALUES (?, ?, ?, ?)",
-                            (cluster_id, node_id, pid, remote_dir))
+            self.db.execute(
+                "INSERT OR REPLACE INTO remote_engines VALUES (?, ?, ?, ?)", (cluster_id, node_id, pid, remote_dir)
+            )
 
     def pids(self, cluster_id: int) -> dict[str, tuple[int, ...]]:
         """Node id -> the pids of the engines started there for the cluster, as recorded at their start."""
         found: dict[str, tuple[int, ...]] = {}
-        for node_id, pid in self.db.execute("SELECT node_id, pid FROM remote_engines WHERE cluster_id = ?",
-                                            (cluster_id,)):
+        for node_id, pid in self.db.execute(
+            "SELECT node_id, pid FROM remote_engines WHERE cluster_id = ?", (cluster_id,)
+        ):
             found[node_id] = (*found.get(node_id, ()), pid)
         return found
 
@@ -144,8 +167,9 @@ class EventTable:
 
     def latest(self, cluster_id: int, limit: int = 20) -> list[EventRecord]:
         """The newest ``limit`` events, oldest first."""
-        rows = self.db.execute("SELECT * FROM events WHERE cluster_id = ? ORDER BY id DESC LIMIT ?",
-                               (cluster_id, limit))
+        rows = self.db.execute(
+            "SELECT * FROM events WHERE cluster_id = ? ORDER BY id DESC LIMIT ?", (cluster_id, limit)
+        )
         return [row_to(EventRecord, r) for r in reversed(rows.fetchall())]
 
 
@@ -160,11 +184,14 @@ class DemandTable:
         if wanted is None:
             self.db.execute("DELETE FROM demand WHERE cluster_id = ? AND holder = ?", (cluster_id, holder))
         else:
-            self.db.insert("demand", dict(cluster_id=cluster_id, holder=holder, wanted=wanted, at=time.time()),
-                           replace=True)
+            self.db.insert(
+                "demand", dict(cluster_id=cluster_id, holder=holder, wanted=wanted, at=time.time()), replace=True
+            )
 
     def total(self, cluster_id: int, fresh_s: float) -> int:
         """Jobs wanted by every master that reported within ``fresh_s`` seconds (a killed master's row ages out)."""
-        row = self.db.execute("SELECT COALESCE(SUM(wanted), 0) FROM demand WHERE cluster_id = ? AND at >= ?",
-                              (cluster_id, time.time() - fresh_s)).fetchone()
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(wanted), 0) FROM demand WHERE cluster_id = ? AND at >= ?",
+            (cluster_id, time.time() - fresh_s),
+        ).fetchone()
         return int(row[0])

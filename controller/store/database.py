@@ -4,6 +4,7 @@ One ``Database`` is used from one thread. Several processes may open the same fi
 timeout), e.g. ``cluster runs`` while a sweep writes. Every write is committed before the method that
 made it returns, unless it runs inside ``transaction()``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,10 @@ def load_json(text: Optional[str], where: str) -> Any:
     try:
         return json.loads(text)
     except (TypeError, ValueError) as error:
-        raise DataError(f"{where} is not valid JSON ({error}); the row was changed outside `cluster`: "
-                        f"restore the file from a backup or delete that row") from None
+        raise DataError(
+            f"{where} is not valid JSON ({error}); the row was changed outside `cluster`: "
+            f"restore the file from a backup or delete that row"
+        ) from None
 
 
 def row_to(cls: type[Record], row: sqlite3.Row) -> Record:
@@ -67,10 +70,13 @@ class _Connection(sqlite3.Connection):
         if "locked" in text or "busy" in text:
             return StoreBusyError(
                 f"{self.store_path}: the store stayed locked by another process for {BUSY_TIMEOUT_S:.0f} s "
-                f"(another `cluster` command is writing, or hung); try again when it ends")
+                f"(another `cluster` command is writing, or hung); try again when it ends"
+            )
         if "malformed" in text or "not a database" in text:
-            return DataError(f"{self.store_path}: the store is damaged ({text}); restore it from a backup "
-                             f"or move it away (the history is then lost)")
+            return DataError(
+                f"{self.store_path}: the store is damaged ({text}); restore it from a backup "
+                f"or move it away (the history is then lost)"
+            )
         return error
 
 

@@ -1,4 +1,5 @@
 """The rows of the store's own tables as dataclasses (the columns are in controller/store/schema.py)."""
+
 from __future__ import annotations
 
 import enum

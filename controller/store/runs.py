@@ -1,4 +1,5 @@
 """Training runs and their epochs in the store (a sweep's trials are runs with a sweep_id)."""
+
 from __future__ import annotations
 
 import dataclasses

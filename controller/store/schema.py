@@ -7,6 +7,7 @@ refused rather than guessed at). Stores written before versions were kept have `
 some of these tables already: every step is safe to apply to them (``IF NOT EXISTS``, columns added
 only where missing).
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -21,6 +22,7 @@ def add_column(table: str, column: str, kind: str) -> Callable[[sqlite3.Connecti
         present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if column not in present:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
     step.__doc__ = f"ALTER TABLE {table} ADD COLUMN {column} {kind} (where missing)"
     return step
 
@@ -163,34 +165,60 @@ CREATE TABLE IF NOT EXISTS remote_engines (
 """
 
 MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "clusters, engines, nodes, runs, epochs, checkpoints, sweeps, bench, leases, remote engines",
-              (TABLES_V1,)),
-    Migration(2, "a node keeps the address bootstrap reached it at (`cluster ssh` and stop use it)",
-              (add_column("nodes", "ssh_host", "TEXT"), add_column("nodes", "ssh_port", "INTEGER"))),
-    Migration(3, "a sweep keeps the full spec its trials start from (resume uses it)",
-              (add_column("sweeps", "base_spec", "TEXT NOT NULL DEFAULT '{}'"),)),
-    Migration(4, "an engine can be leaving (drained, or under a spot interruption notice)",
-              (add_column("engines", "leaving", "TEXT"),)),
-    Migration(5, "a bench's unit per engine count is a measurement: in bench tables, `run` means a training run",
-              ("""
+    Migration(
+        1, "clusters, engines, nodes, runs, epochs, checkpoints, sweeps, bench, leases, remote engines", (TABLES_V1,)
+    ),
+    Migration(
+        2,
+        "a node keeps the address bootstrap reached it at (`cluster ssh` and stop use it)",
+        (add_column("nodes", "ssh_host", "TEXT"), add_column("nodes", "ssh_port", "INTEGER")),
+    ),
+    Migration(
+        3,
+        "a sweep keeps the full spec its trials start from (resume uses it)",
+        (add_column("sweeps", "base_spec", "TEXT NOT NULL DEFAULT '{}'"),),
+    ),
+    Migration(
+        4,
+        "an engine can be leaving (drained, or under a spot interruption notice)",
+        (add_column("engines", "leaving", "TEXT"),),
+    ),
+    Migration(
+        5,
+        "a bench's unit per engine count is a measurement: in bench tables, `run` means a training run",
+        (
+            """
 ALTER TABLE bench_runs RENAME TO bench_measurements;
 DROP INDEX IF EXISTS bench_runs_by_bench;
 CREATE INDEX IF NOT EXISTS bench_measurements_by_bench ON bench_measurements(bench_id);
 ALTER TABLE bench_engines RENAME COLUMN bench_run_id TO measurement_id;
 ALTER TABLE bench_trials RENAME COLUMN bench_run_id TO measurement_id;
-""",)),
-    Migration(6, "a run and its checkpoint can stand part-way into an epoch (tasks of task_seconds)",
-              (add_column("runs", "batches_done", "INTEGER DEFAULT 0"),
-               add_column("runs", "epoch_batches", "INTEGER DEFAULT 0"),
-               add_column("checkpoints", "batches_done", "INTEGER DEFAULT 0"))),
-    Migration(7, "an elastic cluster: its target size and autoscaling knobs, the keeper's pid, when a node went "
-                 "idle and why it was started or released, resize decisions, the masters' demand",
-              (add_column("clusters", "target", "INTEGER"),  # slaves to keep (`cluster scale`, the autoscaler)
-               add_column("clusters", "min_slaves", "INTEGER"), add_column("clusters", "max_slaves", "INTEGER"),
-               add_column("clusters", "idle_minutes", "REAL"), add_column("clusters", "replace_lost", "INTEGER"),
-               add_column("clusters", "keeper_pid", "INTEGER"),
-               add_column("nodes", "idle_since", "REAL"), add_column("nodes", "note", "TEXT"),
-               """
+""",
+        ),
+    ),
+    Migration(
+        6,
+        "a run and its checkpoint can stand part-way into an epoch (tasks of task_seconds)",
+        (
+            add_column("runs", "batches_done", "INTEGER DEFAULT 0"),
+            add_column("runs", "epoch_batches", "INTEGER DEFAULT 0"),
+            add_column("checkpoints", "batches_done", "INTEGER DEFAULT 0"),
+        ),
+    ),
+    Migration(
+        7,
+        "an elastic cluster: its target size and autoscaling knobs, the keeper's pid, when a node went "
+        "idle and why it was started or released, resize decisions, the masters' demand",
+        (
+            add_column("clusters", "target", "INTEGER"),  # slaves to keep (`cluster scale`, the autoscaler)
+            add_column("clusters", "min_slaves", "INTEGER"),
+            add_column("clusters", "max_slaves", "INTEGER"),
+            add_column("clusters", "idle_minutes", "REAL"),
+            add_column("clusters", "replace_lost", "INTEGER"),
+            add_column("clusters", "keeper_pid", "INTEGER"),
+            add_column("nodes", "idle_since", "REAL"),
+            add_column("nodes", "note", "TEXT"),
+            """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     cluster_id INTEGER NOT NULL REFERENCES clusters(id),
@@ -205,7 +233,9 @@ CREATE TABLE IF NOT EXISTS demand (
     at REAL NOT NULL,
     PRIMARY KEY (cluster_id, holder)
 );
-""")),
+""",
+        ),
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -15,6 +15,7 @@ engine's nanny, which frees its GPU and lets the keeper replace the engine: a ra
 it evaluates; another rank's return counts as progress).  A rank still queued behind another task on its
 engine is withdrawn instead of killed.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -59,13 +60,16 @@ def choose_engines(available: list[int], requested: Optional[list[int]]) -> list
         return sorted(available)
     missing = [e for e in requested if e not in available]
     if missing:
-        raise UsageError(f"--engines: no engine {', '.join(map(str, missing))}; the engines are "
-                         f"{', '.join(map(str, sorted(available))) or 'none'}")
+        raise UsageError(
+            f"--engines: no engine {', '.join(map(str, missing))}; the engines are "
+            f"{', '.join(map(str, sorted(available))) or 'none'}"
+        )
     return list(requested)
 
 
-def rendezvous_address(port_info: dict, engine_hosts: dict[int, str], engines: list[int],
-                       known: Optional[dict[int, str]] = None) -> str:
+def rendezvous_address(
+    port_info: dict, engine_hosts: dict[int, str], engines: list[int], known: Optional[dict[int, str]] = None
+) -> str:
     """Loopback when every rank is on rank 0's host; else rank 0's node's private address when the
     provider recorded one (AWS), else the address rank 0 reported for its host name."""
     hosts = {engine_hosts.get(e) for e in engines}
@@ -96,10 +100,19 @@ class DistributedRun:
     attempt wait at training step S for ``path/go`` (engines/ddp.py ``HoldAt``).
     """
 
-    def __init__(self, client, store: Store, engines: list[int], *, poll_s: float = 0.2,
-                 grace_s: float = STRAGGLER_GRACE_S, hold: Optional[dict] = None,
-                 addresses: Optional[dict[int, str]] = None, stall_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        client,
+        store: Store,
+        engines: list[int],
+        *,
+        poll_s: float = 0.2,
+        grace_s: float = STRAGGLER_GRACE_S,
+        hold: Optional[dict] = None,
+        addresses: Optional[dict[int, str]] = None,
+        stall_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.client = client
         self.store = store
         self.engines = list(engines)
@@ -151,19 +164,30 @@ class DistributedRun:
             if not survivors:
                 message = f"distributed run {job.run_id}: every engine of {self.engines} was lost"
                 if attempt.stalled:
-                    message = (f"distributed run {job.run_id}: rank 0 reported no progress for "
-                               f"{self.stall_s / 60:g} min ([cluster] stall_minutes); the engines "
-                               f"{', '.join(map(str, self.stalled))} were stopped. Continue the run from its last "
-                               f"checkpoint with `cluster train --resume {job.run_id}` once engines are back "
-                               f"(`cluster status`)")
+                    message = (
+                        f"distributed run {job.run_id}: rank 0 reported no progress for "
+                        f"{self.stall_s / 60:g} min ([cluster] stall_minutes); the engines "
+                        f"{', '.join(map(str, self.stalled))} were stopped. Continue the run from its last "
+                        f"checkpoint with `cluster train --resume {job.run_id}` once engines are back "
+                        f"(`cluster status`)"
+                    )
                 self.recorder.record_failure(job, message)
                 raise TaskError(message)
             self.failovers.append({"epoch": job.epochs_done + 1, "lost": attempt.lost, "engines": survivors})
-            log.warning("run %s lost engine(s) %s; epoch %d again on engines %s from the last checkpoint",
-                        job.run_id, attempt.lost, job.epochs_done + 1, survivors)
-            sink.engine_lost(job, RuntimeError(
-                f"engine(s) {', '.join(map(str, attempt.lost))} lost; epoch {job.epochs_done + 1} again on "
-                f"engines {', '.join(map(str, survivors))} from the last checkpoint"))
+            log.warning(
+                "run %s lost engine(s) %s; epoch %d again on engines %s from the last checkpoint",
+                job.run_id,
+                attempt.lost,
+                job.epochs_done + 1,
+                survivors,
+            )
+            sink.engine_lost(
+                job,
+                RuntimeError(
+                    f"engine(s) {', '.join(map(str, attempt.lost))} lost; epoch {job.epochs_done + 1} again on "
+                    f"engines {', '.join(map(str, survivors))} from the last checkpoint"
+                ),
+            )
             self.engines = survivors
             self._describe(job)
 
@@ -185,8 +209,12 @@ class DistributedRun:
 
     def _describe(self, job: Job) -> None:
         """The stored run says it is distributed, on which engines, with which global batch."""
-        job.spec["distributed"] = {"engines": list(self.engines), "world": len(self.engines),
-                                   "global_batch": job.spec["batch_size"], "failovers": list(self.failovers)}
+        job.spec["distributed"] = {
+            "engines": list(self.engines),
+            "world": len(self.engines),
+            "global_batch": job.spec["batch_size"],
+            "failovers": list(self.failovers),
+        }
         self.store.runs.update(job.run_id, params=job.spec)
 
     def _attempt(self, job: Job, sink: ProgressSink, hold: Optional[dict]) -> Attempt:
@@ -204,14 +232,16 @@ class DistributedRun:
         for rank, engine in enumerate(self.engines):
             rendezvous = {"address": address, "port": port["port"], "rank": rank, "world": world}
             pending[engine] = self.client[engine].apply_async(
-                distributed_task, job.spec, job.checkpoint, job.epochs_per_task, rendezvous, hold)
+                distributed_task, job.spec, job.checkpoint, job.epochs_per_task, rendezvous, hold
+            )
         first_failure: Optional[_Silence] = None  # heard_at: when the first rank failed
         last_update: Optional[dict] = None
         silence, listened_at = _Silence(self.clock()), None
         try:
             while pending:
-                done, _ = concurrent.futures.wait(list(pending.values()), timeout=self.poll_s,
-                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+                done, _ = concurrent.futures.wait(
+                    list(pending.values()), timeout=self.poll_s, return_when=concurrent.futures.FIRST_COMPLETED
+                )
                 now = self.clock()  # one reading per pass: a pause of the master between two would count as silence
                 listened_at = discount_pause([silence] + ([first_failure] if first_failure else []), listened_at, now)
                 for engine, result in list(pending.items()):
@@ -239,14 +269,21 @@ class DistributedRun:
                 sink.tick()
                 if first_failure is not None and pending and now - first_failure.heard_at > self.grace_s:
                     # a live rank leaves its collectives within the timeout; one silent past it is hung or gone
-                    log.warning("engines %s silent %.0f s after a rank failed; stopping them, counted as lost",
-                                list(pending), self.grace_s)
+                    log.warning(
+                        "engines %s silent %.0f s after a rank failed; stopping them, counted as lost",
+                        list(pending),
+                        self.grace_s,
+                    )
                     self._kill(attempt, pending)
-                elif (self.stall_s and first_failure is None and pending
-                      and now - silence.heard_at >= self.stall_s):
-                    log.warning("run %s: rank 0 reported no progress for %.0f s ([cluster] stall_minutes = %g); "
-                                "stopping engines %s", job.run_id, now - silence.heard_at, self.stall_s / 60,
-                                list(pending))
+                elif self.stall_s and first_failure is None and pending and now - silence.heard_at >= self.stall_s:
+                    log.warning(
+                        "run %s: rank 0 reported no progress for %.0f s ([cluster] stall_minutes = %g); "
+                        "stopping engines %s",
+                        job.run_id,
+                        now - silence.heard_at,
+                        self.stall_s / 60,
+                        list(pending),
+                    )
                     self.stalled.extend(pending)
                     attempt.stalled.extend(pending)
                     self._kill(attempt, pending)

@@ -6,6 +6,7 @@ the one a single loop would form.  The checkpoint travels once to each engine th
 hold it yet (engines/predict.py keeps it); shards go through a load-balanced view, a shard lost
 with its engine is sent again, and the predictions are put back in order.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -65,10 +66,19 @@ class InferenceResult:
         return counts.reshape(classes, classes).tolist()
 
     def to_dict(self) -> dict:
-        return {"run_id": self.run_id, "split": self.split, "kind": self.kind, "checkpoint": self.checkpoint,
-                "engines": self.engines, "shards": self.shards, "images": self.images,
-                "accuracy": self.accuracy, "seconds": self.seconds, "images_per_s": self.images_per_s,
-                "confusion": self.confusion()}
+        return {
+            "run_id": self.run_id,
+            "split": self.split,
+            "kind": self.kind,
+            "checkpoint": self.checkpoint,
+            "engines": self.engines,
+            "shards": self.shards,
+            "images": self.images,
+            "accuracy": self.accuracy,
+            "seconds": self.seconds,
+            "images_per_s": self.images_per_s,
+            "confusion": self.confusion(),
+        }
 
 
 def shard_bounds(n: int, shards: int, batch: int = EVAL_BATCH) -> list[tuple[int, int]]:
@@ -93,12 +103,18 @@ def write_predictions(result: InferenceResult, path: Path) -> Path:
             classes = result.probabilities.shape[1]
             writer.writerow(["index", "label", "prediction", *(f"p{c}" for c in range(classes))])
             for index, (label, prediction, probs) in enumerate(
-                    zip(result.labels, result.predictions, result.probabilities)):
+                zip(result.labels, result.predictions, result.probabilities)
+            ):
                 writer.writerow([index, int(label), int(prediction), *(f"{p:.6g}" for p in probs)])
     else:
         with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, index=np.arange(result.images), labels=result.labels,
-                                predictions=result.predictions, probabilities=result.probabilities)
+            np.savez_compressed(
+                handle,
+                index=np.arange(result.images),
+                labels=result.labels,
+                predictions=result.predictions,
+                probabilities=result.probabilities,
+            )
     tmp.replace(path)
     return path
 
@@ -106,6 +122,7 @@ def write_predictions(result: InferenceResult, path: Path) -> Path:
 @dataclass
 class _Shard:
     """A shard running on an engine, as the master last heard of it."""
+
     engine: int
     heard_at: float  # when it began, last reported images done, or its engine was last told to die
     done: int = 0
@@ -119,9 +136,18 @@ class Inference:
     long (a hung CUDA kernel: the engine's heartbeat goes on) has its engine killed through its nanny, and is
     sent again like a shard whose engine was lost."""
 
-    def __init__(self, client, engines: list[int], *, shards_per_engine: int = 1, threads: int = 0,
-                 device: str = "auto", poll_s: float = 0.1, stall_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        client,
+        engines: list[int],
+        *,
+        shards_per_engine: int = 1,
+        threads: int = 0,
+        device: str = "auto",
+        poll_s: float = 0.1,
+        stall_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if shards_per_engine < 1:
             raise UsageError(f"--shards-per-engine {shards_per_engine}: expected 1 or more")
         self.client = client
@@ -140,14 +166,25 @@ class Inference:
         held = view.apply_async(load_model_task, key, None).get(timeout=60)
         missing = [e for e, info in zip(self.engines, held) if not info["loaded"]]
         if missing:
-            loaded = self.client[missing].apply_async(
-                load_model_task, key, checkpoint, self.device, self.threads).get(timeout=300)
+            loaded = (
+                self.client[missing]
+                .apply_async(load_model_task, key, checkpoint, self.device, self.threads)
+                .get(timeout=300)
+            )
             held = loaded
         self.loaded_now = missing
         return held[0]
 
-    def run(self, checkpoint: bytes, split: str, data_dir: str, *, run_id: Optional[str] = None,
-            expect_kind: Optional[str] = None, progress: Optional[ProgressFn] = None) -> InferenceResult:
+    def run(
+        self,
+        checkpoint: bytes,
+        split: str,
+        data_dir: str,
+        *,
+        run_id: Optional[str] = None,
+        expect_kind: Optional[str] = None,
+        progress: Optional[ProgressFn] = None,
+    ) -> InferenceResult:
         if split not in SPLITS:
             raise UsageError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
         key = hashlib.sha256(checkpoint).hexdigest()[:20]
@@ -165,15 +202,30 @@ class Inference:
         if covered != list(range(n)):  # every image exactly once, in order
             raise TaskError(f"inference returned images {len(covered)} of {n}, or out of order")
         return InferenceResult(
-            split=split, kind=kind, run_id=run_id, checkpoint=key, engines=self.engines, shards=len(bounds),
+            split=split,
+            kind=kind,
+            run_id=run_id,
+            checkpoint=key,
+            engines=self.engines,
+            shards=len(bounds),
             seconds=seconds,
             predictions=np.concatenate([parts[s]["predictions"] for s in starts]) if starts else np.zeros(0, int),
             labels=np.concatenate([parts[s]["labels"] for s in starts]) if starts else np.zeros(0, int),
-            probabilities=(np.concatenate([parts[s]["probabilities"] for s in starts]) if starts
-                           else np.zeros((0, 10), np.float32)))
+            probabilities=(
+                np.concatenate([parts[s]["probabilities"] for s in starts]) if starts else np.zeros((0, 10), np.float32)
+            ),
+        )
 
-    def _predict(self, key: str, kind: str, data_dir: str, split: str, bounds: list[tuple[int, int]], n: int,
-                 progress: Optional[ProgressFn]) -> dict[int, dict]:
+    def _predict(
+        self,
+        key: str,
+        kind: str,
+        data_dir: str,
+        split: str,
+        bounds: list[tuple[int, int]],
+        n: int,
+        progress: Optional[ProgressFn],
+    ) -> dict[int, dict]:
         view = self._view()
         pending = {view.apply_async(infer_task, key, kind, data_dir, split, a, b): (a, b, 0) for a, b in bounds}
         parts: dict[int, dict] = {}
@@ -181,8 +233,9 @@ class Inference:
         listened_at: Optional[float] = None
         try:
             while pending:
-                done, _ = concurrent.futures.wait(list(pending), timeout=self.poll_s,
-                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+                done, _ = concurrent.futures.wait(
+                    list(pending), timeout=self.poll_s, return_when=concurrent.futures.FIRST_COMPLETED
+                )
                 now = self.clock()
                 listened_at = discount_pause(running.values(), listened_at, now)
                 for result in done:
@@ -192,8 +245,9 @@ class Inference:
                         parts[a] = result.get()
                     except Exception as error:  # noqa: BLE001 - an engine loss is retried, the rest raised
                         if not is_engine_loss(error) or resends + 1 >= MAX_RESENDS:
-                            raise TaskError(f"inference of images {a}:{b} failed: {error}",
-                                            getattr(error, "traceback", "") or "") from None
+                            raise TaskError(
+                                f"inference of images {a}:{b} failed: {error}", getattr(error, "traceback", "") or ""
+                            ) from None
                         log.warning("images %d:%d lost their engine; sending them again", a, b)
                         # a view names its engines: one that still names the lost engine refuses new tasks
                         view = self._view()
@@ -201,8 +255,7 @@ class Inference:
                 if self.stall_s:
                     self._kill_stalled(pending, running, now)
                 if progress is not None:
-                    in_flight = sum(r.data.get("infer", {}).get("done", 0) for r in pending
-                                    if isinstance(r.data, dict))
+                    in_flight = sum(r.data.get("infer", {}).get("done", 0) for r in pending if isinstance(r.data, dict))
                     progress(sum(p["stop"] - p["start"] for p in parts.values()) + in_flight, n)
         except BaseException:
             try:
@@ -236,11 +289,21 @@ class Inference:
             if silent < self.stall_s:
                 continue
             if shard.kills >= STALL_KILLS:
-                raise TaskError(f"inference of images {a}:{b}: engine {engine} reported nothing for {silent:.0f} s "
-                                f"and did not die after {STALL_KILLS} kills (its nanny may be gone); stop the "
-                                f"cluster's engines on that slave by hand", "")
+                raise TaskError(
+                    f"inference of images {a}:{b}: engine {engine} reported nothing for {silent:.0f} s "
+                    f"and did not die after {STALL_KILLS} kills (its nanny may be gone); stop the "
+                    f"cluster's engines on that slave by hand",
+                    "",
+                )
             shard.kills += 1
             shard.heard_at = now
-            log.warning("images %d:%d: engine %d reported nothing for %.0f s ([cluster] stall_minutes = %g); killing "
-                        "that engine, the images go to another", a, b, engine, silent, self.stall_s / 60)
+            log.warning(
+                "images %d:%d: engine %d reported nothing for %.0f s ([cluster] stall_minutes = %g); killing "
+                "that engine, the images go to another",
+                a,
+                b,
+                engine,
+                silent,
+                self.stall_s / 60,
+            )
             kill_through_nanny(self.client, engine)

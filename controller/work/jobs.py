@@ -7,6 +7,7 @@ a chain of short tasks; a :class:`JobSource` hands out jobs and takes their resu
 :class:`ProgressSink` hears what happens to them; an :class:`EngineRoster` says which engines get no
 new task. Optional members are declared with defaults that do nothing.
 """
+
 from __future__ import annotations
 
 import abc

@@ -7,6 +7,7 @@ Taking a lease is one write transaction: two masters racing for the same run
 cannot both win.  A lease held on another host cannot be checked from here and
 is honoured; the holder releases its leases when it ends, Ctrl-C included.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +23,6 @@ from controller.ipp.processes import pid_alive, process_identity
 from controller.store import Store
 
 log = logging.getLogger(__name__)
-
 
 
 class LeaseError(ClusterStateError):
@@ -45,7 +45,8 @@ class Lease:
         return pid_alive(self.pid) and process_identity(self.pid) == self.process
 
     def describe(self) -> str:
-        return f"process {self.pid} on {self.host} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.taken_at))}"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.taken_at))
+        return f"process {self.pid} on {self.host} since {since}"
 
 
 class Leases:
@@ -61,8 +62,11 @@ class Leases:
         lease = self.get(kind, key)
         if lease is None or self._mine(lease) or not lease.alive():
             return
-        where = ("this master cannot tell whether it still runs: continue there, or wait for it to end"
-                 if lease.host != socket.gethostname() else "stop that process first, or wait for it to end")
+        where = (
+            "this master cannot tell whether it still runs: continue there, or wait for it to end"
+            if lease.host != socket.gethostname()
+            else "stop that process first, or wait for it to end"
+        )
         raise LeaseError(f"{kind} {key} is being run by another master: {lease.describe()}; {where}")
 
     def take(self, kind: str, key: str) -> Lease:
@@ -71,13 +75,17 @@ class Leases:
         mine = Lease(kind, key, socket.gethostname(), pid, process_identity(pid), time.time())
         with self.store.transaction():  # BEGIN IMMEDIATE: check and write as one
             self.check_free(kind, key)
-            self.store.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?)",
-                               (mine.kind, mine.id, mine.host, mine.pid, mine.process, mine.taken_at))
+            self.store.execute(
+                "INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?)",
+                (mine.kind, mine.id, mine.host, mine.pid, mine.process, mine.taken_at),
+            )
         return mine
 
     def release(self, lease: Lease) -> None:
-        self.store.execute("DELETE FROM leases WHERE kind = ? AND id = ? AND host = ? AND pid = ? AND process = ?",
-                           (lease.kind, lease.id, lease.host, lease.pid, lease.process))
+        self.store.execute(
+            "DELETE FROM leases WHERE kind = ? AND id = ? AND host = ? AND pid = ? AND process = ?",
+            (lease.kind, lease.id, lease.host, lease.pid, lease.process),
+        )
 
     @contextlib.contextmanager
     def hold(self, kind: str, key: str) -> Iterator[Lease]:
@@ -89,5 +97,8 @@ class Leases:
 
     @staticmethod
     def _mine(lease: Lease) -> bool:
-        return (lease.host == socket.gethostname() and lease.pid == os.getpid()
-                and lease.process == process_identity(lease.pid))
+        return (
+            lease.host == socket.gethostname()
+            and lease.pid == os.getpid()
+            and lease.process == process_identity(lease.pid)
+        )

@@ -1,4 +1,5 @@
 """Live progress on the master's terminal, fed by what engines publish while they train."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -11,9 +12,11 @@ from engines.spec import TaskResult
 
 
 def epoch_line(run_id: str, metrics: dict, epochs: int) -> str:
-    return (f"{run_id} epoch {metrics['epoch']}/{epochs}: loss {metrics['train_loss']:.4f}  "
-            f"val {metrics['val_accuracy']:.2%}  test {metrics['test_accuracy']:.2%}  "
-            f"{metrics['images_per_s']:,.0f} img/s  {metrics['seconds']:.1f} s")
+    return (
+        f"{run_id} epoch {metrics['epoch']}/{epochs}: loss {metrics['train_loss']:.4f}  "
+        f"val {metrics['val_accuracy']:.2%}  test {metrics['test_accuracy']:.2%}  "
+        f"{metrics['images_per_s']:,.0f} img/s  {metrics['seconds']:.1f} s"
+    )
 
 
 class RunProgress(ProgressSink):
@@ -25,9 +28,15 @@ class RunProgress(ProgressSink):
     def __init__(self, console: Optional[Console] = None):
         self.console = console or Console(stderr=True)
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
-            console=self.console, transient=True, disable=not self.console.is_terminal)
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+            disable=not self.console.is_terminal,
+        )
         self.tasks: dict[str, int] = {}
         self.printed: set[tuple[str, int]] = set()
 
@@ -44,7 +53,9 @@ class RunProgress(ProgressSink):
         return self.tasks[job.run_id]
 
     def task_submitted(self, job: Job) -> None:
-        self.progress.update(self._task(job), description=f"{job.run_id} epoch {job.epochs_done + 1}/{job.spec['epochs']}")
+        self.progress.update(
+            self._task(job), description=f"{job.run_id} epoch {job.epochs_done + 1}/{job.spec['epochs']}"
+        )
 
     def task_progress(self, job: Job, update: dict) -> None:
         task = self._task(job)
@@ -52,9 +63,13 @@ class RunProgress(ProgressSink):
             self._epoch_done(job, update["done"])
         elif update.get("batches"):
             loss = update.get("loss")
-            self.progress.update(task, total=update["batches"], completed=update["batch"],
-                                 description=f"{job.run_id} epoch {update['epoch']}/{update['epochs']}",
-                                 loss=f"{loss:.4f}" if loss is not None else "-")
+            self.progress.update(
+                task,
+                total=update["batches"],
+                completed=update["batch"],
+                description=f"{job.run_id} epoch {update['epoch']}/{update['epochs']}",
+                loss=f"{loss:.4f}" if loss is not None else "-",
+            )
 
     def task_done(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> None:
         for metrics in result.epochs:
@@ -69,13 +84,17 @@ class RunProgress(ProgressSink):
         self.progress.console.print(epoch_line(job.run_id, metrics, job.spec["epochs"]) + where, highlight=False)
 
     def engine_lost(self, job: Job, error: BaseException) -> None:
-        self.progress.console.print(f"{job.run_id}: engine lost ({error}); retrying on another engine",
-                                    style="yellow", highlight=False)
+        self.progress.console.print(
+            f"{job.run_id}: engine lost ({error}); retrying on another engine", style="yellow", highlight=False
+        )
 
     def task_stalled(self, job: Job, engine_id: int, silent_s: float) -> None:
-        self.progress.console.print(f"{job.run_id}: no progress for {silent_s:.0f} s on engine {engine_id} "
-                                    f"([cluster] stall_minutes); killing that engine", style="yellow",
-                                    highlight=False)
+        self.progress.console.print(
+            f"{job.run_id}: no progress for {silent_s:.0f} s on engine {engine_id} "
+            f"([cluster] stall_minutes); killing that engine",
+            style="yellow",
+            highlight=False,
+        )
 
     def job_failed(self, job: Job, error: BaseException) -> None:
         self.progress.console.print(f"{job.run_id} failed: {error}", style="red", highlight=False)

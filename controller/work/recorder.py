@@ -1,4 +1,5 @@
 """Recording training runs in the store as their tasks come back from the engines."""
+
 from __future__ import annotations
 
 import logging
@@ -34,18 +35,29 @@ class RunRecorder:
         if result.shipped and self.store.checkpoints.position(job.run_id) != result.position:
             self.store.checkpoints.save(job.run_id, result.completed_epochs, result.checkpoint, result.batches_done)
         values = dict(
-            epochs_done=result.completed_epochs, batches_done=result.batches_done, seconds=seconds,
-            engine_id=engine_id, host=result.host, device=result.device,
+            epochs_done=result.completed_epochs,
+            batches_done=result.batches_done,
+            seconds=seconds,
+            engine_id=engine_id,
+            host=result.host,
+            device=result.device,
         )
         if result.epoch_batches:
             values["epoch_batches"] = result.epoch_batches
         if result.epochs:
             last = result.epochs[-1]
-            values.update(train_loss=last["train_loss"], val_accuracy=last["val_accuracy"],
-                          test_accuracy=last["test_accuracy"], images_per_s=self._mean_rate(job.run_id))
+            values.update(
+                train_loss=last["train_loss"],
+                val_accuracy=last["val_accuracy"],
+                test_accuracy=last["test_accuracy"],
+                images_per_s=self._mean_rate(job.run_id),
+            )
         if result.diverged:
-            values.update(state="failed", finished_at=time.time(),
-                          error="training diverged (loss is NaN or infinite); lower the learning rate")
+            values.update(
+                state="failed",
+                finished_at=time.time(),
+                error="training diverged (loss is NaN or infinite); lower the learning rate",
+            )
         elif result.completed_epochs >= job.spec["epochs"]:
             values.update(state="completed", finished_at=time.time())
         self.store.runs.update(job.run_id, **values)
@@ -60,10 +72,15 @@ class RunRecorder:
             kept = self.store.epochs.of(run_id)
             last = kept[-1] if kept else None
             self.store.runs.update(
-                run_id, epochs_done=epochs, batches_done=batches, seconds=sum(e.seconds for e in kept),
-                train_loss=last.train_loss if last else None, val_accuracy=last.val_accuracy if last else None,
+                run_id,
+                epochs_done=epochs,
+                batches_done=batches,
+                seconds=sum(e.seconds for e in kept),
+                train_loss=last.train_loss if last else None,
+                val_accuracy=last.val_accuracy if last else None,
                 test_accuracy=last.test_accuracy if last else None,
-                images_per_s=self._mean_rate(run_id) if last else None)
+                images_per_s=self._mean_rate(run_id) if last else None,
+            )
 
     def resume_from_checkpoint(self, run_id: str) -> tuple[int, int]:
         """Where a run resumes: its stored checkpoint's position, with the run's row rolled back to it."""

@@ -6,6 +6,7 @@ second (controller/work/scheduler.py) and keeps those engines out of its load-ba
 that have not reported themselves yet (just started: still importing torch); it also reports
 how many jobs it could run at once, which the keeper autoscales to (controller/cluster).
 """
+
 from __future__ import annotations
 
 import itertools

@@ -14,6 +14,7 @@ next task goes on from it.  With ``checkpoint_minutes`` the engine keeps the new
 shipping it (engines/held.py): the job's next task goes to that engine alone, with a reference in place
 of the bytes; if that engine is lost, the job goes back to its last shipped checkpoint (``on_rollback``).
 """
+
 from __future__ import annotations
 
 import collections
@@ -78,6 +79,7 @@ class ReadyJobs:
     interrupted work resumed before new work starts.  ``next`` holds the rest: a finished task's
     follow-up keeps the chain on the freed engine's turn, and a withdrawn task goes again where it was.
     """
+
     moved: collections.deque = field(default_factory=collections.deque)
     next: collections.deque = field(default_factory=collections.deque)
 
@@ -117,9 +119,17 @@ TARGETS_GONE = "ImpossibleDependency"
 
 
 class Scheduler:
-    def __init__(self, client: ipp.Client, poll_s: float = 0.2, targets: Optional[list[int]] = None,
-                 prefetch: int = 0, watchdog: Optional[Watchdog] = None, roster: Optional[EngineRoster] = None,
-                 clock: Callable[[], float] = time.monotonic, stall_s: float = 0.0):
+    def __init__(
+        self,
+        client: ipp.Client,
+        poll_s: float = 0.2,
+        targets: Optional[list[int]] = None,
+        prefetch: int = 0,
+        watchdog: Optional[Watchdog] = None,
+        roster: Optional[EngineRoster] = None,
+        clock: Callable[[], float] = time.monotonic,
+        stall_s: float = 0.0,
+    ):
         self.client = client
         self.clock = clock
         # a task that began and then reports no progress for stall_s (0: never) has its engine killed: a hung
@@ -150,8 +160,9 @@ class Scheduler:
         """Registered engines that may get a task: the chosen targets (all when none), less the leaving."""
         registered = self.client.ids
         base = [engine for engine in self.targets if engine in registered] if self.targets else registered
-        return [engine for engine in base
-                if engine not in self._excluded and (self._ready is None or engine in self._ready)]
+        return [
+            engine for engine in base if engine not in self._excluded and (self._ready is None or engine in self._ready)
+        ]
 
     def capacity(self) -> int:
         usable = len(self.usable_engines())
@@ -205,9 +216,16 @@ class Scheduler:
         return _InFlight(job, result)
 
     def _roll_back(self, job: Job, source: JobSource, why: object) -> None:
-        log.warning("run %s: engine %s held its checkpoint at epoch %d batch %d and is gone (%s); going on "
-                    "from the last shipped one (epoch %d batch %d)", job.run_id, job.held_on, job.epochs_done,
-                    job.batches_done, why, *job.shipped)
+        log.warning(
+            "run %s: engine %s held its checkpoint at epoch %d batch %d and is gone (%s); going on "
+            "from the last shipped one (epoch %d batch %d)",
+            job.run_id,
+            job.held_on,
+            job.epochs_done,
+            job.batches_done,
+            why,
+            *job.shipped,
+        )
         job.roll_back()
         source.on_rollback(job)
 
@@ -228,8 +246,10 @@ class Scheduler:
                     self._watch(self._wanted(source, in_flight, ready))
                     continue
                 done, _ = concurrent.futures.wait(
-                    [t.result for t in in_flight.values()], timeout=self.poll_s,
-                    return_when=concurrent.futures.FIRST_COMPLETED)
+                    [t.result for t in in_flight.values()],
+                    timeout=self.poll_s,
+                    return_when=concurrent.futures.FIRST_COMPLETED,
+                )
                 registered = set(self.client.ids)
                 # one reading of the clock for the whole pass: a pause of the master that falls within it is
                 # then discounted from every task's silence, wherever in the pass it fell
@@ -246,8 +266,9 @@ class Scheduler:
                         # the hub dropped its engine: ipyparallel's task scheduler fails such a task only
                         # 5 s later (in case its result is still on the way); it goes elsewhere now
                         del in_flight[task.result.msg_ids[0]]
-                        gone = ipp.error.EngineError(f"engine {running_on(task.result)} is gone (unregistered "
-                                                     f"while running the task)")
+                        gone = ipp.error.EngineError(
+                            f"engine {running_on(task.result)} is gone (unregistered while running the task)"
+                        )
                         follow_up = self._lost(task.job, gone, source, sink)
                     else:
                         self._note_start(task, sink, now)
@@ -365,9 +386,14 @@ class Scheduler:
         task.kills += 1
         if task.kills == 1:
             self.stats.stalls += 1
-        log.warning("run %s: its task on engine %d reported no progress for %.0f s ([cluster] stall_minutes = %g); "
-                    "killing that engine, the task goes on elsewhere", task.job.run_id, task.started_on, silent,
-                    self.stall_s / 60)
+        log.warning(
+            "run %s: its task on engine %d reported no progress for %.0f s ([cluster] stall_minutes = %g); "
+            "killing that engine, the task goes on elsewhere",
+            task.job.run_id,
+            task.started_on,
+            silent,
+            self.stall_s / 60,
+        )
         sink.task_stalled(task.job, task.started_on, silent)
         kill_through_nanny(self.client, task.started_on)
         return False
@@ -379,8 +405,10 @@ class Scheduler:
         assert engine is not None
         self._hung.add(engine)
         self.exclude(engine, f"still registered after {STALL_KILLS} kills for a stalled task")
-        gone = ipp.error.EngineError(f"engine {engine} did not die after {STALL_KILLS} kills for a stalled task "
-                                     f"(its nanny may be gone); it gets no new task")
+        gone = ipp.error.EngineError(
+            f"engine {engine} did not die after {STALL_KILLS} kills for a stalled task "
+            f"(its nanny may be gone); it gets no new task"
+        )
         return self._lost(task.job, gone, source, sink)
 
     @staticmethod
@@ -472,7 +500,6 @@ class Scheduler:
             self.stats.timings.append((engine, submitted, started, completed))
             previous[engine] = completed
         self._timed.clear()
-
 
     def _forget(self, result: ipp.AsyncResult, size: int) -> None:
         """The client keeps every result (and so every checkpoint) until told otherwise."""

@@ -5,6 +5,7 @@ over; the subsystems depend on this protocol only, so they never import the API
 back (tests/test_imports.py keeps the module graph free of cycles), and a test can
 give them any object with these few members.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol

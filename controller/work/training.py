@@ -6,6 +6,7 @@ model on several engines at once (controller/work/distributed.py). The store hol
 checkpoint that resumes it, so a run cut short by Ctrl-C, a lost engine or a lost controller goes on
 with ``--resume``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,14 @@ class Training:
         self.store = session.store
         self.run_id: Optional[str] = None
 
-    def train(self, progress: Optional[ProgressSink] = None, *, distributed: bool = False,
-              engines: Optional[list[int]] = None, **overrides: Any) -> RunResult:
+    def train(
+        self,
+        progress: Optional[ProgressSink] = None,
+        *,
+        distributed: bool = False,
+        engines: Optional[list[int]] = None,
+        **overrides: Any,
+    ) -> RunResult:
         """One training run on a free engine; returns when it ends (Ctrl-C leaves it resumable).
 
         ``distributed=True``: one model on every engine (or on ``engines``, ids) with torch.distributed,
@@ -67,8 +74,9 @@ class Training:
                 return self._distributed(Job(run_id=run_id, spec=spec), progress, engines)
             return self._on_one_engine(Job(run_id=run_id, spec=spec), progress)
 
-    def resume(self, run_id: str, progress: Optional[ProgressSink] = None,
-               engines: Optional[list[int]] = None) -> RunResult:
+    def resume(
+        self, run_id: str, progress: Optional[ProgressSink] = None, engines: Optional[list[int]] = None
+    ) -> RunResult:
         """Continue a run from its last checkpoint to the end of its epoch budget.
 
         A distributed run resumes distributed, on every engine or on ``engines`` (any count: the
@@ -89,9 +97,18 @@ class Training:
             checkpoint = stored[1] if stored else None
             # progress recorded after the stored checkpoint (kept on an engine, checkpoint_minutes) is redone
             position = RunRecorder(self.store).resume_from_checkpoint(run_id)
-            self.store.runs.update(run_id, state="running", error=None, finished_at=None, cluster_id=self.session.record.id)
-            job = Job(run_id=run_id, spec=self._resumed_spec(run.params), checkpoint=checkpoint,
-                      epochs_done=position[0], batches_done=position[1], shipped=position, task=task_for(run.params))
+            self.store.runs.update(
+                run_id, state="running", error=None, finished_at=None, cluster_id=self.session.record.id
+            )
+            job = Job(
+                run_id=run_id,
+                spec=self._resumed_spec(run.params),
+                checkpoint=checkpoint,
+                epochs_done=position[0],
+                batches_done=position[1],
+                shipped=position,
+                task=task_for(run.params),
+            )
             self.run_id = run_id
             if run.params.get("distributed"):
                 return self._distributed(job, progress, engines)
@@ -114,8 +131,13 @@ class Training:
         private = {n.node_id: n.private_ip for n in self.store.nodes.of(record.id) if n.private_ip}
         addresses = {e.engine_id: private[e.node_id] for e in self.store.engines.of(record.id) if e.node_id in private}
         try:
-            DistributedRun(self.session.client, self.store, chosen, addresses=addresses,
-                           stall_s=self.session.config.cluster.stall_minutes * 60).run(job, progress)
+            DistributedRun(
+                self.session.client,
+                self.store,
+                chosen,
+                addresses=addresses,
+                stall_s=self.session.config.cluster.stall_minutes * 60,
+            ).run(job, progress)
         except BaseException:
             RunRecorder(self.store).mark_interrupted([job.run_id])
             raise
@@ -131,7 +153,9 @@ class Training:
             if isinstance(error, ClusterLostError) and run is not None:
                 raise ClusterLostError(
                     f"{error}; run {run.id} is stored up to epoch {run.epochs_done}: {error.way_on}, "
-                    f"then continue it with `cluster train --resume {run.id}`", error.way_on) from None
+                    f"then continue it with `cluster train --resume {run.id}`",
+                    error.way_on,
+                ) from None
             raise
         if source.error is not None:
             raise TaskError(f"run {job.run_id} failed on its engine: {source.error}", source.traceback)

@@ -1,6 +1,7 @@
 """Watching tasks on engines from the master: give up on a lost cluster, tell engine losses from task
 failures, kill the engine of a task that went silent, and never count a pause of the master as silence.
 Shared by the scheduler, distributed runs and inference."""
+
 from __future__ import annotations
 
 import logging
@@ -28,6 +29,7 @@ class Watchdog:
     ipyparallel never fails a task whose controller died (its results just never come), and keeps a
     task queued while no engine is registered; both are decided here, on the master.
     """
+
     controller_alive: Callable[[], bool]
     engine_timeout: float  # seconds without a single engine before the work is given up
     check_every_s: float = 1.0
@@ -47,9 +49,11 @@ class Watchdog:
         elif self._engineless_since is None:
             self._engineless_since = now
         elif now - self._engineless_since >= self.engine_timeout:
-            raise ClusterLostError(f"no engine has been registered for {now - self._engineless_since:.0f} s "
-                                   f"([cluster] engine_timeout = {self.engine_timeout:g})",
-                                   way_on="`cluster scale N` (slaves with engines again)")
+            raise ClusterLostError(
+                f"no engine has been registered for {now - self._engineless_since:.0f} s "
+                f"([cluster] engine_timeout = {self.engine_timeout:g})",
+                way_on="`cluster scale N` (slaves with engines again)",
+            )
 
 
 def remote_error_name(error: BaseException) -> str:

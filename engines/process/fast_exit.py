@@ -11,6 +11,7 @@ Only a SIGTERM'd exit is cut short: an engine that ends any other way (a lost hu
 finalises as before and keeps its exit status.  Installed in every engine by its startup
 command (engines/process/startup.py), after ipyparallel set its own SIGTERM handler.
 """
+
 from __future__ import annotations
 
 import atexit

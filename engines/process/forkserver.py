@@ -24,6 +24,7 @@ no request.
 
 The client side, an ipyparallel launcher, is controller/ipp/forked_engines.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -114,8 +115,9 @@ class ForkServer:
     def _answer(self, connection: socket.socket) -> None:
         connection.settimeout(30)
         try:
-            uid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                            struct.calcsize("3i")))[1]
+            uid = struct.unpack(
+                "3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            )[1]
             if uid != os.getuid():
                 raise PermissionError(f"uid {uid} may not ask for an engine (only {os.getuid()})")
             request = json.loads(read_line(connection))

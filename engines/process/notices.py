@@ -9,6 +9,7 @@ boundary with a checkpoint (``stopping.request("notice")``, sticky: later tasks 
 once), and the master moves the run elsewhere.  ``[cluster] metadata_url`` points the watcher at any
 service that speaks this (tests play notices with a local HTTP server).
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,16 +66,21 @@ class Watcher:
             if body is not None and name not in self._seen:
                 self._seen.add(name)
                 found.append(name)
-                log.warning("%s from %s: %s; the running task stops at its next batch with a checkpoint",
-                            name, self.url, body.strip()[:200])
+                log.warning(
+                    "%s from %s: %s; the running task stops at its next batch with a checkpoint",
+                    name,
+                    self.url,
+                    body.strip()[:200],
+                )
                 self.on_notice(name, body)
         return found
 
     def _get(self, path: str) -> Optional[str]:
         """The body at ``path``, or None when there is nothing there (404)."""
         for attempt in range(2):
-            request = urllib.request.Request(self.url + path, headers={
-                "X-aws-ec2-metadata-token": self._session_token(), "User-Agent": self._agent})
+            request = urllib.request.Request(
+                self.url + path, headers={"X-aws-ec2-metadata-token": self._session_token(), "User-Agent": self._agent}
+            )
             try:
                 with self._opener.open(request, timeout=REQUEST_TIMEOUT_S) as response:
                     return response.read().decode("utf-8", "replace")
@@ -89,8 +95,11 @@ class Watcher:
 
     def _session_token(self) -> str:
         if self._token is None or self.clock() >= self._token_until:
-            request = urllib.request.Request(self.url + TOKEN_PATH, method="PUT", headers={
-                "X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_S), "User-Agent": self._agent})
+            request = urllib.request.Request(
+                self.url + TOKEN_PATH,
+                method="PUT",
+                headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_S), "User-Agent": self._agent},
+            )
             with self._opener.open(request, timeout=REQUEST_TIMEOUT_S) as response:
                 self._token = response.read().decode("ascii").strip()
             self._token_until = self.clock() + TOKEN_TTL_S - 60
@@ -121,8 +130,9 @@ class Watcher:
                     self._failing = False
             except (OSError, ValueError) as error:  # unreachable, refused, timed out, a bad answer
                 if not self._failing:
-                    log.warning("cannot read spot notices from %s (%s); trying again every %g s",
-                                self.url, error, self.interval)
+                    log.warning(
+                        "cannot read spot notices from %s (%s); trying again every %g s", self.url, error, self.interval
+                    )
                     self._failing = True
             self._stop.wait(self.interval)
 
@@ -136,8 +146,11 @@ def watch(url: str, interval: float = POLL_S) -> dict:
     calls this on every engine as it registers); returns what this engine now watches."""
     global _watcher
     with _lock:
-        if _watcher is not None and _watcher.running and (_watcher.url, _watcher.interval) == (url.rstrip("/"),
-                                                                                               interval):
+        if (
+            _watcher is not None
+            and _watcher.running
+            and (_watcher.url, _watcher.interval) == (url.rstrip("/"), interval)
+        ):
             return status()
         if _watcher is not None:
             _watcher.stop()
@@ -155,5 +168,4 @@ def unwatch() -> None:
 
 def status() -> dict:
     watcher = _watcher
-    return {"url": watcher.url if watcher else "", "running": bool(watcher and watcher.running),
-            "pid": os.getpid()}
+    return {"url": watcher.url if watcher else "", "running": bool(watcher and watcher.running), "pid": os.getpid()}

@@ -20,6 +20,7 @@ Installed in every engine, local or remote, as its startup command (``controller
 A local engine is forked from its cluster's fork server (engines/process/forkserver.py) with these modules imported
 already: there the thread finds them loaded and ends at once.
 """
+
 from __future__ import annotations
 
 import importlib

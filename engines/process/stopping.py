@@ -12,6 +12,7 @@ Three things ask, and each gives its reason:
 once too (a task the hub had already queued for it comes straight back, checkpoint unchanged, and is
 sent elsewhere).  The master clears a drain it has called off with :func:`clear`.
 """
+
 from __future__ import annotations
 
 import signal

@@ -17,6 +17,7 @@ ResNet18, which would otherwise shrink 32x32 to 1x1 before its last stage).
 (spec, checkpoint, n_epochs) -> TaskResult-dict contract as ``train_task``, so
 the scheduler runs it unchanged (and the master names it without importing torch).
 """
+
 from __future__ import annotations
 
 import pickle
@@ -64,13 +65,20 @@ class Cifar:
 # data ---------------------------------------------------------------------------
 # everything a CIFAR-10 python batch needs to be rebuilt: numpy arrays (pickled by numpy 1 or 2, any
 # protocol) and Python 2 byte strings; nothing here can run a command or open a file
-BATCH_GLOBALS = frozenset({
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"), ("builtins", "bytes"),
-})
+BATCH_GLOBALS = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+        ("builtins", "bytes"),
+    }
+)
 
 
 class BatchUnpickler(pickle.Unpickler):
@@ -78,8 +86,9 @@ class BatchUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in BATCH_GLOBALS:
-            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds only "
-                                         f"numpy arrays, lists and strings")
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: a CIFAR-10 batch holds only numpy arrays, lists and strings"
+            )
         return super().find_class(module, name)
 
 
@@ -88,11 +97,12 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.exists():
         raise DataError(
             f"{path}: missing; expected the CIFAR-10 python batches (cifar-10-python.tar.gz unpacked) "
-            f"under {path.parent} -- nothing is downloaded, copy them there")
+            f"under {path.parent} -- nothing is downloaded, copy them there"
+        )
     try:
         with open(path, "rb") as handle:
             batch = BatchUnpickler(handle, encoding="bytes").load()
-    except Exception as error:  # a truncated or foreign file: say which one
+    except Exception as error:  # noqa: BLE001 - a truncated or foreign file, whatever unpickling raised: say which one
         raise DataError(f"{path}: not a CIFAR-10 python batch ({type(error).__name__}: {error})") from None
     if not isinstance(batch, dict):
         raise DataError(f"{path}: not a CIFAR-10 python batch (a {type(batch).__name__}, expected a dict)")
@@ -122,7 +132,8 @@ def load_cifar10(data_dir: Path) -> Cifar:
         if not folder.is_dir():
             raise DataError(
                 f"{folder}: no CIFAR-10 here; put the python batches (data_batch_1..5, test_batch) in "
-                f"that folder -- they are never downloaded at run time")
+                f"that folder -- they are never downloaded at run time"
+            )
         parts = [read_batch(folder / name) for name in TRAIN_FILES]
         images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
@@ -131,7 +142,8 @@ def load_cifar10(data_dir: Path) -> Cifar:
         _CACHE[key] = Cifar(
             train=Split(images[:cut], labels[:cut]),
             val=Split(images[cut:], labels[cut:]),
-            test=Split(torch.from_numpy(test_images), torch.from_numpy(test_labels)))
+            test=Split(torch.from_numpy(test_images), torch.from_numpy(test_labels)),
+        )
     return _CACHE[key]
 
 
@@ -144,8 +156,12 @@ def write_cifar10_batches(data_dir: Path, per_batch: int = 16, n_test: int = 32,
     def make(n: int) -> dict:
         labels = rng.integers(0, 10, size=n)
         images = np.clip(prototypes[labels] + rng.normal(0, 25, size=(n, 3, 32, 32)), 0, 255)
-        return {b"batch_label": b"synthetic", b"labels": [int(x) for x in labels],
-                b"data": images.astype(np.uint8).reshape(n, 3072), b"filenames": [b""] * n}
+        return {
+            b"batch_label": b"synthetic",
+            b"labels": [int(x) for x in labels],
+            b"data": images.astype(np.uint8).reshape(n, 3072),
+            b"filenames": [b""] * n,
+        }
 
     folder = Path(data_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
@@ -172,8 +188,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     dx = torch.randint(0, 9, (n,), generator=generator).to(images.device)
     dy = torch.randint(0, 9, (n,), generator=generator).to(images.device)
     # gather a 32x32 window per image with index arithmetic: no Python loop over images
-    rows = (dy.view(n, 1) + torch.arange(32, device=images.device).view(1, 32))  # n x 32
-    cols = (dx.view(n, 1) + torch.arange(32, device=images.device).view(1, 32))
+    rows = dy.view(n, 1) + torch.arange(32, device=images.device).view(1, 32)  # n x 32
+    cols = dx.view(n, 1) + torch.arange(32, device=images.device).view(1, 32)
     flip = torch.rand(n, generator=generator).to(images.device) < 0.5
     cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
     index_n = torch.arange(n, device=images.device).view(n, 1, 1, 1)
@@ -191,7 +207,8 @@ def build_model(name: str) -> nn.Module:
         # 32x32 leaves 512 x 1 x 1 after the five pools; the ImageNet head would upsample it to 7x7
         model.avgpool = nn.Flatten()
         model.classifier = nn.Sequential(
-            nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(512, 10))
+            nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(512, 10)
+        )
         return model
     if name == "resnet18":
         model = models.resnet18(weights=None, num_classes=10)
@@ -206,12 +223,25 @@ def cifar_setup(spec: CifarSpec, device: torch.device, data: Optional[Cifar] = N
     """CIFAR's part of a training task; the loop, optimizer, schedule and checkpoints are engines.loop's."""
     data = data if data is not None else load_cifar10(Path(spec.data_dir))
     model = build_model(spec.model).to(device, memory_format=torch.channels_last)
-    return Setup(model=model, train=data.train, val=data.val, test=data.test, normalise=normalise,
-                 loss=F.cross_entropy, augment=augment if spec.augment else None, eval_batch=EVAL_BATCH)
+    return Setup(
+        model=model,
+        train=data.train,
+        val=data.val,
+        test=data.test,
+        normalise=normalise,
+        loss=F.cross_entropy,
+        augment=augment if spec.augment else None,
+        eval_batch=EVAL_BATCH,
+    )
 
 
-def train_cifar(spec: CifarSpec | dict, checkpoint: Union[bytes, dict, None] = None, n_epochs: Optional[int] = None,
-                progress: Optional[Callable[[dict], None]] = None, data: Optional[Cifar] = None) -> TaskResult:
+def train_cifar(
+    spec: CifarSpec | dict,
+    checkpoint: Union[bytes, dict, None] = None,
+    n_epochs: Optional[int] = None,
+    progress: Optional[Callable[[dict], None]] = None,
+    data: Optional[Cifar] = None,
+) -> TaskResult:
     """Train ``n_epochs`` (default: to the end of the budget) from ``checkpoint`` (engines.loop.run_task)."""
     spec = CifarSpec.from_dict(spec) if isinstance(spec, dict) else spec
     return run_task(spec, lambda device: cifar_setup(spec, device, data), checkpoint, n_epochs, progress)

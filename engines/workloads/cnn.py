@@ -1,4 +1,5 @@
 """The paper's MNIST network, with its topology as parameters so sweeps can vary it."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """The paper's workload: its CNN on MNIST, with L1 weight regularisation, over the shared training loop."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,8 +43,15 @@ def mnist_setup(spec: RunSpec, device: torch.device, data: Optional[Mnist] = Non
         value = F.nll_loss(output, labels)
         return value + l1 * l1_penalty(model) if l1 else value
 
-    return Setup(model=model, train=data.train, val=data.val, test=data.test, normalise=normalise, loss=loss,
-                 eval_batch=mnist_eval_batch(device))
+    return Setup(
+        model=model,
+        train=data.train,
+        val=data.val,
+        test=data.test,
+        normalise=normalise,
+        loss=loss,
+        eval_batch=mnist_eval_batch(device),
+    )
 
 
 def mnist_eval_batch(device: torch.device) -> int:

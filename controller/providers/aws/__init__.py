@@ -4,6 +4,7 @@
 ``network`` (subnets, key pair, security group, SSH addresses), ``prices`` (spot and on-demand; needs no
 store), ``errors`` (EC2's errors sorted into capacity, credentials and the rest), ``provider`` (the verbs).
 """
+
 from __future__ import annotations
 
 from controller.providers.aws.ec2 import owner

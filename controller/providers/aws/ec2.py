@@ -5,6 +5,7 @@ The cloud's tags are the truth: every instance, security group and key pair this
 by those tags, so nothing leaks when the local store is lost. Functions here take the boto3 client
 (one region's) and plain values; none keeps state.
 """
+
 from __future__ import annotations
 
 import functools
@@ -84,14 +85,21 @@ def client(config: Config, region: str = "") -> Any:
     if session.get_credentials() is None:
         raise classify(NoCredentialsError(), "aws")
     return session.create_client(
-        "ec2", region_name=region or cfg.region, endpoint_url=cfg.endpoint_url or None,
-        config=BotoConfig(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=10, read_timeout=60))
+        "ec2",
+        region_name=region or cfg.region,
+        endpoint_url=cfg.endpoint_url or None,
+        config=BotoConfig(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=10, read_timeout=60),
+    )
 
 
 def tags(name: str, role: str) -> list[dict]:
-    return [{"Key": TAG_TOOL, "Value": TOOL}, {"Key": TAG_CLUSTER, "Value": name},
-            {"Key": TAG_OWNER, "Value": owner()},
-            {"Key": TAG_ROLE, "Value": role}, {"Key": "Name", "Value": f"{TOOL}-{name}-{role}"}]
+    return [
+        {"Key": TAG_TOOL, "Value": TOOL},
+        {"Key": TAG_CLUSTER, "Value": name},
+        {"Key": TAG_OWNER, "Value": owner()},
+        {"Key": TAG_ROLE, "Value": role},
+        {"Key": "Name", "Value": f"{TOOL}-{name}-{role}"},
+    ]
 
 
 def tag_filter(name: str, everything: bool = False, any_owner: bool = False) -> list[dict]:
@@ -118,9 +126,11 @@ class Release:
 
 
 def left_message(left: dict[str, str]) -> str:
-    return (f"{len(left)} instance(s) NOT terminated and still billed: "
-            + "; ".join(f"{i} ({why})" for i, why in sorted(left.items()))
-            + ". Terminate them in the EC2 console, or fix the cause and run `cluster stop` again")
+    return (
+        f"{len(left)} instance(s) NOT terminated and still billed: "
+        + "; ".join(f"{i} ({why})" for i, why in sorted(left.items()))
+        + ". Terminate them in the EC2 console, or fix the cause and run `cluster stop` again"
+    )
 
 
 # finding ----------------------------------------------------------------------------------
@@ -156,9 +166,11 @@ def failing_checks(ec2: Any, ids: list[str]) -> dict[str, str]:
     reply = call("describing instance status checks", ec2.describe_instance_status, InstanceIds=ids)
     failing = {}
     for status in reply.get("InstanceStatuses", []):
-        failed = [f"{scope} status {status[key]['Status']}"
-                  for scope, key in (("system", "SystemStatus"), ("instance", "InstanceStatus"))
-                  if status.get(key, {}).get("Status") == "impaired"]
+        failed = [
+            f"{scope} status {status[key]['Status']}"
+            for scope, key in (("system", "SystemStatus"), ("instance", "InstanceStatus"))
+            if status.get(key, {}).get("Status") == "impaired"
+        ]
         if failed:
             failing[status["InstanceId"]] = ", ".join(failed)
     return failing
@@ -182,18 +194,36 @@ def ami(ec2: Any, cfg: AwsConfig) -> str:
     if cfg.ami != "auto":
         call(f"[aws] ami = {cfg.ami}", ec2.describe_images, ImageIds=[cfg.ami])
         return cfg.ami
-    images = call("looking up the deep-learning AMI", ec2.describe_images, Owners=["amazon"], Filters=[
-        {"Name": "name", "Values": [name]}, {"Name": "state", "Values": ["available"]},
-        {"Name": "architecture", "Values": ["x86_64"]}])["Images"]
+    images = call(
+        "looking up the deep-learning AMI",
+        ec2.describe_images,
+        Owners=["amazon"],
+        Filters=[
+            {"Name": "name", "Values": [name]},
+            {"Name": "state", "Values": ["available"]},
+            {"Name": "architecture", "Values": ["x86_64"]},
+        ],
+    )["Images"]
     if not images:
-        raise ConfigError(f"no '{name}' image in {cfg.region}; set [aws] ami to an AMI id with the "
-                          f"NVIDIA driver and Python 3")
+        raise ConfigError(
+            f"no '{name}' image in {cfg.region}; set [aws] ami to an AMI id with the NVIDIA driver and Python 3"
+        )
     return max(images, key=lambda i: i.get("CreationDate", ""))["ImageId"]
 
 
 # launching --------------------------------------------------------------------------------
-def launch(ec2: Any, cfg: AwsConfig, name: str, image: str, subnets: list[dict], key_name: str, group: str,
-           slaves: int, required: int, launched_ids: Optional[list[str]] = None) -> list[dict]:
+def launch(
+    ec2: Any,
+    cfg: AwsConfig,
+    name: str,
+    image: str,
+    subnets: list[dict],
+    key_name: str,
+    group: str,
+    slaves: int,
+    required: int,
+    launched_ids: Optional[list[str]] = None,
+) -> list[dict]:
     """Spot first, in the order of instance_types and zones; on-demand only if allowed. Partial down to ``required``.
 
     Every launched id is appended to ``launched_ids`` as soon as EC2 answers, so a caller can
@@ -210,21 +240,33 @@ def launch(ec2: Any, cfg: AwsConfig, name: str, image: str, subnets: list[dict],
                 if missing <= 0:
                     return launched
                 kwargs = dict(
-                    ImageId=image, InstanceType=kind, MinCount=1, MaxCount=missing, KeyName=key_name,
-                    SecurityGroupIds=[group], SubnetId=subnet["SubnetId"], ClientToken=uuid.uuid4().hex,
+                    ImageId=image,
+                    InstanceType=kind,
+                    MinCount=1,
+                    MaxCount=missing,
+                    KeyName=key_name,
+                    SecurityGroupIds=[group],
+                    SubnetId=subnet["SubnetId"],
+                    ClientToken=uuid.uuid4().hex,
                     # IMDSv2 only, one hop: code on the slave (or a container it runs) cannot read the
                     # instance's credentials through a forged or forwarded plain GET
                     MetadataOptions=METADATA_OPTIONS,
-                    TagSpecifications=[{"ResourceType": "instance", "Tags": tags(name, "slave")},
-                                       {"ResourceType": "volume", "Tags": tags(name, "slave")}])
+                    TagSpecifications=[
+                        {"ResourceType": "instance", "Tags": tags(name, "slave")},
+                        {"ResourceType": "volume", "Tags": tags(name, "slave")},
+                    ],
+                )
                 if market == "spot":
                     spot = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
                     if cfg.max_spot_price:
                         spot["MaxPrice"] = f"{cfg.max_spot_price:.4f}"
                     kwargs["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot}
                 try:
-                    reply = call(f"launching {missing} {market} {kind} in {subnet['AvailabilityZone']}",
-                                 ec2.run_instances, **kwargs)
+                    reply = call(
+                        f"launching {missing} {market} {kind} in {subnet['AvailabilityZone']}",
+                        ec2.run_instances,
+                        **kwargs,
+                    )
                 except CapacityError as error:  # the next type or zone may have room
                     problems.append(str(error))
                     log.info("%s", error)
@@ -236,13 +278,21 @@ def launch(ec2: Any, cfg: AwsConfig, name: str, image: str, subnets: list[dict],
     if len(launched) >= required:
         return launched
     detail = "; ".join(problems[-4:]) or "no reason given"
-    raise CapacityError(f"only {len(launched)} of the {required} slaves needed could be launched "
-                        f"({', '.join(cfg.instance_types)}; {detail}). Try other instance types, "
-                        f"[aws] on_demand_fallback = true, or a lower [aws] min_slaves")
+    raise CapacityError(
+        f"only {len(launched)} of the {required} slaves needed could be launched "
+        f"({', '.join(cfg.instance_types)}; {detail}). Try other instance types, "
+        f"[aws] on_demand_fallback = true, or a lower [aws] min_slaves"
+    )
 
 
-def wait(ec2: Any, state: str, ids: list[str], delay: float, timeout: float = 600,
-         cancelled: Optional[threading.Event] = None) -> None:
+def wait(
+    ec2: Any,
+    state: str,
+    ids: list[str],
+    delay: float,
+    timeout: float = 600,
+    cancelled: Optional[threading.Event] = None,
+) -> None:
     """Poll every ``delay`` s until every instance is ``running`` or ``terminated``, checking ``cancelled``.
 
     Not a boto waiter: that sleeps its whole delay and cannot be cancelled from another thread.
@@ -260,14 +310,18 @@ def wait(ec2: Any, state: str, ids: list[str], delay: float, timeout: float = 60
         else:
             ended = [i for i in ids if states.get(i, "terminated") in ENDED_STATES]
             if ended:
-                raise ProviderError(f"instances {', '.join(ended)} ended ({', '.join(states.get(i, 'gone') for i in ended)}) "
-                                    f"while waiting for them to run")
+                raise ProviderError(
+                    f"instances {', '.join(ended)} ended ({', '.join(states.get(i, 'gone') for i in ended)}) "
+                    f"while waiting for them to run"
+                )
             pending = [i for i in ids if states.get(i) != state]
         if not pending:
             return
         if time.monotonic() > deadline:
-            raise ProviderError(f"instances {', '.join(pending)} did not reach {state} within {timeout:.0f} s "
-                                f"({', '.join(states.get(i, 'gone') for i in pending)})")
+            raise ProviderError(
+                f"instances {', '.join(pending)} did not reach {state} within {timeout:.0f} s "
+                f"({', '.join(states.get(i, 'gone') for i in pending)})"
+            )
         if cancelled is not None:
             if cancelled.wait(delay):
                 raise ProviderError(f"waiting for {state} cancelled")

@@ -1,5 +1,6 @@
 """The aws provider's network: subnets, the cluster's key pair and security group, and how the master
 and the slaves reach each other (SSH address of an instance, tunnels or direct connections)."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -41,8 +42,11 @@ def subnets(ec2: Any, cfg: AwsConfig) -> list[dict]:
     if cfg.subnet:
         found = call(f"[aws] subnet = {cfg.subnet}", ec2.describe_subnets, SubnetIds=[cfg.subnet])["Subnets"]
     else:
-        found = call("finding the default VPC's subnets", ec2.describe_subnets,
-                     Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+        found = call(
+            "finding the default VPC's subnets",
+            ec2.describe_subnets,
+            Filters=[{"Name": "default-for-az", "Values": ["true"]}],
+        )["Subnets"]
     if not found:
         raise ConfigError(f"no default VPC subnets in {cfg.region}; set [aws] subnet")
     return sorted(found, key=lambda s: s["AvailabilityZone"])
@@ -68,8 +72,13 @@ def key_pair(ec2: Any, config: Config, name: str) -> tuple[str, str]:
             raise ConfigError("[aws] key_name is set but key_file is not: the private key is needed for SSH")
         return cfg.key_name, str(Path(cfg.key_file).expanduser())
     key_name = f"{TOOL}-{name}-{uuid.uuid4().hex[:8]}"
-    reply = call("creating a key pair", ec2.create_key_pair, KeyName=key_name, KeyType="ed25519",
-                 TagSpecifications=[{"ResourceType": "key-pair", "Tags": tags(name, "key-pair")}])
+    reply = call(
+        "creating a key pair",
+        ec2.create_key_pair,
+        KeyName=key_name,
+        KeyType="ed25519",
+        TagSpecifications=[{"ResourceType": "key-pair", "Tags": tags(name, "key-pair")}],
+    )
     path = folder(config, name) / f"{key_name}.pem"
     # 0600 from creation: O_EXCL + mode, never world-readable for an instant
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -85,20 +94,38 @@ def security_group(ec2: Any, config: Config, name: str, vpc_id: str) -> str:
     if cfg.security_group:
         return cfg.security_group
     cidr = ssh_cidr(cfg)
-    group = call("creating a security group", ec2.create_security_group,
-                 GroupName=f"{TOOL}-{name}-{uuid.uuid4().hex[:8]}", VpcId=vpc_id,
-                 Description=f"{TOOL} cluster {name}: SSH from the master, engines within",
-                 TagSpecifications=[{"ResourceType": "security-group", "Tags": tags(name, "security-group")}])
+    group = call(
+        "creating a security group",
+        ec2.create_security_group,
+        GroupName=f"{TOOL}-{name}-{uuid.uuid4().hex[:8]}",
+        VpcId=vpc_id,
+        Description=f"{TOOL} cluster {name}: SSH from the master, engines within",
+        TagSpecifications=[{"ResourceType": "security-group", "Tags": tags(name, "security-group")}],
+    )
     group_id = group["GroupId"]
-    (folder(config, name) / "security_group").write_text(group_id)  # stop finds it even if the owner tag no longer matches
+    (folder(config, name) / "security_group").write_text(
+        group_id
+    )  # stop finds it even if the owner tag no longer matches
     # SSH from the master only; every other port only from members of this group (never 0.0.0.0/0)
-    call("opening SSH and intra-cluster ports", ec2.authorize_security_group_ingress, GroupId=group_id,
-         IpPermissions=[
-             {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-              "IpRanges": [{"CidrIp": cidr, "Description": "SSH from the master"}]},
-             {"IpProtocol": "tcp", "FromPort": 0, "ToPort": 65535,
-              "UserIdGroupPairs": [{"GroupId": group_id, "Description": "engines and controller"}]},
-         ])
+    call(
+        "opening SSH and intra-cluster ports",
+        ec2.authorize_security_group_ingress,
+        GroupId=group_id,
+        IpPermissions=[
+            {
+                "IpProtocol": "tcp",
+                "FromPort": 22,
+                "ToPort": 22,
+                "IpRanges": [{"CidrIp": cidr, "Description": "SSH from the master"}],
+            },
+            {
+                "IpProtocol": "tcp",
+                "FromPort": 0,
+                "ToPort": 65535,
+                "UserIdGroupPairs": [{"GroupId": group_id, "Description": "engines and controller"}],
+            },
+        ],
+    )
     return group_id
 
 
@@ -133,8 +160,11 @@ def use_tunnel(cfg: AwsConfig, found_subnets: list[dict]) -> bool:
     if cfg.tunnel != "auto":
         return cfg.tunnel == "always"
     inside = bool(address_inside(found_subnets))
-    log.info("master %s the slaves' VPC: %s", "inside" if inside else "outside",
-             "direct connections" if inside else "SSH reverse tunnels")
+    log.info(
+        "master %s the slaves' VPC: %s",
+        "inside" if inside else "outside",
+        "direct connections" if inside else "SSH reverse tunnels",
+    )
     return not inside
 
 
@@ -145,6 +175,8 @@ def host_of(instance: dict, cfg: AwsConfig, key_file: str, tunnel: bool, address
         return SshTarget(address, port, cfg.ssh_user, key_file)
     address = instance.get("PublicIpAddress") if tunnel else instance.get("PrivateIpAddress")
     if not address:
-        raise ProviderError(f"{instance['InstanceId']} has no {'public' if tunnel else 'private'} address; "
-                            f"use a subnet that assigns public IPs, or run the master inside the VPC")
+        raise ProviderError(
+            f"{instance['InstanceId']} has no {'public' if tunnel else 'private'} address; "
+            f"use a subnet that assigns public IPs, or run the master inside the VPC"
+        )
     return SshTarget(address, 22, cfg.ssh_user, key_file)

@@ -4,6 +4,7 @@ The verbs of ``Provider`` over the calls in ``ec2``, ``network`` and ``prices``.
 between verbs: whether engines come through tunnels is read from the controller's engine connection
 file (``preflight`` decided where the controller listens), a refused start is an event in the store.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -67,7 +68,9 @@ class AwsProvider(Provider):
             try:
                 allowed = ipaddress.ip_network(cfg.ssh_from, strict=False)
             except ValueError:
-                raise ConfigError(f"{where} ssh_from = {cfg.ssh_from!r}: expected a CIDR like 203.0.113.7/32 or auto") from None
+                raise ConfigError(
+                    f"{where} ssh_from = {cfg.ssh_from!r}: expected a CIDR like 203.0.113.7/32 or auto"
+                ) from None
             if allowed.prefixlen == 0:
                 raise ConfigError(f"{where} ssh_from = {cfg.ssh_from}: refusing to open SSH to the whole internet")
 
@@ -76,7 +79,8 @@ class AwsProvider(Provider):
         if existing:  # safe to re-run: never a second set of instances for one cluster
             raise ClusterStateError(
                 f"cluster {self.cluster_name!r} already has instances in {self.config.aws.region}: "
-                f"{', '.join(i['InstanceId'] for i in existing)}; run `cluster stop` first")
+                f"{', '.join(i['InstanceId'] for i in existing)}; run `cluster stop` first"
+            )
 
     # start ------------------------------------------------------------------------------
     def preflight(self, slaves: int, adopting: bool = False) -> str:
@@ -115,8 +119,9 @@ class AwsProvider(Provider):
             self.hooks.on_step("key_pair")
             group = network.security_group(ec2, self.config, self.cluster_name, subnets[0]["VpcId"])
             self.hooks.on_step("security_group")
-            return self._bring_up(cluster, ec2, ami, subnets, key_name, key_file, group, slaves, required,
-                                  launched_ids, batch="")
+            return self._bring_up(
+                cluster, ec2, ami, subnets, key_name, key_file, group, slaves, required, launched_ids, batch=""
+            )
         except BaseException as error:
             log.warning("aws start failed (%s); releasing everything of cluster %s", error, self.cluster_name)
             left = self.releaser().release(ec2, self.cluster_name, instance_ids=launched_ids).left
@@ -124,13 +129,25 @@ class AwsProvider(Provider):
                 log.error("%s", left_message(left))
             raise
 
-    def _bring_up(self, cluster: ClusterRecord, ec2: Any, ami: str, subnets: list[dict], key_name: str,
-                  key_file: str, group: str, count: int, required: int, launched_ids: list[str],
-                  batch: str) -> list[NodeRecord]:
+    def _bring_up(
+        self,
+        cluster: ClusterRecord,
+        ec2: Any,
+        ami: str,
+        subnets: list[dict],
+        key_name: str,
+        key_file: str,
+        group: str,
+        count: int,
+        required: int,
+        launched_ids: list[str],
+        batch: str,
+    ) -> list[NodeRecord]:
         """Launch ``count`` instances (the fallback over types, zones and markets), wait for them, bootstrap
         their engines: the one path of ``start`` and ``add``. Launched ids go to ``launched_ids`` at once."""
-        launched = ec2_calls.launch(ec2, self.config.aws, self.cluster_name, ami, subnets, key_name, group,
-                                    count, required, launched_ids)
+        launched = ec2_calls.launch(
+            ec2, self.config.aws, self.cluster_name, ami, subnets, key_name, group, count, required, launched_ids
+        )
         nodes = [self.node_of(ec2, i, ami) for i in launched]
         for node in nodes:  # recorded at once: a crash from here on still finds them
             self.store.nodes.put(cluster.id, node)
@@ -163,8 +180,10 @@ class AwsProvider(Provider):
         else:
             pem = next(iter(sorted(folder.glob(f"{TOOL}-*.pem"))), None)
             if pem is None:
-                raise ClusterStateError(f"cluster {self.cluster_name!r} has no key pair under {folder}: it was not "
-                                        f"started from this state_dir; `cluster stop`, then `cluster start`")
+                raise ClusterStateError(
+                    f"cluster {self.cluster_name!r} has no key pair under {folder}: it was not "
+                    f"started from this state_dir; `cluster stop`, then `cluster start`"
+                )
             key_name, key_file = pem.stem, str(pem)
         group_file = folder / "security_group"
         group = cfg.security_group or (group_file.read_text().strip() if group_file.exists() else "")
@@ -175,11 +194,26 @@ class AwsProvider(Provider):
         subnets = network.subnets(ec2, cfg)
         launched_ids: list[str] = []
         try:
-            return self._bring_up(cluster, ec2, ami, subnets, key_name, key_file, group, count, count,
-                                  launched_ids, batch=f"add-{int(time.time() * 1000)}")
+            return self._bring_up(
+                cluster,
+                ec2,
+                ami,
+                subnets,
+                key_name,
+                key_file,
+                group,
+                count,
+                count,
+                launched_ids,
+                batch=f"add-{int(time.time() * 1000)}",
+            )
         except BaseException as error:
-            log.warning("adding %d instance(s) failed (%s); terminating the new ones: %s", count, error,
-                        ", ".join(launched_ids) or "none")
+            log.warning(
+                "adding %d instance(s) failed (%s); terminating the new ones: %s",
+                count,
+                error,
+                ", ".join(launched_ids) or "none",
+            )
             self._terminate_nodes(cluster, ec2, launched_ids)
             raise
 
@@ -194,20 +228,26 @@ class AwsProvider(Provider):
         key_file = network.key_file_of(self.config, self.cluster_name)
         targets, gone = [], []
         for region, members in nodes_by_region(nodes, cfg.region).items():
-            live = {i["InstanceId"]: i for i in ec2_calls.describe_ids(self.ec2(region), [n.instance_id for n in members])}
+            live = {
+                i["InstanceId"]: i for i in ec2_calls.describe_ids(self.ec2(region), [n.instance_id for n in members])
+            }
             for node in members:
                 instance = live.get(node.instance_id)
                 if instance is None or instance.get("State", {}).get("Name") != "running":
                     gone.append(node)
                     continue
-                host = (SshTarget(node.ssh_host, node.ssh_port or 22, cfg.ssh_user, key_file) if node.ssh_host
-                        else network.host_of(instance, cfg, key_file, tunnel, self.hooks.address))
+                host = (
+                    SshTarget(node.ssh_host, node.ssh_port or 22, cfg.ssh_user, key_file)
+                    if node.ssh_host
+                    else network.host_of(instance, cfg, key_file, tunnel, self.hooks.address)
+                )
                 node.ssh_host, node.ssh_port = host.address, host.port
                 targets.append(Target(node, host))
         now = time.time()
         for node in gone:
-            log.warning("instance %s of cluster %s is gone (not running in EC2); recorded lost", node.instance_id,
-                        cluster.id)
+            log.warning(
+                "instance %s of cluster %s is gone (not running in EC2); recorded lost", node.instance_id, cluster.id
+            )
             self.store.nodes.update(cluster.id, node.node_id, state=NodeState.LOST, terminated_at=now)
         if not targets:
             return []
@@ -223,8 +263,11 @@ class AwsProvider(Provider):
     def remove(self, cluster: ClusterRecord, ipp_cluster, nodes: list[NodeRecord]) -> None:
         """Stop these nodes' engines (politely, best effort) and terminate their instances."""
         key_file = network.key_file_of(self.config, self.cluster_name)
-        hosts = {n.node_id: SshTarget(n.ssh_host, n.ssh_port or 22, self.config.aws.ssh_user, key_file)
-                 for n in nodes if n.ssh_host and n.state == NodeState.RUNNING}
+        hosts = {
+            n.node_id: SshTarget(n.ssh_host, n.ssh_port or 22, self.config.aws.ssh_user, key_file)
+            for n in nodes
+            if n.ssh_host and n.state == NodeState.RUNNING
+        }
         self.engines().stop_hosts(cluster.id, hosts, quiet=True)
         self._terminate_nodes(cluster, self.ec2(), [n.instance_id for n in nodes if n.instance_id])
 
@@ -241,27 +284,47 @@ class AwsProvider(Provider):
 
     def node_of(self, ec2: Any, instance: dict, ami: str, market_of: Optional[dict] = None) -> NodeRecord:
         known = (market_of or {}).get(instance["InstanceId"])
-        market = instance.get("_market") or (known.market if known else None) or (
-            "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand")
+        market = (
+            instance.get("_market")
+            or (known.market if known else None)
+            or ("spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand")
+        )
         kind = instance["InstanceType"]
         zone = instance.get("Placement", {}).get("AvailabilityZone", "")
         price = known.price_per_hour if known else price_of(ec2, kind, zone, market)
         launched = instance.get("LaunchTime")
         return NodeRecord(
-            node_id=instance["InstanceId"], provider=self.name, host=instance.get("PrivateDnsName", ""),
-            state=instance.get("State", {}).get("Name", "pending"), instance_id=instance["InstanceId"],
-            instance_type=kind, zone=zone, market=market, price_per_hour=price,
-            public_ip=instance.get("PublicIpAddress", ""), private_ip=instance.get("PrivateIpAddress", ""),
-            image=ami, launched_at=launched.timestamp() if isinstance(launched, datetime) else time.time())
+            node_id=instance["InstanceId"],
+            provider=self.name,
+            host=instance.get("PrivateDnsName", ""),
+            state=instance.get("State", {}).get("Name", "pending"),
+            instance_id=instance["InstanceId"],
+            instance_type=kind,
+            zone=zone,
+            market=market,
+            price_per_hour=price,
+            public_ip=instance.get("PublicIpAddress", ""),
+            private_ip=instance.get("PrivateIpAddress", ""),
+            image=ami,
+            launched_at=launched.timestamp() if isinstance(launched, datetime) else time.time(),
+        )
 
     def engines(self) -> RemoteEngines:
         cfg = self.config.aws
-        return RemoteEngines(self.store, self.config.state_dir, self.cluster_name, self.folder() / "known_hosts",
-                             python=cfg.python, remote_dir=cfg.remote_dir, data_dir=cfg.data_dir,
-                             master_data_dir=self.config.data_dir, engines_per_gpu=cfg.engines_per_gpu,
-                             threads=self.config.cluster.threads_per_engine,
-                             master_grace_minutes=self.config.cluster.master_grace_minutes,
-                             on_step=self.hooks.on_step)
+        return RemoteEngines(
+            self.store,
+            self.config.state_dir,
+            self.cluster_name,
+            self.folder() / "known_hosts",
+            python=cfg.python,
+            remote_dir=cfg.remote_dir,
+            data_dir=cfg.data_dir,
+            master_data_dir=self.config.data_dir,
+            engines_per_gpu=cfg.engines_per_gpu,
+            threads=self.config.cluster.threads_per_engine,
+            master_grace_minutes=self.config.cluster.master_grace_minutes,
+            on_step=self.hooks.on_step,
+        )
 
     def engine_data_dir(self) -> str:
         return self.config.aws.data_dir
@@ -277,19 +340,31 @@ class AwsProvider(Provider):
             return  # they belong to another start of this cluster; `cluster stop` releases them
         nodes = self.store.nodes.of(cluster.id)
         billed = [n for n in nodes if n.instance_id and n.state != NodeState.TERMINATED]
-        by_region = {region: [n.instance_id for n in members]
-                     for region, members in nodes_by_region(billed, self.config.aws.region).items()}
+        by_region = {
+            region: [n.instance_id for n in members]
+            for region, members in nodes_by_region(billed, self.config.aws.region).items()
+        }
         configured = self.config.aws.region
         # where the key pair and group were created: the launch region (it differs once [aws] region is edited)
         home = configured if not by_region or configured in by_region else next(iter(by_region))
         result = Release()
         for region in [r for r in {*by_region, configured} if r != home] + [home]:
             if by_region.get(region) and region != configured:
-                log.warning("instances %s were launched in %s, not in [aws] region %s; terminating them there",
-                            ", ".join(by_region[region]), region, configured)
-            result.add(self.releaser().release(self.ec2(region), self.cluster_name, cluster_id=cluster.id,
-                                    instance_ids=by_region.get(region, []),
-                                    own_files=region == home and not result.left))  # keys stay while any is left
+                log.warning(
+                    "instances %s were launched in %s, not in [aws] region %s; terminating them there",
+                    ", ".join(by_region[region]),
+                    region,
+                    configured,
+                )
+            result.add(
+                self.releaser().release(
+                    self.ec2(region),
+                    self.cluster_name,
+                    cluster_id=cluster.id,
+                    instance_ids=by_region.get(region, []),
+                    own_files=region == home and not result.left,
+                )
+            )  # keys stay while any is left
         now = time.time()
         for node in nodes:
             if node.instance_id in result.left:
@@ -307,8 +382,9 @@ class AwsProvider(Provider):
     def releaser(self) -> Releaser:
         return Releaser(self.config, self.store, self.engines(), self.hooks)
 
-    def release_orphans(self, name: str, everything: bool = False, any_owner: bool = False,
-                        only: Optional[set[str]] = None) -> list[str]:
+    def release_orphans(
+        self, name: str, everything: bool = False, any_owner: bool = False, only: Optional[set[str]] = None
+    ) -> list[str]:
         """Everything tagged for this cluster (``everything``: every cluster) of this owner (``any_owner``: of
         anyone) in the region, local state or not; ``only``: just these ids (what the user agreed to)."""
         result = self.releaser().release(self.ec2(), name, everything=everything, any_owner=any_owner, only=only)
@@ -327,7 +403,11 @@ class AwsProvider(Provider):
             log.warning("could not list instances in AWS: %s", error)
             return list(nodes.values())
         for node in nodes.values():
-            if node.instance_id and node.instance_id not in live and node.state not in (NodeState.TERMINATED, NodeState.STOPPED):
+            if (
+                node.instance_id
+                and node.instance_id not in live
+                and node.state not in (NodeState.TERMINATED, NodeState.STOPPED)
+            ):
                 node.state = NodeState.GONE
             elif node.instance_id in live:
                 node.state = live[node.instance_id]["State"]["Name"]
@@ -354,5 +434,10 @@ class AwsProvider(Provider):
             address, port = node.ssh_host, node.ssh_port or 22
         else:  # a node recorded before the address was stored
             address, port = (node.public_ip if self.config.aws.tunnel != "never" else node.private_ip), 22
-        return SshTarget(address=address or node.private_ip, port=port, user=self.config.aws.ssh_user, key_file=key_file,
-                         known_hosts=str(self.folder() / "known_hosts"))
+        return SshTarget(
+            address=address or node.private_ip,
+            port=port,
+            user=self.config.aws.ssh_user,
+            key_file=key_file,
+            known_hosts=str(self.folder() / "known_hosts"),
+        )

@@ -5,6 +5,7 @@ Instances are found by tag *and* by the ids from the launch replies or the store
 eventually consistent, and the owner tag changes with the user or host name); the security group and key
 pair go only once every instance is gone, so instances left billing stay reachable.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,15 @@ def find_orphans(ec2: Any, name: str, everything: bool = False, any_owner: bool 
     found = []
     for instance in ec2_calls.instances(ec2, name, everything, any_owner):
         tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
-        found.append(Resource("instance", instance["InstanceId"], tags.get(TAG_CLUSTER, ""), tags.get(TAG_OWNER, ""),
-                              f"{instance.get('InstanceType', '')} {instance.get('State', {}).get('Name', '')}"))
+        found.append(
+            Resource(
+                "instance",
+                instance["InstanceId"],
+                tags.get(TAG_CLUSTER, ""),
+                tags.get(TAG_OWNER, ""),
+                f"{instance.get('InstanceType', '')} {instance.get('State', {}).get('Name', '')}",
+            )
+        )
     filters = ec2_calls.tag_filter(name, everything, any_owner)
     for group in call("finding security groups", ec2.describe_security_groups, Filters=filters)["SecurityGroups"]:
         tags = {t["Key"]: t["Value"] for t in group.get("Tags", [])}
@@ -46,9 +54,18 @@ class Releaser:
     def __init__(self, config: Config, store: Store, engines: RemoteEngines, hooks: Hooks):
         self.config, self.store, self.engines, self.hooks = config, store, engines, hooks
 
-    def release(self, ec2: Any, name: str, everything: bool = False, cluster_id: Optional[int] = None, *,
-                any_owner: bool = False, instance_ids: Iterable[str] = (),
-                only: Optional[set[str]] = None, own_files: bool = True) -> Release:
+    def release(
+        self,
+        ec2: Any,
+        name: str,
+        everything: bool = False,
+        cluster_id: Optional[int] = None,
+        *,
+        any_owner: bool = False,
+        instance_ids: Iterable[str] = (),
+        only: Optional[set[str]] = None,
+        own_files: bool = True,
+    ) -> Release:
         """Stop engines, terminate instances, delete the group and key pair. Safe twice.
 
         Found by tag, plus ``instance_ids`` (from the launch replies or the store) and, for one
@@ -60,8 +77,9 @@ class Releaser:
         instances = [i for i in ec2_calls.instances(ec2, name, everything, any_owner) if keep(i["InstanceId"])]
         known = {i["InstanceId"] for i in instances}
         extra = [i for i in dict.fromkeys(instance_ids) if i not in known]
-        instances += [i for i in ec2_calls.describe_ids(ec2, extra)
-                      if i.get("State", {}).get("Name") in ec2_calls.LIVE_STATES]
+        instances += [
+            i for i in ec2_calls.describe_ids(ec2, extra) if i.get("State", {}).get("Name") in ec2_calls.LIVE_STATES
+        ]
         if not everything:
             hosts = []
             reached = {n.instance_id: n for n in self.store.nodes.of(cluster_id) if n.ssh_host} if cluster_id else {}
@@ -74,8 +92,11 @@ class Releaser:
                     hosts.append(SshTarget(node.ssh_host, node.ssh_port or 22, self.config.aws.ssh_user, key_file))
                     continue
                 try:
-                    hosts.append(network.host_of(instance, self.config.aws, key_file,
-                                                 self.config.aws.tunnel != "never", self.hooks.address))
+                    hosts.append(
+                        network.host_of(
+                            instance, self.config.aws, key_file, self.config.aws.tunnel != "never", self.hooks.address
+                        )
+                    )
                 except ProviderError:
                     pass
             # engines first, politely (best effort: termination ends them anyway), then the tunnels
@@ -86,10 +107,16 @@ class Releaser:
         if result.left:  # their group and key must stay: deleting them fails, or locks the owner out
             return result
         filters = ec2_calls.tag_filter(name, everything, any_owner)
-        groups = [g["GroupId"] for g in call("finding security groups", ec2.describe_security_groups,
-                                             Filters=filters)["SecurityGroups"] if keep(g["GroupId"])]
-        pairs = [k["KeyName"] for k in call("finding key pairs", ec2.describe_key_pairs,
-                                            Filters=filters)["KeyPairs"] if keep(k["KeyName"])]
+        groups = [
+            g["GroupId"]
+            for g in call("finding security groups", ec2.describe_security_groups, Filters=filters)["SecurityGroups"]
+            if keep(g["GroupId"])
+        ]
+        pairs = [
+            k["KeyName"]
+            for k in call("finding key pairs", ec2.describe_key_pairs, Filters=filters)["KeyPairs"]
+            if keep(k["KeyName"])
+        ]
         folder = self.config.state_dir / "aws" / name
         if own_files and not everything and folder.is_dir():
             # what this master created, whoever the tags now say it belongs to (user or hostname changed)
@@ -103,9 +130,10 @@ class Releaser:
         for pair in pairs:
             call("deleting a key pair", ec2.delete_key_pair, KeyName=pair)
             result.released.append(pair)
-        folders = [p for p in (self.config.state_dir / "aws").glob("*")] if everything else [folder] if own_files else []
+        folders = (
+            [p for p in (self.config.state_dir / "aws").glob("*")] if everything else [folder] if own_files else []
+        )
         for path in (p for f in folders if f.is_dir() for p in f.glob("*")):  # private and host keys of the released
             if path.is_file() and (path.suffix == ".pem" or path.name in ("known_hosts", "security_group")):
                 path.unlink()
         return result
-

@@ -4,6 +4,7 @@ installed) once, stamped, then engines started in the background against the con
 A stamp on the slave records the sources and interpreter the last bootstrap verified: a slave started again,
 or adopted after a master restart, starts its engines at once when the stamp matches.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,10 @@ ENGINES_PACKAGE = Path(engines.__file__).resolve().parent
 # what an engine imports; checked on every slave before engines start
 VERIFY_IMPORTS = "import engines, ipyparallel, torch, numpy; print(torch.__version__, torch.cuda.device_count())"
 # the same modules, only looked for: what a slave verified before must still be installed
-FIND_MODULES = ("import importlib.util as u; "
-                "print(' '.join(m for m in ('engines', 'ipyparallel', 'torch', 'numpy') if u.find_spec(m) is None))")
+FIND_MODULES = (
+    "import importlib.util as u; "
+    "print(' '.join(m for m in ('engines', 'ipyparallel', 'torch', 'numpy') if u.find_spec(m) is None))"
+)
 # installed with the slave's own pip when the check fails (a DL AMI already has torch)
 ENGINE_REQUIREMENTS = ("ipyparallel>=8.6", "numpy", "torch")
 
@@ -46,7 +49,8 @@ class EngineSpec:
     engines: int = 0  # fixed count; 0 = engines_per_gpu per GPU (1 on a machine without GPU)
     env: dict = field(default_factory=dict)
     install: bool = True  # pip-install the engine requirements when the check fails
-    args: tuple = ()  # extra ipengine arguments (controller.ipp.launch.engine_args: the grace for a silent master, the startup command)
+    # extra ipengine arguments (controller.ipp.profile.engine_args: the grace for a silent master, the startup command)
+    args: tuple = ()
     owner: str = ""  # the cluster the engines serve (``owner_of``: state dir, controller): written to the run dir
 
 
@@ -99,25 +103,39 @@ def stamped(remote: SshConnection, spec: EngineSpec) -> Optional[tuple[str, dict
     except ValueError:
         return None
     if not isinstance(stamp, dict) or {k: stamp.get(k) for k in ("sources", "python")} != {
-            "sources": engines_digest(), "python": spec.python}:
+        "sources": engines_digest(),
+        "python": spec.python,
+    }:
         return None
     # found, not imported: milliseconds, where the import check takes seconds (torch); and the GPUs the driver
     # shows, so that a GPU gone (or added) since is counted again by torch, in a full bootstrap
-    status, out, _ = remote.run(f"ls -d /dev/nvidia[0-9]* 2>/dev/null | wc -l; cd {q(base)} && "
-                                f"PYTHONPATH={q(base)}/src {q(spec.python)} -c {q(FIND_MODULES)}", check=False)
+    status, out, _ = remote.run(
+        f"ls -d /dev/nvidia[0-9]* 2>/dev/null | wc -l; cd {q(base)} && "
+        f"PYTHONPATH={q(base)}/src {q(spec.python)} -c {q(FIND_MODULES)}",
+        check=False,
+    )
     device_files, _, missing = out.strip().partition("\n")
     if status != 0 or missing.strip():
-        log.info("%s: %s since the last bootstrap", remote.host,
-                 f"{missing.strip()} missing" if status == 0 else "its python does not run")
+        log.info(
+            "%s: %s since the last bootstrap",
+            remote.host,
+            f"{missing.strip()} missing" if status == 0 else "its python does not run",
+        )
         return None
     if device_files.strip().isdigit() and int(device_files) != int(stamp.get("gpus") or 0):
-        log.info("%s: %s GPU device(s) where the last bootstrap counted %s", remote.host, device_files.strip(),
-                 stamp.get("gpus"))
+        log.info(
+            "%s: %s GPU device(s) where the last bootstrap counted %s",
+            remote.host,
+            device_files.strip(),
+            stamp.get("gpus"),
+        )
         return None
     return base, stamp
 
 
-def start_on_slave(remote: SshConnection, spec: EngineSpec, cancelled: Optional[threading.Event] = None) -> Bootstrapped:
+def start_on_slave(
+    remote: SshConnection, spec: EngineSpec, cancelled: Optional[threading.Event] = None
+) -> Bootstrapped:
     """Start engines on a slave: at once when a bootstrap verified this code with this python there before (a
     slave started again, or adopted after a master restart), else after a full ``bootstrap``.
 
@@ -136,8 +154,9 @@ def start_on_slave(remote: SshConnection, spec: EngineSpec, cancelled: Optional[
     if cancelled is not None and cancelled.is_set():
         raise ProviderError(f"{remote.host}: start cancelled before engines were started")
     pids = start_engines(remote, base, spec, spec.engines or spec.engines_per_gpu * max(gpus, 1), gpus, f"{base}/src")
-    return Bootstrapped(hostname=hostname.strip(), gpus=gpus, pids=pids, remote_dir=base,
-                        torch=str(stamp.get("torch", "")))
+    return Bootstrapped(
+        hostname=hostname.strip(), gpus=gpus, pids=pids, remote_dir=base, torch=str(stamp.get("torch", ""))
+    )
 
 
 def bootstrap(remote: SshConnection, spec: EngineSpec) -> tuple[str, dict]:
@@ -154,13 +173,18 @@ def bootstrap(remote: SshConnection, spec: EngineSpec) -> tuple[str, dict]:
     verify = f"cd {q(base)} && PYTHONPATH={q(src)} {python} -c {q(VERIFY_IMPORTS)}"
     status, out, err = remote.run(verify, check=False)
     if status != 0 and spec.install:
-        log.info("%s: engine environment incomplete (%s); installing %s", remote.host,
-                 err.strip().splitlines()[-1:] or "?", ", ".join(ENGINE_REQUIREMENTS))
+        log.info(
+            "%s: engine environment incomplete (%s); installing %s",
+            remote.host,
+            err.strip().splitlines()[-1:] or "?",
+            ", ".join(ENGINE_REQUIREMENTS),
+        )
         remote.run(f"{python} -m pip install -q --user " + " ".join(q(r) for r in ENGINE_REQUIREMENTS), timeout=1800)
         status, out, err = remote.run(verify, check=False)
     if status != 0:
-        raise ProviderError(f"{remote.host}: the engine environment does not work with {python}: "
-                            f"{(err.strip() or out.strip())[-1500:]}")
+        raise ProviderError(
+            f"{remote.host}: the engine environment does not work with {python}: {(err.strip() or out.strip())[-1500:]}"
+        )
     torch_version, _, gpu_text = out.strip().splitlines()[-1].partition(" ")
     stamp = stamp_for(spec, torch_version, int(gpu_text or 0))
     remote.put(json.dumps(stamp).encode(), f"{base}/{STAMP}", mode=0o600)
@@ -182,15 +206,19 @@ def start_engines(remote: SshConnection, base: str, spec: EngineSpec, count: int
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
         assignments = " ".join(f"{k}={q(str(v))}" for k, v in env.items())
-        engine = (f"{q(spec.python)} -m ipyparallel.engine --file={q(connection)} "
-                  f"--profile-dir={q(base)}/profile" + "".join(f" {q(a)}" for a in spec.args))
+        engine = (
+            f"{q(spec.python)} -m ipyparallel.engine --file={q(connection)} "
+            f"--profile-dir={q(base)}/profile" + "".join(f" {q(a)}" for a in spec.args)
+        )
         # setsid: its own session and process group, so it survives this SSH session and
         # stop can signal the whole group; the pid file lets stop find it without local state
         # a simple command in the background (not an && list: that would background a subshell
         # holding the SSH channel open, and $! would not be the engine)
-        command = (f"cd {q(base)} || exit 1; {assignments} setsid nohup {engine} "
-                   f"> {q(rundir)}/engine-{index}.log 2>&1 < /dev/null & "
-                   f"echo $! > {q(rundir)}/engine-{index}.pid; echo $!")
+        command = (
+            f"cd {q(base)} || exit 1; {assignments} setsid nohup {engine} "
+            f"> {q(rundir)}/engine-{index}.log 2>&1 < /dev/null & "
+            f"echo $! > {q(rundir)}/engine-{index}.pid; echo $!"
+        )
         _, out, _ = remote.run(command)
         pids.append(int(out.strip().splitlines()[-1]))
     log.info("%s: started %d engine(s), pids %s", remote.host, count, pids)

@@ -1,6 +1,7 @@
 """Where the controller's engine ports are and how each slave reaches them: the engine connection file as
 one slave must see it (directly, or through its ends of the SSH reverse tunnels), and the master's address
 toward the slaves."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -84,9 +85,11 @@ def engine_address(sources: list[str]) -> str:
     found = set(sources)
     if len(found) == 1 and "" not in found:
         return found.pop()
-    log.warning("the slaves are reached from %s: the controller listens on every interface, CurveZMQ-encrypted "
-                "(tunnel = always, or slaves behind one interface, keep it to one address)",
-                ", ".join(sorted(a or "no route" for a in found)))
+    log.warning(
+        "the slaves are reached from %s: the controller listens on every interface, CurveZMQ-encrypted "
+        "(tunnel = always, or slaves behind one interface, keep it to one address)",
+        ", ".join(sorted(a or "no route" for a in found)),
+    )
     return "0.0.0.0"
 
 
@@ -99,7 +102,9 @@ def engine_connection(cluster: ClusterRecord, timeout: float) -> dict:
             return json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             if time.monotonic() > deadline:
-                raise ProviderError(f"the controller wrote no engine connection file {path} within {timeout:.0f} s") from None
+                raise ProviderError(
+                    f"the controller wrote no engine connection file {path} within {timeout:.0f} s"
+                ) from None
             time.sleep(0.1)
 
 

@@ -1,4 +1,5 @@
 """Data sets from the master's data_dir to a slave's over SFTP, file by file, checked by sha256 on arrival."""
+
 from __future__ import annotations
 
 import hashlib
@@ -52,9 +53,10 @@ def sync_data(remote: SshConnection, master_data_dir: Path, slave_data_dir: str)
     arrived = remotesha256_of(remote, [f"{base}/{rel}.part" for rel in copy])
     bad = [rel for rel in copy if arrived.get(f"{base}/{rel}.part") != wanted[rel]]
     if bad:
-        raise ProviderError(f"{remote.host}: {', '.join(bad)} arrived in {base} with another sha256 than the "
-                            f"master's copy in {master_data_dir}; check the slave's disk")
-    remote.run("; ".join(f"mv -f {shlex.quote(f'{base}/{rel}.part')} {shlex.quote(f'{base}/{rel}')}"
-                         for rel in copy))
+        raise ProviderError(
+            f"{remote.host}: {', '.join(bad)} arrived in {base} with another sha256 than the "
+            f"master's copy in {master_data_dir}; check the slave's disk"
+        )
+    remote.run("; ".join(f"mv -f {shlex.quote(f'{base}/{rel}.part')} {shlex.quote(f'{base}/{rel}')}" for rel in copy))
     log.info("%s: copied %s into %s (sha256 checked)", remote.host, ", ".join(copy), base)
     return copy

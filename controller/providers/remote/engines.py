@@ -4,6 +4,7 @@ parallel (cancellable at once), hold their reverse tunnels, stop them by recorde
 Also where the controller's engine ports listen, seen from the master: the address on the interface
 that reaches the slaves (``engine_address``).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -32,8 +33,6 @@ log = logging.getLogger(__name__)
 ADOPT_CONNECT_S = 15.0
 
 
-
-
 def result(future: concurrent.futures.Future):
     """A worker's result, waited for in short slices.
 
@@ -47,8 +46,6 @@ def result(future: concurrent.futures.Future):
         except concurrent.futures.TimeoutError:
             if future.done():  # the worker's own timeout (socket.timeout is a TimeoutError too)
                 raise
-
-
 
 
 def refuse_one_machine_twice(targets: list["Target"], remotes: list[SshConnection]) -> None:
@@ -67,7 +64,8 @@ def refuse_one_machine_twice(targets: list["Target"], remotes: list[SshConnectio
         if (boot_id, hostname) in seen:
             raise ProviderError(
                 f"{seen[boot_id, hostname].host} and {target.host} are one machine ({hostname}, boot id {boot_id}): "
-                f"list it once in [ssh] hosts (engines_per_host sets how many engines it runs)")
+                f"list it once in [ssh] hosts (engines_per_host sets how many engines it runs)"
+            )
         seen[boot_id, hostname] = target
 
 
@@ -86,10 +84,23 @@ class RemoteEngines:
     are found again by pid file even when the local store is gone.
     """
 
-    def __init__(self, store: Store, state_dir: Path, tag: str, known_hosts: Path, *, python: str,
-                 remote_dir: str, data_dir: str = "", master_data_dir: Optional[Path] = None,
-                 engines_per_gpu: int = 1, engines_per_host: int = 0, threads: int = 0,
-                 master_grace_minutes: float = 10.0, on_step: Callable[[str], None] = lambda step: None):
+    def __init__(
+        self,
+        store: Store,
+        state_dir: Path,
+        tag: str,
+        known_hosts: Path,
+        *,
+        python: str,
+        remote_dir: str,
+        data_dir: str = "",
+        master_data_dir: Optional[Path] = None,
+        engines_per_gpu: int = 1,
+        engines_per_host: int = 0,
+        threads: int = 0,
+        master_grace_minutes: float = 10.0,
+        on_step: Callable[[str], None] = lambda step: None,
+    ):
         self.store = store
         self.tag = tag
         self.known_hosts = Path(known_hosts)
@@ -106,8 +117,9 @@ class RemoteEngines:
         self.on_step = on_step
 
     # start ------------------------------------------------------------------------
-    def start(self, cluster: ClusterRecord, targets: list[Target], tunnel: bool, timeout: float = 300,
-              batch: str = "") -> list[NodeRecord]:
+    def start(
+        self, cluster: ClusterRecord, targets: list[Target], tunnel: bool, timeout: float = 300, batch: str = ""
+    ) -> list[NodeRecord]:
         """Bootstrap every target in parallel; on any failure (Ctrl-C too) stop what was started, re-raise.
 
         ``batch``: slaves added to a running cluster (``cluster scale``) get tunnels of their own, held
@@ -133,16 +145,26 @@ class RemoteEngines:
             try:
                 slave_ports: dict[str, dict[int, int]] = {}
                 if tunnel:
-                    slave_ports = self._open_tunnels(targets, connection, cluster.ipp_cluster_id,
-                                                     self.tunnel_dir / batch if batch else self.tunnel_dir)
+                    slave_ports = self._open_tunnels(
+                        targets,
+                        connection,
+                        cluster.ipp_cluster_id,
+                        self.tunnel_dir / batch if batch else self.tunnel_dir,
+                    )
                     self.on_step("tunnels")
                 for target in targets:  # recorded before engines start (the store is used from this thread only)
                     target.node.state = NodeState.BOOTSTRAPPING
                     self.store.nodes.put(cluster.id, target.node)
-                futures = [pool.submit(self._bootstrap_one, t, r,
-                                       self._spec(r, connection, tunnel, owner, slave_ports.get(t.node.node_id)),
-                                       cancelled)
-                           for t, r in zip(targets, remotes)]
+                futures = [
+                    pool.submit(
+                        self._bootstrap_one,
+                        t,
+                        r,
+                        self._spec(r, connection, tunnel, owner, slave_ports.get(t.node.node_id)),
+                        cancelled,
+                    )
+                    for t, r in zip(targets, remotes)
+                ]
                 nodes = []
                 for target, future in zip(targets, futures):  # the first failure raises here
                     nodes.append(self._record(cluster, target.node, result(future)))
@@ -169,27 +191,46 @@ class RemoteEngines:
         record = self.store.clusters.get(cluster_id) if cluster_id is not None else None
         return owner_of(record.controller_pid if record is not None else None, self.state_dir)
 
-    def _spec(self, remote: SshConnection, connection: dict, tunnel: bool, owner: str,
-              slave_ports: Optional[dict[int, int]] = None) -> EngineSpec:
+    def _spec(
+        self,
+        remote: SshConnection,
+        connection: dict,
+        tunnel: bool,
+        owner: str,
+        slave_ports: Optional[dict[int, int]] = None,
+    ) -> EngineSpec:
         """What starts the engines on one slave; through tunnels, on that slave's ends of them."""
         address = "127.0.0.1" if tunnel else remote.local_address
         env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)} if self.threads else {}
-        return EngineSpec(tag=self.tag, connection=connection_for(connection, address, slave_ports),
-                             python=self.python,
-                             remote_dir=self.remote_dir, engines_per_gpu=self.engines_per_gpu,
-                             engines=self.engines_per_host, env=env,
-                             args=tuple(engine_args(self.master_grace_minutes)), owner=owner)
+        return EngineSpec(
+            tag=self.tag,
+            connection=connection_for(connection, address, slave_ports),
+            python=self.python,
+            remote_dir=self.remote_dir,
+            engines_per_gpu=self.engines_per_gpu,
+            engines=self.engines_per_host,
+            env=env,
+            args=tuple(engine_args(self.master_grace_minutes)),
+            owner=owner,
+        )
 
-    def _bootstrap_one(self, target: Target, remote: SshConnection, spec: EngineSpec,
-                       cancelled: threading.Event) -> Bootstrapped:
+    def _bootstrap_one(
+        self, target: Target, remote: SshConnection, spec: EngineSpec, cancelled: threading.Event
+    ) -> Bootstrapped:
         """In a worker thread: remote work only (the store belongs to the calling thread)."""
         if self.data_dir and self.master_data_dir is not None:
             sync_data(remote, self.master_data_dir, self.data_dir)
         return start_on_slave(remote, spec, cancelled)
 
     # adopt --------------------------------------------------------------------------
-    def adopt(self, cluster: ClusterRecord, targets: list[Target], tunnel: bool, timeout: float = 300,
-              connect_timeout: float = ADOPT_CONNECT_S) -> tuple[list[NodeRecord], dict[str, str]]:
+    def adopt(
+        self,
+        cluster: ClusterRecord,
+        targets: list[Target],
+        tunnel: bool,
+        timeout: float = 300,
+        connect_timeout: float = ADOPT_CONNECT_S,
+    ) -> tuple[list[NodeRecord], dict[str, str]]:
         """A new controller takes over these nodes, still up after the master restarted: on each one the old
         engines are stopped (recorded pids and pid files, as ``stop``) and new ones started against the new
         controller (connection file uploaded again; by the bootstrap stamp, without upload or import check
@@ -207,8 +248,9 @@ class RemoteEngines:
 
         def connect(target: Target) -> SshConnection:
             # record_new=False: an adopted node must show the host key its bootstrap recorded
-            remote = SshConnection.connect(target.host, self.known_hosts, timeout=connect_timeout, record_new=False,
-                                       cancelled=cancelled)
+            remote = SshConnection.connect(
+                target.host, self.known_hosts, timeout=connect_timeout, record_new=False, cancelled=cancelled
+            )
             cancelled.on_cancel(remote.close)
             return remote
 
@@ -263,14 +305,15 @@ class RemoteEngines:
         self.store.nodes.put(cluster.id, node)
         return node
 
-    def _open_tunnels(self, targets: list[Target], connection: dict, cluster_id: str,
-                      folder: Path) -> dict[str, dict[int, int]]:
+    def _open_tunnels(
+        self, targets: list[Target], connection: dict, cluster_id: str, folder: Path
+    ) -> dict[str, dict[int, int]]:
         """A holder process for the reverse tunnels of ``targets``; by node id, each one's port for each of the
         controller's engine ports."""
-        spec = tunnels.TunnelSpec(hosts=[asdict(t.host) for t in targets], known_hosts=str(self.known_hosts),
-                                  ports=engine_ports(connection))
-        pid, slave_ports = tunnels.spawn(spec, folder, profile=profile_dir(self.state_dir),
-                                         cluster_id=cluster_id)
+        spec = tunnels.TunnelSpec(
+            hosts=[asdict(t.host) for t in targets], known_hosts=str(self.known_hosts), ports=engine_ports(connection)
+        )
+        pid, slave_ports = tunnels.spawn(spec, folder, profile=profile_dir(self.state_dir), cluster_id=cluster_id)
         (folder / "tunnels.pid").write_text(str(pid))
         log.info("SSH reverse tunnels up (pid %s) for %d slave(s)", pid, len(targets))
         return {t.node.node_id: ports for t, ports in zip(targets, slave_ports)}
@@ -321,7 +364,7 @@ class RemoteEngines:
                 for host, future in [(h, pool.submit(stop_one, h)) for h in hosts]:
                     try:
                         future.result()
-                    except Exception as error:  # one unreachable slave must not stop the clean-up of the others
+                    except Exception as error:  # noqa: BLE001 - one unreachable slave must not stop the clean-up of the others
                         problems.append(f"{host}: {error}")
                         (log.info if quiet else log.warning)("could not stop the engines on %s: %s", host, error)
         return problems

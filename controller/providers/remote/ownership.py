@@ -5,6 +5,7 @@ files in the cluster's run dir on the slave, so a stop finds them even when the 
 state. The run dir also records which cluster (state dir and controller) its engines serve, so that two
 clusters of one name on one master never stop each other's engines.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,9 @@ done
 for pid in $pids; do kill -KILL -- -$pid 2>/dev/null; kill -KILL $pid 2>/dev/null; done
 # a killed engine still frees its memory before it is gone: seconds on a busy slave, not a fixed 0.2 s
 for i in $(seq 1 40); do
-  left=; for pid in $pids; do [ -d /proc/$pid ] && [ "$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null)" != Z ] && left="$left $pid"; done
+  left=; for pid in $pids; do
+    [ -d /proc/$pid ] && [ "$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null)" != Z ] && left="$left $pid"
+  done
   [ -z "$left" ] && break; sleep 0.25
 done
 [ -n "$left" ] && echo "left:$left"
@@ -59,6 +62,7 @@ exit 0
 @dataclass(frozen=True)
 class Stopped:
     """What a stop found on a slave: the engines it signalled, and those still alive afterwards."""
+
     found: list[int]
     left: list[int]
 
@@ -66,18 +70,24 @@ class Stopped:
 def _stop(remote: SshConnection, base: str, tag: str, pids: tuple[int, ...] = (), run_dir_too: bool = True) -> Stopped:
     """``run_dir_too``: the engines its pid files name as well, and the run dir removed afterwards."""
     known = " ".join(str(int(p)) for p in pids)
-    script = STOP_SCRIPT.format(rundir=shlex.quote(run_dir(base, tag)), profile=shlex.quote(f"{base}/profile"),
-                                known=known, pid_files='"$dir"/engine-*.pid' if run_dir_too else "/dev/null",
-                                cleanup='rm -rf "$dir"' if run_dir_too else "true")
+    script = STOP_SCRIPT.format(
+        rundir=shlex.quote(run_dir(base, tag)),
+        profile=shlex.quote(f"{base}/profile"),
+        known=known,
+        pid_files='"$dir"/engine-*.pid' if run_dir_too else "/dev/null",
+        cleanup='rm -rf "$dir"' if run_dir_too else "true",
+    )
     _, out, _ = remote.run(f"sh -c {shlex.quote(script)}", timeout=60)
 
     def listed(prefix: str) -> list[int]:
-        return [int(p) for line in out.splitlines() if line.startswith(prefix) for p in line[len(prefix):].split()]
+        return [int(p) for line in out.splitlines() if line.startswith(prefix) for p in line[len(prefix) :].split()]
 
     return Stopped(found=listed("found:"), left=listed("left:"))
 
 
-def stop_engines(remote: SshConnection, remote_dir: str, tag: str, pids: tuple[int, ...] = (), owner: str = "") -> list[int]:
+def stop_engines(
+    remote: SshConnection, remote_dir: str, tag: str, pids: tuple[int, ...] = (), owner: str = ""
+) -> list[int]:
     """Stop the engines of ``tag`` on this slave (pid files, plus pids the store knows), remove its run dir.
     When the run dir is another running cluster's (``owner``: this cluster, as ``owner_of`` writes it), only
     the pids the store knows are stopped, and the run dir stays.
@@ -86,9 +96,14 @@ def stop_engines(remote: SshConnection, remote_dir: str, tag: str, pids: tuple[i
     base = resolve_dir(remote, remote_dir)
     other = other_live_owner(remote, base, tag, owner)
     if other is not None:
-        log.info("%s: %s is another running cluster's (controller pid %d, state_dir %s): only this cluster's "
-                 "recorded engines are stopped there", remote.host, run_dir(base, tag), other.controller_pid,
-                 other.state_dir)
+        log.info(
+            "%s: %s is another running cluster's (controller pid %d, state_dir %s): only this cluster's "
+            "recorded engines are stopped there",
+            remote.host,
+            run_dir(base, tag),
+            other.controller_pid,
+            other.state_dir,
+        )
     return _stop(remote, base, tag, pids, run_dir_too=other is None).left
 
 
@@ -98,8 +113,13 @@ OWNER = "owner"  # in a run dir: the cluster its engines serve (state dir, contr
 def owner_of(controller_pid: Optional[int], state_dir: Path) -> str:
     """The cluster a run dir's engines serve, as the run dir records it: the master's state dir, and its
     controller (pid and that process's identity on this master: the tag names the master's host)."""
-    return json.dumps({"state_dir": str(Path(state_dir).resolve()), "controller_pid": controller_pid or 0,
-                       "identity": process_identity(controller_pid) if controller_pid else ""})
+    return json.dumps(
+        {
+            "state_dir": str(Path(state_dir).resolve()),
+            "controller_pid": controller_pid or 0,
+            "identity": process_identity(controller_pid) if controller_pid else "",
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -133,7 +153,8 @@ def refuse_a_live_owner(remote: SshConnection, base: str, tag: str, owner: str) 
             f"{remote.host}: {rundir} holds the engines of another cluster of this master that is still running "
             f"(its controller, pid {other.controller_pid}, of the state_dir {other.state_dir}, with the same "
             f"[cluster] name): stop that cluster first (`cluster stop` with its configuration), or give this one "
-            f"another [cluster] name")
+            f"another [cluster] name"
+        )
 
 
 def stop_leftovers(remote: SshConnection, base: str, tag: str) -> None:
@@ -142,8 +163,14 @@ def stop_leftovers(remote: SshConnection, base: str, tag: str) -> None:
     for up to master_grace_minutes, holding their GPU all that time."""
     stopped = _stop(remote, base, tag)
     if stopped.found:
-        log.warning("%s: stopped %d engine(s) an earlier start of this cluster left running (pids %s)",
-                    remote.host, len(stopped.found), " ".join(map(str, stopped.found)))
+        log.warning(
+            "%s: stopped %d engine(s) an earlier start of this cluster left running (pids %s)",
+            remote.host,
+            len(stopped.found),
+            " ".join(map(str, stopped.found)),
+        )
     if stopped.left:
-        raise ProviderError(f"{remote.host}: engines left by an earlier start of this cluster (pids "
-                            f"{' '.join(map(str, stopped.left))}) did not stop; stop them there and start again")
+        raise ProviderError(
+            f"{remote.host}: engines left by an earlier start of this cluster (pids "
+            f"{' '.join(map(str, stopped.left))}) did not stop; stop them there and start again"
+        )

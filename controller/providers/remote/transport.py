@@ -7,6 +7,7 @@
 - Every connect, command and upload can be cancelled at once from another thread (:class:`Cancel`), so a
   Ctrl-C of ``cluster start`` cleans up in seconds.
 """
+
 from __future__ import annotations
 
 import errno
@@ -162,8 +163,16 @@ class SshConnection:
         self.client = client
 
     @classmethod
-    def connect(cls, host: SshTarget, known_hosts: Path, *, timeout: float = 60, record_new: bool = True,
-                cancelled: Optional[threading.Event] = None, attempt_timeout: float = 10) -> "SshConnection":
+    def connect(
+        cls,
+        host: SshTarget,
+        known_hosts: Path,
+        *,
+        timeout: float = 60,
+        record_new: bool = True,
+        cancelled: Optional[threading.Event] = None,
+        attempt_timeout: float = 10,
+    ) -> "SshConnection":
         """Connect, retrying with backoff until ``timeout`` (a booting slave refuses at first).
 
         ``record_new=False`` refuses hosts whose key is not recorded yet (for
@@ -180,16 +189,27 @@ class SshConnection:
             client = paramiko.SSHClient()
             if Path(known_hosts).exists():
                 client.load_host_keys(str(known_hosts))
-            client.set_missing_host_key_policy(RecordFirstContact(known_hosts) if record_new else paramiko.RejectPolicy())
+            client.set_missing_host_key_policy(
+                RecordFirstContact(known_hosts) if record_new else paramiko.RejectPolicy()
+            )
             attempt = max(1.0, min(attempt_timeout, deadline - time.monotonic()))
             try:
                 sock = open_socket(host, attempt, cancelled)
-                closing = cancelled.closing(lambda: _shut(sock)) if isinstance(cancelled, Cancel) else nullcontext()
+                cancellable = isinstance(cancelled, Cancel)
+                closing = cancelled.closing(lambda sock=sock: _shut(sock)) if cancellable else nullcontext()
                 with closing:
                     client.connect(
-                        host.address, port=host.port, username=host.user or None, pkey=pkey, sock=sock,
-                        timeout=attempt, banner_timeout=attempt, auth_timeout=attempt,
-                        allow_agent=pkey is None, look_for_keys=pkey is None)
+                        host.address,
+                        port=host.port,
+                        username=host.user or None,
+                        pkey=pkey,
+                        sock=sock,
+                        timeout=attempt,
+                        banner_timeout=attempt,
+                        auth_timeout=attempt,
+                        allow_agent=pkey is None,
+                        look_for_keys=pkey is None,
+                    )
                 transport = client.get_transport()
                 if transport is not None:
                     transport.set_keepalive(15)
@@ -220,8 +240,10 @@ class SshConnection:
         if cancelled is not None and cancelled.is_set():
             raise ProviderError(f"{host}: SSH connection cancelled")
         if isinstance(last, paramiko.AuthenticationException):
-            raise CredentialsError(f"{host}: SSH authentication failed for user {host.user or '(current)'} "
-                                   f"with {host.key_file or 'the agent/default keys'}: {last}")
+            raise CredentialsError(
+                f"{host}: SSH authentication failed for user {host.user or '(current)'} "
+                f"with {host.key_file or 'the agent/default keys'}: {last}"
+            )
         raise ProviderError(f"{host}: no SSH connection within {timeout:.0f} s: {last}")
 
     def close(self) -> None:
@@ -253,7 +275,9 @@ class SshConnection:
         err = (errors[0] if errors else b"").decode(errors="replace")
         status = stdout.channel.recv_exit_status()
         if check and status != 0:
-            raise ProviderError(f"{self.host}: `{command}` exited {status}: {err.strip()[-2000:] or out.strip()[-2000:]}")
+            raise ProviderError(
+                f"{self.host}: `{command}` exited {status}: {err.strip()[-2000:] or out.strip()[-2000:]}"
+            )
         return status, out, err
 
     def upload(self, local: Path, remote_path: str, mode: int = 0o600) -> None:

@@ -19,6 +19,7 @@ The tunnels must outlive ``cluster start`` (a CLI process), so they are held by
 kills it by its pid.  The spec file names hosts, key files and ports, never
 the HMAC key.
 """
+
 from __future__ import annotations
 
 import json
@@ -92,6 +93,7 @@ def _pump(channel, sock: socket.socket) -> None:
 def _forward_handler(target: str, slave_ports: dict[int, int]):
     """Connections to a slave port go to the controller port it was asked for (``slave_ports``: controller
     port -> slave port, as the holder keeps it)."""
+
     def handler(channel, origin, server) -> None:
         # dict(): one copy made under the GIL, as the holder may add a port meanwhile from its own thread
         port = {theirs: ours for ours, theirs in dict(slave_ports).items()}.get(server[1])
@@ -105,6 +107,7 @@ def _forward_handler(target: str, slave_ports: dict[int, int]):
             channel.close()
             return
         threading.Thread(target=_pump, args=(channel, sock), daemon=True).start()
+
     return handler
 
 
@@ -116,8 +119,9 @@ def answers(transport, timeout: float) -> bool:
     a time limit.
     """
     replies: list[object] = []
-    asking = threading.Thread(target=lambda: replies.append(transport.global_request("keepalive@openssh.com",
-                                                                                    wait=True)), daemon=True)
+    asking = threading.Thread(
+        target=lambda: replies.append(transport.global_request("keepalive@openssh.com", wait=True)), daemon=True
+    )
     asking.start()
     asking.join(timeout)
     # OpenSSH refuses the unknown request: a refusal (None) is an answer too, a dead session is not
@@ -160,16 +164,26 @@ class Holder:
             asked = self.slave_ports.get(port, 0)
             try:
                 bound = transport.request_port_forward(
-                    "127.0.0.1", asked, handler=_forward_handler(self.spec.target, self.slave_ports))
+                    "127.0.0.1", asked, handler=_forward_handler(self.spec.target, self.slave_ports)
+                )
             except paramiko.SSHException as error:
                 if asked:
                     # the slave's sshd may still hold the old session's forward until it notices that session
                     # is dead (ClientAliveInterval, TCP timeouts): ask again next round until it lets go
-                    log.warning("tunnel to %s: port %d (controller port %d) still held on the slave (%s); "
-                                "retrying", self.host, asked, port, error)
+                    log.warning(
+                        "tunnel to %s: port %d (controller port %d) still held on the slave (%s); retrying",
+                        self.host,
+                        asked,
+                        port,
+                        error,
+                    )
                 else:
-                    log.warning("tunnel to %s: the slave's sshd refused to forward a port (%s; is "
-                                "AllowTcpForwarding on there?); retrying", self.host, error)
+                    log.warning(
+                        "tunnel to %s: the slave's sshd refused to forward a port (%s; is "
+                        "AllowTcpForwarding on there?); retrying",
+                        self.host,
+                        error,
+                    )
                 continue
             self.slave_ports[port] = bound
             self.forwarded.add(port)
@@ -211,8 +225,9 @@ def hold(spec: TunnelSpec, stop: Optional[threading.Event] = None) -> None:
 def _write_ready(path: Path, slave_ports: list[dict[int, int]]) -> None:
     """Whole or not at all (``spawn`` reads it as soon as it exists): the pid, and each host's ports."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps({"pid": os.getpid(), "ports": [{str(k): v for k, v in ports.items()}
-                                                                  for ports in slave_ports]}))
+    partial.write_text(
+        json.dumps({"pid": os.getpid(), "ports": [{str(k): v for k, v in ports.items()} for ports in slave_ports]})
+    )
     partial.replace(path)
 
 
@@ -221,8 +236,9 @@ def slave_ports(ready_file: Path) -> list[dict[int, int]]:
     return [{int(k): v for k, v in ports.items()} for ports in json.loads(Path(ready_file).read_text())["ports"]]
 
 
-def spawn(spec: TunnelSpec, folder: Path, timeout: float = 60, profile: Optional[Path] = None,
-          cluster_id: str = "") -> tuple[int, list[dict[int, int]]]:
+def spawn(
+    spec: TunnelSpec, folder: Path, timeout: float = 60, profile: Optional[Path] = None, cluster_id: str = ""
+) -> tuple[int, list[dict[int, int]]]:
     """Start the holder process; once every forward is up, returns its pid and, for each host of ``spec``
     in order, the slave's port for each controller port (or raises).
 
@@ -240,9 +256,15 @@ def spawn(spec: TunnelSpec, folder: Path, timeout: float = 60, profile: Optional
     spec.ready_file = str(ready)
     spec.save(spec_path)
     log_file = open(folder / "tunnels.log", "ab")
-    process = subprocess.Popen([sys.executable, "-m", "controller.providers.remote.tunnels", str(spec_path)],
-                               stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               start_new_session=True, cwd=str(REPO_ROOT), env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "controller.providers.remote.tunnels", str(spec_path)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=str(REPO_ROOT),
+        env=env,
+    )
     log_file.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -10,18 +10,29 @@ measurement consists of *training runs* (``runs`` rows, the only meaning of "run
 
 Importing the package loads the records and workloads only: no ipyparallel, no torch.
 """
+
 from __future__ import annotations
 
 from controller.work.bench.records import (
-                      PAPER_EPOCH_IMAGES,
-                      PAPER_EPOCHS_PER_MIN,
-                      BenchEngine,
-                      BenchRecord,
-                      BenchResult,
-                      BenchTable,
-                      BenchTrial,
+    PAPER_EPOCH_IMAGES,
+    PAPER_EPOCHS_PER_MIN,
+    BenchEngine,
+    BenchRecord,
+    BenchResult,
+    BenchTable,
+    BenchTrial,
 )
 from controller.work.bench.workloads import WORKLOADS, Workload, parse_engine_counts
 
-__all__ = ["PAPER_EPOCH_IMAGES", "PAPER_EPOCHS_PER_MIN", "WORKLOADS", "BenchEngine", "BenchRecord", "BenchResult",
-           "BenchTable", "BenchTrial", "Workload", "parse_engine_counts"]
+__all__ = [
+    "PAPER_EPOCH_IMAGES",
+    "PAPER_EPOCHS_PER_MIN",
+    "WORKLOADS",
+    "BenchEngine",
+    "BenchRecord",
+    "BenchResult",
+    "BenchTable",
+    "BenchTrial",
+    "Workload",
+    "parse_engine_counts",
+]

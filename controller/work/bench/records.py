@@ -16,6 +16,7 @@ The tables are in controller/store/schema.py; stores written before measurements
 (``bench_runs``, ``bench_run_id``) are renamed by its migration 5 and keep their rows.
 Nothing here imports ipyparallel or torch: reports read these records only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -156,17 +157,20 @@ class BenchTable:
         records = []
         for row in self.store.execute(sql, params):
             values = {k: row[k] for k in row.keys()}
-            values["params"] = load_json(values["params"] or "{}",
-                                         f"{self.store.path}: the params of measurement {values.get('id')}")
+            values["params"] = load_json(
+                values["params"] or "{}", f"{self.store.path}: the params of measurement {values.get('id')}"
+            )
             records.append(BenchRecord(**values))
         return records
 
     def engines(self, measurement_id: str) -> list[BenchEngine]:
-        rows = self.store.execute("SELECT * FROM bench_engines WHERE measurement_id = ? ORDER BY engine_id",
-                                  (measurement_id,))
+        rows = self.store.execute(
+            "SELECT * FROM bench_engines WHERE measurement_id = ? ORDER BY engine_id", (measurement_id,)
+        )
         return [BenchEngine(**{k: row[k] for k in row.keys()}) for row in rows]
 
     def trials(self, measurement_id: str) -> list[BenchTrial]:
-        rows = self.store.execute("SELECT * FROM bench_trials WHERE measurement_id = ? ORDER BY trial",
-                                  (measurement_id,))
+        rows = self.store.execute(
+            "SELECT * FROM bench_trials WHERE measurement_id = ? ORDER BY trial", (measurement_id,)
+        )
         return [BenchTrial(**{k: row[k] for k in row.keys()}) for row in rows]

@@ -10,6 +10,7 @@ Scaling is computed within one bench (one ``cluster bench --engines 1,2,4``):
 speedup = epochs/min on N engines ÷ epochs/min on the bench's smallest engine
 count, efficiency = speedup ÷ (N ÷ that smallest count).
 """
+
 from __future__ import annotations
 
 import base64
@@ -32,10 +33,37 @@ FORMATS = ("md", "csv", "json", "html")
 # the table users choose a cloud by, column for column, then what it rests on
 COST_COLUMNS = ["Cloud Provider", "Region", "GPU", "Image", "Run time (secs)", "Cost ($/hr)", "Cost / run"]
 CSV_FIELDS = [
-    "id", "bench_id", "workload", "engines", "provider", "region", "zone", "instance_type", "gpu", "image",
-    "market", "threads", "wall_s", "warmup_s", "dispatch_s", "runs", "epochs", "images", "images_per_s",
-    "epochs_per_min", "accuracy", "price_per_hour", "cost", "speedup", "efficiency", "baseline_engines", "torch",
-    "cuda", "state", "created_at", "paper_epochs_per_min",
+    "id",
+    "bench_id",
+    "workload",
+    "engines",
+    "provider",
+    "region",
+    "zone",
+    "instance_type",
+    "gpu",
+    "image",
+    "market",
+    "threads",
+    "wall_s",
+    "warmup_s",
+    "dispatch_s",
+    "runs",
+    "epochs",
+    "images",
+    "images_per_s",
+    "epochs_per_min",
+    "accuracy",
+    "price_per_hour",
+    "cost",
+    "speedup",
+    "efficiency",
+    "baseline_engines",
+    "torch",
+    "cuda",
+    "state",
+    "created_at",
+    "paper_epochs_per_min",
 ]
 PAPER_UNIT = f"50k-image epochs/min (paper: {PAPER_EPOCHS_PER_MIN})"
 PROVIDER_NAMES = {"aws": "AWS", "local": "local", "ssh": "ssh"}
@@ -65,9 +93,11 @@ def collect(store: Store, bench_ids: Optional[Sequence[str]] = None, workload: O
         which += f" of workload {workload}" if workload else ""
         raise UsageError(f"no benchmark records{which} in {store.path}; run `cluster bench` first")
     return ReportData(
-        records=records, scaling=scaling(records),
+        records=records,
+        scaling=scaling(records),
         engines={r.id: bench.engines(r.id) for r in records},
-        trials={r.id: bench.trials(r.id) for r in records})
+        trials={r.id: bench.trials(r.id) for r in records},
+    )
 
 
 def scaling(records: Sequence[BenchRecord]) -> dict[str, Scaling]:
@@ -93,8 +123,9 @@ def render(data: ReportData, fmt: str) -> str:
     return {"md": to_markdown, "csv": to_csv, "json": to_json, "html": to_html}[fmt](data)
 
 
-def report(store: Store, fmt: str = "md", bench_ids: Optional[Sequence[str]] = None,
-           workload: Optional[str] = None) -> str:
+def report(
+    store: Store, fmt: str = "md", bench_ids: Optional[Sequence[str]] = None, workload: Optional[str] = None
+) -> str:
     """The report text of the store's bench records in ``fmt`` (md, csv, json, html)."""
     return render(collect(store, bench_ids, workload), fmt)
 
@@ -118,31 +149,96 @@ def _money(value: float, places: int) -> str:
 
 def cost_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
     columns = COST_COLUMNS + ["Workload", "Engines", "Instance type"]
-    rows = [[PROVIDER_NAMES.get(r.provider, r.provider), _text(r.region or r.zone), _text(r.gpu), _text(r.image),
-             f"{r.wall_s:.1f}", _money(r.price_per_hour, 3), _money(r.cost, 4), r.workload, str(r.engines),
-             _text(r.instance_type)] for r in data.records]
+    rows = [
+        [
+            PROVIDER_NAMES.get(r.provider, r.provider),
+            _text(r.region or r.zone),
+            _text(r.gpu),
+            _text(r.image),
+            f"{r.wall_s:.1f}",
+            _money(r.price_per_hour, 3),
+            _money(r.cost, 4),
+            r.workload,
+            str(r.engines),
+            _text(r.instance_type),
+        ]
+        for r in data.records
+    ]
     return columns, rows
 
 
 def throughput_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
-    columns = ["Bench", "Workload", "Engines", "Run time (secs)", "Images/s", "Epochs/min", PAPER_UNIT, "Speedup",
-               "Efficiency", "Accuracy", "Runs", "Epochs", "State"]
+    columns = [
+        "Bench",
+        "Workload",
+        "Engines",
+        "Run time (secs)",
+        "Images/s",
+        "Epochs/min",
+        PAPER_UNIT,
+        "Speedup",
+        "Efficiency",
+        "Accuracy",
+        "Runs",
+        "Epochs",
+        "State",
+    ]
     rows = []
     for r in data.records:
         s = data.scaling.get(r.id)
-        rows.append([r.bench_id, r.workload, str(r.engines), f"{r.wall_s:.1f}", f"{r.images_per_s:,.0f}",
-                     f"{r.epochs_per_min:.2f}", f"{r.paper_epochs_per_min:.2f}", f"{s.speedup:.2f}x" if s else "-",
-                     f"{s.efficiency:.0%}" if s else "-", percent(r.accuracy), str(r.runs), str(r.epochs), r.state])
+        rows.append(
+            [
+                r.bench_id,
+                r.workload,
+                str(r.engines),
+                f"{r.wall_s:.1f}",
+                f"{r.images_per_s:,.0f}",
+                f"{r.epochs_per_min:.2f}",
+                f"{r.paper_epochs_per_min:.2f}",
+                f"{s.speedup:.2f}x" if s else "-",
+                f"{s.efficiency:.0%}" if s else "-",
+                percent(r.accuracy),
+                str(r.runs),
+                str(r.epochs),
+                r.state,
+            ]
+        )
     return columns, rows
 
 
 def engine_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
-    columns = ["Measurement", "Engine", "Host", "Device", "CPU", "Threads", "Tasks", "Busy (secs)",
-               "Images/s (training)", "$/hr share", "torch", "CUDA"]
-    rows = [[r.id, str(e.engine_id), e.host, e.device, _text(e.cpu), str(e.threads), str(e.tasks),
-             f"{e.busy_s:.1f}", f"{e.images_per_s:,.0f}", _money(e.price_per_hour, 3), _text(e.torch),
-             _text(e.cuda)]
-            for r in data.records for e in data.engines[r.id]]
+    columns = [
+        "Measurement",
+        "Engine",
+        "Host",
+        "Device",
+        "CPU",
+        "Threads",
+        "Tasks",
+        "Busy (secs)",
+        "Images/s (training)",
+        "$/hr share",
+        "torch",
+        "CUDA",
+    ]
+    rows = [
+        [
+            r.id,
+            str(e.engine_id),
+            e.host,
+            e.device,
+            _text(e.cpu),
+            str(e.threads),
+            str(e.tasks),
+            f"{e.busy_s:.1f}",
+            f"{e.images_per_s:,.0f}",
+            _money(e.price_per_hour, 3),
+            _text(e.torch),
+            _text(e.cuda),
+        ]
+        for r in data.records
+        for e in data.engines[r.id]
+    ]
     return columns, rows
 
 
@@ -153,9 +249,20 @@ def ranked_trials(trials: Sequence[BenchTrial]) -> list[BenchTrial]:
 
 def sweep_rows(data: ReportData, record: BenchRecord) -> tuple[list[str], list[list[str]]]:
     columns = ["Rank", "Trial", "λ (L1)", "Val accuracy", "Test accuracy", "Seconds", "Engine", "Run", "State"]
-    rows = [[str(rank), str(t.trial), "-" if t.l1 is None else f"{t.l1:g}", percent(t.val_accuracy),
-             percent(t.test_accuracy), f"{t.seconds:.1f}", _text(t.engine_id), t.run_id, t.state]
-            for rank, t in enumerate(ranked_trials(data.trials[record.id]), 1)]
+    rows = [
+        [
+            str(rank),
+            str(t.trial),
+            "-" if t.l1 is None else f"{t.l1:g}",
+            percent(t.val_accuracy),
+            percent(t.test_accuracy),
+            f"{t.seconds:.1f}",
+            _text(t.engine_id),
+            t.run_id,
+            t.state,
+        ]
+        for rank, t in enumerate(ranked_trials(data.trials[record.id]), 1)
+    ]
     return columns, rows
 
 
@@ -177,18 +284,38 @@ def _md_table(columns: list[str], rows: list[list[str]]) -> str:
 def _summary_line(data: ReportData) -> str:
     first, last = data.records[0].created_at, data.records[-1].created_at
     benches = sorted({r.bench_id for r in data.records})
-    return (f"{len(data.records)} measurement(s) from {len(benches)} bench(es), "
-            f"{_utc(first)} to {_utc(last)}. Cost / run = $/hr × run time; speedup and efficiency are "
-            f"relative to the smallest engine count of the same bench.")
+    return (
+        f"{len(data.records)} measurement(s) from {len(benches)} bench(es), "
+        f"{_utc(first)} to {_utc(last)}. Cost / run = $/hr × run time; speedup and efficiency are "
+        f"relative to the smallest engine count of the same bench."
+    )
 
 
 def to_markdown(data: ReportData) -> str:
-    parts = ["# Benchmark report", "", _summary_line(data), "", "## Cost per run", "",
-             _md_table(*cost_rows(data)), "", "## Throughput, scaling and accuracy", "",
-             _md_table(*throughput_rows(data)), "", "## Engines", "", _md_table(*engine_rows(data))]
+    parts = [
+        "# Benchmark report",
+        "",
+        _summary_line(data),
+        "",
+        "## Cost per run",
+        "",
+        _md_table(*cost_rows(data)),
+        "",
+        "## Throughput, scaling and accuracy",
+        "",
+        _md_table(*throughput_rows(data)),
+        "",
+        "## Engines",
+        "",
+        _md_table(*engine_rows(data)),
+    ]
     for record in sweeps(data):
-        parts += ["", f"## Sweep {record.id} ({record.workload}, {_engines(record.engines)}): ranked", "",
-                  _md_table(*sweep_rows(data, record))]
+        parts += [
+            "",
+            f"## Sweep {record.id} ({record.workload}, {_engines(record.engines)}): ranked",
+            "",
+            _md_table(*sweep_rows(data, record)),
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -196,8 +323,11 @@ def to_markdown(data: ReportData) -> str:
 def _flat(data: ReportData, record: BenchRecord) -> dict[str, Any]:
     values = record.to_dict()
     s = data.scaling.get(record.id)
-    values.update(speedup=s.speedup if s else None, efficiency=s.efficiency if s else None,
-                  baseline_engines=s.baseline_engines if s else None)
+    values.update(
+        speedup=s.speedup if s else None,
+        efficiency=s.efficiency if s else None,
+        baseline_engines=s.baseline_engines if s else None,
+    )
     return values
 
 
@@ -241,8 +371,11 @@ def _html_table(columns: list[str], rows: list[list[str]]) -> str:
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "\n".join(
-        "<tr>" + "".join(f'<td class="num">{html.escape(v)}</td>' if numeric(v) else f"<td>{html.escape(v)}</td>"
-                         for v in row) + "</tr>" for row in rows)
+        "<tr>"
+        + "".join(f'<td class="num">{html.escape(v)}</td>' if numeric(v) else f"<td>{html.escape(v)}</td>" for v in row)
+        + "</tr>"
+        for row in rows
+    )
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
 
 
@@ -283,8 +416,9 @@ def plots(data: ReportData) -> list[tuple[str, str]]:
         axes.grid(alpha=0.3)
     speed.legend(fontsize=7)
     fig.tight_layout()
-    figures.append(("Speedup and efficiency against engine count (epochs/min relative to the smallest count)",
-                    _png(fig)))
+    figures.append(
+        ("Speedup and efficiency against engine count (epochs/min relative to the smallest count)", _png(fig))
+    )
 
     fig = Figure(figsize=(6, 3.6))
     axes = fig.subplots()
@@ -314,32 +448,49 @@ def plots(data: ReportData) -> list[tuple[str, str]]:
         axes.plot(xs, [t.val_accuracy * 100 for t in trials], marker="o", label="validation")
         axes.plot(xs, [(t.test_accuracy or 0) * 100 for t in trials], marker="s", label="test")
         axes.set_xscale("log")
-        axes.set(xlabel=f"λ (L1); λ=0 drawn at {floor:g}", ylabel="accuracy (%)",
-                 title=f"Sweep {record.id}: accuracy against λ")
+        axes.set(
+            xlabel=f"λ (L1); λ=0 drawn at {floor:g}",
+            ylabel="accuracy (%)",
+            title=f"Sweep {record.id}: accuracy against λ",
+        )
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
         fig.tight_layout()
-        figures.append((f"Sweep {record.id} ({_engines(record.engines)}): accuracy against λ; throughput "
-                        f"{record.paper_epochs_per_min:.2f} 50,000-image epochs/min (the paper: "
-                        f"{PAPER_EPOCHS_PER_MIN} on 8 GPU servers)", _png(fig)))
+        figures.append(
+            (
+                f"Sweep {record.id} ({_engines(record.engines)}): accuracy against λ; throughput "
+                f"{record.paper_epochs_per_min:.2f} 50,000-image epochs/min (the paper: "
+                f"{PAPER_EPOCHS_PER_MIN} on 8 GPU servers)",
+                _png(fig),
+            )
+        )
     return figures
 
 
 def to_html(data: ReportData) -> str:
     """One self-contained page: inline CSS, tables, PNGs as data: URIs; no scripts, no network."""
     sections = [
-        "<h2>Cost per run</h2>", _html_table(*cost_rows(data)),
-        "<h2>Throughput, scaling and accuracy</h2>", _html_table(*throughput_rows(data)),
+        "<h2>Cost per run</h2>",
+        _html_table(*cost_rows(data)),
+        "<h2>Throughput, scaling and accuracy</h2>",
+        _html_table(*throughput_rows(data)),
         "<h2>Plots</h2>",
     ]
     for caption, png in plots(data):
-        sections.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{png}">'
-                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        sections.append(
+            f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{png}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
     sections += ["<h2>Engines</h2>", _html_table(*engine_rows(data))]
     for record in sweeps(data):
-        sections += [f"<h2>Sweep {html.escape(record.id)} ({html.escape(record.workload)}, "
-                     f"{_engines(record.engines)}): ranked</h2>", _html_table(*sweep_rows(data, record))]
+        sections += [
+            f"<h2>Sweep {html.escape(record.id)} ({html.escape(record.workload)}, "
+            f"{_engines(record.engines)}): ranked</h2>",
+            _html_table(*sweep_rows(data, record)),
+        ]
     body = "\n".join(sections)
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f"<title>Benchmark report</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
-            f"<h1>Benchmark report</h1>\n<p>{html.escape(_summary_line(data))}</p>\n{body}\n</body>\n</html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>Benchmark report</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+        f"<h1>Benchmark report</h1>\n<p>{html.escape(_summary_line(data))}</p>\n{body}\n</body>\n</html>\n"
+    )

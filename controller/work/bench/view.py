@@ -1,4 +1,5 @@
 """The terminal's view of a bench: a line per engine count, the training runs' own progress, a line per result."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -24,15 +25,19 @@ class BenchProgress(BenchSink):
         self.runs.__exit__(*exc)
 
     def bench_started(self, workload: Workload, engines: list[int], runs: int) -> None:
-        self.console.print(f"bench {workload.name} on {len(engines)} engine(s) "
-                           f"({', '.join(map(str, engines))}): {runs} run(s)", highlight=False)
+        self.console.print(
+            f"bench {workload.name} on {len(engines)} engine(s) ({', '.join(map(str, engines))}): {runs} run(s)",
+            highlight=False,
+        )
 
     def bench_finished(self, record: BenchRecord) -> None:
         self.console.print(
             f"  {record.engines} engine(s): {record.wall_s:.1f} s, {record.epochs_per_min:.2f} epochs/min "
             f"({record.paper_epochs_per_min:.2f} of 50,000 images; the paper: {PAPER_EPOCHS_PER_MIN}), "
             f"{record.images_per_s:,.0f} images/s, accuracy {percent(record.accuracy)}, ${record.cost:.4f} "
-            f"at ${record.price_per_hour:.3f}/h", highlight=False)
+            f"at ${record.price_per_hour:.3f}/h",
+            highlight=False,
+        )
 
     # the scheduler's hooks go to the training runs' bars and epoch lines
     def task_submitted(self, job: Job) -> None:

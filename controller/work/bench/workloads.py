@@ -2,6 +2,7 @@
 
 Nothing here imports ipyparallel or torch: building the argument parser reads it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,13 +29,21 @@ class Workload:
         return [(self.model or "cnn", extra)]
 
 
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (
-    Workload("paper", "the paper's λ sweep: 9 L1 penalties, one epoch per trial", "mnist", 1),
-    Workload("mnist-cnn", "one training run of the default CNN ([training] settings)", "mnist", None),
-    Workload("cifar10-vgg16", "torchvision VGG16 on CIFAR-10 (DATA_DIR/cifar-10-batches-py), 5 epochs",
-             "cifar", 5, "vgg16"),
-    Workload("cifar10-resnet18", "torchvision ResNet18 on CIFAR-10, 5 epochs", "cifar", 5, "resnet18"),
-)}
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("paper", "the paper's λ sweep: 9 L1 penalties, one epoch per trial", "mnist", 1),
+        Workload("mnist-cnn", "one training run of the default CNN ([training] settings)", "mnist", None),
+        Workload(
+            "cifar10-vgg16",
+            "torchvision VGG16 on CIFAR-10 (DATA_DIR/cifar-10-batches-py), 5 epochs",
+            "cifar",
+            5,
+            "vgg16",
+        ),
+        Workload("cifar10-resnet18", "torchvision ResNet18 on CIFAR-10, 5 epochs", "cifar", 5, "resnet18"),
+    )
+}
 
 
 def workload(name: str) -> Workload:

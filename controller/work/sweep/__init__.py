@@ -7,10 +7,20 @@
 - ``view``:    the live view on the master
 - ``runner``:  what ``Cluster.sweep`` / ``.sweeps`` / ``.results`` call
 """
+
 from __future__ import annotations
 
 from controller.work.sweep.records import SweepRecord, SweepResult, TrialResult
 from controller.work.sweep.space import PRESETS, SWEEPABLE, ParamSpec, SearchSpace, build_space, parse_param
 
-__all__ = ["PRESETS", "SWEEPABLE", "ParamSpec", "SearchSpace", "SweepRecord", "SweepResult", "TrialResult",
-           "build_space", "parse_param"]
+__all__ = [
+    "PRESETS",
+    "SWEEPABLE",
+    "ParamSpec",
+    "SearchSpace",
+    "SweepRecord",
+    "SweepResult",
+    "TrialResult",
+    "build_space",
+    "parse_param",
+]

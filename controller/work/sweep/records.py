@@ -4,6 +4,7 @@ Optuna's study (``sweeps.db``) holds what the sampler and pruner need; the
 store holds what people read: parameters, per-epoch metrics, engine, seconds.
 Results join the two: Optuna's state names, the store's metrics.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,12 @@ class SweepRecord:
     @property
     def master_alive(self) -> bool:
         """Whether the process that runs this sweep is still alive (only knowable on its own host)."""
-        return (self.state == "running" and self.master_host == socket.gethostname()
-                and self.master_pid != os.getpid() and processes.pid_alive(self.master_pid))
+        return (
+            self.state == "running"
+            and self.master_host == socket.gethostname()
+            and self.master_pid != os.getpid()
+            and processes.pid_alive(self.master_pid)
+        )
 
     @property
     def shown_state(self) -> str:
@@ -151,23 +156,42 @@ class SweepResult:
         record = dataclasses.asdict(self.sweep)
         record["state"] = self.sweep.shown_state
         record["space_text"] = self.sweep.search_space.describe()
-        return {"sweep_id": self.sweep.id, **record, "counts": self.counts(),
-                "trials": [t.to_dict() for t in self.trials],
-                "best": self.best.to_dict() if self.best else None}
+        return {
+            "sweep_id": self.sweep.id,
+            **record,
+            "counts": self.counts(),
+            "trials": [t.to_dict() for t in self.trials],
+            "best": self.best.to_dict() if self.best else None,
+        }
 
     def _repr_html_(self) -> str:
         """The ranked table, for notebooks."""
         names = self.sweep.search_space.names
-        head = "".join(f"<th>{h}</th>" for h in ["rank", "trial", "state", *names, "val acc", "test acc",
-                                                 "epochs", "engine", "seconds"])
+        head = "".join(
+            f"<th>{h}</th>"
+            for h in ["rank", "trial", "state", *names, "val acc", "test acc", "epochs", "engine", "seconds"]
+        )
         rows = []
         for rank, t in enumerate(self.trials, 1):
-            cells = [rank, t.number, t.state, *(t.params.get(n) for n in names), percent(t.val_accuracy),
-                     percent(t.test_accuracy), f"{t.epochs_done}/{t.epochs_budget}", t.engine_id, f"{t.seconds:.1f}"]
+            cells = [
+                rank,
+                t.number,
+                t.state,
+                *(t.params.get(n) for n in names),
+                percent(t.val_accuracy),
+                percent(t.test_accuracy),
+                f"{t.epochs_done}/{t.epochs_budget}",
+                t.engine_id,
+                f"{t.seconds:.1f}",
+            ]
             rows.append("<tr>" + "".join(f"<td>{'' if c is None else c}</td>" for c in cells) + "</tr>")
         best = self.best
-        caption = (f"sweep {self.sweep.id}: best trial {best.number}, validation {percent(best.val_accuracy)}, "
-                   f"test {percent(best.test_accuracy)}" if best else f"sweep {self.sweep.id}: no trial completed")
+        caption = (
+            f"sweep {self.sweep.id}: best trial {best.number}, validation {percent(best.val_accuracy)}, "
+            f"test {percent(best.test_accuracy)}"
+            if best
+            else f"sweep {self.sweep.id}: no trial completed"
+        )
         return f"<table><caption>{caption}</caption><tr>{head}</tr>{''.join(rows)}</table>"
 
 
@@ -181,20 +205,37 @@ def collect(store: Store, sweep: SweepRecord, study) -> SweepResult:
         run = runs.get(run_id)
         epochs = store.epochs.of(run_id) if run else []
         params = dict(frozen.params) or ({k: run.params.get(k) for k in names} if run else {})
-        trials.append(TrialResult(
-            number=frozen.number, state=frozen.state.name, params=params, value=frozen.value,
-            run_id=run_id if run else "",
-            val_accuracy=run.val_accuracy if run else None, test_accuracy=run.test_accuracy if run else None,
-            epochs_done=run.epochs_done if run else 0,
-            epochs_budget=int(run.params.get("epochs", 0)) if run else int(params.get("epochs", 0) or 0),
-            engine_id=run.engine_id if run else None,
-            engines=sorted({e.engine_id for e in epochs if e.engine_id is not None}),
-            seconds=run.seconds if run else 0.0,
-            epochs=[{"epoch": e.epoch, "val_accuracy": e.val_accuracy, "test_accuracy": e.test_accuracy,
-                     "train_loss": e.train_loss, "seconds": e.seconds, "engine_id": e.engine_id} for e in epochs],
-            error=frozen.user_attrs.get("error") or (run.error if run and frozen.state.name == "FAIL" else None),
-            started_at=frozen.datetime_start.timestamp() if frozen.datetime_start else None,
-            finished_at=frozen.datetime_complete.timestamp() if frozen.datetime_complete else None))
-    trials.sort(key=lambda t: (STATE_RANK.get(t.state, 9), -(t.val_accuracy if t.val_accuracy is not None else -1.0),
-                               t.number))
+        trials.append(
+            TrialResult(
+                number=frozen.number,
+                state=frozen.state.name,
+                params=params,
+                value=frozen.value,
+                run_id=run_id if run else "",
+                val_accuracy=run.val_accuracy if run else None,
+                test_accuracy=run.test_accuracy if run else None,
+                epochs_done=run.epochs_done if run else 0,
+                epochs_budget=int(run.params.get("epochs", 0)) if run else int(params.get("epochs", 0) or 0),
+                engine_id=run.engine_id if run else None,
+                engines=sorted({e.engine_id for e in epochs if e.engine_id is not None}),
+                seconds=run.seconds if run else 0.0,
+                epochs=[
+                    {
+                        "epoch": e.epoch,
+                        "val_accuracy": e.val_accuracy,
+                        "test_accuracy": e.test_accuracy,
+                        "train_loss": e.train_loss,
+                        "seconds": e.seconds,
+                        "engine_id": e.engine_id,
+                    }
+                    for e in epochs
+                ],
+                error=frozen.user_attrs.get("error") or (run.error if run and frozen.state.name == "FAIL" else None),
+                started_at=frozen.datetime_start.timestamp() if frozen.datetime_start else None,
+                finished_at=frozen.datetime_complete.timestamp() if frozen.datetime_complete else None,
+            )
+        )
+    trials.sort(
+        key=lambda t: (STATE_RANK.get(t.state, 9), -(t.val_accuracy if t.val_accuracy is not None else -1.0), t.number)
+    )
     return SweepResult(sweep=sweep, trials=trials)

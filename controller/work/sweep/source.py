@@ -6,6 +6,7 @@ validation accuracy to Optuna and asks the pruner; the job goes on only if the
 trial is neither pruned nor finished.  A trial that raises is told FAIL with
 its traceback kept; the sweep goes on.
 """
+
 from __future__ import annotations
 
 import collections
@@ -29,8 +30,9 @@ log = logging.getLogger(__name__)
 
 
 class SweepListener(Protocol):
-    def trial_finished(self, number: int, state: str, value: Optional[float], params: dict,
-                       error: Optional[str]) -> None: ...
+    def trial_finished(
+        self, number: int, state: str, value: Optional[float], params: dict, error: Optional[str]
+    ) -> None: ...
 
 
 @dataclass
@@ -60,9 +62,18 @@ class Tally:
 class SweepSource(JobSource):
     """Asks Optuna for up to ``n_trials`` trials in all (resumed ones included) and tells it everything."""
 
-    def __init__(self, study: optuna.Study, store: Store, sweep_id: str, space: SearchSpace,
-                 base_spec: dict, n_trials: int, cluster_id: Optional[int] = None,
-                 resumed: Optional[list[Job]] = None, task: Optional[Callable[..., dict]] = None):
+    def __init__(
+        self,
+        study: optuna.Study,
+        store: Store,
+        sweep_id: str,
+        space: SearchSpace,
+        base_spec: dict,
+        n_trials: int,
+        cluster_id: Optional[int] = None,
+        resumed: Optional[list[Job]] = None,
+        task: Optional[Callable[..., dict]] = None,
+    ):
         self.study = study
         self.store = store
         self.recorder = RunRecorder(store)
@@ -147,16 +158,18 @@ class SweepSource(JobSource):
             self.listener.trial_finished(trial.number, state.name, value, trial.params, error)
 
 
-def job_for(trial: optuna.Trial, store: Store, sweep_id: str, space: SearchSpace, base_spec: dict,
-            cluster_id: Optional[int]) -> Job:
+def job_for(
+    trial: optuna.Trial, store: Store, sweep_id: str, space: SearchSpace, base_spec: dict, cluster_id: Optional[int]
+) -> Job:
     """The job of a trial, from its last stored checkpoint; its runs row is created when missing."""
     params = space.suggest(trial)  # a resumed trial gets its own values back
     run_id = run_id_for(sweep_id, trial.number)
     run = store.runs.get(run_id)
     if run is None:
         spec: dict[str, Any] = {**base_spec, **params, "run_id": run_id}
-        store.runs.create(RunRecord(id=run_id, params=spec, cluster_id=cluster_id, sweep_id=sweep_id,
-                                   trial_number=trial.number))
+        store.runs.create(
+            RunRecord(id=run_id, params=spec, cluster_id=cluster_id, sweep_id=sweep_id, trial_number=trial.number)
+        )
         return Job(run_id=run_id, spec=spec, tag=trial)
     try:
         stored = store.checkpoints.load(run_id)
@@ -168,8 +181,15 @@ def job_for(trial: optuna.Trial, store: Store, sweep_id: str, space: SearchSpace
     position = store.checkpoints.position(run_id) or (0, 0)
     # how the sweep cuts runs into tasks comes from its base spec (the current configuration)
     spec = {**stored_params(run.params), **{k: base_spec[k] for k in TASK_KEYS if k in base_spec}}
-    job = Job(run_id=run_id, spec=spec, checkpoint=checkpoint, epochs_done=position[0],
-              batches_done=position[1], shipped=position, tag=trial)
+    job = Job(
+        run_id=run_id,
+        spec=spec,
+        checkpoint=checkpoint,
+        epochs_done=position[0],
+        batches_done=position[1],
+        shipped=position,
+        tag=trial,
+    )
     if not job.finished:  # a finished run (the master died before telling Optuna) keeps its row as it is
         # epochs stored after the last checkpoint (the master died between the two, or the newest checkpoint
         # was kept on an engine) are trained again

@@ -12,6 +12,7 @@ Every value and bound is checked against the [training] section's own limits
 (``controller.config``), so a sweep never starts a trial that ``cluster train``
 would refuse.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,10 @@ from controller.errors import UsageError
 # the sweepable RunSpec fields, in the order they are shown
 SWEEPABLE: tuple[str, ...] = ("lr", "l1", "momentum", "batch_size", "optimizer", "conv1", "conv2", "hidden", "epochs")
 
-ACCEPTED_FORMS = ("NAME=V1,V2,... (a list of values; the grid sampler needs lists) | NAME=log:LO:HI | "
-                  "NAME=uniform:LO:HI | NAME=int:LO:HI | NAME=float:LO:HI")
+ACCEPTED_FORMS = (
+    "NAME=V1,V2,... (a list of values; the grid sampler needs lists) | NAME=log:LO:HI | "
+    "NAME=uniform:LO:HI | NAME=int:LO:HI | NAME=float:LO:HI"
+)
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainingConfig)}
 _KINDS = field_kinds(TrainingConfig)
@@ -88,7 +91,8 @@ class SearchSpace:
             raise UsageError(
                 f"--sampler grid needs a list of values for every parameter, but {', '.join(ranges)} "
                 f"{'is a range' if len(ranges) == 1 else 'are ranges'}; give values (e.g. lr=0.001,0.01,0.1) "
-                f"or use --sampler random or tpe")
+                f"or use --sampler random or tpe"
+            )
         return {p.name: list(p.values) for p in self.params}
 
     def grid_size(self) -> int:
@@ -124,15 +128,20 @@ class Preset:
 # The paper's experiment: the L1 penalty's lambda over nine orders of magnitude, default CNN.
 PAPER_L1 = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 PRESETS: dict[str, Preset] = {
-    "paper": Preset(SearchSpace((ParamSpec("l1", values=PAPER_L1),)), "grid",
-                    "the paper's lambda grid (L1 penalty 0, 1e-5 ... 100) on the default CNN"),
+    "paper": Preset(
+        SearchSpace((ParamSpec("l1", values=PAPER_L1),)),
+        "grid",
+        "the paper's lambda grid (L1 penalty 0, 1e-5 ... 100) on the default CNN",
+    ),
 }
 
 
 def preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise UsageError(f"--preset {name!r}: no such preset; the presets are: "
-                         + "; ".join(f"{k} ({v.description})" for k, v in PRESETS.items()))
+        raise UsageError(
+            f"--preset {name!r}: no such preset; the presets are: "
+            + "; ".join(f"{k} ({v.description})" for k, v in PRESETS.items())
+        )
     return PRESETS[name]
 
 
@@ -141,8 +150,9 @@ def _fmt(value: Any) -> str:
 
 
 def _bad(spec: str, reason: str) -> UsageError:
-    return UsageError(f"--param {spec!r}: {reason}. Accepted forms: {ACCEPTED_FORMS}; "
-                      f"NAME is one of {', '.join(SWEEPABLE)}")
+    return UsageError(
+        f"--param {spec!r}: {reason}. Accepted forms: {ACCEPTED_FORMS}; NAME is one of {', '.join(SWEEPABLE)}"
+    )
 
 
 def _value(spec: str, name: str, raw: str) -> Any:
@@ -168,11 +178,17 @@ def parse_param(spec: str) -> ParamSpec:
         if len(bounds) != 2 or not all(b.strip() for b in bounds):
             raise _bad(spec, f"a {head} range needs two bounds, {head}:LO:HI")
         if kind is str:
-            raise _bad(spec, f"{name} takes one of {', '.join(_FIELDS[name].metadata['choices'])}, "
-                             f"so give a list of values, not a range")
+            raise _bad(
+                spec,
+                f"{name} takes one of {', '.join(_FIELDS[name].metadata['choices'])}, "
+                f"so give a list of values, not a range",
+            )
         if head == "int" and kind is not int:
-            raise _bad(spec, f"{name} is a real-valued parameter; int:LO:HI is for the integer parameters "
-                             f"({', '.join(n for n in SWEEPABLE if _KINDS[n] is int)})")
+            raise _bad(
+                spec,
+                f"{name} is a real-valued parameter; int:LO:HI is for the integer parameters "
+                f"({', '.join(n for n in SWEEPABLE if _KINDS[n] is int)})",
+            )
         if head == "float" and kind is not float:
             raise _bad(spec, f"{name} is an integer parameter; use int:LO:HI or log:LO:HI")
         low, high = (_value(spec, name, b) for b in bounds)

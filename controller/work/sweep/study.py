@@ -3,6 +3,7 @@
 The study lives in ``STATE_DIR/sweeps.db`` (SQLite beside the store), one study
 per sweep named by the sweep id, so a sweep outlives the process that ran it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -70,8 +71,9 @@ def make_sampler(name: str, space: SearchSpace, seed: int, n_trials: int = 20) -
         # constant_liar: trials running on other engines count as "bad so far", so parallel
         # engines don't all get the same suggestion.  Random start-up trials: Optuna's 10, but at most a
         # third of a small sweep, or TPE would never get to model anything
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=True,
-                                          n_startup_trials=min(10, max(2, n_trials // 3)))
+        return optuna.samplers.TPESampler(
+            seed=seed, constant_liar=True, n_startup_trials=min(10, max(2, n_trials // 3))
+        )
     raise UsageError(f"--sampler {name!r}: expected one of {', '.join(SAMPLERS)}")
 
 
@@ -88,12 +90,18 @@ def make_pruner(name: str, n_trials: int) -> optuna.pruners.BasePruner:
     raise UsageError(f"--pruner {name!r}: expected one of {', '.join(PRUNERS)}")
 
 
-def create_study(state_dir: Path, sweep_id: str, sampler: optuna.samplers.BaseSampler,
-                 pruner: optuna.pruners.BasePruner) -> optuna.Study:
-    return optuna.create_study(storage=storage(state_dir), study_name=sweep_id, sampler=sampler,
-                               pruner=pruner, direction="maximize")
+def create_study(
+    state_dir: Path, sweep_id: str, sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner
+) -> optuna.Study:
+    return optuna.create_study(
+        storage=storage(state_dir), study_name=sweep_id, sampler=sampler, pruner=pruner, direction="maximize"
+    )
 
 
-def load_study(state_dir: Path, sweep_id: str, sampler: Optional[optuna.samplers.BaseSampler] = None,
-               pruner: Optional[optuna.pruners.BasePruner] = None) -> optuna.Study:
+def load_study(
+    state_dir: Path,
+    sweep_id: str,
+    sampler: Optional[optuna.samplers.BaseSampler] = None,
+    pruner: Optional[optuna.pruners.BasePruner] = None,
+) -> optuna.Study:
     return optuna.load_study(storage=storage(state_dir), study_name=sweep_id, sampler=sampler, pruner=pruner)

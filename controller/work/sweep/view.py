@@ -3,6 +3,7 @@
 On a terminal it redraws in place (rich Live); elsewhere (CI logs, pipes) it
 prints one line per finished trial and the traceback of a trial that raised.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,15 +24,17 @@ def _params(params: dict) -> str:
 
 
 class SweepProgress(ProgressSink):
-    def __init__(self, source: SweepSource, console: Optional[Console] = None,
-                 engine_pids: Optional[dict[int, int]] = None):
+    def __init__(
+        self, source: SweepSource, console: Optional[Console] = None, engine_pids: Optional[dict[int, int]] = None
+    ):
         self.source = source
         self.console = console or Console(stderr=True)
         self.engine_pids = dict(engine_pids or {})  # pid -> engine id, to place what engines publish
         self.activity: dict[int, dict] = {}  # engine id (or -pid while unknown) -> what it is doing
         self.started = time.monotonic()
-        self.live = Live(console=self.console, auto_refresh=False, transient=False,
-                         redirect_stdout=False, redirect_stderr=False)
+        self.live = Live(
+            console=self.console, auto_refresh=False, transient=False, redirect_stdout=False, redirect_stderr=False
+        )
         self.enabled = self.console.is_terminal
         source.listener = self
 
@@ -54,9 +57,15 @@ class SweepProgress(ProgressSink):
         for key, doing in list(self.activity.items()):
             if doing["run_id"] == job.run_id and key != engine:
                 del self.activity[key]  # the trial moved on to another engine
-        self.activity[engine] = {"run_id": job.run_id, "trial": job.tag.number, "epoch": update.get("epoch"),
-                                 "epochs": update.get("epochs"), "batch": update.get("batch"),
-                                 "batches": update.get("batches"), "loss": update.get("loss")}
+        self.activity[engine] = {
+            "run_id": job.run_id,
+            "trial": job.tag.number,
+            "epoch": update.get("epoch"),
+            "epochs": update.get("epochs"),
+            "batch": update.get("batch"),
+            "batches": update.get("batches"),
+            "loss": update.get("loss"),
+        }
 
     def task_done(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> None:
         if engine_id is not None and result.pid:
@@ -64,26 +73,40 @@ class SweepProgress(ProgressSink):
             self.activity.pop(-result.pid, None)
         if engine_id is not None:
             last = result.epochs[-1] if result.epochs else {}
-            self.activity[engine_id] = {"run_id": job.run_id, "trial": job.tag.number,
-                                        "epoch": result.completed_epochs, "epochs": job.spec["epochs"],
-                                        "batch": None, "batches": None, "loss": last.get("train_loss"),
-                                        "val": last.get("val_accuracy"), "done": True}
+            self.activity[engine_id] = {
+                "run_id": job.run_id,
+                "trial": job.tag.number,
+                "epoch": result.completed_epochs,
+                "epochs": job.spec["epochs"],
+                "batch": None,
+                "batches": None,
+                "loss": last.get("train_loss"),
+                "val": last.get("val_accuracy"),
+                "done": True,
+            }
 
     def engine_lost(self, job: Job, error: BaseException) -> None:
-        self._print(Text(f"trial {job.tag.number}: engine lost ({error}); its task goes to another engine",
-                         style="yellow"))
+        self._print(
+            Text(f"trial {job.tag.number}: engine lost ({error}); its task goes to another engine", style="yellow")
+        )
 
     def task_stalled(self, job: Job, engine_id: int, silent_s: float) -> None:
-        self._print(Text(f"trial {job.tag.number}: no progress for {silent_s:.0f} s on engine {engine_id} "
-                         f"([cluster] stall_minutes); killing that engine", style="yellow"))
+        self._print(
+            Text(
+                f"trial {job.tag.number}: no progress for {silent_s:.0f} s on engine {engine_id} "
+                f"([cluster] stall_minutes); killing that engine",
+                style="yellow",
+            )
+        )
 
     def tick(self) -> None:
         if self.enabled:
             self.live.update(self.render(), refresh=True)
 
     # what the source says -------------------------------------------------------------
-    def trial_finished(self, number: int, state: str, value: Optional[float], params: dict,
-                       error: Optional[str]) -> None:
+    def trial_finished(
+        self, number: int, state: str, value: Optional[float], params: dict, error: Optional[str]
+    ) -> None:
         style = {"COMPLETE": "green", "PRUNED": "yellow"}.get(state, "red")
         shown = f"{value:.2%}" if value is not None else "-"
         self._print(Text(f"trial {number} {state.lower()}: val {shown}  {_params(params)}", style=style))
@@ -97,11 +120,16 @@ class SweepProgress(ProgressSink):
     def header(self) -> str:
         tally, source = self.source.tally, self.source
         done = tally.complete + tally.pruned + tally.failed
-        best = (f"best trial {tally.best_number}: val {tally.best_value:.2%} ({_params(tally.best_params)})"
-                if tally.best_number is not None else "best: -")
-        return (f"sweep {source.sweep_id}: {done}/{source.n_trials} done — {tally.complete} complete, "
-                f"{tally.pruned} pruned, {len(tally.running)} running, {tally.failed} failed — {best} — "
-                f"{time.monotonic() - self.started:.0f} s")
+        best = (
+            f"best trial {tally.best_number}: val {tally.best_value:.2%} ({_params(tally.best_params)})"
+            if tally.best_number is not None
+            else "best: -"
+        )
+        return (
+            f"sweep {source.sweep_id}: {done}/{source.n_trials} done — {tally.complete} complete, "
+            f"{tally.pruned} pruned, {len(tally.running)} running, {tally.failed} failed — {best} — "
+            f"{time.monotonic() - self.started:.0f} s"
+        )
 
     def render(self) -> Group:
         table = Table(title=None, box=None, pad_edge=False)
@@ -111,9 +139,18 @@ class SweepProgress(ProgressSink):
             doing = self.activity[engine]
             job = self.source.tally.running.get(doing["trial"])
             params = _params({k: job.spec.get(k) for k in self.source.space.names}) if job else ""
-            batch = f"{doing['batch']}/{doing['batches']}" if doing.get("batches") else (
-                f"val {doing['val']:.2%}" if doing.get("val") is not None else "-")
+            batch = (
+                f"{doing['batch']}/{doing['batches']}"
+                if doing.get("batches")
+                else (f"val {doing['val']:.2%}" if doing.get("val") is not None else "-")
+            )
             loss = f"{doing['loss']:.4f}" if isinstance(doing.get("loss"), float) else "-"
-            table.add_row(str(engine) if engine >= 0 else f"pid {-engine}", str(doing["trial"]),
-                          f"{doing['epoch']}/{doing['epochs']}", batch, loss, params)
+            table.add_row(
+                str(engine) if engine >= 0 else f"pid {-engine}",
+                str(doing["trial"]),
+                f"{doing['epoch']}/{doing['epochs']}",
+                batch,
+                loss,
+                params,
+            )
         return Group(Text(self.header(), style="bold"), table)
