@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from controller.cluster import resize
-from controller.cluster import status as cluster_status
 from controller.cluster.handle import ClusterHandle
 from controller.cluster.lifecycle import Lifecycle, Stopped
-from controller.cluster.status import ClusterStatus, EngineStatus
+from controller.cluster.status import ClusterStatus, EngineStatus, snapshot
 from controller.config import Config
 from controller.errors import UsageError
 from controller.providers import NO_HOOKS, Hooks
@@ -109,7 +108,7 @@ class Cluster(ClusterHandle):
         """The cluster now: its engines and nodes, size, keeper, cost so far; after the controller died,
         a hint on how to go on. A keeper that died is started again first."""
         self._revive_keeper()
-        return cluster_status.snapshot(self.name, self.config, self.store, self.provider)
+        return snapshot(self.name, self.config, self.store, self.provider)
 
     # resizing (controller/cluster/resize.py) ---------------------------------------------------------------
     def scale(self, slaves: int, *, why: str = "") -> ClusterStatus:
@@ -198,7 +197,7 @@ class Cluster(ClusterHandle):
             data = stored[1]
         else:
             try:
-                data = Path(checkpoint).expanduser().read_bytes()
+                data = Path(checkpoint).expanduser().read_bytes()  # type: ignore[arg-type]  # one of the two is given
             except OSError as error:
                 raise UsageError(f"--checkpoint {checkpoint}: {error.strerror or error}") from None
         expect_kind = find_workload(workload).kind if workload is not None else None

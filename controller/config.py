@@ -16,6 +16,7 @@ import stat
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 from controller.errors import ConfigError
 
@@ -287,6 +288,7 @@ def parse_value(raw: str, f: dataclasses.Field, kind: type, where: str):
         if low in ("0", "false", "no", "off"):
             return False
         raise bad()
+    value: Any
     if kind is int:
         try:
             value = int(text)
@@ -309,7 +311,7 @@ def parse_value(raw: str, f: dataclasses.Field, kind: type, where: str):
     if choices and value not in choices:
         raise bad()
     pattern = f.metadata.get("pattern")
-    if pattern and not re.fullmatch(pattern[0], value):
+    if pattern and not re.fullmatch(pattern[0], str(value)):
         raise bad()
     lo, hi = f.metadata.get("min"), f.metadata.get("max")
     if f.metadata.get("zero_is_off") and value == 0:
@@ -370,9 +372,9 @@ def refuse_writable_by_others(path: Path) -> None:
 
 def load_config(explicit: str | os.PathLike | None = None, *, environ: dict | None = None) -> Config:
     """Find, read and validate the configuration; raise ConfigError on any problem."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     path = find_config_file(explicit)
-    sections: dict[str, object] = {}
+    sections: dict[str, Any] = {}
     source = BUILTIN
     base = Path.cwd()
     if path is not None:
@@ -380,7 +382,7 @@ def load_config(explicit: str | os.PathLike | None = None, *, environ: dict | No
         refuse_writable_by_others(path)
         base = path.resolve().parent
         parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
-        parser.optionxform = str  # keys are case-sensitive, like the dataclass fields
+        parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive, as fields are
         try:
             parser.read(path, encoding="utf-8")
         except configparser.Error as exc:
@@ -390,7 +392,7 @@ def load_config(explicit: str | os.PathLike | None = None, *, environ: dict | No
                 raise ConfigError(f"{source}: unknown section [{name}]; allowed sections: {', '.join(SECTIONS)}")
             sections[name] = _section_from(SECTIONS[name], dict(parser[name]), source, name, base)
     config = Config(**sections, source=source)
-    return apply_environment(config, environ, base)
+    return apply_environment(config, env, base)
 
 
 def apply_environment(config: Config, environ, base: Path) -> Config:
@@ -459,7 +461,7 @@ def render_default_ini() -> str:
         lines.append(f"[{name}]")
         kinds = field_kinds(cls)
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
             allowed = describe_allowed(f, kinds[f.name])
             lines.append(f"; {f.metadata['help']} ({allowed})")
             if isinstance(default, tuple):

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engines.loop import ProgressFn, Setup, Shard, pick_device, run_task
+from engines.loop import ProgressFn, Setup, Shard, TrainingSpec, pick_device, run_task
 from engines.workloads.mnist import RunSpec, mnist_setup
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class HoldAt(nn.Module):
         return self.inner(*args, **kwargs)
 
 
-def setup_for(spec: dict) -> tuple[object, Callable[[torch.device], Setup]]:
+def setup_for(spec: dict) -> tuple[TrainingSpec, Callable[[torch.device], Setup]]:
     """The run's spec object and its workload's setup (MNIST's CNN, or a CIFAR model named by ``model``)."""
     if spec.get("model"):
         from engines.workloads.cifar import CifarSpec, cifar_setup

@@ -48,11 +48,11 @@ def is_reference(checkpoint: object) -> bool:
 
 def resolve(run_id: str, checkpoint: Union[bytes, dict, None], now: Optional[float] = None) -> Optional[bytes]:
     """The checkpoint's bytes: given by the master, or this engine's own copy that ``checkpoint`` refers to."""
-    if not is_reference(checkpoint):
+    if not isinstance(checkpoint, dict) or not is_reference(checkpoint):
         # the master holds this one: a run that moved here counts its shipping interval from now
         _kept.pop(run_id, None)
         _received_at[run_id] = time.monotonic() if now is None else now
-        return checkpoint  # type: ignore[return-value]
+        return checkpoint if isinstance(checkpoint, bytes) else None
     kept = _kept.get(run_id)
     if kept is None or (kept.epoch, kept.batches_done) != (checkpoint["epoch"], checkpoint["batches_done"]):
         holds = f"epoch {kept.epoch} batch {kept.batches_done}" if kept is not None else "none"

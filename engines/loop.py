@@ -116,6 +116,8 @@ class Shard:
 def build_optimizer(spec, model: nn.Module, steps_per_epoch: int):
     """Adam or SGD (momentum, Nesterov with ``spec.nesterov``), one-cycle or constant learning rate."""
     weight_decay = spec.weight_decay
+    optimizer: optim.Optimizer
+    scheduler: optim.Schedule
     if spec.optimizer == "adam":
         optimizer = optim.Adam(model.parameters(), lr=spec.lr, weight_decay=weight_decay)
     elif spec.optimizer == "sgd":
@@ -255,6 +257,7 @@ def run_task(
     shard = shard or Shard()
     device = device or pick_device(spec.device)
     checkpoint = held.resolve(spec.run_id, checkpoint) if alone else checkpoint
+    assert not isinstance(checkpoint, dict), "only a run's own engine resolves a held reference"
     going = stopping.requested() if alone else None
     if going in (DRAIN, NOTICE):
         # the engine is going away: hand the checkpoint back at once for another engine to go on from

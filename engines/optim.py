@@ -16,11 +16,13 @@ tests/test_optim.py holds both promises against torch.optim itself.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Union
 
 import torch
 
 Group = dict[str, Any]
+# what torch's _foreach_ kernels take and give back
+Tensors = Union[list[torch.Tensor], tuple[torch.Tensor, ...]]
 
 
 class Optimizer:
@@ -76,6 +78,10 @@ class Optimizer:
                 for key, value in entry.items()
             }
 
+    def _grads(self, indices: list[int]) -> list[torch.Tensor]:
+        """The gradients of these parameters (``_with_grads`` chose them: each has one)."""
+        return [grad for i in indices if (grad := self.params[i].grad) is not None]
+
     def _with_grads(self) -> list[int]:
         return [index for index, param in enumerate(self.params) if param.grad is not None]
 
@@ -123,7 +129,7 @@ class Adam(Optimizer):
                     "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
                 }
         params = [self.params[i] for i in indices]
-        grads = [self.params[i].grad for i in indices]
+        grads: Tensors = self._grads(indices)
         exp_avgs = [self.state[i]["exp_avg"] for i in indices]
         exp_avg_sqs = [self.state[i]["exp_avg_sq"] for i in indices]
         steps = [self.state[i]["step"] for i in indices]
@@ -176,22 +182,24 @@ class SGD(Optimizer):
         if not indices:
             return
         params = [self.params[i] for i in indices]
-        grads = [self.params[i].grad for i in indices]
+        grads: Tensors = self._grads(indices)
         if weight_decay != 0:
             grads = torch._foreach_add(grads, params, alpha=weight_decay)
         if momentum != 0:
-            buffers = [self.state.get(index, {}).get("momentum_buffer") for index in indices]
-            if all(buffer is not None for buffer in buffers):  # every step but the first: two kernels in all
+            kept = [self.state.get(index, {}).get("momentum_buffer") for index in indices]
+            buffers: list[torch.Tensor] = [buffer for buffer in kept if buffer is not None]
+            if len(buffers) == len(kept):  # every step but the first: two kernels in all
                 torch._foreach_mul_(buffers, momentum)
-                torch._foreach_add_(buffers, grads, alpha=1 - dampening)
+                torch._foreach_add_(buffers, list(grads), alpha=1 - dampening)
             else:
-                for position, (index, grad) in enumerate(zip(indices, grads)):
-                    buffer = buffers[position]
+                buffers = []
+                for index, grad, buffer in zip(indices, grads, kept):
                     if buffer is None:  # the first step: the gradient itself, as torch.optim starts it
-                        buffers[position] = grad.detach().clone()
-                        self.state[index] = {"momentum_buffer": buffers[position]}
+                        buffer = grad.detach().clone()
+                        self.state[index] = {"momentum_buffer": buffer}
                     else:
                         buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
+                    buffers.append(buffer)
             if nesterov:
                 grads = torch._foreach_add(grads, buffers, alpha=momentum)
             else:
@@ -259,7 +267,7 @@ class OneCycle(Schedule):
         if not 0 <= pct_start <= 1:
             raise ValueError(f"pct_start {pct_start!r}: expected a number from 0 to 1")
         self.total_steps = total_steps
-        self._schedule_phases = [
+        self._schedule_phases: list[dict[str, Any]] = [
             {
                 "end_step": float(pct_start * total_steps) - 1,
                 "start_lr": "initial_lr",

@@ -66,7 +66,7 @@ def build(checkpoint: bytes, device: str = "auto") -> LoadedModel:
         model = MnistCNN(spec.get("conv1", 20), spec.get("conv2", 40), spec.get("hidden", 100))
         norm, kind = mnist_normalise, "mnist"
     model.load_state_dict(state["model"])
-    model = model.to(target, memory_format=torch.channels_last).eval()
+    model = model.to(target).to(memory_format=torch.channels_last).eval()
     return LoadedModel(model=model, normalise=norm, device=target, kind=kind, spec=spec)
 
 
@@ -90,10 +90,8 @@ def split_of(kind: str, data_dir: str, split: str) -> Split:
     if kind == "cifar":
         from engines.workloads.cifar import load_cifar10
 
-        data = load_cifar10(Path(data_dir))
-    else:
-        data = load_mnist(Path(data_dir))
-    return getattr(data, split)
+        return getattr(load_cifar10(Path(data_dir)), split)
+    return getattr(load_mnist(Path(data_dir)), split)
 
 
 @torch.inference_mode()

@@ -327,7 +327,7 @@ class Lifecycle:
         record = self.store.clusters.active(self.name)
         if record is not None:
             self.stop_record(record)  # our own cluster first, whatever the cloud says next
-        released = []
+        released: list[str] = []
         if record is None or all_clusters:
             released = self.provider(self.config.cluster.provider).release_orphans(
                 self.name, all_clusters, any_owner, only

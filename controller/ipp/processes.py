@@ -97,7 +97,7 @@ def _kernel_thread(pid: int) -> bool:
 
 def is_marked(pid: Optional[int], profile: Optional[Path] = None, cluster_id: Optional[str] = None) -> bool:
     """A live process started by this tool (for this profile / cluster, when given)?"""
-    if not pid_alive(pid):
+    if pid is None or not pid_alive(pid):
         return False
     environ = process_environment(pid)
     if PROCESS_MARKER not in environ:

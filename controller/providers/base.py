@@ -9,6 +9,7 @@ controller adopts the slaves still up.
 from __future__ import annotations
 
 import abc
+import builtins
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
@@ -168,19 +169,19 @@ class Provider(abc.ABC):
         follows), so what refuses a second set of them does not apply."""
         return "127.0.0.1"
 
-    def find_orphans(self, name: str, everything: bool = False, any_owner: bool = False) -> list[Resource]:
+    def find_orphans(self, name: str, everything: bool = False, any_owner: bool = False) -> builtins.list[Resource]:
         """What ``release_orphans`` with these arguments would release."""
         return []
 
     def release_orphans(
         self, name: str, everything: bool = False, any_owner: bool = False, only: Optional[set[str]] = None
-    ) -> list[str]:
+    ) -> builtins.list[str]:
         """Release nodes found by the provider's own tags when the store has no record of them
         (local state lost), or of every cluster of this owner with ``everything`` (of anyone with
         ``any_owner``); ``only``: just these ids. Returns what was released."""
         return []
 
-    def expected_engines(self, nodes: list["NodeRecord"]) -> int:
+    def expected_engines(self, nodes: builtins.list["NodeRecord"]) -> int:
         """How many engines should register once ``start`` returned these nodes."""
         return sum(node.engines for node in nodes)
 

@@ -6,6 +6,7 @@ Every slave is one engine set of ipyparallel's cluster, named by its node id (lo
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import os
@@ -148,7 +149,7 @@ class LocalProvider(Provider):
                 found[pid] = cluster_id
         return found
 
-    def find_orphans(self, name: str, everything: bool = False, any_owner: bool = False) -> list[Resource]:
+    def find_orphans(self, name: str, everything: bool = False, any_owner: bool = False) -> builtins.list[Resource]:
         return [
             Resource("process", str(pid), cluster_id.rsplit("-", 1)[0], socket.gethostname())
             for pid, cluster_id in self._orphans(name, everything).items()
@@ -156,7 +157,7 @@ class LocalProvider(Provider):
 
     def release_orphans(
         self, name: str, everything: bool = False, any_owner: bool = False, only: Optional[set[str]] = None
-    ) -> list[str]:
+    ) -> builtins.list[str]:
         """With the store lost: the cluster's controller, engines and helpers, by their process markers."""
         released = []
         for pid in self._orphans(name, everything):

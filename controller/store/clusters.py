@@ -41,6 +41,7 @@ class ClusterTable:
                 price_per_hour=price_per_hour,
             ),
         )
+        assert cursor.lastrowid is not None  # an INSERT into an AUTOINCREMENT table
         return self.get(cursor.lastrowid)
 
     def get(self, cluster_id: int) -> ClusterRecord:

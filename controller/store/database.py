@@ -34,7 +34,7 @@ class StoreBusyError(ClusterStateError):
 def load_json(text: Optional[str], where: str) -> Any:
     """A JSON column, or a DataError naming the store and the row (edited or damaged outside `cluster`)."""
     try:
-        return json.loads(text)
+        return json.loads(text)  # type: ignore[arg-type]  # None raises TypeError, reported like bad JSON
     except (TypeError, ValueError) as error:
         raise DataError(
             f"{where} is not valid JSON ({error}); the row was changed outside `cluster`: "
@@ -44,7 +44,7 @@ def load_json(text: Optional[str], where: str) -> Any:
 
 def row_to(cls: type[Record], row: sqlite3.Row) -> Record:
     """A record dataclass from a row; columns the dataclass does not name are left out."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # every Record is a dataclass
     return cls(**{k: row[k] for k in row.keys() if k in names})
 
 
@@ -55,11 +55,11 @@ class _Connection(sqlite3.Connection):
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:  # type: ignore[override]
         try:
-            return super().execute(sql, params)
+            return super().execute(sql, tuple(params))
         except sqlite3.DatabaseError as error:
             raise self._ours(error) from None
 
-    def executescript(self, script: str) -> sqlite3.Cursor:  # type: ignore[override]
+    def executescript(self, script: str) -> sqlite3.Cursor:
         try:
             return super().executescript(script)
         except sqlite3.DatabaseError as error:

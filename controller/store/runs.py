@@ -36,7 +36,7 @@ class RunTable:
 
     def all(self, *, sweep_id: Optional[str] = None, limit: Optional[int] = None) -> list[RunRecord]:
         """Newest first; only ``sweep_id``'s trials when given."""
-        sql, params = "SELECT * FROM runs", []
+        sql, params = "SELECT * FROM runs", list[object]()
         if sweep_id is not None:
             sql += " WHERE sweep_id = ?"
             params.append(sweep_id)

@@ -242,7 +242,7 @@ class Inference:
                     running.pop(result, None)
                     a, b, resends = pending.pop(result)
                     try:
-                        parts[a] = result.get()
+                        parts[a] = result.get()  # type: ignore[attr-defined]  # an ipyparallel AsyncResult
                     except Exception as error:  # noqa: BLE001 - an engine loss is retried, the rest raised
                         if not is_engine_loss(error) or resends + 1 >= MAX_RESENDS:
                             raise TaskError(

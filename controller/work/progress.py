@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from controller.work.jobs import Job, ProgressSink
 from engines.spec import TaskResult
@@ -37,7 +37,7 @@ class RunProgress(ProgressSink):
             transient=True,
             disable=not self.console.is_terminal,
         )
-        self.tasks: dict[str, int] = {}
+        self.tasks: dict[str, TaskID] = {}
         self.printed: set[tuple[str, int]] = set()
 
     def __enter__(self) -> "RunProgress":
@@ -47,7 +47,7 @@ class RunProgress(ProgressSink):
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
-    def _task(self, job: Job) -> int:
+    def _task(self, job: Job) -> TaskID:
         if job.run_id not in self.tasks:
             self.tasks[job.run_id] = self.progress.add_task(job.run_id, total=None, loss="-")
         return self.tasks[job.run_id]

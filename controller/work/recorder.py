@@ -26,13 +26,14 @@ class RunRecorder:
 
     def _record_result(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> RunRecord:
         run = self.store.runs.get(job.run_id)
+        assert run is not None, f"run {job.run_id} is stored before its first task"
         if not result.batches_run and not result.shipped:
             return run  # the task trained nothing and brought nothing back (its engine is going away)
         seconds = run.seconds or 0.0
         for epoch in result.epochs:
             self.store.epochs.add(EpochRecord(run_id=job.run_id, engine_id=engine_id, **epoch))
             seconds += epoch["seconds"]
-        if result.shipped and self.store.checkpoints.position(job.run_id) != result.position:
+        if result.checkpoint is not None and self.store.checkpoints.position(job.run_id) != result.position:
             self.store.checkpoints.save(job.run_id, result.completed_epochs, result.checkpoint, result.batches_done)
         values = dict(
             epochs_done=result.completed_epochs,
@@ -61,7 +62,7 @@ class RunRecorder:
         elif result.completed_epochs >= job.spec["epochs"]:
             values.update(state="completed", finished_at=time.time())
         self.store.runs.update(job.run_id, **values)
-        return self.store.runs.get(job.run_id)
+        return self.store.runs.get(job.run_id) or run
 
     def roll_back(self, run_id: str, position: tuple[int, int]) -> None:
         """The run goes on from its stored checkpoint at ``position`` (epochs, batches): the epochs after it,

@@ -207,11 +207,12 @@ class Scheduler:
     def submit(self, job: Job) -> _InFlight:
         if self._view_targets is not None and not set(self._view_targets) <= set(self.client.ids):
             self._retarget()  # an engine the view names died since: ipyparallel refuses to address it
-        view, checkpoint = self.view, job.checkpoint
+        view = self.view
+        sent: bytes | dict | None = job.checkpoint
         if job.held_on is not None:  # only that engine has the newest checkpoint: the task goes there
             view = self.client.load_balanced_view([job.held_on])
-            checkpoint = held_reference(job.run_id, job.epochs_done, job.batches_done)
-        result = view.apply_async(job.task, job.spec, checkpoint, job.epochs_per_task)
+            sent = held_reference(job.run_id, job.epochs_done, job.batches_done)
+        result = view.apply_async(job.task, job.spec, sent, job.epochs_per_task)
         self.stats.tasks += 1
         return _InFlight(job, result)
 

@@ -47,6 +47,8 @@ def _leave_if_terminated() -> None:
     # the process's own streams (the engine's log file), not the kernel's: those wait for an IO thread
     # that may be gone already
     for stream in (sys.__stdout__, sys.__stderr__):
+        if stream is None:  # a process started without one
+            continue
         try:
             stream.flush()
         except Exception:  # noqa: BLE001 - a stream closed already has nothing to flush

@@ -104,7 +104,7 @@ class ForkServer:
             self.controller_seen = True
         if self.engines_alive():
             return False
-        if self.controller_seen and not self.controller_file.exists():
+        if self.controller_seen and self.controller_file is not None and not self.controller_file.exists():
             log.info("the controller is gone and so are its engines: leaving")
             return True
         if time.monotonic() - self.last_activity > self.idle_seconds:
@@ -121,7 +121,7 @@ class ForkServer:
             if uid != os.getuid():
                 raise PermissionError(f"uid {uid} may not ask for an engine (only {os.getuid()})")
             request = json.loads(read_line(connection))
-            reply = {"pid": self._fork(request, connection)}
+            reply: dict[str, object] = {"pid": self._fork(request, connection)}
         except Exception as error:  # noqa: BLE001 - the client reports it, and starts its engine itself
             log.warning("could not fork an engine: %s", error)
             reply = {"error": f"{type(error).__name__}: {error}"}

@@ -222,7 +222,7 @@ def build_model(name: str) -> nn.Module:
 def cifar_setup(spec: CifarSpec, device: torch.device, data: Optional[Cifar] = None) -> Setup:
     """CIFAR's part of a training task; the loop, optimizer, schedule and checkpoints are engines.loop's."""
     data = data if data is not None else load_cifar10(Path(spec.data_dir))
-    model = build_model(spec.model).to(device, memory_format=torch.channels_last)
+    model = build_model(spec.model).to(device).to(memory_format=torch.channels_last)
     return Setup(
         model=model,
         train=data.train,

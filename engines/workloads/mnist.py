@@ -36,7 +36,7 @@ class RunSpec(TrainingSpec):
 
 def mnist_setup(spec: RunSpec, device: torch.device, data: Optional[Mnist] = None) -> Setup:
     data = _on_device(data if data is not None else load_mnist(Path(spec.data_dir), spec.download), device)
-    model = MnistCNN(spec.conv1, spec.conv2, spec.hidden).to(device, memory_format=torch.channels_last)
+    model = MnistCNN(spec.conv1, spec.conv2, spec.hidden).to(device).to(memory_format=torch.channels_last)
     l1 = spec.l1 / l1_divisor(spec, len(data.train))
 
     def loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

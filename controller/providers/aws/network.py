@@ -173,7 +173,7 @@ def host_of(instance: dict, cfg: AwsConfig, key_file: str, tunnel: bool, address
     if address_hook is not None:
         address, port = address_hook(instance, key_file)
         return SshTarget(address, port, cfg.ssh_user, key_file)
-    address = instance.get("PublicIpAddress") if tunnel else instance.get("PrivateIpAddress")
+    address = instance.get("PublicIpAddress" if tunnel else "PrivateIpAddress") or ""
     if not address:
         raise ProviderError(
             f"{instance['InstanceId']} has no {'public' if tunnel else 'private'} address; "

@@ -38,12 +38,12 @@ def connection_for(connection: dict, controller_address: str, ports: Optional[di
     """The engine connection file as one slave must see it: the controller at ``controller_address``, on the
     ports ``ports`` maps the controller's to (a slave's ends of its SSH reverse tunnels), or on its own."""
     copy = dict(connection)
-    for key in ENGINE_PORT_KEYS if ports else ():
+    for key in ENGINE_PORT_KEYS if ports is not None else ():
         value = copy.get(key)
         if isinstance(value, int):
-            copy[key] = ports[value]
+            copy[key] = ports[value]  # type: ignore[index]  # the loop runs only with ports
         elif isinstance(value, list):
-            copy[key] = [ports[int(v)] for v in value]
+            copy[key] = [ports[int(v)] for v in value]  # type: ignore[index]  # as above
     copy["interface"] = f"tcp://{controller_address}"
     copy["location"] = controller_address
     copy.pop("ssh", None)

@@ -275,10 +275,10 @@ class RemoteEngines:
             slave_ports: dict[str, dict[int, int]] = {}
             if tunnel and reached:
                 slave_ports = self._open_tunnels(reached, connection, cluster.ipp_cluster_id, self.tunnel_dir)
-            futures = [(t, pool.submit(restart, t, remotes[t.node.node_id])) for t in reached]
-            for target, future in futures:
+            restarts = [(t, pool.submit(restart, t, remotes[t.node.node_id])) for t in reached]
+            for target, restarting in restarts:
                 try:
-                    started = result(future)
+                    started = result(restarting)
                 except Exception as error:  # noqa: BLE001 - one broken node must not cost the others
                     lost[target.node.node_id] = str(error)
                     continue

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -195,8 +196,11 @@ class SshConnection:
             attempt = max(1.0, min(attempt_timeout, deadline - time.monotonic()))
             try:
                 sock = open_socket(host, attempt, cancelled)
-                cancellable = isinstance(cancelled, Cancel)
-                closing = cancelled.closing(lambda sock=sock: _shut(sock)) if cancellable else nullcontext()
+                closing = (
+                    cancelled.closing(functools.partial(_shut, sock))
+                    if isinstance(cancelled, Cancel)
+                    else nullcontext()
+                )
                 with closing:
                     client.connect(
                         host.address,

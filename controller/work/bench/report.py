@@ -442,11 +442,12 @@ def plots(data: ReportData) -> list[tuple[str, str]]:
         fig = Figure(figsize=(6, 3.4))
         axes = fig.subplots()
         # λ = 0 cannot sit on a log axis: it is drawn one decade left of the smallest positive λ
-        positive = [t.l1 for t in trials if t.l1 > 0]
+        lambdas = [t.l1 or 0.0 for t in trials]
+        positive = [l1 for l1 in lambdas if l1 > 0]
         floor = min(positive) / 10 if positive else 1e-6
-        xs = [t.l1 if t.l1 > 0 else floor for t in trials]
-        axes.plot(xs, [t.val_accuracy * 100 for t in trials], marker="o", label="validation")
-        axes.plot(xs, [(t.test_accuracy or 0) * 100 for t in trials], marker="s", label="test")
+        l1_axis = [l1 if l1 > 0 else floor for l1 in lambdas]
+        axes.plot(l1_axis, [(t.val_accuracy or 0) * 100 for t in trials], marker="o", label="validation")
+        axes.plot(l1_axis, [(t.test_accuracy or 0) * 100 for t in trials], marker="s", label="test")
         axes.set_xscale("log")
         axes.set(
             xlabel=f"λ (L1); λ=0 drawn at {floor:g}",

@@ -185,7 +185,7 @@ def run_bench(
                 f"bench {bench_id}: run {job.run_id} failed on its engine ({message}); "
                 f"`cluster runs` shows its traceback; the failed measurement is stored as "
                 f"{measurement.id}",
-                session.store.runs.get(job.run_id).error or "",
+                failed.error or "" if (failed := session.store.runs.get(job.run_id)) is not None else "",
             )
     return BenchResult(bench_id=bench_id, records=records)
 
@@ -284,6 +284,7 @@ def _summarise(
     trials = []
     for number, (job, label) in enumerate(zip(jobs, labels)):
         run = store.runs.get(job.run_id)
+        assert run is not None, f"run {job.run_id} of the bench is stored"
         trials.append(
             BenchTrial(
                 measurement_id=measurement_id,

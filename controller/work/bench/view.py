@@ -10,6 +10,7 @@ from controller.work.bench.runner import BenchSink
 from controller.work.bench.workloads import Workload
 from controller.work.jobs import Job
 from controller.work.progress import RunProgress
+from engines.spec import TaskResult
 
 
 class BenchProgress(BenchSink):
@@ -46,7 +47,7 @@ class BenchProgress(BenchSink):
     def task_progress(self, job: Job, update: dict) -> None:
         self.runs.task_progress(job, update)
 
-    def task_done(self, job: Job, result: dict, engine_id: Optional[int]) -> None:
+    def task_done(self, job: Job, result: TaskResult, engine_id: Optional[int]) -> None:
         self.runs.task_done(job, result, engine_id)
 
     def engine_lost(self, job: Job, error: BaseException) -> None:

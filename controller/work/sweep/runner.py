@@ -6,6 +6,7 @@ the :class:`~controller.work.session.Session`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -18,7 +19,7 @@ from optuna.trial import TrialState
 from controller.config import TASK_KEYS
 from controller.errors import ClusterLostError, UsageError
 from controller.store import new_id
-from controller.work.jobs import ProgressSink
+from controller.work.jobs import Job, ProgressSink
 from controller.work.leases import Leases
 from controller.work.recorder import RunRecorder
 from controller.work.session import Session
@@ -174,8 +175,9 @@ def _resume(
         finished_at=None,
         error=None,
     )
-    sweep = table.get(sweep_id)
-    resumed, settled = [], []
+    sweep = table.get(sweep_id) or sweep
+    resumed: list[Job] = []
+    settled: list[Job] = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         trial = optuna.trial.Trial(study, frozen._trial_id)
         job = job_for(trial, session.store, sweep_id, space, base_spec, record.id)
@@ -189,7 +191,7 @@ def _resume(
     )
     for job in settled:  # trained to the end, but never told
         run = session.store.runs.get(job.run_id)
-        if run.state != "completed":
+        if run is not None and run.state != "completed":
             session.store.runs.update(job.run_id, state="completed", finished_at=time.time())
         state = TrialState.PRUNED if job.tag.should_prune() else TrialState.COMPLETE  # as on_result decides
         source.finish(job, state, session.store.runs.get(job.run_id))
@@ -229,7 +231,7 @@ def _drive(
     scheduler = session.scheduler(prefetch=1)
     started = time.time()
     try:
-        if sink is not None and hasattr(sink, "__enter__"):
+        if isinstance(sink, contextlib.AbstractContextManager):
             with sink:
                 scheduler.run(source, sink)
         else:

@@ -54,6 +54,7 @@ class ParamSpec:
         """Optuna's suggestion for this parameter (idempotent: a trial keeps its first value)."""
         if not self.is_range:
             return trial.suggest_categorical(self.name, list(self.values))
+        assert self.low is not None and self.high is not None  # a range has both ends
         if self.integer:
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)

@@ -53,7 +53,8 @@ class SweepProgress(ProgressSink):
 
     # what the scheduler says ----------------------------------------------------------
     def task_progress(self, job: Job, update: dict) -> None:
-        engine = self.engine_pids.get(update.get("pid"), -(update.get("pid") or 0))
+        pid = int(update.get("pid") or 0)
+        engine = self.engine_pids.get(pid, -pid)
         for key, doing in list(self.activity.items()):
             if doing["run_id"] == job.run_id and key != engine:
                 del self.activity[key]  # the trial moved on to another engine
