@@ -38,6 +38,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import ipyparallel
 from common import data_dir
@@ -172,6 +173,13 @@ def baseline(tmp: Path, name: str, engines: int, threads: int, ready=_import_tor
     return {"start": start_s, "stop": time.perf_counter() - stopping}
 
 
+class Round(TypedDict):
+    """One round of start/stop: our steps' rows, and each baseline's seconds ("start", "stop") by label."""
+
+    ours: list[dict]
+    baseline: dict[str, dict[str, float]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
@@ -180,7 +188,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     phases = Phases()
-    rounds: list[dict[str, list[dict]]] = []
+    rounds: list[Round] = []
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         ini = Path(tmp) / "cluster.ini"
@@ -215,9 +223,9 @@ def main() -> None:
     for row, key in zip(rows, ("start", "stop")):
         row["baselines"] = {}
         for label in BASELINES:
-            plain = statistics.median(r["baseline"][label][key] for r in rounds)
-            row["baselines"][label] = {"seconds": round(plain, 2), "ratio": round(row["seconds"] / plain, 2)}
-            ratios[f"{key} ours/baseline ({label})"] = round(row["seconds"] / plain, 2)
+            plain_s = statistics.median(r["baseline"][label][key] for r in rounds)
+            row["baselines"][label] = {"seconds": round(plain_s, 2), "ratio": round(row["seconds"] / plain_s, 2)}
+            ratios[f"{key} ours/baseline ({label})"] = round(row["seconds"] / plain_s, 2)
     if args.json:
         print(json.dumps(rows))
         return

@@ -204,9 +204,10 @@ class FaultPlayer(threading.Thread):
                 if self.done.is_set():
                     return
                 time.sleep(self.rng.uniform(*self.pause))
-                engine_id, pid = self._busy_engine(client, store)
-                if engine_id is None:
+                busy = self._busy_engine(client, store)
+                if busy is None:
                     return  # the sweep ended
+                engine_id, pid = busy
                 kind = "kill" if number < self.kills else "notice"
                 fault = Fault(kind, engine_id, time.monotonic())
                 with self.journal.lock:
@@ -222,7 +223,7 @@ class FaultPlayer(threading.Thread):
             client.close()
             store.close()
 
-    def _busy_engine(self, client, store: Store) -> tuple[Optional[int], Optional[int]]:
+    def _busy_engine(self, client, store: Store) -> Optional[tuple[int, int]]:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not self.done.is_set():
             queues = client.queue_status()
@@ -240,7 +241,7 @@ class FaultPlayer(threading.Thread):
                 engine = self.rng.choice(sorted(busy))
                 return engine, pids[engine]
             time.sleep(0.1)
-        return None, None
+        return None
 
     def _wait_back(self, client, fault: Fault, timeout: float = 120) -> None:
         """Until the lost task runs again and the keeper has the engine count back."""

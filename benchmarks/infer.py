@@ -54,7 +54,9 @@ def main() -> None:
     with local_cluster(2, 1) as env:
         run, _ = cluster_train(env, "--epochs", "1", "--subset", "5000")
         with Store(Path(env["CLUSTER_STATE_DIR"])) as store:
-            _, checkpoint = store.checkpoints.load(run["id"])
+            stored = store.checkpoints.load(run["id"])
+        assert stored is not None, "the training run stored no checkpoint"
+        _, checkpoint = stored
         infer = ["--run", run["id"], "--split", args.split]
         first, _ = cluster_json(env, "infer", *infer)
         print(

@@ -43,6 +43,7 @@ def main() -> int:
     parser.add_argument("--keep", metavar="DIR", help="keep the store (state_dir) here")
     args = parser.parse_args()
     counts = parse_engine_counts(args.engines)
+    assert counts is not None, "--engines names no engine count"
     if not (Path(args.data_dir) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
         print(f"no MNIST under {args.data_dir}/MNIST/raw; pass --data-dir", file=sys.stderr)
         return 2

@@ -33,9 +33,11 @@ FULL_EPOCH = 50_000  # training images in one full MNIST epoch
 
 def warm(data: str) -> int:
     """Load MNIST on an engine before the clock starts, as a running cluster has (engines keep it)."""
+    from pathlib import Path
+
     from engines.data import load_mnist
 
-    return len(load_mnist(data).train)
+    return len(load_mnist(Path(data)).train)
 
 
 def main() -> None:

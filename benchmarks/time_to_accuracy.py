@@ -132,7 +132,8 @@ def main() -> None:
     middle = sorted(range(len(warms)), key=lambda i: warms[i][1])[len(warms) // 2]
     typical = sorted(bares, key=lambda b: b["wall_s"])[len(bares) // 2]
     print(f"  bare script   {typical['wall_s']:6.2f} s: {bare_parts(typical)}")
-    print(f"  cluster warm  {warm_wall:6.2f} s: {cluster_parts(*warms[middle], startup)}")
+    middle_run, middle_wall = warms[middle]
+    print(f"  cluster warm  {warm_wall:6.2f} s: {cluster_parts(middle_run, middle_wall, startup)}")
     print(f"  cluster first {first_wall:6.2f} s: {cluster_parts(first, first_wall, startup)}")
     accurate = [
         name

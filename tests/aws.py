@@ -12,7 +12,7 @@ from controller.api import Cluster
 from controller.errors import ProviderError
 from controller.providers import Hooks
 from tests.helpers import make_config
-from tests.netns import SLAVE_USER
+from tests.netns import SLAVE_USER, NetnsHost
 
 REGION = "us-east-1"
 
@@ -27,6 +27,7 @@ def set_provider_hooks(monkeypatch, **changes) -> Hooks:
     """Test-only: every Cluster built during the test (the in-process CLI's too) hands its providers
     these hooks (``Cluster(provider_hooks=...)``), changed from those already set by ``changes``."""
     defaults = Cluster.__init__.__kwdefaults__
+    assert defaults is not None  # Cluster.__init__ has keyword-only parameters, provider_hooks among them
     hooks = dataclasses.replace(defaults["provider_hooks"], **changes)
     monkeypatch.setitem(defaults, "provider_hooks", hooks)
     return hooks
@@ -51,7 +52,7 @@ def fresh_ec2(moto_url: str, monkeypatch):
 
 def map_instances(hosts, monkeypatch) -> dict:
     """Test-only: instance -> namespace host, in launch order; the key pair authorised there (cloud-init)."""
-    assigned: dict[str, object] = {}
+    assigned: dict[str, NetnsHost] = {}
     for host in hosts.hosts:
         host.authorized_keys.write_text("")
 
@@ -112,4 +113,4 @@ def tagged(ec2, name="test") -> dict:
     }
 
 
-NOTHING = {"instances": [], "groups": [], "key_pairs": []}
+NOTHING: dict[str, list[str]] = {"instances": [], "groups": [], "key_pairs": []}

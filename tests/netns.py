@@ -203,6 +203,8 @@ class NetnsHost:
 class NetnsHosts:
     """N namespace hosts; use as a context manager (``close`` always runs)."""
 
+    key: Path  # the client key the hosts authorise: set by whoever made them (``client_key``), not here
+
     def __init__(self, count: int, workdir: Path, first_subnet: int = 1):
         self.workdir = Path(workdir)
         self.hosts: list[NetnsHost] = []

@@ -24,7 +24,7 @@ from controller.ipp import processes
 from controller.providers import Hooks
 from tests.aws import aws_config, fresh_ec2, image
 from tests.helpers import make_config, master_restarts, wait_until
-from tests.netns import SLAVE_ROOT, SLAVE_USER, NetnsHosts, client_key, unavailable
+from tests.netns import SLAVE_ROOT, SLAVE_USER, NetnsHost, NetnsHosts, client_key, unavailable
 
 REASON = unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON or "ok")]
@@ -210,7 +210,7 @@ def ec2(moto_url, monkeypatch):
 def mapped(slaves, monkeypatch):
     """Test-only: instance -> the first namespace host no live instance holds; its key pair authorised there
     (cloud-init). A test frees a host by deleting the instance it played."""
-    assigned: dict[str, object] = {}
+    assigned: dict[str, NetnsHost] = {}
 
     def address(instance: dict, key_file: str) -> tuple[str, int]:
         if instance["InstanceId"] not in assigned:

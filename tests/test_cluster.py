@@ -266,7 +266,8 @@ class LossyOutput:
     an engine in ``leaves`` unregisters before its first cell."""
 
     def __init__(self, lost: dict[int, float], leaves: tuple[int, ...] = ()):
-        self.lost, self.leaves, self.cells = lost, leaves, {}
+        self.lost, self.leaves = lost, leaves
+        self.cells: dict[int, int] = {}
         self.ids = sorted(lost)
 
     def queue_status(self) -> dict:
@@ -458,6 +459,7 @@ class TestWorkThatCannotFinish:
                 stderr=subprocess.PIPE,
                 text=True,
             )
+            assert process.stderr is not None  # stderr=PIPE
             try:
                 assert held.wait(process=process), f"the run never reached its second task: {process.stderr.read()}"
                 fault()

@@ -61,6 +61,7 @@ class Holder:
         self.process = subprocess.Popen(
             [sys.executable, "-c", program], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
+        assert self.process.stdout is not None  # stdout=PIPE
         assert self.process.stdout.readline().strip() == "held"
 
     def kill(self) -> None:  # as a master killed outright: its lease row stays behind

@@ -123,7 +123,7 @@ class World:
 
     def left(self) -> dict:
         """What still runs or exists of the cluster: on the master, on the slave, in EC2."""
-        found = {"master processes": cluster_pids(self.config.state_dir)}
+        found: dict[str, list] = {"master processes": cluster_pids(self.config.state_dir)}
         if self.host is not None:
             found["slave processes"] = stray_processes(self.host)
         if self.ec2 is not None:

@@ -10,6 +10,7 @@ import json
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -171,7 +172,7 @@ def build_fixture_store(state_dir: Path) -> Store:
 
 
 @pytest.fixture
-def fixture_store(tmp_path) -> Store:
+def fixture_store(tmp_path) -> Iterator[Store]:
     store = build_fixture_store(tmp_path / "state")
     yield store
     store.close()

@@ -37,6 +37,7 @@ def node_states(cluster) -> dict[str, str]:
     """From a store of its own: the watcher thread may not share the master's SQLite connection."""
     with Store(cluster.config.state_dir) as store:
         record = store.clusters.latest(cluster.name)
+        assert record is not None, "the cluster was never started"
         return {n.node_id: n.state for n in store.nodes.of(record.id)}
 
 

@@ -235,23 +235,33 @@ class TestTheWatchdog:
         assert len(client.aborted) == 1  # the queued task was withdrawn
 
 
+class KillableClient(FakeClient):
+    """A FakeClient whose engines have nannies: ``send_signal`` is recorded in ``signalled``, and the engines it
+    is sent to leave the hub; every task's result is kept in ``sent``, in the order sent."""
+
+    def __init__(self, answer: Callable, ids=(0, 1)):
+        super().__init__(answer, ids=ids)
+        self.signalled: list[tuple[str, list[int]]] = []
+        self.sent: list[FakeResult] = []
+
+    def send_signal(self, sig, targets=None, block=None):
+        self.signalled.append((sig, list(targets)))
+        for engine in targets:  # the nanny kills it; the hub drops it
+            self.ids.remove(engine)
+
+    def apply_async(self, task, spec, checkpoint, n_epochs):
+        self.sent.append(super().apply_async(task, spec, checkpoint, n_epochs))
+        return self.sent[-1]
+
+
 class TestAStalledTask:
     """A task that began and then reports nothing for stall_s (a hung CUDA kernel or NCCL call: the engine's
     heartbeat thread goes on) has its engine killed through its nanny; the hub then drops the engine, and the
     task goes on elsewhere as after any lost engine."""
 
     @staticmethod
-    def killable(answer, ids=(0, 1)) -> FakeClient:
-        client = FakeClient(answer, ids=ids)
-        client.signalled = []
-
-        def send_signal(sig, targets=None, block=None):
-            client.signalled.append((sig, list(targets)))
-            for engine in targets:  # the nanny kills it; the hub drops it
-                client.ids.remove(engine)
-
-        client.send_signal = send_signal
-        return client
+    def killable(answer, ids=(0, 1)) -> KillableClient:
+        return KillableClient(answer, ids=ids)
 
     def test_its_engine_is_killed_after_stall_s_of_silence_and_the_task_goes_on_elsewhere(self):
         def answer(spec, ckpt, n):
@@ -275,9 +285,7 @@ class TestAStalledTask:
         ``batch_at(now)`` (None: nothing new reaches the master then); and the clock the scheduler reads,
         which moves the task along."""
         client = self.killable(lambda spec, ckpt, n: (1, None))
-        sent: list[FakeResult] = []
-        apply_async = client.apply_async
-        client.apply_async = lambda *args: sent.append(apply_async(*args)) or sent[-1]
+        sent = client.sent
 
         def reading() -> float:
             now = clock()

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import Callable, Generic, TypeVar
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from controller.work.jobs import Job, ProgressSink
 from controller.work.recorder import RunRecorder
 from engines import held
 from engines.data import load_mnist
-from engines.loop import Setup, TaskResult, load_checkpoint, run_task
+from engines.loop import Setup, TaskResult, TrainingSpec, load_checkpoint, run_task
 from engines.process import stopping
 from engines.spec import TaskResult as Result
 from engines.workloads.cifar import CifarSpec, cifar_setup, load_cifar10, write_cifar10_batches
@@ -32,6 +33,8 @@ from engines.workloads.mnist import RunSpec, mnist_setup, train_epochs
 from tests.helpers import engines_holding_tasks, running_cluster
 
 EVERY_BATCH = 1e-9  # task_seconds: every task ends after its first batch
+
+SpecT = TypeVar("SpecT", bound=TrainingSpec)
 
 
 @pytest.fixture(autouse=True)
@@ -47,11 +50,11 @@ def cifar_dir(tmp_path_factory) -> Path:
 
 
 @dataclasses.dataclass
-class Workload:
+class Workload(Generic[SpecT]):
     """A spec and its setup, with a hook that asks for a drain during chosen batches (counted over the run)."""
 
-    spec: object
-    build: object  # (spec, device) -> Setup
+    spec: SpecT
+    build: Callable[[SpecT, torch.device], Setup]
     drain_at: frozenset = frozenset()
     batches_seen: int = 0
     # draw from the global generator each batch, as dropout does: a resumed task must draw what an
@@ -78,13 +81,13 @@ class Workload:
         return run_task(spec, self.setup, checkpoint, n_epochs)
 
 
-def mnist(data_dir: Path, **values) -> Workload:
+def mnist(data_dir: Path, **values) -> Workload[RunSpec]:
     data = load_mnist(data_dir)
     spec = RunSpec(run_id="r-mnist", data_dir=str(data_dir), threads=1, epochs=2, batch_size=100, subset=300, **values)
     return Workload(spec, lambda spec, device: mnist_setup(spec, device, data), noise=True)
 
 
-def cifar(data_dir: Path, **values) -> Workload:
+def cifar(data_dir: Path, **values) -> Workload[CifarSpec]:
     """ResNet18 (VGG16 builds its ImageNet head first: 4 s a task here) on 12 images: 3 batches, augmented
     from the epoch's generator; one epoch, the test's time budget being small."""
     data = load_cifar10(data_dir)
@@ -102,6 +105,7 @@ def cifar(data_dir: Path, **values) -> Workload:
 
 
 def weights(result: TaskResult) -> dict:
+    assert result.checkpoint is not None  # the results compared are ones that shipped their checkpoint
     return load_checkpoint(result.checkpoint)["model"]
 
 
@@ -113,7 +117,8 @@ def same_weights(a: TaskResult, b: TaskResult) -> bool:
 def chain(workload: Workload) -> list[TaskResult]:
     """The run as the scheduler drives it: one-epoch tasks, each from the last one's checkpoint, until done;
     a drain is called off after the task it stopped (its engine stays, as if the drain had been cancelled)."""
-    results, checkpoint = [], None
+    results: list[TaskResult] = []
+    checkpoint = None
     while not results or results[-1].completed_epochs < workload.spec.epochs:
         result = workload.task(checkpoint, 1)
         results.append(result)
@@ -310,7 +315,9 @@ class _InterruptAt(ProgressSink):
 
 
 def uninterrupted_weights(params: dict) -> dict:
-    return load_checkpoint(train_epochs({**params, "task_seconds": 0}).checkpoint)["model"]
+    checkpoint = train_epochs({**params, "task_seconds": 0}).checkpoint
+    assert checkpoint is not None  # task_seconds 0: one task runs to the end of the run, which ships it
+    return load_checkpoint(checkpoint)["model"]
 
 
 def test_an_interrupted_run_resumes_mid_epoch_to_the_weights_of_an_uninterrupted_one(cluster):
