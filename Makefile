@@ -43,7 +43,11 @@ demo: install
 	$(BIN)/cluster sweep --preset paper --epochs 1 --subset 5000; \
 	$(BIN)/cluster runs --limit 5
 
+# ruff (lint and format) and mypy first: configured in pyproject.toml, over the whole tree
 test: install system-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 bench: export CLUSTER_DATA_DIR := $(CLUSTER_DATA_DIR)
